@@ -1,0 +1,71 @@
+"""Errors a client can see, each with its HTTP status and OpenAI-shaped JSON body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class PaddlerHTTPError(Exception):
+    """A failure answered to the client as C{status} with a JSON error body."""
+
+    status = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, headers: dict[bytes, bytes] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> bytes:
+        return error_body(self.status, self.message, self.error_type, **self.extra)
+
+
+class BadRequest(PaddlerHTTPError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class NotFound(PaddlerHTTPError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class RequestTooLarge(PaddlerHTTPError):
+    status = 413
+    error_type = "invalid_request_error"
+
+
+class UpstreamFailed(PaddlerHTTPError):
+    """Every upstream tried failed before answering."""
+
+    status = 502
+    error_type = "upstream_error"
+
+
+class NoUpstreamAvailable(PaddlerHTTPError):
+    """Nothing can take the request now (buffer disabled or full)."""
+
+    status = 503
+    error_type = "unavailable_error"
+
+
+class BufferFull(NoUpstreamAvailable):
+    pass
+
+
+class UpstreamTimeout(PaddlerHTTPError):
+    status = 504
+    error_type = "timeout_error"
+
+
+class BufferTimeout(UpstreamTimeout):
+    """No slot became free before --buffered-request-timeout."""
+
+
+def error_body(status: int, message: str, error_type: str, **extra: Any) -> bytes:
+    """The OpenAI / llama.cpp error shape: C{{"error": {"code", "message", "type"}}}."""
+    error: dict[str, Any] = {"code": status, "message": message, "type": error_type}
+    error.update(extra)
+    return json.dumps({"error": error}).encode("utf-8")

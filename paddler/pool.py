@@ -1,0 +1,284 @@
+"""The fleet: upstreams, slot leases and the buffer of requests waiting for a slot."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from paddler.errors import BufferFull, BufferTimeout, NoUpstreamAvailable
+from paddler.interfaces import ISlotChooser
+from paddler.upstream import Upstream
+
+
+class Lease:
+    """One slot held on one upstream for one request; C{release} gives it back once."""
+
+    def __init__(self, pool: UpstreamPool, upstream: Upstream, number: int, waited: float) -> None:
+        self.pool = pool
+        self.upstream = upstream
+        self.number = number
+        self.waited = waited
+        self.released = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.upstream.return_lease(self.number)
+        self.pool.capacity_changed()
+
+
+class _Waiter:
+    __slots__ = ("model", "exclude", "deferred", "enqueued_at", "timeout_call")
+
+    def __init__(
+        self,
+        model: str | None,
+        exclude: frozenset[str],
+        enqueued_at: float,
+        on_cancel: Callable[[_Waiter], None],
+    ) -> None:
+        self.model = model
+        self.exclude = exclude
+        self.enqueued_at = enqueued_at
+        self.deferred: Deferred[Lease] = Deferred(lambda _: on_cancel(self))
+        self.timeout_call: IDelayedCall | None = None
+
+
+class UpstreamPool:
+    """
+    The upstreams the balancer knows, and the FIFO buffer of requests waiting
+    for a slot. A freed slot (a lease returned, a probe or agent report, a new
+    or undrained upstream) is handed to the oldest waiter that can use it in
+    the same reactor turn: L{capacity_changed} is called synchronously.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        chooser: ISlotChooser,
+        max_buffered: int = 30,
+        buffer_timeout: float = 30.0,
+    ) -> None:
+        self.clock = clock
+        self.chooser = chooser
+        self.max_buffered = max_buffered
+        self.buffer_timeout = buffer_timeout
+        self.upstreams: dict[str, Upstream] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._choices = 0
+        self._handing_out = False
+        self._again = False
+        self._listeners: list[Callable[[str, Upstream | None], None]] = []
+
+    # -- membership -------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[str, Upstream | None], None]) -> Callable[[], None]:
+        """Call C{listener(event, upstream)} on "added", "removed" and "changed"; return an unsubscriber."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def notify(self, event: str, upstream: Upstream | None = None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, upstream)
+            except Exception:
+                self.log.failure("pool listener failed on {event}", event=event)
+
+    def add(self, upstream: Upstream) -> Upstream:
+        """Add C{upstream}, or return the one already registered at its URL."""
+        existing = self.upstreams.get(upstream.id)
+        if existing is not None:
+            return existing
+        self.upstreams[upstream.id] = upstream
+        self.log.info(
+            "upstream {name} ({url}) added from {source}",
+            name=upstream.name,
+            url=upstream.url,
+            source=upstream.source,
+        )
+        self.notify("added", upstream)
+        self.capacity_changed()
+        return upstream
+
+    def remove(self, upstream_id: str) -> Upstream | None:
+        upstream = self.upstreams.pop(upstream_id, None)
+        if upstream is not None:
+            self.log.info(
+                "upstream {name} ({url}) removed", name=upstream.name, url=upstream.url
+            )
+            self.notify("removed", upstream)
+        return upstream
+
+    def find(self, key: str) -> Upstream | None:
+        """The upstream with id, name or URL C{key}."""
+        if key in self.upstreams:
+            return self.upstreams[key]
+        for upstream in self.upstreams.values():
+            if key in (upstream.name, upstream.url):
+                return upstream
+        return None
+
+    # -- choosing ---------------------------------------------------------
+
+    def eligible(self, model: str | None, exclude: Iterable[str] = ()) -> list[Upstream]:
+        """Upstreams that may take a request for C{model} now.
+
+        When some upstream of the fleet serves C{model}, only those do;
+        otherwise the model name is ignored, as llama.cpp ignores it.
+        """
+        excluded = set(exclude)
+        candidates = [
+            u for u in self.upstreams.values() if u.accepts_requests and u.id not in excluded
+        ]
+        if model is not None and any(u.serves(model) for u in self.upstreams.values()):
+            candidates = [u for u in candidates if u.serves(model)]
+        return candidates
+
+    def _mark_chosen(self, upstream: Upstream) -> None:
+        self._choices += 1
+        upstream.last_chosen = self._choices
+
+    def _try_lease(self, model: str | None, exclude: frozenset[str], waited: float) -> Lease | None:
+        upstream = self.chooser.choose(self.eligible(model, exclude), model)
+        if upstream is None:
+            return None
+        self._mark_chosen(upstream)
+        lease = Lease(self, upstream, upstream.take_lease(), waited)
+        self.notify("changed", upstream)
+        return lease
+
+    def pick_any(self, exclude: Iterable[str] = ()) -> Upstream | None:
+        """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...)."""
+        candidates = self.eligible(None, exclude)
+        if not candidates:
+            return None
+        upstream = max(candidates, key=lambda u: (u.slots_idle, -u.last_chosen))
+        self._mark_chosen(upstream)
+        return upstream
+
+    def acquire(self, model: str | None = None, exclude: Iterable[str] = ()) -> Deferred[Lease]:
+        """
+        A lease on a free slot, now or when one frees up. Fails with
+        L{NoUpstreamAvailable} when buffering is off, L{BufferFull} when the
+        buffer is full, L{BufferTimeout} when the wait runs out. Cancelling the
+        Deferred (the client left) takes the request out of the buffer.
+        """
+        excluded = frozenset(exclude)
+        if not self._waiters:
+            lease = self._try_lease(model, excluded, 0.0)
+            if lease is not None:
+                return succeed(lease)
+        if self.max_buffered == 0:
+            return fail(NoUpstreamAvailable("no free slot on any upstream and buffering is disabled"))
+        if len(self._waiters) >= self.max_buffered:
+            return fail(
+                BufferFull(
+                    f"the request buffer is full ({self.max_buffered} requests waiting for a slot)",
+                    headers={b"retry-after": b"1"},
+                )
+            )
+        waiter = _Waiter(model, excluded, self.clock.seconds(), self._leave)
+        waiter.timeout_call = self.clock.callLater(self.buffer_timeout, self._expire, waiter)
+        self._waiters.append(waiter)
+        self.notify("changed")
+        self.capacity_changed()
+        return waiter.deferred
+
+    def _leave(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            self.notify("changed")
+        if waiter.timeout_call is not None and waiter.timeout_call.active():
+            waiter.timeout_call.cancel()
+
+    def _expire(self, waiter: _Waiter) -> None:
+        waiter.timeout_call = None
+        self._leave(waiter)
+        waiter.deferred.errback(
+            BufferTimeout(
+                f"no slot became free within {self.buffer_timeout:g} s "
+                "(--buffered-request-timeout)"
+            )
+        )
+
+    def capacity_changed(self) -> None:
+        """Hand free slots to waiters, oldest first, now."""
+        if self._handing_out:
+            self._again = True
+            return
+        self._handing_out = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                for waiter in list(self._waiters):
+                    if waiter not in self._waiters:
+                        continue
+                    lease = self._try_lease(
+                        waiter.model, waiter.exclude, self.clock.seconds() - waiter.enqueued_at
+                    )
+                    if lease is None:
+                        continue
+                    self._leave(waiter)
+                    waiter.deferred.callback(lease)
+        finally:
+            self._handing_out = False
+
+    # -- figures ----------------------------------------------------------
+
+    @property
+    def requests_buffered(self) -> int:
+        return len(self._waiters)
+
+    def oldest_buffered_wait(self) -> float:
+        if not self._waiters:
+            return 0.0
+        return max(0.0, self.clock.seconds() - self._waiters[0].enqueued_at)
+
+    def totals(self) -> dict[str, Any]:
+        usable = [u for u in self.upstreams.values() if u.accepts_requests]
+        return {
+            "slots_idle": sum(u.slots_idle for u in usable),
+            "slots_processing": sum(u.slots_processing for u in self.upstreams.values()),
+            "slots_total": sum(u.slots_total for u in usable),
+            "requests_buffered": self.requests_buffered,
+            "oldest_buffered_wait": self.oldest_buffered_wait(),
+            "requests_in_flight": sum(u.in_flight for u in self.upstreams.values()),
+            "upstreams": {"healthy": len(usable), "total": len(self.upstreams)},
+        }
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """The aggregated C{/health}: 200 while a request can be served or buffered."""
+        totals = self.totals()
+        body: dict[str, Any] = {
+            "status": "ok",
+            "slots_idle": totals["slots_idle"],
+            "slots_processing": totals["slots_processing"],
+            "requests_buffered": totals["requests_buffered"],
+            "upstreams": totals["upstreams"],
+        }
+        if totals["upstreams"]["healthy"]:
+            return 200, body
+        if self.max_buffered and self.requests_buffered < self.max_buffered:
+            return 200, body
+        body["status"] = "error"
+        body["message"] = (
+            "no healthy upstream and the request buffer is "
+            + ("disabled" if not self.max_buffered else "full")
+        )
+        return 503, body
+
+    def stop(self) -> None:
+        """Fail every waiter (the balancer is stopping)."""
+        while self._waiters:
+            waiter = self._waiters[0]
+            self._leave(waiter)
+            waiter.deferred.errback(NoUpstreamAvailable("the balancer is shutting down"))

@@ -1,0 +1,320 @@
+"""Health and slot probes: one ``LoopingCall`` per upstream, each probe with a deadline.
+
+Probe methods, per upstream:
+
+- ``slots`` (default): ``GET /slots``. A server answering 501 (started with
+  ``--no-slots``) or 404 falls back to ``props``.
+- ``props``: ``GET /props`` for ``total_slots`` and ``GET /metrics`` for
+  ``llamacpp:requests_processing`` where metrics are on; else our own count.
+- ``health`` (``--probe-mode health``): ``GET /health`` plus ``GET /props``.
+  Neither wakes a server started with ``--sleep-idle-seconds`` (``/slots``
+  does), at the price of not seeing other clients' requests.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import readBody
+from zope.interface import implementer
+
+from paddler.interfaces import IUpstreamProber
+from paddler.pool import UpstreamPool
+from paddler.upstream import Upstream, UpstreamState
+
+PROBE_MODES = ("slots", "health")
+
+
+class ProbeError(Exception):
+    """A probe answer that says the upstream cannot serve."""
+
+
+class _Loading(Exception):
+    """The upstream answered 503 "Loading model"."""
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        parsed = json.loads(body)
+        return str(parsed["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+def count_processing(slots: list[Any]) -> int:
+    """Busy slots in a C{/slots} answer: ``is_processing`` (new) or ``state`` 0/1 (old)."""
+    busy = 0
+    for slot in slots:
+        if not isinstance(slot, dict):
+            raise ProbeError("/slots entries must be objects")
+        if "is_processing" in slot:
+            busy += bool(slot["is_processing"])
+        elif "state" in slot:
+            busy += slot["state"] != 0
+        else:
+            raise ProbeError("/slots entry has neither is_processing nor state")
+    return busy
+
+
+def parse_metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            try:
+                return float(line.rsplit(None, 1)[1])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+@implementer(IUpstreamProber)
+class HTTPProber:
+    """Probes one upstream over HTTP with C{http_client} (a treq C{HTTPClient})."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        http_client: Any,
+        clock: IReactorTime,
+        pool: UpstreamPool,
+        timeout: float = 2.0,
+        unhealthy_after: int = 2,
+        mode: str = "slots",
+        api_key: str | None = None,
+    ) -> None:
+        self._http = http_client
+        self._clock = clock
+        self._pool = pool
+        self.timeout = timeout
+        self.unhealthy_after = unhealthy_after
+        self.mode = mode
+        self.api_key = api_key
+
+    def probe(self, upstream: Upstream) -> Deferred[None]:
+        d = ensureDeferred(self._probe(upstream))
+        d.addTimeout(self.timeout, self._clock)
+        d.addCallbacks(lambda _: self._succeeded(upstream), lambda f: self._failed(upstream, f))
+        return d
+
+    def _headers(self, upstream: Upstream) -> dict[bytes, list[bytes]]:
+        key = upstream.api_key or self.api_key
+        if key:
+            return {b"authorization": [b"Bearer " + key.encode("utf-8")]}
+        return {}
+
+    async def _get(self, upstream: Upstream, path: str) -> tuple[int, bytes]:
+        response = await self._http.get(upstream.url + path, headers=self._headers(upstream))
+        body = await readBody(response)
+        if response.code == 503 and _error_message(body) == "Loading model":
+            raise _Loading()
+        return response.code, body
+
+    async def _probe(self, upstream: Upstream) -> None:
+        if self.mode == "health":
+            await self._probe_health(upstream)
+        elif upstream.probe_method == "props":
+            await self._probe_props(upstream)
+        else:
+            await self._probe_slots(upstream)
+
+    async def _probe_slots(self, upstream: Upstream) -> None:
+        mark = upstream.probe_mark()
+        code, body = await self._get(upstream, "/slots")
+        if code in (404, 501):
+            upstream.probe_method = "props"
+            self.log.info(
+                "upstream {name}: /slots answered {code}, probing /props and /metrics instead",
+                name=upstream.name,
+                code=code,
+            )
+            await self._probe_props(upstream)
+            return
+        self._require_ok("/slots", code, body)
+        try:
+            slots = json.loads(body)
+        except ValueError:
+            raise ProbeError("/slots answered invalid JSON")
+        if not isinstance(slots, list):
+            raise ProbeError("/slots answer is not a list")
+        processing = count_processing(slots)
+        if not upstream.models:
+            await self._read_models(upstream)
+        upstream.raw_slots = slots
+        upstream.apply_slots(len(slots), processing, mark)
+
+    async def _probe_props(self, upstream: Upstream) -> None:
+        mark = upstream.probe_mark()
+        total = await self._read_props(upstream)
+        code, body = await self._get(upstream, "/metrics")
+        processing = None
+        if code == 200:
+            value = parse_metric(body.decode("utf-8", "replace"), "llamacpp:requests_processing")
+            processing = None if value is None else int(value)
+        upstream.apply_slots(total, processing, mark)
+
+    async def _probe_health(self, upstream: Upstream) -> None:
+        mark = upstream.probe_mark()
+        code, body = await self._get(upstream, "/health")
+        self._require_ok("/health", code, body)
+        total = await self._read_props(upstream)
+        upstream.apply_slots(total, None, mark)
+
+    async def _read_props(self, upstream: Upstream) -> int:
+        code, body = await self._get(upstream, "/props")
+        self._require_ok("/props", code, body)
+        try:
+            props = json.loads(body)
+            total = int(props["total_slots"])
+        except (ValueError, KeyError, TypeError):
+            raise ProbeError("/props has no total_slots")
+        upstream.set_models(
+            [str(props.get("model_alias") or ""), str(props.get("model_path") or "")]
+        )
+        return total
+
+    async def _read_models(self, upstream: Upstream) -> None:
+        """Learn the model names from C{/props}, else C{/v1/models}; never fatal."""
+        try:
+            await self._read_props(upstream)
+            return
+        except (ProbeError, _Loading):
+            pass
+        code, body = await self._get(upstream, "/v1/models")
+        if code != 200:
+            return
+        try:
+            data = json.loads(body)["data"]
+            names: list[str] = []
+            for entry in data:
+                names.append(str(entry["id"]))
+                names.extend(str(alias) for alias in entry.get("aliases", []))
+        except (ValueError, KeyError, TypeError):
+            return
+        upstream.set_models(names)
+
+    @staticmethod
+    def _require_ok(path: str, code: int, body: bytes) -> None:
+        if code != 200:
+            raise ProbeError(f"{path} answered {code}: {_error_message(body)}")
+
+    def _succeeded(self, upstream: Upstream) -> None:
+        upstream.last_probe_at = self._clock.seconds()
+        upstream.consecutive_failures = 0
+        upstream.set_state(UpstreamState.HEALTHY)
+        self._pool.notify("changed", upstream)
+        self._pool.capacity_changed()
+
+    def _failed(self, upstream: Upstream, failure: Failure) -> None:
+        if failure.check(_Loading):
+            upstream.last_probe_at = self._clock.seconds()
+            upstream.consecutive_failures = 0
+            upstream.set_state(UpstreamState.LOADING, "Loading model")
+            self._pool.notify("changed", upstream)
+            return
+        upstream.consecutive_failures += 1
+        error = describe_failure(failure, self.timeout)
+        if upstream.consecutive_failures >= self.unhealthy_after:
+            upstream.set_state(UpstreamState.UNREACHABLE, error)
+        else:
+            upstream.last_error = error
+        self._pool.notify("changed", upstream)
+
+
+def describe_failure(failure: Failure, timeout: float | None = None) -> str:
+    """A short human reason for a failed request to an upstream."""
+    from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
+    from twisted.internet.error import ConnectionRefusedError, TimeoutError as ConnectTimeout
+
+    if failure.check(DeferredTimeout, CancelledError, ConnectTimeout):
+        return f"no answer within {timeout:g} s" if timeout else "timed out"
+    if failure.check(ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(ProbeError):
+        return str(failure.value)
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return f"{failure.type.__name__}: {reasons[0].getErrorMessage()}"
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+
+
+class ProbeService(Service):
+    """Runs one probe loop per probed upstream; loops come and go with the pool."""
+
+    log = Logger()
+
+    def __init__(
+        self, pool: UpstreamPool, prober: IUpstreamProber, clock: IReactorTime, interval: float = 1.0
+    ) -> None:
+        self._pool = pool
+        self._prober = prober
+        self._clock = clock
+        self.interval = interval
+        self._loops: dict[str, LoopingCall] = {}
+        self._in_flight: dict[str, Deferred[None]] = {}
+        self._unsubscribe: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._unsubscribe = self._pool.subscribe(self._on_pool_event)
+        for upstream in list(self._pool.upstreams.values()):
+            self._start(upstream)
+
+    def _on_pool_event(self, event: str, upstream: Upstream | None) -> None:
+        if upstream is None:
+            return
+        if event == "added":
+            self._start(upstream)
+        elif event == "removed":
+            self._stop(upstream.id)
+
+    def _start(self, upstream: Upstream) -> None:
+        if upstream.source == "agent" or upstream.id in self._loops:
+            return
+        loop = LoopingCall(self._probe_once, upstream)
+        loop.clock = self._clock
+        self._loops[upstream.id] = loop
+        loop.start(self.interval, now=True).addErrback(
+            lambda f: self.log.failure("probe loop for {name} died", f, name=upstream.name)
+        )
+
+    def _probe_once(self, upstream: Upstream) -> Deferred[None]:
+        d = self._prober.probe(upstream)
+        self._in_flight[upstream.id] = d
+
+        def done(result: object) -> None:
+            self._in_flight.pop(upstream.id, None)
+            if isinstance(result, Failure):
+                self.log.failure("probe of {name} failed unexpectedly", result, name=upstream.name)
+
+        d.addBoth(done)
+        return d
+
+    def probe_now(self, upstream: Upstream) -> Deferred[None]:
+        """Probe C{upstream} at once unless a probe of it is already running."""
+        if upstream.id in self._in_flight:
+            return succeed(None)
+        return self._probe_once(upstream)
+
+    def _stop(self, upstream_id: str) -> Deferred[Any]:
+        loop = self._loops.pop(upstream_id, None)
+        if loop is not None and loop.running:
+            loop.stop()
+        in_flight = self._in_flight.pop(upstream_id, None)
+        if in_flight is not None:
+            in_flight.cancel()
+            return in_flight
+        return succeed(None)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        return DeferredList([self._stop(uid) for uid in list(self._loops)])

@@ -1,0 +1,482 @@
+"""The reverse proxy: takes a slot, streams the answer back, gives the slot back.
+
+Request bodies are read whole before dispatch (bounded by
+``--max-request-body``), so a request can be retried on another upstream;
+response bodies are relayed chunk by chunk with backpressure both ways and
+are never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from paddler.errors import (
+    BadRequest,
+    NoUpstreamAvailable,
+    NotFound,
+    PaddlerHTTPError,
+    RequestTooLarge,
+    UpstreamFailed,
+    UpstreamTimeout,
+    error_body,
+)
+from paddler.pool import Lease, UpstreamPool
+from paddler.probe import describe_failure
+from paddler.stats import RequestStats
+from paddler.upstream import Upstream, UpstreamState
+
+SLOT_PATHS = frozenset(
+    {
+        b"/completion",
+        b"/completions",
+        b"/v1/completions",
+        b"/chat/completions",
+        b"/v1/chat/completions",
+        b"/infill",
+        b"/embedding",
+        b"/embeddings",
+        b"/v1/embeddings",
+        b"/rerank",
+        b"/reranking",
+        b"/v1/rerank",
+        b"/v1/reranking",
+    }
+)
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+RETRYABLE = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed)
+
+
+@dataclass
+class ProxyConfig:
+    """How the proxy talks to upstreams (see ``paddler balancer --help``)."""
+
+    api_key: str | None = None
+    rewrite_host_header: bool = False
+    slots_endpoint_enable: bool = False
+    upstream_timeout: float = 300.0
+    idle_timeout: float = 60.0
+    max_request_body: int = 10 * 1024 * 1024
+    max_retries: int = 3
+
+
+class UpstreamIdleTimeout(Exception):
+    """No byte from the upstream within the idle timeout, mid-stream."""
+
+
+class BoundedRequest(server.Request):
+    """A request that keeps at most C{max_body} bytes of body and flags the rest."""
+
+    max_body = 10 * 1024 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.body_too_large = False
+        self._body_received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_received += len(data)
+        if self._body_received > self.max_body:
+            if not self.body_too_large:
+                self.body_too_large = True
+                self.content = BytesIO()
+            return
+        super().handleContentChunk(data)
+
+
+def bounded_request_factory(max_body: int) -> type[BoundedRequest]:
+    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body already in memory (bounded by --max-request-body)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class _Relay(Protocol):
+    """
+    Receives an upstream response body and writes each chunk to the client as
+    it arrives. It is the client connection's producer, so a slow client
+    pauses the upstream socket; C{done} fires when the body ends, fails on an
+    upstream error or idle timeout, and cancelling it aborts the upstream.
+    """
+
+    def __init__(self, request: server.Request, clock: IReactorTime, idle_timeout: float) -> None:
+        self._request = request
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle_call: IDelayedCall | None = None
+        self.first_byte_at: float | None = None
+        self.done: Deferred[None] = Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._idle_timeout)
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _idle(self) -> None:
+        self._idle_call = None
+        if not self.done.called:
+            self.done.errback(
+                UpstreamIdleTimeout(f"no data from the upstream for {self._idle_timeout:g} s")
+            )
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self.first_byte_at is None:
+            self.first_byte_at = self._clock.seconds()
+        self._arm()
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._disarm()
+        if self._request.producer is self:
+            self._request.unregisterProducer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def _cancel(self, _: Deferred[None]) -> None:
+        self._disarm()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    # IPushProducer, on behalf of the upstream connection
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+def _json(request: server.Request, status: int, payload: Any, headers: dict[bytes, bytes] | None = None) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    return payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+
+
+def request_model(body: bytes) -> str | None:
+    """The C{model} a JSON request body names; L{BadRequest} if it is not a JSON object."""
+    try:
+        parsed = json.loads(body)
+    except ValueError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}")
+    if not isinstance(parsed, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = parsed.get("model")
+    return model if isinstance(model, str) and model else None
+
+
+class ProxyResource(Resource):
+    """Every path of the proxy port: C{/health}, C{/slots}, and the rest proxied."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        agent: Any,
+        clock: IReactorTime,
+        config: ProxyConfig,
+        stats: RequestStats | None = None,
+    ) -> None:
+        super().__init__()
+        self._pool = pool
+        self._agent = agent
+        self._clock = clock
+        self.config = config
+        self.stats = stats or RequestStats(clock)
+
+    def render(self, request: server.Request) -> Any:
+        request.defaultContentType = None
+        started = self._clock.seconds()
+        path = request.path
+        if path == b"/health":
+            status, payload = self._pool.health()
+            return _json(request, status, payload)
+        if path == b"/slots":
+            return self._render_slots(request)
+        try:
+            if getattr(request, "body_too_large", False):
+                raise RequestTooLarge(
+                    f"request body is larger than {self.config.max_request_body} bytes "
+                    "(--max-request-body)"
+                )
+            request.content.seek(0)
+            body = request.content.read()
+            takes_slot = request.method == b"POST" and path in SLOT_PATHS
+            model = request_model(body) if takes_slot else None
+        except PaddlerHTTPError as e:
+            self.stats.record(e.status, 0.0, path=path.decode("latin-1"))
+            return _json(request, e.status, e.body(), e.headers)
+        d = ensureDeferred(self._forward(request, body, takes_slot, model, started))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addErrback(self._failed, request, started)
+        return server.NOT_DONE_YET
+
+    def _render_slots(self, request: server.Request) -> bytes:
+        if not self.config.slots_endpoint_enable:
+            return _json(
+                request,
+                404,
+                error_body(404, "/slots is disabled on the balancer (--slots-endpoint-enable)", "not_found_error"),
+            )
+        slots = []
+        for upstream in self._pool.upstreams.values():
+            for slot in upstream.raw_slots:
+                tagged = dict(slot) if isinstance(slot, dict) else {"slot": slot}
+                tagged.update(upstream=upstream.name, upstream_id=upstream.id, upstream_url=upstream.url)
+                slots.append(tagged)
+        return _json(request, 200, slots)
+
+    async def _forward(
+        self, request: server.Request, body: bytes, takes_slot: bool, model: str | None, started: float
+    ) -> None:
+        tried: list[str] = []
+        last_error = "no upstream answered"
+        for _ in range(self.config.max_retries + 1):
+            if tried and not any(uid not in tried for uid in self._pool.upstreams):
+                break
+            lease: Lease | None = None
+            if takes_slot:
+                lease = await self._pool.acquire(model, exclude=tried)
+                upstream = lease.upstream
+            else:
+                picked = self._pool.pick_any(exclude=tried)
+                if picked is None:
+                    if tried:
+                        break
+                    raise NoUpstreamAvailable("no healthy upstream")
+                upstream = picked
+            try:
+                response = await self._send(upstream, request, body)
+                if response.code == 503 and takes_slot:
+                    reason = await self._refused(upstream, response)
+                    tried.append(upstream.id)
+                    last_error = f"{upstream.name} answered 503: {reason}"
+                    continue
+                await self._relay(request, response, upstream, started)
+                return
+            except RETRYABLE as e:
+                reason = describe_failure(Failure(e))
+                self._upstream_failed(upstream, reason)
+                tried.append(upstream.id)
+                last_error = f"{upstream.name}: {reason}"
+            finally:
+                if lease is not None:
+                    lease.release()
+        raise UpstreamFailed(f"every upstream tried failed; last: {last_error}")
+
+    def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
+        upstream.consecutive_failures += 1
+        upstream.requests_failed += 1
+        upstream.set_state(UpstreamState.UNREACHABLE, reason)
+        self._pool.notify("changed", upstream)
+
+    async def _refused(self, upstream: Upstream, response: IResponse) -> str:
+        """An upstream answered 503 before any byte reached the client: note why."""
+        from twisted.web.client import readBody
+
+        raw = await readBody(response)
+        try:
+            reason = str(json.loads(raw)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            reason = raw[:200].decode("utf-8", "replace")
+        if reason == "Loading model":
+            upstream.set_state(UpstreamState.LOADING, reason)
+            self._pool.notify("changed", upstream)
+        return reason
+
+    def _upstream_headers(self, request: server.Request, upstream: Upstream) -> Headers:
+        headers = Headers()
+        connection_tokens = {
+            token.strip().lower()
+            for value in request.requestHeaders.getRawHeaders(b"connection", [])
+            for token in value.split(b",")
+        }
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection_tokens or lower == b"content-length":
+                continue
+            headers.setRawHeaders(name, values)
+        client = request.getClientAddress()
+        client_host = getattr(client, "host", None)
+        if client_host:
+            previous = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+            headers.setRawHeaders(
+                b"x-forwarded-for", [b", ".join([*previous, client_host.encode("ascii")])]
+            )
+        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
+        host = request.getHeader(b"host")
+        if host:
+            headers.setRawHeaders(b"x-forwarded-host", [host])
+        if self.config.rewrite_host_header or not host:
+            headers.setRawHeaders(b"host", [upstream.url.split("://", 1)[1].encode("ascii")])
+        key = upstream.api_key or self.config.api_key
+        if key and not headers.hasHeader(b"authorization"):
+            headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("utf-8")])
+        return headers
+
+    async def _send(self, upstream: Upstream, request: server.Request, body: bytes) -> IResponse:
+        producer = _BytesProducer(body) if body or request.method in (b"POST", b"PUT", b"PATCH") else None
+        d = self._agent.request(
+            request.method,
+            upstream.url.encode("ascii") + request.uri,
+            self._upstream_headers(request, upstream),
+            producer,
+        )
+        timeout = self.config.upstream_timeout
+
+        def timed_out(result: Any, _timeout: float) -> Any:
+            upstream.requests_failed += 1
+            raise UpstreamTimeout(
+                f"{upstream.name} sent no response within {timeout:g} s (--upstream-timeout)"
+            )
+
+        d.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
+        return await d
+
+    async def _relay(
+        self, request: server.Request, response: IResponse, upstream: Upstream, started: float
+    ) -> None:
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in HOP_BY_HOP:
+                request.responseHeaders.setRawHeaders(name, values)
+        relay = _Relay(request, self._clock, self.config.idle_timeout)
+        response.deliverBody(relay)
+        try:
+            await relay.done
+        except UpstreamIdleTimeout as e:
+            upstream.requests_failed += 1
+            self.log.warn(
+                "upstream {name}: {error}; closing the client stream", name=upstream.name, error=str(e)
+            )
+            self._record(request, 0 if request.finished else 504, started, relay, upstream)
+            request.loseConnection()
+            return
+        except CancelledError:
+            self._record(request, 0, started, relay, upstream)
+            raise
+        except Exception as e:
+            self.log.warn(
+                "upstream {name} broke off its answer: {error}", name=upstream.name, error=str(e)
+            )
+            self._record(request, 502, started, relay, upstream)
+            request.loseConnection()
+            return
+        self._record(request, response.code, started, relay, upstream)
+        if not request.finished and not request._disconnected:
+            request.finish()
+
+    def _record(
+        self, request: server.Request, status: int, started: float, relay: _Relay, upstream: Upstream
+    ) -> None:
+        ttfb = None if relay.first_byte_at is None else relay.first_byte_at - started
+        request.paddler_recorded = True  # type: ignore[attr-defined]
+        self.stats.record(
+            status,
+            self._clock.seconds() - started,
+            ttfb,
+            upstream,
+            request.path.decode("latin-1"),
+        )
+
+    def _failed(self, failure: Failure, request: server.Request, started: float) -> None:
+        if failure.check(CancelledError):
+            if not getattr(request, "paddler_recorded", False):
+                self.stats.record(0, self._clock.seconds() - started, path=request.path.decode("latin-1"))
+            return
+        if failure.check(PaddlerHTTPError):
+            error = failure.value
+            status, payload, headers = error.status, error.body(), error.headers
+        else:
+            self.log.failure("proxying {path} failed", failure, path=request.path)
+            status = 500
+            payload = error_body(500, "internal error in the balancer", "server_error")
+            headers = {}
+        self.stats.record(status, self._clock.seconds() - started, path=request.path.decode("latin-1"))
+        if request.finished or request._disconnected:
+            return
+        if request.startedWriting:
+            request.loseConnection()
+            return
+        request.responseHeaders = Headers()
+        request.write(_json(request, status, payload, headers))
+        request.finish()

@@ -1,0 +1,298 @@
+"""The composition root: command-line options and ``makeService``.
+
+Only here is the global reactor imported, and only inside ``makeService``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from paddler import __version__
+
+
+def _positive_int(flag: str, value: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{flag} must be a whole number, got {value!r}")
+    if number < 1:
+        raise usage.UsageError(f"--{flag} must be at least 1, got {number}")
+    return number
+
+
+def _non_negative_int(flag: str, value: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{flag} must be a whole number, got {value!r}")
+    if number < 0:
+        raise usage.UsageError(f"--{flag} must not be negative, got {number}")
+    return number
+
+
+def _positive_float(flag: str, value: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{flag} must be a number, got {value!r}")
+    if not number > 0 or number != number or number == float("inf"):
+        raise usage.UsageError(f"--{flag} must be a positive number, got {value}")
+    return number
+
+
+def _non_negative_float(flag: str, value: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{flag} must be a number, got {value!r}")
+    if not number >= 0 or number == float("inf"):
+        raise usage.UsageError(f"--{flag} must be zero or a positive number, got {value}")
+    return number
+
+
+class SimulateOptions(usage.Options):
+    """``paddler simulate``: one or more simulated llama.cpp servers.
+
+    Values are checked in ``postOptions`` (not with ``optParameters``
+    coercers) so that every ``UsageError`` names its flag.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a simulated llama.cpp server (llama-server's HTTP API with "
+        "slots, queueing, streaming and timings) for demos, tests and "
+        "capacity planning."
+    )
+
+    optFlags = [
+        ["no-slots-endpoint", None, "Answer /slots with 501, like llama-server --no-slots."],
+        ["no-metrics", None, "Answer /metrics with 501, like llama-server without --metrics."],
+    ]
+    optParameters = [
+        ["listen", "l", "tcp:8081:interface=127.0.0.1", "Endpoint string to listen on."],
+        ["fleet", None, "1", "Number of servers; with a tcp endpoint they take consecutive ports."],
+        ["slots", "s", "4", "Parallel slots per server (llama-server -np)."],
+        ["model", "m", "simulated.gguf", "Model name reported by /props and /v1/models."],
+        ["tokens-per-second", None, "50", "Generation speed of each slot."],
+        ["prompt-tokens-per-second", None, "2000", "Prompt processing speed of each slot."],
+        ["n-ctx", None, "2048", "Context size of each slot."],
+        ["load-seconds", None, "0", "Answer 503 'Loading model' for this long after start."],
+        ["seed", None, "0", "Random seed, so runs are reproducible (server i uses seed + i)."],
+        ["api-key", None, None, "Require 'Authorization: Bearer KEY', like llama-server --api-key."],
+    ]
+
+    def postOptions(self) -> None:
+        self["fleet"] = _positive_int("fleet", self["fleet"])
+        self["slots"] = _positive_int("slots", self["slots"])
+        self["n-ctx"] = _positive_int("n-ctx", self["n-ctx"])
+        self["seed"] = _non_negative_int("seed", self["seed"])
+        self["tokens-per-second"] = _positive_float("tokens-per-second", self["tokens-per-second"])
+        self["prompt-tokens-per-second"] = _positive_float(
+            "prompt-tokens-per-second", self["prompt-tokens-per-second"]
+        )
+        self["load-seconds"] = _non_negative_float("load-seconds", self["load-seconds"])
+        self["no-slots-endpoint"] = bool(self["no-slots-endpoint"])
+        self["no-metrics"] = bool(self["no-metrics"])
+        if self["api-key"] == "":
+            raise usage.UsageError("--api-key must not be empty")
+        listen = self["listen"]
+        kind = listen.split(":", 1)[0]
+        if self["fleet"] > 1:
+            if kind not in ("tcp", "tcp6"):
+                raise usage.UsageError(
+                    f"--fleet above 1 needs a tcp: --listen endpoint, got {listen!r}"
+                )
+            from paddler.simulator.service import endpoint_port, endpoint_with_port_offset
+
+            try:
+                last = endpoint_port(endpoint_with_port_offset(listen, self["fleet"] - 1))
+            except ValueError as e:
+                raise usage.UsageError(f"--listen: {e}") from None
+            if last > 65535:
+                raise usage.UsageError(
+                    f"--fleet {self['fleet']} from --listen {listen!r} runs past port 65535"
+                )
+
+
+class AgentOptions(usage.Options):
+    """``paddler agent``: reports a llama.cpp server's slots to a balancer."""
+
+    synopsis = "[options]"
+    longdesc = "Not yet available."
+
+
+class BalancerOptions(usage.Options):
+    """``paddler balancer``: the slot-aware reverse proxy."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the slot-aware load balancer in front of llama.cpp servers. "
+        "Settings come from flags, then PADDLER_* environment variables "
+        "(PADDLER_UPSTREAMS=url,name=url,...), then the --config TOML file."
+    )
+
+    optFlags = [
+        ["slots-endpoint-enable", None, "Answer /slots on the proxy port with the fleet's slots."],
+        ["rewrite-host-header", None, "Send the upstream's host:port as Host instead of the client's."],
+        ["management-insecure", None, "Allow a non-loopback management listener without a token."],
+        ["no-dashboard", None, "Do not serve the dashboard on the management port."],
+    ]
+    optParameters = [
+        ["config", "c", None, "TOML file with settings and [[upstream]] tables."],
+        ["listen", "l", None, "Proxy endpoint string [default: tcp:8086:interface=127.0.0.1]."],
+        ["policy", None, None, "slots (default), round-robin or least-connections."],
+        ["probe-interval", None, None, "Seconds between probes of each upstream [default: 1]."],
+        ["probe-timeout", None, None, "Deadline of one probe, in seconds [default: 2]."],
+        ["probe-mode", None, None, "slots (default: GET /slots) or health (lets idle servers sleep)."],
+        ["unhealthy-after", None, None, "Consecutive probe failures before unreachable [default: 2]."],
+        ["llamacpp-api-key", None, None, "API key sent to upstreams as Authorization: Bearer."],
+        ["max-request-body", None, None, "Largest request body in bytes [default: 10 MiB]."],
+        ["upstream-timeout", None, None, "Seconds to wait for an upstream's response headers [default: 300]."],
+        ["idle-timeout", None, None, "Seconds a response may stay silent mid-body [default: 60]."],
+        ["max-retries", None, None, "Other upstreams to try after a connection failure [default: 3]."],
+        ["max-buffered-requests", None, None, "Requests that may wait for a slot; 0 disables [default: 30]."],
+        ["buffered-request-timeout", None, None, "Seconds a request may wait for a slot [default: 30]."],
+        ["management-listen", None, None, "Management endpoint string [default: tcp:8085:interface=127.0.0.1]."],
+        ["management-token", None, None, "Bearer token for mutating management calls (or PADDLER_MANAGEMENT_TOKEN)."],
+        ["agent-expiry", None, None, "Seconds without an agent report before its upstream is dropped [default: 3]."],
+        ["statsd", None, None, "StatsD address: udp:HOST:PORT or HOST:PORT."],
+        ["statsd-prefix", None, None, "StatsD metric prefix [default: paddler]."],
+        ["statsd-interval", None, None, "Seconds between StatsD reports [default: 1]."],
+        ["simulated-fleet", None, None, "Start N simulated llama.cpp servers in-process as upstreams (demo)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.upstreams: list[str] = []
+
+    def opt_upstream(self, value: str) -> None:
+        """A llama.cpp server: URL or NAME=URL (repeatable)."""
+        self.upstreams.append(value)
+
+    def postOptions(self) -> None:
+        import os
+
+        from paddler.config import ConfigError, build_config
+
+        flags: dict[str, Any] = {
+            key.replace("-", "_"): self[key]
+            for key, *_ in self.optParameters
+            if key != "config"
+        }
+        for key, name in (
+            ("slots-endpoint-enable", "slots_endpoint_enable"),
+            ("rewrite-host-header", "rewrite_host_header"),
+            ("management-insecure", "management_insecure"),
+        ):
+            if self[key]:
+                flags[name] = True
+        if self["no-dashboard"]:
+            flags["dashboard"] = False
+        try:
+            self.config = build_config(flags, self.upstreams, os.environ, self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+class Options(usage.Options):
+    """``twistd paddler``: choose a subcommand."""
+
+    synopsis = "balancer|agent|simulate [options]"
+    subCommands = [
+        ["balancer", None, BalancerOptions, "Run the slot-aware load balancer."],
+        ["agent", None, AgentOptions, "Report a llama.cpp server to a balancer."],
+        ["simulate", None, SimulateOptions, "Run simulated llama.cpp servers."],
+    ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"paddler {__version__}")  # noqa: T201 - usage output, before logging starts
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("choose a subcommand: balancer, agent or simulate")
+
+
+def makeService(options: Any) -> IService:
+    """Build the service tree for the chosen subcommand."""
+    from twisted.internet import reactor
+
+    sub = options.subOptions
+    if options.subCommand == "simulate":
+        from paddler.simulator.service import makeSimulatorService
+
+        return makeSimulatorService(sub, reactor)
+    if options.subCommand == "balancer":
+        return makeBalancerService(sub.config, reactor)
+    raise usage.UsageError(f"{options.subCommand} is not yet available")
+
+
+def makeBalancerService(config: Any, reactor: Any) -> MultiService:
+    """Wire the balancer: pool, chooser, probes, proxy listener (and what rides on them)."""
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.server import Site
+    from treq.client import HTTPClient
+
+    from paddler.chooser import CHOOSERS
+    from paddler.pool import UpstreamPool
+    from paddler.probe import HTTPProber, ProbeService
+    from paddler.proxy import ProxyConfig, ProxyResource, bounded_request_factory
+    from paddler.services import ConnectionPoolService, PoolService
+    from paddler.stats import RequestStats
+
+    top = MultiService()
+    pool = UpstreamPool(
+        reactor,
+        CHOOSERS[config.policy](),
+        max_buffered=config.max_buffered_requests,
+        buffer_timeout=config.buffered_request_timeout,
+    )
+    PoolService(pool, config.upstreams, reactor).setServiceParent(top)
+    probe_connections = HTTPConnectionPool(reactor, persistent=True)
+    probe_connections.maxPersistentPerHost = 2
+    proxy_connections = HTTPConnectionPool(reactor, persistent=True)
+    proxy_connections.maxPersistentPerHost = 64
+    ConnectionPoolService(probe_connections).setServiceParent(top)
+    ConnectionPoolService(proxy_connections).setServiceParent(top)
+
+    prober = HTTPProber(
+        HTTPClient(Agent(reactor, pool=probe_connections, connectTimeout=config.probe_timeout)),
+        reactor,
+        pool,
+        timeout=config.probe_timeout,
+        unhealthy_after=config.unhealthy_after,
+        mode=config.probe_mode,
+        api_key=config.llamacpp_api_key,
+    )
+    probes = ProbeService(pool, prober, reactor, interval=config.probe_interval)
+    probes.setServiceParent(top)
+
+    stats = RequestStats(reactor)
+    proxy = ProxyResource(
+        pool,
+        Agent(reactor, pool=proxy_connections, connectTimeout=min(10.0, config.upstream_timeout)),
+        reactor,
+        ProxyConfig(
+            api_key=config.llamacpp_api_key,
+            rewrite_host_header=config.rewrite_host_header,
+            slots_endpoint_enable=config.slots_endpoint_enable,
+            upstream_timeout=config.upstream_timeout,
+            idle_timeout=config.idle_timeout,
+            max_request_body=config.max_request_body,
+            max_retries=config.max_retries,
+        ),
+        stats,
+    )
+    site = Site(proxy, requestFactory=bounded_request_factory(config.max_request_body))
+    site.displayTracebacks = False
+    StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(top)
+    top.pool = pool  # type: ignore[attr-defined]
+    top.stats = stats  # type: ignore[attr-defined]
+    top.probes = probes  # type: ignore[attr-defined]
+    return top

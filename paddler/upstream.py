@@ -1,0 +1,221 @@
+"""One llama.cpp server as the balancer sees it: its health state and its slots.
+
+Slot bookkeeping (the part the original Paddler got wrong): a probe answer is
+an absolute snapshot taken while some of *our* requests were running. We keep
+our own requests as numbered leases; a probe remembers the next lease number
+when it is sent. When its answer arrives, the leases older than that number
+that are still open were certainly running when the server answered, so the
+rest of the server's ``processing`` count belongs to other clients
+(``external``). The live figure is ``min(total, external + ours)``, which
+cannot go negative or drift: every lease is returned exactly once, and the
+next probe overwrites ``external``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+
+class UpstreamState(enum.Enum):
+    """Health of an upstream, as the probes see it (drawn in docs/states.md)."""
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    LOADING = "loading"
+    UNREACHABLE = "unreachable"
+
+
+class InvalidUpstreamURL(ValueError):
+    """An upstream URL that is not ``http(s)://host[:port]``."""
+
+
+def normalise_url(url: str) -> str:
+    """Return C{url} as C{scheme://host:port} with no path, or raise L{InvalidUpstreamURL}."""
+    if not isinstance(url, str) or not url:
+        raise InvalidUpstreamURL("url must be a non-empty string")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https"):
+        raise InvalidUpstreamURL(f"url must start with http:// or https://, got {url!r}")
+    if not parts.hostname:
+        raise InvalidUpstreamURL(f"url has no host: {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidUpstreamURL(f"url has a bad port: {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidUpstreamURL(f"url must not have a path, query or fragment: {url!r}")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def upstream_id(url: str) -> str:
+    """A stable identifier for the upstream at C{url} (idempotent registration)."""
+    return hashlib.sha1(url.encode("utf-8")).hexdigest()[:12]
+
+
+class Upstream:
+    """A llama.cpp server: URL, name, health state, slots, model and counters."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        name: str | None = None,
+        api_key: str | None = None,
+        source: str = "static",
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.url = normalise_url(url)
+        self.id = upstream_id(self.url)
+        self.name = name or urlsplit(self.url).netloc
+        self.api_key = api_key
+        self.source = source
+        self._clock = clock
+        self.state = UpstreamState.UNKNOWN
+        self.draining = False
+        self.slots_total = 0
+        self.external_processing = 0
+        self.models: tuple[str, ...] = ()
+        self.raw_slots: list[Any] = []
+        self.probe_method = "slots"
+        self.last_probe_at: float | None = None
+        self.last_report_at: float | None = None
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+        self.last_chosen = 0
+        self.requests_served = 0
+        self.requests_failed = 0
+        self.added_at = clock.seconds() if clock is not None else 0.0
+        self._next_lease = 0
+        self._leases: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.name} {self.url} {self.state.value}>"
+
+    # -- slots ------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this balancer has sent and not yet finished."""
+        return len(self._leases)
+
+    @property
+    def slots_processing(self) -> int:
+        return min(self.slots_total, self.external_processing + self.in_flight)
+
+    @property
+    def slots_idle(self) -> int:
+        return self.slots_total - self.slots_processing
+
+    @property
+    def model(self) -> str | None:
+        return self.models[0] if self.models else None
+
+    def take_lease(self) -> int:
+        """Count one of our requests as running here; return its lease number."""
+        lease = self._next_lease
+        self._next_lease += 1
+        self._leases.add(lease)
+        return lease
+
+    def return_lease(self, lease: int) -> None:
+        """Count the request with lease number C{lease} as finished (once)."""
+        self._leases.remove(lease)
+
+    def probe_mark(self) -> int:
+        """Taken when a probe is sent: leases numbered below it predate the probe."""
+        return self._next_lease
+
+    def apply_slots(self, total: int, processing: int | None, mark: int) -> None:
+        """
+        Take an absolute slot report. C{processing} is C{None} when the server
+        does not say (then every busy slot is assumed to be ours).
+        """
+        self.slots_total = max(0, int(total))
+        if processing is None:
+            self.external_processing = 0
+            return
+        ours_at_probe = sum(1 for lease in self._leases if lease < mark)
+        self.external_processing = max(0, int(processing) - ours_at_probe)
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def accepts_requests(self) -> bool:
+        return self.state is UpstreamState.HEALTHY and not self.draining
+
+    @property
+    def status(self) -> str:
+        """What a person wants to see: draining, busy (no idle slot) or the state."""
+        if self.draining:
+            return "draining"
+        if self.state is UpstreamState.HEALTHY and self.slots_total and not self.slots_idle:
+            return "busy"
+        return self.state.value
+
+    def set_state(self, state: UpstreamState, error: str | None = None) -> bool:
+        """Move to C{state}; log one event per change. Return whether it changed."""
+        self.last_error = error
+        if state is self.state:
+            return False
+        previous, self.state = self.state, state
+        self.log.info(
+            "upstream {name} ({url}) {previous} -> {state}{reason}",
+            name=self.name,
+            url=self.url,
+            previous=previous.value,
+            state=state.value,
+            reason=f": {error}" if error else "",
+            upstream_id=self.id,
+        )
+        return True
+
+    def set_models(self, models: Iterable[str]) -> None:
+        self.models = tuple(dict.fromkeys(m for m in models if m))
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """Every field of this upstream, JSON-ready (management API, dashboard)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "url": self.url,
+            "source": self.source,
+            "state": self.state.value,
+            "status": self.status,
+            "draining": self.draining,
+            "slots_idle": self.slots_idle,
+            "slots_processing": self.slots_processing,
+            "slots_total": self.slots_total,
+            "requests_in_flight": self.in_flight,
+            "model": self.model,
+            "models": list(self.models),
+            "probe_method": self.probe_method,
+            "last_update_age": None
+            if self.last_update_at is None
+            else max(0.0, now - self.last_update_at),
+            "last_error": self.last_error,
+            "consecutive_failures": self.consecutive_failures,
+            "requests_served": self.requests_served,
+            "requests_failed": self.requests_failed,
+            "has_api_key": self.api_key is not None,
+        }
+
+    @property
+    def last_update_at(self) -> float | None:
+        times = [t for t in (self.last_probe_at, self.last_report_at) if t is not None]
+        return max(times) if times else None
