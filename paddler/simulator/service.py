@@ -1,0 +1,261 @@
+"""Services that run simulated llama-servers: one per endpoint, or a fleet.
+
+C{makeSimulatorService} is what ``twistd paddler simulate`` runs;
+L{SimulatedFleetService} is the in-process fleet the balancer starts for its
+``--simulated-fleet N`` demo mode.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from paddler.simulator.engine import SimulatedServerEngine, SimulatorConfig
+from paddler.simulator.web import SimulatorResource
+
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+class SimulatorSite(Site):
+    """A L{Site} serving one simulated llama-server; C{engine} is its state."""
+
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, engine: SimulatedServerEngine, clock: IReactorTime) -> None:
+        super().__init__(SimulatorResource(engine, clock), reactor=clock)
+        self.engine = engine
+
+
+def simulator_site(clock: IReactorTime, config: SimulatorConfig) -> SimulatorSite:
+    """A web site serving a new simulated llama-server with C{config}.
+
+    @param clock: the reactor (or a L{twisted.internet.task.Clock} in tests)
+        that all timing runs on.
+    """
+    return SimulatorSite(SimulatedServerEngine(clock, config), clock)
+
+
+def _port_index(parts: list[str], description: str) -> int:
+    for index, part in enumerate(parts[1:], start=1):
+        if part.startswith("port=") or "=" not in part:
+            return index
+    raise ValueError(f"no port in endpoint {description!r}")
+
+
+def endpoint_port(description: str) -> int:
+    """The port of a tcp endpoint string (C{tcp:8081:...} or C{tcp:port=8081:...}).
+
+    @raise ValueError: not a tcp endpoint, or no valid port in it.
+    """
+    parts = _UNESCAPED_COLON.split(description)
+    if parts[0] not in ("tcp", "tcp6"):
+        raise ValueError(f"not a tcp endpoint: {description!r}")
+    part = parts[_port_index(parts, description)]
+    try:
+        return int(part.removeprefix("port="))
+    except ValueError:
+        raise ValueError(f"bad port {part!r} in endpoint {description!r}") from None
+
+
+def endpoint_with_port_offset(description: str, offset: int) -> str:
+    """The tcp endpoint string C{description} with its port moved by C{offset}.
+
+    Port 0 (any free port) stays 0. Other endpoint types are returned as they
+    are when C{offset} is 0, and refused otherwise.
+
+    @raise ValueError: C{description} is not a tcp endpoint and C{offset} > 0,
+        or has no valid port.
+    """
+    parts = _UNESCAPED_COLON.split(description)
+    if parts[0] not in ("tcp", "tcp6"):
+        if offset == 0:
+            return description
+        raise ValueError(f"only tcp endpoints can take consecutive ports: {description!r}")
+    port = endpoint_port(description)
+    index = _port_index(parts, description)
+    prefix = "port=" if parts[index].startswith("port=") else ""
+    parts[index] = prefix + str(port + offset if port else 0)
+    return ":".join(parts)
+
+
+def _url_of(port: IListeningPort) -> str:
+    address: Any = port.getHost()
+    host = getattr(address, "host", None)
+    if host is None:
+        return "unix:" + str(getattr(address, "name", ""))
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = "[" + host + "]"
+    return f"http://{host}:{address.port}"
+
+
+@implementer(IStreamServerEndpoint)
+class _AnnouncingEndpoint:
+    """An endpoint that tells its owner about the port once it listens."""
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, listening: Callable[[IListeningPort], None]
+    ) -> None:
+        self._endpoint = endpoint
+        self._listening = listening
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        d = self._endpoint.listen(protocolFactory)
+
+        def announce(port: IListeningPort) -> IListeningPort:
+            self._listening(port)
+            return port
+
+        return d.addCallback(announce)
+
+
+class SimulatedServerService(MultiService):
+    """One simulated llama-server listening on one endpoint.
+
+    @ivar engine: its L{SimulatedServerEngine}.
+    @ivar site: its L{SimulatorSite}.
+    @ivar url: C{http://host:port} (or C{unix:path}) once listening, else None.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, description: str, config: SimulatorConfig, index: int = 0
+    ) -> None:
+        super().__init__()
+        self.description = description
+        self.config = config
+        self.index = index
+        self.site = simulator_site(reactor, config)
+        self.engine = self.site.engine
+        self.url: str | None = None
+        self.port: IListeningPort | None = None
+        self._waiting: list[Deferred[str]] = []
+        endpoint = _AnnouncingEndpoint(serverFromString(reactor, description), self._listening)
+        StreamServerEndpointService(endpoint, self.site).setServiceParent(self)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self.url = _url_of(port)
+        self.log.info(
+            "simulated llama-server {index} listening on {url}: {slots} slots, model {model}, "
+            "{tokens_per_second} tokens/s, seed {seed}",
+            index=self.index,
+            url=self.url,
+            slots=self.config.slots,
+            model=self.config.model,
+            tokens_per_second=self.config.tokens_per_second,
+            seed=self.config.seed,
+        )
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.url)
+
+    def whenListening(self) -> Deferred[str]:
+        """A Deferred that fires with C{url} once the server listens."""
+        if self.url is not None:
+            return succeed(self.url)
+        d: Deferred[str] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def startService(self) -> None:
+        self.engine.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        d = super().stopService()
+        self.engine.stop()
+        self.url = None
+        self.port = None
+        return d
+
+
+class SimulatedFleetService(MultiService):
+    """Several simulated llama-servers on consecutive TCP ports, in-process.
+
+    @param reactor: the reactor to listen with.
+    @param configs: one L{SimulatorConfig} per server.
+    @param interface: the address to listen on.
+    @param base_port: the first port; 0 lets the OS choose a free port for
+        each server.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        configs: Sequence[SimulatorConfig],
+        interface: str = "127.0.0.1",
+        base_port: int = 0,
+    ) -> None:
+        super().__init__()
+        escaped = interface.replace(":", "\\:")
+        self.servers: list[SimulatedServerService] = []
+        for index, config in enumerate(configs):
+            port = base_port + index if base_port else 0
+            server = SimulatedServerService(
+                reactor, f"tcp:{port}:interface={escaped}", config, index
+            )
+            server.setServiceParent(self)
+            self.servers.append(server)
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs of the servers that listen (all of them after startService)."""
+        return [server.url for server in self.servers if server.url is not None]
+
+    @property
+    def engines(self) -> list[SimulatedServerEngine]:
+        """The servers' engines, in port order."""
+        return [server.engine for server in self.servers]
+
+    def whenListening(self) -> Deferred[list[str]]:
+        """A Deferred that fires with every URL once all servers listen."""
+        d = DeferredList([server.whenListening() for server in self.servers], fireOnOneErrback=True)
+        return d.addCallback(lambda results: [url for _, url in results])
+
+
+def config_from_options(options: Mapping[str, Any], index: int = 0) -> SimulatorConfig:
+    """The L{SimulatorConfig} of server C{index} from parsed L{SimulateOptions}."""
+    return SimulatorConfig(
+        slots=options["slots"],
+        model=options["model"],
+        tokens_per_second=options["tokens-per-second"],
+        prompt_tokens_per_second=options["prompt-tokens-per-second"],
+        n_ctx=options["n-ctx"],
+        load_seconds=options["load-seconds"],
+        seed=options["seed"] + index,
+        slots_endpoint=not options["no-slots-endpoint"],
+        metrics_endpoint=not options["no-metrics"],
+        api_key=options["api-key"],
+    )
+
+
+def makeSimulatorService(options: Mapping[str, Any], reactor: Any) -> MultiService:
+    """The services for ``paddler simulate``: C{--fleet} servers, one per port."""
+    parent = MultiService()
+    for index in range(options["fleet"]):
+        description = endpoint_with_port_offset(options["listen"], index)
+        SimulatedServerService(
+            reactor, description, config_from_options(options, index), index
+        ).setServiceParent(parent)
+    return parent

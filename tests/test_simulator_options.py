@@ -1,0 +1,108 @@
+"""``paddler simulate`` command-line parsing (SimulateOptions)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python.usage import UsageError
+
+from paddler.tap import Options, SimulateOptions
+
+DEFAULTS = {
+    "listen": "tcp:8081:interface=127.0.0.1",
+    "fleet": 1,
+    "slots": 4,
+    "model": "simulated.gguf",
+    "tokens-per-second": 50.0,
+    "prompt-tokens-per-second": 2000.0,
+    "n-ctx": 2048,
+    "load-seconds": 0.0,
+    "seed": 0,
+    "api-key": None,
+    "no-slots-endpoint": False,
+    "no-metrics": False,
+}
+
+
+def parse(*argv: str) -> dict:
+    options = SimulateOptions()
+    options.parseOptions(list(argv))
+    return dict(options)
+
+
+def test_defaults_parse_to_typed_values() -> None:
+    """With no flags every option has its documented default, already typed."""
+    assert parse() == DEFAULTS
+
+
+def test_every_flag_is_parsed_and_typed() -> None:
+    """Each flag lands under its own key with the right type."""
+    parsed = parse(
+        "--listen", "tcp:port=9000:interface=0.0.0.0",
+        "--fleet", "3",
+        "--slots", "2",
+        "--model", "qwen.gguf",
+        "--tokens-per-second", "120.5",
+        "--prompt-tokens-per-second", "900",
+        "--n-ctx", "512",
+        "--load-seconds", "1.5",
+        "--seed", "7",
+        "--api-key", "secret",
+        "--no-slots-endpoint",
+        "--no-metrics",
+    )
+    assert parsed == {
+        "listen": "tcp:port=9000:interface=0.0.0.0",
+        "fleet": 3,
+        "slots": 2,
+        "model": "qwen.gguf",
+        "tokens-per-second": 120.5,
+        "prompt-tokens-per-second": 900.0,
+        "n-ctx": 512,
+        "load-seconds": 1.5,
+        "seed": 7,
+        "api-key": "secret",
+        "no-slots-endpoint": True,
+        "no-metrics": True,
+    }
+
+
+def test_short_flags_and_unix_listener_with_one_server() -> None:
+    """-l, -s and -m are short forms; a unix endpoint is fine for a single server."""
+    parsed = parse("-l", "unix:/tmp/sim.sock", "-s", "1", "-m", "m.gguf")
+    assert parsed == {**DEFAULTS, "listen": "unix:/tmp/sim.sock", "slots": 1, "model": "m.gguf"}
+
+
+def test_twistd_plugin_options_route_to_simulate() -> None:
+    """``twistd paddler simulate ...`` parses into SimulateOptions as the sub-options."""
+    options = Options()
+    options.parseOptions(["simulate", "--slots", "2"])
+    assert options.subCommand == "simulate"
+    assert dict(options.subOptions) == {**DEFAULTS, "slots": 2}
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--slots", "0"], "--slots"),
+        (["--slots", "x"], "--slots"),
+        (["--slots", "1.5"], "--slots"),
+        (["--fleet", "0"], "--fleet"),
+        (["--n-ctx", "-4"], "--n-ctx"),
+        (["--seed", "-1"], "--seed"),
+        (["--tokens-per-second", "-1"], "--tokens-per-second"),
+        (["--tokens-per-second", "0"], "--tokens-per-second"),
+        (["--tokens-per-second", "nan"], "--tokens-per-second"),
+        (["--prompt-tokens-per-second", "inf"], "--prompt-tokens-per-second"),
+        (["--load-seconds", "-0.5"], "--load-seconds"),
+        (["--load-seconds", "soon"], "--load-seconds"),
+        (["--api-key", ""], "--api-key"),
+        (["--fleet", "2", "--listen", "unix:/tmp/sim.sock"], "--fleet"),
+        (["--fleet", "3", "--listen", "tcp:65534"], "--fleet"),
+        (["--fleet", "2", "--listen", "tcp:interface=127.0.0.1"], "--listen"),
+    ],
+)
+def test_bad_values_raise_usage_error_naming_the_flag(argv: list[str], flag: str) -> None:
+    """A bad value is refused with a UsageError whose message names the flag."""
+    with pytest.raises(UsageError) as raised:
+        parse(*argv)
+    assert flag in str(raised.value)
