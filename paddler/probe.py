@@ -22,9 +22,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import readBody
 from zope.interface import implementer
 
+from paddler.httpbody import read_body
 from paddler.interfaces import IUpstreamProber
 from paddler.pool import UpstreamPool
 from paddler.upstream import Upstream, UpstreamState
@@ -111,7 +111,7 @@ class HTTPProber:
 
     async def _get(self, upstream: Upstream, path: str) -> tuple[int, bytes]:
         response = await self._http.get(upstream.url + path, headers=self._headers(upstream))
-        body = await readBody(response)
+        body = await read_body(response)
         if response.code == 503 and _error_message(body) == "Loading model":
             raise _Loading()
         return response.code, body

@@ -37,6 +37,7 @@ from paddler.errors import (
     UpstreamTimeout,
     error_body,
 )
+from paddler.httpbody import read_body
 from paddler.pool import Lease, UpstreamPool
 from paddler.probe import describe_failure
 from paddler.stats import RequestStats
@@ -197,7 +198,7 @@ class _Relay(Protocol):
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         self._disarm()
-        if self._request.producer is self:
+        if self._request.producer is self and self._request.channel is not None:
             self._request.unregisterProducer()
         if self.done.called:
             return
@@ -220,6 +221,12 @@ class _Relay(Protocol):
 
     def stopProducing(self) -> None:
         self.transport.stopProducing()
+
+
+def _was_cancelled(error: Exception) -> bool:
+    """Twisted's HTTP client reports a cancelled request as ResponseNeverReceived([CancelledError])."""
+    reasons = getattr(error, "reasons", None) or []
+    return any(reason.check(CancelledError) for reason in reasons)
 
 
 def _json(request: server.Request, status: int, payload: Any, headers: dict[bytes, bytes] | None = None) -> bytes:
@@ -334,6 +341,8 @@ class ProxyResource(Resource):
                 await self._relay(request, response, upstream, started)
                 return
             except RETRYABLE as e:
+                if _was_cancelled(e):
+                    raise CancelledError() from e
                 reason = describe_failure(Failure(e))
                 self._upstream_failed(upstream, reason)
                 tried.append(upstream.id)
@@ -351,9 +360,7 @@ class ProxyResource(Resource):
 
     async def _refused(self, upstream: Upstream, response: IResponse) -> str:
         """An upstream answered 503 before any byte reached the client: note why."""
-        from twisted.web.client import readBody
-
-        raw = await readBody(response)
+        raw = await read_body(response, 64 * 1024)
         try:
             reason = str(json.loads(raw)["error"]["message"])
         except (ValueError, KeyError, TypeError):

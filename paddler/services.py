@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import HTTPConnectionPool
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from paddler.config import UpstreamSpec
 from paddler.pool import UpstreamPool
 from paddler.upstream import Upstream
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+def quiet_connection_pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
+    """A persistent connection pool that does not log every connection it opens."""
+    connections = HTTPConnectionPool(reactor, persistent=True)
+    connections.maxPersistentPerHost = max_per_host
+    connections._factory = _QuietHTTP11ClientFactory
+    return connections
 
 
 class ConnectionPoolService(Service):
@@ -41,3 +55,47 @@ class PoolService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class AnnouncedEndpointService(StreamServerEndpointService):
+    """A listener that logs the address it actually bound (port 0 included)."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any, what: str, path: str = "/") -> None:
+        super().__init__(endpoint, factory)
+        self.what = what
+        self.path = path
+        self.address: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._announce)
+
+    def _announce(self, port: Any) -> Any:
+        self.address = port.getHost()
+        host = getattr(self.address, "host", None)
+        if host is not None:
+            shown = f"[{host}]" if ":" in host else host
+            url = f"http://{shown}:{self.address.port}{self.path}"
+        else:
+            url = str(self.address)
+        self.log.info("{what} listening on {url}", what=self.what, url=url)
+        return port
+
+
+class SimulatedUpstreamsService(Service):
+    """Adds the servers of an in-process simulated fleet to the pool once they listen."""
+
+    def __init__(self, pool: UpstreamPool, fleet: Any, clock: IReactorTime) -> None:
+        self.pool = pool
+        self.fleet = fleet
+        self.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        self.fleet.whenListening().addCallback(self._add)
+
+    def _add(self, urls: list[str]) -> None:
+        for index, url in enumerate(urls):
+            self.pool.add(Upstream(url, f"simulated-{index}", source="simulated", clock=self.clock))

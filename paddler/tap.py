@@ -233,9 +233,8 @@ def makeService(options: Any) -> IService:
 
 def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     """Wire the balancer: pool, chooser, probes, proxy listener (and what rides on them)."""
-    from twisted.application.internet import StreamServerEndpointService
     from twisted.internet.endpoints import serverFromString
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
     from twisted.web.server import Site
     from treq.client import HTTPClient
 
@@ -243,7 +242,13 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     from paddler.pool import UpstreamPool
     from paddler.probe import HTTPProber, ProbeService
     from paddler.proxy import ProxyConfig, ProxyResource, bounded_request_factory
-    from paddler.services import ConnectionPoolService, PoolService
+    from paddler.services import (
+        AnnouncedEndpointService,
+        ConnectionPoolService,
+        PoolService,
+        SimulatedUpstreamsService,
+        quiet_connection_pool,
+    )
     from paddler.stats import RequestStats
 
     top = MultiService()
@@ -254,10 +259,21 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         buffer_timeout=config.buffered_request_timeout,
     )
     PoolService(pool, config.upstreams, reactor).setServiceParent(top)
-    probe_connections = HTTPConnectionPool(reactor, persistent=True)
-    probe_connections.maxPersistentPerHost = 2
-    proxy_connections = HTTPConnectionPool(reactor, persistent=True)
-    proxy_connections.maxPersistentPerHost = 64
+    if config.simulated_fleet:
+        from paddler.simulator.engine import SimulatorConfig
+        from paddler.simulator.service import SimulatedFleetService
+
+        fleet = SimulatedFleetService(
+            reactor,
+            [
+                SimulatorConfig(slots=4 if i % 2 == 0 else 2, tokens_per_second=40.0 if i % 2 == 0 else 20.0, seed=i)
+                for i in range(config.simulated_fleet)
+            ],
+        )
+        fleet.setServiceParent(top)
+        SimulatedUpstreamsService(pool, fleet, reactor).setServiceParent(top)
+    probe_connections = quiet_connection_pool(reactor, 2)
+    proxy_connections = quiet_connection_pool(reactor, 64)
     ConnectionPoolService(probe_connections).setServiceParent(top)
     ConnectionPoolService(proxy_connections).setServiceParent(top)
 
@@ -291,7 +307,10 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     )
     site = Site(proxy, requestFactory=bounded_request_factory(config.max_request_body))
     site.displayTracebacks = False
-    StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(top)
+    site.noisy = False
+    AnnouncedEndpointService(
+        serverFromString(reactor, config.listen), site, "paddler balancer proxy"
+    ).setServiceParent(top)
     top.pool = pool  # type: ignore[attr-defined]
     top.stats = stats  # type: ignore[attr-defined]
     top.probes = probes  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +29,7 @@ def fail_on_logged_errors(request: pytest.FixtureRequest) -> Iterator[list[dict]
     globalLogPublisher.addObserver(observe)
     try:
         yield errors
+        gc.collect()  # unhandled Deferred errors surface on collection: blame this test
     finally:
         globalLogPublisher.removeObserver(observe)
     if errors and request.node.get_closest_marker("allow_logged_errors") is None:
