@@ -7,6 +7,8 @@ from typing import Any
 
 from twisted.web.resource import IResource, Resource
 
+from paddler.errors import error_body
+
 
 class PrefixRouter(Resource):
     """
@@ -33,3 +35,14 @@ class PrefixRouter(Resource):
 
     def render(self, request: Any) -> Any:
         return self._default.render(request)
+
+
+class NotFoundResource(Resource):
+    """A JSON 404 for every path."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return error_body(404, f"no such path: {request.path.decode('latin-1')}", "not_found_error")

@@ -311,6 +311,22 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     AnnouncedEndpointService(
         serverFromString(reactor, config.listen), site, "paddler balancer proxy"
     ).setServiceParent(top)
+    # The management port: the fleet API (/api/v1/upstreams, agents, /health)
+    # is the default app; observability (state, dashboard, /metrics) mounts
+    # its prefixes in management_routes.
+    from paddler.mgmtroot import NotFoundResource, PrefixRouter
+
+    management_routes: list[tuple[bytes, Any]] = []
+    management_default: Any = NotFoundResource()
+    # -- fleet management API (issue 5) wires here --
+    # -- observability (issue 6) wires here --
+    management_site = Site(PrefixRouter(management_routes, management_default))
+    management_site.displayTracebacks = False
+    management_site.noisy = False
+    AnnouncedEndpointService(
+        serverFromString(reactor, config.management_listen), management_site, "paddler management"
+    ).setServiceParent(top)
+
     top.pool = pool  # type: ignore[attr-defined]
     top.stats = stats  # type: ignore[attr-defined]
     top.probes = probes  # type: ignore[attr-defined]
