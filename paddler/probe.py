@@ -17,7 +17,14 @@ import json
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -285,12 +292,13 @@ class ProbeService(Service):
         )
 
     def _probe_once(self, upstream: Upstream) -> Deferred[None]:
-        d = self._prober.probe(upstream)
+        d = maybeDeferred(self._prober.probe, upstream)
         self._in_flight[upstream.id] = d
 
         def done(result: object) -> None:
-            self._in_flight.pop(upstream.id, None)
-            if isinstance(result, Failure):
+            if self._in_flight.get(upstream.id) is d:
+                del self._in_flight[upstream.id]
+            if isinstance(result, Failure) and not result.check(CancelledError):
                 self.log.failure("probe of {name} failed unexpectedly", result, name=upstream.name)
 
         d.addBoth(done)
