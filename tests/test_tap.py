@@ -1,0 +1,184 @@
+"""Command line: the twistd plugin, the console script, balancer settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.python.usage import UsageError
+
+from paddler.cli import twistd_argv
+from paddler.config import BalancerConfig, UpstreamSpec
+from paddler.tap import Options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(*args: str, env: dict[str, str] | None = None, monkeypatch=None) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def balancer(*args: str) -> BalancerConfig:
+    return parse("balancer", *args).subOptions.config
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("PADDLER_"):
+            monkeypatch.delenv(key)
+
+
+def test_twistd_finds_the_plugin_and_lists_the_subcommands():
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted", "--help"], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert result.returncode == 0 and "paddler" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv=['twistd','paddler','--help']; run()"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("balancer", "agent", "simulate"):
+        assert command in result.stdout
+
+
+def test_console_script_runs_twistd_in_the_foreground_without_a_pid_file():
+    assert twistd_argv(["balancer", "--listen", "tcp:1"]) == [
+        "twistd", "--nodaemon", "--pidfile=", "paddler", "balancer", "--listen", "tcp:1",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "paddler", "balancer", "--help"], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert result.returncode == 0 and "--max-buffered-requests" in result.stdout
+
+
+def test_a_subcommand_is_required():
+    with pytest.raises(UsageError, match="subcommand"):
+        parse()
+
+
+def test_balancer_defaults_are_safe():
+    config = balancer()
+    assert config == BalancerConfig()
+    assert config.listen == "tcp:8086:interface=127.0.0.1"
+    assert config.management_listen == "tcp:8085:interface=127.0.0.1"
+    assert (config.max_buffered_requests, config.buffered_request_timeout) == (30, 30.0)
+
+
+def test_balancer_flags_parse_into_the_whole_config():
+    config = balancer(
+        "--listen", "tcp:9000", "--upstream", "http://10.0.0.5:8080", "--upstream", "gpu-2=http://10.0.0.6:8080/",
+        "--policy", "least-connections", "--probe-interval", "0.5", "--probe-mode", "health",
+        "--unhealthy-after", "3", "--llamacpp-api-key", "k", "--slots-endpoint-enable", "--rewrite-host-header",
+        "--max-request-body", "1000", "--upstream-timeout", "20", "--idle-timeout", "5", "--max-retries", "1",
+        "--max-buffered-requests", "0", "--buffered-request-timeout", "2", "--no-dashboard",
+    )
+    assert dataclasses.asdict(config) == dataclasses.asdict(
+        BalancerConfig(
+            listen="tcp:9000",
+            upstreams=[UpstreamSpec("http://10.0.0.5:8080"), UpstreamSpec("http://10.0.0.6:8080", "gpu-2")],
+            policy="least-connections",
+            probe_interval=0.5,
+            probe_mode="health",
+            unhealthy_after=3,
+            llamacpp_api_key="k",
+            slots_endpoint_enable=True,
+            rewrite_host_header=True,
+            max_request_body=1000,
+            upstream_timeout=20.0,
+            idle_timeout=5.0,
+            max_retries=1,
+            max_buffered_requests=0,
+            buffered_request_timeout=2.0,
+            dashboard=False,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--policy", "random"], "--policy"),
+        (["--probe-interval", "0"], "--probe-interval"),
+        (["--probe-interval", "soon"], "--probe-interval"),
+        (["--probe-mode", "metrics"], "--probe-mode"),
+        (["--unhealthy-after", "0"], "--unhealthy-after"),
+        (["--max-buffered-requests", "-1"], "--max-buffered-requests"),
+        (["--max-request-body", "1.5"], "--max-request-body"),
+        (["--buffered-request-timeout", "inf"], "--buffered-request-timeout"),
+        (["--upstream", "ftp://x:1"], "--upstream"),
+        (["--upstream", "http://a:1/v1"], "--upstream"),
+    ],
+)
+def test_bad_balancer_values_name_the_flag(args, flag):
+    with pytest.raises(UsageError, match=flag):
+        balancer(*args)
+
+
+def test_the_same_upstream_twice_is_refused():
+    with pytest.raises(UsageError, match="given twice"):
+        balancer("--upstream", "http://a:1", "--upstream", "http://a:1/")
+    with pytest.raises(UsageError, match="name 'x' is given twice"):
+        balancer("--upstream", "x=http://a:1", "--upstream", "x=http://b:1")
+
+
+def test_config_file_is_read_and_flags_and_environment_win(tmp_path, monkeypatch):
+    path = tmp_path / "paddler.toml"
+    path.write_text(
+        'policy = "round-robin"\nmax-buffered-requests = 5\nprobe_interval = 2\n'
+        '[[upstream]]\nurl = "http://10.0.0.5:8080"\nname = "gpu-1"\napi_key = "s"\n'
+    )
+    config = balancer("--config", str(path))
+    assert (config.policy, config.max_buffered_requests, config.probe_interval) == ("round-robin", 5, 2.0)
+    assert config.upstreams == [UpstreamSpec("http://10.0.0.5:8080", "gpu-1", "s")]
+    monkeypatch.setenv("PADDLER_MAX_BUFFERED_REQUESTS", "7")
+    monkeypatch.setenv("PADDLER_UPSTREAMS", "http://e:1,e2=http://e:2")
+    config = balancer("--config", str(path), "--policy", "slots")
+    assert (config.policy, config.max_buffered_requests) == ("slots", 7)
+    assert config.upstreams == [UpstreamSpec("http://e:1"), UpstreamSpec("http://e:2", "e2")]
+    config = balancer("--config", str(path), "--upstream", "http://f:1")
+    assert config.upstreams == [UpstreamSpec("http://f:1")]
+
+
+def test_config_file_named_by_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "p.toml"
+    path.write_text('upstreams = ["http://a:1"]\n')
+    monkeypatch.setenv("PADDLER_CONFIG", str(path))
+    assert balancer().upstreams == [UpstreamSpec("http://a:1")]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("policy = [", "not valid TOML"),
+        ("colour = 'blue'", "colour: unknown setting"),
+        ("[[upstream]]\nname = 'x'", "url is missing"),
+        ("[[upstream]]\nurl = 'http://a:1'\nport = 3", "unknown key 'port'"),
+        ("[[upstream]]\nurl = 'gopher://a:1'", "http://"),
+        ("max-retries = 'many'", "max-retries must be a whole number"),
+        ("upstream = 'http://a:1'", "must be an array"),
+    ],
+)
+def test_malformed_config_file_gets_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        balancer("--config", str(path))
+
+
+def test_missing_config_file_gets_a_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="cannot read it"):
+        balancer("--config", str(tmp_path / "nope.toml"))
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("PADDLER_PROBE_INTERVAL", "-1")
+    with pytest.raises(UsageError, match="PADDLER_PROBE_INTERVAL"):
+        balancer()
