@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,25 @@ def parse_upstream(text: str, where: str) -> UpstreamSpec:
         raise ConfigError(f"{where}: {e}")
 
 
+def parse_statsd_address(text: str, where: str = "--statsd") -> tuple[str, int]:
+    """C{udp:HOST:PORT} or C{HOST:PORT} (IPv6 as C{[::1]:8125}) as C{(host, port)}."""
+    address = text.strip()
+    if address.startswith("udp:"):
+        address = address[len("udp:"):]
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or any(c in host for c in "[]/ ") or (":" in host and "[" not in address):
+        raise ConfigError(f"{where} must be udp:HOST:PORT or HOST:PORT, got {text!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{where} must end with a port number, got {text!r}")
+    if not 0 < port < 65536:
+        raise ConfigError(f"{where} port must be between 1 and 65535, got {port}")
+    return host, port
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     if name in _BOOLEANS:
         if isinstance(value, bool):
@@ -117,6 +137,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be a string, got {value!r}")
     if name == "policy" and value not in CHOOSERS:
         raise ConfigError(f"{where} must be one of {', '.join(sorted(CHOOSERS))}, got {value!r}")
+    if name == "statsd":
+        host, port = parse_statsd_address(value, where)
+        return f"udp:[{host}]:{port}" if ":" in host else f"udp:{host}:{port}"
+    if name == "statsd_prefix" and not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", value):
+        raise ConfigError(
+            f"{where} must be dot-separated names of letters, digits, _ and -, got {value!r}"
+        )
     if name == "probe_mode" and value not in ("slots", "health"):
         raise ConfigError(f"{where} must be 'slots' or 'health', got {value!r}")
     return value

@@ -15,6 +15,8 @@ class BodyTooLarge(Exception):
 
 
 class _Collector(Protocol):
+    transport: Any
+
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._size = 0

@@ -30,7 +30,7 @@ class Lease:
             return
         self.released = True
         self.upstream.return_lease(self.number)
-        self.pool.capacity_changed()
+        self.pool.lease_returned(self.upstream)
 
 
 class _Waiter:
@@ -77,6 +77,7 @@ class UpstreamPool:
         self._handing_out = False
         self._again = False
         self._listeners: list[Callable[[str, Upstream | None], None]] = []
+        self._removals: dict[str, list[Deferred[Upstream | None]]] = {}
 
     # -- membership -------------------------------------------------------
 
@@ -109,13 +110,90 @@ class UpstreamPool:
         return upstream
 
     def remove(self, upstream_id: str) -> Upstream | None:
+        """Remove the upstream now, whatever it is doing; settle a pending removal."""
         upstream = self.upstreams.pop(upstream_id, None)
         if upstream is not None:
             self.log.info(
                 "upstream {name} ({url}) removed", name=upstream.name, url=upstream.url
             )
             self.notify("removed", upstream)
+        for waiting in self._removals.pop(upstream_id, []):
+            waiting.callback(upstream)
         return upstream
+
+    # -- draining ---------------------------------------------------------
+    #
+    # Draining lives here, not in the management API, so that it works the
+    # same whoever asks (an operator, an agent shutting down, agent expiry).
+    # A draining upstream takes no new request (``accepts_requests``); its
+    # leases stay valid. ``remove_when_idle`` removes it when its last lease
+    # is returned (``lease_returned``), or at once when none is out.
+
+    def drain(self, upstream_id: str) -> Upstream | None:
+        """Send no new request to the upstream; return it, or C{None} if unknown."""
+        upstream = self.upstreams.get(upstream_id)
+        if upstream is None:
+            return None
+        if not upstream.draining:
+            upstream.draining = True
+            self.log.info(
+                "upstream {name} ({url}) draining, {in_flight} requests in flight",
+                name=upstream.name,
+                url=upstream.url,
+                in_flight=upstream.in_flight,
+            )
+            self.notify("changed", upstream)
+        return upstream
+
+    def undrain(self, upstream_id: str) -> Upstream | None:
+        """Take traffic again (cancelling a pending removal); free slots go to waiters now."""
+        upstream = self.upstreams.get(upstream_id)
+        if upstream is None:
+            return None
+        self.cancel_removal(upstream_id)
+        if upstream.draining:
+            upstream.draining = False
+            self.log.info("upstream {name} ({url}) undrained", name=upstream.name, url=upstream.url)
+            self.notify("changed", upstream)
+            self.capacity_changed()
+        return upstream
+
+    def remove_when_idle(self, upstream_id: str) -> Deferred[Upstream | None] | None:
+        """
+        Drain the upstream and remove it once no request of ours runs on it.
+        Return C{None} if the id is unknown, else a Deferred that fires with
+        the upstream when it is removed, or with C{None} if the removal is
+        cancelled (L{undrain}, L{cancel_removal}).
+        """
+        upstream = self.drain(upstream_id)
+        if upstream is None:
+            return None
+        removed: Deferred[Upstream | None] = Deferred()
+        self._removals.setdefault(upstream_id, []).append(removed)
+        self._remove_if_idle(upstream)
+        return removed
+
+    def removal_pending(self, upstream_id: str) -> bool:
+        return upstream_id in self._removals
+
+    def cancel_removal(self, upstream_id: str) -> bool:
+        """Forget a pending removal (the upstream stays draining); return whether one was pending."""
+        waiting = self._removals.pop(upstream_id, None)
+        if waiting is None:
+            return False
+        for removed in waiting:
+            removed.callback(None)
+        return True
+
+    def _remove_if_idle(self, upstream: Upstream) -> None:
+        if upstream.id in self._removals and upstream.in_flight == 0:
+            if self.upstreams.get(upstream.id) is upstream:
+                self.remove(upstream.id)
+
+    def lease_returned(self, upstream: Upstream) -> None:
+        """A request on C{upstream} ended: finish a pending removal, hand the slot on."""
+        self._remove_if_idle(upstream)
+        self.capacity_changed()
 
     def find(self, key: str) -> Upstream | None:
         """The upstream with id, name or URL C{key}."""

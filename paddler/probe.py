@@ -14,6 +14,8 @@ Probe methods, per upstream:
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -43,8 +45,11 @@ class ProbeError(Exception):
     """A probe answer that says the upstream cannot serve."""
 
 
-class _Loading(Exception):
-    """The upstream answered 503 "Loading model"."""
+class Loading(Exception):
+    """The server answered 503 "Loading model"."""
+
+
+_Loading = Loading
 
 
 def _error_message(body: bytes) -> str:
@@ -80,6 +85,126 @@ def parse_metric(text: str, name: str) -> float | None:
     return None
 
 
+# -- reading a llama.cpp server's slots, shared by probes and the agent -----
+
+#: C{get(path)} -> C{(status, body)}; raises L{Loading} on 503 "Loading model".
+Getter = Callable[[str], Awaitable[tuple[int, bytes]]]
+
+
+def http_getter(http_client: Any, base_url: str, api_key: str | None = None) -> Getter:
+    """A L{Getter} for the llama.cpp server at C{base_url} (C{http_client} is a treq C{HTTPClient})."""
+    headers = {b"authorization": [b"Bearer " + api_key.encode("utf-8")]} if api_key else {}
+
+    async def get(path: str) -> tuple[int, bytes]:
+        response = await http_client.get(base_url + path, headers=headers)
+        body = await read_body(response)
+        if response.code == 503 and _error_message(body) == "Loading model":
+            raise Loading()
+        return response.code, body
+
+    return get
+
+
+@dataclass
+class SlotReading:
+    """One look at a server's slots.
+
+    C{processing} is C{None} when the server does not say; C{models} is
+    C{None} when they were not read this time; C{method} is how the slots
+    were read (``slots`` or, after a 404/501 on C{/slots}, ``props``);
+    C{mark} is what C{mark()} returned just before the request whose answer
+    gave C{processing} was sent.
+    """
+
+    total: int
+    processing: int | None
+    method: str
+    models: tuple[str, ...] | None = None
+    raw_slots: list[Any] | None = None
+    mark: int = 0
+
+
+def _require_ok(path: str, code: int, body: bytes) -> None:
+    if code != 200:
+        raise ProbeError(f"{path} answered {code}: {_error_message(body)}")
+
+
+async def _read_props(get: Getter) -> tuple[int, tuple[str, ...]]:
+    code, body = await get("/props")
+    _require_ok("/props", code, body)
+    try:
+        props = json.loads(body)
+        total = int(props["total_slots"])
+    except (ValueError, KeyError, TypeError):
+        raise ProbeError("/props has no total_slots")
+    models = (str(props.get("model_alias") or ""), str(props.get("model_path") or ""))
+    return total, models
+
+
+async def _read_models(get: Getter) -> tuple[str, ...] | None:
+    """The model names from C{/props}, else C{/v1/models}; never fatal."""
+    try:
+        _, models = await _read_props(get)
+        return models
+    except (ProbeError, Loading):
+        pass
+    code, body = await get("/v1/models")
+    if code != 200:
+        return None
+    try:
+        data = json.loads(body)["data"]
+        names: list[str] = []
+        for entry in data:
+            names.append(str(entry["id"]))
+            names.extend(str(alias) for alias in entry.get("aliases", []))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return tuple(names)
+
+
+async def read_slots(
+    get: Getter,
+    method: str = "slots",
+    mode: str = "slots",
+    want_models: bool = True,
+    mark: Callable[[], int] = lambda: 0,
+) -> SlotReading:
+    """
+    Read the slots of the server behind C{get}: C{/slots}, falling back to
+    C{/props} + C{/metrics} on 404/501 (or directly when C{method} is
+    ``props``); in C{mode} ``health``, C{/health} + C{/props}. Raises
+    L{Loading} or L{ProbeError}.
+    """
+    if mode == "health":
+        taken = mark()
+        code, body = await get("/health")
+        _require_ok("/health", code, body)
+        total, models = await _read_props(get)
+        return SlotReading(total, None, "health", models, mark=taken)
+    if method != "props":
+        taken = mark()
+        code, body = await get("/slots")
+        if code not in (404, 501):
+            _require_ok("/slots", code, body)
+            try:
+                slots = json.loads(body)
+            except ValueError:
+                raise ProbeError("/slots answered invalid JSON")
+            if not isinstance(slots, list):
+                raise ProbeError("/slots answer is not a list")
+            processing = count_processing(slots)
+            models = await _read_models(get) if want_models else None
+            return SlotReading(len(slots), processing, "slots", models, slots, taken)
+    taken = mark()
+    total, models = await _read_props(get)
+    code, body = await get("/metrics")
+    processing = None
+    if code == 200:
+        value = parse_metric(body.decode("utf-8", "replace"), "llamacpp:requests_processing")
+        processing = None if value is None else int(value)
+    return SlotReading(total, processing, "props", models, mark=taken)
+
+
 @implementer(IUpstreamProber)
 class HTTPProber:
     """Probes one upstream over HTTP with C{http_client} (a treq C{HTTPClient})."""
@@ -110,106 +235,26 @@ class HTTPProber:
         d.addCallbacks(lambda _: self._succeeded(upstream), lambda f: self._failed(upstream, f))
         return d
 
-    def _headers(self, upstream: Upstream) -> dict[bytes, list[bytes]]:
-        key = upstream.api_key or self.api_key
-        if key:
-            return {b"authorization": [b"Bearer " + key.encode("utf-8")]}
-        return {}
-
-    async def _get(self, upstream: Upstream, path: str) -> tuple[int, bytes]:
-        response = await self._http.get(upstream.url + path, headers=self._headers(upstream))
-        body = await read_body(response)
-        if response.code == 503 and _error_message(body) == "Loading model":
-            raise _Loading()
-        return response.code, body
-
     async def _probe(self, upstream: Upstream) -> None:
-        if self.mode == "health":
-            await self._probe_health(upstream)
-        elif upstream.probe_method == "props":
-            await self._probe_props(upstream)
-        else:
-            await self._probe_slots(upstream)
-
-    async def _probe_slots(self, upstream: Upstream) -> None:
-        mark = upstream.probe_mark()
-        code, body = await self._get(upstream, "/slots")
-        if code in (404, 501):
+        get = http_getter(self._http, upstream.url, upstream.api_key or self.api_key)
+        reading = await read_slots(
+            get,
+            method=upstream.probe_method,
+            mode=self.mode,
+            want_models=not upstream.models,
+            mark=upstream.probe_mark,
+        )
+        if reading.method == "props" and upstream.probe_method != "props":
             upstream.probe_method = "props"
             self.log.info(
-                "upstream {name}: /slots answered {code}, probing /props and /metrics instead",
+                "upstream {name}: /slots not available, probing /props and /metrics instead",
                 name=upstream.name,
-                code=code,
             )
-            await self._probe_props(upstream)
-            return
-        self._require_ok("/slots", code, body)
-        try:
-            slots = json.loads(body)
-        except ValueError:
-            raise ProbeError("/slots answered invalid JSON")
-        if not isinstance(slots, list):
-            raise ProbeError("/slots answer is not a list")
-        processing = count_processing(slots)
-        if not upstream.models:
-            await self._read_models(upstream)
-        upstream.raw_slots = slots
-        upstream.apply_slots(len(slots), processing, mark)
-
-    async def _probe_props(self, upstream: Upstream) -> None:
-        mark = upstream.probe_mark()
-        total = await self._read_props(upstream)
-        code, body = await self._get(upstream, "/metrics")
-        processing = None
-        if code == 200:
-            value = parse_metric(body.decode("utf-8", "replace"), "llamacpp:requests_processing")
-            processing = None if value is None else int(value)
-        upstream.apply_slots(total, processing, mark)
-
-    async def _probe_health(self, upstream: Upstream) -> None:
-        mark = upstream.probe_mark()
-        code, body = await self._get(upstream, "/health")
-        self._require_ok("/health", code, body)
-        total = await self._read_props(upstream)
-        upstream.apply_slots(total, None, mark)
-
-    async def _read_props(self, upstream: Upstream) -> int:
-        code, body = await self._get(upstream, "/props")
-        self._require_ok("/props", code, body)
-        try:
-            props = json.loads(body)
-            total = int(props["total_slots"])
-        except (ValueError, KeyError, TypeError):
-            raise ProbeError("/props has no total_slots")
-        upstream.set_models(
-            [str(props.get("model_alias") or ""), str(props.get("model_path") or "")]
-        )
-        return total
-
-    async def _read_models(self, upstream: Upstream) -> None:
-        """Learn the model names from C{/props}, else C{/v1/models}; never fatal."""
-        try:
-            await self._read_props(upstream)
-            return
-        except (ProbeError, _Loading):
-            pass
-        code, body = await self._get(upstream, "/v1/models")
-        if code != 200:
-            return
-        try:
-            data = json.loads(body)["data"]
-            names: list[str] = []
-            for entry in data:
-                names.append(str(entry["id"]))
-                names.extend(str(alias) for alias in entry.get("aliases", []))
-        except (ValueError, KeyError, TypeError):
-            return
-        upstream.set_models(names)
-
-    @staticmethod
-    def _require_ok(path: str, code: int, body: bytes) -> None:
-        if code != 200:
-            raise ProbeError(f"{path} answered {code}: {_error_message(body)}")
+        if reading.models is not None:
+            upstream.set_models(reading.models)
+        if reading.raw_slots is not None:
+            upstream.raw_slots = reading.raw_slots
+        upstream.apply_slots(reading.total, reading.processing, reading.mark)
 
     def _succeeded(self, upstream: Upstream) -> None:
         upstream.last_probe_at = self._clock.seconds()
@@ -245,10 +290,11 @@ def describe_failure(failure: Failure, timeout: float | None = None) -> str:
         return "connection refused"
     if failure.check(ProbeError):
         return str(failure.value)
+    name = type(failure.value).__name__
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
-        return f"{failure.type.__name__}: {reasons[0].getErrorMessage()}"
-    return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        return f"{name}: {reasons[0].getErrorMessage()}"
+    return f"{name}: {failure.getErrorMessage()}"
 
 
 class ProbeService(Service):

@@ -157,6 +157,8 @@ class _Relay(Protocol):
     upstream error or idle timeout, and cancelling it aborts the upstream.
     """
 
+    transport: Any
+
     def __init__(self, request: server.Request, clock: IReactorTime, idle_timeout: float) -> None:
         self._request = request
         self._clock = clock
@@ -285,8 +287,9 @@ class ProxyResource(Resource):
                     f"request body is larger than {self.config.max_request_body} bytes "
                     "(--max-request-body)"
                 )
-            request.content.seek(0)
-            body = request.content.read()
+            content: Any = request.content
+            content.seek(0)
+            body = content.read()
             takes_slot = request.method == b"POST" and path in SLOT_PATHS
             model = request_model(body) if takes_slot else None
         except PaddlerHTTPError as e:
@@ -470,7 +473,7 @@ class ProxyResource(Resource):
             if not getattr(request, "paddler_recorded", False):
                 self.stats.record(0, self._clock.seconds() - started, path=request.path.decode("latin-1"))
             return
-        if failure.check(PaddlerHTTPError):
+        if isinstance(failure.value, PaddlerHTTPError):
             error = failure.value
             status, payload, headers = error.status, error.body(), error.headers
         else:

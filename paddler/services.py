@@ -70,7 +70,8 @@ class AnnouncedEndpointService(StreamServerEndpointService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._waitingForPort.addCallback(self._announce)
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self._announce)
 
     def _announce(self, port: Any) -> Any:
         self.address = port.getHost()

@@ -178,7 +178,7 @@ class BalancerOptions(usage.Options):
         from paddler.config import ConfigError, build_config
 
         flags: dict[str, Any] = {
-            key.replace("-", "_"): self[key]
+            str(key).replace("-", "_"): self[str(key)]
             for key, *_ in self.optParameters
             if key != "config"
         }
