@@ -341,17 +341,23 @@ def test_chat_stream_has_role_content_finish_usage_and_done(server: MakeServer, 
     assert usage["timings"]["predicted_n"] == 3
 
 
-def test_text_completion_stream_without_usage_puts_timings_on_the_finish_chunk(server: MakeServer, clock: Clock) -> None:
-    """/v1/completions SSE: text_completion chunks, a finish chunk with timings, then [DONE]."""
+def test_text_completion_stream_puts_usage_and_timings_on_the_finish_chunk(server: MakeServer, clock: Clock) -> None:
+    """/v1/completions SSE: text_completion chunks, then one finish chunk with usage and
+    timings whether or not include_usage is asked (llama-server's behaviour), then [DONE]."""
     client = server()
-    exchange = client.post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True})
-    clock.advance(5)
-    data = exchange.pump().sse_data()
-    assert data[-1] == "[DONE]"
-    events = [json.loads(d) for d in data[:-1]]
-    assert [e["object"] for e in events] == ["text_completion"] * 3
-    assert [e["choices"][0]["finish_reason"] for e in events] == [None, None, "length"]
-    assert "timings" in events[-1] and "usage" not in events[-1]
+    for options in ({}, {"stream_options": {"include_usage": True}}):
+        exchange = client.post(
+            "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True, **options}
+        )
+        clock.advance(5)
+        data = exchange.pump().sse_data()
+        assert data[-1] == "[DONE]"
+        events = [json.loads(d) for d in data[:-1]]
+        assert [e["object"] for e in events] == ["text_completion"] * 3
+        assert [e["choices"][0]["finish_reason"] for e in events] == [None, None, "length"]
+        assert events[-1]["usage"]["completion_tokens"] == 2
+        assert events[-1]["timings"]["predicted_n"] == 2
+        assert len({e["id"] for e in events}) == 1
 
 
 def test_disconnect_frees_the_slot_for_the_queued_request(server: MakeServer, clock: Clock) -> None:
@@ -375,15 +381,21 @@ def test_disconnect_frees_the_slot_for_the_queued_request(server: MakeServer, cl
     assert engine.metrics.tokens_predicted_total == 3 + 2
 
 
-def test_disconnect_while_waiting_for_a_whole_response_cancels_the_job(server: MakeServer, clock: Clock) -> None:
-    """A non-streaming client that goes away also cancels its job and frees the slot."""
-    client = server(slots=1)
+def test_disconnect_while_waiting_for_a_whole_response_keeps_the_slot_until_done(server: MakeServer, clock: Clock) -> None:
+    """A non-streaming client that goes away does not cancel its job: as in llama-server,
+    the slot stays busy until the generation ends, and nothing is written to the gone client."""
+    client = server(slots=1, tokens_per_second=50)
     engine = engine_of(client)
     exchange = client.post("/completion", {"prompt": "x", "n_predict": 50})
     clock.advance(0.1)
     assert engine.requests_processing == 1
     exchange.close()
+    assert engine.requests_processing == 1
+    assert engine.metrics.requests_cancelled_total == 0
+    clock.advance(1)
     assert engine.requests_processing == 0
+    assert engine.metrics.tokens_predicted_total == 50
+    assert exchange.writes() == 0
 
 
 def test_paused_transport_pauses_token_generation(server: MakeServer, clock: Clock) -> None:
@@ -410,21 +422,24 @@ def test_paused_transport_pauses_token_generation(server: MakeServer, clock: Clo
 @pytest.mark.parametrize(
     ("path", "body", "message"),
     [
-        ("/completion", b"{not json", None),
-        ("/completion", b"[1, 2]", None),
+        ("/completion", b"[1, 2]", "[json.exception.type_error.304] cannot use at() with array"),
         ("/completion", {"prompt": 123456789012345678901234567890}, PROMPT_TYPE_MESSAGE),
         ("/completion", {"prompt": "hi", "n_predict": "ten"},
-         "[json.exception.type_error.302] type must be number, but is string"),
+         "Field 'n_predict': [json.exception.type_error.302] type must be number, but is string"),
         ("/completion", {"prompt": "hi", "stream": "yes"},
-         "[json.exception.type_error.302] type must be boolean, but is string"),
-        ("/completion", {"n_predict": 3}, '"prompt" must be provided'),
+         "Field 'stream': [json.exception.type_error.302] type must be boolean, but is string"),
+        ("/completion", {"n_predict": 3}, "[json.exception.out_of_range.403] key 'prompt' not found"),
         ("/v1/completions", {"prompt": {"x": 1}}, PROMPT_TYPE_MESSAGE),
         ("/v1/chat/completions", {"messages": "hi"}, "Expected 'messages' to be an array"),
+        ("/v1/chat/completions", {"max_tokens": 2}, "'messages' is required"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "x"},
+         "Field 'max_tokens': [json.exception.type_error.302] type must be number, but is string"),
         ("/tokenize", {"content": 5}, None),
     ],
 )
 def test_bad_requests_get_400_invalid_request_error(server: MakeServer, path: str, body: Any, message: str | None) -> None:
-    """Invalid JSON and bad field types answer 400 invalid_request_error."""
+    """A body that is not an object and bad field types answer 400 invalid_request_error
+    with llama-server's messages."""
     client = server()
     response = client.post(path, body).response
     assert response.status == 400
@@ -433,6 +448,28 @@ def test_bad_requests_get_400_invalid_request_error(server: MakeServer, path: st
     if message is not None:
         assert error["message"] == message
     assert engine_of(client).metrics.requests_total == 0
+
+
+def test_invalid_json_gets_500_server_error_like_llama_server(server: MakeServer) -> None:
+    """llama-server lets the JSON parse error escape: 500 server_error, nlohmann's message."""
+    client = server()
+    response = client.post("/completion", b"{not json").response
+    assert response.status == 500
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == (500, "server_error")
+    assert error["message"].startswith("[json.exception.parse_error.101] parse error at line 1, column ")
+    assert engine_of(client).metrics.requests_total == 0
+
+
+def test_fields_llama_server_ignores_when_mistyped(server: MakeServer, clock: Clock) -> None:
+    """id_slot and stop of the wrong type, and max_tokens on /completion, are ignored (200)."""
+    client = server(slots=3)
+    exchanges = [
+        client.post("/completion", {"prompt": "x", "n_predict": 1, **extra})
+        for extra in ({"id_slot": "a"}, {"stop": 5}, {"max_tokens": "x"})
+    ]
+    clock.advance(1)
+    assert [e.pump().status for e in exchanges] == [200, 200, 200]
 
 
 def test_unknown_path_and_wrong_method_get_404(server: MakeServer) -> None:

@@ -4,8 +4,10 @@ Field names, status codes and error bodies follow the new build of
 llama-server (0c1e57098) as captured in the project's reference samples.
 Streams are written one SSE event per C{request.write}, as soon as each
 token is generated; the engine's job is the push producer registered on
-the request, so a paused transport pauses generation, and a client that
-goes away cancels the job and frees its slot at once.
+the request, so a paused transport pauses generation, and a streaming
+client that goes away cancels the job and frees its slot at once. A client
+of a whole (non-streaming) response that goes away does not: as in
+llama-server, the job runs to its end and holds its slot meanwhile.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ CHAT_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+MISSING_PROMPT_MESSAGE = "[json.exception.out_of_range.403] key 'prompt' not found"
 
 PROMPT_TYPE_MESSAGE = (
     '"prompt" elements must be a string, a list of tokens, a JSON object containing '
@@ -184,19 +188,30 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def _type_error(expected: str, value: Any) -> BadRequest:
-    return BadRequest(
-        f"[json.exception.type_error.302] type must be {expected}, but is {_json_type(value)}"
-    )
+def _type_error(expected: str, value: Any, key: str | None = None) -> BadRequest:
+    """nlohmann::json's type error, prefixed with the field as llama-server does."""
+    message = f"[json.exception.type_error.302] type must be {expected}, but is {_json_type(value)}"
+    return BadRequest(message if key is None else f"Field '{key}': {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _get_int(body: dict[str, Any], key: str, default: int) -> int:
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _type_error("number", value)
+    if not _is_number(value):
+        raise _type_error("number", value, key)
     return int(value)
+
+
+def _get_int_lenient(body: dict[str, Any], key: str, default: int) -> int:
+    """A number field llama-server ignores when it has the wrong type
+    (``id_slot``, and ``max_tokens`` on /completion)."""
+    value = body.get(key)
+    return int(value) if _is_number(value) else default
 
 
 def _get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
@@ -204,19 +219,18 @@ def _get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _type_error("boolean", value)
+        raise _type_error("boolean", value, key)
     return value
 
 
 def _get_stop(body: dict[str, Any]) -> tuple[str, ...]:
+    """``stop``: a string or a list of strings; anything else is ignored, as llama-server does."""
     value = body.get("stop")
-    if value is None:
-        return ()
     if isinstance(value, str):
         return (value,)
-    if isinstance(value, list) and all(isinstance(word, str) for word in value):
-        return tuple(value)
-    raise _type_error("array of strings", value)
+    if isinstance(value, list):
+        return tuple(word for word in value if isinstance(word, str))
+    return ()
 
 
 def _get_settings(body: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +238,8 @@ def _get_settings(body: dict[str, Any]) -> dict[str, Any]:
     for key in _NUMBER_SETTINGS:
         if key in body and body[key] is not None:
             value = body[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _type_error("number", value)
+            if not _is_number(value):
+                raise _type_error("number", value, key)
             settings[key] = value
     return settings
 
@@ -361,12 +375,12 @@ class _Dialect:
                  "tokens_predicted": job.n_decoded, "tokens_evaluated": job.n_prompt}
             ]
         if self.kind == "text_completion":
-            return [
-                self._oai(
-                    {"choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]},
-                    chunk=True,
-                )
-            ]
+            event = self._oai(
+                {"choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]},
+                chunk=False,  # llama-server's text_completion chunks put "id" last
+            )
+            event["id"] = self.id
+            return [event]
         events = []
         if not self.sent_role:
             self.sent_role = True
@@ -399,11 +413,17 @@ class _Dialect:
                 chunk=True,
             )
         else:
+            # /v1/completions always ends with one chunk that carries the
+            # finish_reason, usage and timings, include_usage or not.
             finish = self._oai(
                 {"choices": [{"text": "", "index": 0, "logprobs": None,
                               "finish_reason": _finish_reason(result)}]},
-                chunk=True,
+                chunk=False,
             )
+            finish["usage"] = _usage(result)
+            finish["id"] = self.id
+            finish["timings"] = result.timings.to_json()
+            return [finish, "[DONE]"]
         events.append(finish)
         if self.include_usage:
             usage = self._oai({"choices": []}, chunk=True)
@@ -464,7 +484,8 @@ class _Exchange:
     """One generation request in flight: relays the job to the HTTP request.
 
     Registered as the request's push producer when streaming: the channel's
-    pause/resume reach the engine job, and the client's disconnect cancels it.
+    pause/resume reach the engine job, and the client's disconnect cancels it
+    (only when streaming, as in llama-server).
     """
 
     log = Logger()
@@ -527,6 +548,10 @@ class _Exchange:
 
     def _client_gone(self, reason: Failure) -> None:
         self.gone = True
+        if not self.stream:
+            # llama-server notices a closed connection only while it streams:
+            # a whole-response request keeps its slot until it is done.
+            return
         if self.job is not None and self.job.active:
             self.log.debug(
                 "client went away: cancelling task {id_task}", id_task=self.job.id_task
@@ -627,10 +652,22 @@ class SimulatorResource(Resource):
         raw = request.content.read() if request.content is not None else b""
         try:
             body = json.loads(raw.decode("utf-8"))
+        except json.JSONDecodeError as e:
+            # llama-server lets nlohmann::json's parse_error escape: 500 server_error.
+            raise SimulatorError(
+                500,
+                f"[json.exception.parse_error.101] parse error at line {e.lineno}, column "
+                f"{e.colno}: syntax error while parsing value - {e.msg}",
+                "server_error",
+            ) from None
         except (UnicodeDecodeError, ValueError) as e:
-            raise BadRequest(f"[json.exception.parse_error.101] parse error: {e}") from None
+            raise SimulatorError(
+                500, f"[json.exception.parse_error.101] parse error: {e}", "server_error"
+            ) from None
         if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
+            raise BadRequest(
+                f"[json.exception.type_error.304] cannot use at() with {_json_type(body)}"
+            )
         return body
 
     # read-only endpoints
@@ -775,7 +812,7 @@ class SimulatorResource(Resource):
             n_predict=n_predict,
             ignore_eos=_get_bool(body, "ignore_eos", False),
             cache_prompt=_get_bool(body, "cache_prompt", True),
-            id_slot=_get_int(body, "id_slot", -1),
+            id_slot=_get_int_lenient(body, "id_slot", -1),
             seed=seed,
             stop=_get_stop(body),
             stream=_get_bool(body, "stream", False),
@@ -785,16 +822,16 @@ class SimulatorResource(Resource):
     def _completion(self, request: Request) -> bytes | int:
         body = self._body(request)
         if "prompt" not in body:
-            raise BadRequest('"prompt" must be provided')
+            raise BadRequest(MISSING_PROMPT_MESSAGE)
         tokens, text = _prompt_tokens(body["prompt"])
-        n_predict = _get_int(body, "n_predict", _get_int(body, "max_tokens", -1))
+        n_predict = _get_int(body, "n_predict", _get_int_lenient(body, "max_tokens", -1))
         return self._generate(request, _Dialect(self, "completion", body),
                               self._common(body, tokens, text, n_predict))
 
     def _oai_completion(self, request: Request) -> bytes | int:
         body = self._body(request)
         if "prompt" not in body:
-            raise BadRequest('"prompt" must be provided')
+            raise BadRequest(MISSING_PROMPT_MESSAGE)
         tokens, text = _prompt_tokens(body["prompt"])
         n_predict = _get_int(body, "max_tokens", _get_int(body, "n_predict", -1))
         return self._generate(request, _Dialect(self, "text_completion", body),
@@ -802,7 +839,9 @@ class SimulatorResource(Resource):
 
     def _chat(self, request: Request) -> bytes | int:
         body = self._body(request)
-        text = render_chat(body.get("messages"))
+        if "messages" not in body:
+            raise BadRequest("'messages' is required")
+        text = render_chat(body["messages"])
         n_predict = _get_int(
             body, "max_completion_tokens",
             _get_int(body, "max_tokens", _get_int(body, "n_predict", -1)),
