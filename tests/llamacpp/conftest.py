@@ -8,7 +8,8 @@ llama.cpp does not compile) every test that needs it is skipped with the
 script's reason; any other failure of the script is an error.
 
 ``start_llama_server`` starts servers on fresh free 127.0.0.1 ports and
-always stops them at teardown. These fixtures block (subprocess + urllib):
+always stops them at teardown; ``start_simulator`` does the same for
+``paddler simulate`` subprocesses (no build needed). These fixtures block (subprocess + urllib):
 they run outside the Twisted reactor, before and after the test body.
 """
 
@@ -27,7 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.llamacpp.clients import Streams
+
 BUILD_SCRIPT = Path(__file__).with_name("build-llama-server")
+#: The repository root, put on PYTHONPATH of the simulator processes.
+ROOT = Path(__file__).resolve().parents[2]
 #: Seconds the first build may take (about 7 minutes on 2 cores).
 BUILD_DEADLINE = float(os.environ.get("PADDLER_LLAMA_BUILD_TIMEOUT", "2400"))
 #: Seconds from spawning a server until ``/health`` must answer 200.
@@ -117,44 +122,29 @@ def _health_status(url: str) -> int | None:
         return None
 
 
-class LlamaServers:
-    """Starts real llama-servers for one test and stops them all afterwards.
+class _ServerProcesses:
+    """Server processes started for one test, each on a fresh 127.0.0.1 port,
+    ready (``/health`` 200) when started, and all stopped at teardown."""
 
-    Call it to start one: ``url = start_llama_server(slots=4, ctx=2048)``.
-    ``ctx`` is the total context (``-c``), shared by the ``slots`` slots
-    (``-np``). Each server listens on a fresh port, has ``--slots`` and
-    ``--metrics`` on, and is ready (``/health`` 200) when the call returns.
-    """
+    #: What the processes are called in failure messages and log file names.
+    kind = "server"
 
-    def __init__(self, binary: Path, model: Path, log_dir: Path) -> None:
-        self.binary = binary
-        self.model = model
+    def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self._processes: dict[str, subprocess.Popen] = {}
         self._logs: dict[str, Path] = {}
 
-    def __call__(self, slots: int = 4, ctx: int = 2048, extra_args: Sequence[str] = ()) -> str:
-        port = free_port()
+    def _spawn(self, argv: Sequence[str], port: int, env: dict[str, str] | None = None) -> str:
         url = f"http://127.0.0.1:{port}"
-        log = self.log_dir / f"llama-server-{port}.log"
-        argv = [
-            str(self.binary),
-            "-m", str(self.model),
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "-np", str(slots),
-            "-c", str(ctx),
-            "--slots",
-            "--metrics",
-            *extra_args,
-        ]
+        log = self.log_dir / f"{self.kind}-{port}.log"
         with open(log, "wb") as log_file:
             process = subprocess.Popen(
-                argv,
+                list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=env,
             )
         self._processes[url] = process
         self._logs[url] = log
@@ -164,14 +154,14 @@ class LlamaServers:
                 return url
             if process.poll() is not None:
                 pytest.fail(
-                    f"llama-server exited with {process.returncode} before it was ready:\n"
+                    f"{self.kind} exited with {process.returncode} before it was ready:\n"
                     + self.log(url)[-3000:],
                     pytrace=False,
                 )
             if time.monotonic() > deadline:
                 self.stop(url)
                 pytest.fail(
-                    f"llama-server at {url} not ready within {READY_DEADLINE:.0f} s:\n"
+                    f"{self.kind} at {url} not ready within {READY_DEADLINE:.0f} s:\n"
                     + self.log(url)[-3000:],
                     pytrace=False,
                 )
@@ -194,6 +184,68 @@ class LlamaServers:
             self.stop(url)
 
 
+class LlamaServers(_ServerProcesses):
+    """Starts real llama-servers for one test and stops them all afterwards.
+
+    Call it to start one: ``url = start_llama_server(slots=4, ctx=2048)``.
+    ``ctx`` is the total context (``-c``), shared by the ``slots`` slots
+    (``-np``). Each server listens on a fresh port, has ``--slots`` and
+    ``--metrics`` on, and is ready (``/health`` 200) when the call returns.
+    """
+
+    kind = "llama-server"
+
+    def __init__(self, binary: Path, model: Path, log_dir: Path) -> None:
+        super().__init__(log_dir)
+        self.binary = binary
+        self.model = model
+
+    def __call__(self, slots: int = 4, ctx: int = 2048, extra_args: Sequence[str] = ()) -> str:
+        port = free_port()
+        argv = [
+            str(self.binary),
+            "-m", str(self.model),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "-np", str(slots),
+            "-c", str(ctx),
+            "--slots",
+            "--metrics",
+            *extra_args,
+        ]
+        return self._spawn(argv, port)
+
+
+class Simulators(_ServerProcesses):
+    """Starts ``python -m paddler simulate`` processes for one test; stops them all afterwards.
+
+    ``url = start_simulator(slots=4, n_ctx=2048, tokens_per_second=50.0,
+    extra_args=())``: ``n_ctx`` is the context **of each slot** (the
+    simulator's ``--n-ctx``), unlike ``start_llama_server``'s total ``ctx``.
+    """
+
+    kind = "simulator"
+
+    def __call__(
+        self,
+        slots: int = 4,
+        n_ctx: int = 2048,
+        tokens_per_second: float = 50.0,
+        extra_args: Sequence[str] = (),
+    ) -> str:
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "paddler", "simulate",
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--slots", str(slots),
+            "--n-ctx", str(n_ctx),
+            "--tokens-per-second", str(tokens_per_second),
+            *extra_args,
+        ]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        return self._spawn(argv, port, env)
+
+
 @pytest.fixture
 def start_llama_server(
     llama_server_binary: Path, llama_tiny_model: Path, tmp_path: Path
@@ -204,3 +256,25 @@ def start_llama_server(
         yield servers
     finally:
         servers.stop_all()
+
+
+@pytest.fixture
+def start_simulator(tmp_path: Path) -> Iterator[Simulators]:
+    """Factory: ``start_simulator(slots=4, n_ctx=2048, tokens_per_second=50.0, extra_args=())``
+    -> base URL of a ``paddler simulate`` subprocess, stopped at teardown."""
+    simulators = Simulators(tmp_path)
+    try:
+        yield simulators
+    finally:
+        simulators.stop_all()
+
+
+@pytest.fixture
+def open_stream() -> Iterator[Streams]:
+    """Factory: ``open_stream(url, path, body, read=True)`` -> a streaming request
+    (``tests.llamacpp.clients.Stream``) read by a helper thread; all closed at teardown."""
+    streams = Streams()
+    try:
+        yield streams
+    finally:
+        streams.close_all()
