@@ -266,8 +266,8 @@ async def test_stream_silent_past_the_idle_deadline_is_closed(request):
 async def test_buffered_request_waits_for_a_slot_and_never_overfills(harness):
     fake, upstream = harness.add_fake(slots=1, hold=True)
     first_d = harness.post("/completion", {"prompt": "a"})
-    second_d = harness.post("/completion", {"prompt": "b"})
     first = await fake.next_held()
+    second_d = harness.post("/completion", {"prompt": "b"})
     await until(lambda: harness.pool.requests_buffered == 1)
     assert len(fake.held) == 1 and upstream.in_flight == 1
     next_held = fake.next_held()
