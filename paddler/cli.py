@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 def twistd_argv(args: Sequence[str]) -> list[str]:
     """The twistd command line equivalent to ``paddler ARGS``: foreground, no pid file."""
-    return ["twistd", "--nodaemon", "--pidfile=", "paddler", *args]
+    return ["twistd", "--nodaemon", "--pidfile=", "--logger=paddler.logs.observer", "paddler", *args]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,10 +10,21 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.server import Site
 
 from paddler.config import UpstreamSpec
 from paddler.pool import UpstreamPool
 from paddler.upstream import Upstream
+
+
+class QuietSite(Site):
+    """A site without an access log (the management port: probes, dashboards, SSE)."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):

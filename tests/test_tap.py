@@ -51,7 +51,7 @@ def test_twistd_finds_the_plugin_and_lists_the_subcommands():
 
 def test_console_script_runs_twistd_in_the_foreground_without_a_pid_file():
     assert twistd_argv(["balancer", "--listen", "tcp:1"]) == [
-        "twistd", "--nodaemon", "--pidfile=", "paddler", "balancer", "--listen", "tcp:1",
+        "twistd", "--nodaemon", "--pidfile=", "--logger=paddler.logs.observer", "paddler", "balancer", "--listen", "tcp:1",
     ]
     result = subprocess.run(
         [sys.executable, "-m", "paddler", "balancer", "--help"], capture_output=True, text=True, timeout=60, cwd="/"
@@ -182,3 +182,13 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("PADDLER_PROBE_INTERVAL", "-1")
     with pytest.raises(UsageError, match="PADDLER_PROBE_INTERVAL"):
         balancer()
+
+
+def test_log_level_comes_from_the_environment():
+    from twisted.logger import LogLevel
+
+    from paddler.logs import level_from_env
+
+    assert level_from_env({}) is LogLevel.info
+    assert level_from_env({"PADDLER_LOG_LEVEL": "DEBUG"}) is LogLevel.debug
+    assert level_from_env({"PADDLER_LOG_LEVEL": "nonsense"}) is LogLevel.info

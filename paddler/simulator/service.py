@@ -41,6 +41,9 @@ class SimulatorSite(Site):
         super().__init__(SimulatorResource(engine, clock), reactor=clock)
         self.engine = engine
 
+    def log(self, request: Any) -> None:
+        """No access log: a balancer probes a simulator every second."""
+
 
 def simulator_site(clock: IReactorTime, config: SimulatorConfig) -> SimulatorSite:
     """A web site serving a new simulated llama-server with C{config}.
