@@ -235,6 +235,12 @@ class Stream:
             raise self.error
         return self.events
 
+    def wait_closed(self, deadline: float) -> None:
+        """Wait until the stream has ended, cleanly or not (the server or proxy closed it)."""
+        self._thread.join(deadline)
+        if self._thread.is_alive():
+            raise AssertionError(f"stream still open after {deadline:g} s")
+
     def close(self) -> None:
         """Go away without a word: shut the socket down and close it."""
         drop(self._conn)
