@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . contrib/venv.sh
+PYTHON="$VENV/bin/python" tests/llamacpp/build-llama-server >/dev/null || echo "llama-server unavailable; its tests will be skipped" >&2
 exec "$VENV/bin/python" -m pytest "$@"
