@@ -415,6 +415,9 @@ class ObservabilityApp:
             return self._json(
                 request, 503, error_body(503, "the state stream is not running", "unavailable_error")
             )
+        if request.method == b"HEAD":
+            request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+            return b""
         return self.stream.attach(request)
 
     @app.route("/metrics", methods=["GET"])

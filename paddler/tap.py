@@ -320,6 +320,36 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     management_default: Any = NotFoundResource()
     # -- fleet management API (issue 5) wires here --
     # -- observability (issue 6) wires here --
+    from paddler.observe import (
+        ObservabilityApp,
+        ObservabilityService,
+        StateHistory,
+        StateStream,
+        build_state,
+    )
+    from paddler.prometheus import PrometheusMetrics
+
+    history = StateHistory()
+
+    def fleet_state(with_history: bool) -> dict[str, Any]:
+        return build_state(pool, stats, reactor, history if with_history else None)
+
+    state_stream = StateStream(reactor, fleet_state)
+    ObservabilityService(pool, stats, reactor, history, state_stream).setServiceParent(top)
+    observability = ObservabilityApp(
+        fleet_state, state_stream, PrometheusMetrics(pool, stats), dashboard=config.dashboard
+    ).resource()
+    management_routes += [(b"/api/v1/state", observability), (b"/dashboard", observability),
+                          (b"/metrics", observability)]
+    if config.statsd is not None:
+        from paddler.config import parse_statsd_address
+        from paddler.statsd import StatsDClient, StatsDService
+
+        statsd_host, statsd_port = parse_statsd_address(config.statsd)
+        StatsDService(
+            StatsDClient(reactor, statsd_host, statsd_port, config.statsd_prefix),
+            pool, stats, reactor, interval=config.statsd_interval,
+        ).setServiceParent(top)
     management_site = Site(PrefixRouter(management_routes, management_default))
     management_site.displayTracebacks = False
     management_site.noisy = False
