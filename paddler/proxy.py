@@ -214,11 +214,15 @@ class _Relay(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
-    # IPushProducer, on behalf of the upstream connection
+    # IPushProducer, on behalf of the upstream connection. While the client
+    # is not reading, the upstream is paused and its silence is not its fault.
     def pauseProducing(self) -> None:
+        self._disarm()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        if not self.done.called:
+            self._arm()
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:

@@ -330,3 +330,51 @@ async def test_full_buffer_gives_503_with_retry_after(request):
     assert "buffer is full" in (await third.json())["error"]["message"]
     for d in (first_d, second_d):
         d.addErrback(lambda _: None)
+
+
+def test_idle_timer_is_suspended_while_the_client_applies_backpressure():
+    """A slow client pauses the upstream; that silence must not count as upstream idleness."""
+    from twisted.internet.task import Clock
+
+    from paddler.proxy import _Relay
+
+    class Request:
+        producer = None
+        channel = object()
+
+        def registerProducer(self, producer, streaming):
+            self.producer = producer
+
+        def unregisterProducer(self):
+            self.producer = None
+
+        def write(self, data):
+            pass
+
+    class Transport:
+        paused = stopped = False
+
+        def pauseProducing(self):
+            self.paused = True
+
+        def resumeProducing(self):
+            self.paused = False
+
+        def stopProducing(self):
+            self.stopped = True
+
+    clock = Clock()
+    request = Request()
+    relay = _Relay(request, clock, idle_timeout=10)
+    relay.makeConnection(Transport())
+    assert request.producer is relay
+    relay.pauseProducing()
+    assert relay.transport.paused and clock.getDelayedCalls() == []
+    clock.advance(100)
+    assert not relay.done.called
+    relay.resumeProducing()
+    clock.advance(9.9)
+    assert not relay.done.called
+    clock.advance(0.1)
+    assert relay.done.called and relay.transport.stopped
+    relay.done.addErrback(lambda _: None)
