@@ -139,6 +139,7 @@ class BalancerOptions(usage.Options):
         ["rewrite-host-header", None, "Send the upstream's host:port as Host instead of the client's."],
         ["management-insecure", None, "Allow a non-loopback management listener without a token."],
         ["no-dashboard", None, "Do not serve the dashboard on the management port."],
+        ["no-access-log", None, "Do not log a line per proxied request."],
     ]
     optParameters = [
         ["config", "c", None, "TOML file with settings and [[upstream]] tables."],
@@ -191,6 +192,8 @@ class BalancerOptions(usage.Options):
                 flags[name] = True
         if self["no-dashboard"]:
             flags["dashboard"] = False
+        if self["no-access-log"]:
+            flags["access_log"] = False
         try:
             self.config = build_config(flags, self.upstreams, os.environ, self["config"])
         except ConfigError as e:
@@ -246,6 +249,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         AnnouncedEndpointService,
         ConnectionPoolService,
         PoolService,
+        QuietSite,
         SimulatedUpstreamsService,
         quiet_connection_pool,
     )
@@ -305,7 +309,8 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         ),
         stats,
     )
-    site = Site(proxy, requestFactory=bounded_request_factory(config.max_request_body))
+    site_class = Site if config.access_log else QuietSite
+    site = site_class(proxy, requestFactory=bounded_request_factory(config.max_request_body))
     site.displayTracebacks = False
     site.noisy = False
     AnnouncedEndpointService(
@@ -350,9 +355,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
             StatsDClient(reactor, statsd_host, statsd_port, config.statsd_prefix),
             pool, stats, reactor, interval=config.statsd_interval,
         ).setServiceParent(top)
-    management_site = Site(PrefixRouter(management_routes, management_default))
-    management_site.displayTracebacks = False
-    management_site.noisy = False
+    management_site = QuietSite(PrefixRouter(management_routes, management_default))
     AnnouncedEndpointService(
         serverFromString(reactor, config.management_listen), management_site, "paddler management"
     ).setServiceParent(top)
