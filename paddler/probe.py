@@ -351,10 +351,23 @@ class ProbeService(Service):
         return d
 
     def probe_now(self, upstream: Upstream) -> Deferred[None]:
-        """Probe C{upstream} at once unless a probe of it is already running."""
-        if upstream.id in self._in_flight:
-            return succeed(None)
-        return self._probe_once(upstream)
+        """
+        Probe C{upstream} at once, or join the probe of it already running.
+        The result fires with C{None} when that probe is done; cancelling it
+        (a client that stopped waiting) leaves the probe alone.
+        """
+        running = self._in_flight.get(upstream.id)
+        if running is None:
+            running = self._probe_once(upstream)
+        done: Deferred[None] = Deferred()
+
+        def finished(result: object) -> object:
+            if not done.called:
+                done.callback(None)
+            return result
+
+        running.addBoth(finished)
+        return done
 
     def _stop(self, upstream_id: str) -> Deferred[Any]:
         loop = self._loops.pop(upstream_id, None)
