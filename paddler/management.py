@@ -376,3 +376,50 @@ class ManagementAPI:
             url=url, name=name, slots_total=total, slots_processing=processing, state=state,
             error=error, models=tuple(models), interval=interval,
         )
+
+
+def _endpoint_fields(description: str) -> list[str]:
+    """Split an endpoint string on unescaped colons, unescaping C{\\:}."""
+    fields, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    fields.append(current)
+    return fields
+
+
+def endpoint_is_local(description: str) -> bool:
+    """
+    Whether a server endpoint string can only be reached from this host:
+    unix sockets, and tcp/tcp6/ssl with a loopback C{interface=}. tcp
+    without C{interface=} listens on every interface; other kinds and host
+    names other than C{localhost} count as reachable from outside.
+    """
+    import ipaddress
+
+    fields = _endpoint_fields(description.strip())
+    kind = fields[0].lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    interface = None
+    for field in fields[1:]:
+        if field.startswith("interface="):
+            interface = field[len("interface="):]
+    if not interface:
+        return False
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface.strip("[]")).is_loopback
+    except ValueError:
+        return False

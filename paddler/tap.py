@@ -118,10 +118,73 @@ class SimulateOptions(usage.Options):
 
 
 class AgentOptions(usage.Options):
-    """``paddler agent``: reports a llama.cpp server's slots to a balancer."""
+    """``paddler agent``: reports a llama.cpp server's slots to a balancer (docs/agent.md)."""
 
-    synopsis = "[options]"
-    longdesc = "Not yet available."
+    synopsis = "--llamacpp URL --balancer URL [options]"
+    longdesc = (
+        "Poll a local llama.cpp server's slots and report them to a paddler "
+        "balancer's management API every interval. On SIGTERM, drain the host "
+        "on the balancer and wait for its requests to finish."
+    )
+
+    optParameters = [
+        ["llamacpp", None, None, "URL of the local llama.cpp server, e.g. http://127.0.0.1:8080."],
+        ["external-url", None, None, "URL the balancer reaches the server at [default: --llamacpp]."],
+        ["balancer", None, None, "The balancer's management URL, e.g. http://10.0.0.9:8085."],
+        ["name", None, None, "Name of this host in the fleet [default: host:port of --external-url]."],
+        ["llamacpp-api-key", None, None, "API key of the local llama.cpp (or PADDLER_LLAMACPP_API_KEY)."],
+        ["management-token", None, None, "Bearer token of the management API (or PADDLER_MANAGEMENT_TOKEN)."],
+        ["interval", None, "1", "Seconds between reports."],
+        ["timeout", None, "2", "Deadline of each request to llama.cpp and to the balancer, in seconds."],
+        ["max-backoff", None, "30", "Longest wait between reports while the balancer fails, in seconds."],
+        ["drain-timeout", None, "30", "Longest wait on SIGTERM for in-flight requests, in seconds."],
+        ["status-listen", None, None, "Endpoint string for the agent's GET /health (off by default)."],
+    ]
+
+    def postOptions(self) -> None:
+        import os
+
+        from paddler.agent import AgentConfig
+        from paddler.upstream import InvalidUpstreamURL, normalise_url
+
+        urls: dict[str, str] = {}
+        for flag in ("llamacpp", "external-url", "balancer"):
+            value = self[flag]
+            if value is None:
+                if flag == "external-url":
+                    continue
+                raise usage.UsageError(f"--{flag} is required")
+            try:
+                urls[flag] = normalise_url(value)
+            except InvalidUpstreamURL as e:
+                raise usage.UsageError(f"--{flag}: {e}") from None
+        external = urls.get("external-url", urls["llamacpp"])
+        name = self["name"] if self["name"] is not None else external.split("://", 1)[1]
+        if not name.strip() or len(name) > 128 or any(ord(c) < 32 for c in name):
+            raise usage.UsageError("--name must be 1 to 128 printable characters")
+        secrets: dict[str, str | None] = {}
+        for flag, var in (("llamacpp-api-key", "PADDLER_LLAMACPP_API_KEY"),
+                          ("management-token", "PADDLER_MANAGEMENT_TOKEN")):
+            value = self[flag] if self[flag] is not None else os.environ.get(var)
+            if value is not None and not value.strip():
+                raise usage.UsageError(f"--{flag} must not be empty")
+            secrets[flag] = value
+        interval = _positive_float("interval", self["interval"])
+        timeout = _positive_float("timeout", self["timeout"])
+        max_backoff = _positive_float("max-backoff", self["max-backoff"])
+        drain_timeout = _non_negative_float("drain-timeout", self["drain-timeout"])
+        self.config = AgentConfig(
+            llamacpp=urls["llamacpp"],
+            external_url=external,
+            balancer=urls["balancer"],
+            name=name,
+            llamacpp_api_key=secrets["llamacpp-api-key"],
+            management_token=secrets["management-token"],
+            interval=interval,
+            timeout=timeout,
+            max_backoff=max(max_backoff, interval),
+            drain_timeout=drain_timeout,
+        )
 
 
 class BalancerOptions(usage.Options):
@@ -198,6 +261,22 @@ class BalancerOptions(usage.Options):
             self.config = build_config(flags, self.upstreams, os.environ, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e))
+        self._check_management_exposure()
+
+    def _check_management_exposure(self) -> None:
+        """Refuse a management API reachable from other hosts without a token."""
+        from paddler.management import endpoint_is_local
+
+        config = self.config
+        if config.management_token is not None and not config.management_token.strip():
+            raise usage.UsageError("--management-token must not be empty")
+        if config.management_token or config.management_insecure:
+            return
+        if not endpoint_is_local(config.management_listen):
+            raise usage.UsageError(
+                f"--management-listen {config.management_listen!r} is reachable from other hosts: "
+                "set --management-token (or PADDLER_MANAGEMENT_TOKEN), or pass --management-insecure"
+            )
 
 
 class Options(usage.Options):
@@ -231,7 +310,40 @@ def makeService(options: Any) -> IService:
         return makeSimulatorService(sub, reactor)
     if options.subCommand == "balancer":
         return makeBalancerService(sub.config, reactor)
+    if options.subCommand == "agent":
+        return makeAgentService(sub.config, reactor, sub["status-listen"])
     raise usage.UsageError(f"{options.subCommand} is not yet available")
+
+
+def makeAgentService(config: Any, reactor: Any, status_listen: str | None = None) -> MultiService:
+    """Wire ``paddler agent``: the report loop, its HTTP client, the optional status listener."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.client import Agent
+    from treq.client import HTTPClient
+
+    from paddler.agent import AgentService, AgentStatusApp
+    from paddler.services import (
+        AnnouncedEndpointService,
+        ConnectionPoolService,
+        QuietSite,
+        quiet_connection_pool,
+    )
+
+    top = MultiService()
+    connections = quiet_connection_pool(reactor, 2)
+    ConnectionPoolService(connections).setServiceParent(top)
+    http = HTTPClient(Agent(reactor, pool=connections, connectTimeout=config.timeout))
+    agent = AgentService(config, http, reactor)
+    agent.setServiceParent(top)
+    if status_listen:
+        AnnouncedEndpointService(
+            serverFromString(reactor, status_listen),
+            QuietSite(AgentStatusApp(agent).app.resource()),
+            "paddler agent status",
+            "/health",
+        ).setServiceParent(top)
+    top.agent = agent  # type: ignore[attr-defined]
+    return top
 
 
 def makeBalancerService(config: Any, reactor: Any) -> MultiService:
@@ -324,6 +436,15 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     management_routes: list[tuple[bytes, Any]] = []
     management_default: Any = NotFoundResource()
     # -- fleet management API (issue 5) wires here --
+    from paddler.management import ManagementAPI
+    from paddler.registry import AgentRegistry
+
+    registry = AgentRegistry(pool, reactor, expiry=config.agent_expiry)
+    registry.setServiceParent(top)
+    management_default = ManagementAPI(
+        pool, registry, reactor, probes=probes, token=config.management_token
+    ).app.resource()
+    top.registry = registry  # type: ignore[attr-defined]
     # -- observability (issue 6) wires here --
     from paddler.observe import (
         ObservabilityApp,

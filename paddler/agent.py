@@ -1,0 +1,351 @@
+"""``paddler agent``: reports one llama.cpp server's slots to a balancer.
+
+Every interval the agent reads the local server's slots (the same reader as
+the balancer's probes: ``/slots``, falling back to ``/props`` + ``/metrics``)
+and posts them to ``POST /api/v1/agents/{agent_id}/report`` on the
+balancer's management port. Both requests have a deadline.
+
+The balancer side has three states, each change logged once::
+
+    starting --ok--> reporting --fail--> unreachable --ok--> reporting
+                         \\--4xx--> rejected --ok--> reporting
+
+While the balancer fails, reports back off exponentially (interval, 2x, 4x
+... up to ``max_backoff``); the agent never gives up.
+
+On stop (SIGTERM) the agent asks the balancer to drain its host, waits until
+the balancer counts no request in flight there (bounded by
+``drain_timeout``), then deletes the host from the fleet, so a scale-down
+loses no request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from klein import Klein
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from paddler.httpbody import read_body
+from paddler.probe import Loading, _error_message, describe_failure, http_getter, read_slots
+from paddler.upstream import normalise_url, upstream_id
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of one agent (from ``paddler agent`` flags)."""
+
+    llamacpp: str
+    external_url: str
+    balancer: str
+    name: str
+    llamacpp_api_key: str | None = None
+    management_token: str | None = None
+    interval: float = 1.0
+    timeout: float = 2.0
+    max_backoff: float = 30.0
+    drain_timeout: float = 30.0
+    drain_poll: float = 0.25
+
+
+class BalancerRejected(Exception):
+    """The balancer answered a report with an error status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class AgentService(Service):
+    """Polls the local llama.cpp and reports to the balancer; drains its host on stop."""
+
+    log = Logger()
+
+    def __init__(self, config: AgentConfig, http_client: Any, clock: IReactorTime) -> None:
+        self.config = config
+        self._http = http_client
+        self._clock = clock
+        self.external_url = normalise_url(config.external_url)
+        self.upstream_id = upstream_id(self.external_url)
+        self.agent_id = self.upstream_id
+        self._balancer = config.balancer.rstrip("/")
+        self._get_llama = http_getter(http_client, normalise_url(config.llamacpp), config.llamacpp_api_key)
+        self._method = "slots"
+        self.balancer_state = "starting"
+        self.balancer_error: str | None = None
+        self.llamacpp_state = "unknown"
+        self.last_report: dict[str, Any] | None = None
+        self.last_report_ok_at: float | None = None
+        self.draining = False
+        self.failures = 0
+        self._retry_at = 0.0
+        self._loop: LoopingCall | None = None
+        self._current: Deferred[None] | None = None
+
+    # -- lifetime ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "agent {agent_id}: reporting {name} ({external_url}, local {llamacpp}) to {balancer} "
+            "every {interval:g}s",
+            agent_id=self.agent_id,
+            name=self.config.name,
+            external_url=self.external_url,
+            llamacpp=self.config.llamacpp,
+            balancer=self._balancer,
+            interval=self.config.interval,
+        )
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(self.config.interval, now=True).addErrback(
+            lambda f: self.log.failure("agent report loop died", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._current is not None:
+            self._current.cancel()
+        d = ensureDeferred(self._drain())
+        # The drain is bounded by drain_timeout; this bound also covers the
+        # requests it makes, so stopping can never hang.
+        d.addTimeout(self.config.drain_timeout + 3 * self.config.timeout, self._clock)
+        d.addErrback(self._drain_failed)
+        return d
+
+    def _drain_failed(self, failure: Failure) -> None:
+        self.log.warn(
+            "agent {agent_id}: could not drain {name} on the balancer: {error}",
+            agent_id=self.agent_id,
+            name=self.config.name,
+            error=describe_failure(failure, self.config.timeout),
+        )
+
+    # -- reporting --------------------------------------------------------
+
+    def _tick(self) -> Deferred[None] | None:
+        if self._clock.seconds() < self._retry_at:
+            return None  # backing off
+        d = ensureDeferred(self._report_once())
+
+        def done(result: object) -> None:
+            self._current = None
+            if isinstance(result, Failure):
+                self.log.failure("agent {agent_id}: report failed unexpectedly", result,
+                                 agent_id=self.agent_id)
+
+        d.addBoth(done)
+        self._current = d
+        return d
+
+    async def _report_once(self) -> None:
+        report = await self._read_llamacpp()
+        self.last_report = report
+        try:
+            answer = await self._request("POST", f"/api/v1/agents/{self.agent_id}/report", report)
+        except Exception as e:
+            self._balancer_failed(Failure(e))
+            return
+        self._balancer_ok(answer)
+
+    async def _read_llamacpp(self) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "name": self.config.name,
+            "url": self.external_url,
+            "interval": self.config.interval,
+        }
+        try:
+            d = ensureDeferred(read_slots(self._get_llama, method=self._method))
+            reading = await d.addTimeout(self.config.timeout, self._clock)
+        except Loading:
+            self._set_llamacpp_state("loading", "Loading model")
+            report.update(state="loading", error="Loading model")
+            return report
+        except Exception as e:
+            error = describe_failure(Failure(e), self.config.timeout)
+            self._set_llamacpp_state("unreachable", error)
+            report.update(state="unreachable", error=error)
+            return report
+        self._method = reading.method
+        processing = reading.processing or 0
+        self._set_llamacpp_state("healthy", None)
+        report.update(
+            state="healthy",
+            slots_total=reading.total,
+            slots_processing=min(processing, reading.total),
+            slots_idle=reading.total - min(processing, reading.total),
+        )
+        if reading.models:
+            names = [m for m in reading.models if m]
+            if names:
+                report["model"] = names[0]
+                report["models"] = names[1:]
+        return report
+
+    def _set_llamacpp_state(self, state: str, error: str | None) -> None:
+        if state == self.llamacpp_state:
+            return
+        self.llamacpp_state = state
+        self.log.info(
+            "agent {agent_id}: llama.cpp at {url} is {state}{reason}",
+            agent_id=self.agent_id,
+            url=self.config.llamacpp,
+            state=state,
+            reason=f": {error}" if error else "",
+        )
+
+    def _balancer_ok(self, answer: Any) -> None:
+        if self.balancer_state != "reporting":
+            self.log.info(
+                "agent {agent_id}: reporting {again}to balancer {balancer}",
+                agent_id=self.agent_id,
+                again="" if self.balancer_state == "starting" else "again ",
+                balancer=self._balancer,
+            )
+        self.balancer_state = "reporting"
+        self.balancer_error = None
+        self.failures = 0
+        self._retry_at = 0.0
+        self.last_report_ok_at = self._clock.seconds()
+        if isinstance(answer, dict):
+            self.draining = bool(answer.get("draining"))
+
+    def backoff(self) -> float:
+        """Seconds to wait after C{failures} failed reports in a row (capped)."""
+        return float(min(self.config.max_backoff, self.config.interval * 2 ** max(0, self.failures - 1)))
+
+    def _balancer_failed(self, failure: Failure) -> None:
+        self.failures += 1
+        delay = self.backoff()
+        self._retry_at = self._clock.seconds() + delay
+        state = "rejected" if failure.check(BalancerRejected) else "unreachable"
+        error = describe_failure(failure, self.config.timeout)
+        self.balancer_error = error
+        if state != self.balancer_state:
+            self.balancer_state = state
+            self.log.warn(
+                "agent {agent_id}: balancer {balancer} {state}: {error}; retrying with backoff "
+                "(up to {max_backoff:g}s)",
+                agent_id=self.agent_id,
+                balancer=self._balancer,
+                state=state,
+                error=error,
+                max_backoff=self.config.max_backoff,
+            )
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        """One management API call with a deadline; the parsed JSON answer, or BalancerRejected."""
+        headers = {b"content-type": [b"application/json"]}
+        if self.config.management_token:
+            headers[b"authorization"] = [b"Bearer " + self.config.management_token.encode("utf-8")]
+        data = None if body is None else json.dumps(body).encode("utf-8")
+
+        async def call() -> Any:
+            response = await self._http.request(method, self._balancer + path, data=data, headers=headers)
+            content = await read_body(response, limit=1024 * 1024)
+            if response.code >= 400:
+                raise BalancerRejected(response.code, _error_message(content))
+            return json.loads(content) if content else None
+
+        d = ensureDeferred(call())
+        return await d.addTimeout(self.config.timeout, self._clock)
+
+    # -- draining on stop -------------------------------------------------
+
+    async def _drain(self) -> None:
+        path = f"/api/v1/upstreams/{self.upstream_id}"
+        try:
+            described = await self._request("POST", path + "/drain")
+        except BalancerRejected as e:
+            if e.code == 404:
+                self.log.info("agent {agent_id}: not in the balancer's fleet, nothing to drain",
+                              agent_id=self.agent_id)
+                return
+            raise
+        in_flight = described.get("requests_in_flight", 0)
+        self.log.info(
+            "agent {agent_id}: draining {name} on the balancer, {in_flight} requests in flight",
+            agent_id=self.agent_id, name=self.config.name, in_flight=in_flight,
+        )
+        deadline = self._clock.seconds() + self.config.drain_timeout
+        while in_flight:
+            if self._clock.seconds() >= deadline:
+                self.log.warn(
+                    "agent {agent_id}: {in_flight} requests still in flight after {timeout:g}s; "
+                    "stopping anyway (the balancer removes the host when they end)",
+                    agent_id=self.agent_id, in_flight=in_flight, timeout=self.config.drain_timeout,
+                )
+                break
+            await deferLater(self._clock, self.config.drain_poll, lambda: None)
+            try:
+                described = await self._request("GET", path)
+            except BalancerRejected as e:
+                if e.code == 404:
+                    return  # already removed (expired, deleted)
+                raise
+            in_flight = described.get("requests_in_flight", 0)
+        try:
+            await self._request("DELETE", path)
+        except BalancerRejected as e:
+            if e.code != 404:
+                raise
+        self.log.info("agent {agent_id}: {name} drained and removed from the balancer",
+                      agent_id=self.agent_id, name=self.config.name)
+
+    # -- status -----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock.seconds()
+        report = self.last_report or {}
+        ok = self.balancer_state == "reporting" and self.llamacpp_state == "healthy"
+        return {
+            "status": "ok" if ok else "degraded",
+            "agent_id": self.agent_id,
+            "name": self.config.name,
+            "upstream_id": self.upstream_id,
+            "draining": self.draining,
+            "llamacpp": {
+                "url": self.config.llamacpp,
+                "external_url": self.external_url,
+                "state": self.llamacpp_state,
+                "error": report.get("error"),
+                "slots_idle": report.get("slots_idle"),
+                "slots_processing": report.get("slots_processing"),
+                "slots_total": report.get("slots_total"),
+                "model": report.get("model"),
+            },
+            "balancer": {
+                "url": self._balancer,
+                "state": self.balancer_state,
+                "error": self.balancer_error,
+                "last_report_age": None
+                if self.last_report_ok_at is None
+                else max(0.0, now - self.last_report_ok_at),
+                "retry_in": max(0.0, self._retry_at - now),
+            },
+        }
+
+
+class AgentStatusApp:
+    """``GET /health`` on ``--status-listen``: the agent's view of its server and balancer."""
+
+    app = Klein()
+
+    def __init__(self, agent: AgentService) -> None:
+        self.agent = agent
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.agent.status()).encode("utf-8")
