@@ -192,13 +192,13 @@ async def read_slots(
                 raise ProbeError("/slots answered invalid JSON")
             if not isinstance(slots, list):
                 raise ProbeError("/slots answer is not a list")
-            processing = count_processing(slots)
-            models = await _read_models(get) if want_models else None
-            return SlotReading(len(slots), processing, "slots", models, slots, taken)
+            busy = count_processing(slots)
+            learned = await _read_models(get) if want_models else None
+            return SlotReading(len(slots), busy, "slots", learned, slots, taken)
     taken = mark()
     total, models = await _read_props(get)
     code, body = await get("/metrics")
-    processing = None
+    processing: int | None = None
     if code == 200:
         value = parse_metric(body.decode("utf-8", "replace"), "llamacpp:requests_processing")
         processing = None if value is None else int(value)
