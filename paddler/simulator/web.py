@@ -210,7 +210,7 @@ def _get_int(body: dict[str, Any], key: str, default: int) -> int:
 def _get_int_lenient(body: dict[str, Any], key: str, default: int) -> int:
     """A number field llama-server ignores when it has the wrong type
     (``id_slot``, and ``max_tokens`` on /completion)."""
-    value = body.get(key)
+    value: Any = body.get(key)
     return int(value) if _is_number(value) else default
 
 
