@@ -40,3 +40,13 @@ def fail_on_logged_errors(request: pytest.FixtureRequest) -> Iterator[list[dict]
             failure = event.get("log_failure") or event.get("failure")
             messages.append(formatEvent(event) + ("\n" + failure.getTraceback() if failure else ""))
         pytest.fail("test logged unhandled errors:\n" + "\n".join(messages))
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Starts real paddler processes on 127.0.0.1 (L{tests.processes.Processes}); stops them all after the test."""
+    from .processes import Processes
+
+    processes = Processes(tmp_path)
+    yield processes
+    processes.stop_all()

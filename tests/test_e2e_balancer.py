@@ -10,16 +10,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .processes import Processes, get_json, wait_for
+from .processes import get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def procs(tmp_path):
-    processes = Processes(tmp_path)
-    yield processes
-    processes.stop_all()
 
 
 def post(url: str, path: str, payload: dict, timeout: float = 60.0) -> tuple[int, dict]:

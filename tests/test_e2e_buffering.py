@@ -8,17 +8,11 @@ import urllib.request
 
 import pytest
 
-from .processes import Processes, get_json, wait_for
+from .processes import get_json, wait_for
 from .test_e2e_balancer import in_parallel, post
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def procs(tmp_path):
-    processes = Processes(tmp_path)
-    yield processes
-    processes.stop_all()
 
 
 def register(management: str, url: str, name: str) -> int:

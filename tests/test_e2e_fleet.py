@@ -21,12 +21,6 @@ from .processes import PaddlerProcess, Processes, free_port, get_json, wait_for
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def procs(tmp_path):
-    processes = Processes(tmp_path)
-    yield processes
-    processes.stop_all()
-
 
 def call(method: str, url: str, payload: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
     data = None if payload is None else json.dumps(payload).encode()
