@@ -1,0 +1,387 @@
+"""Shared pieces of the benchmark harness: processes, ports, CPU, RSS, percentiles.
+
+Everything listens on 127.0.0.1 only. Every process the harness starts is
+tracked and killed (by its own pid) when the scenario ends, even on error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+TMP = RESULTS / "tmp"
+PYTHON = sys.executable
+LOOPBACK = "127.0.0.1"
+
+
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Raise RLIMIT_NOFILE for this process and the children it starts."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout} s")
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """A tiny blocking GET for readiness checks (the harness, not the reactor)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class Processes:
+    """The processes one scenario started; C{stop_all} ends each by its pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: Sequence[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        TMP.mkdir(parents=True, exist_ok=True)
+        log = open(TMP / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            list(args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        log.close()
+        proc.bench_name = name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group we created for it
+                proc.wait(5)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self.procs)):
+            try:
+                self.stop(proc)
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                pass
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_all()
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """A process and its descendants (nginx: master and workers)."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return []
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process tree (from /proc/PID/stat via psutil)."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The largest VmHWM (peak RSS) in a process tree, in MiB (/proc/PID/status)."""
+    best = 0
+    for p in tree(pid):
+        try:
+            text = Path(f"/proc/{p.pid}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+        if m:
+            best = max(best, int(m.group(1)))
+    return best / 1024.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    data = sorted(values)
+    if len(data) == 1:
+        return data[0]
+    pos = (len(data) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def median(values: Iterable[float]) -> float:
+    data = [v for v in values if v == v]
+    return statistics.median(data) if data else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_average_at_start": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def tool_version(args: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(args), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "missing"
+    return (out.stdout + out.stderr).strip().splitlines()[0]
+
+
+def save(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- the balancers -----------------------------------------------------------
+
+
+def start_paddler(
+    procs: Processes,
+    upstreams: Sequence[str],
+    name: str,
+    policy: str = "slots",
+    extra: Sequence[str] = (),
+    profile: Path | None = None,
+) -> tuple[subprocess.Popen, int]:
+    """Start ``python -m paddler balancer``; return it and its proxy port once healthy."""
+    port, mport = free_port(), free_port()
+    args = [PYTHON, "-m", "paddler"]
+    if profile is not None:
+        args = [PYTHON, "-m", "bench.profiled", str(profile)]
+    args += [
+        "balancer",
+        "--listen", f"tcp:{port}:interface={LOOPBACK}:backlog=4096",
+        "--management-listen", f"tcp:{mport}:interface={LOOPBACK}",
+        "--policy", policy,
+        "--probe-interval", "1",
+        *extra,
+    ]
+    for url in upstreams:
+        args += ["--upstream", url]
+    proc = procs.start(args, name)
+    wait_port(port, 30, proc)
+    wait_healthy(port, len(upstreams), proc)
+    return proc, port
+
+
+def wait_healthy(port: int, count: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    """Wait until the balancer's /health says C{count} upstreams are healthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]!r} exited with {proc.returncode}")
+        try:
+            code, body = http_get(port, "/health")
+            if code == 200 and json.loads(body)["upstreams"]["healthy"] >= count:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"balancer on {port} did not see {count} healthy upstreams in {timeout} s")
+
+
+def start_haproxy(procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False) -> tuple[subprocess.Popen, int]:
+    """HAProxy 1 thread, ``balance leastconn``, keep-alive to the upstreams."""
+    port = free_port()
+    servers = "\n".join(
+        f"    server s{i} {LOOPBACK}:{p} maxconn 9000" for i, p in enumerate(upstream_ports)
+    )
+    cfg = f"""
+global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    http-reuse always
+{"    option http-no-delay" if streaming else ""}
+frontend fe
+    bind {LOOPBACK}:{port}
+    default_backend be
+backend be
+    balance leastconn
+{servers}
+"""
+    path = TMP / f"{name}.cfg"
+    TMP.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg)
+    proc = procs.start(["haproxy", "-db", "-f", str(path)], name)
+    wait_port(port, 15, proc)
+    return proc, port
+
+
+def start_nginx(procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False) -> tuple[subprocess.Popen, int]:
+    """nginx, 1 worker, round robin, HTTP/1.1 keep-alive to the upstreams, no buffering."""
+    port = free_port()
+    servers = "\n".join(f"        server {LOOPBACK}:{p};" for p in upstream_ports)
+    cfg = _nginx_main(name) + f"""
+    upstream be {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen {LOOPBACK}:{port} backlog=4096;
+        location / {{
+            proxy_pass http://be;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering on;
+            proxy_read_timeout 600s;
+            proxy_send_timeout 300s;
+        }}
+    }}
+}}
+"""
+    return _run_nginx(procs, cfg, name, port)
+
+
+def start_static_upstream(procs: Processes, count: int, name: str, slots: int = 256) -> tuple[subprocess.Popen, list[int]]:
+    """A fast static responder (nginx, 1 worker) on C{count} ports.
+
+    ``GET /slots`` lists C{slots} idle slots (so paddler never runs out),
+    ``/props`` names a model, everything else answers a small completion JSON.
+    """
+    ports = [free_port() for _ in range(count)]
+    slot_json = json.dumps([{"id": i, "is_processing": False} for i in range(slots)], separators=(",", ":"))
+    props = json.dumps({"total_slots": slots, "model_alias": "bench", "model_path": "bench.gguf"})
+    answer = json.dumps(
+        {
+            "id": "cmpl-bench",
+            "object": "text_completion",
+            "model": "bench",
+            "choices": [{"index": 0, "text": " the quick brown fox", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12},
+        }
+    )
+    files = TMP / f"{name}-files"
+    files.mkdir(parents=True, exist_ok=True)
+    (files / "slots.json").write_text(slot_json)
+    listens = "\n".join(f"        listen {LOOPBACK}:{p} backlog=4096;" for p in ports)
+    cfg = _nginx_main(name) + f"""
+    server {{
+{listens}
+        default_type application/json;
+        location = /slots {{ alias {files}/slots.json; }}
+        location = /props {{ return 200 '{props}'; }}
+        location = /health {{ return 200 '{{"status":"ok"}}'; }}
+        location / {{ return 200 '{answer}'; }}
+    }}
+}}
+"""
+    proc, _ = _run_nginx(procs, cfg, name, ports[0])
+    for p in ports[1:]:
+        wait_port(p, 15, proc)
+    return proc, ports
+
+
+def _nginx_main(name: str) -> str:
+    tmp = TMP / f"{name}-nginx"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return f"""
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 19000;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 9000; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+"""
+
+
+def _run_nginx(procs: Processes, cfg: str, name: str, port: int) -> tuple[subprocess.Popen, int]:
+    path = TMP / f"{name}-nginx.conf"
+    path.write_text(cfg)
+    proc = procs.start(["nginx", "-c", str(path), "-e", str(TMP / f"{name}-nginx" / "error.log")], name)
+    wait_port(port, 15, proc)
+    return proc, port

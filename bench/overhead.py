@@ -1,0 +1,220 @@
+"""Scenario 1: proxy overhead.
+
+A fast static upstream (nginx, 1 worker, answering a fixed completion JSON)
+is loaded with wrk directly, through paddler, through HAProxy (leastconn, 1
+thread) and through nginx (round robin, 1 worker), at several concurrencies.
+Targets are interleaved within each repetition so that drifting machine load
+hits them all alike; medians over the repetitions are reported, as ratios to
+"direct" measured in the same repetition.
+
+    python -m bench.overhead [--quick] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import time
+from typing import Any
+
+from bench.common import (
+    BENCH,
+    RESULTS,
+    LOOPBACK,
+    Processes,
+    cpu_seconds,
+    log,
+    machine,
+    median,
+    raise_fd_limit,
+    save,
+    start_haproxy,
+    start_nginx,
+    start_paddler,
+    start_static_upstream,
+    tool_version,
+)
+
+PATH = "/v1/completions"
+TARGETS = ("direct", "paddler", "haproxy", "nginx")
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"bad wrk duration {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Requests/s, request count, errors and the latency percentiles from ``wrk --latency``."""
+    result: dict[str, float] = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    result["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"(\d+) requests in", out)
+    result["requests"] = float(m.group(1)) if m else 0.0
+    for q in ("50", "90", "99"):
+        m = re.search(rf"^\s+{q}%\s+(\S+)", out, re.M)
+        result[f"p{q}_ms"] = _ms(m.group(1)) if m else float("nan")
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    result["errors"] = float(errors)
+    return result
+
+
+def run_wrk(port: int, connections: int, seconds: float, proxy_pid: int | None) -> dict[str, float]:
+    before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    proc = subprocess.Popen(
+        [
+            "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "10s",
+            "-s", str(BENCH / "post.lua"), f"http://{LOOPBACK}:{port}{PATH}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = proc.communicate(timeout=seconds + 30)
+    result = parse_wrk(out)
+    if proxy_pid:
+        result["proxy_cpu_s"] = cpu_seconds(proxy_pid) - before
+        n = result["requests"]
+        result["cpu_s_per_1000"] = result["proxy_cpu_s"] / n * 1000 if n else float("nan")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 repetition of 2 s each (under a minute)")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--profile", action="store_true", help="also cProfile paddler at concurrency 16")
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    reps = args.reps or (1 if args.quick else 3)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    concurrencies = (1, 16, 128)
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in concurrencies} for t in TARGETS}
+    with Processes() as procs:
+        upstream, ports = start_static_upstream(procs, 2, "s1-upstream")
+        urls = [f"http://{LOOPBACK}:{p}" for p in ports]
+        paddler, paddler_port = start_paddler(procs, urls, "s1-paddler")
+        haproxy, haproxy_port = start_haproxy(procs, ports, "s1-haproxy")
+        nginx, nginx_port = start_nginx(procs, ports, "s1-nginx")
+        targets = {
+            "direct": (ports[0], None),
+            "paddler": (paddler_port, paddler.pid),
+            "haproxy": (haproxy_port, haproxy.pid),
+            "nginx": (nginx_port, nginx.pid),
+        }
+        for target, (port, pid) in targets.items():  # warm up connections and code paths
+            run_wrk(port, 16, 1, pid)
+        for rep in range(reps):
+            for c in concurrencies:
+                for target in TARGETS:
+                    port, pid = targets[target]
+                    result = run_wrk(port, c, seconds, pid)
+                    runs[target][c].append(result)
+                    log(f"overhead rep {rep + 1}/{reps} c={c} {target}: {result['rps']:.0f} req/s "
+                        f"p50 {result['p50_ms']:.3f} ms p99 {result['p99_ms']:.3f} ms errors {result['errors']:.0f}")
+        if args.profile:
+            procs.stop(paddler)
+            profile = RESULTS / "tmp" / "paddler-s1.prof"
+            paddler, paddler_port = start_paddler(procs, urls, "s1-paddler-profiled", profile=profile)
+            run_wrk(paddler_port, 16, 1, None)
+            prof_run = run_wrk(paddler_port, 16, max(seconds, 5.0), paddler.pid)
+            procs.stop(paddler)
+            time.sleep(0.5)
+            write_profile(profile, prof_run)
+    summary: dict[str, Any] = {}
+    for c in concurrencies:
+        row: dict[str, Any] = {}
+        for target in TARGETS:
+            # per-repetition ratios to direct, then the median of those
+            rs = runs[target][c]
+            ds = runs["direct"][c]
+            row[target] = {
+                "rps": median(r["rps"] for r in rs),
+                "p50_ms": median(r["p50_ms"] for r in rs),
+                "p99_ms": median(r["p99_ms"] for r in rs),
+                "errors": sum(r["errors"] for r in rs),
+                "rps_ratio": median(r["rps"] / d["rps"] for r, d in zip(rs, ds) if d["rps"]),
+                "added_p50_ms": median(r["p50_ms"] - d["p50_ms"] for r, d in zip(rs, ds)),
+                "added_p99_ms": median(r["p99_ms"] - d["p99_ms"] for r, d in zip(rs, ds)),
+                "cpu_s_per_1000": median(r.get("cpu_s_per_1000", float("nan")) for r in rs),
+            }
+        summary[str(c)] = row
+    data = {
+        "scenario": "overhead",
+        "quick": args.quick,
+        "repetitions": reps,
+        "seconds_per_run": seconds,
+        "path": PATH,
+        "machine": machine(),
+        "tools": {
+            "wrk": tool_version(["wrk", "--version"]),
+            "haproxy": tool_version(["haproxy", "-v"]),
+            "nginx": tool_version(["nginx", "-v"]),
+        },
+        "summary": summary,
+        "runs": {t: {str(c): v for c, v in by_c.items()} for t, by_c in runs.items()},
+    }
+    save("overhead", data)
+    return data
+
+
+def write_profile(path: Any, run: dict[str, float]) -> None:
+    """The top of the cProfile of paddler under wrk, as text next to the results."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    stats = pstats.Stats(str(path), stream=out)
+    stats.strip_dirs()
+    out.write(f"# paddler under wrk -c16 for a few seconds: {run['requests']:.0f} requests, "
+              f"{run['rps']:.0f} req/s (cProfile slows it down)\n")
+    out.write("\n## named costs (inclusive time, share of the reactor loop)\n")
+    for label, share, calls in named_costs(stats):
+        out.write(f"{share:5.1f}%  {calls:>7}  {label}\n")
+    out.write("\n## by own time (tottime)\n")
+    stats.sort_stats("tottime").print_stats(30)
+    out.write("\n## by cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(40)
+    (RESULTS / "profile-overhead.txt").write_text(out.getvalue())
+
+
+NAMED = (
+    ("twisted.web server: parse request, run the resource (all of render)", "http.py", "requestReceived"),
+    ("paddler ProxyResource.render (parse JSON body, start _forward)", "proxy.py", "render"),
+    ("paddler _send: Agent.request to the upstream", "proxy.py", "_send"),
+    ("twisted.web Content-Type parsing through the email package", "http.py", "_parseContentType"),
+    ("twisted.web access log line per request (HTTPFactory.log)", "http.py", "log"),
+    ("Agent builds a new endpoint per request (idna host encoding)", "client.py", "_getEndpoint"),
+    ("paddler _upstream_headers (copying request headers)", "proxy.py", "_upstream_headers"),
+    ("paddler pool.acquire (eligible + chooser + lease)", "pool.py", "acquire"),
+    ("paddler stats.record", "stats.py", "record"),
+    ("paddler request_model (json.loads of the body)", "proxy.py", "request_model"),
+)
+
+
+def named_costs(stats: Any) -> list[tuple[str, float, int]]:
+    loop = [v[3] for k, v in stats.stats.items() if k[2] == "mainLoop"]
+    total = max(loop) if loop else max(v[3] for v in stats.stats.values())
+    rows = []
+    for label, filename, function in NAMED:
+        matches = [v for k, v in stats.stats.items() if k[0] == filename and k[2] == function]
+        if matches:
+            best = max(matches, key=lambda v: v[3])
+            rows.append((label, 100.0 * best[3] / total, best[1]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
