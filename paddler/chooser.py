@@ -22,12 +22,14 @@ class MostIdleSlotsChooser:
 
     def choose(self, upstreams: Sequence[Upstream], model: str | None) -> Upstream | None:
         best: Upstream | None = None
+        best_key = (0, 0)
         for upstream in upstreams:
             idle = upstream.slots_idle
             if idle <= 0:
                 continue
-            if best is None or (idle, -upstream.last_chosen) > (best.slots_idle, -best.last_chosen):
-                best = upstream
+            key = (idle, -upstream.last_chosen)
+            if best is None or key > best_key:
+                best, best_key = upstream, key
         return best
 
 

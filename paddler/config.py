@@ -57,7 +57,7 @@ class BalancerConfig:
     management_insecure: bool = False
     agent_expiry: float = 3.0
     dashboard: bool = True
-    access_log: bool = True
+    access_log: bool = False
     statsd: str | None = None
     statsd_prefix: str = "paddler"
     statsd_interval: float = 1.0

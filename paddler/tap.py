@@ -202,7 +202,7 @@ class BalancerOptions(usage.Options):
         ["rewrite-host-header", None, "Send the upstream's host:port as Host instead of the client's."],
         ["management-insecure", None, "Allow a non-loopback management listener without a token."],
         ["no-dashboard", None, "Do not serve the dashboard on the management port."],
-        ["no-access-log", None, "Do not log a line per proxied request."],
+        ["access-log", None, "Log a line per proxied request (costs ~8% of proxy CPU)."],
     ]
     optParameters = [
         ["config", "c", None, "TOML file with settings and [[upstream]] tables."],
@@ -255,8 +255,8 @@ class BalancerOptions(usage.Options):
                 flags[name] = True
         if self["no-dashboard"]:
             flags["dashboard"] = False
-        if self["no-access-log"]:
-            flags["access_log"] = False
+        if self["access-log"]:
+            flags["access_log"] = True
         try:
             self.config = build_config(flags, self.upstreams, os.environ, self["config"])
         except ConfigError as e:
@@ -354,6 +354,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     from treq.client import HTTPClient
 
     from paddler.chooser import CHOOSERS
+    from paddler.endpoints import CachingEndpointFactory
     from paddler.pool import UpstreamPool
     from paddler.probe import HTTPProber, ProbeService
     from paddler.proxy import ProxyConfig, ProxyResource, bounded_request_factory
@@ -408,7 +409,11 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     stats = RequestStats(reactor)
     proxy = ProxyResource(
         pool,
-        Agent(reactor, pool=proxy_connections, connectTimeout=min(10.0, config.upstream_timeout)),
+        Agent.usingEndpointFactory(
+            reactor,
+            CachingEndpointFactory(reactor, connect_timeout=min(10.0, config.upstream_timeout)),
+            pool=proxy_connections,
+        ),
         reactor,
         ProxyConfig(
             api_key=config.llamacpp_api_key,
