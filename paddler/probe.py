@@ -193,8 +193,8 @@ async def read_slots(
             if not isinstance(slots, list):
                 raise ProbeError("/slots answer is not a list")
             busy = count_processing(slots)
-            learned = await _read_models(get) if want_models else None
-            return SlotReading(len(slots), busy, "slots", learned, slots, taken)
+            names = await _read_models(get) if want_models else None
+            return SlotReading(len(slots), busy, "slots", names, slots, taken)
     taken = mark()
     total, models = await _read_props(get)
     code, body = await get("/metrics")
@@ -231,7 +231,7 @@ class HTTPProber:
 
     def probe(self, upstream: Upstream) -> Deferred[None]:
         d = ensureDeferred(self._probe(upstream))
-        d.addTimeout(self.timeout, self._clock)
+        d.addTimeout(self.timeout, self._clock, onTimeoutCancel=_timed_out)
         d.addCallbacks(lambda _: self._succeeded(upstream), lambda f: self._failed(upstream, f))
         return d
 
@@ -264,6 +264,8 @@ class HTTPProber:
         self._pool.capacity_changed()
 
     def _failed(self, upstream: Upstream, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # the probe service stopped it (upstream removed, balancer stopping)
         if failure.check(_Loading):
             upstream.last_probe_at = self._clock.seconds()
             upstream.consecutive_failures = 0
@@ -277,6 +279,13 @@ class HTTPProber:
         else:
             upstream.last_error = error
         self._pool.notify("changed", upstream)
+
+
+def _timed_out(result: object, timeout: float) -> None:
+    """addTimeout fired: whatever the cancelled HTTP client failed with (ResponseNeverReceived([CancelledError]), ConnectingCancelledError), it is a timeout."""
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
+
+    raise DeferredTimeout(f"no answer within {timeout:g} s")
 
 
 def describe_failure(failure: Failure, timeout: float | None = None) -> str:
@@ -384,4 +393,4 @@ class ProbeService(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        return DeferredList([self._stop(uid) for uid in list(self._loops)])
+        return DeferredList([self._stop(uid) for uid in set(self._loops) | set(self._in_flight)])

@@ -14,7 +14,8 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
-from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -37,7 +38,7 @@ from paddler.errors import (
     UpstreamTimeout,
     error_body,
 )
-from paddler.httpbody import read_body
+from paddler.httpbody import BodyTooLarge, read_body
 from paddler.pool import Lease, UpstreamPool
 from paddler.probe import describe_failure
 from paddler.stats import RequestStats
@@ -165,6 +166,7 @@ class _Relay(Protocol):
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
         self.first_byte_at: float | None = None
+        self._paused = False
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
@@ -172,6 +174,8 @@ class _Relay(Protocol):
         self._arm()
 
     def _arm(self) -> None:
+        if self._paused:
+            return
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.reset(self._idle_timeout)
         else:
@@ -182,8 +186,13 @@ class _Relay(Protocol):
             self._idle_call.cancel()
         self._idle_call = None
 
+    def _unregister(self) -> None:
+        if self._request.producer is self and self._request.channel is not None:
+            self._request.unregisterProducer()
+
     def _idle(self) -> None:
         self._idle_call = None
+        self._unregister()
         if not self.done.called:
             self.done.errback(
                 UpstreamIdleTimeout(f"no data from the upstream for {self._idle_timeout:g} s")
@@ -200,8 +209,7 @@ class _Relay(Protocol):
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         self._disarm()
-        if self._request.producer is self and self._request.channel is not None:
-            self._request.unregisterProducer()
+        self._unregister()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -217,10 +225,12 @@ class _Relay(Protocol):
     # IPushProducer, on behalf of the upstream connection. While the client
     # is not reading, the upstream is paused and its silence is not its fault.
     def pauseProducing(self) -> None:
+        self._paused = True
         self._disarm()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._paused = False
         if not self.done.called:
             self._arm()
         self.transport.resumeProducing()
@@ -247,7 +257,7 @@ def request_model(body: bytes) -> str | None:
     """The C{model} a JSON request body names; L{BadRequest} if it is not a JSON object."""
     try:
         parsed = json.loads(body)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}")
     if not isinstance(parsed, dict):
         raise BadRequest("request body must be a JSON object")
@@ -324,6 +334,7 @@ class ProxyResource(Resource):
     ) -> None:
         tried: list[str] = []
         last_error = "no upstream answered"
+        only_refused = True
         for _ in range(self.config.max_retries + 1):
             if tried and not any(uid not in tried for uid in self._pool.upstreams):
                 break
@@ -350,6 +361,7 @@ class ProxyResource(Resource):
             except RETRYABLE as e:
                 if _was_cancelled(e):
                     raise CancelledError() from e
+                only_refused = False
                 reason = describe_failure(Failure(e))
                 self._upstream_failed(upstream, reason)
                 tried.append(upstream.id)
@@ -357,6 +369,10 @@ class ProxyResource(Resource):
             finally:
                 if lease is not None:
                     lease.release()
+        if tried and only_refused:
+            raise NoUpstreamAvailable(
+                f"every upstream tried is unavailable; last: {last_error}", headers={b"retry-after": b"1"}
+            )
         raise UpstreamFailed(f"every upstream tried failed; last: {last_error}")
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
@@ -367,7 +383,12 @@ class ProxyResource(Resource):
 
     async def _refused(self, upstream: Upstream, response: IResponse) -> str:
         """An upstream answered 503 before any byte reached the client: note why."""
-        raw = await read_body(response, 64 * 1024)
+        d = read_body(response, 64 * 1024)
+        d.addTimeout(self.config.idle_timeout, self._clock)
+        try:
+            raw = await d
+        except (BodyTooLarge, DeferredTimeout):
+            return "503 with an unreadable body"
         try:
             reason = str(json.loads(raw)["error"]["message"])
         except (ValueError, KeyError, TypeError):
@@ -424,7 +445,10 @@ class ProxyResource(Resource):
             )
 
         d.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
-        return await d
+        try:
+            return await d
+        except ConnectingCancelledError as e:  # cancelled (client gone) while still connecting
+            raise CancelledError() from e
 
     async def _relay(
         self, request: server.Request, response: IResponse, upstream: Upstream, started: float
@@ -438,7 +462,9 @@ class ProxyResource(Resource):
         try:
             await relay.done
         except UpstreamIdleTimeout as e:
-            upstream.requests_failed += 1
+            if not request.startedWriting:
+                upstream.requests_failed += 1
+                raise UpstreamTimeout(f"{upstream.name}: {e} before the body began")
             self.log.warn(
                 "upstream {name}: {error}; closing the client stream", name=upstream.name, error=str(e)
             )
@@ -449,6 +475,9 @@ class ProxyResource(Resource):
             self._record(request, 0, started, relay, upstream)
             raise
         except Exception as e:
+            if not request.startedWriting:
+                upstream.requests_failed += 1
+                raise UpstreamFailed(f"{upstream.name} broke off its answer before the body began: {e}")
             self.log.warn(
                 "upstream {name} broke off its answer: {error}", name=upstream.name, error=str(e)
             )

@@ -35,6 +35,9 @@ def quiet_connection_pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool
     """A persistent connection pool that does not log every connection it opens."""
     connections = HTTPConnectionPool(reactor, persistent=True)
     connections.maxPersistentPerHost = max_per_host
+    # llama-server closes idle keep-alive connections after 5 s; reusing one it
+    # is closing would fail a POST (not retried) and wrongly blame the server.
+    connections.cachedConnectionTimeout = 4
     connections._factory = _QuietHTTP11ClientFactory
     return connections
 
@@ -78,6 +81,7 @@ class AnnouncedEndpointService(StreamServerEndpointService):
         self.what = what
         self.path = path
         self.address: Any = None
+        self._raiseSynchronously = True  # a port that cannot be bound fails startup, as strports.service does
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -85,6 +89,8 @@ class AnnouncedEndpointService(StreamServerEndpointService):
             self._waitingForPort.addCallback(self._announce)
 
     def _announce(self, port: Any) -> Any:
+        if port is None:  # listening failed; already reported
+            return None
         self.address = port.getHost()
         host = getattr(self.address, "host", None)
         if host is not None:
@@ -99,6 +105,8 @@ class AnnouncedEndpointService(StreamServerEndpointService):
 class SimulatedUpstreamsService(Service):
     """Adds the servers of an in-process simulated fleet to the pool once they listen."""
 
+    log = Logger()
+
     def __init__(self, pool: UpstreamPool, fleet: Any, clock: IReactorTime) -> None:
         self.pool = pool
         self.fleet = fleet
@@ -106,7 +114,9 @@ class SimulatedUpstreamsService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.fleet.whenListening().addCallback(self._add)
+        self.fleet.whenListening().addCallback(self._add).addErrback(
+            lambda f: self.log.failure("the simulated fleet did not start", f)
+        )
 
     def _add(self, urls: list[str]) -> None:
         for index, url in enumerate(urls):

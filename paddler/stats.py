@@ -59,7 +59,7 @@ class RequestStats:
         key = status_class(status) if status else "cancelled"
         self.by_status[key] = self.by_status.get(key, 0) + 1
         self._samples.append((now, ttfb, duration))
-        if upstream is not None:
+        if upstream is not None and status:  # a client leaving is nobody's failure
             if 200 <= status < 500:
                 upstream.requests_served += 1
             else:

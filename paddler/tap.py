@@ -53,6 +53,17 @@ def _non_negative_float(flag: str, value: str) -> float:
     return number
 
 
+def check_endpoint(flag: str, description: str) -> None:
+    """Raise L{usage.UsageError} naming C{--flag} when C{description} is not a server endpoint string."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), description)  # parses only; nothing listens
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise usage.UsageError(f"--{flag} {description!r} is not a valid endpoint string: {e}")
+
+
 class SimulateOptions(usage.Options):
     """``paddler simulate``: one or more simulated llama.cpp servers.
 
@@ -261,6 +272,8 @@ class BalancerOptions(usage.Options):
             self.config = build_config(flags, self.upstreams, os.environ, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e))
+        check_endpoint("listen", self.config.listen)
+        check_endpoint("management-listen", self.config.management_listen)
         self._check_management_exposure()
 
     def _check_management_exposure(self) -> None:

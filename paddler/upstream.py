@@ -52,6 +52,10 @@ def normalise_url(url: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise InvalidUpstreamURL(f"url must not have a path, query or fragment: {url!r}")
     host = parts.hostname
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InvalidUpstreamURL(f"url has a host that is not a valid name: {url!r}")
     if ":" in host:
         host = f"[{host}]"
     if port is None:

@@ -192,3 +192,12 @@ def test_log_level_comes_from_the_environment():
     assert level_from_env({}) is LogLevel.info
     assert level_from_env({"PADDLER_LOG_LEVEL": "DEBUG"}) is LogLevel.debug
     assert level_from_env({"PADDLER_LOG_LEVEL": "nonsense"}) is LogLevel.info
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [(["--listen", "tcp:notaport"], "--listen"), (["--management-listen", "bogus:1"], "--management-listen")],
+)
+def test_bad_endpoint_strings_are_refused_at_start(args, flag):
+    with pytest.raises(UsageError, match=f"{flag} .* is not a valid endpoint string"):
+        balancer(*args)

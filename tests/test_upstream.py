@@ -111,3 +111,7 @@ def test_status_shows_busy_and_draining():
     assert u.status == "busy"
     u.draining = True
     assert u.status == "draining" and not u.accepts_requests
+
+
+def test_international_host_names_are_stored_in_idna_form():
+    assert normalise_url("http://bücher.example:8080") == "http://xn--bcher-kva.example:8080"

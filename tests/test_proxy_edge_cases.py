@@ -1,0 +1,263 @@
+"""Edge cases of the proxy, probes and listeners found in review: cancellation
+while connecting, backpressure and idle timers, 503 bodies, counters, bind errors,
+hostile JSON."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.web import server
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from treq.client import HTTPClient
+
+from paddler.probe import HTTPProber
+from paddler.proxy import ProxyConfig, _Relay
+from paddler.services import AnnouncedEndpointService
+from paddler.upstream import Upstream, UpstreamState
+
+from .helpers import make_pool
+from .proxy_harness import Chunks, Harness, StringProducer
+
+
+async def until(predicate, turns: int = 200) -> None:
+    for _ in range(turns):
+        if predicate():
+            return
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError("condition not reached")
+
+
+def make_harness(request, **kwargs):
+    h = Harness(**kwargs)
+    request.addfinalizer(h.stop)
+    return h
+
+
+# 1 ---------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_while_the_upstream_connect_is_pending_is_a_quiet_cancel(request):
+    """Client gone while the proxy is still connecting: counted as cancelled, nothing logged as an error."""
+    h = make_harness(request)
+    _, upstream = h.add_fake()
+    never = MemoryReactorClock()  # connects are recorded and never complete
+    h.proxy._agent = Agent(never, pool=HTTPConnectionPool(never))
+    d = h.agent.request(b"POST", (h.url + "/completion").encode(), None, StringProducer(b"{}"))
+    d.addErrback(lambda _: None)
+    await until(lambda: upstream.in_flight == 1)
+    d.cancel()
+    await until(lambda: sum(h.proxy.stats.by_status.values()) == 1)
+    assert h.proxy.stats.by_status == {"cancelled": 1}
+
+
+# 2 ---------------------------------------------------------------------------
+def test_data_arriving_while_paused_does_not_rearm_the_idle_timer():
+    """The HTTP client parser keeps delivering chunks of an already-read segment after
+    pauseProducing; a client slower than --idle-timeout must not get its stream cut."""
+
+    class Request:
+        producer = None
+        channel = object()
+        def registerProducer(self, producer, streaming): self.producer = producer
+        def unregisterProducer(self): self.producer = None
+        def write(self, data): pass
+
+    class Transport:
+        paused = stopped = False
+        def pauseProducing(self): self.paused = True
+        def resumeProducing(self): self.paused = False
+        def stopProducing(self): self.stopped = True
+
+    clock = Clock()
+    relay = _Relay(Request(), clock, idle_timeout=10)
+    relay.makeConnection(Transport())
+    relay.dataReceived(b"data: 1\n\n")  # this write fills the client's buffer...
+    relay.pauseProducing()              # ...so the channel pauses us, synchronously
+    relay.dataReceived(b"data: 2\n\n")  # rest of the same upstream read still arrives
+    clock.advance(100)                  # the client stays slow; upstream is not at fault
+    try:
+        assert not relay.done.called and not relay.transport.stopped
+    finally:
+        relay.done.addErrback(lambda _: None)
+
+
+# 3 ---------------------------------------------------------------------------
+class Refusing(Resource):
+    """Answers 503; C{stall}: headers + 1 byte of a 100-byte body, then silence."""
+    isLeaf = True
+
+    def __init__(self, stall: bool = False, size: int = 100) -> None:
+        super().__init__()
+        self.stall, self.size, self.held = stall, size, []
+
+    def render(self, request):
+        request.setResponseCode(503)
+        if self.stall:
+            request.setHeader(b"content-length", b"100")
+            request.write(b"{")
+            self.held.append(request)
+            return server.NOT_DONE_YET
+        return json.dumps({"error": {"message": "x" * self.size}}).encode()
+
+
+def add_resource(h, resource, name, slots=8):
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    h._ports.append(port)
+    up = Upstream(f"http://127.0.0.1:{port.getHost().port}", name=name, clock=h.clock)
+    up.set_state(UpstreamState.HEALTHY)
+    up.apply_slots(slots, 0, up.probe_mark())
+    h.pool.add(up)
+    return up
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_503_whose_body_stalls_is_bounded_by_a_deadline(request):
+    """A 503 whose body never ends must not hold the client and the slot forever."""
+    h = make_harness(request, config=ProxyConfig(upstream_timeout=5, idle_timeout=5))
+    refusing = Refusing(stall=True)
+    up = add_resource(h, refusing, "stalls")
+    result = []
+    h.post("/completion", {"prompt": "hi"}).addBoth(result.append)
+    await until(lambda: refusing.held)
+    h.clock.advance(1000)
+    await deferLater(reactor, 0.2, lambda: None)
+    try:
+        assert result, "client still waiting after 1000 s"
+        assert up.in_flight == 0
+    finally:
+        for r in refusing.held:
+            r.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_503_with_a_large_body_is_an_upstream_error_not_a_500(request):
+    """A >64 KiB 503 body (an HTML page from a sidecar) must not become 'internal error in the balancer'."""
+    h = make_harness(request)
+    add_resource(h, Refusing(size=100_000), "big503")
+    response = await h.post("/completion", {"prompt": "hi"})
+    await response.content()
+    assert response.code != 500
+
+
+# 4 ---------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_an_idle_timeout_counts_one_failed_request_not_two(request):
+    h = make_harness(request, config=ProxyConfig(idle_timeout=10))
+    fake, upstream = h.add_fake(hold=True)
+    response_d = h.post("/completion", {"prompt": "hi", "stream": True})
+    held = await fake.next_held()
+    held.start_stream()
+    held.send(b"data: {}\n\n")
+    response = await response_d
+    chunks = Chunks()
+    first = chunks.next_chunk()
+    response.deliverBody(chunks)
+    await first
+    chunks.done.addErrback(lambda _: None)
+    h.clock.advance(10)
+    await held.gone_deferred
+    await until(lambda: upstream.in_flight == 0)
+    assert h.proxy.stats.requests_total == 1
+    assert upstream.requests_failed == 1
+
+
+# 5 ---------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_json_is_a_400_json_error(request):
+    h = make_harness(request)
+    h.add_fake()
+    response = await h.post("/completion", b"[" * 100_000)
+    assert response.code == 400
+    assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
+# 6 ---------------------------------------------------------------------------
+def test_a_listener_whose_port_is_taken_fails_startup():
+    """Port in use: privilegedStartService must raise (twistd exits) instead of logging and running portless."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        svc = AnnouncedEndpointService(
+            serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"), Site(Resource()), "proxy"
+        )
+        with pytest.raises(CannotListenError):
+            svc.privilegedStartService()
+    finally:
+        taken.close()
+
+
+# 7 ---------------------------------------------------------------------------
+class Silent(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = []
+
+    def render(self, request):
+        self.held.append(request)
+        return server.NOT_DONE_YET
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_probe_that_times_out_says_so():
+    """Real Agent: a cancelled request fails with ResponseNeverReceived([CancelledError]), which addTimeout does not convert."""
+    silent = Silent()
+    port = reactor.listenTCP(0, Site(silent), interface="127.0.0.1")
+    connections = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        clock = Clock()
+        pool = make_pool(clock)
+        prober = HTTPProber(HTTPClient(Agent(reactor, pool=connections)), clock, pool, timeout=2, unhealthy_after=1)
+        upstream = pool.add(Upstream(f"http://127.0.0.1:{port.getHost().port}", clock=clock))
+        d = prober.probe(upstream)
+        await until(lambda: silent.held)
+        clock.advance(2)
+        await d
+        assert upstream.state is UpstreamState.UNREACHABLE
+        assert upstream.last_error == "no answer within 2 s"
+    finally:
+        for r in silent.held:
+            r.transport.abortConnection()
+        await port.stopListening()
+        await connections.closeCachedConnections()
+
+
+# 8 ---------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_every_upstream_loading_answers_503_not_502(request):
+    h = make_harness(request)
+    loading, _ = h.add_fake("loading", slots=8)
+    loading.answer_status = 503
+    response = await h.post("/completion", {"prompt": "hi"})
+    await response.content()
+    assert response.code == 503
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_before_any_body_byte_answers_504_json(request):
+    """Upstream sent 200 headers then nothing: nothing reached the client yet, so it gets a clean JSON 504."""
+    h = Harness(config=ProxyConfig(idle_timeout=10))
+    request.addfinalizer(h.stop)
+    fake, upstream = h.add_fake(hold=True)
+    response_d = h.post("/completion", {"prompt": "hi", "stream": True})
+    held = await fake.next_held()
+    held.start_stream()
+    await until(lambda: upstream.in_flight == 1 and any(c.getTime() == 10 for c in h.clock.getDelayedCalls()))
+    h.clock.advance(10)
+    response = await response_d
+    assert response.code == 504
+    error = (await response.json())["error"]
+    assert error["type"] == "timeout_error" and "before the body began" in error["message"]
+    await until(lambda: upstream.in_flight == 0)
+    assert upstream.requests_failed == 1
