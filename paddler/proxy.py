@@ -285,6 +285,7 @@ class ProxyResource(Resource):
         self._clock = clock
         self.config = config
         self.stats = stats or RequestStats(clock)
+        self.stopping = False
 
     def render(self, request: server.Request) -> Any:
         request.defaultContentType = None
@@ -361,6 +362,8 @@ class ProxyResource(Resource):
             except RETRYABLE as e:
                 if _was_cancelled(e):
                     raise CancelledError() from e
+                if self.stopping:
+                    raise NoUpstreamAvailable("the balancer is shutting down") from e
                 only_refused = False
                 reason = describe_failure(Failure(e))
                 self._upstream_failed(upstream, reason)

@@ -53,6 +53,17 @@ class ConnectionPoolService(Service):
         return self.connections.closeCachedConnections()
 
 
+class ProxyStoppingService(Service):
+    """Tells the proxy the balancer is stopping: connections dropped then are not retried."""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.proxy.stopping = True
+
+
 class PoolService(Service):
     """Adds the configured upstreams on start; fails buffered requests on stop."""
 

@@ -375,6 +375,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         AnnouncedEndpointService,
         ConnectionPoolService,
         PoolService,
+        ProxyStoppingService,
         QuietSite,
         SimulatedUpstreamsService,
         quiet_connection_pool,
@@ -439,6 +440,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         ),
         stats,
     )
+    ProxyStoppingService(proxy).setServiceParent(top)
     site_class = Site if config.access_log else QuietSite
     site = site_class(proxy, requestFactory=bounded_request_factory(config.max_request_body))
     site.displayTracebacks = False

@@ -378,3 +378,15 @@ def test_idle_timer_is_suspended_while_the_client_applies_backpressure():
     clock.advance(0.1)
     assert relay.done.called and relay.transport.stopped
     relay.done.addErrback(lambda _: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_retries_once_the_balancer_is_stopping(harness):
+    """Upstream connections dropped during shutdown end the request with a 503, not a retry storm."""
+    dead = harness.add_dead("dead", slots=8)
+    harness.add_fake("live", slots=2)
+    harness.proxy.stopping = True
+    response = await harness.post("/completion", {"prompt": "hi"})
+    assert response.code == 503
+    assert "shutting down" in (await response.json())["error"]["message"]
+    assert dead.in_flight == 0 and harness.fakes[0].seen == []
