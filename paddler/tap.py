@@ -13,44 +13,44 @@ from twisted.python import usage
 from paddler import __version__
 
 
-def _positive_int(flag: str, value: str) -> int:
+def _whole(flag: str, value: str, minimum: int) -> int:
+    """C{value} as a whole number of at least C{minimum}, or a L{usage.UsageError} naming C{--flag}."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         raise usage.UsageError(f"--{flag} must be a whole number, got {value!r}")
-    if number < 1:
-        raise usage.UsageError(f"--{flag} must be at least 1, got {number}")
+    if number < minimum:
+        raise usage.UsageError(f"--{flag} must be at least {minimum}, got {number}")
     return number
+
+
+def _finite(flag: str, value: str, zero_allowed: bool) -> float:
+    """C{value} as a finite number above zero (or from zero), or a L{usage.UsageError} naming C{--flag}."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{flag} must be a number, got {value!r}")
+    low_ok = number >= 0 if zero_allowed else number > 0
+    if not low_ok or number in (float("inf"), float("-inf")) or number != number:
+        kind = "zero or a positive number" if zero_allowed else "a positive number"
+        raise usage.UsageError(f"--{flag} must be {kind}, got {value}")
+    return number
+
+
+def _positive_int(flag: str, value: str) -> int:
+    return _whole(flag, value, 1)
 
 
 def _non_negative_int(flag: str, value: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{flag} must be a whole number, got {value!r}")
-    if number < 0:
-        raise usage.UsageError(f"--{flag} must not be negative, got {number}")
-    return number
+    return _whole(flag, value, 0)
 
 
 def _positive_float(flag: str, value: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{flag} must be a number, got {value!r}")
-    if not number > 0 or number != number or number == float("inf"):
-        raise usage.UsageError(f"--{flag} must be a positive number, got {value}")
-    return number
+    return _finite(flag, value, zero_allowed=False)
 
 
 def _non_negative_float(flag: str, value: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{flag} must be a number, got {value!r}")
-    if not number >= 0 or number == float("inf"):
-        raise usage.UsageError(f"--{flag} must be zero or a positive number, got {value}")
-    return number
+    return _finite(flag, value, zero_allowed=True)
 
 
 def check_endpoint(flag: str, description: str) -> None:

@@ -10,14 +10,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from paddler.chooser import MostIdleSlotsChooser
 from paddler.pool import UpstreamPool
-from paddler.proxy import ProxyConfig, ProxyResource, bounded_request_factory
+from paddler.proxy import ProxyConfig, ProxyResource, _BytesProducer, bounded_request_factory
 from paddler.upstream import Upstream, UpstreamState
 
 from .fake_llama import FakeLlama
@@ -49,22 +49,7 @@ class Chunks(Protocol):
             self.done.errback(reason)
 
 
-class StringProducer:
-    """A tiny request body for the raw Agent."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+StringProducer = _BytesProducer  # a small in-memory request body for the raw Agent
 
 
 class Harness:
@@ -124,3 +109,25 @@ class Harness:
         pytest_twisted.blockon(self.client_connections.closeCachedConnections())
         for call in self.clock.getDelayedCalls():
             call.cancel()
+
+
+def make_harness(request: Any, **kwargs: Any) -> Harness:
+    """A L{Harness} stopped at the end of the test."""
+    h = Harness(**kwargs)
+    request.addfinalizer(h.stop)
+    return h
+
+
+async def turn(n: int = 3) -> None:
+    """Let the reactor run C{n} iterations."""
+    for _ in range(n):
+        await deferLater(reactor, 0, lambda: None)
+
+
+async def until(predicate: Any, turns: int = 200) -> None:
+    """Wait (up to about C{turns} × 5 ms) until C{predicate()} is true."""
+    for _ in range(turns):
+        if predicate():
+            return
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError("condition not reached")

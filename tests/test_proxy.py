@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 from paddler.proxy import ProxyConfig
 from paddler.upstream import UpstreamState
 
-from .proxy_harness import Chunks, Harness, StringProducer
+from .proxy_harness import Chunks, Harness, StringProducer, make_harness, turn, until
 
 
 @pytest.fixture
@@ -25,23 +25,7 @@ def harness():
     h.stop()
 
 
-def make_harness(request, **kwargs):
-    h = Harness(**kwargs)
-    request.addfinalizer(h.stop)
-    return h
 
-
-async def turn(n: int = 3) -> None:
-    for _ in range(n):
-        await deferLater(reactor, 0, lambda: None)
-
-
-async def until(predicate, turns: int = 200) -> None:
-    for _ in range(turns):
-        if predicate():
-            return
-        await deferLater(reactor, 0.005, lambda: None)
-    raise AssertionError("condition not reached")
 
 
 @pytest_twisted.ensureDeferred

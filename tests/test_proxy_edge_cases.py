@@ -25,21 +25,8 @@ from paddler.services import AnnouncedEndpointService
 from paddler.upstream import Upstream, UpstreamState
 
 from .helpers import make_pool
-from .proxy_harness import Chunks, Harness, StringProducer
+from .proxy_harness import Chunks, Harness, StringProducer, make_harness, until
 
-
-async def until(predicate, turns: int = 200) -> None:
-    for _ in range(turns):
-        if predicate():
-            return
-        await deferLater(reactor, 0.005, lambda: None)
-    raise AssertionError("condition not reached")
-
-
-def make_harness(request, **kwargs):
-    h = Harness(**kwargs)
-    request.addfinalizer(h.stop)
-    return h
 
 
 # 1 ---------------------------------------------------------------------------
