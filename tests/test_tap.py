@@ -201,3 +201,9 @@ def test_log_level_comes_from_the_environment():
 def test_bad_endpoint_strings_are_refused_at_start(args, flag):
     with pytest.raises(UsageError, match=f"{flag} .* is not a valid endpoint string"):
         balancer(*args)
+
+
+def test_the_example_configuration_in_contrib_parses():
+    config = balancer("--config", str(ROOT / "contrib" / "paddler.toml"))
+    assert [u.name for u in config.upstreams] == ["gpu-1", "gpu-2"]
+    assert config.policy == "slots" and config.max_buffered_requests == 30
