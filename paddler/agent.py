@@ -27,7 +27,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -140,7 +140,7 @@ class AgentService(Service):
 
         def done(result: object) -> None:
             self._current = None
-            if isinstance(result, Failure):
+            if isinstance(result, Failure) and not result.check(CancelledError):
                 self.log.failure("agent {agent_id}: report failed unexpectedly", result,
                                  agent_id=self.agent_id)
 
@@ -154,6 +154,8 @@ class AgentService(Service):
         try:
             answer = await self._request("POST", f"/api/v1/agents/{self.agent_id}/report", report)
         except Exception as e:
+            if not self.running:
+                raise CancelledError() from e  # cancelled by stopService: not a balancer failure
             self._balancer_failed(Failure(e))
             return
         self._balancer_ok(answer)
@@ -172,6 +174,10 @@ class AgentService(Service):
             report.update(state="loading", error="Loading model")
             return report
         except Exception as e:
+            if not self.running:
+                # Cancelled by stopService (CancelledError, or ResponseNeverReceived /
+                # ConnectingCancelledError from a real client): report nothing.
+                raise CancelledError() from e
             error = describe_failure(Failure(e), self.config.timeout)
             self._set_llamacpp_state("unreachable", error)
             report.update(state="unreachable", error=error)

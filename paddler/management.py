@@ -41,7 +41,7 @@ MAX_BODY = 64 * 1024
 #: Seconds a registration waits for the new upstream's first probe.
 REGISTER_WAIT = 5.0
 MAX_NAME = 128
-_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -147,15 +147,18 @@ class ManagementAPI:
     def _authorize(self, request: Any) -> None:
         if self._token is None:
             return
-        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        # Bytes throughout: the agent sends the token UTF-8 encoded.
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
             request.setHeader(b"www-authenticate", b'Bearer realm="paddler"')
             raise APIError(401, "this call needs Authorization: Bearer <management token>", "authorization")
-        if not hmac.compare_digest(given.strip().encode("utf-8"), self._token):
+        if not hmac.compare_digest(given.strip(), self._token):
             raise APIError(403, "the management token is not valid", "authorization")
 
     def _body(self, request: Any) -> dict[str, Any]:
+        if getattr(request, "body_too_large", False):  # a BoundedRequest kept none of it
+            raise APIError(413, f"the body must be at most {MAX_BODY} bytes")
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         if len(raw) > MAX_BODY:
             raise APIError(413, f"the body must be at most {MAX_BODY} bytes")
@@ -314,7 +317,7 @@ class ManagementAPI:
     @app.route("/api/v1/agents/<agent_id>/report", methods=["POST"])
     def report(self, request: Any, agent_id: str) -> bytes:
         self._authorize(request)
-        if not _AGENT_ID.match(agent_id):
+        if not _AGENT_ID.fullmatch(agent_id):
             raise _bad("agent_id", "agent_id must be 1-64 letters, digits, '.', '_' or '-'")
         report = self._parse_report(self._body(request))
         try:

@@ -25,6 +25,8 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 UPSTREAM_LABELS = ["upstream", "url", "state"]
+#: Counters carry no C{state}: a label that changes would restart the counter as a new series.
+UPSTREAM_COUNTER_LABELS = ["upstream", "url"]
 
 
 def upstream_state_label(upstream: Any) -> str:
@@ -104,12 +106,12 @@ class FleetCollector(Collector):
         served = CounterMetricFamily(
             "paddler_upstream_requests_served",
             "Requests an upstream answered (status below 500).",
-            labels=UPSTREAM_LABELS,
+            labels=UPSTREAM_COUNTER_LABELS,
         )
         failed = CounterMetricFamily(
             "paddler_upstream_requests_failed",
             "Requests that failed on an upstream.",
-            labels=UPSTREAM_LABELS,
+            labels=UPSTREAM_COUNTER_LABELS,
         )
         now = self.pool.clock.seconds()
         for upstream in sorted(self.pool.upstreams.values(), key=lambda u: (u.name, u.url)):
@@ -123,8 +125,8 @@ class FleetCollector(Collector):
                 per_upstream["last_update_age"].add_metric(
                     labels, max(0.0, now - upstream.last_update_at)
                 )
-            served.add_metric(labels, upstream.requests_served)
-            failed.add_metric(labels, upstream.requests_failed)
+            served.add_metric(labels[:2], upstream.requests_served)
+            failed.add_metric(labels[:2], upstream.requests_failed)
         yield from per_upstream.values()
         yield served
         yield failed

@@ -214,7 +214,11 @@ class AgentRegistry(Service):
         now = self.clock.seconds()
         for record in list(self.agents.values()):
             if record.expiring:
-                continue
+                if self.pool.removal_pending(record.upstream_id):
+                    continue
+                # The removal was cancelled (an operator's undrain) but the
+                # agent is still silent: expire it again.
+                record.expiring = False
             age = now - record.last_report_at
             if age <= self.expiry_for(record):
                 continue

@@ -496,7 +496,13 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
             StatsDClient(reactor, statsd_host, statsd_port, config.statsd_prefix),
             pool, stats, reactor, interval=config.statsd_interval,
         ).setServiceParent(top)
-    management_site = QuietSite(PrefixRouter(management_routes, management_default))
+    from paddler.management import MAX_BODY
+
+    # Bodies are stored before any handler (or token check) runs: keep at most MAX_BODY.
+    management_site = QuietSite(
+        PrefixRouter(management_routes, management_default),
+        requestFactory=bounded_request_factory(MAX_BODY),
+    )
     AnnouncedEndpointService(
         serverFromString(reactor, config.management_listen), management_site, "paddler management"
     ).setServiceParent(top)
