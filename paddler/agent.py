@@ -119,7 +119,9 @@ class AgentService(Service):
         d = ensureDeferred(self._drain())
         # The drain is bounded by drain_timeout; this bound also covers the
         # requests it makes, so stopping can never hang.
-        d.addTimeout(self.config.drain_timeout + 3 * self.config.timeout, self._clock)
+        d.addTimeout(
+            self.config.drain_timeout + 3 * self.config.timeout + self.config.drain_poll, self._clock
+        )
         d.addErrback(self._drain_failed)
         return d
 

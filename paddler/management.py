@@ -34,13 +34,14 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from paddler.errors import error_body
 from paddler.pool import UpstreamPool
 from paddler.registry import AgentRegistry, AgentReport, RegistryConflict
-from paddler.upstream import InvalidUpstreamURL, Upstream, UpstreamState, normalise_url
+from paddler.upstream import InvalidUpstreamURL, Upstream, UpstreamState, normalise_url, upstream_id
 
 #: Largest request body the management API reads.
 MAX_BODY = 64 * 1024
 #: Seconds a registration waits for the new upstream's first probe.
 REGISTER_WAIT = 5.0
 MAX_NAME = 128
+MAX_REPORT_INTERVAL = 300.0
 _AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -248,7 +249,7 @@ class ManagementAPI:
         name = _string(body, "name", required=True, max_length=MAX_NAME)
         api_key = _string(body, "api_key", required=False)
         assert name is not None
-        existing = self.pool.find(url)
+        existing = self.pool.upstreams.get(upstream_id(url))
         if existing is not None:
             if existing.source == "agent":
                 raise APIError(409, f"url {url} is reported by an agent", "url")
@@ -256,6 +257,8 @@ class ManagementAPI:
                 raise APIError(409, f"url {url} is already registered as {existing.name!r}", "url")
             if self.pool.removal_pending(existing.id):
                 self.pool.undrain(existing.id)  # registered again: keep it after all
+            if "api_key" in body:
+                existing.api_key = api_key  # the latest registration's key applies
             return self._json(request, 200, self._describe(existing))
         for other in self.pool.upstreams.values():
             if other.name == name:
@@ -370,9 +373,12 @@ class ManagementAPI:
         interval = body.get("interval")
         if interval is not None:
             if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not (
-                interval > 0 and math.isfinite(interval)
+                0 < interval <= MAX_REPORT_INTERVAL
             ):
-                raise _bad("interval", "interval must be a positive number of seconds")
+                raise _bad(
+                    "interval",
+                    f"interval must be a positive number of seconds, at most {MAX_REPORT_INTERVAL:g}",
+                )
             interval = float(interval)
         assert name is not None
         return AgentReport(

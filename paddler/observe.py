@@ -159,6 +159,7 @@ class _StreamClient:
         self.stream = stream
         self.request = request
         self.paused = False
+        self.stall_call: Any = None
         self.pending: str | None = None
         self.done: Deferred[None] = Deferred(lambda _: stream.detach(self))
 
@@ -168,9 +169,29 @@ class _StreamClient:
 
     def pauseProducing(self) -> None:
         self.paused = True
+        if self.stall_call is None:
+            self.stall_call = self.stream.clock.callLater(
+                self.stream.stall_timeout, self._stalled
+            )
+
+    def _stalled(self) -> None:
+        """The client stopped reading long ago: drop it (a stream has an idle deadline too)."""
+        self.stall_call = None
+        self.stream.detach(self)
+        transport = getattr(self.request, "transport", None) or getattr(
+            getattr(self.request, "channel", None), "transport", None
+        )
+        if transport is not None:
+            transport.abortConnection()
+
+    def _cancel_stall(self) -> None:
+        if self.stall_call is not None and self.stall_call.active():
+            self.stall_call.cancel()
+        self.stall_call = None
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self._cancel_stall()
         pending, self.pending = self.pending, None
         if pending is not None:
             self.stream.catch_up(self, full=pending == "full")
@@ -188,7 +209,8 @@ class StateStream:
     seconds, and one state is built per push for all clients. A heartbeat
     comment goes out every C{heartbeat} seconds. A slow client never makes
     memory grow: while it is paused, intermediate states are dropped (see
-    L{_StreamClient}).
+    L{_StreamClient}); one that stays paused for C{stall_timeout} seconds is
+    disconnected.
     """
 
     log = Logger()
@@ -199,9 +221,11 @@ class StateStream:
         snapshot: Callable[[bool], dict[str, Any]],
         min_interval: float = PUSH_INTERVAL,
         heartbeat: float = HEARTBEAT_INTERVAL,
+        stall_timeout: float = 60.0,
     ) -> None:
         self.clock = clock
         self.snapshot = snapshot
+        self.stall_timeout = stall_timeout
         self.min_interval = min_interval
         self.heartbeat = heartbeat
         self.clients: list[_StreamClient] = []
@@ -250,6 +274,7 @@ class StateStream:
         return client.done
 
     def detach(self, client: _StreamClient) -> None:
+        client._cancel_stall()
         if client in self.clients:
             self.clients.remove(client)
 

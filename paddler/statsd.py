@@ -35,7 +35,7 @@ from paddler.stats import RequestStats
 MAX_DATAGRAM = 512
 #: Lines kept while waiting for a flush; more are dropped (and counted).
 MAX_PENDING_LINES = 20_000
-#: Timer samples kept per reporting interval; more are dropped (and counted).
+#: Timer samples kept per reporting interval; beyond that the oldest are dropped.
 MAX_TIMERS_PER_INTERVAL = 2_000
 #: Seconds between two log lines about failing sends.
 ERROR_LOG_INTERVAL = 60.0
@@ -272,6 +272,7 @@ class StatsDService(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._report()  # the last interval's counters and timers are not lost
         return self.client.stop()
 
     def _count(self, name: str) -> None:

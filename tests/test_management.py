@@ -223,6 +223,18 @@ async def test_register_is_idempotent_on_url(h):
 
 
 @pytest_twisted.ensureDeferred
+async def test_registering_again_with_a_new_api_key_updates_it(h):
+    """The latest registration's api_key applies; the name that looks like a URL is no clash."""
+    await h.call("POST", "/api/v1/upstreams", {"url": "http://a:1", "name": "a", "api_key": "old"})
+    code, body, _ = await h.call("POST", "/api/v1/upstreams", {"url": "http://a:1", "name": "a", "api_key": "new"})
+    assert code == 200 and h.pool.find("a").api_key == "new"
+    code, _, _ = await h.call("POST", "/api/v1/upstreams", {"url": "http://b:1", "name": "http://c:1"})
+    assert code == 201
+    code, _, _ = await h.call("POST", "/api/v1/upstreams", {"url": "http://c:1", "name": "c"})
+    assert code == 201
+
+
+@pytest_twisted.ensureDeferred
 async def test_registering_again_cancels_a_pending_removal(h):
     """A host deleted while busy and registered again stays and takes traffic again."""
     _, body, _ = await h.call("POST", "/api/v1/upstreams", {"url": "http://a:1", "name": "a"})
@@ -413,6 +425,7 @@ async def test_agent_report_ignores_unknown_fields(h):
         ({"model": ["x"]}, "model", "string"),
         ({"models": "x"}, "models", "list"),
         ({"interval": 0}, "interval", "positive"),
+        ({"interval": 1e9}, "interval", "at most 300"),
     ],
 )
 @pytest_twisted.ensureDeferred

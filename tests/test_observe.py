@@ -542,3 +542,19 @@ def test_metrics_route_serves_prometheus_text(fleet: Fleet) -> None:
     assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=")
     names = {family.name for family in text_string_to_metric_families(body.decode())}
     assert {"paddler_slots_idle", "paddler_requests_buffered", "paddler_upstream_slots_idle"} <= names
+
+
+def test_a_client_paused_past_the_stall_deadline_is_disconnected(fleet: Fleet) -> None:
+    """A stream whose client stops reading for 60 s is dropped: every stream has an idle deadline."""
+    exchange = fleet.memory.get("/api/v1/state/stream")
+    exchange.pump()
+    exchange.transport.producer.pauseProducing()
+    fleet.clock.advance(59.0)
+    assert len(fleet.stream.clients) == 1
+    exchange.transport.producer.resumeProducing()
+    exchange.transport.producer.pauseProducing()
+    fleet.clock.advance(59.0)  # the deadline restarted on resume
+    assert len(fleet.stream.clients) == 1
+    fleet.clock.advance(1.0)
+    assert fleet.stream.clients == []
+    assert exchange.transport.disconnecting or getattr(exchange.transport, "disconnected", False)

@@ -433,3 +433,18 @@ def test_bad_statsd_flags_are_usage_errors(args: list[str], flag: str) -> None:
 def test_statsd_is_off_by_default() -> None:
     """Without --statsd nothing is sent."""
     assert build_config({}, [], {}).statsd is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_counters_of_the_last_interval_are_sent_on_stop(receiver: Receiver) -> None:
+    """Stopping the service sends what was counted since the last report, instead of losing it."""
+    clock = Clock()
+    client = StatsDClient(global_reactor, "127.0.0.1", receiver.port, "paddler")
+    pool, stats = fleet_with_requests(clock)
+    service = StatsDService(client, pool, stats, clock, interval=1.0)
+    service.startService()
+    record_requests(stats, pool)
+    await service.stopService()
+    await receiver.until(len(EXPECTED))
+    assert sorted(receiver.lines) == sorted(EXPECTED)
+    assert clock.getDelayedCalls() == []
