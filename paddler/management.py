@@ -307,7 +307,7 @@ class ManagementAPI:
     def drain(self, request: Any, key: str) -> bytes:
         self._authorize(request)
         upstream = self._upstream(key)
-        self.pool.drain(upstream.id)
+        self.pool.drain(upstream.id, requested=True)
         return self._json(request, 200, self._describe(upstream))
 
     @app.route("/api/v1/upstreams/<path:key>/undrain", methods=["POST"])

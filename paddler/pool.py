@@ -129,11 +129,17 @@ class UpstreamPool:
     # leases stay valid. ``remove_when_idle`` removes it when its last lease
     # is returned (``lease_returned``), or at once when none is out.
 
-    def drain(self, upstream_id: str) -> Upstream | None:
-        """Send no new request to the upstream; return it, or C{None} if unknown."""
+    def drain(self, upstream_id: str, requested: bool = False) -> Upstream | None:
+        """
+        Send no new request to the upstream; return it, or C{None} if unknown.
+        C{requested}: an operator (or an agent stopping) asked for it, so an
+        agent's next report does not undo it.
+        """
         upstream = self.upstreams.get(upstream_id)
         if upstream is None:
             return None
+        if requested:
+            upstream.drain_requested = True
         if not upstream.draining:
             upstream.draining = True
             self.log.info(
@@ -151,6 +157,7 @@ class UpstreamPool:
         if upstream is None:
             return None
         self.cancel_removal(upstream_id)
+        upstream.drain_requested = False
         if upstream.draining:
             upstream.draining = False
             self.log.info("upstream {name} ({url}) undrained", name=upstream.name, url=upstream.url)

@@ -184,7 +184,7 @@ class AgentRegistry(Service):
         if record.expiring:
             record.expiring = False
             self.log.info("agent {agent_id} reports again; {name} stays", agent_id=agent_id, name=report.name)
-            if record.was_draining:
+            if record.was_draining or upstream.drain_requested:
                 self.pool.cancel_removal(uid)
             else:
                 self.pool.undrain(uid)

@@ -89,6 +89,7 @@ class Upstream:
         self._clock = clock
         self.state = UpstreamState.UNKNOWN
         self.draining = False
+        self.drain_requested = False  # drained on request (API), not by expiry
         self.slots_total = 0
         self.external_processing = 0
         self.models: tuple[str, ...] = ()

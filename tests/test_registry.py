@@ -196,3 +196,20 @@ def test_static_upstreams_never_expire():
     assert static.id in pool.upstreams
     registry.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_operator_drain_during_expiry_survives_the_agent_coming_back():
+    """An operator's drain that arrives while an expiry is pending is kept when the agent reports again."""
+    clock, pool, registry = started(expiry=1.0)
+    up = registry.report("a1", report())
+    lease = []
+    pool.acquire().addCallback(lease.append)
+    clock.advance(1.5)  # expiry drains and waits for the request to end
+    assert up.draining and pool.removal_pending(up.id)
+    pool.drain(up.id, requested=True)  # the operator drains it too
+    registry.report("a1", report())
+    assert up.draining and not pool.removal_pending(up.id)
+    pool.undrain(up.id)
+    assert not up.draining and not up.drain_requested
+    lease[0].release()
+    registry.stopService()
