@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PADDLER_EXTRAS="" . contrib/venv.sh
 args=("$@")
 if [[ " $* " != *" --upstream"* && " $* " != *" --config"* && " $* " != *" -c "* \
-      && -z "${PADDLER_UPSTREAMS:-}" && -z "${PADDLER_CONFIG:-}" && " $* " != *" --simulated-fleet"* ]]; then
+      && -z "${PADDLER_UPSTREAMS:-}" && -z "${PADDLER_CONFIG:-}" && -z "${PADDLER_SIMULATED_FLEET:-}" \
+      && " $* " != *" --simulated-fleet"* ]]; then
     args+=(--simulated-fleet 2)
 fi
 echo "paddler: proxy on http://127.0.0.1:8086 (unless --listen says otherwise),"

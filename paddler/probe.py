@@ -244,7 +244,9 @@ class HTTPProber:
             want_models=not upstream.models,
             mark=upstream.probe_mark,
         )
-        if reading.method == "props" and upstream.probe_method != "props":
+        if self.mode == "health":
+            upstream.probe_method = "health"
+        elif reading.method == "props" and upstream.probe_method != "props":
             upstream.probe_method = "props"
             self.log.info(
                 "upstream {name}: /slots not available, probing /props and /metrics instead",

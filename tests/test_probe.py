@@ -214,3 +214,10 @@ def test_probe_loop_survives_an_unexpected_error():
     assert any("failed unexpectedly" in e.get("log_format", "") for e in events)
     service.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_health_mode_is_shown_as_the_probe_method():
+    fake = FakeLlama(slots=2)
+    _, _, stub, prober, upstream = setup(fake, mode="health")
+    run(stub, prober.probe(upstream))
+    assert upstream.probe_method == "health"

@@ -202,3 +202,19 @@ def test_paddler_simulate_runs_as_a_real_process(tmp_path: Path) -> None:
             process.stdout.close()
     # twistd shuts down cleanly, then re-raises SIGTERM to report it.
     assert process.returncode in (0, -signal.SIGTERM)
+
+
+def test_a_fleet_port_already_taken_stops_start_up() -> None:
+    """`paddler simulate --fleet N` fails at start when one of its ports is taken, like the balancer."""
+    import socket as _socket
+
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.error import CannotListenError
+
+    with _socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        fleet = SimulatedFleetService(_reactor, [SimulatorConfig()], base_port=port)
+        with pytest.raises(CannotListenError):
+            fleet.privilegedStartService()

@@ -154,7 +154,9 @@ class SimulatedServerService(MultiService):
         self.port: IListeningPort | None = None
         self._waiting: list[Deferred[str]] = []
         endpoint = _AnnouncingEndpoint(serverFromString(reactor, description), self._listening)
-        StreamServerEndpointService(endpoint, self.site).setServiceParent(self)
+        listener = StreamServerEndpointService(endpoint, self.site)
+        listener._raiseSynchronously = True  # a port already taken stops start-up
+        listener.setServiceParent(self)
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
