@@ -53,6 +53,9 @@ def _non_negative_float(flag: str, value: str) -> float:
     return _finite(flag, value, zero_allowed=True)
 
 
+CLIENT_IDLE_TIMEOUT = 120.0
+
+
 def check_endpoint(flag: str, description: str) -> None:
     """Raise L{usage.UsageError} naming C{--flag} when C{description} is not a server endpoint string."""
     from twisted.internet.endpoints import serverFromString
@@ -442,7 +445,13 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     )
     ProxyStoppingService(proxy).setServiceParent(top)
     site_class = Site if config.access_log else QuietSite
-    site = site_class(proxy, requestFactory=bounded_request_factory(config.max_request_body))
+    # A client connection idle between requests (or slow to send one) is
+    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
+    site = site_class(
+        proxy,
+        requestFactory=bounded_request_factory(config.max_request_body),
+        timeout=CLIENT_IDLE_TIMEOUT,
+    )
     site.displayTracebacks = False
     site.noisy = False
     AnnouncedEndpointService(
@@ -502,6 +511,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     management_site = QuietSite(
         PrefixRouter(management_routes, management_default),
         requestFactory=bounded_request_factory(MAX_BODY),
+        timeout=CLIENT_IDLE_TIMEOUT,
     )
     AnnouncedEndpointService(
         serverFromString(reactor, config.management_listen), management_site, "paddler management"

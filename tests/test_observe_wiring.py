@@ -109,3 +109,16 @@ async def test_the_dashboard_is_served_by_default() -> None:
         done: Deferred[Any] = top.stopService()
         await done
         await connections.closeCachedConnections()
+
+
+def test_client_connections_have_an_idle_deadline() -> None:
+    """Both listeners close a client connection idle between requests after 120 s (not Twisted's 12 h)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler.config import BalancerConfig
+    from paddler.tap import CLIENT_IDLE_TIMEOUT, makeBalancerService
+
+    service = makeBalancerService(BalancerConfig(), MemoryReactorClock())
+    sites = [child.factory for child in service if hasattr(child, "factory")]
+    assert len(sites) == 2
+    assert all(site.timeOut == CLIENT_IDLE_TIMEOUT == 120.0 for site in sites)
