@@ -173,6 +173,12 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(data) if data else float("nan")
 
 
+def spread(values: Iterable[float]) -> list[float]:
+    """[min, max] of the finite values (NaN, NaN for none): the noise across repetitions."""
+    data = [v for v in values if v == v]
+    return [min(data), max(data)] if data else [float("nan"), float("nan")]
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -248,7 +254,7 @@ def wait_healthy(port: int, count: int, proc: subprocess.Popen | None = None, ti
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]!r} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             code, body = http_get(port, "/health")
             if code == 200 and json.loads(body)["upstreams"]["healthy"] >= count:

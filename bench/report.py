@@ -78,25 +78,39 @@ def overhead_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     return out
 
 
+def span(pair: Any, digits: int = 2) -> str:
+    """A min–max spread, or a dash."""
+    if not pair:
+        return "–"
+    return f"{f(pair[0], digits)}–{f(pair[1], digits)}"
+
+
 def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
+    reps = data.get("repetitions", 1)
     out = [
         "## 2. Streaming relay",
         "",
         f"SSE streams at {data['rate']:g} events/s each for {data['seconds_per_stream']:g} s; delay per chunk = "
-        "client CLOCK_MONOTONIC at receipt − upstream CLOCK_MONOTONIC at write. One run per cell (the "
-        "percentiles are over every chunk). A fresh balancer per row, so peak RSS is that row's.",
+        "client CLOCK_MONOTONIC at receipt − upstream CLOCK_MONOTONIC at write. "
+        f"{reps} repetition(s), the four targets interleaved within each; every figure is the median over the "
+        "repetitions (each repetition's percentiles are over every chunk of that run). Added delay and the "
+        "ratios to direct are computed per repetition against that repetition's direct run, then the median; "
+        "the p99 ratio's min–max over the repetitions shows the noise. A fresh balancer per cell, so peak RSS "
+        "is that cell's. Chunks and errors are totals over the repetitions.",
         "",
-        "| streams | target | chunks | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | balancer CPU % of a core | peak RSS MiB | client CPU % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| streams | target | chunks | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | p50 vs direct "
+        "| p99 vs direct | p99 vs direct min–max | balancer CPU % of a core | peak RSS MiB | client CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in data["rows"].items():
         target = key.split("/")[0]
         out.append(
-            f"| {r['streams']} | {target} | {r['events']}/{r['expected_events']} | {r['errors']} | {f(r['p50_ms'])} | {f(r['p99_ms'])} "
-            f"| {f(r.get('added_p50_ms'))} | {f(r.get('added_p99_ms'))} | {f(r.get('balancer_cpu_pct'), 1)} "
-            f"| {f(r.get('peak_rss_mib'), 1)} | {f(r['client_cpu_pct'], 0)} |"
+            f"| {r['streams']} | {target} | {r['events']}/{r['expected_events']} | {r['errors']} | {f(r['p50_ms'])} "
+            f"| {f(r['p99_ms'])} | {f(r.get('added_p50_ms'))} | {f(r.get('added_p99_ms'))} "
+            f"| {f(r.get('p50_vs_direct'))} | {f(r.get('p99_vs_direct'))} | {span(r.get('p99_vs_direct_spread'))} "
+            f"| {f(r.get('balancer_cpu_pct'), 1)} | {f(r.get('peak_rss_mib'), 1)} | {f(r['client_cpu_pct'], 0)} |"
         )
-    out += ["", "Idle open streams (headers and one comment sent, then silence):", "",
+    out += ["", "Idle open streams (headers and one comment sent, then silence; one run after the repetitions):", "",
             "| target | streams open | errors | RSS at start MiB | peak RSS MiB |", "|---|---|---|---|---|"]
     for target, r in data["idle"].items():
         out.append(f"| {target} | {r['opened']}/{r['streams']} | {r['errors']} | {f(r['rss_at_start_mib'], 1)} | {f(r['peak_rss_mib'], 1)} |")
@@ -109,10 +123,15 @@ def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
         sizes = sorted({r["streams"] for r in data["rows"].values()})
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for target in ("paddler", "nginx", "haproxy"):
-            axes[0].plot(sizes, [data["rows"][f"{target}/{n}"]["added_p99_ms"] for n in sizes], marker="o", label=target)
-            axes[1].plot(sizes, [data["rows"][f"{target}/{n}"]["balancer_cpu_pct"] for n in sizes], marker="o", label=target)
-        axes[0].set_title("added delay per chunk, p99 (ms)")
-        axes[1].set_title("balancer CPU (% of one core)")
+            rows = [data["rows"][f"{target}/{n}"] for n in sizes]
+            mid = [r["p99_vs_direct"] for r in rows]
+            lo = [m - r["p99_vs_direct_spread"][0] for m, r in zip(mid, rows)]
+            hi = [r["p99_vs_direct_spread"][1] - m for m, r in zip(mid, rows)]
+            axes[0].errorbar(sizes, mid, yerr=[lo, hi], marker="o", capsize=3, label=target)
+            axes[1].plot(sizes, [r["balancer_cpu_pct"] for r in rows], marker="o", label=target)
+        axes[0].axhline(1.0, color="black", linewidth=0.8)
+        axes[0].set_title(f"chunk delay p99 / direct (median, min–max of {reps})")
+        axes[1].set_title("balancer CPU (% of one core, median)")
         for ax in axes:
             ax.set_xscale("log")
             ax.set_xlabel("concurrent streams")
@@ -129,27 +148,38 @@ def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
 
 def scheduling_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     fleet = ", ".join(f"{x['servers']}× {x['slots']}-slot at {x['tokens_per_second']:g} tok/s" for x in data["fleet"])
+    reps = data.get("repetitions", 1)
     out = [
         "## 3. Scheduling quality",
         "",
         f"Fleet: {fleet} (prompt {data['fleet'][0]['prompt_tokens_per_second']:g} tok/s). Mean prompt "
         f"{data['mean_prompt_tokens']:.0f} tokens, mean output {data['mean_output_tokens']:.0f} tokens (log-normal, "
-        f"clipped): capacity {data['capacity_rps']:.2f} req/s. {data['duration_s']:g} s of Poisson arrivals per load, "
-        f"seed {data['seed']}. paddler runs with `--max-buffered-requests 100000 --buffered-request-timeout 600 --idle-timeout 600` (HAProxy and nginx with 600 s read timeouts) so "
-        "that requests wait rather than being refused. Times in seconds; one run per cell.",
+        f"clipped): capacity {data['capacity_rps']:.2f} req/s. {data['duration_s']:g} s of Poisson arrivals per load "
+        f"and repetition; {reps} repetition(s), each replaying a fresh seeded trace (base seed {data['seed']}) "
+        "through all five balancers at once and through the ideal. paddler runs with `--max-buffered-requests 100000 "
+        "--buffered-request-timeout 600 --idle-timeout 600` (HAProxy and nginx with 600 s read timeouts) so "
+        "that requests wait rather than being refused. Times in seconds. Every figure is the median over the "
+        "repetitions; the ratios to the ideal are taken per repetition (against the ideal of that repetition's "
+        "trace) and then the median; the min–max of the TTFT p99 ratio shows the spread across repetitions "
+        "(trace-to-trace variation and machine noise together). Requests and errors are totals.",
         "",
     ]
     for load in data["loads"]:
+        requests = load["requests"]
+        count = "+".join(str(x) for x in requests) if isinstance(requests, list) else str(requests)
         out += [
-            f"### {load['load'] * 100:.0f} % of capacity ({load['rate_rps']:.2f} req/s, {load['requests']} requests)",
+            f"### {load['load'] * 100:.0f} % of capacity ({load['rate_rps']:.2f} req/s, {count} requests)",
             "",
-            "| balancer | TTFT p50 | TTFT p99 | TTFT p99 vs ideal | e2e p50 | e2e p99 | req/s | tokens/s | errors |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| balancer | TTFT p50 | TTFT p99 | TTFT p99 vs ideal | TTFT p99 vs ideal min–max | e2e p50 | e2e p99 "
+            "| e2e p99 vs ideal | req/s | tokens/s | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for config, r in load["results"].items():
             out.append(
-                f"| {config} | {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r['ttft_p99_vs_ideal'])} | {f(r['e2e_p50'])} "
-                f"| {f(r['e2e_p99'])} | {f(r['throughput_rps'])} | {f(r['throughput_tokens_per_s'], 0)} | {r['errors']} |"
+                f"| {config} | {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r['ttft_p99_vs_ideal'])} "
+                f"| {span(r.get('ttft_p99_vs_ideal_spread'))} | {f(r['e2e_p50'])} | {f(r['e2e_p99'])} "
+                f"| {f(r.get('e2e_p99_vs_ideal'))} | {f(r['throughput_rps'])} | {f(r['throughput_tokens_per_s'], 0)} "
+                f"| {r['errors']} |"
             )
         out.append("")
     try:
@@ -162,13 +192,16 @@ def scheduling_md(data: dict[str, Any], charts: list[str]) -> list[str]:
         fig, ax = plt.subplots(figsize=(10, 4))
         width = 0.8 / len(configs)
         for i, config in enumerate(configs):
-            ax.bar([j + i * width for j in range(len(data["loads"]))],
-                   [load["results"][config]["ttft_p99_vs_ideal"] for load in data["loads"]], width, label=config)
+            rows = [load["results"][config] for load in data["loads"]]
+            mid = [r["ttft_p99_vs_ideal"] for r in rows]
+            err = [[m - r["ttft_p99_vs_ideal_spread"][0] for m, r in zip(mid, rows)],
+                   [r["ttft_p99_vs_ideal_spread"][1] - m for m, r in zip(mid, rows)]]
+            ax.bar([j + i * width for j in range(len(data["loads"]))], mid, width, yerr=err, capsize=2, label=config)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(data["loads"]))],
                       [f"{load['load'] * 100:.0f}% load" for load in data["loads"]])
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
-        ax.set_title("TTFT p99 as a multiple of the ideal (central FIFO, perfect knowledge)")
+        ax.set_title(f"TTFT p99 / ideal (central FIFO, perfect knowledge): median, min–max of {reps}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(RESULTS / "scheduling.png", dpi=90)
@@ -198,19 +231,12 @@ def fleet_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     return out
 
 
-def ab_md(data: dict[str, Any], charts: list[str]) -> list[str]:
-    out = [
-        "## Hot-path fixes, A/B (bench/ab_hotpath.py)",
-        "",
-        "paddler as committed against paddler with the access log off and Agent endpoints cached "
-        f"(bench/patched.py, monkeypatched), interleaved, {data['reps']} × {data['seconds']:g} s, medians.",
-        "",
-        "| concurrency | stock req/s | patched req/s | patched / stock req/s | CPU per request patched / stock |",
-        "|---|---|---|---|---|",
-    ]
-    for c, r in data["rows"].items():
-        out.append(f"| {c} | {r['stock_rps']:.0f} | {r['patched_rps']:.0f} | {f(r['rps_ratio'], 3)} | {f(r['cpu_ratio'], 3)} |")
-    return out
+def reps_note() -> str:
+    counts = []
+    for name, key in (("overhead", "repetitions"), ("streaming", "repetitions"), ("scheduling", "repetitions")):
+        data = _load(name)
+        counts.append(f"{name} {data.get(key, 1) if data else '–'}")
+    return "repetitions (" + ", ".join(counts) + ")"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,13 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     sections: list[str] = []
     charts: list[str] = []
     machine_info = None
+    dates: list[str] = []
     for name, render in (("overhead", overhead_md), ("streaming", streaming_md),
-                         ("scheduling", scheduling_md), ("fleet", fleet_md), ("ab_hotpath", ab_md)):
+                         ("scheduling", scheduling_md), ("fleet", fleet_md)):
         data = _load(name)
         if data is None:
             sections += [f"## {name}", "", "not run", ""]
             continue
         machine_info = machine_info or data.get("machine")
+        if data.get("machine", {}).get("date"):
+            dates.append(data["machine"]["date"])
         quick = " (quick mode)" if data.get("quick") else ""
         sections += [line.replace("\n", " ") for line in render(data, charts)]
         if quick:
@@ -237,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     head = [
         "# paddler benchmarks",
         "",
-        f"Produced by `{args.command}` on {m['date']}.",
+        f"Produced by `{args.command.strip()}`; the scenarios' results were saved between {min(dates)} and "
+        f"{max(dates)}." if dates else f"Produced by `{args.command.strip()}` on {m['date']}.",
         "",
         f"Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, Linux {m['kernel']}, load average at start "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}. The machine is shared with other work: only "
@@ -247,10 +277,10 @@ def main(argv: list[str] | None = None) -> None:
         "below what each would do alone. Explanations: docs/performance.md. Profile of scenario 1: "
         "profile-overhead.txt.",
         "",
-        "Repetitions: scenario 1 takes the median of 3 interleaved runs per cell; scenarios 2 and 3 are one run per "
-        "cell (percentiles over every chunk / request), so their p99 columns carry the machine's noise: in this run "
-        "the direct baseline of scenario 2 had chunk-delay p99s of ~300 ms at 64 and 512 streams (other work on "
-        "the machine), which makes the added p99 there negative and meaningless.",
+        "Repetitions: scenarios 1, 2 and 3 each report the median over " + reps_note() + " with targets interleaved "
+        "within each repetition, and ratios taken per repetition against that repetition's baseline (direct for 1 "
+        "and 2, the ideal schedule of the same trace for 3) before the median; scenarios 2 and 3 also show the "
+        "min–max of their key ratio across repetitions.",
         "",
     ]
     (RESULTS / "latest.md").write_text("\n".join(head + sections) + "\n")

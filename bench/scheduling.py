@@ -11,7 +11,12 @@ balancer gets its own identical fleet and all five replay at once (the
 figures are seconds of queueing, far above the milliseconds of CPU
 contention that buys). The ideal (bench/ideal.py) runs the same trace.
 
-    python -m bench.scheduling [--quick]
+Each repetition replays a fresh seeded trace (seed + load index + 100 x
+repetition) at every load; figures are medians over the repetitions, and
+the ratios to the ideal are taken per repetition (against the ideal of that
+repetition's trace) before the median, with their min-max spread.
+
+    python -m bench.scheduling [--quick] [--reps N] [--duration S]
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from bench.common import (
     cpu_seconds,
     log,
     machine,
+    median,
     percentile,
     raise_fd_limit,
     save,
+    spread,
     start_haproxy,
     start_nginx,
     start_paddler,
@@ -73,7 +80,8 @@ def make_trace(load: float, duration: float, seed: int) -> dict[str, Any]:
     cap = capacity(servers(), mean_prompt, mean_output)
     rate = load * cap
     rng = random.Random(seed)
-    t, requests = 0.0, []
+    t = 0.0
+    requests: list[dict[str, Any]] = []
     while True:
         t += rng.expovariate(rate)
         if t >= duration:
@@ -87,8 +95,8 @@ def make_trace(load: float, duration: float, seed: int) -> dict[str, Any]:
             "mean_output": mean_output, "duration": duration, "seed": seed, "requests": requests}
 
 
-def start_fleet(procs: Processes, name: str) -> list[str]:
-    urls: list[str] = []
+def launch_fleet(procs: Processes, name: str) -> list[tuple[Any, int, str]]:
+    """Start one fleet's simulator processes; L{collect_fleet} waits for their URLs."""
     started = []
     for index, (count, slots, tps) in enumerate(FLEET):
         proc = procs.start(
@@ -98,6 +106,11 @@ def start_fleet(procs: Processes, name: str) -> list[str]:
             f"{name}-sim{index}",
         )
         started.append((proc, count, f"{name}-sim{index}"))
+    return started
+
+
+def collect_fleet(started: list[tuple[Any, int, str]]) -> list[str]:
+    urls: list[str] = []
     for proc, count, log_name in started:
         deadline = time.monotonic() + 30
         found: list[str] = []
@@ -162,27 +175,28 @@ def ideal_summary(trace: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_load(load: float, duration: float, seed: int) -> dict[str, Any]:
+def run_load(load: float, duration: float, seed: int, rep: int) -> dict[str, Any]:
+    """One repetition at one load: every config and the ideal on the same seeded trace."""
     trace = make_trace(load, duration, seed)
+    tag = f"s3-{int(load * 100)}"
     trace_path = TMP / f"trace-{int(load * 100)}.json"
     TMP.mkdir(parents=True, exist_ok=True)
     trace_path.write_text(json.dumps(trace))
     results: dict[str, Any] = {"ideal": ideal_summary(trace)}
     with Processes() as procs:
+        launched = {config: launch_fleet(procs, f"{tag}-{config}") for config in CONFIGS}
         balancers = {}
         for config in CONFIGS:
-            name = f"s3-{int(load * 100)}-{config}"
-            urls = start_fleet(procs, name)
-            proc, port = start_balancer(procs, config, urls, name)
-            balancers[config] = (proc, port)
+            urls = collect_fleet(launched[config])
+            balancers[config] = start_balancer(procs, config, urls, f"{tag}-{config}")
         clients = {}
         t0 = time.monotonic()
         cpu0 = {config: cpu_seconds(p.pid) for config, (p, _) in balancers.items()}
         for config, (proc, port) in balancers.items():
-            out = TMP / f"s3-{int(load * 100)}-{config}-client.json"
+            out = TMP / f"{tag}-{config}-client.json"
             client = procs.start([PYTHON, "-m", "bench.loadclient", "trace", "--port", str(port),
                                   "--trace", str(trace_path), "--out", str(out), "--timeout", "600"],
-                                 f"s3-{int(load * 100)}-{config}-client")
+                                 f"{tag}-{config}-client")
             clients[config] = (client, out)
         for config, (client, out) in clients.items():
             client.wait(timeout=900)
@@ -194,28 +208,64 @@ def run_load(load: float, duration: float, seed: int) -> dict[str, Any]:
             proc = balancers[config][0]
             row["balancer_cpu_s"] = cpu_seconds(proc.pid) - cpu0[config]
             results[config] = row
-    ideal_p99 = results["ideal"]["ttft_p99"]
+    ideal = results["ideal"]
     for config, row in results.items():
-        row["ttft_p99_vs_ideal"] = row["ttft_p99"] / ideal_p99 if ideal_p99 else float("nan")
-        log(f"scheduling {int(load * 100)}% {config}: ttft p50 {row['ttft_p50']:.2f} s p99 {row['ttft_p99']:.2f} s "
-            f"({row['ttft_p99_vs_ideal']:.2f}x ideal) e2e p99 {row['e2e_p99']:.1f} s errors {row['errors']}")
-    return {"load": load, "rate_rps": trace["rate"], "capacity_rps": trace["capacity_rps"],
+        row["ttft_p99_vs_ideal"] = row["ttft_p99"] / ideal["ttft_p99"] if ideal["ttft_p99"] else float("nan")
+        row["e2e_p99_vs_ideal"] = row["e2e_p99"] / ideal["e2e_p99"] if ideal["e2e_p99"] else float("nan")
+        log(f"scheduling rep {rep + 1} {int(load * 100)}% {config}: ttft p50 {row['ttft_p50']:.2f} s "
+            f"p99 {row['ttft_p99']:.2f} s ({row['ttft_p99_vs_ideal']:.2f}x ideal) e2e p99 {row['e2e_p99']:.1f} s "
+            f"errors {row['errors']}")
+    return {"load": load, "seed": seed, "rate_rps": trace["rate"], "capacity_rps": trace["capacity_rps"],
             "requests": len(trace["requests"]), "wall_s": wall, "results": results}
+
+
+FIGURES = ("ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99", "throughput_rps", "throughput_tokens_per_s",
+           "makespan_s", "ttft_p99_vs_ideal", "e2e_p99_vs_ideal")
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repetitions of one load; each ratio was taken against its own repetition's ideal."""
+    results: dict[str, Any] = {}
+    for config in runs[0]["results"]:
+        per_rep = [run["results"][config] for run in runs]
+        row: dict[str, Any] = {key: median(r[key] for r in per_rep) for key in FIGURES}
+        row["ttft_p99_vs_ideal_spread"] = spread(r["ttft_p99_vs_ideal"] for r in per_rep)
+        for key in ("requests", "ok", "errors"):
+            row[key] = sum(r[key] for r in per_rep)
+        results[config] = row
+    return {
+        "load": runs[0]["load"],
+        "repetitions": len(runs),
+        "seeds": [run["seed"] for run in runs],
+        "rate_rps": runs[0]["rate_rps"],
+        "capacity_rps": runs[0]["capacity_rps"],
+        "requests": [run["requests"] for run in runs],
+        "wall_s": [run["wall_s"] for run in runs],
+        "results": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one load (80 %), 12 s of arrivals")
+    parser.add_argument("--quick", action="store_true", help="1 repetition, one load (80 %%), 8 s of arrivals")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     raise_fd_limit()
+    reps = args.reps or (1 if args.quick else 3)
     loads = (0.8,) if args.quick else (0.5, 0.8, 0.95)
-    duration = args.duration or (12.0 if args.quick else 45.0)
+    duration = args.duration or (8.0 if args.quick else 20.0)
     mean_prompt, mean_output = mean_lengths()
+    runs: dict[float, list[dict[str, Any]]] = {load: [] for load in loads}
+    for rep in range(reps):
+        for i, load in enumerate(loads):
+            # a fresh trace per repetition: the spread covers trace-to-trace variation and machine noise
+            runs[load].append(run_load(load, duration, args.seed + i + 100 * rep, rep))
     data = {
         "scenario": "scheduling",
         "quick": args.quick,
+        "repetitions": reps,
         "duration_s": duration,
         "seed": args.seed,
         "fleet": [{"servers": c, "slots": s, "tokens_per_second": t, "prompt_tokens_per_second": PROMPT_TPS}
@@ -224,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mean_output_tokens": mean_output,
         "capacity_rps": capacity(servers(), mean_prompt, mean_output),
         "machine": machine(),
-        "loads": [run_load(load, duration, args.seed + i) for i, load in enumerate(loads)],
+        "loads": [combine(runs[load]) for load in loads],
+        "runs": {str(load): rs for load, rs in runs.items()},
     }
     save("scheduling", data)
     return data
