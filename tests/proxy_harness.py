@@ -98,6 +98,20 @@ class Harness:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return self.client.post(self.url + path, data=body, **kwargs)
 
+    async def open_stream(self, fake: FakeLlama) -> tuple[Any, Any, Chunks]:
+        """POST a streaming completion held by C{fake}; return (held, response, chunks)
+        once the client has received the first event."""
+        response_d = self.post("/completion", {"prompt": "hi", "stream": True})
+        held = await fake.next_held()
+        held.start_stream()
+        held.send(b"data: {}\n\n")
+        response = await response_d
+        chunks = Chunks()
+        first = chunks.next_chunk()
+        response.deliverBody(chunks)
+        await first
+        return held, response, chunks
+
     def stop(self) -> None:
         for held in [h for f in self.fakes for h in f.held]:
             if not held.request.finished and not held.gone:

@@ -56,15 +56,7 @@ async def test_stream_chunks_reach_the_client_as_the_upstream_sends_them(harness
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_aborts_the_upstream_request_and_frees_the_slot(harness):
     fake, upstream = harness.add_fake(hold=True)
-    response_d = harness.post("/completion", {"prompt": "hi", "stream": True})
-    held = await fake.next_held()
-    held.start_stream()
-    held.send(b"data: {}\n\n")
-    response = await response_d
-    chunks = Chunks()
-    first = chunks.next_chunk()
-    response.deliverBody(chunks)
-    await first
+    held, response, chunks = await harness.open_stream(fake)
     chunks.done.addErrback(lambda _: None)
     chunks.transport.stopProducing()  # the client goes away mid-stream
     await held.gone_deferred
@@ -227,15 +219,7 @@ async def test_upstream_silent_past_the_deadline_gives_504(request):
 async def test_stream_silent_past_the_idle_deadline_is_closed(request):
     h = make_harness(request, config=ProxyConfig(idle_timeout=10))
     fake, upstream = h.add_fake(hold=True)
-    response_d = h.post("/completion", {"prompt": "hi", "stream": True})
-    held = await fake.next_held()
-    held.start_stream()
-    held.send(b"data: {}\n\n")
-    response = await response_d
-    chunks = Chunks()
-    first = chunks.next_chunk()
-    response.deliverBody(chunks)
-    await first
+    held, response, chunks = await h.open_stream(fake)
     h.clock.advance(9)
     held.send(b"data: {}\n\n")
     await chunks.next_chunk()

@@ -139,15 +139,7 @@ async def test_a_503_with_a_large_body_is_an_upstream_error_not_a_500(request):
 async def test_an_idle_timeout_counts_one_failed_request_not_two(request):
     h = make_harness(request, config=ProxyConfig(idle_timeout=10))
     fake, upstream = h.add_fake(hold=True)
-    response_d = h.post("/completion", {"prompt": "hi", "stream": True})
-    held = await fake.next_held()
-    held.start_stream()
-    held.send(b"data: {}\n\n")
-    response = await response_d
-    chunks = Chunks()
-    first = chunks.next_chunk()
-    response.deliverBody(chunks)
-    await first
+    held, response, chunks = await h.open_stream(fake)
     chunks.done.addErrback(lambda _: None)
     h.clock.advance(10)
     await held.gone_deferred
