@@ -165,6 +165,7 @@ class _Relay(Protocol):
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
+        self._last_activity = 0.0
         self.first_byte_at: float | None = None
         self._paused = False
         self.done: Deferred[None] = Deferred(self._cancel)
@@ -174,11 +175,12 @@ class _Relay(Protocol):
         self._arm()
 
     def _arm(self) -> None:
+        # Data only moves the deadline (a float); the timer checks it when it
+        # fires instead of being rescheduled for every chunk.
         if self._paused:
             return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(self._idle_timeout)
-        else:
+        self._last_activity = self._clock.seconds()
+        if self._idle_call is None or not self._idle_call.active():
             self._idle_call = self._clock.callLater(self._idle_timeout, self._idle)
 
     def _disarm(self) -> None:
@@ -192,6 +194,10 @@ class _Relay(Protocol):
 
     def _idle(self) -> None:
         self._idle_call = None
+        quiet = self._clock.seconds() - self._last_activity
+        if quiet < self._idle_timeout:
+            self._idle_call = self._clock.callLater(self._idle_timeout - quiet, self._idle)
+            return
         self._unregister()
         if not self.done.called:
             self.done.errback(

@@ -451,6 +451,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         proxy,
         requestFactory=bounded_request_factory(config.max_request_body),
         timeout=CLIENT_IDLE_TIMEOUT,
+        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
     )
     site.displayTracebacks = False
     site.noisy = False
@@ -512,6 +513,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         PrefixRouter(management_routes, management_default),
         requestFactory=bounded_request_factory(MAX_BODY),
         timeout=CLIENT_IDLE_TIMEOUT,
+        parsePOSTFormSubmission=False,
     )
     AnnouncedEndpointService(
         serverFromString(reactor, config.management_listen), management_site, "paddler management"

@@ -358,3 +358,51 @@ async def test_no_retries_once_the_balancer_is_stopping(harness):
     assert response.code == 503
     assert "shutting down" in (await response.json())["error"]["message"]
     assert dead.in_flight == 0 and harness.fakes[0].seen == []
+
+
+def test_idle_deadline_moves_with_every_chunk_without_rescheduling_the_timer():
+    """Chunks push the idle deadline back; the timer is not rescheduled per chunk, and it still
+    fires exactly idle_timeout after the last chunk."""
+    from twisted.internet.task import Clock
+
+    from paddler.proxy import _Relay
+
+    class Transport:
+        stopped = False
+
+        def pauseProducing(self):
+            pass
+
+        def resumeProducing(self):
+            pass
+
+        def stopProducing(self):
+            self.stopped = True
+
+    class Request:
+        producer = None
+        channel = object()
+
+        def registerProducer(self, producer, streaming):
+            self.producer = producer
+
+        def unregisterProducer(self):
+            self.producer = None
+
+        def write(self, data):
+            pass
+
+    clock = Clock()
+    relay = _Relay(Request(), clock, idle_timeout=10)
+    relay.makeConnection(Transport())
+    [timer] = clock.getDelayedCalls()
+    for _ in range(5):
+        clock.advance(1)
+        relay.dataReceived(b"data: x\n\n")
+    assert clock.getDelayedCalls() == [timer]  # same timer, not rescheduled by the chunks
+    clock.advance(9.9)  # last chunk at 5 s: the deadline is 15 s
+    assert not relay.done.called
+    clock.advance(0.1)
+    assert relay.done.called and relay.transport.stopped
+    relay.done.addErrback(lambda _: None)
+    assert clock.getDelayedCalls() == []
