@@ -18,6 +18,37 @@ from paddler.upstream import UpstreamState
 from .proxy_harness import Chunks, Harness, StringProducer, make_harness, turn, until
 
 
+class FakeUpstreamTransport:
+    """The upstream response's transport as a L{_Relay} sees it."""
+
+    paused = stopped = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+class FakeClientRequest:
+    """The client's request as a L{_Relay} sees it: a consumer that takes a producer."""
+
+    producer = None
+    channel = object()
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        pass
+
+
 @pytest.fixture
 def harness():
     h = Harness()
@@ -306,35 +337,11 @@ def test_idle_timer_is_suspended_while_the_client_applies_backpressure():
 
     from paddler.proxy import _Relay
 
-    class Request:
-        producer = None
-        channel = object()
-
-        def registerProducer(self, producer, streaming):
-            self.producer = producer
-
-        def unregisterProducer(self):
-            self.producer = None
-
-        def write(self, data):
-            pass
-
-    class Transport:
-        paused = stopped = False
-
-        def pauseProducing(self):
-            self.paused = True
-
-        def resumeProducing(self):
-            self.paused = False
-
-        def stopProducing(self):
-            self.stopped = True
 
     clock = Clock()
-    request = Request()
+    request = FakeClientRequest()
     relay = _Relay(request, clock, idle_timeout=10)
-    relay.makeConnection(Transport())
+    relay.makeConnection(FakeUpstreamTransport())
     assert request.producer is relay
     relay.pauseProducing()
     assert relay.transport.paused and clock.getDelayedCalls() == []
@@ -367,34 +374,10 @@ def test_idle_deadline_moves_with_every_chunk_without_rescheduling_the_timer():
 
     from paddler.proxy import _Relay
 
-    class Transport:
-        stopped = False
-
-        def pauseProducing(self):
-            pass
-
-        def resumeProducing(self):
-            pass
-
-        def stopProducing(self):
-            self.stopped = True
-
-    class Request:
-        producer = None
-        channel = object()
-
-        def registerProducer(self, producer, streaming):
-            self.producer = producer
-
-        def unregisterProducer(self):
-            self.producer = None
-
-        def write(self, data):
-            pass
 
     clock = Clock()
-    relay = _Relay(Request(), clock, idle_timeout=10)
-    relay.makeConnection(Transport())
+    relay = _Relay(FakeClientRequest(), clock, idle_timeout=10)
+    relay.makeConnection(FakeUpstreamTransport())
     [timer] = clock.getDelayedCalls()
     for _ in range(5):
         clock.advance(1)
