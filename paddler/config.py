@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paddler.chooser import CHOOSERS
+from paddler.probe import PROBE_MODES
 from paddler.upstream import InvalidUpstreamURL, normalise_url
 
 
@@ -145,7 +146,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         raise ConfigError(
             f"{where} must be dot-separated names of letters, digits, _ and -, got {value!r}"
         )
-    if name == "probe_mode" and value not in ("slots", "health"):
+    if name == "probe_mode" and value not in PROBE_MODES:
         raise ConfigError(f"{where} must be 'slots' or 'health', got {value!r}")
     return value
 

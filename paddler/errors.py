@@ -1,4 +1,5 @@
-"""Errors a client can see, each with its HTTP status and OpenAI-shaped JSON body."""
+"""Errors a client can see, each with its HTTP status and OpenAI-shaped JSON body, and
+the one helper that writes JSON responses."""
 
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ class UpstreamTimeout(PaddlerHTTPError):
 
 class BufferTimeout(UpstreamTimeout):
     """No slot became free before --buffered-request-timeout."""
+
+
+def json_response(
+    request: Any, status: int, payload: Any, headers: dict[bytes, bytes] | None = None
+) -> bytes:
+    """Set C{status} and a JSON content type (then C{headers}) on C{request}; return the body.
+
+    C{payload} is encoded with C{json.dumps} unless it is already C{bytes}.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    return payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
 
 
 def error_body(status: int, message: str, error_type: str, **extra: Any) -> bytes:

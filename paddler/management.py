@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from paddler.errors import error_body
+from paddler.errors import error_body, json_response
 from paddler.pool import UpstreamPool
 from paddler.registry import AgentRegistry, AgentReport, RegistryConflict
 from paddler.upstream import InvalidUpstreamURL, Upstream, UpstreamState, normalise_url, upstream_id
@@ -140,10 +140,9 @@ class ManagementAPI:
     # -- plumbing ---------------------------------------------------------
 
     def _json(self, request: Any, status: int, body: Any) -> bytes:
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(body).encode("utf-8")
+        return json_response(
+            request, status, body, {b"content-type": b"application/json", b"cache-control": b"no-store"}
+        )
 
     def _authorize(self, request: Any) -> None:
         if self._token is None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.web.resource import IResource, Resource
 
-from paddler.errors import error_body
+from paddler.errors import error_body, json_response
 
 
 class PrefixRouter(Resource):
@@ -43,6 +43,5 @@ class NotFoundResource(Resource):
     isLeaf = True
 
     def render(self, request: Any) -> bytes:
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        return error_body(404, f"no such path: {request.path.decode('latin-1')}", "not_found_error")
+        message = f"no such path: {request.path.decode('latin-1')}"
+        return json_response(request, 404, error_body(404, message, "not_found_error"))

@@ -34,7 +34,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from paddler import __version__
-from paddler.errors import error_body
+from paddler.errors import error_body, json_response
 from paddler.pool import UpstreamPool
 from paddler.stats import RequestStats
 from paddler.upstream import Upstream
@@ -423,10 +423,7 @@ class ObservabilityApp:
 
     @staticmethod
     def _json(request: Any, status: int, body: bytes) -> bytes:
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        return body
+        return json_response(request, status, body, {b"cache-control": b"no-store"})
 
     @app.route("/api/v1/state", methods=["GET"])
     def get_state(self, request: Any) -> bytes:

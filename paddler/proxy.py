@@ -37,6 +37,7 @@ from paddler.errors import (
     UpstreamFailed,
     UpstreamTimeout,
     error_body,
+    json_response as _json,
 )
 from paddler.httpbody import BodyTooLarge, read_body
 from paddler.pool import Lease, UpstreamPool
@@ -249,14 +250,6 @@ def _was_cancelled(error: Exception) -> bool:
     """Twisted's HTTP client reports a cancelled request as ResponseNeverReceived([CancelledError])."""
     reasons = getattr(error, "reasons", None) or []
     return any(reason.check(CancelledError) for reason in reasons)
-
-
-def _json(request: server.Request, status: int, payload: Any, headers: dict[bytes, bytes] | None = None) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    for name, value in (headers or {}).items():
-        request.setHeader(name, value)
-    return payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
 
 
 def request_model(body: bytes) -> str | None:
