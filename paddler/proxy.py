@@ -470,7 +470,7 @@ class ProxyResource(Resource):
             self.log.warn(
                 "upstream {name}: {error}; closing the client stream", name=upstream.name, error=str(e)
             )
-            self._record(request, 0 if request.finished else 504, started, relay, upstream)
+            self._record(request, 504, started, relay, upstream)
             request.loseConnection()
             return
         except CancelledError:
