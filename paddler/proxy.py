@@ -43,6 +43,7 @@ from paddler.httpbody import BodyTooLarge, read_body
 from paddler.pool import Lease, UpstreamPool
 from paddler.probe import describe_failure
 from paddler.stats import RequestStats
+from paddler.target import TargetRejected, check_target
 from paddler.upstream import Upstream, UpstreamState
 
 SLOT_PATHS = frozenset(
@@ -106,7 +107,32 @@ class BoundedRequest(server.Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.body_too_large = False
+        self.target_error: TargetRejected | None = None
         self._body_received = 0
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        try:
+            target = check_target(command, path, self.requestHeaders.getRawHeaders(b"host"), version)
+        except TargetRejected as e:
+            self.target_error = e
+            path = b"/"  # nothing of the rejected target reaches a resource
+        else:
+            path = target.uri
+            if target.host is not None:
+                self.requestHeaders.setRawHeaders(b"host", [target.host])
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        error = self.target_error
+        if error is None:
+            super().process()
+            return
+        self.site = self.channel.site  # type: ignore[attr-defined]  # a Site's channel
+        if error.status == 405:
+            self.setHeader(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+        body = error_body(error.status, error.message, "invalid_request_error")
+        self.write(_json(self, error.status, body))
+        self.finish()
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
@@ -250,6 +276,17 @@ def _was_cancelled(error: Exception) -> bool:
     """Twisted's HTTP client reports a cancelled request as ResponseNeverReceived([CancelledError])."""
     reasons = getattr(error, "reasons", None) or []
     return any(reason.check(CancelledError) for reason in reasons)
+
+
+def upstream_uri(upstream: Upstream, target: bytes) -> bytes:
+    """The URL of C{target} (an origin-form request target) on C{upstream}.
+
+    Only a target that starts with C{/} is joined to the upstream's
+    C{scheme://host:port}: anything else could extend the port or the host.
+    """
+    if not target.startswith(b"/"):
+        raise BadRequest("the request target must be a path starting with /")
+    return upstream.url.encode("ascii") + target
 
 
 def request_model(body: bytes) -> str | None:
@@ -434,7 +471,7 @@ class ProxyResource(Resource):
         producer = _BytesProducer(body) if body or request.method in (b"POST", b"PUT", b"PATCH") else None
         d = self._agent.request(
             request.method,
-            upstream.url.encode("ascii") + request.uri,
+            upstream_uri(upstream, request.uri),
             self._upstream_headers(request, upstream),
             producer,
         )

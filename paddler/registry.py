@@ -138,9 +138,9 @@ class AgentRegistry(Service):
                 raise RegistryConflict(
                     "name", f"name {report.name!r} is already used by the upstream at {other.url}"
                 )
-        for record in self.agents.values():
-            if record.agent_id != agent_id and record.upstream_id == uid:
-                raise RegistryConflict("url", f"url {url} is reported by agent {record.agent_id!r}")
+        for other_agent in self.agents.values():
+            if other_agent.agent_id != agent_id and other_agent.upstream_id == uid:
+                raise RegistryConflict("url", f"url {url} is reported by agent {other_agent.agent_id!r}")
 
         now = self.clock.seconds()
         if record is not None and record.upstream_id != uid:
