@@ -35,9 +35,9 @@ def chooser_cost(n: int, policy: str, repeat: int = 5, number: int = 2000) -> fl
     """Median microseconds for one acquire + release on a pool of C{n} healthy 4-slot upstreams."""
     from twisted.internet.task import Clock
 
-    from paddler.chooser import CHOOSERS
-    from paddler.pool import UpstreamPool
-    from paddler.upstream import Upstream, UpstreamState
+    from paddler.routing.policies import CHOOSERS
+    from paddler.fleet.pool import UpstreamPool
+    from paddler.fleet.upstream import Upstream, UpstreamState
 
     clock = Clock()
     pool = UpstreamPool(clock, CHOOSERS[policy]())

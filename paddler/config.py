@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from paddler.chooser import CHOOSERS
-from paddler.probe import PROBE_MODES
-from paddler.upstream import InvalidUpstreamURL, normalise_url
+from paddler.routing.policies import CHOOSERS
+from paddler.fleet.probe import PROBE_MODES
+from paddler.fleet.upstream import InvalidUpstreamURL, normalise_url
 
 
 class ConfigError(ValueError):

@@ -13,8 +13,8 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
 from paddler.config import UpstreamSpec
-from paddler.pool import UpstreamPool
-from paddler.upstream import Upstream
+from paddler.fleet.pool import UpstreamPool
+from paddler.fleet.upstream import Upstream
 
 
 class QuietSite(Site):

@@ -158,8 +158,8 @@ class AgentOptions(usage.Options):
     def postOptions(self) -> None:
         import os
 
-        from paddler.agent import AgentConfig
-        from paddler.upstream import InvalidUpstreamURL, normalise_url
+        from paddler.agent.service import AgentConfig
+        from paddler.fleet.upstream import InvalidUpstreamURL, normalise_url
 
         urls: dict[str, str] = {}
         for flag in ("llamacpp", "external-url", "balancer"):
@@ -281,7 +281,7 @@ class BalancerOptions(usage.Options):
 
     def _check_management_exposure(self) -> None:
         """Refuse a management API reachable from other hosts without a token."""
-        from paddler.management import endpoint_is_local
+        from paddler.management.api import endpoint_is_local
 
         config = self.config
         if config.management_token is not None and not config.management_token.strip():
@@ -337,7 +337,7 @@ def makeAgentService(config: Any, reactor: Any, status_listen: str | None = None
     from twisted.web.client import Agent
     from treq.client import HTTPClient
 
-    from paddler.agent import AgentService, AgentStatusApp
+    from paddler.agent.service import AgentService, AgentStatusApp
     from paddler.services import (
         AnnouncedEndpointService,
         ConnectionPoolService,
@@ -369,11 +369,11 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     from twisted.web.server import Site
     from treq.client import HTTPClient
 
-    from paddler.chooser import CHOOSERS
-    from paddler.endpoints import CachingEndpointFactory
-    from paddler.pool import UpstreamPool
-    from paddler.probe import HTTPProber, ProbeService
-    from paddler.proxy import ProxyConfig, ProxyResource, bounded_request_factory
+    from paddler.routing.policies import CHOOSERS
+    from paddler.web.endpoints import CachingEndpointFactory
+    from paddler.fleet.pool import UpstreamPool
+    from paddler.fleet.probe import HTTPProber, ProbeService
+    from paddler.balancer.proxy import ProxyConfig, ProxyResource, bounded_request_factory
     from paddler.services import (
         AnnouncedEndpointService,
         ConnectionPoolService,
@@ -383,7 +383,7 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         SimulatedUpstreamsService,
         quiet_connection_pool,
     )
-    from paddler.stats import RequestStats
+    from paddler.observability.requests import RequestStats
 
     top = MultiService()
     pool = UpstreamPool(
@@ -461,13 +461,13 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     # The management port: the fleet API (/api/v1/upstreams, agents, /health)
     # is the default app; observability (state, dashboard, /metrics) mounts
     # its prefixes in management_routes.
-    from paddler.mgmtroot import NotFoundResource, PrefixRouter
+    from paddler.web.router import NotFoundResource, PrefixRouter
 
     management_routes: list[tuple[bytes, Any]] = []
     management_default: Any = NotFoundResource()
     # -- fleet management API (issue 5) wires here --
-    from paddler.management import ManagementAPI
-    from paddler.registry import AgentRegistry
+    from paddler.management.api import ManagementAPI
+    from paddler.fleet.registry import AgentRegistry
 
     registry = AgentRegistry(pool, reactor, expiry=config.agent_expiry)
     registry.setServiceParent(top)
@@ -476,14 +476,14 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     ).app.resource()
     top.registry = registry  # type: ignore[attr-defined]
     # -- observability (issue 6) wires here --
-    from paddler.observe import (
+    from paddler.observability.dashboard import (
         ObservabilityApp,
         ObservabilityService,
         StateHistory,
         StateStream,
         build_state,
     )
-    from paddler.prometheus import PrometheusMetrics
+    from paddler.observability.prometheus import PrometheusMetrics
 
     history = StateHistory()
 
@@ -499,14 +499,14 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
                           (b"/metrics", observability)]
     if config.statsd is not None:
         from paddler.config import parse_statsd_address
-        from paddler.statsd import StatsDClient, StatsDService
+        from paddler.observability.statsd import StatsDClient, StatsDService
 
         statsd_host, statsd_port = parse_statsd_address(config.statsd)
         StatsDService(
             StatsDClient(reactor, statsd_host, statsd_port, config.statsd_prefix),
             pool, stats, reactor, interval=config.statsd_interval,
         ).setServiceParent(top)
-    from paddler.management import MAX_BODY
+    from paddler.management.api import MAX_BODY
 
     # Bodies are stored before any handler (or token check) runs: keep at most MAX_BODY.
     management_site = QuietSite(

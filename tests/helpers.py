@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from paddler.chooser import MostIdleSlotsChooser
-from paddler.pool import UpstreamPool
-from paddler.upstream import Upstream, UpstreamState
+from paddler.routing.policies import MostIdleSlotsChooser
+from paddler.fleet.pool import UpstreamPool
+from paddler.fleet.upstream import Upstream, UpstreamState
 
 
 def healthy_upstream(

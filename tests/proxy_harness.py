@@ -15,10 +15,10 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
-from paddler.chooser import MostIdleSlotsChooser
-from paddler.pool import UpstreamPool
-from paddler.proxy import ProxyConfig, ProxyResource, _BytesProducer, bounded_request_factory
-from paddler.upstream import Upstream, UpstreamState
+from paddler.routing.policies import MostIdleSlotsChooser
+from paddler.fleet.pool import UpstreamPool
+from paddler.balancer.proxy import ProxyConfig, ProxyResource, _BytesProducer, bounded_request_factory
+from paddler.fleet.upstream import Upstream, UpstreamState
 
 from .fake_llama import FakeLlama
 

@@ -15,10 +15,10 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import provider
 
-from paddler.agent import AgentConfig, AgentService, AgentStatusApp
-from paddler.management import ManagementAPI
-from paddler.registry import AgentRegistry
-from paddler.upstream import UpstreamState, upstream_id
+from paddler.agent.service import AgentConfig, AgentService, AgentStatusApp
+from paddler.management.api import ManagementAPI
+from paddler.fleet.registry import AgentRegistry
+from paddler.fleet.upstream import UpstreamState, upstream_id
 
 from .fake_llama import FakeLlama
 from .helpers import make_pool
@@ -90,7 +90,7 @@ def logs() -> Iterator[list[str]]:
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
-        if event.get("log_namespace", "").startswith("paddler.agent"):
+        if event.get("log_namespace", "").startswith("paddler.agent.service"):
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)

@@ -4,7 +4,7 @@ of dispatch, completion and (delayed) probe answers."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paddler.upstream import Upstream
+from paddler.fleet.upstream import Upstream
 
 TOTAL = 4
 

@@ -2,7 +2,7 @@
 
 from zope.interface.verify import verifyObject
 
-from paddler.chooser import CHOOSERS, LeastConnectionsChooser, MostIdleSlotsChooser, RoundRobinChooser
+from paddler.routing.policies import CHOOSERS, LeastConnectionsChooser, MostIdleSlotsChooser, RoundRobinChooser
 from paddler.interfaces import ISlotChooser
 
 from .helpers import healthy_upstream

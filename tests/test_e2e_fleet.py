@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from paddler.upstream import upstream_id
+from paddler.fleet.upstream import upstream_id
 
 from .processes import PaddlerProcess, Processes, free_port, get_json, wait_for
 

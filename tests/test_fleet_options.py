@@ -6,9 +6,9 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from paddler.agent import AgentService
-from paddler.management import endpoint_is_local
-from paddler.registry import AgentRegistry
+from paddler.agent.service import AgentService
+from paddler.management.api import endpoint_is_local
+from paddler.fleet.registry import AgentRegistry
 from paddler.tap import AgentOptions, BalancerOptions, Options, makeAgentService, makeService
 
 AGENT = ["--llamacpp", "http://127.0.0.1:8080", "--balancer", "http://10.0.0.9:8085"]

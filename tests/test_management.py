@@ -11,9 +11,9 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from paddler.management import ManagementAPI
-from paddler.registry import AgentRegistry
-from paddler.upstream import Upstream, UpstreamState, upstream_id
+from paddler.management.api import ManagementAPI
+from paddler.fleet.registry import AgentRegistry
+from paddler.fleet.upstream import Upstream, UpstreamState, upstream_id
 
 from .helpers import healthy_upstream, make_pool
 

@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
-from paddler.mgmtroot import NotFoundResource, PrefixRouter
-from paddler.observe import (
+from paddler.web.router import NotFoundResource, PrefixRouter
+from paddler.observability.dashboard import (
     HISTORY_WINDOW,
     ObservabilityApp,
     ObservabilityService,
@@ -25,11 +25,11 @@ from paddler.observe import (
     build_state,
     encode_event,
 )
-from paddler.pool import UpstreamPool
-from paddler.prometheus import PrometheusMetrics
+from paddler.fleet.pool import UpstreamPool
+from paddler.observability.prometheus import PrometheusMetrics
 from paddler.simulator.testing import MemoryExchange, MemoryHTTPClient
-from paddler.stats import RequestStats
-from paddler.upstream import Upstream, UpstreamState
+from paddler.observability.requests import RequestStats
+from paddler.fleet.upstream import Upstream, UpstreamState
 
 from .helpers import healthy_upstream, make_pool
 
@@ -494,7 +494,7 @@ def test_dashboard_assets_come_from_package_data(fleet: Fleet, name: str, conten
     assert response.code == 200
     assert response.headers.getRawHeaders("content-type") == [content_type]
     assert response.headers.getRawHeaders("x-content-type-options") == ["nosniff"]
-    assert body == resources.files("paddler").joinpath("dashboard", name).read_bytes()
+    assert body == resources.files("paddler.observability").joinpath("assets", name).read_bytes()
 
 
 def test_dashboard_serves_no_other_file(fleet: Fleet) -> None:
@@ -518,7 +518,7 @@ def test_no_dashboard_answers_json_404() -> None:
 def test_dashboard_script_never_parses_data_as_html() -> None:
     """The page builds its DOM with textContent: no innerHTML, outerHTML,
     insertAdjacentHTML, document.write or eval in app.js."""
-    script = resources.files("paddler").joinpath("dashboard", "app.js").read_text()
+    script = resources.files("paddler.observability").joinpath("assets", "app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in script, sink
     assert "textContent" in script
@@ -526,7 +526,7 @@ def test_dashboard_script_never_parses_data_as_html() -> None:
 
 def test_dashboard_page_has_no_inline_script_or_external_url() -> None:
     """index.html loads only its own files: no inline script, no CDN."""
-    page = resources.files("paddler").joinpath("dashboard", "index.html").read_text()
+    page = resources.files("paddler.observability").joinpath("assets", "index.html").read_text()
     assert re.findall(r"<script[^>]*>", page) == ['<script src="{{assets}}app.js" defer>']
     assert "http://" not in page and "https://" not in page and "//cdn" not in page
 

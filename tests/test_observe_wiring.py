@@ -16,9 +16,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from paddler.config import BalancerConfig, UpstreamSpec
-from paddler.observe import ObservabilityService
+from paddler.observability.dashboard import ObservabilityService
 from paddler.services import AnnouncedEndpointService
-from paddler.statsd import StatsDService
+from paddler.observability.statsd import StatsDService
 from paddler.tap import makeBalancerService
 
 from .test_statsd import Receiver

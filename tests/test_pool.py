@@ -4,9 +4,9 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
-from paddler.chooser import RoundRobinChooser
+from paddler.routing.policies import RoundRobinChooser
 from paddler.errors import BufferFull, BufferTimeout, NoUpstreamAvailable
-from paddler.upstream import UpstreamState
+from paddler.fleet.upstream import UpstreamState
 
 from .helpers import healthy_upstream, make_pool
 

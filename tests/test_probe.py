@@ -11,8 +11,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from paddler.interfaces import IUpstreamProber
-from paddler.probe import HTTPProber, ProbeError, ProbeService, count_processing, parse_metric
-from paddler.upstream import Upstream, UpstreamState
+from paddler.fleet.probe import HTTPProber, ProbeError, ProbeService, count_processing, parse_metric
+from paddler.fleet.upstream import Upstream, UpstreamState
 
 from .fake_llama import FakeLlama
 from .helpers import make_pool

@@ -7,8 +7,8 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from paddler.interfaces import IUpstreamProber
-from paddler.probe import ProbeService
-from paddler.upstream import Upstream
+from paddler.fleet.probe import ProbeService
+from paddler.fleet.upstream import Upstream
 
 from .helpers import make_pool
 

@@ -8,9 +8,9 @@ from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from paddler.prometheus import PrometheusMetrics
-from paddler.stats import RequestStats
-from paddler.upstream import UpstreamState
+from paddler.observability.prometheus import PrometheusMetrics
+from paddler.observability.requests import RequestStats
+from paddler.fleet.upstream import UpstreamState
 
 from .helpers import healthy_upstream, make_pool
 

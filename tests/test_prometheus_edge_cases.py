@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from paddler.prometheus import PrometheusMetrics
+from paddler.observability.prometheus import PrometheusMetrics
 
 from .test_prometheus import make_fleet, scrape
 

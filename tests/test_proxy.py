@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.web.http_headers import Headers
 
-from paddler.proxy import ProxyConfig
-from paddler.upstream import UpstreamState
+from paddler.balancer.proxy import ProxyConfig
+from paddler.fleet.upstream import UpstreamState
 
 from .proxy_harness import Chunks, Harness, StringProducer, make_harness, turn, until
 
@@ -335,7 +335,7 @@ def test_idle_timer_is_suspended_while_the_client_applies_backpressure():
     """A slow client pauses the upstream; that silence must not count as upstream idleness."""
     from twisted.internet.task import Clock
 
-    from paddler.proxy import _Relay
+    from paddler.balancer.proxy import _Relay
 
 
     clock = Clock()
@@ -372,7 +372,7 @@ def test_idle_deadline_moves_with_every_chunk_without_rescheduling_the_timer():
     fires exactly idle_timeout after the last chunk."""
     from twisted.internet.task import Clock
 
-    from paddler.proxy import _Relay
+    from paddler.balancer.proxy import _Relay
 
 
     clock = Clock()

@@ -19,10 +19,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
-from paddler.probe import HTTPProber
-from paddler.proxy import ProxyConfig, _Relay
+from paddler.fleet.probe import HTTPProber
+from paddler.balancer.proxy import ProxyConfig, _Relay
 from paddler.services import AnnouncedEndpointService
-from paddler.upstream import Upstream, UpstreamState
+from paddler.fleet.upstream import Upstream, UpstreamState
 
 from .helpers import make_pool
 from .proxy_harness import Chunks, Harness, StringProducer, make_harness, until

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from paddler.registry import AgentRegistry, AgentReport, RegistryConflict
-from paddler.upstream import Upstream, UpstreamState, upstream_id
+from paddler.fleet.registry import AgentRegistry, AgentReport, RegistryConflict
+from paddler.fleet.upstream import Upstream, UpstreamState, upstream_id
 
 from .helpers import healthy_upstream, make_pool
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from paddler.registry import AgentRegistry, AgentReport
-from paddler.upstream import upstream_id
+from paddler.fleet.registry import AgentRegistry, AgentReport
+from paddler.fleet.upstream import upstream_id
 
 from .helpers import make_pool
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest_twisted
 from treq.testing import StubTreq
 
-from paddler.probe import Loading, ProbeError, http_getter, read_slots
+from paddler.fleet.probe import Loading, ProbeError, http_getter, read_slots
 
 from .fake_llama import FakeLlama
 

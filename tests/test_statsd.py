@@ -16,8 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.usage import UsageError
 
 from paddler.config import ConfigError, build_config, parse_statsd_address
-from paddler.stats import RequestStats
-from paddler.statsd import (
+from paddler.observability.requests import RequestStats
+from paddler.observability.statsd import (
     MAX_DATAGRAM,
     StatsDClient,
     StatsDService,
@@ -27,7 +27,7 @@ from paddler.statsd import (
     pack_datagrams,
 )
 from paddler.tap import Options
-from paddler.upstream import UpstreamState
+from paddler.fleet.upstream import UpstreamState
 
 from .helpers import healthy_upstream, make_pool
 

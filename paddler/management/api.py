@@ -32,9 +32,9 @@ from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from paddler.errors import error_body, json_response
-from paddler.pool import UpstreamPool
-from paddler.registry import AgentRegistry, AgentReport, RegistryConflict
-from paddler.upstream import InvalidUpstreamURL, Upstream, UpstreamState, normalise_url, upstream_id
+from paddler.fleet.pool import UpstreamPool
+from paddler.fleet.registry import AgentRegistry, AgentReport, RegistryConflict
+from paddler.fleet.upstream import InvalidUpstreamURL, Upstream, UpstreamState, normalise_url, upstream_id
 
 #: Largest request body the management API reads.
 MAX_BODY = 64 * 1024

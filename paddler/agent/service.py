@@ -33,9 +33,9 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from paddler.httpbody import read_body
-from paddler.probe import Loading, _error_message, describe_failure, http_getter, read_slots
-from paddler.upstream import normalise_url, upstream_id
+from paddler.web.body import read_body
+from paddler.fleet.probe import Loading, _error_message, describe_failure, http_getter, read_slots
+from paddler.fleet.upstream import normalise_url, upstream_id
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from paddler.errors import BufferFull, BufferTimeout, NoUpstreamAvailable
 from paddler.interfaces import ISlotChooser
-from paddler.upstream import Upstream
+from paddler.fleet.upstream import Upstream
 
 
 class Lease:

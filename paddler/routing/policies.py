@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from zope.interface import implementer
 
 from paddler.interfaces import ISlotChooser
-from paddler.upstream import Upstream
+from paddler.fleet.upstream import Upstream
 
 
 @implementer(ISlotChooser)

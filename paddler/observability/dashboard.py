@@ -9,7 +9,7 @@ paths, see L{paddler.mgmtroot.PrefixRouter}):
 - C{GET /api/v1/state/stream}: the same as server-sent events (L{StateStream});
 - C{GET /dashboard}, C{/dashboard/}, C{/dashboard/app.js},
   C{/dashboard/style.css}: the dashboard, from package data
-  C{paddler/dashboard/};
+  C{paddler/observability/assets/};
 - C{GET /metrics}: Prometheus text (L{paddler.prometheus.PrometheusMetrics}).
 
 The field list and event format are in C{docs/observability.md}.
@@ -35,9 +35,9 @@ from zope.interface import implementer
 
 from paddler import __version__
 from paddler.errors import error_body, json_response
-from paddler.pool import UpstreamPool
-from paddler.stats import RequestStats
-from paddler.upstream import Upstream
+from paddler.fleet.pool import UpstreamPool
+from paddler.observability.requests import RequestStats
+from paddler.fleet.upstream import Upstream
 
 #: Seconds of history the dashboard charts show.
 HISTORY_WINDOW = 900.0
@@ -375,10 +375,10 @@ class ObservabilityService(Service):
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("paddler").joinpath("dashboard", name).read_bytes()
+    return resources.files("paddler.observability").joinpath("assets", name).read_bytes()
 
 
-#: Files of the dashboard (package data C{paddler/dashboard/}) and their types.
+#: Files of the dashboard (package data C{paddler/observability/assets/}) and their types.
 DASHBOARD_ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",

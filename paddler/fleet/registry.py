@@ -23,8 +23,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from paddler.pool import UpstreamPool
-from paddler.upstream import Upstream, UpstreamState, normalise_url, upstream_id
+from paddler.fleet.pool import UpstreamPool
+from paddler.fleet.upstream import Upstream, UpstreamState, normalise_url, upstream_id
 
 #: An agent may report a longer interval than the balancer's expiry assumes;
 #: it then gets this many of its own intervals.

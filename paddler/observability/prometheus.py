@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from paddler.pool import UpstreamPool
-from paddler.stats import RequestStats
+from paddler.fleet.pool import UpstreamPool
+from paddler.observability.requests import RequestStats
 
 #: Buckets of C{paddler_time_to_first_token_seconds}.
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

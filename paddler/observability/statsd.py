@@ -28,8 +28,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from paddler.pool import UpstreamPool
-from paddler.stats import RequestStats
+from paddler.fleet.pool import UpstreamPool
+from paddler.observability.requests import RequestStats
 
 #: The largest datagram sent: safe on every network path (StatsD's advice).
 MAX_DATAGRAM = 512

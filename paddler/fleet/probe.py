@@ -33,10 +33,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from paddler.httpbody import read_body
+from paddler.web.body import read_body
 from paddler.interfaces import IUpstreamProber
-from paddler.pool import UpstreamPool
-from paddler.upstream import Upstream, UpstreamState
+from paddler.fleet.pool import UpstreamPool
+from paddler.fleet.upstream import Upstream, UpstreamState
 
 PROBE_MODES = ("slots", "health")
 

@@ -39,12 +39,12 @@ from paddler.errors import (
     error_body,
     json_response as _json,
 )
-from paddler.httpbody import BodyTooLarge, read_body
-from paddler.pool import Lease, UpstreamPool
-from paddler.probe import describe_failure
-from paddler.stats import RequestStats
-from paddler.target import TargetRejected, check_target
-from paddler.upstream import Upstream, UpstreamState
+from paddler.web.body import BodyTooLarge, read_body
+from paddler.fleet.pool import Lease, UpstreamPool
+from paddler.fleet.probe import describe_failure
+from paddler.observability.requests import RequestStats
+from paddler.web.target import TargetRejected, check_target
+from paddler.fleet.upstream import Upstream, UpstreamState
 
 SLOT_PATHS = frozenset(
     {

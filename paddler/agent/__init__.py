@@ -1,0 +1,1 @@
+"""``paddler agent``: reports one llama.cpp server to a balancer."""

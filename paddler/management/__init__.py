@@ -1,0 +1,1 @@
+"""The management API (Klein): upstreams, drain/undrain, agent reports."""
