@@ -37,15 +37,13 @@ def chooser_cost(n: int, policy: str, repeat: int = 5, number: int = 2000) -> fl
 
     from paddler.routing.policies import CHOOSERS
     from paddler.fleet.pool import UpstreamPool
-    from paddler.fleet.upstream import Upstream, UpstreamState
+    from paddler.fleet.upstream import SlotsSeen, Upstream
 
     clock = Clock()
     pool = UpstreamPool(clock, CHOOSERS[policy]())
     for i in range(n):
         upstream = Upstream(f"http://10.0.{i // 250}.{i % 250 + 1}:8080", clock=clock)
-        upstream.set_state(UpstreamState.HEALTHY)
-        upstream.set_models(["bench"])
-        upstream.apply_slots(4, i % 4, upstream.probe_mark())
+        upstream.record(SlotsSeen(4, i % 4, upstream.probe_mark(), models=("bench",)), 0.0)
         pool.upstreams[upstream.id] = upstream
 
     def one() -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paddler.routing.policies import CHOOSERS
-from paddler.fleet.probe import PROBE_MODES
+from paddler.llamacpp.slots import PROBE_MODES
 from paddler.fleet.upstream import InvalidUpstreamURL, normalise_url
 
 

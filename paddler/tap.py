@@ -373,7 +373,8 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     from paddler.web.endpoints import CachingEndpointFactory
     from paddler.fleet.pool import UpstreamPool
     from paddler.fleet.probe import HTTPProber, ProbeService
-    from paddler.balancer.proxy import ProxyConfig, ProxyResource, bounded_request_factory
+    from paddler.balancer.proxy import ProxyConfig, ProxyResource
+    from paddler.web.request import bounded_request_factory
     from paddler.services import (
         AnnouncedEndpointService,
         ConnectionPoolService,

@@ -17,8 +17,10 @@ from treq.client import HTTPClient
 
 from paddler.routing.policies import MostIdleSlotsChooser
 from paddler.fleet.pool import UpstreamPool
-from paddler.balancer.proxy import ProxyConfig, ProxyResource, _BytesProducer, bounded_request_factory
-from paddler.fleet.upstream import Upstream, UpstreamState
+from paddler.balancer.proxy import ProxyConfig, ProxyResource
+from paddler.balancer.relay import BytesProducer
+from paddler.web.request import bounded_request_factory
+from paddler.fleet.upstream import SlotsSeen, Upstream
 
 from .fake_llama import FakeLlama
 
@@ -49,7 +51,7 @@ class Chunks(Protocol):
             self.done.errback(reason)
 
 
-StringProducer = _BytesProducer  # a small in-memory request body for the raw Agent
+StringProducer = BytesProducer  # a small in-memory request body for the raw Agent
 
 
 class Harness:
@@ -76,9 +78,7 @@ class Harness:
         port = reactor.listenTCP(0, Site(fake), interface="127.0.0.1")
         self._ports.append(port)
         upstream = Upstream(f"http://127.0.0.1:{port.getHost().port}", name=name, clock=self.clock)
-        upstream.set_state(UpstreamState.HEALTHY)
-        upstream.apply_slots(slots, 0, upstream.probe_mark())
-        upstream.set_models([model])
+        upstream.record(SlotsSeen(slots, 0, upstream.probe_mark(), models=(model,)), 0.0)
         self.pool.add(upstream)
         self.fakes.append(fake)
         return fake, upstream
@@ -89,8 +89,7 @@ class Harness:
             sock.bind(("127.0.0.1", 0))
             number = sock.getsockname()[1]
         upstream = Upstream(f"http://127.0.0.1:{number}", name=name, clock=self.clock)
-        upstream.set_state(UpstreamState.HEALTHY)
-        upstream.apply_slots(slots, 0, upstream.probe_mark())
+        upstream.record(SlotsSeen(slots, 0, upstream.probe_mark()), 0.0)
         self.pool.add(upstream)
         return upstream
 

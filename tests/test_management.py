@@ -13,9 +13,9 @@ from twisted.internet.task import Clock
 
 from paddler.management.api import ManagementAPI
 from paddler.fleet.registry import AgentRegistry
-from paddler.fleet.upstream import Upstream, UpstreamState, upstream_id
+from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState, upstream_id
 
-from .helpers import healthy_upstream, make_pool
+from .helpers import healthy_upstream, make_pool, mark_healthy
 
 BASE = "http://mgmt"
 TOKEN = "s3cret-token"
@@ -37,8 +37,7 @@ class FakeProbes:
             self.pending.append(d)
         else:
             if self.healthy:
-                upstream.set_state(UpstreamState.HEALTHY)
-                upstream.apply_slots(4, 0, upstream.probe_mark())
+                upstream.record(SlotsSeen(4, 0, upstream.probe_mark()), 0.0)
             d.callback(None)
         return d
 
@@ -187,7 +186,7 @@ async def test_registered_upstream_takes_no_traffic_before_its_first_probe():
     [up] = h.pool.upstreams.values()
     assert up.state is UpstreamState.UNKNOWN and h.pool.eligible(None) == []
     assert answered == []
-    up.set_state(UpstreamState.HEALTHY)
+    mark_healthy(up, 4)
     h.probes.pending[0].callback(None)
     h.http.flush()
     assert answered, "no answer once the probe finished"

@@ -31,7 +31,7 @@ from paddler.simulator.testing import MemoryExchange, MemoryHTTPClient
 from paddler.observability.requests import RequestStats
 from paddler.fleet.upstream import Upstream, UpstreamState
 
-from .helpers import healthy_upstream, make_pool
+from .helpers import healthy_upstream, make_pool, mark_unreachable
 
 
 def fired(d: Deferred) -> Any:
@@ -123,7 +123,7 @@ def test_state_totals_count_slots_buffer_and_flight(fleet: Fleet) -> None:
     oldest one's wait, our requests in flight, healthy/total upstreams."""
     a = fleet.add("http://10.0.0.1:8080", total=2, processing=1)
     b = fleet.add("http://10.0.0.2:8080", total=3)
-    b.set_state(UpstreamState.UNREACHABLE, "connection refused")
+    mark_unreachable(b, "connection refused")
     lease = fired(fleet.pool.acquire())
     assert lease.upstream is a
     waiting = fleet.pool.acquire()
@@ -155,7 +155,7 @@ def test_state_describes_every_field_of_every_upstream(fleet: Fleet) -> None:
     a = fleet.add("http://10.0.0.1:8080", total=4, processing=1, name="alpha")
     fleet.clock.advance(1.5)
     b.last_report_at = fleet.clock.seconds() - 0.5
-    b.set_state(UpstreamState.UNREACHABLE, "connection refused")
+    mark_unreachable(b, "connection refused")
     a.requests_served = 7
     a.requests_failed = 2
 

@@ -6,9 +6,9 @@ from twisted.internet.task import Clock
 
 from paddler.routing.policies import RoundRobinChooser
 from paddler.errors import BufferFull, BufferTimeout, NoUpstreamAvailable
-from paddler.fleet.upstream import UpstreamState
+from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState
 
-from .helpers import healthy_upstream, make_pool
+from .helpers import healthy_upstream, make_pool, mark_unreachable
 
 
 def lease_of(d):
@@ -121,13 +121,11 @@ def test_zero_upstreams_buffers_then_a_new_upstream_serves_every_waiter():
 def test_unknown_upstream_is_not_used_until_probed_healthy():
     clock = Clock()
     pool = make_pool(clock)
-    up = healthy_upstream("http://a:1", total=2)
-    up.state = UpstreamState.UNKNOWN
-    pool.add(up)
+    up = pool.add(Upstream("http://a:1"))
+    assert up.state is UpstreamState.UNKNOWN
     wait = lease_of(pool.acquire())
     assert wait == []
-    up.set_state(UpstreamState.HEALTHY)
-    pool.capacity_changed()
+    pool.observe(up, SlotsSeen(2, 0, up.probe_mark()))
     assert len(wait) == 1
 
 
@@ -190,7 +188,7 @@ def test_health_totals_add_up_over_the_fleet():
     pool.add(healthy_upstream("http://a:1", total=4, processing=1))
     pool.add(healthy_upstream("http://b:1", total=2, processing=2))
     down = pool.add(healthy_upstream("http://c:1", total=8))
-    down.set_state(UpstreamState.UNREACHABLE)
+    mark_unreachable(down)
     status, body = pool.health()
     assert status == 200
     assert body == {

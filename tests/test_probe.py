@@ -11,11 +11,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from paddler.interfaces import IUpstreamProber
-from paddler.fleet.probe import HTTPProber, ProbeError, ProbeService, count_processing, parse_metric
+from paddler.fleet.probe import HTTPProber, ProbeService
+from paddler.llamacpp.errors import ProbeError
+from paddler.llamacpp.metrics import metric_value as parse_metric
+from paddler.llamacpp.slots import count_processing
 from paddler.fleet.upstream import Upstream, UpstreamState
 
 from .fake_llama import FakeLlama
-from .helpers import make_pool
+from .helpers import make_pool, mark_healthy
 
 
 def setup(fake: FakeLlama, mode: str = "slots", unhealthy_after: int = 2, api_key=None):
@@ -101,7 +104,7 @@ def test_unreachable_only_after_consecutive_failures_and_one_log_per_change():
     fake = FakeLlama()
     fake.slots_status = 500
     _, _, stub, prober, upstream = setup(fake, unhealthy_after=2)
-    upstream.set_state(UpstreamState.HEALTHY)
+    mark_healthy(upstream)
     with capturedLogs() as events:
         run(stub, prober.probe(upstream))
         assert upstream.state is UpstreamState.HEALTHY and upstream.consecutive_failures == 1

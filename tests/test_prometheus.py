@@ -12,7 +12,7 @@ from paddler.observability.prometheus import PrometheusMetrics
 from paddler.observability.requests import RequestStats
 from paddler.fleet.upstream import UpstreamState
 
-from .helpers import healthy_upstream, make_pool
+from .helpers import healthy_upstream, make_pool, mark_unreachable
 
 
 def scrape(metrics: PrometheusMetrics) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def make_fleet():  # type: ignore[no-untyped-def]
     a.last_probe_at = clock.seconds()
     b = healthy_upstream("http://10.0.0.2:8080", total=2, clock=clock)
     b.name = "gpu-2"
-    b.set_state(UpstreamState.UNREACHABLE, "refused")
+    mark_unreachable(b, "refused")
     pool.add(a)
     pool.add(b)
     return clock, pool, stats, a, b

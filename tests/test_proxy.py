@@ -19,7 +19,7 @@ from .proxy_harness import Chunks, Harness, StringProducer, make_harness, turn, 
 
 
 class FakeUpstreamTransport:
-    """The upstream response's transport as a L{_Relay} sees it."""
+    """The upstream response's transport as a L{Relay} sees it."""
 
     paused = stopped = False
 
@@ -34,7 +34,7 @@ class FakeUpstreamTransport:
 
 
 class FakeClientRequest:
-    """The client's request as a L{_Relay} sees it: a consumer that takes a producer."""
+    """The client's request as a L{Relay} sees it: a consumer that takes a producer."""
 
     producer = None
     channel = object()
@@ -335,12 +335,12 @@ def test_idle_timer_is_suspended_while_the_client_applies_backpressure():
     """A slow client pauses the upstream; that silence must not count as upstream idleness."""
     from twisted.internet.task import Clock
 
-    from paddler.balancer.proxy import _Relay
+    from paddler.balancer.relay import Relay
 
 
     clock = Clock()
     request = FakeClientRequest()
-    relay = _Relay(request, clock, idle_timeout=10)
+    relay = Relay(request, clock, idle_timeout=10)
     relay.makeConnection(FakeUpstreamTransport())
     assert request.producer is relay
     relay.pauseProducing()
@@ -372,11 +372,11 @@ def test_idle_deadline_moves_with_every_chunk_without_rescheduling_the_timer():
     fires exactly idle_timeout after the last chunk."""
     from twisted.internet.task import Clock
 
-    from paddler.balancer.proxy import _Relay
+    from paddler.balancer.relay import Relay
 
 
     clock = Clock()
-    relay = _Relay(FakeClientRequest(), clock, idle_timeout=10)
+    relay = Relay(FakeClientRequest(), clock, idle_timeout=10)
     relay.makeConnection(FakeUpstreamTransport())
     [timer] = clock.getDelayedCalls()
     for _ in range(5):

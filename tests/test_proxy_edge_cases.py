@@ -20,9 +20,10 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from paddler.fleet.probe import HTTPProber
-from paddler.balancer.proxy import ProxyConfig, _Relay
+from paddler.balancer.proxy import ProxyConfig
+from paddler.balancer.relay import Relay
 from paddler.services import AnnouncedEndpointService
-from paddler.fleet.upstream import Upstream, UpstreamState
+from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState
 
 from .helpers import make_pool
 from .proxy_harness import Chunks, Harness, StringProducer, make_harness, until
@@ -64,7 +65,7 @@ def test_data_arriving_while_paused_does_not_rearm_the_idle_timer():
         def stopProducing(self): self.stopped = True
 
     clock = Clock()
-    relay = _Relay(Request(), clock, idle_timeout=10)
+    relay = Relay(Request(), clock, idle_timeout=10)
     relay.makeConnection(Transport())
     relay.dataReceived(b"data: 1\n\n")  # this write fills the client's buffer...
     relay.pauseProducing()              # ...so the channel pauses us, synchronously
@@ -99,8 +100,7 @@ def add_resource(h, resource, name, slots=8):
     port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
     h._ports.append(port)
     up = Upstream(f"http://127.0.0.1:{port.getHost().port}", name=name, clock=h.clock)
-    up.set_state(UpstreamState.HEALTHY)
-    up.apply_slots(slots, 0, up.probe_mark())
+    up.record(SlotsSeen(slots, 0, up.probe_mark()), 0.0)
     h.pool.add(up)
     return up
 

@@ -16,7 +16,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
-from paddler.balancer.proxy import ProxyConfig, ProxyResource, bounded_request_factory
+from paddler.balancer.proxy import ProxyConfig, ProxyResource
+from paddler.web.request import bounded_request_factory
 from paddler.web.target import Target, TargetRejected, check_target
 
 from .fake_llama import FakeLlama

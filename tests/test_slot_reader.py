@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest_twisted
 from treq.testing import StubTreq
 
-from paddler.fleet.probe import Loading, ProbeError, http_getter, read_slots
+from paddler.llamacpp.errors import Loading, ProbeError
+from paddler.llamacpp.slots import http_getter, read_slots
 
 from .fake_llama import FakeLlama
 

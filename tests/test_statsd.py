@@ -29,7 +29,7 @@ from paddler.observability.statsd import (
 from paddler.tap import Options
 from paddler.fleet.upstream import UpstreamState
 
-from .helpers import healthy_upstream, make_pool
+from .helpers import healthy_upstream, make_pool, mark_unreachable
 
 DEADLINE = 5.0
 
@@ -90,7 +90,7 @@ def fleet_with_requests(clock: Clock):  # type: ignore[no-untyped-def]
     a.name = "gpu-1.example.com"
     b = healthy_upstream("http://10.0.0.2:8080", total=2)
     b.name = "big box/2"
-    b.set_state(UpstreamState.UNREACHABLE, "refused")
+    mark_unreachable(b, "refused")
     pool.add(a)
     pool.add(b)
     return pool, stats

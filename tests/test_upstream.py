@@ -3,7 +3,7 @@
 import pytest
 from twisted.logger import LogLevel, capturedLogs
 
-from paddler.fleet.upstream import InvalidUpstreamURL, Upstream, UpstreamState, normalise_url, upstream_id
+from paddler.fleet.upstream import FailureSeen, InvalidUpstreamURL, SlotsSeen, Upstream, UpstreamState, normalise_url, upstream_id
 
 
 @pytest.mark.parametrize(
@@ -95,8 +95,8 @@ def test_processing_never_exceeds_total_nor_goes_negative():
 def test_state_change_logs_one_event_and_repeat_logs_nothing():
     u = Upstream("http://a:1", name="gpu-1")
     with capturedLogs() as events:
-        assert u.set_state(UpstreamState.UNREACHABLE, "connection refused")
-        assert not u.set_state(UpstreamState.UNREACHABLE, "connection refused")
+        assert u.record(FailureSeen("connection refused"), 1.0)
+        assert not u.record(FailureSeen("connection refused"), 2.0)
     assert len(events) == 1
     assert events[0]["log_level"] == LogLevel.info
     assert (events[0]["name"], events[0]["previous"], events[0]["state"]) == ("gpu-1", "unknown", "unreachable")
@@ -104,8 +104,7 @@ def test_state_change_logs_one_event_and_repeat_logs_nothing():
 
 def test_status_shows_busy_and_draining():
     u = Upstream("http://a:1")
-    u.set_state(UpstreamState.HEALTHY)
-    u.apply_slots(1, 0, u.probe_mark())
+    u.record(SlotsSeen(1, 0, u.probe_mark()), 0.0)
     assert u.status == "healthy" and u.accepts_requests
     u.take_lease()
     assert u.status == "busy"

@@ -34,7 +34,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paddler.web.body import read_body
-from paddler.fleet.probe import Loading, _error_message, describe_failure, http_getter, read_slots
+from paddler.llamacpp.errors import Loading, error_message
+from paddler.llamacpp.slots import http_getter, read_slots
+from paddler.web.failures import describe_failure
 from paddler.fleet.upstream import normalise_url, upstream_id
 
 
@@ -262,7 +264,7 @@ class AgentService(Service):
             response = await self._http.request(method, self._balancer + path, data=data, headers=headers)
             content = await read_body(response, limit=1024 * 1024)
             if response.code >= 400:
-                raise BalancerRejected(response.code, _error_message(content))
+                raise BalancerRejected(response.code, error_message(content))
             return json.loads(content) if content else None
 
         d = ensureDeferred(call())

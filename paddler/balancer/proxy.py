@@ -1,37 +1,33 @@
-"""The reverse proxy: takes a slot, streams the answer back, gives the slot back.
+"""The reverse proxy: takes a slot, sends the request upstream, relays the answer, gives the slot back.
 
-Request bodies are read whole before dispatch (bounded by
-``--max-request-body``), so a request can be retried on another upstream;
-response bodies are relayed chunk by chunk with backpressure both ways and
-are never held in memory.
+Retries: a refused or reset connection before any response byte, and a 503
+to a slot-taking request, go to another upstream (at most
+``--max-retries``); nothing is retried once a byte reached the client.
+C{/health} and C{/slots} are answered here for the whole fleet.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
-from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web import server
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
+from paddler.balancer.relay import BytesProducer, Relay, UpstreamIdleTimeout
 from paddler.errors import (
     BadRequest,
     NoUpstreamAvailable,
-    NotFound,
     PaddlerHTTPError,
     RequestTooLarge,
     UpstreamFailed,
@@ -39,12 +35,12 @@ from paddler.errors import (
     error_body,
     json_response as _json,
 )
-from paddler.web.body import BodyTooLarge, read_body
 from paddler.fleet.pool import Lease, UpstreamPool
-from paddler.fleet.probe import describe_failure
+from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
+from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
-from paddler.web.target import TargetRejected, check_target
-from paddler.fleet.upstream import Upstream, UpstreamState
+from paddler.web.body import BodyTooLarge, read_body
+from paddler.web.failures import describe_failure
 
 SLOT_PATHS = frozenset(
     {
@@ -95,181 +91,9 @@ class ProxyConfig:
     max_retries: int = 3
 
 
-class UpstreamIdleTimeout(Exception):
-    """No byte from the upstream within the idle timeout, mid-stream."""
-
-
-class BoundedRequest(server.Request):
-    """A request that keeps at most C{max_body} bytes of body and flags the rest."""
-
-    max_body = 10 * 1024 * 1024
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.body_too_large = False
-        self.target_error: TargetRejected | None = None
-        self._body_received = 0
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        try:
-            target = check_target(command, path, self.requestHeaders.getRawHeaders(b"host"), version)
-        except TargetRejected as e:
-            self.target_error = e
-            path = b"/"  # nothing of the rejected target reaches a resource
-        else:
-            path = target.uri
-            if target.host is not None:
-                self.requestHeaders.setRawHeaders(b"host", [target.host])
-        super().requestReceived(command, path, version)
-
-    def process(self) -> None:
-        error = self.target_error
-        if error is None:
-            super().process()
-            return
-        self.site = self.channel.site  # type: ignore[attr-defined]  # a Site's channel
-        if error.status == 405:
-            self.setHeader(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
-        body = error_body(error.status, error.message, "invalid_request_error")
-        self.write(_json(self, error.status, body))
-        self.finish()
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._body_received += len(data)
-        if self._body_received > self.max_body:
-            if not self.body_too_large:
-                self.body_too_large = True
-                self.content = BytesIO()
-            return
-        super().handleContentChunk(data)
-
-
-def bounded_request_factory(max_body: int) -> type[BoundedRequest]:
-    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body already in memory (bounded by --max-request-body)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IPushProducer)
-class _Relay(Protocol):
-    """
-    Receives an upstream response body and writes each chunk to the client as
-    it arrives. It is the client connection's producer, so a slow client
-    pauses the upstream socket; C{done} fires when the body ends, fails on an
-    upstream error or idle timeout, and cancelling it aborts the upstream.
-    """
-
-    transport: Any
-
-    def __init__(self, request: server.Request, clock: IReactorTime, idle_timeout: float) -> None:
-        self._request = request
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._idle_call: IDelayedCall | None = None
-        self._last_activity = 0.0
-        self.first_byte_at: float | None = None
-        self._paused = False
-        self.done: Deferred[None] = Deferred(self._cancel)
-
-    def connectionMade(self) -> None:
-        self._request.registerProducer(self, True)
-        self._arm()
-
-    def _arm(self) -> None:
-        # Data only moves the deadline (a float); the timer checks it when it
-        # fires instead of being rescheduled for every chunk.
-        if self._paused:
-            return
-        self._last_activity = self._clock.seconds()
-        if self._idle_call is None or not self._idle_call.active():
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._idle)
-
-    def _disarm(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
-
-    def _unregister(self) -> None:
-        if self._request.producer is self and self._request.channel is not None:
-            self._request.unregisterProducer()
-
-    def _idle(self) -> None:
-        self._idle_call = None
-        quiet = self._clock.seconds() - self._last_activity
-        if quiet < self._idle_timeout:
-            self._idle_call = self._clock.callLater(self._idle_timeout - quiet, self._idle)
-            return
-        self._unregister()
-        if not self.done.called:
-            self.done.errback(
-                UpstreamIdleTimeout(f"no data from the upstream for {self._idle_timeout:g} s")
-            )
-        self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        if self.first_byte_at is None:
-            self.first_byte_at = self._clock.seconds()
-        self._arm()
-        self._request.write(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        self._disarm()
-        self._unregister()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def _cancel(self, _: Deferred[None]) -> None:
-        self._disarm()
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    # IPushProducer, on behalf of the upstream connection. While the client
-    # is not reading, the upstream is paused and its silence is not its fault.
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._disarm()
-        self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if not self.done.called:
-            self._arm()
-        self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.transport.stopProducing()
+def _client_gone(request: server.Request) -> bool:
+    """Whether the client's connection closed (L{paddler.web.request.BoundedRequest} flags it)."""
+    return bool(getattr(request, "client_gone", False)) or request.channel is None
 
 
 def _was_cancelled(error: Exception) -> bool:
@@ -415,10 +239,8 @@ class ProxyResource(Resource):
         raise UpstreamFailed(f"every upstream tried failed; last: {last_error}")
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        upstream.consecutive_failures += 1
         upstream.requests_failed += 1
-        upstream.set_state(UpstreamState.UNREACHABLE, reason)
-        self._pool.notify("changed", upstream)
+        self._pool.observe(upstream, FailureSeen(reason, source="proxy"))
 
     async def _refused(self, upstream: Upstream, response: IResponse) -> str:
         """An upstream answered 503 before any byte reached the client: note why."""
@@ -428,13 +250,9 @@ class ProxyResource(Resource):
             raw = await d
         except (BodyTooLarge, DeferredTimeout):
             return "503 with an unreadable body"
-        try:
-            reason = str(json.loads(raw)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            reason = raw[:200].decode("utf-8", "replace")
-        if reason == "Loading model":
-            upstream.set_state(UpstreamState.LOADING, reason)
-            self._pool.notify("changed", upstream)
+        reason = error_message(raw)
+        if reason == LOADING_MESSAGE:
+            self._pool.observe(upstream, LoadingSeen(source="proxy"))
         return reason
 
     def _upstream_headers(self, request: server.Request, upstream: Upstream) -> Headers:
@@ -468,7 +286,7 @@ class ProxyResource(Resource):
         return headers
 
     async def _send(self, upstream: Upstream, request: server.Request, body: bytes) -> IResponse:
-        producer = _BytesProducer(body) if body or request.method in (b"POST", b"PUT", b"PATCH") else None
+        producer = BytesProducer(body) if body or request.method in (b"POST", b"PUT", b"PATCH") else None
         d = self._agent.request(
             request.method,
             upstream_uri(upstream, request.uri),
@@ -496,7 +314,7 @@ class ProxyResource(Resource):
         for name, values in response.headers.getAllRawHeaders():
             if name.lower() not in HOP_BY_HOP:
                 request.responseHeaders.setRawHeaders(name, values)
-        relay = _Relay(request, self._clock, self.config.idle_timeout)
+        relay = Relay(request, self._clock, self.config.idle_timeout)
         response.deliverBody(relay)
         try:
             await relay.done
@@ -524,11 +342,11 @@ class ProxyResource(Resource):
             request.loseConnection()
             return
         self._record(request, response.code, started, relay, upstream)
-        if not request.finished and not request._disconnected:
+        if not request.finished and not _client_gone(request):
             request.finish()
 
     def _record(
-        self, request: server.Request, status: int, started: float, relay: _Relay, upstream: Upstream
+        self, request: server.Request, status: int, started: float, relay: Relay, upstream: Upstream
     ) -> None:
         ttfb = None if relay.first_byte_at is None else relay.first_byte_at - started
         request.paddler_recorded = True  # type: ignore[attr-defined]
@@ -554,7 +372,7 @@ class ProxyResource(Resource):
             payload = error_body(500, "internal error in the balancer", "server_error")
             headers = {}
         self.stats.record(status, self._clock.seconds() - started, path=request.path.decode("latin-1"))
-        if request.finished or request._disconnected:
+        if request.finished or _client_gone(request):
             return
         if request.startedWriting:
             request.loseConnection()

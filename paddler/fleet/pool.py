@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from paddler.errors import BufferFull, BufferTimeout, NoUpstreamAvailable
 from paddler.interfaces import ISlotChooser
-from paddler.fleet.upstream import Upstream
+from paddler.fleet.upstream import Observation, Upstream
 
 
 class Lease:
@@ -120,6 +120,22 @@ class UpstreamPool:
         for waiting in self._removals.pop(upstream_id, []):
             waiting.callback(upstream)
         return upstream
+
+    # -- what is learnt about an upstream ----------------------------------
+
+    def observe(self, upstream: Upstream, observation: Observation) -> None:
+        """
+        The one place where an upstream's health and slots change: a probe,
+        an agent report or the proxy hands over what it saw; the upstream
+        applies its transition table, listeners hear of it and freed
+        capacity goes to waiters now. Observations of an upstream no longer
+        in the pool (removed while a probe ran) are dropped.
+        """
+        if self.upstreams.get(upstream.id) is not upstream:
+            return
+        upstream.record(observation, self.clock.seconds())
+        self.notify("changed", upstream)
+        self.capacity_changed()
 
     # -- draining ---------------------------------------------------------
     #

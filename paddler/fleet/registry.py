@@ -24,7 +24,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from paddler.fleet.pool import UpstreamPool
-from paddler.fleet.upstream import Upstream, UpstreamState, normalise_url, upstream_id
+from paddler.fleet.upstream import (
+    FailureSeen,
+    LoadingSeen,
+    Observation,
+    SlotsSeen,
+    Upstream,
+    UpstreamState,
+    normalise_url,
+    upstream_id,
+)
 
 #: An agent may report a longer interval than the balancer's expiry assumes;
 #: it then gets this many of its own intervals.
@@ -158,18 +167,6 @@ class AgentRegistry(Service):
             upstream = Upstream(url, report.name, source="agent", clock=self.clock)
         else:
             upstream.name = report.name
-        # The agent's numbers are absolute, like a probe's, so they go through
-        # apply_slots with a mark taken now. Caveat: the agent read them up to
-        # one report interval (plus transit) ago; a request of ours started
-        # since then is subtracted although the server did not count it yet,
-        # and one finished since then is counted as someone else's. Either
-        # error lasts one report interval, and the next report overwrites it.
-        upstream.apply_slots(report.slots_total, report.slots_processing, upstream.probe_mark())
-        if report.models:
-            upstream.set_models(report.models)
-        upstream.set_state(report.state, report.error)
-        upstream.last_report_at = now
-        upstream.consecutive_failures = 0 if report.state is UpstreamState.HEALTHY else upstream.consecutive_failures + 1
 
         if record is None:
             record = AgentRecord(agent_id, uid, report.name, now)
@@ -190,11 +187,29 @@ class AgentRegistry(Service):
                 self.pool.undrain(uid)
 
         if existing is None:
-            self.pool.add(upstream)  # notifies "added" and hands out the new slots
-        else:
-            self.pool.notify("changed", upstream)
-            self.pool.capacity_changed()
+            self.pool.add(upstream)
+        self.pool.observe(upstream, self._observation(report, upstream))
         return upstream
+
+    @staticmethod
+    def _observation(report: AgentReport, upstream: Upstream) -> Observation:
+        # The agent's numbers are absolute, like a probe's, so they come with
+        # a mark taken now. Caveat: the agent read them up to one report
+        # interval (plus transit) ago; a request of ours started since then is
+        # subtracted although the server did not count it yet, and one
+        # finished since then is counted as someone else's. Either error
+        # lasts one report interval, and the next report overwrites it.
+        if report.state is UpstreamState.LOADING:
+            return LoadingSeen(source="agent")
+        if report.state is UpstreamState.UNREACHABLE:
+            return FailureSeen(report.error or "its agent says it is unreachable", source="agent")
+        return SlotsSeen(
+            report.slots_total,
+            report.slots_processing,
+            upstream.probe_mark(),
+            source="agent",
+            models=report.models or None,
+        )
 
     # -- expiry -----------------------------------------------------------
 

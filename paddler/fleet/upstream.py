@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,12 +25,91 @@ from twisted.logger import Logger
 
 
 class UpstreamState(enum.Enum):
-    """Health of an upstream, as the probes see it (drawn in docs/states.md)."""
+    """Health of an upstream, as probes, agents and the proxy see it (drawn in docs/states.md)."""
 
     UNKNOWN = "unknown"
     HEALTHY = "healthy"
     LOADING = "loading"
     UNREACHABLE = "unreachable"
+
+
+class Event(enum.Enum):
+    """What an observation says about an upstream's health."""
+
+    SERVING = "serving"  # its slots were read: it can take requests
+    LOADING = "loading"  # it answered 503 "Loading model"
+    FAILING = "failing"  # a failed probe, below --unhealthy-after in a row
+    UNREACHABLE = "unreachable"  # failures reached the bound, a connection broke, or its agent says so
+
+
+_S, _E = UpstreamState, Event
+#: Every (state, event) pair and the state it leads to; nothing else moves an upstream.
+TRANSITIONS: dict[tuple[UpstreamState, Event], UpstreamState] = {
+    (_S.UNKNOWN, _E.SERVING): _S.HEALTHY,
+    (_S.UNKNOWN, _E.LOADING): _S.LOADING,
+    (_S.UNKNOWN, _E.FAILING): _S.UNKNOWN,
+    (_S.UNKNOWN, _E.UNREACHABLE): _S.UNREACHABLE,
+    (_S.HEALTHY, _E.SERVING): _S.HEALTHY,
+    (_S.HEALTHY, _E.LOADING): _S.LOADING,
+    (_S.HEALTHY, _E.FAILING): _S.HEALTHY,
+    (_S.HEALTHY, _E.UNREACHABLE): _S.UNREACHABLE,
+    (_S.LOADING, _E.SERVING): _S.HEALTHY,
+    (_S.LOADING, _E.LOADING): _S.LOADING,
+    (_S.LOADING, _E.FAILING): _S.LOADING,
+    (_S.LOADING, _E.UNREACHABLE): _S.UNREACHABLE,
+    (_S.UNREACHABLE, _E.SERVING): _S.HEALTHY,
+    (_S.UNREACHABLE, _E.LOADING): _S.LOADING,
+    (_S.UNREACHABLE, _E.FAILING): _S.UNREACHABLE,
+    (_S.UNREACHABLE, _E.UNREACHABLE): _S.UNREACHABLE,
+}
+
+
+@dataclass(frozen=True)
+class SlotsSeen:
+    """The upstream's slots were read (a probe, or its agent's report): it serves.
+
+    C{processing} is C{None} when the server does not say (then every busy
+    slot is assumed to be ours); C{mark} is L{Upstream.probe_mark} taken
+    just before the request whose answer gave C{processing}; C{models} and
+    C{raw_slots} are C{None} when they were not read this time.
+    """
+
+    total: int
+    processing: int | None
+    mark: int
+    source: str = "probe"
+    models: tuple[str, ...] | None = None
+    raw_slots: list[Any] | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadingSeen:
+    """The upstream answered 503 "Loading model"."""
+
+    source: str = "probe"
+
+
+@dataclass(frozen=True)
+class FailureSeen:
+    """A request to the upstream failed with C{reason}.
+
+    The upstream becomes unreachable once C{unreachable_after} failures
+    came in a row: a probe passes ``--unhealthy-after``; a broken
+    connection of a proxied request, or an agent saying "unreachable",
+    passes 1.
+    """
+
+    reason: str
+    unreachable_after: int = 1
+    source: str = "probe"
+
+
+Observation = SlotsSeen | LoadingSeen | FailureSeen
+
+
+#: The last_error of an upstream that is loading its model.
+LOADING_REASON = "Loading model"
 
 
 class InvalidUpstreamURL(ValueError):
@@ -87,7 +167,7 @@ class Upstream:
         self.api_key = api_key
         self.source = source
         self._clock = clock
-        self.state = UpstreamState.UNKNOWN
+        self._state = UpstreamState.UNKNOWN
         self.draining = False
         self.drain_requested = False  # drained on request (API), not by expiry
         self.slots_total = 0
@@ -103,6 +183,7 @@ class Upstream:
         self.requests_served = 0
         self.requests_failed = 0
         self.added_at = clock.seconds() if clock is not None else 0.0
+        self.state_since = self.added_at
         self._next_lease = 0
         self._leases: set[int] = set()
 
@@ -173,19 +254,56 @@ class Upstream:
             return "busy"
         return self.state.value
 
-    def set_state(self, state: UpstreamState, error: str | None = None) -> bool:
-        """Move to C{state}; log one event per change. Return whether it changed."""
-        self.last_error = error
-        if state is self.state:
+    @property
+    def state(self) -> UpstreamState:
+        """The health state; it changes only through L{record} (see L{TRANSITIONS})."""
+        return self._state
+
+    def record(self, observation: Observation, now: float) -> bool:
+        """
+        Take one observation: the slot figures it carries, the failure count,
+        the time, and the state L{TRANSITIONS} gives. Return whether the state
+        changed (logged once per change). L{paddler.fleet.pool.UpstreamPool.observe}
+        calls it and tells everyone; nothing else should.
+        """
+        if isinstance(observation, SlotsSeen):
+            event = Event.SERVING
+            self.consecutive_failures = 0
+            self.last_error = None
+            self.apply_slots(observation.total, observation.processing, observation.mark)
+            if observation.models is not None:
+                self.set_models(observation.models)
+            if observation.raw_slots is not None:
+                self.raw_slots = observation.raw_slots
+            if observation.method is not None:
+                self.probe_method = observation.method
+        elif isinstance(observation, LoadingSeen):
+            event = Event.LOADING
+            self.consecutive_failures = 0
+            self.last_error = LOADING_REASON
+        else:
+            self.consecutive_failures += 1
+            self.last_error = observation.reason
+            enough = self.consecutive_failures >= observation.unreachable_after
+            event = Event.UNREACHABLE if enough else Event.FAILING
+        if observation.source == "agent":
+            self.last_report_at = now
+        elif observation.source == "probe" and not isinstance(observation, FailureSeen):
+            self.last_probe_at = now
+        return self._move(TRANSITIONS[self._state, event], now)
+
+    def _move(self, state: UpstreamState, now: float) -> bool:
+        if state is self._state:
             return False
-        previous, self.state = self.state, state
+        previous, self._state = self._state, state
+        self.state_since = now
         self.log.info(
             "upstream {name} ({url}) {previous} -> {state}{reason}",
             name=self.name,
             url=self.url,
             previous=previous.value,
             state=state.value,
-            reason=f": {error}" if error else "",
+            reason=f": {self.last_error}" if self.last_error and state is not UpstreamState.HEALTHY else "",
             upstream_id=self.id,
         )
         return True

@@ -1,0 +1,156 @@
+"""Reading a llama.cpp server's slots, shared by the balancer's probes and the agent.
+
+- ``GET /slots`` (``is_processing`` in new servers, ``state`` 0/1 in old ones);
+  a server answering 501 (``--no-slots``) or 404 falls back to
+- ``GET /props`` for ``total_slots`` and ``GET /metrics`` for
+  ``llamacpp:requests_processing`` where metrics are on;
+- in ``health`` mode, ``GET /health`` plus ``GET /props``: neither wakes a
+  server started with ``--sleep-idle-seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from paddler.llamacpp.errors import LOADING_MESSAGE, Loading, ProbeError, error_message
+from paddler.llamacpp.metrics import metric_value
+from paddler.web.body import read_body
+
+#: How the slots can be read (``--probe-mode``).
+PROBE_MODES = ("slots", "health")
+
+
+def count_processing(slots: list[Any]) -> int:
+    """Busy slots in a C{/slots} answer: ``is_processing`` (new) or ``state`` 0/1 (old)."""
+    busy = 0
+    for slot in slots:
+        if not isinstance(slot, dict):
+            raise ProbeError("/slots entries must be objects")
+        if "is_processing" in slot:
+            busy += bool(slot["is_processing"])
+        elif "state" in slot:
+            busy += slot["state"] != 0
+        else:
+            raise ProbeError("/slots entry has neither is_processing nor state")
+    return busy
+
+
+#: C{get(path)} -> C{(status, body)}; raises L{Loading} on 503 "Loading model".
+Getter = Callable[[str], Awaitable[tuple[int, bytes]]]
+
+
+def http_getter(http_client: Any, base_url: str, api_key: str | None = None) -> Getter:
+    """A L{Getter} for the llama.cpp server at C{base_url} (C{http_client} is a treq C{HTTPClient})."""
+    headers = {b"authorization": [b"Bearer " + api_key.encode("utf-8")]} if api_key else {}
+
+    async def get(path: str) -> tuple[int, bytes]:
+        response = await http_client.get(base_url + path, headers=headers)
+        body = await read_body(response)
+        if response.code == 503 and error_message(body) == LOADING_MESSAGE:
+            raise Loading()
+        return response.code, body
+
+    return get
+
+
+@dataclass
+class SlotReading:
+    """One look at a server's slots.
+
+    C{processing} is C{None} when the server does not say; C{models} is
+    C{None} when they were not read this time; C{method} is how the slots
+    were read (``slots`` or, after a 404/501 on C{/slots}, ``props``);
+    C{mark} is what C{mark()} returned just before the request whose answer
+    gave C{processing} was sent.
+    """
+
+    total: int
+    processing: int | None
+    method: str
+    models: tuple[str, ...] | None = None
+    raw_slots: list[Any] | None = None
+    mark: int = 0
+
+
+def _require_ok(path: str, code: int, body: bytes) -> None:
+    if code != 200:
+        raise ProbeError(f"{path} answered {code}: {error_message(body)}")
+
+
+async def _read_props(get: Getter) -> tuple[int, tuple[str, ...]]:
+    code, body = await get("/props")
+    _require_ok("/props", code, body)
+    try:
+        props = json.loads(body)
+        total = int(props["total_slots"])
+    except (ValueError, KeyError, TypeError):
+        raise ProbeError("/props has no total_slots")
+    models = (str(props.get("model_alias") or ""), str(props.get("model_path") or ""))
+    return total, models
+
+
+async def _read_models(get: Getter) -> tuple[str, ...] | None:
+    """The model names from C{/props}, else C{/v1/models}; never fatal."""
+    try:
+        _, models = await _read_props(get)
+        return models
+    except (ProbeError, Loading):
+        pass
+    code, body = await get("/v1/models")
+    if code != 200:
+        return None
+    try:
+        data = json.loads(body)["data"]
+        names: list[str] = []
+        for entry in data:
+            names.append(str(entry["id"]))
+            names.extend(str(alias) for alias in entry.get("aliases", []))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return tuple(names)
+
+
+async def read_slots(
+    get: Getter,
+    method: str = "slots",
+    mode: str = "slots",
+    want_models: bool = True,
+    mark: Callable[[], int] = lambda: 0,
+) -> SlotReading:
+    """
+    Read the slots of the server behind C{get}: C{/slots}, falling back to
+    C{/props} + C{/metrics} on 404/501 (or directly when C{method} is
+    ``props``); in C{mode} ``health``, C{/health} + C{/props}. Raises
+    L{Loading} or L{ProbeError}.
+    """
+    if mode == "health":
+        taken = mark()
+        code, body = await get("/health")
+        _require_ok("/health", code, body)
+        total, models = await _read_props(get)
+        return SlotReading(total, None, "health", models, mark=taken)
+    if method != "props":
+        taken = mark()
+        code, body = await get("/slots")
+        if code not in (404, 501):
+            _require_ok("/slots", code, body)
+            try:
+                slots = json.loads(body)
+            except ValueError:
+                raise ProbeError("/slots answered invalid JSON")
+            if not isinstance(slots, list):
+                raise ProbeError("/slots answer is not a list")
+            busy = count_processing(slots)
+            names = await _read_models(get) if want_models else None
+            return SlotReading(len(slots), busy, "slots", names, slots, taken)
+    taken = mark()
+    total, models = await _read_props(get)
+    code, body = await get("/metrics")
+    processing: int | None = None
+    if code == 200:
+        value = metric_value(body.decode("utf-8", "replace"), "llamacpp:requests_processing")
+        processing = None if value is None else int(value)
+    return SlotReading(total, processing, "props", models, mark=taken)
