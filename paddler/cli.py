@@ -1,19 +1,49 @@
-"""The ``paddler`` console script: ``twistd -n paddler ...`` for people who do not know twistd."""
+"""The ``paddler`` console script (and ``python -m paddler``).
+
+It parses the command line itself, so it needs no Twisted plugin discovery
+(``twistd paddler`` goes on working through ``twisted/plugins/``). A bad
+flag, value or configuration file prints one line and a hint on stderr and
+exits with status 2; a listener that cannot bind prints one line naming its
+endpoint and exits with status 1. The service then runs in the foreground
+until SIGTERM or SIGINT, which stop it gracefully (a second one stops it at
+once); SIGHUP reloads the balancer's configuration.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+from twisted.python import usage
+
+#: Exit status for a command line that cannot be used.
+USAGE_ERROR = 2
+#: Exit status when the service cannot start (a listener that cannot bind...).
+START_ERROR = 1
 
 
-def twistd_argv(args: Sequence[str]) -> list[str]:
-    """The twistd command line equivalent to ``paddler ARGS``: foreground, no pid file."""
-    return ["twistd", "--nodaemon", "--pidfile=", "--logger=paddler.logs.observer", "paddler", *args]
+def parse(argv: Sequence[str], stderr: TextIO) -> Any:
+    """The parsed options, or C{SystemExit(2)} after one line (and a hint) on C{stderr}."""
+    from paddler.tap import Options
+
+    options = Options()
+    try:
+        options.parseOptions(list(argv))
+    except usage.UsageError as e:
+        command = "paddler" + (f" {options.subCommand}" if options.subCommand else "")
+        print(f"{command}: error: {e}", file=stderr)  # noqa: T201 - before logging starts
+        print(f"Try '{command} --help' for the options.", file=stderr)  # noqa: T201
+        raise SystemExit(USAGE_ERROR) from None
+    return options
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run a paddler subcommand in the foreground under twistd."""
-    from twisted.scripts.twistd import run
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run a paddler subcommand in the foreground."""
+    try:
+        options = parse(sys.argv[1:] if argv is None else argv, sys.stderr)
+    except BrokenPipeError:  # --help into a pager or head that stopped reading
+        raise SystemExit(0) from None
+    from paddler.tap import run
 
-    sys.argv = twistd_argv(sys.argv[1:] if argv is None else argv)
-    run()
+    raise SystemExit(run(options, sys.stderr))

@@ -1,27 +1,39 @@
-"""Balancer settings from flags, environment and a TOML file.
+"""The settings of each command, declared once (see L{paddler.settings}).
 
-Precedence, highest first: command-line flags, ``PADDLER_*`` environment
-variables, the ``--config`` file, built-in defaults. Upstreams are taken
-whole from the first of these that names any (they are not merged).
+Balancer precedence, highest first: command-line flags, ``PADDLER_*``
+environment variables, the ``--config`` TOML file, built-in defaults.
+Upstreams are taken whole from the first of these that names any (they are
+not merged).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from paddler.routing.policies import CHOOSERS
-from paddler.llamacpp.slots import PROBE_MODES
 from paddler.fleet.upstream import InvalidUpstreamURL, normalise_url
+from paddler.llamacpp.slots import PROBE_MODES
+from paddler.routing.policies import CHOOSERS
+from paddler.settings import (
+    Choice,
+    ConfigError,
+    Converted,
+    Endpoint,
+    Flag,
+    Text,
+    count,
+    file_keys,
+    rate,
+    from_sources,
+    seconds,
+    setting,
+    settings_of,
+)
 
-
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the setting."""
+__all__ = ["AgentConfig", "BalancerConfig", "ConfigError", "SimulateConfig", "UpstreamSpec", "build_config"]
 
 
 @dataclass(frozen=True)
@@ -33,50 +45,6 @@ class UpstreamSpec:
     api_key: str | None = None
 
 
-@dataclass
-class BalancerConfig:
-    """Every balancer setting, with its safe default."""
-
-    listen: str = "tcp:8086:interface=127.0.0.1"
-    upstreams: list[UpstreamSpec] = field(default_factory=list)
-    policy: str = "slots"
-    probe_interval: float = 1.0
-    probe_timeout: float = 2.0
-    probe_mode: str = "slots"
-    unhealthy_after: int = 2
-    llamacpp_api_key: str | None = None
-    slots_endpoint_enable: bool = False
-    rewrite_host_header: bool = False
-    max_request_body: int = 10 * 1024 * 1024
-    upstream_timeout: float = 300.0
-    idle_timeout: float = 60.0
-    max_retries: int = 3
-    max_buffered_requests: int = 30
-    buffered_request_timeout: float = 30.0
-    management_listen: str = "tcp:8085:interface=127.0.0.1"
-    management_token: str | None = None
-    management_insecure: bool = False
-    agent_expiry: float = 3.0
-    dashboard: bool = True
-    access_log: bool = False
-    statsd: str | None = None
-    statsd_prefix: str = "paddler"
-    statsd_interval: float = 1.0
-    simulated_fleet: int = 0
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(BalancerConfig)}
-_BOOLEANS = {name for name, f in _FIELDS.items() if f.type in ("bool", bool)}
-_POSITIVE = {"probe_interval", "probe_timeout", "upstream_timeout", "idle_timeout",
-             "buffered_request_timeout", "agent_expiry", "statsd_interval"}
-_COUNTS = {"unhealthy_after": 1, "max_request_body": 1, "max_retries": 0,
-           "max_buffered_requests": 0, "simulated_fleet": 0}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def parse_upstream(text: str, where: str) -> UpstreamSpec:
     """``URL`` or ``NAME=URL``."""
     name = None
@@ -86,7 +54,7 @@ def parse_upstream(text: str, where: str) -> UpstreamSpec:
     try:
         return UpstreamSpec(url=normalise_url(text.strip()), name=name)
     except InvalidUpstreamURL as e:
-        raise ConfigError(f"{where}: {e}")
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_statsd_address(text: str, where: str = "--statsd") -> tuple[str, int]:
@@ -102,78 +70,127 @@ def parse_statsd_address(text: str, where: str = "--statsd") -> tuple[str, int]:
     try:
         port = int(port_text)
     except ValueError:
-        raise ConfigError(f"{where} must end with a port number, got {text!r}")
+        raise ConfigError(f"{where} must end with a port number, got {text!r}") from None
     if not 0 < port < 65536:
         raise ConfigError(f"{where} port must be between 1 and 65535, got {port}")
     return host, port
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
-    if name in _BOOLEANS:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if name in _POSITIVE:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        if not number > 0 or math.isinf(number):
-            raise ConfigError(f"{where} must be a positive number, got {value!r}")
-        return number
-    if name in _COUNTS:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a whole number, got {value!r}")
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a whole number, got {value!r}")
-        if number < _COUNTS[name]:
-            raise ConfigError(f"{where} must be at least {_COUNTS[name]}, got {number}")
-        return number
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    if name == "policy" and value not in CHOOSERS:
-        raise ConfigError(f"{where} must be one of {', '.join(sorted(CHOOSERS))}, got {value!r}")
-    if name == "statsd":
-        host, port = parse_statsd_address(value, where)
-        return f"udp:[{host}]:{port}" if ":" in host else f"udp:{host}:{port}"
-    if name == "statsd_prefix" and not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", value):
-        raise ConfigError(
-            f"{where} must be dot-separated names of letters, digits, _ and -, got {value!r}"
-        )
-    if name == "probe_mode" and value not in PROBE_MODES:
-        raise ConfigError(f"{where} must be 'slots' or 'health', got {value!r}")
-    return value
+def _statsd(text: str) -> str:
+    try:
+        host, port = parse_statsd_address(text, "the address")
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    return f"udp:[{host}]:{port}" if ":" in host else f"udp:{host}:{port}"
 
 
-def _from_file(path: str) -> tuple[dict[str, Any], list[UpstreamSpec]]:
+def _url(text: str) -> str:
+    try:
+        return normalise_url(text)
+    except InvalidUpstreamURL as e:
+        raise ValueError(str(e)) from None
+
+
+URL = Converted(_url, "http(s)://host[:port]")
+SECRET = Text(max_length=4096)
+
+
+@dataclass
+class BalancerConfig:
+    """Every balancer setting, with its safe default."""
+
+    listen: str = setting("tcp:8086:interface=127.0.0.1", "Proxy endpoint string.", Endpoint(), short="l")
+    upstreams: list[UpstreamSpec] = field(default_factory=list)
+    policy: str = setting(
+        "slots", "How an upstream is chosen (see docs/routing.md).", Choice(tuple(CHOOSERS))
+    )
+    probe_interval: float = setting(1.0, "Seconds between probes of each upstream.", seconds())
+    probe_timeout: float = setting(2.0, "Deadline of one probe, in seconds.", seconds())
+    probe_mode: str = setting(
+        "slots", "slots (GET /slots) or health (lets idle servers sleep).", Choice(PROBE_MODES)
+    )
+    unhealthy_after: int = setting(2, "Consecutive probe failures before unreachable.", count(1, 1000))
+    llamacpp_api_key: str | None = setting(
+        None, "API key sent to upstreams as Authorization: Bearer.", SECRET, secret=True
+    )
+    slots_endpoint_enable: bool = setting(
+        False, "Answer /slots on the proxy port with the fleet's slots.", Flag()
+    )
+    rewrite_host_header: bool = setting(
+        False, "Send the upstream's host:port as Host instead of the client's.", Flag()
+    )
+    max_request_body: int = setting(
+        10 * 1024 * 1024, "Largest request body, in bytes.", count(1, 1 << 31)
+    )
+    upstream_timeout: float = setting(
+        300.0, "Seconds to wait for an upstream's response headers.", seconds()
+    )
+    idle_timeout: float = setting(60.0, "Seconds a response may stay silent mid-body.", seconds())
+    max_retries: int = setting(
+        3, "Other upstreams to try when one fails before answering.", count(0, 100)
+    )
+    max_buffered_requests: int = setting(
+        30, "Requests that may wait for a slot; 0 disables the buffer.", count(0, 1_000_000)
+    )
+    buffered_request_timeout: float = setting(
+        30.0, "Seconds a request may wait for a slot.", seconds()
+    )
+    management_listen: str = setting(
+        "tcp:8085:interface=127.0.0.1", "Management API and dashboard endpoint string.", Endpoint()
+    )
+    management_token: str | None = setting(
+        None, "Bearer token for mutating management calls.", SECRET, secret=True
+    )
+    management_insecure: bool = setting(
+        False, "Allow a non-loopback management listener without a token.", Flag()
+    )
+    agent_expiry: float = setting(
+        3.0, "Seconds without an agent report before its upstream is dropped.", seconds()
+    )
+    dashboard: bool = setting(True, "Serve the dashboard on the management port.", Flag())
+    access_log: bool = setting(
+        False, "Log a line per proxied request (costs ~8% of proxy CPU).", Flag()
+    )
+    statsd: str | None = setting(
+        None, "StatsD address: udp:HOST:PORT or HOST:PORT.", Converted(_statsd, "udp:HOST:PORT")
+    )
+    statsd_prefix: str = setting(
+        "paddler",
+        "StatsD metric prefix.",
+        Text(128, r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", "dot-separated names of letters, digits, _ and -"),
+    )
+    statsd_interval: float = setting(1.0, "Seconds between StatsD reports.", seconds())
+    shutdown_timeout: float = setting(
+        30.0,
+        "Seconds running requests may take to finish when the balancer stops (SIGTERM).",
+        seconds(zero_allowed=True),
+    )
+    simulated_fleet: int = setting(
+        0, "Start N simulated llama.cpp servers in-process as upstreams (demo).", count(0, 64)
+    )
+
+
+BALANCER_SETTINGS = settings_of(BalancerConfig, env_prefix="PADDLER_")
+
+
+def _file(path: str) -> tuple[dict[str, Any], list[UpstreamSpec]]:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it: {e.strerror}")
+        raise ConfigError(f"--config {path}: cannot read it: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid TOML: {e}")
-    settings: dict[str, Any] = {}
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
     upstreams: list[UpstreamSpec] = []
-    for key, value in data.items():
-        name = key.replace("-", "_")
+    for key in ("upstream", "upstreams"):
+        value = data.pop(key, None)
+        if value is None:
+            continue
         where = f"{path}: {key}"
-        if name in ("upstream", "upstreams"):
-            if not isinstance(value, list):
-                raise ConfigError(f"{where} must be an array of tables or URLs")
-            for index, entry in enumerate(value):
-                upstreams.append(_file_upstream(entry, f"{where}[{index}]"))
-        elif name in _FIELDS:
-            settings[name] = _coerce(name, value, where)
-        else:
-            raise ConfigError(f"{where}: unknown setting")
-    return settings, upstreams
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be an array of tables or URLs")
+        upstreams.extend(_file_upstream(entry, f"{where}[{i}]") for i, entry in enumerate(value))
+    return file_keys(BALANCER_SETTINGS, data, path), upstreams
 
 
 def _file_upstream(entry: Any, where: str) -> UpstreamSpec:
@@ -193,19 +210,6 @@ def _file_upstream(entry: Any, where: str) -> UpstreamSpec:
     return UpstreamSpec(spec.url, entry.get("name") or spec.name, entry.get("api_key"))
 
 
-def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[UpstreamSpec]]:
-    settings: dict[str, Any] = {}
-    upstreams: list[UpstreamSpec] = []
-    for name in _FIELDS:
-        var = "PADDLER_" + name.upper()
-        if name == "upstreams":
-            raw = env.get(var, "").strip()
-            upstreams = [parse_upstream(p, var) for p in raw.split(",") if p.strip()]
-        elif var in env:
-            settings[name] = _coerce(name, env[var], var)
-    return settings, upstreams
-
-
 def build_config(
     flags: Mapping[str, Any],
     flag_upstreams: Sequence[str],
@@ -214,21 +218,111 @@ def build_config(
 ) -> BalancerConfig:
     """Merge the sources (flags given explicitly are those not C{None} in C{flags})."""
     path = config_path or env.get("PADDLER_CONFIG")
-    file_settings, file_upstreams = _from_file(path) if path else ({}, [])
-    env_settings, env_upstreams = _from_env(env)
-    merged: dict[str, Any] = {**file_settings, **env_settings}
-    for name, value in flags.items():
-        if value is not None:
-            merged[name] = _coerce(name, value, flag(name))
+    file_values, file_upstreams = _file(path) if path else ({}, [])
+    values = from_sources(BALANCER_SETTINGS, flags, env, file_values, path or "")
+    env_upstreams = [
+        parse_upstream(part, "PADDLER_UPSTREAMS")
+        for part in env.get("PADDLER_UPSTREAMS", "").split(",")
+        if part.strip()
+    ]
     upstreams = [parse_upstream(u, "--upstream") for u in flag_upstreams] or env_upstreams or file_upstreams
-    seen: dict[str, str] = {}
+    urls: set[str] = set()
     names: set[str] = set()
     for spec in upstreams:
-        if spec.url in seen:
+        if spec.url in urls:
             raise ConfigError(f"upstream {spec.url} is given twice")
-        seen[spec.url] = spec.url
+        urls.add(spec.url)
         if spec.name is not None:
             if spec.name in names:
                 raise ConfigError(f"upstream name {spec.name!r} is given twice")
             names.add(spec.name)
-    return BalancerConfig(upstreams=list(upstreams), **merged)
+    return BalancerConfig(upstreams=list(upstreams), **values)
+
+
+# -- paddler agent ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of one agent (``paddler agent`` flags or ``PADDLER_AGENT_*`` variables)."""
+
+    llamacpp: str = setting("", "URL of the local llama.cpp server, e.g. http://127.0.0.1:8080.", URL)
+    balancer: str = setting("", "The balancer's management URL, e.g. http://10.0.0.9:8085.", URL)
+    external_url: str = setting(
+        "", "URL the balancer reaches the server at.", URL, placeholder="--llamacpp"
+    )
+    name: str = setting(
+        "", "Name of this host in the fleet.", Text(128), placeholder="host:port of --external-url"
+    )
+    llamacpp_api_key: str | None = setting(
+        None, "API key of the local llama.cpp.", SECRET, secret=True, env="PADDLER_LLAMACPP_API_KEY"
+    )
+    management_token: str | None = setting(
+        None, "Bearer token of the management API.", SECRET, secret=True, env="PADDLER_MANAGEMENT_TOKEN"
+    )
+    interval: float = setting(1.0, "Seconds between reports.", seconds(maximum=300))
+    timeout: float = setting(
+        2.0, "Deadline of each request to llama.cpp and to the balancer, in seconds.", seconds()
+    )
+    max_backoff: float = setting(
+        30.0, "Longest wait between reports while the balancer fails, in seconds.", seconds()
+    )
+    drain_timeout: float = setting(
+        30.0, "Longest wait on SIGTERM for in-flight requests, in seconds.", seconds(zero_allowed=True)
+    )
+    status_listen: str | None = setting(
+        None, "Endpoint string for the agent's GET /health (off by default).", Endpoint()
+    )
+    drain_poll: float = 0.25
+
+
+AGENT_SETTINGS = settings_of(AgentConfig, env_prefix="PADDLER_AGENT_")
+
+
+def build_agent_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentConfig:
+    """The agent's settings from its flags and environment; C{--llamacpp} and C{--balancer} are required."""
+    values = from_sources(AGENT_SETTINGS, flags, env, {})
+    for required in ("llamacpp", "balancer"):
+        if not values.get(required):
+            raise ConfigError(f"--{required} is required")
+    external = values.setdefault("external_url", values["llamacpp"])
+    values.setdefault("name", external.split("://", 1)[1])
+    values["max_backoff"] = max(values.get("max_backoff", AgentConfig.max_backoff), values.get("interval", 1.0))
+    return AgentConfig(**values)
+
+
+# -- paddler simulate ---------------------------------------------------------
+
+_PORT_RUN = re.compile(r"(?:tcp6?):(\d+)")
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Settings of ``paddler simulate``."""
+
+    listen: str = setting(
+        "tcp:8081:interface=127.0.0.1",
+        "Endpoint string to listen on; with --fleet the servers take consecutive ports.",
+        Endpoint(),
+        short="l",
+    )
+    fleet: int = setting(1, "Number of servers.", count(1, 1000))
+    slots: int = setting(4, "Parallel slots per server (llama-server -np).", count(1, 4096), short="s")
+    model: str = setting("simulated.gguf", "Model name reported by /props and /v1/models.", Text(1024), short="m")
+    tokens_per_second: float = setting(50.0, "Generation speed of each slot.", rate(1e6, "tokens/s"))
+    prompt_tokens_per_second: float = setting(
+        2000.0, "Prompt processing speed of each slot.", rate(1e9, "tokens/s")
+    )
+    n_ctx: int = setting(2048, "Context size of each slot.", count(1, 1 << 24))
+    load_seconds: float = setting(
+        0.0, "Answer 503 'Loading model' for this long after start.", seconds(zero_allowed=True)
+    )
+    seed: int = setting(0, "Random seed, so runs are reproducible (server i uses seed + i).", count(0, 1 << 62))
+    api_key: str | None = setting(
+        None, "Require 'Authorization: Bearer KEY', like llama-server --api-key.", SECRET, secret=True
+    )
+    slots_endpoint: bool = setting(True, "Answer /slots (off: 501, like llama-server --no-slots).", Flag())
+    metrics: bool = setting(True, "Answer /metrics (off: 501, like llama-server without --metrics).", Flag())
+
+
+SIMULATE_SETTINGS = settings_of(SimulateConfig)

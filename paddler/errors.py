@@ -1,5 +1,10 @@
-"""Errors a client can see, each with its HTTP status and OpenAI-shaped JSON body, and
-the one helper that writes JSON responses."""
+"""Every error a client can see, with its HTTP status and OpenAI-shaped JSON body, and
+the one helper that writes JSON responses.
+
+The proxy port and the management port raise the same classes; Klein apps
+answer them through L{paddler.web.router.json_errors}. An error's C{param}
+names the request field at fault (management API validation).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,23 @@ class PaddlerHTTPError(Exception):
     status = 500
     error_type = "server_error"
 
-    def __init__(self, message: str, headers: dict[bytes, bytes] | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        headers: dict[bytes, bytes] | None = None,
+        param: str | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
         self.extra = extra
+        if param is not None:
+            self.extra["param"] = param
+
+    @property
+    def param(self) -> str | None:
+        return self.extra.get("param")
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.error_type, **self.extra)
@@ -28,14 +45,51 @@ class BadRequest(PaddlerHTTPError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(PaddlerHTTPError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class Forbidden(PaddlerHTTPError):
+    status = 403
+    error_type = "permission_error"
+
+
 class NotFound(PaddlerHTTPError):
     status = 404
     error_type = "not_found_error"
 
 
+class MethodNotAllowed(PaddlerHTTPError):
+    status = 405
+    error_type = "invalid_request_error"
+
+
+class Conflict(PaddlerHTTPError):
+    status = 409
+    error_type = "conflict_error"
+
+
 class RequestTooLarge(PaddlerHTTPError):
     status = 413
     error_type = "invalid_request_error"
+
+
+class URITooLong(PaddlerHTTPError):
+    status = 414
+    error_type = "invalid_request_error"
+
+
+class HeadersTooLarge(PaddlerHTTPError):
+    status = 431
+    error_type = "invalid_request_error"
+
+
+class InternalError(PaddlerHTTPError):
+    """A bug in the balancer: logged with its traceback, answered without it."""
+
+    status = 500
+    error_type = "server_error"
 
 
 class UpstreamFailed(PaddlerHTTPError):
@@ -46,23 +100,35 @@ class UpstreamFailed(PaddlerHTTPError):
 
 
 class NoUpstreamAvailable(PaddlerHTTPError):
-    """Nothing can take the request now (buffer disabled or full)."""
+    """Nothing can take the request now. C{reason} labels the refusal in the metrics."""
 
     status = 503
     error_type = "unavailable_error"
+    reason = "no_upstream"
+
+
+class BufferingDisabled(NoUpstreamAvailable):
+    reason = "buffering_disabled"
 
 
 class BufferFull(NoUpstreamAvailable):
-    pass
+    reason = "buffer_full"
+
+
+class ShuttingDown(NoUpstreamAvailable):
+    reason = "shutting_down"
 
 
 class UpstreamTimeout(PaddlerHTTPError):
     status = 504
     error_type = "timeout_error"
+    reason = "upstream_headers"
 
 
 class BufferTimeout(UpstreamTimeout):
     """No slot became free before --buffered-request-timeout."""
+
+    reason = "buffer"
 
 
 def json_response(
@@ -84,3 +150,8 @@ def error_body(status: int, message: str, error_type: str, **extra: Any) -> byte
     error: dict[str, Any] = {"code": status, "message": message, "type": error_type}
     error.update(extra)
     return json.dumps({"error": error}).encode("utf-8")
+
+
+def error_response(request: Any, error: PaddlerHTTPError) -> bytes:
+    """Answer C{request} with C{error}: its status, headers and JSON body."""
+    return json_response(request, error.status, error.body(), error.headers)

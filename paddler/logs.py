@@ -1,6 +1,6 @@
-"""Log observers for twistd's ``--logger``: text to stdout, filtered by level.
+"""The log observer of the ``paddler`` console script (and of ``twistd --logger=paddler.logs.observer``).
 
-The ``paddler`` console script uses L{observer}; the level comes from
+Text lines on stdout, filtered by level; the level comes from
 ``PADDLER_LOG_LEVEL`` (debug, info, warn, error; default info).
 """
 
@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     textFileLogObserver,
 )
+from zope.interface import provider
 
 
 def level_from_env(environ: dict[str, str] | None = None) -> LogLevel:
@@ -26,8 +30,18 @@ def level_from_env(environ: dict[str, str] | None = None) -> LogLevel:
         return LogLevel.info
 
 
+#: Twisted's lines for every outbound connection pool factory: noise at any level.
+_NOISE = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
+@provider(ILogFilterPredicate)
+def drop_noise(event: dict[str, Any]) -> PredicateResult:
+    """Drop Twisted's per-connection factory lines (the HTTP client's pools start one per connection)."""
+    return PredicateResult.no if event.get("log_format") in _NOISE else PredicateResult.maybe
+
+
 def observer() -> ILogObserver:
-    """Text lines on stdout at C{PADDLER_LOG_LEVEL} and above."""
+    """Text lines on stdout at C{PADDLER_LOG_LEVEL} and above, without Twisted's connection noise."""
     return FilteringLogObserver(
-        textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(level_from_env())]
+        textFileLogObserver(sys.stdout), [drop_noise, LogLevelFilterPredicate(level_from_env())]
     )

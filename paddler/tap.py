@@ -1,246 +1,96 @@
-"""The composition root: command-line options and ``makeService``.
+"""The composition root: the command line (built from the settings tables) and ``makeService``.
 
-Only here is the global reactor imported, and only inside ``makeService``.
+Only here is the global reactor imported, and only inside functions.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
 from paddler import __version__
+from paddler.config import (
+    AGENT_SETTINGS,
+    BALANCER_SETTINGS,
+    SIMULATE_SETTINGS,
+    AgentConfig,
+    BalancerConfig,
+    SimulateConfig,
+    build_agent_config,
+    build_config,
+)
+from paddler.settings import ConfigError, Setting, from_sources, options_class
+from paddler.web.listeners import endpoint_is_local
+
+if TYPE_CHECKING:
+    from paddler.agent.service import AgentProcess
+    from paddler.balancer.service import BalancerService
 
 
-def _whole(flag: str, value: str, minimum: int) -> int:
-    """C{value} as a whole number of at least C{minimum}, or a L{usage.UsageError} naming C{--flag}."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{flag} must be a whole number, got {value!r}")
-    if number < minimum:
-        raise usage.UsageError(f"--{flag} must be at least {minimum}, got {number}")
-    return number
+def _with_synopsis(base: type[usage.Options], line: str) -> type[usage.Options]:
+    """C{base} whose usage line is C{line}, whatever runs it (``paddler`` or ``twistd paddler``)."""
+
+    class WithSynopsis(base):  # type: ignore[misc, valid-type]
+        def getSynopsis(self) -> str:
+            return f"Usage: {line}"
+
+        def opt_version(self) -> None:
+            """Print paddler's version and exit."""
+            print(f"paddler {__version__}")  # noqa: T201 - usage output, before logging starts
+            raise SystemExit(0)
+
+    return WithSynopsis
 
 
-def _finite(flag: str, value: str, zero_allowed: bool) -> float:
-    """C{value} as a finite number above zero (or from zero), or a L{usage.UsageError} naming C{--flag}."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{flag} must be a number, got {value!r}")
-    low_ok = number >= 0 if zero_allowed else number > 0
-    if not low_ok or number in (float("inf"), float("-inf")) or number != number:
-        kind = "zero or a positive number" if zero_allowed else "a positive number"
-        raise usage.UsageError(f"--{flag} must be {kind}, got {value}")
-    return number
+def _store(options: usage.Options, settings: list[Setting], config: Any) -> None:
+    """Keep the parsed config on C{options}, and each value under its flag name."""
+    options.config = config  # type: ignore[attr-defined]
+    for s in settings:
+        value = getattr(config, s.name)
+        options[s.option] = (not value) if s.is_flag and s.default is True else value
 
 
-def _positive_int(flag: str, value: str) -> int:
-    return _whole(flag, value, 1)
+# -- paddler balancer ---------------------------------------------------------
 
 
-def _non_negative_int(flag: str, value: str) -> int:
-    return _whole(flag, value, 0)
+def _build_balancer(options: usage.Options, given: dict[str, Any]) -> None:
+    options.given = given  # type: ignore[attr-defined]  # kept for reloads
+    config = build_config(given, options.upstreams, os.environ, options["config"])  # type: ignore[attr-defined]
+    _check_management_exposure(config)
+    _store(options, BALANCER_SETTINGS, config)
 
 
-def _positive_float(flag: str, value: str) -> float:
-    return _finite(flag, value, zero_allowed=False)
-
-
-def _non_negative_float(flag: str, value: str) -> float:
-    return _finite(flag, value, zero_allowed=True)
-
-
-CLIENT_IDLE_TIMEOUT = 120.0
-
-
-def check_endpoint(flag: str, description: str) -> None:
-    """Raise L{usage.UsageError} naming C{--flag} when C{description} is not a server endpoint string."""
-    from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
-
-    try:
-        serverFromString(MemoryReactor(), description)  # parses only; nothing listens
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise usage.UsageError(f"--{flag} {description!r} is not a valid endpoint string: {e}")
-
-
-class SimulateOptions(usage.Options):
-    """``paddler simulate``: one or more simulated llama.cpp servers.
-
-    Values are checked in ``postOptions`` (not with ``optParameters``
-    coercers) so that every ``UsageError`` names its flag.
-    """
-
-    synopsis = "[options]"
-    longdesc = (
-        "Run a simulated llama.cpp server (llama-server's HTTP API with "
-        "slots, queueing, streaming and timings) for demos, tests and "
-        "capacity planning."
-    )
-
-    optFlags = [
-        ["no-slots-endpoint", None, "Answer /slots with 501, like llama-server --no-slots."],
-        ["no-metrics", None, "Answer /metrics with 501, like llama-server without --metrics."],
-    ]
-    optParameters = [
-        ["listen", "l", "tcp:8081:interface=127.0.0.1", "Endpoint string to listen on."],
-        ["fleet", None, "1", "Number of servers; with a tcp endpoint they take consecutive ports."],
-        ["slots", "s", "4", "Parallel slots per server (llama-server -np)."],
-        ["model", "m", "simulated.gguf", "Model name reported by /props and /v1/models."],
-        ["tokens-per-second", None, "50", "Generation speed of each slot."],
-        ["prompt-tokens-per-second", None, "2000", "Prompt processing speed of each slot."],
-        ["n-ctx", None, "2048", "Context size of each slot."],
-        ["load-seconds", None, "0", "Answer 503 'Loading model' for this long after start."],
-        ["seed", None, "0", "Random seed, so runs are reproducible (server i uses seed + i)."],
-        ["api-key", None, None, "Require 'Authorization: Bearer KEY', like llama-server --api-key."],
-    ]
-
-    def postOptions(self) -> None:
-        self["fleet"] = _positive_int("fleet", self["fleet"])
-        self["slots"] = _positive_int("slots", self["slots"])
-        self["n-ctx"] = _positive_int("n-ctx", self["n-ctx"])
-        self["seed"] = _non_negative_int("seed", self["seed"])
-        self["tokens-per-second"] = _positive_float("tokens-per-second", self["tokens-per-second"])
-        self["prompt-tokens-per-second"] = _positive_float(
-            "prompt-tokens-per-second", self["prompt-tokens-per-second"]
-        )
-        self["load-seconds"] = _non_negative_float("load-seconds", self["load-seconds"])
-        self["no-slots-endpoint"] = bool(self["no-slots-endpoint"])
-        self["no-metrics"] = bool(self["no-metrics"])
-        if self["api-key"] == "":
-            raise usage.UsageError("--api-key must not be empty")
-        listen = self["listen"]
-        kind = listen.split(":", 1)[0]
-        if self["fleet"] > 1:
-            if kind not in ("tcp", "tcp6"):
-                raise usage.UsageError(
-                    f"--fleet above 1 needs a tcp: --listen endpoint, got {listen!r}"
-                )
-            from paddler.simulator.service import endpoint_port, endpoint_with_port_offset
-
-            try:
-                last = endpoint_port(endpoint_with_port_offset(listen, self["fleet"] - 1))
-            except ValueError as e:
-                raise usage.UsageError(f"--listen: {e}") from None
-            if last > 65535:
-                raise usage.UsageError(
-                    f"--fleet {self['fleet']} from --listen {listen!r} runs past port 65535"
-                )
-
-
-class AgentOptions(usage.Options):
-    """``paddler agent``: reports a llama.cpp server's slots to a balancer (docs/agent.md)."""
-
-    synopsis = "--llamacpp URL --balancer URL [options]"
-    longdesc = (
-        "Poll a local llama.cpp server's slots and report them to a paddler "
-        "balancer's management API every interval. On SIGTERM, drain the host "
-        "on the balancer and wait for its requests to finish."
-    )
-
-    optParameters = [
-        ["llamacpp", None, None, "URL of the local llama.cpp server, e.g. http://127.0.0.1:8080."],
-        ["external-url", None, None, "URL the balancer reaches the server at [default: --llamacpp]."],
-        ["balancer", None, None, "The balancer's management URL, e.g. http://10.0.0.9:8085."],
-        ["name", None, None, "Name of this host in the fleet [default: host:port of --external-url]."],
-        ["llamacpp-api-key", None, None, "API key of the local llama.cpp (or PADDLER_LLAMACPP_API_KEY)."],
-        ["management-token", None, None, "Bearer token of the management API (or PADDLER_MANAGEMENT_TOKEN)."],
-        ["interval", None, "1", "Seconds between reports."],
-        ["timeout", None, "2", "Deadline of each request to llama.cpp and to the balancer, in seconds."],
-        ["max-backoff", None, "30", "Longest wait between reports while the balancer fails, in seconds."],
-        ["drain-timeout", None, "30", "Longest wait on SIGTERM for in-flight requests, in seconds."],
-        ["status-listen", None, None, "Endpoint string for the agent's GET /health (off by default)."],
-    ]
-
-    def postOptions(self) -> None:
-        import os
-
-        from paddler.agent.service import AgentConfig
-        from paddler.fleet.upstream import InvalidUpstreamURL, normalise_url
-
-        urls: dict[str, str] = {}
-        for flag in ("llamacpp", "external-url", "balancer"):
-            value = self[flag]
-            if value is None:
-                if flag == "external-url":
-                    continue
-                raise usage.UsageError(f"--{flag} is required")
-            try:
-                urls[flag] = normalise_url(value)
-            except InvalidUpstreamURL as e:
-                raise usage.UsageError(f"--{flag}: {e}") from None
-        external = urls.get("external-url", urls["llamacpp"])
-        name = self["name"] if self["name"] is not None else external.split("://", 1)[1]
-        if not name.strip() or len(name) > 128 or any(ord(c) < 32 for c in name):
-            raise usage.UsageError("--name must be 1 to 128 printable characters")
-        secrets: dict[str, str | None] = {}
-        for flag, var in (("llamacpp-api-key", "PADDLER_LLAMACPP_API_KEY"),
-                          ("management-token", "PADDLER_MANAGEMENT_TOKEN")):
-            value = self[flag] if self[flag] is not None else os.environ.get(var)
-            if value is not None and not value.strip():
-                raise usage.UsageError(f"--{flag} must not be empty")
-            secrets[flag] = value
-        interval = _positive_float("interval", self["interval"])
-        timeout = _positive_float("timeout", self["timeout"])
-        max_backoff = _positive_float("max-backoff", self["max-backoff"])
-        drain_timeout = _non_negative_float("drain-timeout", self["drain-timeout"])
-        self.config = AgentConfig(
-            llamacpp=urls["llamacpp"],
-            external_url=external,
-            balancer=urls["balancer"],
-            name=name,
-            llamacpp_api_key=secrets["llamacpp-api-key"],
-            management_token=secrets["management-token"],
-            interval=interval,
-            timeout=timeout,
-            max_backoff=max(max_backoff, interval),
-            drain_timeout=drain_timeout,
+def _check_management_exposure(config: BalancerConfig) -> None:
+    """Refuse a management API reachable from other hosts without a token."""
+    if config.management_token or config.management_insecure:
+        return
+    if not endpoint_is_local(config.management_listen):
+        raise ConfigError(
+            f"--management-listen {config.management_listen!r} is reachable from other hosts: "
+            "set --management-token (or PADDLER_MANAGEMENT_TOKEN), or pass --management-insecure"
         )
 
 
-class BalancerOptions(usage.Options):
+_BalancerBase = _with_synopsis(
+    options_class(
+        BALANCER_SETTINGS,
+        "[options]",
+        "Run the slot-aware load balancer in front of llama.cpp servers. Settings come "
+        "from flags, then PADDLER_* environment variables (PADDLER_UPSTREAMS=url,name=url,...), "
+        "then the --config TOML file; every one is listed in docs/configuration.md.",
+        _build_balancer,
+        [["config", "c", None, "TOML file with settings and [[upstream]] tables (or PADDLER_CONFIG)."]],
+    ),
+    "paddler balancer [options]",
+)
+
+
+class BalancerOptions(_BalancerBase):  # type: ignore[misc, valid-type]
     """``paddler balancer``: the slot-aware reverse proxy."""
-
-    synopsis = "[options]"
-    longdesc = (
-        "Run the slot-aware load balancer in front of llama.cpp servers. "
-        "Settings come from flags, then PADDLER_* environment variables "
-        "(PADDLER_UPSTREAMS=url,name=url,...), then the --config TOML file."
-    )
-
-    optFlags = [
-        ["slots-endpoint-enable", None, "Answer /slots on the proxy port with the fleet's slots."],
-        ["rewrite-host-header", None, "Send the upstream's host:port as Host instead of the client's."],
-        ["management-insecure", None, "Allow a non-loopback management listener without a token."],
-        ["no-dashboard", None, "Do not serve the dashboard on the management port."],
-        ["access-log", None, "Log a line per proxied request (costs ~8% of proxy CPU)."],
-    ]
-    optParameters = [
-        ["config", "c", None, "TOML file with settings and [[upstream]] tables."],
-        ["listen", "l", None, "Proxy endpoint string [default: tcp:8086:interface=127.0.0.1]."],
-        ["policy", None, None, "slots (default), round-robin or least-connections."],
-        ["probe-interval", None, None, "Seconds between probes of each upstream [default: 1]."],
-        ["probe-timeout", None, None, "Deadline of one probe, in seconds [default: 2]."],
-        ["probe-mode", None, None, "slots (default: GET /slots) or health (lets idle servers sleep)."],
-        ["unhealthy-after", None, None, "Consecutive probe failures before unreachable [default: 2]."],
-        ["llamacpp-api-key", None, None, "API key sent to upstreams as Authorization: Bearer."],
-        ["max-request-body", None, None, "Largest request body in bytes [default: 10 MiB]."],
-        ["upstream-timeout", None, None, "Seconds to wait for an upstream's response headers [default: 300]."],
-        ["idle-timeout", None, None, "Seconds a response may stay silent mid-body [default: 60]."],
-        ["max-retries", None, None, "Other upstreams to try after a connection failure [default: 3]."],
-        ["max-buffered-requests", None, None, "Requests that may wait for a slot; 0 disables [default: 30]."],
-        ["buffered-request-timeout", None, None, "Seconds a request may wait for a slot [default: 30]."],
-        ["management-listen", None, None, "Management endpoint string [default: tcp:8085:interface=127.0.0.1]."],
-        ["management-token", None, None, "Bearer token for mutating management calls (or PADDLER_MANAGEMENT_TOKEN)."],
-        ["agent-expiry", None, None, "Seconds without an agent report before its upstream is dropped [default: 3]."],
-        ["statsd", None, None, "StatsD address: udp:HOST:PORT or HOST:PORT."],
-        ["statsd-prefix", None, None, "StatsD metric prefix [default: paddler]."],
-        ["statsd-interval", None, None, "Seconds between StatsD reports [default: 1]."],
-        ["simulated-fleet", None, None, "Start N simulated llama.cpp servers in-process as upstreams (demo)."],
-    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -250,69 +100,80 @@ class BalancerOptions(usage.Options):
         """A llama.cpp server: URL or NAME=URL (repeatable)."""
         self.upstreams.append(value)
 
-    def postOptions(self) -> None:
-        import os
+    def reload_config(self) -> BalancerConfig:
+        """The configuration as the file and the environment say now; the flags given still win."""
+        config = build_config(self.given, self.upstreams, os.environ, self["config"])
+        _check_management_exposure(config)
+        return config
 
-        from paddler.config import ConfigError, build_config
 
-        flags: dict[str, Any] = {
-            str(key).replace("-", "_"): self[str(key)]
-            for key, *_ in self.optParameters
-            if key != "config"
-        }
-        for key, name in (
-            ("slots-endpoint-enable", "slots_endpoint_enable"),
-            ("rewrite-host-header", "rewrite_host_header"),
-            ("management-insecure", "management_insecure"),
-        ):
-            if self[key]:
-                flags[name] = True
-        if self["no-dashboard"]:
-            flags["dashboard"] = False
-        if self["access-log"]:
-            flags["access_log"] = True
+# -- paddler agent ------------------------------------------------------------
+
+
+def _build_agent(options: usage.Options, given: dict[str, Any]) -> None:
+    _store(options, AGENT_SETTINGS, build_agent_config(given, os.environ))
+
+
+AgentOptions = _with_synopsis(
+    options_class(
+        AGENT_SETTINGS,
+        "--llamacpp URL --balancer URL [options]",
+        "Poll a local llama.cpp server's slots and report them to a paddler balancer's "
+        "management API every interval. On SIGTERM, drain the host on the balancer and "
+        "wait for its requests to finish.",
+        _build_agent,
+    ),
+    "paddler agent --llamacpp URL --balancer URL [options]",
+)
+
+
+# -- paddler simulate ---------------------------------------------------------
+
+
+def _build_simulate(options: usage.Options, given: dict[str, Any]) -> None:
+    config = SimulateConfig(**from_sources(SIMULATE_SETTINGS, given, {}, {}))
+    if config.fleet > 1:
+        from paddler.simulator.service import endpoint_port, endpoint_with_port_offset
+
+        kind = config.listen.split(":", 1)[0]
+        if kind not in ("tcp", "tcp6"):
+            raise ConfigError(f"--fleet above 1 needs a tcp: --listen endpoint, got {config.listen!r}")
         try:
-            self.config = build_config(flags, self.upstreams, os.environ, self["config"])
-        except ConfigError as e:
-            raise usage.UsageError(str(e))
-        check_endpoint("listen", self.config.listen)
-        check_endpoint("management-listen", self.config.management_listen)
-        self._check_management_exposure()
-
-    def _check_management_exposure(self) -> None:
-        """Refuse a management API reachable from other hosts without a token."""
-        from paddler.management.api import endpoint_is_local
-
-        config = self.config
-        if config.management_token is not None and not config.management_token.strip():
-            raise usage.UsageError("--management-token must not be empty")
-        if config.management_token or config.management_insecure:
-            return
-        if not endpoint_is_local(config.management_listen):
-            raise usage.UsageError(
-                f"--management-listen {config.management_listen!r} is reachable from other hosts: "
-                "set --management-token (or PADDLER_MANAGEMENT_TOKEN), or pass --management-insecure"
-            )
+            last = endpoint_port(endpoint_with_port_offset(config.listen, config.fleet - 1))
+        except ValueError as e:
+            raise ConfigError(f"--listen: {e}") from None
+        if last > 65535:
+            raise ConfigError(f"--fleet {config.fleet} from --listen {config.listen!r} runs past port 65535")
+    _store(options, SIMULATE_SETTINGS, config)
 
 
-class Options(usage.Options):
-    """``twistd paddler``: choose a subcommand."""
+SimulateOptions = _with_synopsis(
+    options_class(
+        SIMULATE_SETTINGS,
+        "[options]",
+        "Run simulated llama.cpp servers (llama-server's HTTP API with slots, queueing, "
+        "streaming and timings) for demos, tests and capacity planning.",
+        _build_simulate,
+    ),
+    "paddler simulate [options]",
+)
 
-    synopsis = "balancer|agent|simulate [options]"
+
+class Options(_with_synopsis(usage.Options, "paddler balancer|agent|simulate [options]")):  # type: ignore[misc]
+    """``paddler`` (or ``twistd paddler``): choose a subcommand."""
+
     subCommands = [
         ["balancer", None, BalancerOptions, "Run the slot-aware load balancer."],
         ["agent", None, AgentOptions, "Report a llama.cpp server to a balancer."],
         ["simulate", None, SimulateOptions, "Run simulated llama.cpp servers."],
     ]
 
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"paddler {__version__}")  # noqa: T201 - usage output, before logging starts
-        raise SystemExit(0)
-
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("choose a subcommand: balancer, agent or simulate")
+
+
+# -- services -----------------------------------------------------------------
 
 
 def makeService(options: Any) -> IService:
@@ -325,75 +186,93 @@ def makeService(options: Any) -> IService:
 
         return makeSimulatorService(sub, reactor)
     if options.subCommand == "balancer":
-        return makeBalancerService(sub.config, reactor)
-    if options.subCommand == "agent":
-        return makeAgentService(sub.config, reactor, sub["status-listen"])
-    raise usage.UsageError(f"{options.subCommand} is not yet available")
+        return makeBalancerService(sub.config, reactor, sub.reload_config)
+    return makeAgentService(sub.config, reactor)
 
 
-def makeAgentService(config: Any, reactor: Any, status_listen: str | None = None) -> MultiService:
+def makeAgentService(config: AgentConfig, reactor: Any) -> AgentProcess:
     """Wire ``paddler agent``: the report loop, its HTTP client, the optional status listener."""
-    from twisted.internet.endpoints import serverFromString
     from twisted.web.client import Agent
     from treq.client import HTTPClient
 
-    from paddler.agent.service import AgentService, AgentStatusApp
-    from paddler.services import (
-        AnnouncedEndpointService,
-        ConnectionPoolService,
-        QuietSite,
-        quiet_connection_pool,
-    )
+    from paddler.agent.service import AgentProcess, AgentService, AgentStatusApp
+    from paddler.web.clients import ConnectionPoolService, connection_pool
+    from paddler.web.listeners import ListeningService, QuietSite
 
-    top = MultiService()
-    connections = quiet_connection_pool(reactor, 2)
+    connections = connection_pool(reactor, 2)
+    agent = AgentService(config, HTTPClient(Agent(reactor, pool=connections, connectTimeout=config.timeout)), reactor)
+    top = AgentProcess(agent)
     ConnectionPoolService(connections).setServiceParent(top)
-    http = HTTPClient(Agent(reactor, pool=connections, connectTimeout=config.timeout))
-    agent = AgentService(config, http, reactor)
     agent.setServiceParent(top)
-    if status_listen:
-        AnnouncedEndpointService(
-            serverFromString(reactor, status_listen),
+    if config.status_listen:
+        ListeningService(
+            reactor,
+            config.status_listen,
             QuietSite(AgentStatusApp(agent).app.resource()),
             "paddler agent status",
             "/health",
         ).setServiceParent(top)
-    top.agent = agent  # type: ignore[attr-defined]
     return top
 
 
-def makeBalancerService(config: Any, reactor: Any) -> MultiService:
-    """Wire the balancer: pool, chooser, probes, proxy listener (and what rides on them)."""
-    from twisted.internet.endpoints import serverFromString
+def makeBalancerService(
+    config: BalancerConfig, reactor: Any, reload_config: Callable[[], BalancerConfig] | None = None
+) -> BalancerService:
+    """
+    Wire the balancer: pool, chooser, probes, proxy, management port (and what
+    rides on them). C{reload_config} reads the configuration again for a
+    reload (SIGHUP); without it the balancer has nothing to reload.
+    """
     from twisted.web.client import Agent
     from twisted.web.server import Site
     from treq.client import HTTPClient
 
-    from paddler.routing.policies import CHOOSERS
-    from paddler.web.endpoints import CachingEndpointFactory
+    from paddler.balancer.proxy import ProxyConfig, ProxyResource
+    from paddler.balancer.reload import Reloader
     from paddler.fleet.pool import UpstreamPool
     from paddler.fleet.probe import HTTPProber, ProbeService
-    from paddler.balancer.proxy import ProxyConfig, ProxyResource
-    from paddler.web.request import bounded_request_factory
-    from paddler.services import (
-        AnnouncedEndpointService,
-        ConnectionPoolService,
-        PoolService,
-        ProxyStoppingService,
-        QuietSite,
-        SimulatedUpstreamsService,
-        quiet_connection_pool,
-    )
+    from paddler.fleet.registry import AgentRegistry
+    from paddler.fleet.static import SimulatedUpstreamsService, StaticUpstreamsService
+    from paddler.management.api import ManagementAPI
+    from paddler.management.validation import MAX_BODY
+    from paddler.observability.dashboard import ObservabilityApp
+    from paddler.observability.prometheus import PrometheusMetrics
     from paddler.observability.requests import RequestStats
+    from paddler.observability.snapshot import StateHistory, build_state
+    from paddler.observability.stream import ObservabilityService, StateStream
+    from paddler.routing.policies import CHOOSERS
+    from paddler.web.clients import ConnectionPoolService, connection_pool
+    from paddler.web.endpoints import CachingEndpointFactory
+    from paddler.web.listeners import ListeningService, QuietSite
+    from paddler.web.request import bounded_request_factory
+    from paddler.web.router import PrefixRouter
 
-    top = MultiService()
+    from paddler.balancer.service import BalancerService
+
     pool = UpstreamPool(
         reactor,
         CHOOSERS[config.policy](),
         max_buffered=config.max_buffered_requests,
         buffer_timeout=config.buffered_request_timeout,
     )
-    PoolService(pool, config.upstreams, reactor).setServiceParent(top)
+    stats = RequestStats(reactor)
+    proxy_connections = connection_pool(reactor, 64)
+    probe_connections = connection_pool(reactor, 2)
+    proxy = ProxyResource(
+        pool,
+        Agent.usingEndpointFactory(
+            reactor,
+            CachingEndpointFactory(reactor, connect_timeout=min(10.0, config.upstream_timeout)),
+            pool=proxy_connections,
+        ),
+        reactor,
+        ProxyConfig.from_balancer(config),
+        stats,
+    )
+    top = BalancerService(config, reactor, pool, stats, proxy, shutdown_timeout=config.shutdown_timeout)
+
+    static = StaticUpstreamsService(pool, config.upstreams, reactor)
+    static.setServiceParent(top)
     if config.simulated_fleet:
         from paddler.simulator.engine import SimulatorConfig
         from paddler.simulator.service import SimulatedFleetService
@@ -401,14 +280,14 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         fleet = SimulatedFleetService(
             reactor,
             [
-                SimulatorConfig(slots=4 if i % 2 == 0 else 2, tokens_per_second=40.0 if i % 2 == 0 else 20.0, seed=i)
+                SimulatorConfig(
+                    slots=4 if i % 2 == 0 else 2, tokens_per_second=40.0 if i % 2 == 0 else 20.0, seed=i
+                )
                 for i in range(config.simulated_fleet)
             ],
         )
         fleet.setServiceParent(top)
         SimulatedUpstreamsService(pool, fleet, reactor).setServiceParent(top)
-    probe_connections = quiet_connection_pool(reactor, 2)
-    proxy_connections = quiet_connection_pool(reactor, 64)
     ConnectionPoolService(probe_connections).setServiceParent(top)
     ConnectionPoolService(proxy_connections).setServiceParent(top)
 
@@ -421,34 +300,12 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
         mode=config.probe_mode,
         api_key=config.llamacpp_api_key,
     )
-    probes = ProbeService(pool, prober, reactor, interval=config.probe_interval)
-    probes.setServiceParent(top)
+    top.probes = ProbeService(pool, prober, reactor, interval=config.probe_interval)
+    top.probes.setServiceParent(top)
 
-    stats = RequestStats(reactor)
-    proxy = ProxyResource(
-        pool,
-        Agent.usingEndpointFactory(
-            reactor,
-            CachingEndpointFactory(reactor, connect_timeout=min(10.0, config.upstream_timeout)),
-            pool=proxy_connections,
-        ),
-        reactor,
-        ProxyConfig(
-            api_key=config.llamacpp_api_key,
-            rewrite_host_header=config.rewrite_host_header,
-            slots_endpoint_enable=config.slots_endpoint_enable,
-            upstream_timeout=config.upstream_timeout,
-            idle_timeout=config.idle_timeout,
-            max_request_body=config.max_request_body,
-            max_retries=config.max_retries,
-        ),
-        stats,
-    )
-    ProxyStoppingService(proxy).setServiceParent(top)
-    site_class = Site if config.access_log else QuietSite
     # A client connection idle between requests (or slow to send one) is
     # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
-    site = site_class(
+    site = (Site if config.access_log else QuietSite)(
         proxy,
         requestFactory=bounded_request_factory(config.max_request_body),
         timeout=CLIENT_IDLE_TIMEOUT,
@@ -456,35 +313,12 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     )
     site.displayTracebacks = False
     site.noisy = False
-    AnnouncedEndpointService(
-        serverFromString(reactor, config.listen), site, "paddler balancer proxy"
-    ).setServiceParent(top)
-    # The management port: the fleet API (/api/v1/upstreams, agents, /health)
-    # is the default app; observability (state, dashboard, /metrics) mounts
-    # its prefixes in management_routes.
-    from paddler.web.router import NotFoundResource, PrefixRouter
+    top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
+    top.proxy_listener.setServiceParent(top)
 
-    management_routes: list[tuple[bytes, Any]] = []
-    management_default: Any = NotFoundResource()
-    # -- fleet management API (issue 5) wires here --
-    from paddler.management.api import ManagementAPI
-    from paddler.fleet.registry import AgentRegistry
-
-    registry = AgentRegistry(pool, reactor, expiry=config.agent_expiry)
-    registry.setServiceParent(top)
-    management_default = ManagementAPI(
-        pool, registry, reactor, probes=probes, token=config.management_token
-    ).app.resource()
-    top.registry = registry  # type: ignore[attr-defined]
-    # -- observability (issue 6) wires here --
-    from paddler.observability.dashboard import (
-        ObservabilityApp,
-        ObservabilityService,
-        StateHistory,
-        StateStream,
-        build_state,
-    )
-    from paddler.observability.prometheus import PrometheusMetrics
+    top.registry = AgentRegistry(pool, reactor, expiry=config.agent_expiry)
+    top.registry.setServiceParent(top)
+    management = ManagementAPI(pool, top.registry, reactor, probes=top.probes, token=config.management_token)
 
     history = StateHistory()
 
@@ -496,8 +330,6 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
     observability = ObservabilityApp(
         fleet_state, state_stream, PrometheusMetrics(pool, stats), dashboard=config.dashboard
     ).resource()
-    management_routes += [(b"/api/v1/state", observability), (b"/dashboard", observability),
-                          (b"/metrics", observability)]
     if config.statsd is not None:
         from paddler.config import parse_statsd_address
         from paddler.observability.statsd import StatsDClient, StatsDService
@@ -507,20 +339,69 @@ def makeBalancerService(config: Any, reactor: Any) -> MultiService:
             StatsDClient(reactor, statsd_host, statsd_port, config.statsd_prefix),
             pool, stats, reactor, interval=config.statsd_interval,
         ).setServiceParent(top)
-    from paddler.management.api import MAX_BODY
 
     # Bodies are stored before any handler (or token check) runs: keep at most MAX_BODY.
     management_site = QuietSite(
-        PrefixRouter(management_routes, management_default),
+        PrefixRouter(
+            [(b"/api/v1/state", observability), (b"/dashboard", observability), (b"/metrics", observability)],
+            management.app.resource(),
+        ),
         requestFactory=bounded_request_factory(MAX_BODY),
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,
     )
-    AnnouncedEndpointService(
-        serverFromString(reactor, config.management_listen), management_site, "paddler management"
-    ).setServiceParent(top)
-
-    top.pool = pool  # type: ignore[attr-defined]
-    top.stats = stats  # type: ignore[attr-defined]
-    top.probes = probes  # type: ignore[attr-defined]
+    top.management_listener = ListeningService(
+        reactor, config.management_listen, management_site, "paddler management"
+    )
+    top.management_listener.setServiceParent(top)
+    if reload_config is not None:
+        top.reloader = Reloader(top, reload_config, prober).reload
+    top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
     return top
+
+
+def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None:
+    """Run C{handler} in the reactor thread whenever the process gets C{signum}."""
+    import signal
+
+    signal.signal(signum, lambda *_: reactor.callFromThread(handler))
+
+
+#: Seconds a client connection may stay idle between requests.
+CLIENT_IDLE_TIMEOUT = 120.0
+
+
+def run(options: Any, stderr: Any) -> int:
+    """
+    Run the service of the parsed C{options} in the foreground until it is
+    stopped; return the exit status (the ``paddler`` console script).
+    """
+    import signal
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from paddler.logs import observer
+    from paddler.web.listeners import ListenFailed
+
+    globalLogBeginner.beginLoggingTo([observer()], redirectStandardIO=False)
+    service = makeService(options)
+    try:
+        service.privilegedStartService()
+        service.startService()
+    except ListenFailed as e:
+        print(f"paddler {options.subCommand}: error: {e}", file=stderr)  # noqa: T201
+        return 1
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if stopping:  # asked again while stopping gracefully: stop now
+            reactor.stop()
+            return
+        stopping.append(True)
+        service.stopService().addBoth(lambda _: reactor.stop())  # type: ignore[union-attr]
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        _on_signal(reactor, signum, stop)
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    return 0

@@ -7,7 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from paddler.agent.service import AgentService
-from paddler.management.api import endpoint_is_local
+from paddler.web.listeners import endpoint_is_local
 from paddler.fleet.registry import AgentRegistry
 from paddler.tap import AgentOptions, BalancerOptions, Options, makeAgentService, makeService
 
@@ -120,11 +120,14 @@ def test_balancer_takes_the_token_from_the_environment(monkeypatch):
 
 
 def test_balancer_refuses_an_empty_token(monkeypatch):
-    """An empty token is a mistake, not "no auth"."""
+    """An empty token is a mistake, not "no auth"; the error names where it came from."""
     monkeypatch.setenv("PADDLER_MANAGEMENT_TOKEN", "")
     with pytest.raises(usage.UsageError) as e:
         balancer()
-    assert "--management-token" in str(e.value)
+    assert "PADDLER_MANAGEMENT_TOKEN must not be empty" in str(e.value)
+    with pytest.raises(usage.UsageError) as e:
+        balancer("--management-token", " ")
+    assert "--management-token must not be empty" in str(e.value)
 
 
 def test_make_service_builds_the_agent_with_a_status_listener():
@@ -132,7 +135,7 @@ def test_make_service_builds_the_agent_with_a_status_listener():
     options = Options()
     options.parseOptions(["agent", *AGENT, "--status-listen", "tcp:18099:interface=127.0.0.1"])
     reactor = MemoryReactorClock()
-    top = makeAgentService(options.subOptions.config, reactor, options.subOptions["status-listen"])
+    top = makeAgentService(options.subOptions.config, reactor)
     assert isinstance(top.agent, AgentService)
     top.privilegedStartService()
     assert [(port, iface) for port, _, _, iface in reactor.tcpServers] == [(18099, "127.0.0.1")]

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.test.requesthelper import DummyChannel
 
 from paddler.config import BalancerConfig
-from paddler.management.api import MAX_BODY
+from paddler.management.validation import MAX_BODY
 from paddler.tap import makeBalancerService
 
 from .test_management import Harness, assert_error

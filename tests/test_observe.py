@@ -16,15 +16,9 @@ from twisted.internet.task import Clock
 from twisted.web.server import Site
 
 from paddler.web.router import NotFoundResource, PrefixRouter
-from paddler.observability.dashboard import (
-    HISTORY_WINDOW,
-    ObservabilityApp,
-    ObservabilityService,
-    StateHistory,
-    StateStream,
-    build_state,
-    encode_event,
-)
+from paddler.observability.dashboard import ObservabilityApp
+from paddler.observability.snapshot import HISTORY_WINDOW, StateHistory, build_state
+from paddler.observability.stream import ObservabilityService, StateStream, encode_event
 from paddler.fleet.pool import UpstreamPool
 from paddler.observability.prometheus import PrometheusMetrics
 from paddler.simulator.testing import MemoryExchange, MemoryHTTPClient

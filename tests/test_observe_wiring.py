@@ -16,8 +16,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from paddler.config import BalancerConfig, UpstreamSpec
-from paddler.observability.dashboard import ObservabilityService
-from paddler.services import AnnouncedEndpointService
+from paddler.observability.stream import ObservabilityService
+from paddler.web.listeners import ListeningService
 from paddler.observability.statsd import StatsDService
 from paddler.tap import makeBalancerService
 
@@ -37,7 +37,7 @@ def receiver():  # type: ignore[no-untyped-def]
 
 async def listening(top: Any, what: str) -> str:
     """The base URL of the listener C{what} once it is bound (deadline: 10 s)."""
-    [service] = [s for s in top if isinstance(s, AnnouncedEndpointService) and s.what == what]
+    [service] = [s for s in top if isinstance(s, ListeningService) and s.what == what]
     for _ in range(int(DEADLINE / 0.01)):
         if service.address is not None:
             return f"http://127.0.0.1:{service.address.port}"

@@ -22,7 +22,7 @@ from treq.client import HTTPClient
 from paddler.fleet.probe import HTTPProber
 from paddler.balancer.proxy import ProxyConfig
 from paddler.balancer.relay import Relay
-from paddler.services import AnnouncedEndpointService
+from paddler.web.listeners import ListenFailed, ListeningService
 from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState
 
 from .helpers import make_pool
@@ -166,10 +166,8 @@ def test_a_listener_whose_port_is_taken_fails_startup():
     taken.listen(1)
     try:
         port = taken.getsockname()[1]
-        svc = AnnouncedEndpointService(
-            serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"), Site(Resource()), "proxy"
-        )
-        with pytest.raises(CannotListenError):
+        svc = ListeningService(reactor, f"tcp:{port}:interface=127.0.0.1", Site(Resource()), "proxy")
+        with pytest.raises(ListenFailed, match=f"proxy cannot listen on tcp:{port}:interface=127.0.0.1: .*in use"):
             svc.privilegedStartService()
     finally:
         taken.close()

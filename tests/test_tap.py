@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from twisted.python.usage import UsageError
 
-from paddler.cli import twistd_argv
 from paddler.config import BalancerConfig, UpstreamSpec
 from paddler.tap import Options
 
@@ -47,16 +46,6 @@ def test_twistd_finds_the_plugin_and_lists_the_subcommands():
     assert result.returncode == 0, result.stderr
     for command in ("balancer", "agent", "simulate"):
         assert command in result.stdout
-
-
-def test_console_script_runs_twistd_in_the_foreground_without_a_pid_file():
-    assert twistd_argv(["balancer", "--listen", "tcp:1"]) == [
-        "twistd", "--nodaemon", "--pidfile=", "--logger=paddler.logs.observer", "paddler", "balancer", "--listen", "tcp:1",
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "paddler", "balancer", "--help"], capture_output=True, text=True, timeout=60, cwd="/"
-    )
-    assert result.returncode == 0 and "--max-buffered-requests" in result.stdout
 
 
 def test_a_subcommand_is_required():

@@ -22,11 +22,10 @@ loses no request.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
@@ -34,27 +33,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from paddler.web.body import read_body
+from paddler.config import AgentConfig
 from paddler.llamacpp.errors import Loading, error_message
 from paddler.llamacpp.slots import http_getter, read_slots
 from paddler.web.failures import describe_failure
+from paddler.web.router import json_errors
 from paddler.fleet.upstream import normalise_url, upstream_id
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """Settings of one agent (from ``paddler agent`` flags)."""
-
-    llamacpp: str
-    external_url: str
-    balancer: str
-    name: str
-    llamacpp_api_key: str | None = None
-    management_token: str | None = None
-    interval: float = 1.0
-    timeout: float = 2.0
-    max_backoff: float = 30.0
-    drain_timeout: float = 30.0
-    drain_poll: float = 0.25
 
 
 class BalancerRejected(Exception):
@@ -346,6 +330,14 @@ class AgentService(Service):
         }
 
 
+class AgentProcess(MultiService):
+    """The ``paddler agent`` process: the agent, its HTTP connections, its status listener."""
+
+    def __init__(self, agent: AgentService) -> None:
+        super().__init__()
+        self.agent = agent
+
+
 class AgentStatusApp:
     """``GET /health`` on ``--status-listen``: the agent's view of its server and balancer."""
 
@@ -359,3 +351,6 @@ class AgentStatusApp:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(self.agent.status()).encode("utf-8")
+
+
+json_errors(AgentStatusApp.app, "agent status")

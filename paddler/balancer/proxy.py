@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
@@ -30,6 +30,7 @@ from paddler.errors import (
     NoUpstreamAvailable,
     PaddlerHTTPError,
     RequestTooLarge,
+    ShuttingDown,
     UpstreamFailed,
     UpstreamTimeout,
     error_body,
@@ -90,6 +91,19 @@ class ProxyConfig:
     max_request_body: int = 10 * 1024 * 1024
     max_retries: int = 3
 
+    @classmethod
+    def from_balancer(cls, config: Any) -> ProxyConfig:
+        """The proxy's part of a L{paddler.config.BalancerConfig}."""
+        return cls(
+            api_key=config.llamacpp_api_key,
+            rewrite_host_header=config.rewrite_host_header,
+            slots_endpoint_enable=config.slots_endpoint_enable,
+            upstream_timeout=config.upstream_timeout,
+            idle_timeout=config.idle_timeout,
+            max_request_body=config.max_request_body,
+            max_retries=config.max_retries,
+        )
+
 
 def _client_gone(request: server.Request) -> bool:
     """Whether the client's connection closed (L{paddler.web.request.BoundedRequest} flags it)."""
@@ -146,16 +160,61 @@ class ProxyResource(Resource):
         self.config = config
         self.stats = stats or RequestStats(clock)
         self.stopping = False
+        self.active: set[server.Request] = set()
+        self._drained: list[Deferred[None]] = []
+
+    # -- shutting down ----------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """Answer new requests with 503 and retry nothing from now on; running ones go on."""
+        self.stopping = True
+
+    def drained(self) -> Deferred[None]:
+        """Fires when no proxied request is running any more."""
+        d: Deferred[None] = Deferred()
+        if self.active:
+            self._drained.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def abort_active(self) -> int:
+        """Cut every running request's client connection (the upstream requests are cancelled); return how many."""
+        cut = 0
+        for request in list(self.active):
+            transport: Any = request.channel.transport if request.channel is not None else None
+            if transport is not None:
+                transport.abortConnection()
+                cut += 1
+        return cut
+
+    def _track(self, request: server.Request) -> None:
+        self.active.add(request)
+
+        def untrack(result: object) -> None:
+            self.active.discard(request)
+            if not self.active:
+                waiting, self._drained = self._drained, []
+                for d in waiting:
+                    d.callback(None)
+
+        request.notifyFinish().addBoth(untrack)
+
+    # -- requests ---------------------------------------------------------
 
     def render(self, request: server.Request) -> Any:
         request.defaultContentType = None
         started = self._clock.seconds()
         path = request.path
         if path == b"/health":
+            if self.stopping:
+                return self._shutting_down(request, started)
             status, payload = self._pool.health()
             return _json(request, status, payload)
         if path == b"/slots":
             return self._render_slots(request)
+        if self.stopping:
+            return self._shutting_down(request, started)
         try:
             if getattr(request, "body_too_large", False):
                 raise RequestTooLarge(
@@ -170,10 +229,19 @@ class ProxyResource(Resource):
         except PaddlerHTTPError as e:
             self.stats.record(e.status, 0.0, path=path.decode("latin-1"))
             return _json(request, e.status, e.body(), e.headers)
+        self._track(request)
         d = ensureDeferred(self._forward(request, body, takes_slot, model, started))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(self._failed, request, started)
         return server.NOT_DONE_YET
+
+    def _shutting_down(self, request: server.Request, started: float) -> bytes:
+        error = ShuttingDown("the balancer is shutting down; retry on another balancer or after its restart",
+                             headers={b"retry-after": b"1", b"connection": b"close"})
+        if request.channel is not None:
+            request.channel.persistent = False  # type: ignore[attr-defined]
+        self.stats.record(error.status, self._clock.seconds() - started, path=request.path.decode("latin-1"))
+        return _json(request, error.status, error.body(), error.headers)
 
     def _render_slots(self, request: server.Request) -> bytes:
         if not self.config.slots_endpoint_enable:
@@ -223,7 +291,7 @@ class ProxyResource(Resource):
                 if _was_cancelled(e):
                     raise CancelledError() from e
                 if self.stopping:
-                    raise NoUpstreamAvailable("the balancer is shutting down") from e
+                    raise ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"}) from e
                 only_refused = False
                 reason = describe_failure(Failure(e))
                 self._upstream_failed(upstream, reason)

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from paddler.errors import BufferFull, BufferTimeout, NoUpstreamAvailable
+from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
 from paddler.interfaces import ISlotChooser
 from paddler.fleet.upstream import Observation, Upstream
 
@@ -278,7 +278,7 @@ class UpstreamPool:
             if lease is not None:
                 return succeed(lease)
         if self.max_buffered == 0:
-            return fail(NoUpstreamAvailable("no free slot on any upstream and buffering is disabled"))
+            return fail(BufferingDisabled("no free slot on any upstream and buffering is disabled"))
         if len(self._waiters) >= self.max_buffered:
             return fail(
                 BufferFull(
@@ -382,4 +382,4 @@ class UpstreamPool:
         while self._waiters:
             waiter = self._waiters[0]
             self._leave(waiter)
-            waiter.deferred.errback(NoUpstreamAvailable("the balancer is shutting down"))
+            waiter.deferred.errback(ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"}))

@@ -163,6 +163,12 @@ class ProbeService(Service):
         d.addBoth(done)
         return d
 
+    def set_interval(self, interval: float) -> None:
+        """Probe every C{interval} seconds from each loop's next run on."""
+        self.interval = interval
+        for loop in self._loops.values():
+            loop.interval = interval
+
     def probe_now(self, upstream: Upstream) -> Deferred[None]:
         """
         Probe C{upstream} at once, or join the probe of it already running.

@@ -1,13 +1,25 @@
-"""The management port's root: routes each path prefix to the app that owns it."""
+"""The management port's root: routes each path prefix to the app that owns it, and the
+one JSON error handling every Klein app shares."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import werkzeug.exceptions
+from klein import Klein
+from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 
-from paddler.errors import error_body, json_response
+from paddler.errors import (
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PaddlerHTTPError,
+    error_response,
+)
+
+_log = Logger()
 
 
 class PrefixRouter(Resource):
@@ -43,5 +55,51 @@ class NotFoundResource(Resource):
     isLeaf = True
 
     def render(self, request: Any) -> bytes:
-        message = f"no such path: {request.path.decode('latin-1')}"
-        return json_response(request, 404, error_body(404, message, "not_found_error"))
+        return error_response(request, NotFound(f"no such path: {_shown_path(request)}"))
+
+
+def json_errors(app: Klein, what: str) -> None:
+    """
+    Answer every error of the Klein C{app} as JSON: a L{PaddlerHTTPError} as
+    itself, an unknown path as 404, a wrong method as 405 (with C{Allow}),
+    anything else as a 500 whose traceback is logged, never sent. C{what}
+    names the app in that log line.
+    """
+
+    def paddler_error(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        return error_response(request, failure.value)
+
+    def not_found(*args: Any) -> bytes:
+        request = args[-2]
+        return error_response(request, NotFound(f"no such path: {_shown_path(request)}"))
+
+    def not_allowed(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        error = MethodNotAllowed(
+            f"{request.method.decode('latin-1')} is not allowed on {_shown_path(request)}",
+            headers={b"allow": ", ".join(allowed).encode("ascii")} if allowed else None,
+        )
+        return error_response(request, error)
+
+    def unexpected(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        _log.failure(
+            "{what}: {method} {path} failed", failure, what=what, method=request.method, path=request.path
+        )
+        return error_response(request, InternalError("internal error (logged by the balancer)"))
+
+    # Klein passes the app's instance first when the app is a class attribute: *args takes both shapes.
+    handlers: list[tuple[type[Exception], Any]] = [
+        (PaddlerHTTPError, paddler_error),
+        (werkzeug.exceptions.NotFound, not_found),
+        (werkzeug.exceptions.MethodNotAllowed, not_allowed),
+        (Exception, unexpected),
+    ]
+    for exception, handler in handlers:
+        app.handle_errors(exception)(handler)
+
+
+def _shown_path(request: Any) -> str:
+    return request.path.decode("latin-1")[:200]

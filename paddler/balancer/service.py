@@ -1,0 +1,114 @@
+"""The balancer process as one service: its parts, a graceful stop, and a reload on SIGHUP.
+
+Stopping (SIGTERM, SIGINT, ``twistd`` shutting down):
+
+1. the proxy listener closes, so no new connection is accepted; new
+   requests on connections already open get 503 with ``Connection: close``;
+2. requests waiting in the buffer get 503 "shutting down" at once (they have
+   not started anywhere: another balancer, or this one after its restart,
+   can take them);
+3. running requests and streams go on until they end, at most
+   ``--shutdown-timeout`` seconds; those still running then are cut;
+4. then everything else stops: probes, agents' expiry, the management port,
+   connection pools.
+
+A reload (SIGHUP, L{BalancerService.reload}) reads the ``--config`` file
+and the environment again and applies what can change while running.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from paddler.balancer.proxy import ProxyResource
+from paddler.config import BalancerConfig
+from paddler.fleet.pool import UpstreamPool
+from paddler.observability.requests import RequestStats
+from paddler.web.listeners import ListeningService
+
+
+class BalancerService(MultiService):
+    """The whole balancer: every part is an attribute, every lifetime a child service."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: BalancerConfig,
+        clock: IReactorTime,
+        pool: UpstreamPool,
+        stats: RequestStats,
+        proxy: ProxyResource,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.clock = clock
+        self.pool = pool
+        self.stats = stats
+        self.proxy = proxy
+        self.shutdown_timeout = shutdown_timeout
+        self.proxy_listener: ListeningService | None = None
+        self.management_listener: ListeningService | None = None
+        self.probes: Any = None
+        self.registry: Any = None
+        self.reloader: Callable[[], list[str]] | None = None
+        self.on_signal: Callable[[int, Callable[[], object]], None] | None = None
+        self.stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self.on_signal is not None:
+            self.on_signal(signal.SIGHUP, self.reload)
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        in_flight, buffered = len(self.proxy.active), self.pool.requests_buffered
+        self.log.info(
+            "stopping: accepting no new connection; {in_flight} requests running, {buffered} buffered "
+            "(answered 503); waiting up to {timeout:g}s for the running ones",
+            in_flight=in_flight,
+            buffered=buffered,
+            timeout=self.shutdown_timeout,
+        )
+        if self.proxy_listener is not None:
+            await self.proxy_listener.stopListening()
+        self.proxy.stop_accepting()
+        self.pool.stop()
+        drained = self.proxy.drained()
+        if not drained.called:
+            deadline = self.clock.callLater(self.shutdown_timeout, drained.cancel)
+            try:
+                await drained
+            except Exception:
+                running = len(self.proxy.active)
+                cut = self.proxy.abort_active()
+                self.log.warn(
+                    "stopping: {running} requests still running after {timeout:g}s "
+                    "(--shutdown-timeout); cut {cut} of them",
+                    running=running,
+                    timeout=self.shutdown_timeout,
+                    cut=cut,
+                )
+            else:
+                if deadline.active():
+                    deadline.cancel()
+                self.log.info("stopping: every running request has finished")
+        await super().stopService()
+
+    def reload(self) -> list[str]:
+        """Apply the configuration again (SIGHUP); return what changed, each in a line that was logged."""
+        if self.reloader is None:
+            self.log.info("reload: nothing to reload")
+            return []
+        return self.reloader()
