@@ -326,3 +326,43 @@ class SimulateConfig:
 
 
 SIMULATE_SETTINGS = settings_of(SimulateConfig)
+
+
+def configuration_reference() -> str:
+    """docs/configuration.md, generated from the settings tables (``python -m paddler.config``)."""
+    from paddler.settings import reference
+
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the settings tables in `paddler/config.py` by `python -m paddler.config`;",
+        "a test fails when this file and the code disagree.",
+        "",
+        "## `paddler balancer`",
+        "",
+        "Precedence, highest first: flags, environment variables, the `--config` TOML file",
+        "(named by `--config` or `PADDLER_CONFIG`), defaults. In the file a key may be written",
+        "with `-` or `_`. Upstreams come whole from the first source that names any:",
+        "`--upstream URL` or `--upstream NAME=URL` (repeatable), `PADDLER_UPSTREAMS=url,name=url,...`,",
+        "or `[[upstream]]` tables with `url`, `name` and `api_key`.",
+        "",
+        *reference(BALANCER_SETTINGS),
+        "",
+        "## `paddler agent`",
+        "",
+        "Flags, then environment variables. `--llamacpp` and `--balancer` are required.",
+        "",
+        *reference(AGENT_SETTINGS, file_keys_too=False),
+        "",
+        "## `paddler simulate`",
+        "",
+        "Flags only.",
+        "",
+        *reference(SIMULATE_SETTINGS, file_keys_too=False),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(configuration_reference(), end="")  # noqa: T201 - the generator's output

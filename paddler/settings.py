@@ -57,8 +57,8 @@ class Number(Kind):
     @property
     def text(self) -> str:  # type: ignore[override]
         kind = "whole number" if self.whole else "number"
-        low = f"> {self.minimum:g}" if self.above_minimum else f">= {self.minimum:g}"
-        high = f", <= {self.maximum:g}" if self.maximum is not None else ""
+        low = f"> {_shown(self.minimum)}" if self.above_minimum else f">= {_shown(self.minimum)}"
+        high = f", <= {_shown(self.maximum)}" if self.maximum is not None else ""
         unit = f" ({self.unit})" if self.unit else ""
         return f"{kind} {low}{high}{unit}"
 
@@ -74,17 +74,18 @@ class Number(Kind):
                 number = float(value)
         except (TypeError, ValueError, OverflowError):
             kind = "a whole number" if self.whole else "a number"
-            raise ConfigError(f"{where} must be {kind}, got {value!r}") from None
+            raise ConfigError(f"{where} must be {kind}, got {_clipped(value, True)}") from None
         if isinstance(number, float) and not math.isfinite(number):
-            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+            raise ConfigError(f"{where} must be a finite number, got {_clipped(value, True)}")
         too_low = number <= self.minimum if self.above_minimum else number < self.minimum
+        shown = _clipped(value)
         if too_low:
             if self.above_minimum and self.minimum == 0:
-                raise ConfigError(f"{where} must be a positive number, got {value}")
+                raise ConfigError(f"{where} must be a positive number, got {shown}")
             bound = "above" if self.above_minimum else "at least"
-            raise ConfigError(f"{where} must be {bound} {self.minimum:g}, got {value}")
+            raise ConfigError(f"{where} must be {bound} {_shown(self.minimum)}, got {shown}")
         if self.maximum is not None and number > self.maximum:
-            raise ConfigError(f"{where} must be at most {self.maximum:g}, got {value}")
+            raise ConfigError(f"{where} must be at most {_shown(self.maximum)}, got {shown}")
         return number
 
 
@@ -355,11 +356,19 @@ def _flag_help(s: Setting) -> str:
     return f"{s.info.help}{env}{default}"
 
 
+def _clipped(value: Any, quoted: bool = False) -> str:
+    """A value as an error message shows it: at most 40 characters."""
+    text = repr(value) if quoted else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+        value = int(value)
+    if isinstance(value, int):
+        return str(value) if abs(value) < 100_000 else f"{value:_}"
     return str(value)
 
 

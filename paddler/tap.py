@@ -381,6 +381,8 @@ def run(options: Any, stderr: Any) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
+    from twisted.internet.error import CannotListenError
+
     from paddler.logs import observer
     from paddler.web.listeners import ListenFailed
 
@@ -389,7 +391,7 @@ def run(options: Any, stderr: Any) -> int:
     try:
         service.privilegedStartService()
         service.startService()
-    except ListenFailed as e:
+    except (ListenFailed, CannotListenError) as e:
         print(f"paddler {options.subCommand}: error: {e}", file=stderr)  # noqa: T201
         return 1
     stopping: list[bool] = []

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 
 from paddler.routing.policies import MostIdleSlotsChooser
 from paddler.fleet.pool import UpstreamPool
-from paddler.fleet.upstream import FailureSeen, SlotsSeen, Upstream, UpstreamState
+from paddler.fleet.upstream import FailureSeen, SlotsSeen, Upstream
 
 
 def healthy_upstream(

@@ -34,7 +34,7 @@ def test_stop_while_a_report_is_in_flight_is_not_a_balancer_failure(logs):  # no
     w.net.hanging.add("balancer")
     w.clock.advance(1)  # the second report hangs on the balancer
     w.agent.stopService()
-    assert w.agent.failures == 0 and w.agent.balancer_state == "reporting"
+    assert w.agent.failures == 0 and w.agent.balancer_state == "draining"
     assert not [line for line in logs if "unreachable" in line], logs
     w.clock.advance(w.config.drain_timeout + 10)  # the drain cannot reach the hanging balancer
     w.registry.stopService()

@@ -10,7 +10,6 @@ from twisted.internet.task import Clock
 
 from paddler.observability.prometheus import PrometheusMetrics
 from paddler.observability.requests import RequestStats
-from paddler.fleet.upstream import UpstreamState
 
 from .helpers import healthy_upstream, make_pool, mark_unreachable
 

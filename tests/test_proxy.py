@@ -6,11 +6,6 @@ import json
 
 import pytest
 import pytest_twisted
-import treq
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
-from twisted.web.http_headers import Headers
 
 from paddler.balancer.proxy import ProxyConfig
 from paddler.fleet.upstream import UpstreamState

@@ -9,8 +9,6 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web import server
@@ -26,7 +24,7 @@ from paddler.web.listeners import ListenFailed, ListeningService
 from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState
 
 from .helpers import make_pool
-from .proxy_harness import Chunks, Harness, StringProducer, make_harness, until
+from .proxy_harness import Harness, StringProducer, make_harness, until
 
 
 

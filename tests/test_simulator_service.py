@@ -96,7 +96,7 @@ def test_simulate_service_listens_on_consecutive_ports_and_logs_urls(log_events:
     sites = [factory for _, factory, _, _ in reactor.tcpServers]
     assert all(isinstance(site, SimulatorSite) for site in sites)
     assert [site.engine.config.seed for site in sites if isinstance(site, SimulatorSite)] == [4, 5, 6]
-    listening = [e for e in log_events if "url" in e and "listening" in e.get("log_format", "")]
+    listening = [e for e in log_events if "url" in e and e.get("log_format", "").startswith("simulated llama-server {index}")]
     assert [e["url"] for e in listening] == [
         "http://127.0.0.1:18081", "http://127.0.0.1:18082", "http://127.0.0.1:18083",
     ]
@@ -209,12 +209,12 @@ def test_a_fleet_port_already_taken_stops_start_up() -> None:
     import socket as _socket
 
     from twisted.internet import reactor as _reactor
-    from twisted.internet.error import CannotListenError
+    from paddler.web.listeners import ListenFailed
 
     with _socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
         fleet = SimulatedFleetService(_reactor, [SimulatorConfig()], base_port=port)
-        with pytest.raises(CannotListenError):
+        with pytest.raises(ListenFailed):
             fleet.privilegedStartService()

@@ -27,7 +27,6 @@ from paddler.observability.statsd import (
     pack_datagrams,
 )
 from paddler.tap import Options
-from paddler.fleet.upstream import UpstreamState
 
 from .helpers import healthy_upstream, make_pool, mark_unreachable
 

@@ -3,7 +3,7 @@
 import pytest
 from twisted.logger import LogLevel, capturedLogs
 
-from paddler.fleet.upstream import FailureSeen, InvalidUpstreamURL, SlotsSeen, Upstream, UpstreamState, normalise_url, upstream_id
+from paddler.fleet.upstream import FailureSeen, InvalidUpstreamURL, SlotsSeen, Upstream, normalise_url, upstream_id
 
 
 @pytest.mark.parametrize(

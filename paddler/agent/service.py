@@ -5,10 +5,12 @@ the balancer's probes: ``/slots``, falling back to ``/props`` + ``/metrics``)
 and posts them to ``POST /api/v1/agents/{agent_id}/report`` on the
 balancer's management port. Both requests have a deadline.
 
-The balancer side has three states, each change logged once::
+The agent's link to the balancer is a state machine (L{AgentState},
+L{AGENT_TRANSITIONS}, drawn in docs/states.md), each change logged once::
 
     starting --ok--> reporting --fail--> unreachable --ok--> reporting
                          \\--4xx--> rejected --ok--> reporting
+    (any) --stop--> draining --drained--> stopped
 
 While the balancer fails, reports back off exponentially (interval, 2x, 4x
 ... up to ``max_backoff``); the agent never gives up.
@@ -21,6 +23,7 @@ loses no request.
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import Any
 
@@ -38,7 +41,43 @@ from paddler.llamacpp.errors import Loading, error_message
 from paddler.llamacpp.slots import http_getter, read_slots
 from paddler.web.failures import describe_failure
 from paddler.web.router import json_errors
-from paddler.fleet.upstream import normalise_url, upstream_id
+from paddler.fleet.upstream import UpstreamState, normalise_url, upstream_id
+
+
+class AgentState(enum.StrEnum):
+    """The agent's link to its balancer."""
+
+    STARTING = "starting"
+    REPORTING = "reporting"
+    UNREACHABLE = "unreachable"  # the last report did not reach the balancer
+    REJECTED = "rejected"  # the balancer answered the last report with an error
+    DRAINING = "draining"  # stopping: the host is drained, its requests finish
+    STOPPED = "stopped"
+
+
+class AgentEvent(enum.Enum):
+    REPORTED = "reported"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    STOP = "stop"
+    DRAINED = "drained"
+
+
+_A, _V = AgentState, AgentEvent
+#: Every allowed (state, event) pair; a report cannot land once the agent is stopping.
+AGENT_TRANSITIONS: dict[tuple[AgentState, AgentEvent], AgentState] = {
+    **{
+        (state, event): target
+        for state in (_A.STARTING, _A.REPORTING, _A.UNREACHABLE, _A.REJECTED)
+        for event, target in (
+            (_V.REPORTED, _A.REPORTING),
+            (_V.FAILED, _A.UNREACHABLE),
+            (_V.REJECTED, _A.REJECTED),
+            (_V.STOP, _A.DRAINING),
+        )
+    },
+    (_A.DRAINING, _V.DRAINED): _A.STOPPED,
+}
 
 
 class BalancerRejected(Exception):
@@ -64,9 +103,9 @@ class AgentService(Service):
         self._balancer = config.balancer.rstrip("/")
         self._get_llama = http_getter(http_client, normalise_url(config.llamacpp), config.llamacpp_api_key)
         self._method = "slots"
-        self.balancer_state = "starting"
+        self.balancer_state = AgentState.STARTING
         self.balancer_error: str | None = None
-        self.llamacpp_state = "unknown"
+        self.llamacpp_state = UpstreamState.UNKNOWN
         self.last_report: dict[str, Any] | None = None
         self.last_report_ok_at: float | None = None
         self.draining = False
@@ -95,8 +134,15 @@ class AgentService(Service):
             lambda f: self.log.failure("agent report loop died", f)
         )
 
+    def _move(self, event: AgentEvent) -> AgentState:
+        """Apply C{event}; return the state before it."""
+        previous = self.balancer_state
+        self.balancer_state = AGENT_TRANSITIONS[previous, event]
+        return previous
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self._move(AgentEvent.STOP)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
@@ -109,6 +155,7 @@ class AgentService(Service):
             self.config.drain_timeout + 3 * self.config.timeout + self.config.drain_poll, self._clock
         )
         d.addErrback(self._drain_failed)
+        d.addBoth(lambda _: self._move(AgentEvent.DRAINED) and None)
         return d
 
     def _drain_failed(self, failure: Failure) -> None:
@@ -158,7 +205,7 @@ class AgentService(Service):
             d = ensureDeferred(read_slots(self._get_llama, method=self._method))
             reading = await d.addTimeout(self.config.timeout, self._clock)
         except Loading:
-            self._set_llamacpp_state("loading", "Loading model")
+            self._set_llamacpp_state(UpstreamState.LOADING, "Loading model")
             report.update(state="loading", error="Loading model")
             return report
         except Exception as e:
@@ -167,12 +214,12 @@ class AgentService(Service):
                 # ConnectingCancelledError from a real client): report nothing.
                 raise CancelledError() from e
             error = describe_failure(Failure(e), self.config.timeout)
-            self._set_llamacpp_state("unreachable", error)
+            self._set_llamacpp_state(UpstreamState.UNREACHABLE, error)
             report.update(state="unreachable", error=error)
             return report
         self._method = reading.method
         processing = reading.processing or 0
-        self._set_llamacpp_state("healthy", None)
+        self._set_llamacpp_state(UpstreamState.HEALTHY, None)
         report.update(
             state="healthy",
             slots_total=reading.total,
@@ -186,27 +233,27 @@ class AgentService(Service):
                 report["models"] = names[1:]
         return report
 
-    def _set_llamacpp_state(self, state: str, error: str | None) -> None:
-        if state == self.llamacpp_state:
+    def _set_llamacpp_state(self, state: UpstreamState, error: str | None) -> None:
+        if state is self.llamacpp_state:
             return
         self.llamacpp_state = state
         self.log.info(
             "agent {agent_id}: llama.cpp at {url} is {state}{reason}",
             agent_id=self.agent_id,
             url=self.config.llamacpp,
-            state=state,
+            state=state.value,
             reason=f": {error}" if error else "",
         )
 
     def _balancer_ok(self, answer: Any) -> None:
-        if self.balancer_state != "reporting":
+        previous = self._move(AgentEvent.REPORTED)
+        if previous is not AgentState.REPORTING:
             self.log.info(
                 "agent {agent_id}: reporting {again}to balancer {balancer}",
                 agent_id=self.agent_id,
-                again="" if self.balancer_state == "starting" else "again ",
+                again="" if previous is AgentState.STARTING else "again ",
                 balancer=self._balancer,
             )
-        self.balancer_state = "reporting"
         self.balancer_error = None
         self.failures = 0
         self._retry_at = 0.0
@@ -222,17 +269,17 @@ class AgentService(Service):
         self.failures += 1
         delay = self.backoff()
         self._retry_at = self._clock.seconds() + delay
-        state = "rejected" if failure.check(BalancerRejected) else "unreachable"
         error = describe_failure(failure, self.config.timeout)
         self.balancer_error = error
-        if state != self.balancer_state:
-            self.balancer_state = state
+        previous = self._move(AgentEvent.REJECTED if failure.check(BalancerRejected) else AgentEvent.FAILED)
+        state = self.balancer_state
+        if state is not previous:
             self.log.warn(
                 "agent {agent_id}: balancer {balancer} {state}: {error}; retrying with backoff "
                 "(up to {max_backoff:g}s)",
                 agent_id=self.agent_id,
                 balancer=self._balancer,
-                state=state,
+                state=state.value,
                 error=error,
                 max_backoff=self.config.max_backoff,
             )
@@ -301,7 +348,7 @@ class AgentService(Service):
     def status(self) -> dict[str, Any]:
         now = self._clock.seconds()
         report = self.last_report or {}
-        ok = self.balancer_state == "reporting" and self.llamacpp_state == "healthy"
+        ok = self.balancer_state is AgentState.REPORTING and self.llamacpp_state is UpstreamState.HEALTHY
         return {
             "status": "ok" if ok else "degraded",
             "agent_id": self.agent_id,
@@ -311,7 +358,7 @@ class AgentService(Service):
             "llamacpp": {
                 "url": self.config.llamacpp,
                 "external_url": self.external_url,
-                "state": self.llamacpp_state,
+                "state": self.llamacpp_state.value,
                 "error": report.get("error"),
                 "slots_idle": report.get("slots_idle"),
                 "slots_processing": report.get("slots_processing"),
@@ -320,7 +367,7 @@ class AgentService(Service):
             },
             "balancer": {
                 "url": self._balancer,
-                "state": self.balancer_state,
+                "state": self.balancer_state.value,
                 "error": self.balancer_error,
                 "last_report_age": None
                 if self.last_report_ok_at is None

@@ -120,7 +120,10 @@ def normalise_url(url: str) -> str:
     """Return C{url} as C{scheme://host:port} with no path, or raise L{InvalidUpstreamURL}."""
     if not isinstance(url, str) or not url:
         raise InvalidUpstreamURL("url must be a non-empty string")
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as e:  # "Invalid IPv6 URL" and other unparsable forms
+        raise InvalidUpstreamURL(f"url is not a valid URL ({e}): {url!r}") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidUpstreamURL(f"url must start with http:// or https://, got {url!r}")
     if not parts.hostname:

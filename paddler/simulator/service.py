@@ -8,24 +8,20 @@ L{SimulatedFleetService} is the in-process fleet the balancer starts for its
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
-    IProtocolFactory,
     IReactorTime,
-    IStreamServerEndpoint,
 )
 from twisted.logger import Logger
 from twisted.web.server import Site
-from zope.interface import implementer
 
 from paddler.simulator.engine import SimulatedServerEngine, SimulatorConfig
+from paddler.web.listeners import ListeningService
 from paddler.simulator.web import SimulatorResource
 
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
@@ -111,26 +107,6 @@ def _url_of(port: IListeningPort) -> str:
     return f"http://{host}:{address.port}"
 
 
-@implementer(IStreamServerEndpoint)
-class _AnnouncingEndpoint:
-    """An endpoint that tells its owner about the port once it listens."""
-
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, listening: Callable[[IListeningPort], None]
-    ) -> None:
-        self._endpoint = endpoint
-        self._listening = listening
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        d = self._endpoint.listen(protocolFactory)
-
-        def announce(port: IListeningPort) -> IListeningPort:
-            self._listening(port)
-            return port
-
-        return d.addCallback(announce)
-
-
 class SimulatedServerService(MultiService):
     """One simulated llama-server listening on one endpoint.
 
@@ -153,10 +129,9 @@ class SimulatedServerService(MultiService):
         self.url: str | None = None
         self.port: IListeningPort | None = None
         self._waiting: list[Deferred[str]] = []
-        endpoint = _AnnouncingEndpoint(serverFromString(reactor, description), self._listening)
-        listener = StreamServerEndpointService(endpoint, self.site)
-        listener._raiseSynchronously = True  # a port already taken stops start-up
-        listener.setServiceParent(self)
+        ListeningService(
+            reactor, description, self.site, f"simulated llama-server {index}", on_listening=self._listening
+        ).setServiceParent(self)
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port

@@ -10,6 +10,7 @@ listening first when the service stops.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -44,8 +45,17 @@ class ListeningService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str, path: str = "/") -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: Any,
+        what: str,
+        path: str = "/",
+        on_listening: Callable[[IListeningPort], None] | None = None,
+    ) -> None:
         self.reactor = reactor
+        self.on_listening = on_listening
         self.description = description
         self.factory = factory
         self.what = what
@@ -80,6 +90,8 @@ class ListeningService(Service):
         else:
             url = str(self.address)
         self.log.info("{what} listening on {url}", what=self.what, url=url)
+        if self.on_listening is not None:
+            self.on_listening(port)
 
     def stopListening(self) -> Deferred[None]:
         """Accept no new connection; connections already open stay."""
