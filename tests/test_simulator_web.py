@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from paddler.simulator.engine import SimulatorConfig, tokenize
 from paddler.simulator.service import SimulatorSite, simulator_site
 from paddler.simulator.testing import MemoryHTTPClient
-from paddler.simulator.web import PROMPT_TYPE_MESSAGE
+from paddler.simulator.validation import PROMPT_TYPE_MESSAGE
 
 MakeServer = Callable[..., MemoryHTTPClient]
 
@@ -43,6 +43,12 @@ def engine_of(client: MemoryHTTPClient):  # type: ignore[no-untyped-def]
     site = client.site
     assert isinstance(site, SimulatorSite)
     return site.engine
+
+
+def running_job(client: MemoryHTTPClient):  # type: ignore[no-untyped-def]
+    """The one job running on the server (a fresh server, like llama-server, starts with its last slot)."""
+    [job] = [slot.job for slot in engine_of(client).slots if slot.job is not None]
+    return job
 
 
 def metric(client: MemoryHTTPClient, name: str) -> float:
@@ -229,7 +235,9 @@ def test_generation_hitting_the_context_is_truncated(server: MakeServer, clock: 
 
 
 def test_oversubscribed_server_shows_busy_slots_and_deferred_requests(server: MakeServer, clock: Clock) -> None:
-    """N+3 requests: /slots shows N busy, /metrics 3 deferred, and all finish FIFO."""
+    """N+3 requests: /slots shows N busy, /metrics 3 deferred, and all finish FIFO. A busy
+    slot's n_prompt_tokens is what its KV cache holds now: the prompt plus the tokens
+    decoded so far but the last (llama-server's 275 = 10 + 266 - 1 in the reference)."""
     client = server(slots=2, tokens_per_second=10)
     exchanges = [
         client.post("/completion", {"prompt": f"request {i}", "n_predict": 5, "ignore_eos": True})
@@ -239,7 +247,7 @@ def test_oversubscribed_server_shows_busy_slots_and_deferred_requests(server: Ma
     slots = client.get("/slots").response.json()
     assert [slot["is_processing"] for slot in slots] == [True, True]
     busy = slots[0]
-    assert busy["id_task"] in (0, 1) and busy["n_prompt_tokens"] == 3
+    assert busy["id_task"] in (0, 1) and busy["n_prompt_tokens"] == 3 + 2 - 1
     assert busy["n_prompt_tokens_processed"] == 3 and busy["n_prompt_tokens_cache"] == 0
     assert busy["params"]["n_predict"] == 5 and "stop" not in busy["params"]
     assert busy["next_token"] == [
@@ -299,7 +307,7 @@ def test_completion_stream_is_incremental_and_ends_with_a_stop_chunk(server: Mak
     assert exchange.pump().chunks == []
     clock.advance(0.02)
     assert len(exchange.pump().chunks) == 1 and not response.complete
-    assert engine_of(client).slots[0].job.n_decoded == 1  # the last token is not generated yet
+    assert running_job(client).n_decoded == 1  # the last token is not generated yet
     for n in range(2, 6):
         clock.advance(0.02)
         exchange.pump()
@@ -313,7 +321,8 @@ def test_completion_stream_is_incremental_and_ends_with_a_stop_chunk(server: Mak
     assert [e["tokens_predicted"] for e in events[:-1]] == [1, 2, 3, 4, 5]
     assert all(e["stop"] is False and len(e["tokens"]) == 1 for e in events[:-1])
     final = events[-1]
-    assert final["stop"] is True and final["id_slot"] == 0 and final["content"] == ""
+    # A fresh server starts with its last slot (llama-server's LRU ties go to the highest id).
+    assert final["stop"] is True and final["id_slot"] == 1 and final["content"] == ""
     assert final["timings"]["predicted_n"] == 5
     assert final["timings"]["predicted_ms"] == pytest.approx(100.0)
 
@@ -410,7 +419,7 @@ def test_paused_transport_pauses_token_generation(server: MakeServer, clock: Clo
     producer.pauseProducing()
     clock.advance(10)
     assert exchange.writes() == 0
-    assert engine_of(client).slots[0].job.n_decoded == 1
+    assert running_job(client).n_decoded == 1
     producer.resumeProducing()
     clock.advance(1)
     assert exchange.pump().complete and len(exchange.response.sse_json()) == 6
