@@ -40,18 +40,12 @@ from paddler.simulator.cache import (
     common_prefix,
     pinned_choice,
 )
-from paddler.simulator.tokenizer import (
-    BOS_ID,
-    BOS_TEXT,
-    EOS_ID,
-    EOS_TEXT,
-    FILLER_WORDS,
-    N_VOCAB,
-    piece_id,
-    piece_text,
-    split_pieces,
-    tokenize,
-)
+from paddler.simulator.tokenizer import FILLER_WORDS, piece_id, tokenize
+
+__all__ = [
+    "CompletionResult", "GenerationRequest", "Job", "JobState", "SimulatedServerEngine",
+    "SimulatorConfig", "SimulatorError", "Slot", "Timings", "tokenize",
+]
 
 #: Without ``n_predict`` a generation ends with "eos" after a seeded number of
 #: tokens in this range.
