@@ -102,6 +102,12 @@ def test_host_cache_evicts_the_oldest_entry_beyond_its_byte_budget(clock: Clock)
     assert cache.size_bytes <= 3 * 1024 * 1024
     assert server.run(A).timings.cache_n == 1
     assert server.engine.metrics.prompt_cache_evictions_total >= 1
+    # Saving the slot (D) evicts before the lookup: C went too (as on the real server).
+    assert server.run(C).timings.cache_n == 1
+    recent = Server(clock, slots=1, cache_ram_mib=3, cache_bytes_per_token=1024)
+    for text in (A, B, C, D):
+        recent.run(text)
+    assert recent.run(C).timings.prompt_n == 1
 
 
 def test_a_shared_prefix_entry_moves_out_when_loaded(clock: Clock) -> None:

@@ -28,6 +28,8 @@ between requests, and how it picks a slot for a new one:
 5. **Limits.** Entries cost ``bytes_per_token`` each per token; the oldest
    entries go first once the bytes exceed the budget or the tokens exceed
    max(total context, budget / bytes per token); at least one entry stays.
+   The limits apply right after a save, before the load: with room for two
+   entries, A, B, C, D, A leaves C a miss too (measured on the real server).
 
 The cache lives in the server's memory: a restart loses all of it.
 """

@@ -509,6 +509,10 @@ class SimulatedServerEngine:
         assert isinstance(slot, Slot)
         if slot.tokens and cache.save(slot.tokens):
             self.metrics.prompt_cache_saves_total += 1
+            # The limits apply as soon as the slot is saved, before the load:
+            # a full cache drops its oldest entry even when that is the one
+            # the prompt needs (seen on the real server).
+            self.metrics.prompt_cache_evictions_total += cache.update()
         restored = cache.load(slot.tokens, prompt, choice.empty_loads)
         if restored is not None:
             slot.tokens = restored
