@@ -124,8 +124,10 @@ class Ewma:
         if self.value is None:
             self.value = sample
             return
-        rate = max(self.alpha, 1.0 / self.weight) * weight
-        self.value += rate * (sample - self.value)
+        rate = min(1.0, max(self.alpha, 1.0 / self.weight) * weight)
+        mixed = (1.0 - rate) * self.value + rate * sample
+        # A convex mix; clamp away rounding at extreme magnitudes.
+        self.value = min(max(mixed, min(self.value, sample)), max(self.value, sample))
 
 
 class DecayingRate:
