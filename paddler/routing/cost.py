@@ -11,7 +11,7 @@ For each candidate upstream (a small L{Candidate} record the pool fills in)::
 L{rank} orders the candidates that have an idle slot by cost, costs within
 L{TIE_SECONDS} (5 ms) counting as equal; ties go to the most idle slots,
 then the lowest load (in flight / slots), then the least recently chosen,
-then the id. With no cache information and equal speeds every cost is the
+then the order they were given in. With no cache information and equal speeds every cost is the
 same and the order is the ``slots`` policy's: most idle slots first.
 Candidates without an idle slot follow, by cost: the pool never sends an
 upstream more requests than it has slots, so a hot prefix cannot pile up
@@ -43,7 +43,7 @@ DEFAULT_MIN_GAIN = 0.02
 _SLOWEST = 1e-6  # tokens/s used in place of a speed that is zero or not a number
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
     """What the cost model needs to know about one eligible upstream.
 
@@ -81,7 +81,7 @@ class Candidate:
         return self.in_flight / self.slots_total if self.slots_total > 0 else 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Estimate:
     """The cost model's figures for one candidate (seconds)."""
 
@@ -169,12 +169,13 @@ def rank(
     @param min_gain: the least ttft saving worth waiting for.
     """
     estimates = [estimate(c, prompt_tokens, output_tokens) for c in candidates]
-
-    def key(e: Estimate) -> tuple[bool, float, int, float, float, str]:
+    keys = []
+    for position, e in enumerate(estimates):
         c = e.candidate
-        return (not c.free, _bucket(e.cost), -c.slots_idle, c.load, c.last_chosen, repr(c.id))
-
-    ranked = tuple(sorted(estimates, key=key))
+        free = e.wait == 0.0 and c.slots_idle > 0 and c.in_flight < c.slots_total
+        load = c.in_flight / c.slots_total if c.slots_total > 0 else 1.0
+        keys.append((not free, _bucket(e.cost), -c.slots_idle, load, c.last_chosen, position))
+    ranked = tuple(estimates[key[-1]] for key in sorted(keys))
     best = ranked[0] if ranked and ranked[0].free else None
     if best is None or max_wait <= 0:
         return Decision(ranked)

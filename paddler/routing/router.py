@@ -101,14 +101,18 @@ class Router:
     def candidates(self, request: RoutedRequest, views: Sequence[UpstreamView]) -> list[Candidate]:
         """The cost model's records for these upstreams."""
         out = []
+        speeds = self.speeds
         for view in views:
             matched = self.index.match(view.id, request.blocks) if request.blocks else 0
+            full = view.slots_idle <= 0 or view.in_flight >= view.slots_total
             out.append(Candidate(
                 id=view.id,
                 slots_idle=view.slots_idle,
                 slots_total=view.slots_total,
                 in_flight=view.in_flight,
-                expected_wait=self.speeds.expected_wait(view.id, view.slots_total, view.waiting_ahead),
+                expected_wait=(
+                    speeds.expected_wait(view.id, view.slots_total, view.waiting_ahead) if full else 0.0
+                ),
                 cached_tokens=min(blocks_to_tokens(matched), request.info.tokens),
                 prompt_speed=self.speeds.prompt_speed(view.id),
                 generation_speed=self.speeds.generation_speed(view.id),

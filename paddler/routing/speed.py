@@ -206,6 +206,7 @@ class SpeedTracker:
         self.half_life_samples = half_life_samples
         self.drain_half_life = drain_half_life
         self._upstreams: dict[Hashable, _Upstream] = {}
+        self._fleet: dict[str, float | None] = {}
 
     def _get(self, upstream_id: Hashable) -> _Upstream:
         entry = self._upstreams.get(upstream_id)
@@ -222,6 +223,7 @@ class SpeedTracker:
     def forget(self, upstream_id: Hashable) -> None:
         """Drop an upstream's figures (it left, or restarted on other hardware)."""
         self._upstreams.pop(upstream_id, None)
+        self._fleet.clear()
 
     def observe(self, upstream_id: Hashable, timings: Any) -> TimingSample | None:
         """Learn from one response's ``timings`` object; returns what was understood."""
@@ -230,6 +232,7 @@ class SpeedTracker:
             return None
         entry = self._get(upstream_id)
         entry.samples += 1
+        self._fleet.clear()
         if sample.prompt_speed is not None:
             weight = min(1.0, sample.prompt_tokens / FULL_WEIGHT_PROMPT_TOKENS) or 0.25
             entry.prompt.add(sample.prompt_speed, weight)
@@ -247,11 +250,15 @@ class SpeedTracker:
         self._get(upstream_id).drain.event()
 
     def _fleet_mean(self, attribute: str) -> float | None:
+        if attribute in self._fleet:
+            return self._fleet[attribute]
         values = [
             getattr(entry, attribute).value for entry in self._upstreams.values()
             if getattr(entry, attribute).value is not None
         ]
-        return sum(values) / len(values) if values else None
+        mean = sum(values) / len(values) if values else None
+        self._fleet[attribute] = mean
+        return mean
 
     def prompt_speed(self, upstream_id: Hashable) -> float:
         """Prompt tokens per second: measured, else the fleet's mean, else the prior."""
