@@ -20,6 +20,8 @@ from twisted.internet.task import Clock
 from paddler.simulator.cache import (
     DEFAULT_CACHE_BYTES_PER_TOKEN,
     PromptCache,
+    _pack,
+    _packed_prefix,
     choose_slot,
     common_prefix,
 )
@@ -269,6 +271,19 @@ def test_common_prefix_matches_the_naive_definition(a: list[int], b: list[int]) 
             break
         naive += 1
     assert common_prefix(a, b) == naive
+
+
+@given(st.lists(st.integers(0, 70_000), max_size=300), st.lists(st.integers(0, 70_000), max_size=300),
+       st.integers(0, 300))
+@settings(max_examples=200, deadline=None)
+def test_packed_prefix_matches_the_list_one(a: list[int], b: list[int], shared: int) -> None:
+    """Property: the host cache's byte-packed LCP equals the token-by-token one, whichever
+    byte of a token differs."""
+    b = a[:shared] + b
+    packed_a, packed_b = _pack(a), _pack(b)
+    assert packed_a is not None and packed_b is not None
+    assert _packed_prefix(packed_a, packed_b) == common_prefix(a, b)
+    assert _pack([-1]) is None  # does not fit: the cache falls back to lists
 
 
 def test_saving_skips_held_prompts_and_drops_contained_ones() -> None:

@@ -37,6 +37,7 @@ The cache lives in the server's memory: a restart loses all of it.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,22 +55,45 @@ SAVE_BELOW_F_KEEP = 0.5
 #: A RAM entry that would keep less than this share of its tokens is never loaded.
 MIN_ENTRY_F_KEEP = 0.25
 
-_CHUNK = 64
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """The length of the common prefix of two token sequences.
 
-    Compares 64-token slices first (C speed), then token by token inside the
-    first slice that differs.
+    Compares 512-, then 64-token slices (C speed), then token by token inside
+    the first slice that differs.
     """
     n = min(len(a), len(b))
     i = 0
-    while i + _CHUNK <= n and a[i : i + _CHUNK] == b[i : i + _CHUNK]:
-        i += _CHUNK
+    for chunk in (512, 64):
+        while i + chunk <= n and a[i : i + chunk] == b[i : i + chunk]:
+            i += chunk
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _pack(tokens: Sequence[int]) -> bytes | None:
+    """Tokens as bytes (4 per token) for fast prefix comparison; None if they do not fit."""
+    try:
+        return array("I", tokens).tobytes()
+    except (OverflowError, TypeError):
+        return None
+
+
+def _packed_prefix(a: bytes, b: bytes) -> int:
+    """The common prefix of two packed sequences, in tokens (slice compares are memcmp)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n // 4
+    low, high = 0, n  # a[:low] == b[:low]; a[:high] != b[:high]
+    while high - low > 64:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    while low < high and a[low] == b[low]:
+        low += 1
+    return low // 4
 
 
 class CachedSlot(Protocol):
@@ -151,6 +175,8 @@ class PromptCache:
         self.n_ctx_total = max(1, n_ctx_total)
         self.bytes_per_token = max(1, bytes_per_token)
         self.entries: deque[list[int]] = deque()
+        self._live: set[int] = set()  # id() of every entry, for L{holds}
+        self._packed: dict[int, bytes | None] = {}  # id() of an entry -> its tokens packed
 
     @property
     def n_tokens(self) -> int:
@@ -172,26 +198,61 @@ class PromptCache:
     def clear(self) -> None:
         """Forget every entry (the server restarted)."""
         self.entries.clear()
+        self._live.clear()
+        self._packed.clear()
 
-    def save(self, tokens: Sequence[int]) -> bool:
+    def holds(self, entry: list[int] | None) -> bool:
+        """Whether C{entry} (as returned by L{save_entry}) is still in the cache."""
+        return entry is not None and id(entry) in self._live
+
+    def _remove(self, doomed: list[list[int]]) -> None:
+        ids = {id(entry) for entry in doomed}
+        self.entries = deque(entry for entry in self.entries if id(entry) not in ids)
+        self._live -= ids
+        for key in ids:
+            self._packed.pop(key, None)
+
+    def _prefixes(self, tokens: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Every entry with its common prefix with C{tokens}."""
+        packed = _pack(tokens) if self.entries else None
+        out = []
+        for entry in self.entries:
+            other = self._packed.get(id(entry))
+            if packed is not None and other is not None:
+                out.append((entry, _packed_prefix(other, packed)))
+            else:
+                out.append((entry, common_prefix(entry, tokens)))
+        return out
+
+    def save_entry(self, tokens: Sequence[int]) -> tuple[list[int] | None, bool]:
         """Copy a slot's tokens into the cache, as llama-server's ``alloc``.
 
         Nothing is saved when an entry already holds all of C{tokens}; entries
         that C{tokens} holds entirely are dropped. Call L{update} afterwards.
 
-        @return: whether a new entry was added.
+        @return: the entry holding C{tokens} now (None for no tokens), and
+            whether it is a new one.
         """
         if not tokens:
-            return False
+            return None, False
         n = len(tokens)
-        for entry in self.entries:
-            if common_prefix(entry, tokens) == n:
-                return False
-        kept = [entry for entry in self.entries if common_prefix(entry, tokens) != len(entry)]
-        if len(kept) != len(self.entries):
-            self.entries = deque(kept)
-        self.entries.append(list(tokens))
-        return True
+        contained = []
+        for entry, lcp in self._prefixes(tokens):
+            if lcp == n:
+                return entry, False
+            if lcp == len(entry):
+                contained.append(entry)
+        if contained:
+            self._remove(contained)
+        entry = list(tokens)
+        self.entries.append(entry)
+        self._live.add(id(entry))
+        self._packed[id(entry)] = _pack(entry)
+        return entry, True
+
+    def save(self, tokens: Sequence[int]) -> bool:
+        """L{save_entry}; whether a new entry was added."""
+        return self.save_entry(tokens)[1]
 
     def load(
         self, slot_tokens: Sequence[int], prompt: Sequence[int], empty_loads: bool = True
@@ -211,8 +272,7 @@ class PromptCache:
             f_keep_best = -1.0 if empty_loads else math.nan
         sim_best = lcp_slot / len(prompt)
         best: list[int] | None = None
-        for entry in self.entries:
-            lcp = common_prefix(entry, prompt)
+        for entry, lcp in self._prefixes(prompt):
             f_keep = lcp / len(entry)
             if f_keep < MIN_ENTRY_F_KEEP:
                 continue
@@ -221,7 +281,7 @@ class PromptCache:
                 best, f_keep_best, sim_best = entry, f_keep, sim
         if best is None:
             return None
-        self.entries = deque(entry for entry in self.entries if entry is not best)
+        self._remove([best])
         return best
 
     def update(self) -> int:
@@ -230,12 +290,19 @@ class PromptCache:
         @return: how many entries were dropped.
         """
         dropped = 0
+        n_tokens = self.n_tokens
         if self.limit_bytes:
-            while len(self.entries) > 1 and self.size_bytes > self.limit_bytes:
-                self.entries.popleft()
+            while len(self.entries) > 1 and n_tokens * self.bytes_per_token > self.limit_bytes:
+                n_tokens -= len(self._pop_oldest())
                 dropped += 1
         limit = self.limit_tokens
-        while len(self.entries) > 1 and self.n_tokens > limit:
-            self.entries.popleft()
+        while len(self.entries) > 1 and n_tokens > limit:
+            n_tokens -= len(self._pop_oldest())
             dropped += 1
         return dropped
+
+    def _pop_oldest(self) -> list[int]:
+        entry = self.entries.popleft()
+        self._live.discard(id(entry))
+        self._packed.pop(id(entry), None)
+        return entry

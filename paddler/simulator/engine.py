@@ -206,6 +206,8 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     t_last_used: float = -1.0
     last_job: Job | None = None
+    #: The host-cache entry known to hold these tokens (None: not since they changed).
+    ram_entry: list[int] | None = None
 
     @property
     def is_processing(self) -> bool:
@@ -395,6 +397,7 @@ class SimulatedServerEngine:
                 slot.tokens = []
                 slot.t_last_used = -1.0
                 slot.last_job = None
+                slot.ram_entry = None
         if self.prompt_cache is not None:
             self.prompt_cache.clear()
 
@@ -526,8 +529,10 @@ class SimulatedServerEngine:
             return
         for slot in self.slots:
             if slot.job is None and slot.tokens:
-                if cache.save(slot.tokens):
-                    self.metrics.prompt_cache_saves_total += 1
+                if not cache.holds(slot.ram_entry):
+                    slot.ram_entry, added = cache.save_entry(slot.tokens)
+                    if added:
+                        self.metrics.prompt_cache_saves_total += 1
                 if self.config.kv_unified:
                     slot.tokens = []
         self.metrics.prompt_cache_evictions_total += cache.update()
@@ -550,6 +555,7 @@ class SimulatedServerEngine:
         job.cache_n = cache_n
         job.prompt_n = job.n_prompt - cache_n
         slot.tokens = list(prompt[:cache_n])
+        slot.ram_entry = None
         self._cache_idle_slots()
         delay = job.prompt_n / self.config.prompt_tokens_per_second
         self.log.debug(
