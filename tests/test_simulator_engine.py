@@ -9,16 +9,14 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
 from paddler.simulator.engine import (
-    BOS_ID,
     CompletionResult,
     GenerationRequest,
     JobState,
     SimulatedServerEngine,
     SimulatorConfig,
     SimulatorError,
-    split_pieces,
-    tokenize,
 )
+from paddler.simulator.tokenizer import BOS_ID, split_pieces, tokenize
 
 
 @pytest.fixture

@@ -83,6 +83,22 @@ def test_config_from_options_gives_each_server_its_seed() -> None:
     )
 
 
+def test_config_from_options_reads_the_prompt_cache_settings_with_llama_server_defaults() -> None:
+    """The prompt-cache options map onto SimulatorConfig; options without them get llama-server's
+    defaults (similarity 0.10, 8192 MiB, idle slots cached, no unified KV)."""
+    base = {"slots": 2, "model": "m", "tokens-per-second": 5.0, "prompt-tokens-per-second": 50.0,
+            "n-ctx": 64, "load-seconds": 0.0, "seed": 0, "no-slots-endpoint": False,
+            "no-metrics": False, "api-key": None}
+    plain = config_from_options(base)
+    assert (plain.slot_prompt_similarity, plain.cache_ram_mib, plain.cache_idle_slots,
+            plain.kv_unified) == (0.1, 8192, True, False)
+    tuned = config_from_options({**base, "slot-prompt-similarity": 0.0, "cache-ram": -1,
+                                 "cache-bytes-per-token": 1024, "no-cache-idle-slots": True,
+                                 "kv-unified": True})
+    assert (tuned.slot_prompt_similarity, tuned.cache_ram_mib, tuned.cache_bytes_per_token,
+            tuned.cache_idle_slots, tuned.kv_unified) == (0.0, -1, 1024, False, True)
+
+
 def test_simulate_service_listens_on_consecutive_ports_and_logs_urls(log_events: list[dict]) -> None:
     """--fleet 3 starts three servers on port, port+1, port+2, each logged with its URL."""
     reactor = MemoryReactorClock()

@@ -1,6 +1,8 @@
-"""The simulated llama.cpp server itself: slots, queue, prompt cache, timing.
+"""The simulated llama.cpp server itself: slots, queue and timing.
 
-Everything here runs on an injected clock (an L{IReactorTime}): a request
+The prompt cache it keeps (slot contents, slot choice, the host-memory
+cache) is modelled in L{paddler.simulator.cache}; the tokenizer is in
+L{paddler.simulator.tokenizer}. Everything here runs on an injected clock (an L{IReactorTime}): a request
 holds a slot for ``prompt tokens / prompt_tokens_per_second`` seconds, then
 produces one token every ``1 / tokens_per_second`` seconds through
 C{clock.callLater}. Requests beyond the number of slots wait in the server's
@@ -17,11 +19,9 @@ from __future__ import annotations
 
 import enum
 import random
-import re
 import string
-import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,75 +30,29 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-N_VOCAB = 32000
-BOS_ID = 1
-EOS_ID = 2
-BOS_TEXT = "<s>"
-EOS_TEXT = "</s>"
+from paddler.simulator.cache import (
+    DEFAULT_CACHE_BYTES_PER_TOKEN,
+    DEFAULT_CACHE_RAM_MIB,
+    DEFAULT_SLOT_PROMPT_SIMILARITY,
+    Choice,
+    PromptCache,
+    choose_slot,
+    common_prefix,
+    pinned_choice,
+)
+from paddler.simulator.tokenizer import FILLER_WORDS, piece_id, tokenize
 
-#: llama-server's default ``--slot-prompt-similarity``: an idle slot whose
-#: cached prompt shares more than this fraction of the new prompt is reused.
-SLOT_PROMPT_SIMILARITY = 0.1
+__all__ = [
+    "CompletionResult", "GenerationRequest", "Job", "JobState", "SimulatedServerEngine",
+    "SimulatorConfig", "SimulatorError", "Slot", "Timings", "tokenize",
+]
 
 #: Without ``n_predict`` a generation ends with "eos" after a seeded number of
 #: tokens in this range.
 DEFAULT_GENERATION_RANGE = (16, 128)
 
-_PIECE = re.compile(r"\s*(?:\w+|[^\w\s])|\s+$")
-
-FILLER_WORDS: tuple[str, ...] = (
-    " the", " slot", " model", " token", " server", " queue", " prompt", " cache",
-    " of", " and", " a", " to", " in", " is", " that", " for", " it", " with",
-    " llama", " paddler", " balance", " load", " stream", " reply", " quick",
-    " brown", " fox", " jumps", " over", " lazy", " dog", " river", " boat",
-    " paddle", " water", " current", " upstream", " downstream", " fleet",
-    " request", " answer", " simple", " steps", " website", " story", " once",
-    " upon", " time", " there", " was", ",", ".", " we", " they", " then",
-    " after", " before", " while", " every", " second", " minute", " hour",
-    " day", " night",
-)
-
-
-def split_pieces(text: str) -> list[str]:
-    """Split text into the simulator's token pieces: a word or a punctuation
-    mark, each with the whitespace in front of it."""
-    return _PIECE.findall(text)
-
-
-def piece_id(piece: str) -> int:
-    """The stable token id of a piece (a hash into a 32000-token vocabulary)."""
-    return 3 + zlib.crc32(piece.encode("utf-8")) % (N_VOCAB - 3)
-
-
-_PIECE_BY_ID: dict[int, str] = {piece_id(word): word for word in FILLER_WORDS}
-_PIECE_BY_ID[BOS_ID] = BOS_TEXT
-_PIECE_BY_ID[EOS_ID] = EOS_TEXT
-
-
-def tokenize(text: str, add_bos: bool = True) -> list[int]:
-    """Tokenize like the simulated model: optional BOS, then one token per piece."""
-    tokens = [BOS_ID] if add_bos else []
-    tokens.extend(piece_id(piece) for piece in split_pieces(text))
-    return tokens
-
-
-def piece_text(token: int) -> str:
-    """The text of a token id the simulator generated (filler words, BOS, EOS).
-
-    Ids of arbitrary prompt words cannot be reversed (they are hashes) and
-    come back as C{" <unk>"}.
-    """
-    return _PIECE_BY_ID.get(token, " <unk>")
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the common prefix of two token sequences."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+#: Kept for older imports: llama-server's default ``--slot-prompt-similarity``.
+SLOT_PROMPT_SIMILARITY = DEFAULT_SLOT_PROMPT_SIMILARITY
 
 
 @dataclass
@@ -115,6 +69,18 @@ class SimulatorConfig:
     slots_endpoint: bool = True
     metrics_endpoint: bool = True
     api_key: str | None = None
+    #: ``--slot-prompt-similarity``: an idle slot whose tokens share more than
+    #: this fraction of a new prompt is chosen for it (0 = off).
+    slot_prompt_similarity: float = DEFAULT_SLOT_PROMPT_SIMILARITY
+    #: ``--cache-ram`` in MiB: the host-memory prompt cache (-1 = no byte
+    #: limit, 0 = off).
+    cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
+    #: What one cached token costs in the host-memory cache.
+    cache_bytes_per_token: int = DEFAULT_CACHE_BYTES_PER_TOKEN
+    #: ``--cache-idle-slots``: copy idle slots to the host cache at each task launch.
+    cache_idle_slots: bool = True
+    #: ``-kvu``: one KV pool for all slots; idle slots are cleared once cached.
+    kv_unified: bool = False
 
 
 class SimulatorError(Exception):
@@ -228,17 +194,34 @@ class CompletionResult:
 
 @dataclass
 class Slot:
-    """One of the server's parallel sequences, with its prompt cache."""
+    """One of the server's parallel sequences and the tokens its KV cache holds.
+
+    @ivar tokens: the tokens in the slot's KV cache; an idle slot keeps them.
+    @ivar last_job: the last job the slot ran (``/slots`` shows its id and params).
+    """
 
     id: int
     n_ctx: int
     job: Job | None = None
-    cache_tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
     t_last_used: float = -1.0
+    last_job: Job | None = None
+    #: The host-cache entry known to hold these tokens (None: not since they changed).
+    ram_entry: list[int] | None = None
 
     @property
     def is_processing(self) -> bool:
         return self.job is not None
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens the slot holds now (``/slots`` ``n_prompt_tokens``), growing while busy."""
+        job = self.job
+        if job is None:
+            return len(self.tokens)
+        if job.state is JobState.PROMPT:
+            return job.cache_n + job.n_prompt_processed
+        return job.n_prompt + max(0, job.n_decoded - 1)
 
 
 @dataclass
@@ -255,6 +238,9 @@ class EngineMetrics:
     n_tokens_max: int = 0
     requests_total: int = 0
     requests_cancelled_total: int = 0
+    prompt_cache_loads_total: int = 0
+    prompt_cache_saves_total: int = 0
+    prompt_cache_evictions_total: int = 0
 
 
 TokenCallback = Callable[["Job", str, int], None]
@@ -388,6 +374,12 @@ class SimulatedServerEngine:
         self.slots = [Slot(index, config.n_ctx) for index in range(config.slots)]
         self.queue: deque[Job] = deque()
         self.metrics = EngineMetrics()
+        self.prompt_cache: PromptCache | None = None
+        if config.cache_ram_mib != 0:
+            limit = config.cache_ram_mib * 1024 * 1024 if config.cache_ram_mib > 0 else 0
+            self.prompt_cache = PromptCache(
+                limit, config.n_ctx * config.slots, config.cache_bytes_per_token
+            )
         self._rng = random.Random(config.seed)
         self._next_id_task = 0
         self._started_at = clock.seconds()
@@ -396,9 +388,18 @@ class SimulatedServerEngine:
     # lifecycle
 
     def start(self) -> None:
-        """(Re)start: the loading phase counts from now."""
+        """(Re)start: the loading phase counts from now; the prompt cache is
+        empty, as in a new llama-server process."""
         self._started_at = self.clock.seconds()
         self._stopping = False
+        for slot in self.slots:
+            if slot.job is None:
+                slot.tokens = []
+                slot.t_last_used = -1.0
+                slot.last_job = None
+                slot.ram_entry = None
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
     def stop(self) -> None:
         """Cancel every queued and running job; later submissions are refused."""
@@ -489,49 +490,80 @@ class SimulatedServerEngine:
         for job in list(self.queue):
             if self.idle_slots == 0:
                 return
-            slot = self._choose_slot(job)
-            if slot is not None:
+            choice = self._choose_slot(job)
+            if choice is not None:
                 self.queue.remove(job)
-                self._start(job, slot)
+                self._start(job, choice)
 
-    def _choose_slot(self, job: Job) -> Slot | None:
+    def _choose_slot(self, job: Job) -> Choice | None:
         request = job.request
         if 0 <= request.id_slot < len(self.slots):
             pinned = self.slots[request.id_slot]
-            return pinned if pinned.job is None else None
+            return pinned_choice(pinned, request.prompt_tokens) if pinned.job is None else None
         idle = [slot for slot in self.slots if slot.job is None]
-        if not idle:
-            return None
-        if request.cache_prompt and request.prompt_tokens:
-            best: Slot | None = None
-            best_len = 0
-            for slot in idle:
-                length = common_prefix(slot.cache_tokens, request.prompt_tokens)
-                if length > best_len:
-                    best, best_len = slot, length
-            if best is not None and best_len / len(request.prompt_tokens) > SLOT_PROMPT_SIMILARITY:
-                return best
-        return min(idle, key=lambda slot: (slot.t_last_used, slot.id))
+        return choose_slot(idle, request.prompt_tokens, self.config.slot_prompt_similarity)
 
-    def _start(self, job: Job, slot: Slot) -> None:
+    def _update_prompt_cache(self, choice: Choice, prompt: list[int]) -> None:
+        """Save the chosen slot to RAM and load the best entry into it (see L{paddler.simulator.cache})."""
+        cache = self.prompt_cache
+        if cache is None or not choice.update_cache:
+            return
+        slot = choice.slot
+        assert isinstance(slot, Slot)
+        if slot.tokens and cache.save(slot.tokens):
+            self.metrics.prompt_cache_saves_total += 1
+            # The limits apply as soon as the slot is saved, before the load:
+            # a full cache drops its oldest entry even when that is the one
+            # the prompt needs (seen on the real server).
+            self.metrics.prompt_cache_evictions_total += cache.update()
+        restored = cache.load(slot.tokens, prompt, choice.empty_loads)
+        if restored is not None:
+            slot.tokens = restored
+            self.metrics.prompt_cache_loads_total += 1
+        self.metrics.prompt_cache_evictions_total += cache.update()
+
+    def _cache_idle_slots(self) -> None:
+        """At a task launch, copy every idle slot to RAM (and clear it under ``-kvu``)."""
+        cache = self.prompt_cache
+        if cache is None or not self.config.cache_idle_slots:
+            return
+        for slot in self.slots:
+            if slot.job is None and slot.tokens:
+                if not cache.holds(slot.ram_entry):
+                    slot.ram_entry, added = cache.save_entry(slot.tokens)
+                    if added:
+                        self.metrics.prompt_cache_saves_total += 1
+                if self.config.kv_unified:
+                    slot.tokens = []
+        self.metrics.prompt_cache_evictions_total += cache.update()
+
+    def _start(self, job: Job, choice: Choice) -> None:
         now = self.clock.seconds()
         prompt = job.request.prompt_tokens
+        slot = choice.slot
+        assert isinstance(slot, Slot)
+        self._update_prompt_cache(choice, prompt)
         slot.job = job
+        slot.last_job = job
         job.slot = slot
         job.state = JobState.PROMPT
         job.t_start = now
-        cache_n = common_prefix(slot.cache_tokens, prompt) if job.request.cache_prompt else 0
+        cache_n = common_prefix(slot.tokens, prompt) if job.request.cache_prompt else 0
         if job.n_prompt > 0 and cache_n >= job.n_prompt:
             # llama-server always evaluates the last prompt token again.
             cache_n = job.n_prompt - 1
         job.cache_n = cache_n
         job.prompt_n = job.n_prompt - cache_n
-        slot.cache_tokens = list(prompt[:cache_n])
+        slot.tokens = list(prompt[:cache_n])
+        slot.ram_entry = None
+        self._cache_idle_slots()
         delay = job.prompt_n / self.config.prompt_tokens_per_second
         self.log.debug(
-            "task {id_task} in slot {id_slot}: {prompt_n} prompt tokens to evaluate, {cache_n} cached",
+            "task {id_task} in slot {id_slot} ({reason}): {prompt_n} prompt tokens to evaluate, "
+            "{cache_n} cached",
             id_task=job.id_task,
             id_slot=slot.id,
+            reason=choice.reason,
             prompt_n=job.prompt_n,
             cache_n=cache_n,
         )
@@ -546,7 +578,7 @@ class SimulatedServerEngine:
         assert job.slot is not None and job.t_start is not None
         job.state = JobState.GENERATING
         job.t_prompt_done = now
-        job.slot.cache_tokens = list(job.request.prompt_tokens)
+        job.slot.tokens = list(job.request.prompt_tokens)
         metrics = self.metrics
         metrics.prompt_tokens_total += job.prompt_n
         metrics.prompt_tokens_cached_total += job.cache_n
@@ -620,7 +652,7 @@ class SimulatedServerEngine:
             assert job.t_prompt_done is not None
             self.metrics.tokens_predicted_seconds_total += now - job.t_prompt_done
             # The last sampled token is never evaluated, so it is not cached.
-            slot.cache_tokens = list(job.request.prompt_tokens) + job.token_ids[:-1]
+            slot.tokens = list(job.request.prompt_tokens) + job.token_ids[:-1]
         self.metrics.n_tokens_max = max(self.metrics.n_tokens_max, job.n_prompt + job.n_decoded)
         slot.job = None
         slot.t_last_used = now
@@ -687,7 +719,7 @@ class SimulatedServerEngine:
             tokens=list(job.token_ids),
             tokens_evaluated=job.n_prompt,
             tokens_predicted=job.n_decoded,
-            tokens_cached=len(job.slot.cache_tokens),
+            tokens_cached=len(job.slot.tokens),
             stop_type=job.stop_type,
             stopping_word=job.stopping_word,
             truncated=job.truncated,

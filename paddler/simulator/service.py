@@ -215,7 +215,13 @@ class SimulatedFleetService(MultiService):
 
 
 def config_from_options(options: Mapping[str, Any], index: int = 0) -> SimulatorConfig:
-    """The L{SimulatorConfig} of server C{index} from parsed L{SimulateOptions}."""
+    """The L{SimulatorConfig} of server C{index} from parsed L{SimulateOptions}.
+
+    The prompt-cache settings (``slot-prompt-similarity``, ``cache-ram``,
+    ``cache-bytes-per-token``, ``no-cache-idle-slots``, ``kv-unified``) take
+    llama-server's defaults when the options do not carry them.
+    """
+    defaults = SimulatorConfig()
     return SimulatorConfig(
         slots=options["slots"],
         model=options["model"],
@@ -227,6 +233,15 @@ def config_from_options(options: Mapping[str, Any], index: int = 0) -> Simulator
         slots_endpoint=not options["no-slots-endpoint"],
         metrics_endpoint=not options["no-metrics"],
         api_key=options["api-key"],
+        slot_prompt_similarity=float(
+            options.get("slot-prompt-similarity", defaults.slot_prompt_similarity)
+        ),
+        cache_ram_mib=int(options.get("cache-ram", defaults.cache_ram_mib)),
+        cache_bytes_per_token=int(
+            options.get("cache-bytes-per-token", defaults.cache_bytes_per_token)
+        ),
+        cache_idle_slots=not options.get("no-cache-idle-slots", False),
+        kv_unified=bool(options.get("kv-unified", False)),
     )
 
 

@@ -1,0 +1,194 @@
+"""The cost model: which upstream gives a request its first token soonest.
+
+For each candidate upstream (a small L{Candidate} record the pool fills in)::
+
+    wait     = 0 with an idle slot, else the candidate's expected wait
+    uncached = max(1, prompt tokens - cached tokens)    (llama.cpp evaluates >= 1)
+    prefill  = uncached / prompt speed
+    ttft     = wait + prefill
+    cost     = ttft + output tokens / generation speed  (output tokens: 0 unless given)
+
+L{rank} orders the candidates that have an idle slot by cost, costs within
+L{TIE_SECONDS} (5 ms) counting as equal; ties go to the most idle slots,
+then the lowest load (in flight / slots), then the least recently chosen,
+then the order they were given in. With no cache information and equal speeds every cost is the
+same and the order is the ``slots`` policy's: most idle slots first.
+Candidates without an idle slot follow, by cost: the pool never sends an
+upstream more requests than it has slots, so a hot prefix cannot pile up
+on one server, whatever its cache holds.
+
+**Waiting for a warm server.** When a full candidate's ttft beats the best
+free one's by more than C{min_gain}, *and* its expected wait is below the
+prefill it saves (the best free one's prefill minus its own), *and* that
+wait is at most C{max_wait}, the L{Decision} says "wait for it up to
+``wait_up_to`` seconds": the break-even point (the best free one's ttft
+minus the warm one's prefill), capped by C{max_wait}. After that the
+request takes the best free upstream, so no request waits past the bound
+for affinity. Whether the upstream *is* still the best when a slot frees is
+the pool's call to L{rank} again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+#: Costs closer than this (seconds) are ties.
+TIE_SECONDS = 0.005
+#: Longest a request may wait for a busy warm upstream (seconds).
+DEFAULT_MAX_WAIT = 2.0
+#: Least ttft saving (seconds) worth waiting for.
+DEFAULT_MIN_GAIN = 0.02
+_SLOWEST = 1e-6  # tokens/s used in place of a speed that is zero or not a number
+
+
+@dataclass(slots=True)
+class Candidate:
+    """What the cost model needs to know about one eligible upstream.
+
+    @ivar id: the upstream's id (any hashable).
+    @ivar slots_idle: slots free now (the pool dispatches only to these).
+    @ivar slots_total: the upstream's slots.
+    @ivar in_flight: requests the balancer has running there.
+    @ivar expected_wait: seconds until a slot frees when none is idle
+        (L{paddler.routing.speed.SpeedTracker.expected_wait}).
+    @ivar cached_tokens: prompt tokens of this request it likely holds
+        (L{paddler.routing.prefix.PrefixIndex.match}, in tokens).
+    @ivar prompt_speed: prompt tokens per second.
+    @ivar generation_speed: generated tokens per second.
+    @ivar last_chosen: when it was last chosen (clock seconds; ties go to the oldest).
+    """
+
+    id: Hashable
+    slots_idle: int
+    slots_total: int
+    in_flight: int
+    expected_wait: float
+    cached_tokens: int
+    prompt_speed: float
+    generation_speed: float
+    last_chosen: float = -math.inf
+
+    @property
+    def free(self) -> bool:
+        """Whether a request can be dispatched to it now."""
+        return self.slots_idle > 0 and self.in_flight < self.slots_total
+
+    @property
+    def load(self) -> float:
+        """Share of its slots in use by the balancer's requests."""
+        return self.in_flight / self.slots_total if self.slots_total > 0 else 1.0
+
+
+@dataclass(slots=True)
+class Estimate:
+    """The cost model's figures for one candidate (seconds)."""
+
+    candidate: Candidate
+    wait: float
+    prefill: float
+    ttft: float
+    cost: float
+
+    @property
+    def id(self) -> Hashable:
+        return self.candidate.id
+
+    @property
+    def free(self) -> bool:
+        return self.candidate.free
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The ranking of one request's candidates, best first.
+
+    @ivar ranked: every candidate once: those with an idle slot by cost, then
+        the full ones by cost.
+    @ivar wait_for: a full upstream worth waiting for, or None.
+    @ivar wait_up_to: how long to wait for it (seconds; 0 when C{wait_for} is None).
+    """
+
+    ranked: tuple[Estimate, ...]
+    wait_for: Hashable | None = None
+    wait_up_to: float = 0.0
+    saving: float = field(default=0.0)
+
+    @property
+    def best(self) -> Estimate | None:
+        """The best candidate with an idle slot, or None."""
+        if self.ranked and self.ranked[0].free:
+            return self.ranked[0]
+        return None
+
+    @property
+    def order(self) -> list[Hashable]:
+        """The candidates' ids, best first."""
+        return [estimate.id for estimate in self.ranked]
+
+
+def _speed(value: float) -> float:
+    return value if value > 0 and math.isfinite(value) else _SLOWEST
+
+
+def estimate(candidate: Candidate, prompt_tokens: int, output_tokens: float = 0.0) -> Estimate:
+    """The cost model's figures for one candidate."""
+    prompt_tokens = max(0, prompt_tokens)
+    cached = min(max(0, candidate.cached_tokens), max(0, prompt_tokens - 1))
+    uncached = prompt_tokens - cached
+    prefill = uncached / _speed(candidate.prompt_speed)
+    if candidate.free:
+        wait = 0.0
+    else:
+        wait = candidate.expected_wait
+        if not (wait >= 0 and math.isfinite(wait)):
+            wait = math.inf
+    ttft = wait + prefill
+    generation = max(0.0, output_tokens) / _speed(candidate.generation_speed)
+    return Estimate(candidate, wait, prefill, ttft, ttft + generation)
+
+
+def _bucket(cost: float) -> float:
+    return math.floor(cost / TIE_SECONDS) if math.isfinite(cost) else math.inf
+
+
+def rank(
+    candidates: Sequence[Candidate],
+    prompt_tokens: int,
+    *,
+    output_tokens: float = 0.0,
+    max_wait: float = DEFAULT_MAX_WAIT,
+    min_gain: float = DEFAULT_MIN_GAIN,
+) -> Decision:
+    """Rank the candidates for a request of C{prompt_tokens} (estimated) tokens.
+
+    @param output_tokens: tokens the request is expected to generate (0:
+        rank by time to first token only).
+    @param max_wait: the longest a request may wait for a busy warm upstream.
+    @param min_gain: the least ttft saving worth waiting for.
+    """
+    estimates = [estimate(c, prompt_tokens, output_tokens) for c in candidates]
+    keys = []
+    for position, e in enumerate(estimates):
+        c = e.candidate
+        free = e.wait == 0.0 and c.slots_idle > 0 and c.in_flight < c.slots_total
+        load = c.in_flight / c.slots_total if c.slots_total > 0 else 1.0
+        keys.append((not free, _bucket(e.cost), -c.slots_idle, load, c.last_chosen, position))
+    ranked = tuple(estimates[key[-1]] for key in sorted(keys))
+    best = ranked[0] if ranked and ranked[0].free else None
+    if best is None or max_wait <= 0:
+        return Decision(ranked)
+    warm: Estimate | None = None
+    for e in ranked[1:]:
+        if e.free or not math.isfinite(e.ttft):
+            continue
+        saved = best.prefill - e.prefill
+        gain = best.cost - e.cost
+        if e.wait < saved and e.wait <= max_wait and gain > min_gain:
+            if warm is None or e.cost < warm.cost:
+                warm = e
+    if warm is None:
+        return Decision(ranked)
+    wait_up_to = min(max_wait, best.ttft - warm.prefill)
+    return Decision(ranked, warm.id, wait_up_to, best.cost - warm.cost)

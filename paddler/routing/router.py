@@ -1,0 +1,205 @@
+"""The cost-aware chooser's state, in one object the pool drives.
+
+Per request::
+
+    request = router.prepare(body, path, headers)     # once, when it arrives
+    decision = router.rank(request, views)            # each time it could be dispatched
+    router.dispatched(request, upstream_id)           # when sent
+    router.finished(request, upstream_id, timings)    # when it ends (timings may be None)
+
+and per upstream ``router.forget(upstream_id)`` when it leaves, restarts or
+reports a cache reset. L{UpstreamView} is what the pool knows of an eligible
+upstream at that moment. Explicit conversations (``X-Session-ID`` or
+``user``) stay on the upstream that served their last turn while it is
+eligible: first when it has an idle slot, else waited for (up to
+C{max_wait}) when its expected wait is within the bound, else ranked like
+any request (and re-pinned wherever it goes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from paddler.routing.cost import (
+    DEFAULT_MAX_WAIT,
+    DEFAULT_MIN_GAIN,
+    Candidate,
+    Decision,
+    rank,
+)
+from paddler.routing.prefix import DEFAULT_MAX_BLOCKS, PrefixIndex, block_hashes, blocks_to_tokens
+from paddler.routing.prompt import PromptInfo, prompt_info
+from paddler.routing.speed import SpeedTracker
+
+#: Conversations remembered (least recently used dropped first).
+DEFAULT_MAX_CONVERSATIONS = 100_000
+
+
+@dataclass(frozen=True)
+class UpstreamView:
+    """An eligible upstream as the pool sees it when ranking.
+
+    @ivar waiting_ahead: requests already waiting for this upstream in particular.
+    """
+
+    id: Hashable
+    slots_idle: int
+    slots_total: int
+    in_flight: int
+    waiting_ahead: int = 0
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    """A request prepared for routing: its prompt and block hashes, and what was predicted."""
+
+    info: PromptInfo
+    blocks: tuple[int, ...]
+    predicted: tuple[tuple[Hashable, int], ...] = ()
+
+    def predicted_blocks(self, upstream_id: Hashable) -> int:
+        for key, blocks in self.predicted:
+            if key == upstream_id:
+                return blocks
+        return 0
+
+
+class Router:
+    """Prefix index, speeds, conversations and the cost model, for one pool.
+
+    @param clock: the clock speeds, drain rates and tie-breaks run on.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_blocks: int = DEFAULT_MAX_BLOCKS,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        min_gain: float = DEFAULT_MIN_GAIN,
+        max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
+    ) -> None:
+        self.clock = clock
+        self.index = PrefixIndex(max_blocks)
+        self.speeds = SpeedTracker(clock)
+        self.max_wait = max_wait
+        self.min_gain = min_gain
+        self.max_conversations = max_conversations
+        self._conversations: OrderedDict[str, Hashable] = OrderedDict()
+        self._last_chosen: dict[Hashable, float] = {}
+
+    def prepare(self, body: Any, path: str | bytes, headers: Any = None) -> RoutedRequest:
+        """Derive a request's prompt and block hashes (never raises)."""
+        info = prompt_info(body, path, headers)
+        return RoutedRequest(info, tuple(block_hashes(info.text)) if info.text else ())
+
+    def candidates(self, request: RoutedRequest, views: Sequence[UpstreamView]) -> list[Candidate]:
+        """The cost model's records for these upstreams."""
+        out = []
+        speeds = self.speeds
+        for view in views:
+            matched = self.index.match(view.id, request.blocks) if request.blocks else 0
+            full = view.slots_idle <= 0 or view.in_flight >= view.slots_total
+            out.append(Candidate(
+                id=view.id,
+                slots_idle=view.slots_idle,
+                slots_total=view.slots_total,
+                in_flight=view.in_flight,
+                expected_wait=(
+                    speeds.expected_wait(view.id, view.slots_total, view.waiting_ahead) if full else 0.0
+                ),
+                cached_tokens=min(blocks_to_tokens(matched), request.info.tokens),
+                prompt_speed=self.speeds.prompt_speed(view.id),
+                generation_speed=self.speeds.generation_speed(view.id),
+                last_chosen=self._last_chosen.get(view.id, -math.inf),
+            ))
+        return out
+
+    def rank(self, request: RoutedRequest, views: Sequence[UpstreamView]) -> Decision:
+        """Rank the eligible upstreams for a request (see L{paddler.routing.cost.rank})."""
+        candidates = self.candidates(request, views)
+        decision = rank(
+            candidates, request.info.tokens, max_wait=self.max_wait, min_gain=self.min_gain
+        )
+        pinned = self.conversation_upstream(request)
+        if pinned is None:
+            return decision
+        mine = next((e for e in decision.ranked if e.id == pinned), None)
+        if mine is None:
+            return decision  # not eligible now: rank like any request
+        others = tuple(e for e in decision.ranked if e.id != pinned)
+        if mine.free:
+            return Decision((mine, *others))
+        if mine.wait <= self.max_wait and decision.best is not None:
+            return Decision(decision.ranked, pinned, self.max_wait, 0.0)
+        return decision
+
+    def conversation_upstream(self, request: RoutedRequest) -> Hashable | None:
+        """The upstream a request's conversation is pinned to, if any."""
+        key = request.info.conversation
+        return self._conversations.get(key) if key is not None else None
+
+    def dispatched(self, request: RoutedRequest, upstream_id: Hashable) -> RoutedRequest:
+        """The request was sent to C{upstream_id}: index its prefix there, pin its
+        conversation, note the choice. Returns the request with the prediction
+        to check in L{finished}."""
+        predicted = self.index.match(upstream_id, request.blocks) if request.blocks else 0
+        if request.blocks:
+            self.index.record(upstream_id, request.blocks)
+        key = request.info.conversation
+        if key is not None:
+            self._conversations[key] = upstream_id
+            self._conversations.move_to_end(key)
+            while len(self._conversations) > self.max_conversations:
+                self._conversations.popitem(last=False)
+        self._last_chosen[upstream_id] = self.clock.seconds()
+        return replace(request, predicted=((upstream_id, predicted),))
+
+    def finished(self, request: RoutedRequest, upstream_id: Hashable, timings: Any = None) -> None:
+        """The request ended on C{upstream_id} (its slot is free again); learn from the
+        response's ``timings`` object when there is one."""
+        self.speeds.slot_released(upstream_id)
+        sample = self.speeds.observe(upstream_id, timings) if timings is not None else None
+        if sample is not None and request.blocks:
+            self.index.verify(
+                upstream_id, request.blocks, request.predicted_blocks(upstream_id), sample.cache_n
+            )
+
+    def track(self, upstream_id: Hashable) -> None:
+        """An upstream joined (starts its drain-rate window)."""
+        self.speeds.track(upstream_id)
+
+    def forget(self, upstream_id: Hashable, speeds: bool = False) -> None:
+        """Drop what the index knows of an upstream (left, restarted, cache reset);
+        with C{speeds}, its measured speeds too."""
+        self.index.forget(upstream_id)
+        if speeds:
+            self.speeds.forget(upstream_id)
+        for key in [k for k, v in self._conversations.items() if v == upstream_id]:
+            del self._conversations[key]
+        self._last_chosen.pop(upstream_id, None)
+
+    def stats(self, upstream_id: Hashable) -> dict[str, Any]:
+        """Per-upstream figures for ``/api/v1/state``, Prometheus and StatsD."""
+        prefix = self.index.stats(upstream_id)
+        speed = self.speeds.stats(upstream_id)
+        return {
+            "prefix_blocks": prefix.blocks,
+            "prefix_capacity": prefix.capacity,
+            "prefix_recorded": prefix.recorded,
+            "prefix_hits": prefix.verified_hits,
+            "prefix_misses": prefix.verified_misses,
+            "tokens_saved": prefix.tokens_saved,
+            "prompt_tokens_per_second": speed.prompt_speed,
+            "generation_tokens_per_second": speed.generation_speed,
+            "speeds_measured": speed.prompt_measured and speed.generation_measured,
+            "slots_freed_per_second": speed.drain_rate,
+        }
+
+
+__all__ = ["RoutedRequest", "Router", "UpstreamView"]
