@@ -23,6 +23,7 @@ from paddler.settings import (
     Converted,
     Endpoint,
     Flag,
+    Number,
     Text,
     count,
     file_keys,
@@ -320,6 +321,32 @@ class SimulateConfig:
     seed: int = setting(0, "Random seed, so runs are reproducible (server i uses seed + i).", count(0, 1 << 62))
     api_key: str | None = setting(
         None, "Require 'Authorization: Bearer KEY', like llama-server --api-key.", SECRET, secret=True
+    )
+    slot_prompt_similarity: float = setting(
+        0.1,
+        "Share of a new prompt an idle slot's tokens must match to be chosen for it, "
+        "like llama-server -sps (0 = off).",
+        Number(0, maximum=1),
+    )
+    cache_ram: int = setting(
+        8192,
+        "Host-memory prompt cache in MiB, like llama-server --cache-ram (-1 = no byte limit, 0 = off).",
+        Number(-1, maximum=1 << 30, whole=True, unit="MiB"),
+    )
+    cache_bytes_per_token: int = setting(
+        131072,
+        "Bytes one cached token costs in the host cache (131072: an 8B-parameter f16 KV; "
+        "1024: the tests' tiny model).",
+        count(1, 1 << 30),
+    )
+    cache_idle_slots: bool = setting(
+        True, "Copy idle slots to the host cache at each task launch, like llama-server.", Flag()
+    )
+    kv_unified: bool = setting(
+        False,
+        "One KV pool for all slots, like llama-server -kvu: idle slots are cleared once copied "
+        "to the host cache.",
+        Flag(),
     )
     slots_endpoint: bool = setting(True, "Answer /slots (off: 501, like llama-server --no-slots).", Flag())
     metrics: bool = setting(True, "Answer /metrics (off: 501, like llama-server without --metrics).", Flag())

@@ -314,7 +314,11 @@ def options_class(
     calls C{build(options, given)}, which turns C{ConfigError} into
     C{usage.UsageError}.
     """
-    opt_flags = [[s.option, s.info.short, s.info.help] for s in settings if s.info.cli and s.is_flag]
+    opt_flags = [
+        [s.option, s.info.short, f"Turn off: {s.info.help}" if s.option.startswith("no-") else s.info.help]
+        for s in settings
+        if s.info.cli and s.is_flag
+    ]
     opt_parameters = [
         [s.option, s.info.short, None, _flag_help(s)]
         for s in settings
@@ -368,7 +372,7 @@ def _shown(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, int):
-        return str(value) if abs(value) < 100_000 else f"{value:_}"
+        return str(value)
     return str(value)
 
 

@@ -20,6 +20,11 @@ DEFAULTS = {
     "api-key": None,
     "no-slots-endpoint": False,
     "no-metrics": False,
+    "slot-prompt-similarity": 0.1,
+    "cache-ram": 8192,
+    "cache-bytes-per-token": 131072,
+    "no-cache-idle-slots": False,
+    "kv-unified": False,
 }
 
 
@@ -49,6 +54,11 @@ def test_every_flag_is_parsed_and_typed() -> None:
         "--api-key", "secret",
         "--no-slots-endpoint",
         "--no-metrics",
+        "--slot-prompt-similarity", "0.5",
+        "--cache-ram", "-1",
+        "--cache-bytes-per-token", "1024",
+        "--no-cache-idle-slots",
+        "--kv-unified",
     )
     assert parsed == {
         "listen": "tcp:port=9000:interface=0.0.0.0",
@@ -63,6 +73,11 @@ def test_every_flag_is_parsed_and_typed() -> None:
         "api-key": "secret",
         "no-slots-endpoint": True,
         "no-metrics": True,
+        "slot-prompt-similarity": 0.5,
+        "cache-ram": -1,
+        "cache-bytes-per-token": 1024,
+        "no-cache-idle-slots": True,
+        "kv-unified": True,
     }
 
 
