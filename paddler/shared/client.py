@@ -242,8 +242,8 @@ class _Link(Service):
             _ProtocolFactory(self._build),
             retryPolicy=backoffPolicy(initialDelay=initial_backoff, maxDelay=max_backoff, factor=2.0),
             clock=self.clock,
-            prepareConnection=self._prepare_connection,
         )
+        self._ready: list[Deferred[RedisProtocol]] = []
 
     # -- lifetime ---------------------------------------------------------
 
@@ -253,6 +253,9 @@ class _Link(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        waiting, self._ready = self._ready, []
+        for waiter in waiting:
+            waiter.errback(StoreUnavailable("the shared state client is stopping"))
         return self._service.stopService()
 
     def subscribe_state(self, listener: Callable[[LinkState], None]) -> Callable[[], None]:
@@ -295,6 +298,7 @@ class _Link(Service):
     def _build(self) -> RedisProtocol:
         protocol = self.protocol_class()
         protocol.on_lost = self._lost
+        protocol.on_made = self._made
         return protocol
 
     protocol_class: type[RedisProtocol] = RedisProtocol
@@ -308,8 +312,13 @@ class _Link(Service):
             if self.running:
                 self._set_state(LinkState.DOWN, "connection lost: " + (reason.getErrorMessage() or "closed"))
 
-    def _prepare_connection(self, proxy: Any) -> Deferred[None]:
-        protocol: RedisProtocol = proxy._protocol if hasattr(proxy, "_protocol") else proxy
+    def _made(self, protocol: RedisProtocol) -> None:
+        """
+        A TCP (or TLS) connection is there: log in, select the db, load the
+        scripts, and only then call the link up. This is not ClientService's
+        C{prepareConnection}: a connection closed after a failed preparation
+        (or a stop during one) trips its state machine (NoTransition).
+        """
         steps: list[Deferred[Reply]] = []
         if self.address.password is not None:
             if self.address.username:
@@ -321,19 +330,33 @@ class _Link(Service):
         ready.addTimeout(max(self.command_timeout, 1.0) * 4, self.clock)
 
         def done(_: Any) -> None:
+            if not protocol.connected_ or not self.running:
+                return
             self._protocol = protocol
             self._timeouts_in_a_row = 0
             self._set_state(LinkState.UP)
+            waiting, self._ready = self._ready, []
+            for waiter in waiting:
+                waiter.callback(protocol)
             self._connected(protocol)
 
-        def failed(failure: Failure) -> Failure:
+        def failed(failure: Failure) -> None:
             error = _first_error(failure).value
-            self._set_state(LinkState.DOWN, f"setting up the connection failed: {error}")
-            if protocol.transport is not None:
+            if self._protocol is None and self.running:
+                self._set_state(LinkState.DOWN, f"setting up the connection failed: {error}")
+            if protocol.connected_ and protocol.transport is not None:
                 protocol.transport.abortConnection()  # type: ignore[attr-defined]
-            return failure
 
-        return ready.addCallbacks(done, failed)
+        ready.addCallbacks(done, failed)
+
+    def _wait_ready(self) -> Deferred[RedisProtocol]:
+        def cancel(waiter: Deferred[RedisProtocol]) -> None:
+            if waiter in self._ready:
+                self._ready.remove(waiter)
+
+        waiter: Deferred[RedisProtocol] = Deferred(cancel)
+        self._ready.append(waiter)
+        return waiter
 
     def _setup_commands(self, protocol: RedisProtocol) -> list[Deferred[Reply]]:
         return []
@@ -356,7 +379,7 @@ class _Link(Service):
         if protocol is not None and protocol.connected_:
             result = protocol.send(*args)
         else:
-            result = self._service.whenConnected().addCallback(lambda proxy: proxy.send(*args))
+            result = self._wait_ready().addCallback(lambda ready: ready.send(*args))
         command = str(args[0]) if args else "?"
 
         def timed_out(failure: Failure) -> Failure:

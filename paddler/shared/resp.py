@@ -183,9 +183,12 @@ class RedisProtocol(Protocol):
         self._pending: deque[_Pending] = deque()
         self.connected_ = False
         self.on_lost: Callable[[RedisProtocol, Failure], None] | None = None
+        self.on_made: Callable[[RedisProtocol], None] | None = None
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        if self.on_made is not None:
+            self.on_made(self)
 
     def send(self, *args: Any) -> Deferred[Reply]:
         """Send one command; the Deferred fires with its reply or a L{RedisError}."""

@@ -200,6 +200,7 @@ class SlotStoreBase(MultiService):
         self._unsettled: dict[str, None] = {}  # ordered set of ids to release once the store answers
         self._servers: dict[str, tuple[int, str]] = {}  # what to re-register after the store lost its data
         self._drained: set[str] = set()
+        self._pending_registrations: set[str] = set()
         self._state_listeners: list[Callable[[bool], None]] = []
         self._reset_listeners: list[Callable[[], None]] = []
         self._recovering: Deferred[None] | None = None
@@ -278,11 +279,13 @@ class SlotStoreBase(MultiService):
     def hello(self) -> Deferred[str]:
         """Make sure the store has an epoch; if it changed since we last looked, recover."""
 
-        def answered(reply: Any) -> Deferred[str] | str:
+        def answered(reply: Any) -> Deferred[Any] | str:
             epoch = _text(reply)
             previous, self.epoch = self.epoch, epoch
             if previous is not None and previous != epoch:
                 return self._recover(previous, epoch).addCallback(lambda _: epoch)
+            if self._pending_registrations:
+                return self._register_pending().addCallback(lambda _: epoch)
             return epoch
 
         token = uuid.uuid4().hex
@@ -300,9 +303,26 @@ class SlotStoreBase(MultiService):
         self._servers[server_id] = (total, meta)
 
         def done(reply: Any) -> int:
+            self._pending_registrations.discard(server_id)
             return int(reply[0])
 
-        return self._script("register", [server_id, total, meta, 1 if restarted else 0]).addCallback(done)
+        def failed(failure: Failure) -> Failure:
+            if failure.check(StoreUnavailable):
+                self._pending_registrations.add(server_id)  # registered when the store answers again
+            return failure
+
+        return self._script("register", [server_id, total, meta, 1 if restarted else 0]).addCallbacks(done, failed)
+
+    def _register_pending(self) -> Deferred[Any]:
+        from twisted.internet.defer import gatherResults
+
+        jobs = []
+        for server_id in sorted(self._pending_registrations):
+            if server_id in self._servers:
+                total, meta = self._servers[server_id]
+                jobs.append(self.register_server(server_id, total, meta).addErrback(lambda f: None))
+        self._pending_registrations.clear()
+        return gatherResults(jobs)
 
     def unregister_server(self, server_id: str) -> Deferred[bool]:
         try:
@@ -626,6 +646,7 @@ class SlotStoreBase(MultiService):
         )
 
         async def recover() -> None:
+            self._pending_registrations.clear()
             for server_id, (total, meta) in list(self._servers.items()):
                 await self._quiet(self._script("register", [server_id, total, meta, 0]), "register", server_id)
             for server_id in list(self._drained):

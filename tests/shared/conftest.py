@@ -84,7 +84,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    if sock.recv(64)[:1] in (b"+", b"-"):  # PONG, or NOAUTH behind a password
                         return
             except OSError:
                 pass
