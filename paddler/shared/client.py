@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,7 +241,12 @@ class _Link(Service):
         self._service = ClientService(
             _WatchedEndpoint(endpoint, self._attempt_failed),
             _ProtocolFactory(self._build),
-            retryPolicy=backoffPolicy(initialDelay=initial_backoff, maxDelay=max_backoff, factor=2.0),
+            retryPolicy=backoffPolicy(
+                initialDelay=initial_backoff,
+                maxDelay=max_backoff,
+                factor=2.0,
+                jitter=lambda: random.random() * max_backoff / 10,  # the default adds up to 1 s
+            ),
             clock=self.clock,
         )
         self._ready: list[Deferred[RedisProtocol]] = []

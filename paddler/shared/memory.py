@@ -359,8 +359,8 @@ class MemorySlotState:
             raise _bad("total slots")
         if len(meta.encode()) > MAX_META:
             raise _bad("metadata")
-        if restarted not in ("0", "1"):
-            raise _bad("restarted flag")
+        if restarted not in ("0", "1", "2"):
+            raise _bad("registration mode")
         exists = s in self.total
         if not exists and len(self.total) >= MAX_SERVERS:
             raise _bad("too many servers")
@@ -370,7 +370,7 @@ class MemorySlotState:
             g += 1
             how = 2 if exists else 1
             self.gen[s] = g
-            self.ext[s] = 0
+            self.ext[s] = total if (restarted == "2" and not exists) else 0
             self.mark.pop(s, None)
             if not exists:
                 self.drain.discard(s)

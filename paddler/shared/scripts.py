@@ -429,13 +429,16 @@ return {1, g, ext}
 """
 
 REGISTER = r"""
--- ARGV: channel, server, total, meta, restarted (0|1) -> {gen, 0 known | 1 new | 2 new generation}
+-- ARGV: channel, server, total, meta, mode -> {gen, 0 known | 1 new | 2 new generation}
+-- mode 0: plain; 1: the server restarted (new generation); 2: re-created after Redis lost its data:
+-- a server new to Redis then counts as fully busy until its next reading (in-flight leases of
+-- other owners are not adopted yet)
 local s, meta = ARGV[2], ARGV[4]
 if not valid_id(s) then return bad('server id') end
 local total = int_arg(ARGV[3], 0, MAX_SLOTS)
 if not total then return bad('total slots') end
 if type(meta) ~= 'string' or #meta > MAX_META then return bad('metadata') end
-if ARGV[5] ~= '0' and ARGV[5] ~= '1' then return bad('restarted flag') end
+if ARGV[5] ~= '0' and ARGV[5] ~= '1' and ARGV[5] ~= '2' then return bad('registration mode') end
 local exists = redis.call('HEXISTS', K_TOTAL, s) == 1
 if not exists and redis.call('HLEN', K_TOTAL) >= MAX_SERVERS then return bad('too many servers') end
 local now = now_ms()
@@ -445,7 +448,7 @@ if not exists or ARGV[5] == '1' then
   g = g + 1
   how = exists and 2 or 1
   redis.call('HSET', K_GEN, s, g)
-  redis.call('HSET', K_EXT, s, 0)
+  redis.call('HSET', K_EXT, s, (ARGV[5] == '2' and not exists) and total or 0)
   redis.call('HDEL', K_MARK, s)
   if not exists then redis.call('HDEL', K_DRAIN, s) end
 end

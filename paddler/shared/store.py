@@ -648,7 +648,8 @@ class SlotStoreBase(MultiService):
         async def recover() -> None:
             self._pending_registrations.clear()
             for server_id, (total, meta) in list(self._servers.items()):
-                await self._quiet(self._script("register", [server_id, total, meta, 0]), "register", server_id)
+                # counted fully busy until the next reading: other owners have not adopted their leases yet
+                await self._quiet(self._script("register", [server_id, total, meta, 2]), "register", server_id)
             for server_id in list(self._drained):
                 await self._quiet(self._script("drain", [server_id, 1]), "drain", server_id)
             for lease in list(self.leases.values()):
