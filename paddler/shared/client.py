@@ -17,7 +17,7 @@ import enum
 import hashlib
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -78,14 +78,14 @@ class RedisAddress:
         return f"{scheme}://{host}:{self.port}/{self.db}"
 
 
-def parse_state_url(url: str, environ: dict[str, str] | None = None) -> RedisAddress:
+def parse_state_url(url: str, environ: Mapping[str, str] | None = None) -> RedisAddress:
     """
     Parse C{redis://[[user]:password@]host[:port][/db]} or C{rediss://...}
     (TLS; query C{ssl_ca_certs=PATH} for a private CA, C{ssl_cert_reqs=none}
     to skip verification). The password comes from the URL, else from the
     environment variable C{PADDLER_STATE_PASSWORD}.
     """
-    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    env: Mapping[str, str] = os.environ if environ is None else environ
     if not isinstance(url, str) or len(url) > 2048:
         raise InvalidStateURL("the state URL must be a string of at most 2048 characters")
     parts = urlsplit(url.strip())
@@ -118,7 +118,7 @@ def parse_state_url(url: str, environ: dict[str, str] | None = None) -> RedisAdd
     password = unquote(parts.password) if parts.password else None
     username = unquote(parts.username) if parts.username else None
     if password is None:
-        password = environ.get(PASSWORD_ENV) or None
+        password = env.get(PASSWORD_ENV) or None
     return RedisAddress(
         host=parts.hostname,
         port=port,
@@ -140,6 +140,7 @@ def endpoint_for(reactor: Any, address: RedisAddress, connect_timeout: float) ->
         return tcp
     from twisted.internet import ssl
 
+    options: Any
     if not address.verify:
         options = ssl.CertificateOptions(verify=False)
     else:
@@ -310,7 +311,7 @@ class _Link(Service):
     protocol_class: type[RedisProtocol] = RedisProtocol
 
     def _attempt_failed(self, failure: Failure) -> None:
-        self._set_state(LinkState.DOWN, failure.getErrorMessage() or failure.type.__name__)
+        self._set_state(LinkState.DOWN, failure.getErrorMessage() or getattr(failure.type, "__name__", "error"))
 
     def _lost(self, protocol: RedisProtocol, reason: Failure) -> None:
         if protocol is self._protocol:

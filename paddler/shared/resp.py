@@ -85,6 +85,7 @@ class ReplyParser:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._data = b""
         self._pos = 0
 
     def feed(self, data: bytes) -> list[Reply | RedisError]:
@@ -92,7 +93,8 @@ class ReplyParser:
         if len(self._buffer) - self._pos > MAX_REPLY_BYTES:
             raise ProtocolError(f"a reply larger than {MAX_REPLY_BYTES} bytes")
         replies: list[Reply | RedisError] = []
-        while self._pos < len(self._buffer):
+        self._data = bytes(self._buffer)  # parse an immutable copy: slicing bytes is cheap
+        while self._pos < len(self._data):
             try:
                 reply, end = self._parse(self._pos, 0)
             except _Incomplete:
@@ -105,12 +107,12 @@ class ReplyParser:
         return replies
 
     def _line(self, pos: int) -> tuple[bytes, int]:
-        end = self._buffer.find(b"\r\n", pos)
+        end = self._data.find(b"\r\n", pos)
         if end < 0:
-            if len(self._buffer) - pos > 65536:
+            if len(self._data) - pos > 65536:
                 raise ProtocolError("a RESP header line longer than 64 KiB")
             raise _Incomplete()
-        return bytes(self._buffer[pos:end]), end + 2
+        return self._data[pos:end], end + 2
 
     def _int(self, text: bytes) -> int:
         try:
@@ -119,30 +121,27 @@ class ReplyParser:
             raise ProtocolError(f"not an integer in a RESP header: {text[:40]!r}")
 
     def _parse(self, pos: int, depth: int) -> tuple[Any, int]:
+        data = self._data
         if depth > MAX_DEPTH:
             raise ProtocolError("RESP arrays nested too deep")
-        if pos >= len(self._buffer):
+        if pos >= len(data):
             raise _Incomplete()
-        kind = self._buffer[pos : pos + 1]
+        kind = data[pos]
         line, pos = self._line(pos + 1)
-        if kind == b"+":
-            return line, pos
-        if kind == b"-":
-            return error_from_reply(line.decode("utf-8", "replace")), pos
-        if kind == b":":
+        if kind == 58:  # ':'
             return self._int(line), pos
-        if kind == b"$":
+        if kind == 36:  # '$'
             size = self._int(line)
             if size < 0:
                 return None, pos
             if size > MAX_REPLY_BYTES:
                 raise ProtocolError(f"a bulk string of {size} bytes")
-            if len(self._buffer) < pos + size + 2:
+            if len(data) < pos + size + 2:
                 raise _Incomplete()
-            if self._buffer[pos + size : pos + size + 2] != b"\r\n":
+            if data[pos + size : pos + size + 2] != b"\r\n":
                 raise ProtocolError("a bulk string not followed by CRLF")
-            return bytes(self._buffer[pos : pos + size]), pos + size + 2
-        if kind == b"*":
+            return data[pos : pos + size], pos + size + 2
+        if kind == 42:  # '*'
             count = self._int(line)
             if count < 0:
                 return None, pos
@@ -153,7 +152,11 @@ class ReplyParser:
                 item, pos = self._parse(pos, depth + 1)
                 items.append(item)
             return items, pos
-        raise ProtocolError(f"unknown RESP type byte {bytes(kind)!r}")
+        if kind == 43:  # '+'
+            return line, pos
+        if kind == 45:  # '-'
+            return error_from_reply(line.decode("utf-8", "replace")), pos
+        raise ProtocolError(f"unknown RESP type byte {bytes([kind])!r}")
 
 
 class _Pending:

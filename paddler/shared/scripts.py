@@ -570,14 +570,19 @@ end
 local out = {{now, tonumber(redis.call('GET', K_SEQ) or '0'), redis.call('ZCARD', K_Q), oldest,
              redis.call('ZCARD', K_LEASES), redis.call('ZCOUNT', K_OWNERS, now, '+inf'),
              redis.call('GET', K_EPOCH) or ''}}
-for _, s in ipairs(redis.call('HKEYS', K_TOTAL)) do
-  local g = gen_of(s)
+local function hash(key)
+  local flat, t = redis.call('HGETALL', key), {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local total, ext, gens, drain, seen, mark, meta =
+  hash(K_TOTAL), hash(K_EXT), hash(K_GEN), hash(K_DRAIN), hash(K_SEEN), hash(K_MARK), hash(K_META)
+for s, t in pairs(total) do
+  local g = tonumber(gens[s] or '0')
   out[#out + 1] = {
-    s, tonumber(redis.call('HGET', K_TOTAL, s)), tonumber(redis.call('HGET', K_EXT, s) or '0'), ours(s, g),
-    redis.call('HEXISTS', K_DRAIN, s), g, tonumber(redis.call('HGET', K_SEEN, s) or '0'),
-    tonumber(redis.call('HGET', K_MARK, s) or '0'),
-    redis.call('ZLEXCOUNT', K_WX, '[' .. s .. '|', '(' .. s .. '}'),
-    redis.call('HGET', K_META, s) or ''}
+    s, tonumber(t), tonumber(ext[s] or '0'), ours(s, g), drain[s] and 1 or 0, g,
+    tonumber(seen[s] or '0'), tonumber(mark[s] or '0'),
+    redis.call('ZLEXCOUNT', K_WX, '[' .. s .. '|', '(' .. s .. '}'), meta[s] or ''}
 end
 return out
 """

@@ -582,7 +582,8 @@ class SlotStoreBase(MultiService):
                     jobs.append(self.adopt(request_id, lease.server_id, lease.model))
             return gatherResults(jobs).addCallback(lambda _: lost)
 
-        return maybeDeferred(step).addCallback(readopt).addCallback(self._after_renew)
+        started: Deferred[Any] = maybeDeferred(step)
+        return started.addCallback(readopt).addCallback(self._after_renew)
 
     def _after_renew(self, lost: list[str]) -> Deferred[list[str]] | list[str]:
         if self._unsettled:
@@ -684,7 +685,7 @@ class SlotStoreBase(MultiService):
     def _quiet(self, job: Deferred[Any], what: str, name: str) -> Deferred[Any]:
         """A step of recovery: log a failure and go on with the next step."""
 
-        def failed(failure: Failure) -> Failure:
+        def failed(failure: Failure) -> _FailedStep:
             self.log.warn(
                 "re-creating shared state: {what} {name} failed: {error}",
                 what=what,
