@@ -65,9 +65,11 @@ class ISlotStore(Interface):
     def release(request_id):  # type: ignore[no-untyped-def]
         """
         End the lease (its slot goes straight to the oldest waiter that can
-        use it) or take the waiter out of the queue. Idempotent; retried in
-        the background while the store is down. Fires with a
-        L{paddler.shared.model.Release}.
+        use it) or take the waiter out of the queue (its Deferred fails
+        with CancelledError). Idempotent. Never fails for want of the store:
+        while it is down it fires with C{None} and the release is sent when
+        the store answers again. Otherwise fires with a
+        L{paddler.shared.model.Release}. C{cancel} is the same call.
         """
 
     def adopt(request_id, server_id, model=""):  # type: ignore[no-untyped-def]

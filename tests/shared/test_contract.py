@@ -206,10 +206,10 @@ async def test_a_dead_owners_leases_come_back_after_the_ttl_and_its_waiters_leav
     assert (c_waiter.position, b_waiter.position) == (0, 1)
     c_waiter.deferred.addErrback(lambda f: f.trap(CancelledError))
     await c.stopService()  # dies: no renew, no release
-    await world.wait(LEASE_TTL / 2)
+    await world.wait(LEASE_TTL / 4)
     reaped = await a.reap()
     assert reaped.released == 0, "not expired yet"
-    await world.wait(LEASE_TTL)
+    await world.wait(LEASE_TTL * 1.25)
     reaped = await a.reap()
     assert reaped.released == 1
     granted = await world.settle(b_waiter.deferred)
