@@ -73,7 +73,11 @@ class RedisServer:
             cwd=self.directory,
         )
         log.close()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except Exception:
+            self.stop()  # never leave a half-started server behind
+            raise
 
     def wait_ready(self) -> None:
         end = time.monotonic() + READY_DEADLINE

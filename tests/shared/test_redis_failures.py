@@ -260,9 +260,9 @@ async def test_the_password_comes_from_the_url_or_the_environment(
 ) -> None:
     """AUTH with the URL's password or PADDLER_STATE_PASSWORD; a wrong one keeps the link down, loudly."""
     server = RedisServer(redis_binary, tmp_path, extra=["--requirepass", "s3cret"])
-    server.start()
     stores = []
     try:
+        server.start()
         with_url = make_store(f"redis://:s3cret@127.0.0.1:{server.port}/2", "{pw}", "a")
         monkeypatch.setenv("PADDLER_STATE_PASSWORD", "s3cret")
         with_env = make_store(f"redis://127.0.0.1:{server.port}/2", "{pw}", "b")
@@ -337,6 +337,7 @@ async def test_rediss_talks_tls_and_checks_the_certificate(redis_binary: str, tm
     try:
         server.start()
     except RuntimeError as e:
+        server.stop()
         pytest.skip(f"this redis-server cannot serve TLS: {e}")
     stores = []
     try:
