@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -160,3 +161,58 @@ def live_balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBala
         yield LiveBalancer(proxy, management)
     finally:
         processes.stop_all()
+
+
+class Daemon:
+    """A non-paddler daemon (prometheus, start-graphite) in its own process group, output to a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            if self.process.poll() is not None:
+                return
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory ``daemons(argv, name, env=None)`` -> a started L{Daemon}; all stopped at teardown."""
+    started: list[Daemon] = []
+
+    def start(argv: list[str], name: str, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(argv, tmp_path / f"{name}-{len(started)}.log", env)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in reversed(started):
+            daemon.stop()

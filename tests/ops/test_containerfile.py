@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ..processes import free_port
 from .conftest import ROOT, LiveBalancer, venv_tool
 
@@ -121,6 +123,7 @@ def run_healthcheck(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.integration
 def test_the_healthcheck_passes_on_a_healthy_balancer_and_fails_without_one(live_balancer: LiveBalancer) -> None:
     """The HEALTHCHECK's python one-liner exits 0 on a balancer's /health and non-zero where nothing listens."""
     assert run_healthcheck(live_balancer.proxy + "/health").returncode == 0

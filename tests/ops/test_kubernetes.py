@@ -235,6 +235,7 @@ def test_the_agent_reports_to_the_management_service_port_the_balancer_listens_o
     agent = containers(objects(docs, "Deployment")["llamacpp"])["paddler-agent"]
     url = urlsplit(flag(agent["args"], "--balancer"))
     assert url.scheme == "http" and url.path in ("", "/")
+    assert url.hostname
     service = objects(docs, "Service")[url.hostname]
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
     balancer = objects(docs, "Deployment")["paddler-balancer"]
@@ -385,6 +386,7 @@ def test_the_multi_replica_balancer_is_the_single_one_with_three_replicas_and_re
     args = containers(multi)["balancer"]["args"]
     assert flag(args, "--state") == STATE_URL
     redis_url = urlsplit(STATE_URL)
+    assert redis_url.hostname
     redis_service = objects(multi_docs, "Service")[redis_url.hostname]
     assert [p["port"] for p in redis_service["spec"]["ports"]] == [redis_url.port]
     comparable = copy.deepcopy(multi)
@@ -440,6 +442,7 @@ def test_every_flag_in_the_manifests_is_a_real_paddler_flag(paddler_help) -> Non
     assert unknown == {}
 
 
+@pytest.mark.integration
 def test_the_configmap_starts_a_balancer_that_is_ready_and_alive_with_no_upstream(
     procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
