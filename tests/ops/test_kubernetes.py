@@ -267,6 +267,30 @@ def test_balancer_ports_probes_and_config_agree(name: str) -> None:
     assert annotations["prometheus.io/port"] == str(ports["management"])
 
 
+MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "": 1}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``1Gi``, ``512Mi``, ``1e9``...) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?(?:e\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T|)", quantity)
+    assert match, quantity
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2)])
+
+
+def test_memory_bytes_reads_binary_and_decimal_suffixes() -> None:
+    """The quantity parser used below: 1Gi, 256Mi, 1G and plain bytes."""
+    assert [memory_bytes(q) for q in ("1Gi", "256Mi", "1G", "4096")] == [2**30, 256 * 2**20, 10**9, 4096]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_the_request_buffer_fits_in_half_the_balancers_memory_limit(name: str) -> None:
+    """Buffered bodies are held in memory: max-buffered-requests x max-request-body stays under half the limit."""
+    toml = balancer_toml()
+    container = containers(objects(layout(name), "Deployment")["paddler-balancer"])["balancer"]
+    limit = memory_bytes(container["resources"]["limits"]["memory"])
+    assert toml["max-buffered-requests"] * toml["max-request-body"] <= limit / 2
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_the_llamacpp_pod_runs_llama_server_with_slots_and_the_agent_points_at_it(name: str) -> None:
     """llama-server runs with --slots --metrics -np 4 on the port the agent's --llamacpp and --external-url use."""
