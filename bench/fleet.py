@@ -40,7 +40,7 @@ def chooser_cost(n: int, policy: str, repeat: int = 5, number: int = 2000) -> fl
     from paddler.fleet.upstream import SlotsSeen, Upstream
 
     clock = Clock()
-    pool = UpstreamPool(clock, CHOOSERS[policy]())
+    pool = UpstreamPool(clock, CHOOSERS[policy](clock))
     for i in range(n):
         upstream = Upstream(f"http://10.0.{i // 250}.{i % 250 + 1}:8080", clock=clock)
         upstream.record(SlotsSeen(4, i % 4, upstream.probe_mark(), models=("bench",)), 0.0)

@@ -251,7 +251,7 @@ def makeBalancerService(
 
     pool = UpstreamPool(
         reactor,
-        CHOOSERS[config.policy](),
+        CHOOSERS[config.policy](reactor),
         max_buffered=config.max_buffered_requests,
         buffer_timeout=config.buffered_request_timeout,
     )

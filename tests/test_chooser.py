@@ -1,5 +1,6 @@
 """Slot choosers: the default picks the most idle slots; the others are slot-blind."""
 
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from paddler.routing.policies import CHOOSERS, LeastConnectionsChooser, MostIdleSlotsChooser, RoundRobinChooser
@@ -9,9 +10,10 @@ from .helpers import healthy_upstream
 
 
 def test_every_chooser_provides_the_interface():
-    for chooser in CHOOSERS.values():
-        assert verifyObject(ISlotChooser, chooser())
-    assert sorted(CHOOSERS) == ["least-connections", "round-robin", "slots"]
+    for name, make in CHOOSERS.items():
+        chooser = make(Clock())
+        assert verifyObject(ISlotChooser, chooser) and chooser.name == name
+    assert sorted(CHOOSERS) == ["cost", "least-connections", "round-robin", "slots"]
 
 
 def test_most_idle_wins():

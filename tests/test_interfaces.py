@@ -28,7 +28,7 @@ def providers() -> list[tuple[Any, Any]]:
     clock = Clock()
     stream = StateStream(clock, lambda full: {})
     return [
-        *[(ISlotChooser, chooser()) for chooser in CHOOSERS.values()],
+        *[(ISlotChooser, make(clock)) for make in CHOOSERS.values()],
         (IPushProducer, Relay(DummyRequest([b""]), clock, idle_timeout=1.0)),
         (IPushProducer, _StreamClient(stream, DummyRequest([b""]))),
         (IBodyProducer, BytesProducer(b"{}")),

@@ -57,7 +57,7 @@ def test_fleet_gauges_have_the_originals_names_and_values() -> None:
     families = scrape(metrics)
     assert value(families, "paddler_slots_idle") == 2
     assert value(families, "paddler_slots_processing") == 2
-    assert value(families, "paddler_slots_total") == 4
+    assert value(families, "paddler_slots_capacity") == 4
     assert value(families, "paddler_requests_buffered") == 0
     assert value(families, "paddler_requests_in_flight") == 1
     assert value(families, "paddler_oldest_buffered_wait_seconds") == 0
@@ -77,7 +77,7 @@ def test_per_upstream_gauges_carry_upstream_url_and_state_labels() -> None:
     two = {"upstream": "gpu-2", "url": "http://10.0.0.2:8080", "state": "draining"}
     assert value(families, "paddler_upstream_slots_idle", **one) == 3
     assert value(families, "paddler_upstream_slots_processing", **one) == 1
-    assert value(families, "paddler_upstream_slots_total", **one) == 4
+    assert value(families, "paddler_upstream_slots_capacity", **one) == 4
     assert value(families, "paddler_upstream_requests_in_flight", **one) == 0
     assert value(families, "paddler_upstream_healthy", **one) == 1
     assert value(families, "paddler_upstream_healthy", **two) == 0
@@ -138,3 +138,37 @@ def test_metrics_live_on_a_private_registry() -> None:
     assert value(scrape(two), "paddler_request_duration_seconds_count") == 1
     assert REGISTRY.get_sample_value("paddler_slots_idle") is None
     assert one.content_type == CONTENT_TYPE_LATEST
+
+
+def test_refused_timed_out_and_cancelled_requests_are_counted_by_reason() -> None:
+    """Every known reason is exported from the start (0), and counts what the proxy recorded."""
+    clock, pool, stats, a, b = make_fleet()
+    metrics = PrometheusMetrics(pool, stats)
+    stats.record(503, 0.0, outcome=("refused", "buffer_full"))
+    stats.record(503, 0.0, outcome=("refused", "buffer_full"))
+    stats.record(504, 30.0, outcome=("timed_out", "buffer"))
+    stats.record(0, 1.0, outcome=("cancelled", "upstream"))
+    families = scrape(metrics)
+    assert value(families, "paddler_requests_refused_total", reason="buffer_full") == 2
+    assert value(families, "paddler_requests_refused_total", reason="shutting_down") == 0
+    assert value(families, "paddler_requests_timed_out_total", reason="buffer") == 1
+    assert value(families, "paddler_requests_timed_out_total", reason="upstream_idle") == 0
+    assert value(families, "paddler_requests_cancelled_total", stage="upstream") == 1
+    assert value(families, "paddler_requests_cancelled_total", stage="buffered") == 0
+    assert value(families, "paddler_buffer_capacity") == 3
+
+
+def test_no_created_series_and_no_gauge_named_like_a_counter() -> None:
+    """promtool's rules: counters end in _total, gauges do not; nothing exports _created."""
+    clock, pool, stats, a, b = make_fleet()
+    metrics = PrometheusMetrics(pool, stats)
+    stats.record(200, 0.3, ttfb=0.1, upstream=a)
+    text = metrics.render().decode()
+    assert "_created" not in text
+    for family in text_string_to_metric_families(text):
+        if family.type == "gauge":
+            assert not family.name.endswith("_total"), family.name
+    families = scrape(metrics)
+    assert value(families, "paddler_time_to_first_token_seconds_bucket", le="0.1") == 1
+    assert value(families, "paddler_time_to_first_token_seconds_bucket", le="0.05") == 0
+    assert value(families, "paddler_time_to_first_token_seconds_bucket", le="+Inf") == 1

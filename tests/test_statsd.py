@@ -108,6 +108,7 @@ EXPECTED = {
     "paddler.slots_processing:1|g",
     "paddler.slots_total:4|g",
     "paddler.requests_buffered:0|g",
+    "paddler.buffer_capacity:30|g",
     "paddler.requests_in_flight:0|g",
     "paddler.upstreams_healthy:1|g",
     "paddler.upstreams_total:2|g",
@@ -121,7 +122,7 @@ EXPECTED = {
     "paddler.upstream.big_box_2.slots_total:2|g",
     "paddler.upstream.big_box_2.requests_in_flight:0|g",
     "paddler.upstream.big_box_2.healthy:0|g",
-    "paddler.requests:4|c",
+    "paddler.requests.total:4|c",
     "paddler.requests.2xx:2|c",
     "paddler.requests.4xx:1|c",
     "paddler.requests.5xx:1|c",
@@ -159,9 +160,9 @@ async def test_a_udp_listener_receives_every_gauge_counter_and_timer(receiver: R
         # The next report has the gauges again but no counters or timers.
         receiver.datagrams.clear()
         clock.advance(1.0)
-        await receiver.until(17)
+        await receiver.until(18)
         assert all(line.endswith("|g") for line in receiver.lines)
-        assert len(receiver.lines) == 17
+        assert len(receiver.lines) == 18  # the fleet and per-upstream gauges, no counter or timer
     finally:
         await service.stopService()
     assert clock.getDelayedCalls() == []
@@ -447,3 +448,55 @@ async def test_counters_of_the_last_interval_are_sent_on_stop(receiver: Receiver
     await receiver.until(len(EXPECTED))
     assert sorted(receiver.lines) == sorted(EXPECTED)
     assert clock.getDelayedCalls() == []
+
+
+class RecordingClient:
+    """A StatsD client that keeps the lines it was given (without the prefix)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+    def gauge(self, name: str, value: float) -> None:
+        self.lines.append(f"{name}:{format_number(max(0.0, value))}|g")
+
+    def increment(self, name: str, count: int = 1) -> None:
+        self.lines.append(f"{name}:{count}|c")
+
+    def timing(self, name: str, milliseconds: float) -> None:
+        self.lines.append(f"{name}:{format_number(milliseconds)}|ms")
+
+    def flush(self) -> int:
+        return 0
+
+
+def test_refusals_timeouts_and_cancellations_are_counted_by_reason_and_a_removed_upstream_is_zeroed():
+    """requests.refused.buffer_full etc. count per interval; an upstream that left sends zeros once."""
+    clock = Clock()
+    pool, stats = fleet_with_requests(clock)
+    client = RecordingClient()
+    service = StatsDService(client, pool, stats, clock, interval=1.0)
+    service.startService()
+    stats.record(503, 0.0, outcome=("refused", "buffer_full"))
+    stats.record(504, 30.0, outcome=("timed_out", "buffer"))
+    stats.record(0, 1.0, outcome=("cancelled", "buffered"))
+    clock.advance(1)
+    lines = set(client.lines)
+    assert {"requests.refused.buffer_full:1|c", "requests.timed_out.buffer:1|c",
+            "requests.cancelled.buffered:1|c"} <= lines
+    client.lines.clear()
+    pool.remove(pool.find("big box/2").id)
+    clock.advance(1)
+    assert "upstream.big_box_2.slots_idle:0|g" in client.lines
+    assert "upstream.big_box_2.healthy:0|g" in client.lines
+    client.lines.clear()
+    clock.advance(1)
+    assert not [line for line in client.lines if "big_box_2" in line]
+    service.stopService()

@@ -24,9 +24,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
-from paddler.balancer.relay import BytesProducer, Relay, UpstreamIdleTimeout
+from paddler.balancer.relay import BytesProducer, Relay, ResponseHead, UpstreamIdleTimeout, timings_in
 from paddler.errors import (
     BadRequest,
+    InternalError,
     NoUpstreamAvailable,
     PaddlerHTTPError,
     RequestTooLarge,
@@ -34,6 +35,7 @@ from paddler.errors import (
     UpstreamFailed,
     UpstreamTimeout,
     error_body,
+    error_response,
     json_response as _json,
 )
 from paddler.fleet.pool import Lease, UpstreamPool
@@ -77,6 +79,10 @@ HOP_BY_HOP = frozenset(
 )
 
 RETRYABLE = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed)
+
+
+class BodyLost(Exception):
+    """The upstream's answer broke off before its first body byte: nothing reached the client."""
 
 
 @dataclass
@@ -127,16 +133,52 @@ def upstream_uri(upstream: Upstream, target: bytes) -> bytes:
     return upstream.url.encode("ascii") + target
 
 
-def request_model(body: bytes) -> str | None:
-    """The C{model} a JSON request body names; L{BadRequest} if it is not a JSON object."""
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A slot-taking request's body as a JSON object, or L{BadRequest}."""
     try:
         parsed = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}")
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    except ValueError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise BadRequest("request body must be a JSON object")
+    return parsed
+
+
+def request_model(parsed: dict[str, Any]) -> str | None:
+    """The C{model} a request names, if it names one."""
     model = parsed.get("model")
     return model if isinstance(model, str) and model else None
+
+
+class Exchange:
+    """One client request on its way through the proxy: what it asked for and how far it got.
+
+    @ivar stage: C{"buffered"} until a slot is granted, then C{"upstream"}.
+    @ivar client_gone: the client's connection closed before the answer ended.
+    """
+
+    __slots__ = (
+        "request", "body", "started", "takes_slot", "model", "streaming", "demand",
+        "stage", "client_gone", "recorded",
+    )
+
+    def __init__(self, request: server.Request, body: bytes, started: float) -> None:
+        self.request = request
+        self.body = body
+        self.started = started
+        self.takes_slot = False
+        self.model: str | None = None
+        self.streaming = False
+        self.demand: Any = None
+        self.stage = "buffered"
+        self.client_gone = False
+        self.recorded = False
+
+    @property
+    def path(self) -> str:
+        return self.request.path.decode("latin-1")
 
 
 class ProxyResource(Resource):
@@ -215,33 +257,49 @@ class ProxyResource(Resource):
             return self._render_slots(request)
         if self.stopping:
             return self._shutting_down(request, started)
+        content: Any = request.content
+        content.seek(0)
+        exchange = Exchange(request, content.read(), started)
         try:
             if getattr(request, "body_too_large", False):
                 raise RequestTooLarge(
                     f"request body is larger than {self.config.max_request_body} bytes "
                     "(--max-request-body)"
                 )
-            content: Any = request.content
-            content.seek(0)
-            body = content.read()
-            takes_slot = request.method == b"POST" and path in SLOT_PATHS
-            model = request_model(body) if takes_slot else None
-        except PaddlerHTTPError as e:
-            self.stats.record(e.status, 0.0, path=path.decode("latin-1"))
-            return _json(request, e.status, e.body(), e.headers)
+            if request.method == b"POST" and path in SLOT_PATHS:
+                parsed = parse_body(exchange.body)
+                exchange.takes_slot = True
+                exchange.model = request_model(parsed)
+                exchange.streaming = parsed.get("stream") is True
+                exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
+        except PaddlerHTTPError as error:
+            self.stats.record(error.status, 0.0, path=exchange.path)
+            return error_response(request, error)
         self._track(request)
-        d = ensureDeferred(self._forward(request, body, takes_slot, model, started))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addErrback(self._failed, request, started)
+        d = ensureDeferred(self._forward(exchange))
+
+        def client_left(reason: Failure) -> None:
+            exchange.client_gone = True
+            d.cancel()
+
+        request.notifyFinish().addErrback(client_left)
+        d.addErrback(self._failed, exchange)
         return server.NOT_DONE_YET
 
     def _shutting_down(self, request: server.Request, started: float) -> bytes:
-        error = ShuttingDown("the balancer is shutting down; retry on another balancer or after its restart",
-                             headers={b"retry-after": b"1", b"connection": b"close"})
+        error = ShuttingDown(
+            "the balancer is shutting down; retry on another balancer or after its restart",
+            headers={b"retry-after": b"1", b"connection": b"close"},
+        )
         if request.channel is not None:
             request.channel.persistent = False  # type: ignore[attr-defined]
-        self.stats.record(error.status, self._clock.seconds() - started, path=request.path.decode("latin-1"))
-        return _json(request, error.status, error.body(), error.headers)
+        self.stats.record(
+            error.status,
+            self._clock.seconds() - started,
+            path=request.path.decode("latin-1"),
+            outcome=("refused", error.reason),
+        )
+        return error_response(request, error)
 
     def _render_slots(self, request: server.Request) -> bytes:
         if not self.config.slots_endpoint_enable:
@@ -258,18 +316,19 @@ class ProxyResource(Resource):
                 slots.append(tagged)
         return _json(request, 200, slots)
 
-    async def _forward(
-        self, request: server.Request, body: bytes, takes_slot: bool, model: str | None, started: float
-    ) -> None:
+    async def _forward(self, exchange: Exchange) -> None:
+        """Take a slot (or pick an upstream), send, relay; try another upstream while nothing reached the client."""
         tried: list[str] = []
         last_error = "no upstream answered"
         only_refused = True
+        request = exchange.request
         for _ in range(self.config.max_retries + 1):
             if tried and not any(uid not in tried for uid in self._pool.upstreams):
                 break
             lease: Lease | None = None
-            if takes_slot:
-                lease = await self._pool.acquire(model, exclude=tried)
+            if exchange.takes_slot:
+                exchange.stage = "buffered"
+                lease = await self._pool.acquire(exchange.model, exclude=tried, demand=exchange.demand)
                 upstream = lease.upstream
             else:
                 picked = self._pool.pick_any(exclude=tried)
@@ -278,28 +337,38 @@ class ProxyResource(Resource):
                         break
                     raise NoUpstreamAvailable("no healthy upstream")
                 upstream = picked
+            exchange.stage = "upstream"
+            timings = None
+            reached = False  # the request went out to the upstream (it may be running there)
             try:
-                response = await self._send(upstream, request, body)
-                if response.code == 503 and takes_slot:
+                try:
+                    response = await self._send(upstream, request, exchange.body)
+                except RETRYABLE as e:
+                    reached = isinstance(e, (ResponseNeverReceived, ResponseFailed))
+                    raise
+                reached = True
+                if response.code == 503 and exchange.takes_slot:
                     reason = await self._refused(upstream, response)
                     tried.append(upstream.id)
                     last_error = f"{upstream.name} answered 503: {reason}"
                     continue
-                await self._relay(request, response, upstream, started)
+                timings = await self._relay(exchange, response, upstream)
                 return
-            except RETRYABLE as e:
-                if _was_cancelled(e):
+            except (*RETRYABLE, BodyLost) as e:
+                if exchange.client_gone or _was_cancelled(e):
                     raise CancelledError() from e
                 if self.stopping:
                     raise ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"}) from e
                 only_refused = False
-                reason = describe_failure(Failure(e))
+                reason = str(e) if isinstance(e, BodyLost) else describe_failure(Failure(e))
                 self._upstream_failed(upstream, reason)
                 tried.append(upstream.id)
                 last_error = f"{upstream.name}: {reason}"
             finally:
                 if lease is not None:
-                    lease.release()
+                    # A client that left a non-streaming request does not stop llama.cpp.
+                    running = exchange.client_gone and reached and not exchange.streaming
+                    lease.release(timings, still_running=running)
         if tried and only_refused:
             raise NoUpstreamAvailable(
                 f"every upstream tried is unavailable; last: {last_error}", headers={b"retry-after": b"1"}
@@ -375,76 +444,96 @@ class ProxyResource(Resource):
         except ConnectingCancelledError as e:  # cancelled (client gone) while still connecting
             raise CancelledError() from e
 
-    async def _relay(
-        self, request: server.Request, response: IResponse, upstream: Upstream, started: float
-    ) -> None:
-        request.setResponseCode(response.code, response.phrase)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP:
-                request.responseHeaders.setRawHeaders(name, values)
-        relay = Relay(request, self._clock, self.config.idle_timeout)
+    async def _relay(self, exchange: Exchange, response: IResponse, upstream: Upstream) -> Any:
+        """Relay the answer; return llama.cpp's C{timings} from its end, if any."""
+        request = exchange.request
+        head = ResponseHead(
+            response.code,
+            response.phrase,
+            [(name, values) for name, values in response.headers.getAllRawHeaders()
+             if name.lower() not in HOP_BY_HOP],
+        )
+        relay = Relay(request, self._clock, self.config.idle_timeout, head)
         response.deliverBody(relay)
         try:
             await relay.done
         except UpstreamIdleTimeout as e:
-            if not request.startedWriting:
+            if relay.first_byte_at is None:
                 upstream.requests_failed += 1
-                raise UpstreamTimeout(f"{upstream.name}: {e} before the body began")
+                raise UpstreamTimeout(f"{upstream.name}: {e} before the body began") from None
             self.log.warn(
                 "upstream {name}: {error}; closing the client stream", name=upstream.name, error=str(e)
             )
-            self._record(request, 504, started, relay, upstream)
+            self._record(exchange, 504, relay, upstream, ("timed_out", "upstream_idle"))
             request.loseConnection()
-            return
+            return None
         except CancelledError:
-            self._record(request, 0, started, relay, upstream)
             raise
         except Exception as e:
-            if not request.startedWriting:
-                upstream.requests_failed += 1
-                raise UpstreamFailed(f"{upstream.name} broke off its answer before the body began: {e}")
+            if exchange.client_gone:
+                raise CancelledError() from e
+            reason = describe_failure(Failure(e))
+            if relay.first_byte_at is None:
+                raise BodyLost(f"the answer broke off before its body began ({reason})") from e
             self.log.warn(
-                "upstream {name} broke off its answer: {error}", name=upstream.name, error=str(e)
+                "upstream {name} broke off its answer: {error}", name=upstream.name, error=reason
             )
-            self._record(request, 502, started, relay, upstream)
+            self._record(exchange, 502, relay, upstream)
             request.loseConnection()
-            return
-        self._record(request, response.code, started, relay, upstream)
+            return None
+        self._record(exchange, response.code, relay, upstream)
         if not request.finished and not _client_gone(request):
             request.finish()
+        return timings_in(relay.tail())
 
     def _record(
-        self, request: server.Request, status: int, started: float, relay: Relay, upstream: Upstream
+        self,
+        exchange: Exchange,
+        status: int,
+        relay: Relay | None = None,
+        upstream: Upstream | None = None,
+        outcome: tuple[str, str] | None = None,
     ) -> None:
-        ttfb = None if relay.first_byte_at is None else relay.first_byte_at - started
-        request.paddler_recorded = True  # type: ignore[attr-defined]
+        if exchange.recorded:
+            return
+        exchange.recorded = True
+        first = None if relay is None else relay.first_byte_at
         self.stats.record(
             status,
-            self._clock.seconds() - started,
-            ttfb,
+            self._clock.seconds() - exchange.started,
+            None if first is None else first - exchange.started,
             upstream,
-            request.path.decode("latin-1"),
+            exchange.path,
+            outcome,
         )
 
-    def _failed(self, failure: Failure, request: server.Request, started: float) -> None:
-        if failure.check(CancelledError):
-            if not getattr(request, "paddler_recorded", False):
-                self.stats.record(0, self._clock.seconds() - started, path=request.path.decode("latin-1"))
+    def _failed(self, failure: Failure, exchange: Exchange) -> None:
+        request = exchange.request
+        if exchange.client_gone or failure.check(CancelledError):
+            # Whatever the cancelled upstream request failed with (a DNS lookup
+            # cut short, a connection aborted), the client leaving caused it.
+            self._record(exchange, 0, outcome=("cancelled", exchange.stage))
             return
         if isinstance(failure.value, PaddlerHTTPError):
             error = failure.value
-            status, payload, headers = error.status, error.body(), error.headers
         else:
             self.log.failure("proxying {path} failed", failure, path=request.path)
-            status = 500
-            payload = error_body(500, "internal error in the balancer", "server_error")
-            headers = {}
-        self.stats.record(status, self._clock.seconds() - started, path=request.path.decode("latin-1"))
+            error = InternalError("internal error in the balancer")
+        self._record(exchange, error.status, outcome=_outcome(error))
         if request.finished or _client_gone(request):
             return
         if request.startedWriting:
             request.loseConnection()
             return
         request.responseHeaders = Headers()
-        request.write(_json(request, status, payload, headers))
+        request.write(error_response(request, error))
         request.finish()
+
+
+def _outcome(error: PaddlerHTTPError) -> tuple[str, str] | None:
+    """How a refusal or a timeout is counted (L{paddler.observability.requests.OUTCOMES})."""
+    if isinstance(error, NoUpstreamAvailable):
+        return ("refused", error.reason)
+    if isinstance(error, UpstreamTimeout):
+        return ("timed_out", error.reason)
+    return None

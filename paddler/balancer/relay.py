@@ -8,6 +8,10 @@ are never held in memory.
 
 from __future__ import annotations
 
+import json
+import re
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -46,6 +50,39 @@ class BytesProducer:
         pass
 
 
+#: Bytes of the end of a body kept to read llama.cpp's C{timings} from.
+TAIL_BYTES = 8192
+_TIMINGS = re.compile(rb'"timings"\s*:\s*(\{[^{}]*\})')
+
+
+def timings_in(tail: bytes) -> dict[str, Any] | None:
+    """The last C{"timings": {...}} object in C{tail} (llama.cpp ends its answers with it), or C{None}."""
+    found = None
+    for found in _TIMINGS.finditer(tail):
+        pass
+    if found is None:
+        return None
+    try:
+        timings = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return timings if isinstance(timings, dict) else None
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """An upstream response's status line and end-to-end headers, written when its body begins."""
+
+    code: int
+    phrase: bytes
+    headers: list[tuple[bytes, list[bytes]]]
+
+    def apply(self, request: server.Request) -> None:
+        request.setResponseCode(self.code, self.phrase)
+        for name, values in self.headers:
+            request.responseHeaders.setRawHeaders(name, values)
+
+
 @implementer(IPushProducer)
 class Relay(Protocol):
     """
@@ -53,19 +90,42 @@ class Relay(Protocol):
     it arrives. It is the client connection's producer, so a slow client
     pauses the upstream socket; C{done} fires when the body ends, fails on an
     upstream error or idle timeout, and cancelling it aborts the upstream.
+
+    The response C{head} is written with the first byte of the body (or at
+    its end, for an empty one): an upstream that fails before that has sent
+    the client nothing, so the request can be tried elsewhere. The last
+    L{TAIL_BYTES} of the body are kept for L{timings_in}.
     """
 
     transport: Any
 
-    def __init__(self, request: server.Request, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        request: server.Request,
+        clock: IReactorTime,
+        idle_timeout: float,
+        head: ResponseHead | None = None,
+    ) -> None:
         self._request = request
         self._clock = clock
         self._idle_timeout = idle_timeout
+        self._head = head
         self._idle_call: IDelayedCall | None = None
         self._last_activity = 0.0
         self.first_byte_at: float | None = None
         self._paused = False
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
         self.done: Deferred[None] = Deferred(self._cancel)
+
+    def tail(self) -> bytes:
+        """The last bytes of the body relayed so far (at least L{TAIL_BYTES} when there were as many)."""
+        return b"".join(self._tail)
+
+    def _write_head(self) -> None:
+        if self._head is not None:
+            self._head.apply(self._request)
+            self._head = None
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
@@ -107,7 +167,12 @@ class Relay(Protocol):
             return
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
+            self._write_head()
         self._arm()
+        self._tail.append(data)
+        self._tail_size += len(data)
+        while self._tail_size - len(self._tail[0]) >= TAIL_BYTES:
+            self._tail_size -= len(self._tail.popleft())
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
@@ -116,6 +181,7 @@ class Relay(Protocol):
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
+            self._write_head()
             self.done.callback(None)
         else:
             self.done.errback(reason)

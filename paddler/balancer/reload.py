@@ -81,7 +81,7 @@ class Reloader:
         service = self.service
         pool = service.pool
         if name == "policy":
-            pool.chooser = CHOOSERS[new.policy]()
+            pool.chooser = CHOOSERS[new.policy](pool.clock)
         elif name == "max_buffered_requests":
             pool.max_buffered = new.max_buffered_requests
         elif name == "buffered_request_timeout":

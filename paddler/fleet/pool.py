@@ -18,33 +18,48 @@ from paddler.fleet.upstream import Observation, Upstream
 class Lease:
     """One slot held on one upstream for one request; C{release} gives it back once."""
 
-    def __init__(self, pool: UpstreamPool, upstream: Upstream, number: int, waited: float) -> None:
+    __slots__ = ("pool", "upstream", "number", "waited", "demand", "released")
+
+    def __init__(self, pool: UpstreamPool, upstream: Upstream, number: int, waited: float, demand: Any) -> None:
         self.pool = pool
         self.upstream = upstream
         self.number = number
         self.waited = waited
+        self.demand = demand
         self.released = False
 
-    def release(self) -> None:
+    def release(self, timings: Any = None, still_running: bool = False) -> None:
+        """
+        The request ended: give the slot back, and tell the policy (with
+        llama.cpp's C{timings} when the answer had them). C{still_running}:
+        the client left but llama.cpp goes on with the request, so the slot
+        stays busy until a probe reads the server's own figure.
+        """
         if self.released:
             return
         self.released = True
-        self.upstream.return_lease(self.number)
+        if still_running:
+            self.upstream.ghost_lease(self.number)
+        else:
+            self.upstream.return_lease(self.number)
+        self.pool.chooser.finished(self.upstream, self.demand, timings)
         self.pool.lease_returned(self.upstream)
 
 
 class _Waiter:
-    __slots__ = ("model", "exclude", "deferred", "enqueued_at", "timeout_call")
+    __slots__ = ("model", "exclude", "demand", "deferred", "enqueued_at", "timeout_call")
 
     def __init__(
         self,
         model: str | None,
         exclude: frozenset[str],
+        demand: Any,
         enqueued_at: float,
         on_cancel: Callable[[_Waiter], None],
     ) -> None:
         self.model = model
         self.exclude = exclude
+        self.demand = demand
         self.enqueued_at = enqueued_at
         self.deferred: Deferred[Lease] = Deferred(lambda _: on_cancel(self))
         self.timeout_call: IDelayedCall | None = None
@@ -78,6 +93,7 @@ class UpstreamPool:
         self._again = False
         self._listeners: list[Callable[[str, Upstream | None], None]] = []
         self._removals: dict[str, list[Deferred[Upstream | None]]] = {}
+        self._recheck: IDelayedCall | None = None
 
     # -- membership -------------------------------------------------------
 
@@ -116,6 +132,7 @@ class UpstreamPool:
             self.log.info(
                 "upstream {name} ({url}) removed", name=upstream.name, url=upstream.url
             )
+            self.chooser.forget(upstream)
             self.notify("removed", upstream)
         for waiting in self._removals.pop(upstream_id, []):
             waiting.callback(upstream)
@@ -133,7 +150,11 @@ class UpstreamPool:
         """
         if self.upstreams.get(upstream.id) is not upstream:
             return
-        upstream.record(observation, self.clock.seconds())
+        slots_before = upstream.slots_total
+        if upstream.record(observation, self.clock.seconds()) and not upstream.state.serving:
+            self.chooser.forget(upstream)  # restarting or gone: its prompt cache is not to be trusted
+        elif upstream.slots_total != slots_before and slots_before:
+            self.chooser.forget(upstream)  # a server with another slot count was restarted
         self.notify("changed", upstream)
         self.capacity_changed()
 
@@ -247,12 +268,13 @@ class UpstreamPool:
         self._choices += 1
         upstream.last_chosen = self._choices
 
-    def _try_lease(self, model: str | None, exclude: frozenset[str], waited: float) -> Lease | None:
-        upstream = self.chooser.choose(self.eligible(model, exclude), model)
+    def _try_lease(self, model: str | None, exclude: frozenset[str], waited: float, demand: Any) -> Lease | None:
+        upstream = self.chooser.choose(self.eligible(model, exclude), model, demand)
         if upstream is None:
             return None
         self._mark_chosen(upstream)
-        lease = Lease(self, upstream, upstream.take_lease(), waited)
+        lease = Lease(self, upstream, upstream.take_lease(), waited, demand)
+        self.chooser.dispatched(upstream, demand)
         self.notify("changed", upstream)
         return lease
 
@@ -265,16 +287,19 @@ class UpstreamPool:
         self._mark_chosen(upstream)
         return upstream
 
-    def acquire(self, model: str | None = None, exclude: Iterable[str] = ()) -> Deferred[Lease]:
+    def acquire(
+        self, model: str | None = None, exclude: Iterable[str] = (), demand: Any = None
+    ) -> Deferred[Lease]:
         """
         A lease on a free slot, now or when one frees up. Fails with
-        L{NoUpstreamAvailable} when buffering is off, L{BufferFull} when the
+        L{BufferingDisabled} when buffering is off, L{BufferFull} when the
         buffer is full, L{BufferTimeout} when the wait runs out. Cancelling the
         Deferred (the client left) takes the request out of the buffer.
+        C{demand} is what the policy's C{prepare} made of the request.
         """
         excluded = frozenset(exclude)
         if not self._waiters:
-            lease = self._try_lease(model, excluded, 0.0)
+            lease = self._try_lease(model, excluded, 0.0, demand)
             if lease is not None:
                 return succeed(lease)
         if self.max_buffered == 0:
@@ -286,7 +311,7 @@ class UpstreamPool:
                     headers={b"retry-after": b"1"},
                 )
             )
-        waiter = _Waiter(model, excluded, self.clock.seconds(), self._leave)
+        waiter = _Waiter(model, excluded, demand, self.clock.seconds(), self._leave)
         waiter.timeout_call = self.clock.callLater(self.buffer_timeout, self._expire, waiter)
         self._waiters.append(waiter)
         self.notify("changed")
@@ -311,7 +336,11 @@ class UpstreamPool:
         )
 
     def capacity_changed(self) -> None:
-        """Hand free slots to waiters, oldest first, now."""
+        """
+        Hand free slots to waiters, oldest first, now. A waiter the policy
+        holds back for a busy upstream (C{demand.recheck_at}) lets the ones
+        behind it take free slots meanwhile, and is asked again at that time.
+        """
         if self._handing_out:
             self._again = True
             return
@@ -324,7 +353,10 @@ class UpstreamPool:
                     if waiter not in self._waiters:
                         continue
                     lease = self._try_lease(
-                        waiter.model, waiter.exclude, self.clock.seconds() - waiter.enqueued_at
+                        waiter.model,
+                        waiter.exclude,
+                        self.clock.seconds() - waiter.enqueued_at,
+                        waiter.demand,
                     )
                     if lease is None:
                         continue
@@ -332,6 +364,27 @@ class UpstreamPool:
                     waiter.deferred.callback(lease)
         finally:
             self._handing_out = False
+        self._schedule_recheck()
+
+    def _schedule_recheck(self) -> None:
+        due = [
+            w.demand.recheck_at
+            for w in self._waiters
+            if w.demand is not None and getattr(w.demand, "recheck_at", None) is not None
+        ]
+        when = min(due) if due else None
+        current = self._recheck
+        if current is not None and current.active():
+            if when is not None and current.getTime() <= when:
+                return
+            current.cancel()
+        self._recheck = None
+        if when is not None:
+            self._recheck = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._rechecked)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self.capacity_changed()
 
     # -- figures ----------------------------------------------------------
 
@@ -379,6 +432,9 @@ class UpstreamPool:
 
     def stop(self) -> None:
         """Fail every waiter (the balancer is stopping)."""
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        self._recheck = None
         while self._waiters:
             waiter = self._waiters[0]
             self._leave(waiter)

@@ -32,6 +32,11 @@ class UpstreamState(enum.Enum):
     LOADING = "loading"
     UNREACHABLE = "unreachable"
 
+    @property
+    def serving(self) -> bool:
+        """Whether an upstream in this state may take requests (unless it is draining)."""
+        return self is UpstreamState.HEALTHY
+
 
 class Event(enum.Enum):
     """What an observation says about an upstream's health."""
@@ -189,6 +194,9 @@ class Upstream:
         self.state_since = self.added_at
         self._next_lease = 0
         self._leases: set[int] = set()
+        # Leases whose client left while llama.cpp goes on with the request
+        # (non-streaming), with the mark from which a probe sees that for itself.
+        self._ghosts: dict[int, int] = {}
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} {self.url} {self.state.value}>"
@@ -197,12 +205,17 @@ class Upstream:
 
     @property
     def in_flight(self) -> int:
-        """Requests this balancer has sent and not yet finished."""
+        """Requests this balancer has sent and not yet finished (their clients still there)."""
+        return len(self._leases) - len(self._ghosts)
+
+    @property
+    def slots_held(self) -> int:
+        """Slots our requests hold, counting those still running for a client that left."""
         return len(self._leases)
 
     @property
     def slots_processing(self) -> int:
-        return min(self.slots_total, self.external_processing + self.in_flight)
+        return min(self.slots_total, self.external_processing + len(self._leases))
 
     @property
     def slots_idle(self) -> int:
@@ -223,6 +236,22 @@ class Upstream:
         """Count the request with lease number C{lease} as finished (once)."""
         self._leases.remove(lease)
 
+    def ghost_lease(self, lease: int) -> None:
+        """
+        The client of lease C{lease} left, but llama.cpp goes on with the
+        request (it does not stop a non-streaming one): keep its slot counted
+        as busy until a probe sent from now on reads the server's own figure.
+        """
+        self._next_lease += 1
+        self._ghosts[lease] = self._next_lease
+
+    def _settle_ghosts(self, mark: int | None) -> None:
+        """Return the ghost leases a reading taken at C{mark} accounts for (all with C{None})."""
+        for lease, seen_from in list(self._ghosts.items()):
+            if mark is None or seen_from <= mark:
+                del self._ghosts[lease]
+                self._leases.discard(lease)
+
     def probe_mark(self) -> int:
         """Taken when a probe is sent: leases numbered below it predate the probe."""
         return self._next_lease
@@ -234,8 +263,10 @@ class Upstream:
         """
         self.slots_total = max(0, int(total))
         if processing is None:
+            self._settle_ghosts(None)  # the server does not say: count only what we know
             self.external_processing = 0
             return
+        self._settle_ghosts(mark)
         ours_at_probe = sum(1 for lease in self._leases if lease < mark)
         self.external_processing = max(0, int(processing) - ours_at_probe)
 
@@ -289,6 +320,8 @@ class Upstream:
             self.last_error = observation.reason
             enough = self.consecutive_failures >= observation.unreachable_after
             event = Event.UNREACHABLE if enough else Event.FAILING
+            if enough:
+                self._settle_ghosts(None)  # nothing runs for us on a server we cannot reach
         if observation.source == "agent":
             self.last_report_at = now
         elif observation.source == "probe" and not isinstance(observation, FailureSeen):

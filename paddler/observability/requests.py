@@ -23,6 +23,14 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+#: Why requests were not served, by kind: the labels of the refused / timed-out / cancelled counters.
+OUTCOMES: dict[str, tuple[str, ...]] = {
+    "refused": ("buffer_full", "buffering_disabled", "no_upstream", "shutting_down"),
+    "timed_out": ("buffer", "upstream_headers", "upstream_idle"),
+    "cancelled": ("buffered", "upstream"),
+}
+
+
 class RequestStats:
     """
     What the proxy saw: totals since start (by status class, per upstream) and
@@ -37,6 +45,9 @@ class RequestStats:
         self.window = window
         self.requests_total = 0
         self.by_status: dict[str, int] = {}
+        self.outcomes: dict[str, dict[str, int]] = {
+            kind: dict.fromkeys(reasons, 0) for kind, reasons in OUTCOMES.items()
+        }
         self._samples: deque[tuple[float, float | None, float]] = deque(maxlen=max_samples)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
@@ -52,12 +63,21 @@ class RequestStats:
         ttfb: float | None = None,
         upstream: Any = None,
         path: str = "",
+        outcome: tuple[str, str] | None = None,
     ) -> None:
-        """Count one finished request (C{status} 0 means the client left)."""
+        """
+        Count one finished request (C{status} 0 means the client left).
+        C{outcome} says why one was not served: C{("refused", "buffer_full")},
+        C{("timed_out", "buffer")}, C{("cancelled", "upstream")}... (L{OUTCOMES}).
+        """
         now = self._clock.seconds()
         self.requests_total += 1
         key = status_class(status) if status else "cancelled"
         self.by_status[key] = self.by_status.get(key, 0) + 1
+        if outcome is not None:
+            kind, reason = outcome
+            counts = self.outcomes[kind]
+            counts[reason] = counts.get(reason, 0) + 1
         self._samples.append((now, ttfb, duration))
         if upstream is not None and status:  # a client leaving is nobody's failure
             if 200 <= status < 500:
@@ -70,6 +90,7 @@ class RequestStats:
             "ttfb": ttfb,
             "upstream": None if upstream is None else upstream.name,
             "path": path,
+            "outcome": outcome,
         }
         for listener in list(self._listeners):
             try:

@@ -253,6 +253,7 @@ class StatsDService(Service):
         self.interval = interval
         self._counters: dict[str, int] = {}
         self._timers: deque[tuple[str, float]] = deque(maxlen=MAX_TIMERS_PER_INTERVAL)
+        self._reported_upstreams: set[str] = set()
         self._loop = LoopingCall(self._report)
         self._loop.clock = clock
         self._unsubscribe: Callable[[], None] | None = None
@@ -283,8 +284,12 @@ class StatsDService(Service):
         status = record["status"]
         status_class = f"{status // 100}xx" if status else "cancelled"
         error = status >= 500
-        self._count("requests")
+        self._count("requests.total")
         self._count("requests." + status_class)
+        outcome = record.get("outcome")
+        if outcome is not None:
+            kind, reason = outcome
+            self._count(f"requests.{kind}.{graphite_name(reason)}")
         if error:
             self._count("errors")
         if record.get("upstream"):
@@ -310,16 +315,30 @@ class StatsDService(Service):
         client.gauge("slots_processing", totals["slots_processing"])
         client.gauge("slots_total", totals["slots_total"])
         client.gauge("requests_buffered", totals["requests_buffered"])
+        client.gauge("buffer_capacity", self.pool.max_buffered)
         client.gauge("requests_in_flight", totals["requests_in_flight"])
         client.gauge("upstreams_healthy", totals["upstreams"]["healthy"])
         client.gauge("upstreams_total", totals["upstreams"]["total"])
+        reported = set()
         for upstream in sorted(self.pool.upstreams.values(), key=lambda u: (u.name, u.url)):
             name = "upstream." + graphite_name(upstream.name)
+            reported.add(name)
             client.gauge(name + ".slots_idle", upstream.slots_idle)
             client.gauge(name + ".slots_processing", upstream.slots_processing)
             client.gauge(name + ".slots_total", upstream.slots_total)
             client.gauge(name + ".requests_in_flight", upstream.in_flight)
             client.gauge(name + ".healthy", 1 if upstream.accepts_requests else 0)
+            routing = self.pool.chooser.describe(upstream)
+            if routing:
+                client.gauge(name + ".prompt_tokens_per_second", routing["prompt_tokens_per_second"])
+                client.gauge(name + ".generation_tokens_per_second", routing["generation_tokens_per_second"])
+                client.gauge(name + ".prefix_hits", routing["prefix_hits"])
+                client.gauge(name + ".prompt_tokens_saved", routing["tokens_saved"])
+        # An upstream that left: its gauges go to zero once, instead of staying at their last value in Graphite.
+        for name in sorted(self._reported_upstreams - reported):
+            for gauge in ("slots_idle", "slots_processing", "slots_total", "requests_in_flight", "healthy"):
+                client.gauge(f"{name}.{gauge}", 0)
+        self._reported_upstreams = reported
         counters, self._counters = self._counters, {}
         for counter, count in sorted(counters.items()):
             client.increment(counter, count)
