@@ -166,6 +166,33 @@ class BalancerConfig:
         "Seconds running requests may take to finish when the balancer stops (SIGTERM).",
         seconds(zero_allowed=True),
     )
+    header_timeout: float = setting(
+        10.0,
+        "Seconds a client may take to send a request's line and headers, from its first byte "
+        "(slower: 408 and closed).",
+        seconds(),
+    )
+    min_request_body_rate: int = setting(
+        8192,
+        "Bytes per second a request body must average once its headers are in, after "
+        "--header-timeout seconds of grace (slower: 408 and closed).",
+        count(1, 1 << 30),
+    )
+    client_idle_timeout: float = setting(
+        120.0, "Seconds a client connection may stay idle between requests.", seconds()
+    )
+    max_connections: int = setting(
+        1024,
+        "Open client connections per listener (proxy, management); more are answered 503 and "
+        "closed. Lowered at start to what the open-files limit allows.",
+        count(1, 1_000_000),
+    )
+    max_request_bodies_memory: int = setting(
+        256 * 1024 * 1024,
+        "Bytes all request bodies held at once may take; a body that would pass it is "
+        "answered 503 before it is read. At least --max-request-body.",
+        count(1, 1 << 40),
+    )
     simulated_fleet: int = setting(
         0, "Start N simulated llama.cpp servers in-process as upstreams (demo).", count(0, 64)
     )
@@ -237,7 +264,62 @@ def build_config(
             if spec.name in names:
                 raise ConfigError(f"upstream name {spec.name!r} is given twice")
             names.add(spec.name)
-    return BalancerConfig(upstreams=list(upstreams), **values)
+    config = BalancerConfig(upstreams=list(upstreams), **values)
+    if config.max_request_bodies_memory < config.max_request_body:
+        raise ConfigError(
+            f"--max-request-bodies-memory ({config.max_request_bodies_memory}) must be at least "
+            f"--max-request-body ({config.max_request_body})"
+        )
+    for spec in config.upstreams:
+        for flag, endpoint in (("--listen", config.listen), ("--management-listen", config.management_listen)):
+            if url_reaches_endpoint(spec.url, endpoint):
+                raise ConfigError(
+                    f"upstream {spec.url} is this balancer's own {flag} address ({endpoint}), "
+                    "not a llama.cpp server"
+                )
+    return config
+
+
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+
+
+def url_reaches_endpoint(url: str, endpoint: str) -> bool:
+    """
+    Whether the upstream C{url} (normalised) is the TCP server endpoint
+    C{endpoint} of this host: same port, and the endpoint's interface is the
+    URL's host, or a loopback or wildcard interface reached at a loopback
+    name. Other hosts and names cannot be told apart without connecting
+    (the probes check the answer's C{X-Paddler-Instance} for those).
+    """
+    from urllib.parse import urlsplit
+
+    from paddler.web.listeners import _endpoint_fields
+
+    fields = _endpoint_fields(endpoint.strip())
+    if fields[0].lower() not in ("tcp", "tcp6") or len(fields) < 2:
+        return False
+    port_text = fields[1]
+    if port_text.startswith("port="):
+        port_text = port_text[len("port="):]
+    interface = ""
+    for part in fields[2:]:
+        if part.startswith("interface="):
+            interface = part[len("interface="):].strip("[]").lower()
+    try:
+        port = int(port_text)
+        parts = urlsplit(url)
+        url_port = parts.port
+    except ValueError:
+        return False
+    if port == 0 or url_port != port:
+        return False
+    host = (parts.hostname or "").lower()
+    shown = f"[{host}]" if ":" in host else host
+    if interface in ("", "0.0.0.0", "::"):
+        return shown in _LOOPBACK_NAMES
+    if interface == host:
+        return True
+    return shown in _LOOPBACK_NAMES and (interface in ("127.0.0.1", "::1", "localhost"))
 
 
 # -- paddler agent ------------------------------------------------------------

@@ -70,6 +70,19 @@ class Conflict(PaddlerHTTPError):
     error_type = "conflict_error"
 
 
+class RequestTimeout(PaddlerHTTPError):
+    """A client too slow to send its request (--header-timeout, --min-request-body-rate).
+    C{reason} labels it in the timed-out counters."""
+
+    status = 408
+    error_type = "timeout_error"
+    reason = "client_head"
+
+
+class BodyTimeout(RequestTimeout):
+    reason = "client_body"
+
+
 class RequestTooLarge(PaddlerHTTPError):
     status = 413
     error_type = "invalid_request_error"
@@ -83,6 +96,18 @@ class URITooLong(PaddlerHTTPError):
 class HeadersTooLarge(PaddlerHTTPError):
     status = 431
     error_type = "invalid_request_error"
+
+
+class VersionNotSupported(PaddlerHTTPError):
+    status = 505
+    error_type = "invalid_request_error"
+
+
+class LoopDetected(PaddlerHTTPError):
+    """A request came back to the balancer that forwarded it (it is its own upstream)."""
+
+    status = 508
+    error_type = "server_error"
 
 
 class InternalError(PaddlerHTTPError):
@@ -117,6 +142,18 @@ class BufferFull(NoUpstreamAvailable):
 
 class ShuttingDown(NoUpstreamAvailable):
     reason = "shutting_down"
+
+
+class TooManyConnections(NoUpstreamAvailable):
+    """A listener has --max-connections open connections: the new one is answered and closed."""
+
+    reason = "connection_limit"
+
+
+class BodyMemoryFull(NoUpstreamAvailable):
+    """Taking this body would pass --max-request-bodies-memory."""
+
+    reason = "body_memory"
 
 
 class UpstreamTimeout(PaddlerHTTPError):
@@ -155,3 +192,12 @@ def error_body(status: int, message: str, error_type: str, **extra: Any) -> byte
 def error_response(request: Any, error: PaddlerHTTPError) -> bytes:
     """Answer C{request} with C{error}: its status, headers and JSON body."""
     return json_response(request, error.status, error.body(), error.headers)
+
+
+def outcome_of(error: PaddlerHTTPError) -> tuple[str, str] | None:
+    """How an error is counted (L{paddler.observability.requests.OUTCOMES}): refused, timed out, or neither."""
+    if isinstance(error, NoUpstreamAvailable):
+        return ("refused", error.reason)
+    if isinstance(error, (UpstreamTimeout, RequestTimeout)):
+        return ("timed_out", error.reason)
+    return None

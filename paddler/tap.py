@@ -181,6 +181,7 @@ def makeService(options: Any) -> IService:
     from twisted.internet import reactor
 
     sub = options.subOptions
+    _raise_open_files_limit()
     if options.subCommand == "simulate":
         from paddler.simulator.service import makeSimulatorService
 
@@ -188,6 +189,24 @@ def makeService(options: Any) -> IService:
     if options.subCommand == "balancer":
         return makeBalancerService(sub.config, reactor, sub.reload_config)
     return makeAgentService(sub.config, reactor)
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each client connection takes a descriptor); log it."""
+    from twisted.logger import Logger
+
+    from paddler.web.descriptors import raise_open_files_limit
+
+    before, after = raise_open_files_limit()
+    log = Logger(namespace="paddler")
+    if before == after:
+        log.info("open files limit (RLIMIT_NOFILE): {limit}", limit="unlimited" if after is None else after)
+    else:
+        log.info(
+            "open files limit (RLIMIT_NOFILE): raised from {before} to {after} (the hard limit)",
+            before=before,
+            after="unlimited" if after is None else after,
+        )
 
 
 def makeAgentService(config: AgentConfig, reactor: Any) -> AgentProcess:
@@ -223,8 +242,8 @@ def makeBalancerService(
     rides on them). C{reload_config} reads the configuration again for a
     reload (SIGHUP); without it the balancer has nothing to reload.
     """
+    from twisted.logger import Logger
     from twisted.web.client import Agent
-    from twisted.web.server import Site
     from treq.client import HTTPClient
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
@@ -243,7 +262,12 @@ def makeBalancerService(
     from paddler.routing.policies import CHOOSERS
     from paddler.web.clients import ConnectionPoolService, connection_pool
     from paddler.web.endpoints import CachingEndpointFactory
-    from paddler.web.listeners import ListeningService, QuietSite
+    from paddler.errors import PaddlerHTTPError, outcome_of
+    from paddler.web.channel import GuardedSite
+    from paddler.web.descriptors import limits_for, open_files_limit
+    from paddler.web.instance import new_instance_id
+    from paddler.web.listeners import ListeningService
+    from paddler.web.memory import BodyMemory
     from paddler.web.request import bounded_request_factory
     from paddler.web.router import PrefixRouter
 
@@ -270,6 +294,8 @@ def makeBalancerService(
         stats,
     )
     top = BalancerService(config, reactor, pool, stats, proxy, shutdown_timeout=config.shutdown_timeout)
+    top.instance_id = new_instance_id()  # in every answer: the balancer knows itself (paddler.web.instance)
+    top.body_memory = BodyMemory(config.max_request_bodies_memory)
 
     static = StaticUpstreamsService(pool, config.upstreams, reactor)
     static.setServiceParent(top)
@@ -299,26 +325,49 @@ def makeBalancerService(
         unhealthy_after=config.unhealthy_after,
         mode=config.probe_mode,
         api_key=config.llamacpp_api_key,
+        instance_id=top.instance_id,
     )
     top.probes = ProbeService(pool, prober, reactor, interval=config.probe_interval)
     top.probes.setServiceParent(top)
 
-    # A client connection idle between requests (or slow to send one) is
-    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
-    site = (Site if config.access_log else QuietSite)(
+    # Slow clients: a deadline for each request's head, a rate for its body,
+    # an idle timeout between requests, a cap on open connections per
+    # listener that fits the open-files limit, and one budget of memory for
+    # every request body held at once (see paddler.web.channel).
+    limits = limits_for(config, open_files_limit())
+    if limits.max_connections < config.max_connections:
+        Logger(namespace="paddler").warn(
+            "--max-connections {wanted} lowered to {cap}: the process may open {files} files "
+            "(RLIMIT_NOFILE); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) for more",
+            wanted=config.max_connections,
+            cap=limits.max_connections,
+            files=open_files_limit(),
+        )
+
+    def answered_early(error: PaddlerHTTPError) -> None:
+        stats.record(error.status, 0.0, outcome=outcome_of(error))
+
+    site = GuardedSite(
         proxy,
-        requestFactory=bounded_request_factory(config.max_request_body),
-        timeout=CLIENT_IDLE_TIMEOUT,
-        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
+        limits,
+        reactor,
+        "paddler balancer proxy",
+        request_factory=bounded_request_factory(
+            config.max_request_body, top.body_memory, top.instance_id, loop_guard=True
+        ),
+        instance_id=top.instance_id,
+        access_log=config.access_log,
+        on_answered=answered_early,
     )
-    site.displayTracebacks = False
-    site.noisy = False
+    top.sites = [site]
     top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
     top.proxy_listener.setServiceParent(top)
 
     top.registry = AgentRegistry(pool, reactor, expiry=config.agent_expiry)
     top.registry.setServiceParent(top)
-    management = ManagementAPI(pool, top.registry, reactor, probes=top.probes, token=config.management_token)
+    management = ManagementAPI(
+        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls
+    )
 
     history = StateHistory()
 
@@ -341,21 +390,24 @@ def makeBalancerService(
         ).setServiceParent(top)
 
     # Bodies are stored before any handler (or token check) runs: keep at most MAX_BODY.
-    management_site = QuietSite(
+    management_site = GuardedSite(
         PrefixRouter(
             [(b"/api/v1/state", observability), (b"/dashboard", observability), (b"/metrics", observability)],
             management.app.resource(),
         ),
-        requestFactory=bounded_request_factory(MAX_BODY),
-        timeout=CLIENT_IDLE_TIMEOUT,
-        parsePOSTFormSubmission=False,
+        limits,
+        reactor,
+        "paddler management",
+        request_factory=bounded_request_factory(MAX_BODY, top.body_memory, top.instance_id),
+        instance_id=top.instance_id,
     )
+    top.sites.append(management_site)
     top.management_listener = ListeningService(
         reactor, config.management_listen, management_site, "paddler management"
     )
     top.management_listener.setServiceParent(top)
     if reload_config is not None:
-        top.reloader = Reloader(top, reload_config, prober).reload
+        top.reloader = Reloader(top, reload_config, prober, open_files=open_files_limit).reload
     top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
     return top
 
@@ -367,8 +419,8 @@ def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None
     signal.signal(signum, lambda *_: reactor.callFromThread(handler))
 
 
-#: Seconds a client connection may stay idle between requests.
-CLIENT_IDLE_TIMEOUT = 120.0
+#: The default of --client-idle-timeout: seconds a client connection may stay idle between requests.
+CLIENT_IDLE_TIMEOUT = BalancerConfig.client_idle_timeout
 
 
 def run(options: Any, stderr: Any) -> int:

@@ -2,7 +2,8 @@
 
 Applied at once: the static upstreams (new ones added; removed ones drained
 and removed once idle), the policy, buffer limits, retries, timeouts, probe
-settings, the upstream API key, the agents' expiry. Listeners, the
+settings, the upstream API key, the agents' expiry, the client limits
+(head deadline, body rate, idle timeout, connection cap, body memory). Listeners, the
 management token, StatsD and the dashboard need a restart: a change to them
 is logged as such and not applied. A configuration that no longer parses
 changes nothing (the error is logged).
@@ -40,15 +41,26 @@ NEEDS_RESTART = (
 )
 
 
+#: Settings of the listeners' client limits (applied to connections from their next request on).
+CLIENT_LIMITS = ("header_timeout", "min_request_body_rate", "client_idle_timeout", "max_connections")
+
+
 class Reloader:
     """Reads the configuration again and applies the difference to a running L{BalancerService}."""
 
     log = Logger()
 
-    def __init__(self, service: BalancerService, read: Callable[[], BalancerConfig], prober: Any) -> None:
+    def __init__(
+        self,
+        service: BalancerService,
+        read: Callable[[], BalancerConfig],
+        prober: Any,
+        open_files: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.service = service
         self.read = read
         self.prober = prober
+        self.open_files = open_files
 
     def reload(self) -> list[str]:
         """Apply the configuration as it reads now; return the changes (each logged)."""
@@ -98,6 +110,15 @@ class Reloader:
             self.prober.mode = new.probe_mode
         elif name == "unhealthy_after":
             self.prober.unhealthy_after = new.unhealthy_after
+        elif name in CLIENT_LIMITS:
+            from paddler.web.descriptors import limits_for
+
+            limits = limits_for(new, self.open_files())
+            for site in service.sites:
+                site.limits = limits
+                site.timeOut = limits.idle_timeout
+        elif name == "max_request_bodies_memory" and service.body_memory is not None:
+            service.body_memory.limit = new.max_request_bodies_memory
         if name == "llamacpp_api_key":
             self.prober.api_key = new.llamacpp_api_key
         service.proxy.config = ProxyConfig.from_balancer(new)

@@ -62,6 +62,19 @@ class BalancerService(MultiService):
         self.reloader: Callable[[], list[str]] | None = None
         self.on_signal: Callable[[int, Callable[[], object]], None] | None = None
         self.stopping = False
+        self.instance_id: str | None = None
+        self.body_memory: Any = None
+        self.sites: list[Any] = []
+
+    def own_urls(self) -> set[str]:
+        """The URLs this balancer's listeners answer at on this host (an upstream there would be itself)."""
+        from paddler.web.listeners import urls_of
+
+        urls: set[str] = set()
+        for listener in (self.proxy_listener, self.management_listener):
+            if listener is not None and listener.address is not None:
+                urls |= urls_of(listener.address)
+        return urls
 
     def startService(self) -> None:
         super().startService()

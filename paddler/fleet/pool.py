@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -13,6 +14,21 @@ from twisted.logger import Logger
 from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
 from paddler.interfaces import ISlotChooser
 from paddler.fleet.upstream import Observation, Upstream
+from paddler.routing.speed import DecayingRate
+
+#: The longest Retry-After the balancer advises, in seconds.
+MAX_RETRY_AFTER = 300
+
+
+def _retry_after(wait: float) -> bytes:
+    """A C{Retry-After} value: C{wait} in whole seconds, from 1 to L{MAX_RETRY_AFTER}."""
+    return str(max(1, min(MAX_RETRY_AFTER, math.ceil(wait)))).encode("ascii")
+
+
+def _expected(wait: float | None) -> str:
+    if wait is None:
+        return "no slot was freed lately"
+    return f"a request buffered now would wait about {wait:.0f} s at the rate slots free"
 
 
 class Lease:
@@ -42,6 +58,7 @@ class Lease:
             self.upstream.ghost_lease(self.number)
         else:
             self.upstream.return_lease(self.number)
+            self.pool.slots_freed.event()
         self.pool.chooser.finished(self.upstream, self.demand, timings)
         self.pool.lease_returned(self.upstream)
 
@@ -94,6 +111,8 @@ class UpstreamPool:
         self._listeners: list[Callable[[str, Upstream | None], None]] = []
         self._removals: dict[str, list[Deferred[Upstream | None]]] = {}
         self._recheck: IDelayedCall | None = None
+        #: Slots our requests gave back, per second (decaying): how fast the buffer can drain.
+        self.slots_freed = DecayingRate(clock)
 
     # -- membership -------------------------------------------------------
 
@@ -305,10 +324,13 @@ class UpstreamPool:
         if self.max_buffered == 0:
             return fail(BufferingDisabled("no free slot on any upstream and buffering is disabled"))
         if len(self._waiters) >= self.max_buffered:
+            wait = self.expected_wait()
             return fail(
                 BufferFull(
-                    f"the request buffer is full ({self.max_buffered} requests waiting for a slot)",
-                    headers={b"retry-after": b"1"},
+                    f"the request buffer is full ({self.max_buffered} requests waiting for a slot); "
+                    + _expected(wait),
+                    # With no slot freed lately there is nothing to go by: 1 s.
+                    headers={b"retry-after": _retry_after(1.0 if wait is None else wait)},
                 )
             )
         waiter = _Waiter(model, excluded, demand, self.clock.seconds(), self._leave)
@@ -328,12 +350,32 @@ class UpstreamPool:
     def _expire(self, waiter: _Waiter) -> None:
         waiter.timeout_call = None
         self._leave(waiter)
+        wait = self.expected_wait()
+        # A retry joins the back of the buffer: useful only if it can get a
+        # slot before it times out in turn (the OpenAI SDKs read x-should-retry).
+        useful = wait is not None and wait < self.buffer_timeout
+        headers = {b"x-should-retry": b"true" if useful else b"false"}
+        if wait is not None and useful:
+            headers[b"retry-after"] = _retry_after(wait)
         waiter.deferred.errback(
             BufferTimeout(
-                f"no slot became free within {self.buffer_timeout:g} s "
-                "(--buffered-request-timeout)"
+                f"no slot became free within {self.buffer_timeout:g} s (--buffered-request-timeout); "
+                + _expected(wait)
+                + ("" if useful else "; retrying now would most likely time out again"),
+                headers=headers,
             )
         )
+
+    def expected_wait(self) -> float | None:
+        """
+        Seconds until a request buffered now would get a slot: the requests
+        ahead of it, plus one, over the rate at which slots free (decaying
+        over about a minute); C{None} when no slot was freed lately.
+        """
+        rate = self.slots_freed.rate()
+        if rate <= 1e-6:
+            return None
+        return (len(self._waiters) + 1) / rate
 
     def capacity_changed(self) -> None:
         """

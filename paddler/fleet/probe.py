@@ -32,6 +32,7 @@ from paddler.interfaces import IUpstreamProber
 from paddler.llamacpp.errors import Loading
 from paddler.llamacpp.slots import SlotReading, http_getter, read_slots
 from paddler.web.failures import describe_failure
+from paddler.web.instance import THIS_BALANCER, ThisBalancer
 
 
 @implementer(IUpstreamProber)
@@ -49,8 +50,10 @@ class HTTPProber:
         unhealthy_after: int = 2,
         mode: str = "slots",
         api_key: str | None = None,
+        instance_id: str | None = None,
     ) -> None:
         self._http = http_client
+        self.instance_id = instance_id
         self._clock = clock
         self._pool = pool
         self.timeout = timeout
@@ -66,7 +69,7 @@ class HTTPProber:
         )
 
     async def _probe(self, upstream: Upstream) -> SlotReading:
-        get = http_getter(self._http, upstream.url, upstream.api_key or self.api_key)
+        get = http_getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
         return await read_slots(
             get,
             method=upstream.probe_method,
@@ -98,6 +101,15 @@ class HTTPProber:
             return  # the probe service stopped it (upstream removed, balancer stopping)
         if failure.check(Loading):
             self._pool.observe(upstream, LoadingSeen())
+            return
+        if failure.check(ThisBalancer):
+            if upstream.last_error != THIS_BALANCER:
+                self.log.warn(
+                    "upstream {name} ({url}) is this balancer itself: it takes no request",
+                    name=upstream.name,
+                    url=upstream.url,
+                )
+            self._pool.observe(upstream, FailureSeen(THIS_BALANCER, unreachable_after=1))
             return
         reason = describe_failure(failure, self.timeout)
         self._pool.observe(upstream, FailureSeen(reason, unreachable_after=self.unhealthy_after))

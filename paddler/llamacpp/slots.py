@@ -18,6 +18,7 @@ from typing import Any
 from paddler.llamacpp.errors import LOADING_MESSAGE, Loading, ProbeError, error_message
 from paddler.llamacpp.metrics import metric_value
 from paddler.web.body import read_body
+from paddler.web.instance import ThisBalancer, answered_by
 
 #: How the slots can be read (``--probe-mode``).
 PROBE_MODES = ("slots", "health")
@@ -42,13 +43,21 @@ def count_processing(slots: list[Any]) -> int:
 Getter = Callable[[str], Awaitable[tuple[int, bytes]]]
 
 
-def http_getter(http_client: Any, base_url: str, api_key: str | None = None) -> Getter:
-    """A L{Getter} for the llama.cpp server at C{base_url} (C{http_client} is a treq C{HTTPClient})."""
+def http_getter(
+    http_client: Any, base_url: str, api_key: str | None = None, own_instance: str | None = None
+) -> Getter:
+    """
+    A L{Getter} for the llama.cpp server at C{base_url} (C{http_client} is a
+    treq C{HTTPClient}). An answer that carries C{own_instance} as its
+    C{X-Paddler-Instance} came from the balancer itself: L{ThisBalancer}.
+    """
     headers = {b"authorization": [b"Bearer " + api_key.encode("utf-8")]} if api_key else {}
 
     async def get(path: str) -> tuple[int, bytes]:
         response = await http_client.get(base_url + path, headers=headers)
         body = await read_body(response)
+        if own_instance is not None and answered_by(response.headers) == own_instance:
+            raise ThisBalancer()
         if response.code == 503 and error_message(body) == LOADING_MESSAGE:
             raise Loading()
         return response.code, body

@@ -19,6 +19,7 @@ Routes (JSON in and out, documented in docs/management.md)::
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
@@ -26,7 +27,7 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from paddler.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, json_response
+from paddler.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, error_response, json_response
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.registry import AgentRegistry, RegistryConflict
 from paddler.fleet.upstream import Upstream, upstream_id
@@ -39,6 +40,7 @@ from paddler.management.validation import (
     string_field,
     url_field,
 )
+from paddler.web.instance import THIS_BALANCER
 from paddler.web.router import json_errors
 
 #: Seconds a registration waits for the new upstream's first probe.
@@ -64,6 +66,7 @@ class ManagementAPI:
         probes: Any = None,
         token: str | None = None,
         register_wait: float = REGISTER_WAIT,
+        own_urls: Callable[[], set[str]] | None = None,
     ) -> None:
         self.pool = pool
         self.registry = registry
@@ -71,6 +74,15 @@ class ManagementAPI:
         self.probes = probes
         self._token = token.encode("utf-8") if token else None
         self.register_wait = register_wait
+        self.own_urls = own_urls or set
+
+    def _not_this_balancer(self, url: str) -> None:
+        """Refuse C{url} when it is one of this balancer's own listeners."""
+        if url in self.own_urls():
+            raise BadRequest(
+                f"url {url} is this balancer itself (one of its listeners), not a llama.cpp server",
+                param="url",
+            )
 
     # -- plumbing ---------------------------------------------------------
 
@@ -146,6 +158,7 @@ class ManagementAPI:
         name = string_field(body, "name", required=True, max_length=MAX_NAME)
         api_key = string_field(body, "api_key", required=False)
         assert name is not None
+        self._not_this_balancer(url)
         existing = self.pool.upstreams.get(upstream_id(url))
         if existing is not None:
             if existing.source == "agent":
@@ -171,8 +184,20 @@ class ManagementAPI:
         probed: Deferred[None] = self.probes.probe_now(upstream)
         probed.addTimeout(self.register_wait, self.clock)
         probed.addErrback(lambda f: f.trap(DeferredTimeout))
-        probed.addCallback(lambda _: self._json(request, 201, self._describe(upstream)))
+        probed.addCallback(lambda _: self._registered(request, upstream))
         return probed
+
+    def _registered(self, request: Any, upstream: Upstream) -> bytes:
+        if upstream.last_error == THIS_BALANCER:  # its first probe was answered by this very balancer
+            self.pool.remove(upstream.id)
+            self.log.warn(
+                "refused to register {url}: it is this balancer itself", url=upstream.url
+            )
+            return error_response(
+                request,
+                BadRequest(f"url {upstream.url} is this balancer itself, not a llama.cpp server", param="url"),
+            )
+        return self._json(request, 201, self._describe(upstream))
 
     @app.route("/api/v1/upstreams/<path:key>", methods=["DELETE"])
     def delete(self, request: Any, key: str) -> bytes:
@@ -207,6 +232,7 @@ class ManagementAPI:
         self._authorize(request)
         checked_agent_id(agent_id)
         report = agent_report(json_object(request))
+        self._not_this_balancer(report.url)
         try:
             upstream = self.registry.report(agent_id, report)
         except RegistryConflict as e:

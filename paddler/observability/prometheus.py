@@ -39,7 +39,7 @@ UPSTREAM_COUNTER_LABELS = ["upstream", "url"]
 #: The labels of the counters of requests that were not served.
 OUTCOME_COUNTERS = {
     "refused": ("paddler_requests_refused", "reason", "Requests refused at once (503), by reason."),
-    "timed_out": ("paddler_requests_timed_out", "reason", "Requests that timed out (504), by what they waited for."),
+    "timed_out": ("paddler_requests_timed_out", "reason", "Requests that timed out (504; 408 for a client too slow to send one), by what they waited for."),
     "cancelled": ("paddler_requests_cancelled", "stage", "Requests whose client left, by where they were."),
 }
 

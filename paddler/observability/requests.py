@@ -25,8 +25,10 @@ def status_class(status: int) -> str:
 
 #: Why requests were not served, by kind: the labels of the refused / timed-out / cancelled counters.
 OUTCOMES: dict[str, tuple[str, ...]] = {
-    "refused": ("buffer_full", "buffering_disabled", "no_upstream", "shutting_down"),
-    "timed_out": ("buffer", "upstream_headers", "upstream_idle"),
+    "refused": (
+        "buffer_full", "buffering_disabled", "no_upstream", "shutting_down", "connection_limit", "body_memory",
+    ),
+    "timed_out": ("buffer", "upstream_headers", "upstream_idle", "client_head", "client_body"),
     "cancelled": ("buffered", "upstream"),
 }
 

@@ -149,3 +149,23 @@ def endpoint_is_local(description: str) -> bool:
         return ipaddress.ip_address(interface.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def urls_of(address: Any) -> set[str]:
+    """
+    The upstream URLs (as L{paddler.fleet.upstream.normalise_url} writes
+    them) that reach the bound TCP C{address} from this host: its own host,
+    and the loopback names when it is a loopback or wildcard address.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return set()
+    hosts = {f"[{host}]" if ":" in host else host}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None and (ip.is_loopback or ip.is_unspecified):
+        hosts |= {"localhost", "127.0.0.1", "[::1]"}
+    return {f"{scheme}://{h}:{port}" for h in hosts for scheme in ("http", "https")}

@@ -1,10 +1,24 @@
-"""The request class of every listener: a bounded body, a checked request target.
+"""The request class of every listener: a bounded body held in memory, a checked request target.
 
 Twisted stores a request's whole body before any resource runs, so the
-bound must hold there: C{BoundedRequest} keeps at most C{max_body} bytes
-and flags the rest (the resource answers 413). Its request target is checked
-(L{paddler.web.target}) before any resource sees it; a rejected one is
-answered here with a JSON error.
+bounds must hold there:
+
+- C{BoundedRequest} keeps at most C{max_body} bytes of body and flags the
+  rest (the resource answers 413); on a L{paddler.web.channel.GuardedChannel}
+  a body found too large part-way is answered 413 at once;
+- the bytes it holds are claimed from the process's
+  L{paddler.web.memory.BodyMemory} (C{memory}) and given back when the
+  request ends; a body that does not fit is answered 503;
+- the body is collected in memory, never in a temporary file (Twisted's
+  default above 100 kB, which costs a descriptor and disk writes for a body
+  the proxy reads back whole anyway).
+
+Its request target is checked (L{paddler.web.target}) before any resource
+sees it; a rejected one is answered here with a JSON error. With an
+C{instance_id}, every answer carries C{X-Paddler-Instance}; with
+C{loop_guard} too (the proxy port), the request gets the balancer's C{Via}
+entry, and one that already has it (the balancer is its own upstream) is
+answered 508.
 """
 
 from __future__ import annotations
@@ -15,7 +29,17 @@ from typing import Any
 from twisted.python.failure import Failure
 from twisted.web import server
 
-from paddler.errors import error_body, json_response
+from paddler.errors import (
+    BodyMemoryFull,
+    LoopDetected,
+    PaddlerHTTPError,
+    RequestTooLarge,
+    error_body,
+    error_response,
+    json_response,
+)
+from paddler.web.instance import INSTANCE_HEADER, came_through, via_token
+from paddler.web.memory import BodyMemory
 from paddler.web.target import TargetRejected, check_target
 
 #: The methods paddler answers (the C{Allow} header of a 405 to CONNECT).
@@ -26,6 +50,9 @@ class BoundedRequest(server.Request):
     """A request that keeps at most C{max_body} bytes of body and refuses targets that are not paths."""
 
     max_body = 10 * 1024 * 1024
+    memory: BodyMemory | None = None
+    instance_id: str | None = None
+    loop_guard = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -33,8 +60,66 @@ class BoundedRequest(server.Request):
         self.client_gone = False
         self.target_error: TargetRejected | None = None
         self._body_received = 0
+        self._claimed = 0
+        self._chunks: list[bytes] = []
+
+    # -- the body ---------------------------------------------------------
+
+    def claim_body(self, size: int) -> bool:
+        """Claim C{size} bytes of body memory for this request; C{False} when they are not there."""
+        if self.memory is None:
+            return True
+        if not self.memory.claim(size):
+            return False
+        self._claimed += size
+        return True
+
+    def release_body(self) -> None:
+        """Give this request's body memory back (once); drop what was collected of the body."""
+        if self._claimed and self.memory is not None:
+            self.memory.release(self._claimed)
+        self._claimed = 0
+        self._chunks = []
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+        self.content = BytesIO()  # replaced by the whole body in requestReceived
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.max_body:
+            self._refuse(RequestTooLarge(f"the request body is larger than {self.max_body} bytes"))
+            return
+        missing = self._body_received - self._claimed
+        if self.memory is not None and missing > 0 and not self.claim_body(missing):
+            self._refuse(
+                BodyMemoryFull(
+                    "the balancer holds as many request bodies as it may (--max-request-bodies-memory); "
+                    "retry shortly",
+                    headers={b"retry-after": b"1"},
+                )
+            )
+            return
+        self._chunks.append(data)
+
+    def _refuse(self, error: PaddlerHTTPError) -> None:
+        """The body cannot be kept: answer at once on a guarded channel, else flag it (413 later)."""
+        self.body_too_large = True
+        self.release_body()
+        refuse = getattr(self.channel, "refuse", None)
+        if refuse is not None:
+            refuse(error)
+
+    # -- the request ------------------------------------------------------
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        body = b"".join(self._chunks)
+        self._chunks = []
+        # Read back from position 0 in one piece, BytesIO hands out this very bytes object: no copy.
+        self.content = BytesIO(body)
         try:
             target = check_target(command, path, self.requestHeaders.getRawHeaders(b"host"), version)
         except TargetRejected as e:
@@ -47,7 +132,19 @@ class BoundedRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
+        if self.instance_id is not None:
+            self.responseHeaders.setRawHeaders(INSTANCE_HEADER, [self.instance_id.encode("ascii")])
         error = self.target_error
+        if error is None and self.loop_guard and self.instance_id is not None:
+            if came_through(self.instance_id, self.requestHeaders.getRawHeaders(b"via")):
+                self._answer(
+                    LoopDetected(
+                        "this request already went through this balancer: one of its upstreams is the "
+                        "balancer itself; remove that upstream"
+                    )
+                )
+                return
+            self.requestHeaders.addRawHeader(b"via", via_token(self.instance_id))
         if error is None:
             super().process()
             return
@@ -58,26 +155,38 @@ class BoundedRequest(server.Request):
         self.write(json_response(self, error.status, body))
         self.finish()
 
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
+    def _answer(self, error: PaddlerHTTPError) -> None:
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        on_answered = getattr(self.site, "answered_early", None)
+        if on_answered is not None:
+            on_answered(error)
+        self.write(error_response(self, error))
+        self.finish()
 
-    def handleContentChunk(self, data: bytes) -> None:
-        self._body_received += len(data)
-        if self._body_received > self.max_body:
-            if not self.body_too_large:
-                self.body_too_large = True
-                self.content = BytesIO()
-            return
-        super().handleContentChunk(data)
+    def finish(self) -> None:
+        super().finish()
+        self.release_body()
 
     def connectionLost(self, reason: Failure) -> None:
         self.client_gone = True
+        self.release_body()
         super().connectionLost(reason)
 
 
-def bounded_request_factory(max_body: int) -> type[BoundedRequest]:
-    """A L{BoundedRequest} class that keeps at most C{max_body} bytes of body."""
-    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
+def bounded_request_factory(
+    max_body: int,
+    memory: BodyMemory | None = None,
+    instance_id: str | None = None,
+    loop_guard: bool = False,
+) -> type[BoundedRequest]:
+    """
+    A L{BoundedRequest} class that keeps at most C{max_body} bytes of body,
+    claims them from C{memory}, marks its answers with C{instance_id} and,
+    with C{loop_guard}, refuses requests that already went through this
+    balancer.
+    """
+    return type(
+        "BoundedRequest",
+        (BoundedRequest,),
+        {"max_body": max_body, "memory": memory, "instance_id": instance_id, "loop_guard": loop_guard},
+    )

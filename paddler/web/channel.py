@@ -1,0 +1,494 @@
+"""The server side of every listener: an HTTP channel that slow or hostile clients cannot pin down.
+
+L{GuardedSite} (a Twisted C{Site}) builds a L{GuardedChannel} (an
+C{HTTPChannel}) per connection. On top of Twisted's parser the channel adds:
+
+- a B{head deadline}: the request line and headers must arrive within
+  C{header_timeout} seconds of the request's first byte. Twisted's idle
+  timer restarts on every byte, so a client trickling one byte a minute
+  (slowloris) would hold its connection for ever;
+- a B{body deadline}: once the head is in, the body must arrive at
+  C{min_body_rate} bytes per second on average, after C{header_timeout}
+  seconds of grace;
+- B{answers at once}, before the body is read: C{Content-Length} above the
+  body limit is 413 (no C{100 Continue} is sent for it), a body that would
+  pass the process's body memory (L{paddler.web.memory.BodyMemory}) is 503;
+- B{JSON answers to framing errors} Twisted would close with a bare 400 or
+  with nothing: a request line or header that does not parse (400), an
+  HTTP version other than 1.0/1.1 (505), a request line longer than
+  C{MAX_LENGTH} (414), headers larger than C{totalHeadersSize} or more than
+  C{maxHeaders} of them (431), line endings that are a bare LF (400: RFC
+  9112 lets a server refuse them, and Twisted would wait for a CRLF until
+  the idle timeout). These checks run in the public hooks of
+  C{LineReceiver} and C{HTTPChannel} (C{lineReceived}, C{headerReceived},
+  C{lineLengthExceeded}, C{allHeadersReceived}) before Twisted's own, so
+  Twisted's private C{_respondToBadRequestAndDisconnect} is left alone; the
+  one framing error answered the bare Twisted way is a malformed
+  I{chunked} body.
+
+Every early answer is written by L{GuardedChannel.refuse}: a complete
+HTTP/1.1 response with a JSON error body and C{Connection: close}, then a
+half-close, then at most C{linger} seconds of reading and discarding what
+the client still sends (closing with unread data would make the kernel
+reset the connection, and the client might lose the answer), then an abort.
+
+L{GuardedSite} also caps its open connections (C{max_connections}): a
+connection above the cap is answered 503 at once and closed, counted, and
+logged at most once a minute.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.server import Site
+
+from paddler.errors import (
+    BadRequest,
+    BodyMemoryFull,
+    BodyTimeout,
+    HeadersTooLarge,
+    PaddlerHTTPError,
+    RequestTimeout,
+    RequestTooLarge,
+    TooManyConnections,
+    URITooLong,
+    VersionNotSupported,
+)
+from paddler.web.instance import INSTANCE_HEADER
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_HEAD_END = b"\r\n\r\n"
+
+#: Connections above the cap being answered at once; past this many they are cut without an answer.
+MAX_LINGERING_REFUSALS = 64
+#: Seconds between two log lines about connections refused at the cap.
+CAP_LOG_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What a listener tolerates from its clients (see ``paddler balancer --help``)."""
+
+    header_timeout: float = 10.0
+    min_body_rate: float = 8192.0
+    idle_timeout: float = 120.0
+    max_connections: int = 1024
+    linger: float = 2.0
+
+
+def request_line_error(line: bytes) -> PaddlerHTTPError | None:
+    """Why C{line} is not a request line Twisted and paddler accept, or C{None}."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return BadRequest("the request line must be METHOD TARGET HTTP/1.1, separated by single spaces")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        return BadRequest("the request method must be a token (letters, digits and !#$%&'*+-.^_`|~)")
+    if not _TARGET.fullmatch(target):
+        return BadRequest("the request target must be visible ASCII characters (percent-encode the rest)")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if _VERSION.fullmatch(version):
+            return VersionNotSupported("only HTTP/1.1 and HTTP/1.0 are supported on this port")
+        return BadRequest("the request line must end with HTTP/1.1 or HTTP/1.0")
+    return None
+
+
+def early_response(error: PaddlerHTTPError, instance_id: str | None = None) -> bytes:
+    """A complete HTTP/1.1 response for C{error}: JSON body, C{Connection: close}."""
+    body = error.body()
+    phrase = RESPONSES.get(error.status, b"Error")
+    lines = [
+        b"HTTP/1.1 %d %s" % (error.status, phrase),
+        b"content-type: application/json; charset=utf-8",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+        b"cache-control: no-store",
+    ]
+    for name, value in error.headers.items():
+        if name.lower() not in (b"connection", b"content-length", b"content-type"):
+            lines.append(name + b": " + value)
+    if instance_id:
+        lines.append(INSTANCE_HEADER + b": " + instance_id.encode("ascii"))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _close_after_answer(transport: Any, call_later: Callable[..., IDelayedCall], linger: float) -> IDelayedCall | None:
+    """Half-close C{transport} (the answer goes out, then FIN) and abort it after C{linger} seconds."""
+    half_close = getattr(transport, "loseWriteConnection", None)
+    if half_close is None:  # TLS: no half-close
+        transport.loseConnection()
+        return None
+    half_close()
+    return call_later(linger, transport.abortConnection)
+
+
+class GuardedChannel(HTTPChannel):
+    """
+    An C{HTTPChannel} with a head deadline, a body rate, answers before the
+    body and JSON errors (see the module docstring). Its L{GuardedSite} holds
+    the limits.
+
+    Each request goes through the phases C{idle} (between requests),
+    C{head} (from its first byte to the end of its headers), C{body},
+    C{handling} (a resource has it); C{refused} once answered early.
+    """
+
+    site: GuardedSite
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "idle"
+        self.refused = False
+        self._deadline: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
+        self._tail = b""
+        self._head_size = 0
+        self._headers = 0
+        self._framing = 0
+        self._request_line_seen = False
+        self._empty_line_seen = False
+        self._body_started = 0.0
+        self._body_received = 0
+
+    # -- connection -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.connection_opened()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+        self.site.connection_closed()
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return  # answered already: the rest is read and dropped until the connection closes
+        if self.phase == "idle":
+            self._start_head()
+        if self.phase == "head" and self._bare_lf(data):
+            self.refuse(BadRequest("request lines must end with CRLF (\\r\\n), not a bare LF"))
+            return
+        super().dataReceived(data)
+
+    # -- head -------------------------------------------------------------
+
+    def _start_head(self) -> None:
+        self.phase = "head"
+        self._tail = b""
+        self._head_size = self._headers = self._framing = 0
+        self._request_line_seen = self._empty_line_seen = False
+        self._set_deadline(self.site.limits.header_timeout, self._head_timed_out)
+
+    def _bare_lf(self, data: bytes) -> bool:
+        """Whether the head (the part of it in C{data}) has an LF without its CR."""
+        seen = self._tail
+        combined = seen + data[: self.totalHeadersSize + len(_HEAD_END)]
+        end = combined.find(_HEAD_END)
+        stop = len(combined) if end < 0 else end + len(_HEAD_END)
+        if _BARE_LF.search(combined, len(seen), stop) is not None:
+            return True
+        self._tail = combined[-3:] if end < 0 else b""
+        return False
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.phase == "head":
+            timeout = self.site.limits.header_timeout
+            self.refuse(
+                RequestTimeout(f"the request line and headers did not arrive within {timeout:g} s (--header-timeout)")
+            )
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return
+        self._head_size += len(line) + 2
+        if self._head_size > self.totalHeadersSize:
+            self._too_long()
+            return
+        if not self._request_line_seen:
+            if not line and not self._empty_line_seen:
+                self._empty_line_seen = True  # one empty line before a request is allowed (RFC 9112 2.2)
+                super().lineReceived(line)
+                return
+            error = request_line_error(line)
+            if error is not None:
+                self.refuse(error)
+                return
+            self._request_line_seen = True
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if not self.refused:
+            self._too_long()
+
+    def _too_long(self) -> None:
+        if self._request_line_seen:
+            self.refuse(HeadersTooLarge(f"the request headers are larger than {self.totalHeadersSize} bytes"))
+        else:
+            self.refuse(URITooLong(f"the request line is longer than {self.MAX_LENGTH} bytes"))
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self.refused:
+            return False
+        error = self._header_error(line)
+        if error is not None:
+            self.refuse(error)
+            return False
+        return bool(super().headerReceived(line))
+
+    def _header_error(self, line: bytes) -> PaddlerHTTPError | None:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return BadRequest("a header line has no colon")
+        if not _TOKEN.fullmatch(name):
+            return BadRequest("a header name must be a token (no spaces before the colon)")
+        value = value.strip(b" \t")
+        if b"\x00" in value or b"\r" in value:
+            return BadRequest("a header value contains NUL or CR")
+        self._headers += 1
+        if self._headers > self.maxHeaders:
+            return HeadersTooLarge(f"the request has more than {self.maxHeaders} headers")
+        lower = name.lower()
+        if lower == b"content-length":
+            if not value.isdigit():
+                return BadRequest("Content-Length must be a whole number of bytes")
+            self._framing += 1
+        elif lower == b"transfer-encoding":
+            if value.lower() == b"identity":
+                return None
+            if value.lower() != b"chunked":
+                return BadRequest("the only Transfer-Encoding accepted is chunked")
+            self._framing += 1
+        if self._framing > 1:
+            return BadRequest("the request has more than one Content-Length or Transfer-Encoding header")
+        return None
+
+    def allHeadersReceived(self) -> None:
+        if self.refused:
+            return
+        request = self.requests[-1]
+        length = self.length
+        max_body = getattr(request, "max_body", None)
+        if length is not None and max_body is not None and length > max_body:
+            self.refuse(RequestTooLarge(f"the request body is larger than {max_body} bytes"))
+            return
+        claim = getattr(request, "claim_body", None)
+        if length and claim is not None and not claim(length):
+            self.refuse(
+                BodyMemoryFull(
+                    "the balancer holds as many request bodies as it may (--max-request-bodies-memory); "
+                    "retry shortly",
+                    headers={b"retry-after": b"1"},
+                )
+            )
+            return
+        self._cancel_deadline()
+        super().allHeadersReceived()
+        if length != 0:
+            self.phase = "body"
+            self._body_started = self.site.reactor.seconds()
+            self._body_received = 0
+            self._set_deadline(self._body_allowed(), self._check_body)
+
+    # -- body -------------------------------------------------------------
+
+    def _body_allowed(self) -> float:
+        """Seconds the body may take from the end of the head, for what has arrived or was announced."""
+        limits = self.site.limits
+        expected = max(self._body_received, self.length or 0)
+        return limits.header_timeout + expected / limits.min_body_rate
+
+    def _check_body(self) -> None:
+        self._deadline = None
+        if self.phase != "body":
+            return
+        left = self._body_allowed() - (self.site.reactor.seconds() - self._body_started)
+        if left > 0:
+            self._set_deadline(left, self._check_body)
+            return
+        self.refuse(
+            BodyTimeout(
+                f"the request body arrived slower than {self.site.limits.min_body_rate:g} bytes/s "
+                "(--min-request-body-rate)"
+            )
+        )
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.phase == "body":
+            self._body_received += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self.refused:
+            return  # a body refused part-way (too large, no memory): nothing is processed
+        self._cancel_deadline()
+        self.phase = "handling"
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self.phase = "idle"
+        super().requestDone(request)
+
+    # -- answering early --------------------------------------------------
+
+    def refuse(self, error: PaddlerHTTPError) -> None:
+        """Answer C{error} now, before any resource sees the request, and close the connection."""
+        if self.refused or self.transport is None:
+            return
+        self.refused = True
+        self.phase = "refused"
+        self._cancel_deadline()
+        self.setTimeout(None)
+        self.clearLineBuffer()
+        for request in self.requests:
+            release = getattr(request, "release_body", None)
+            if release is not None:
+                release()
+        self.transport.write(early_response(error, self.site.instance_id))
+        self.site.answered_early(error)
+        self._linger = _close_after_answer(self.transport, self.callLater, self.site.limits.linger)
+
+    def _set_deadline(self, delay: float, call: Callable[[], None]) -> None:
+        self._cancel_deadline()
+        self._deadline = self.callLater(delay, call)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+
+class OverCapacity(Protocol):
+    """A connection above the listener's cap: answered 503 at once, then closed."""
+
+    transport: Any
+
+    def __init__(self, site: GuardedSite) -> None:
+        self.site = site
+        self._linger: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        site = self.site
+        site.lingering_refusals += 1
+        if site.lingering_refusals > MAX_LINGERING_REFUSALS:
+            self.transport.abortConnection()  # a flood: no answer is worth a descriptor each
+            return
+        error = TooManyConnections(
+            f"{site.what} has {site.limits.max_connections} open connections (--max-connections); "
+            "retry shortly",
+            headers={b"retry-after": b"1"},
+        )
+        self.transport.write(early_response(error, site.instance_id))
+        self._linger = _close_after_answer(self.transport, site.reactor.callLater, site.limits.linger)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.site.lingering_refusals -= 1
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+
+class GuardedSite(Site):
+    """
+    A C{Site} whose connections are L{GuardedChannel}s, at most
+    C{limits.max_connections} of them open at once.
+
+    @param what: the listener's name in log lines and refusals.
+    @param on_answered: called with each error answered early (framing,
+        limits, deadlines, the connection cap), e.g. to count it.
+    @ivar connections_refused: connections refused at the cap since start.
+    """
+
+    protocol = GuardedChannel  # type: ignore[assignment]
+    noisy = False
+    displayTracebacks = False
+    logger = Logger()  # Site.log is the access log
+
+    def __init__(
+        self,
+        resource: Any,
+        limits: ClientLimits,
+        reactor: Any,
+        what: str = "paddler",
+        request_factory: Any = None,
+        instance_id: str | None = None,
+        access_log: bool = False,
+        on_answered: Callable[[PaddlerHTTPError], None] | None = None,
+    ) -> None:
+        super().__init__(
+            resource,
+            requestFactory=request_factory,
+            timeout=limits.idle_timeout,
+            reactor=reactor,
+            parsePOSTFormSubmission=False,  # bodies are relayed or parsed as JSON, never as forms
+        )
+        self.limits = limits
+        self.what = what
+        self.instance_id = instance_id
+        self.access_log = access_log
+        self.on_answered = on_answered
+        self.open_connections = 0
+        self.lingering_refusals = 0
+        self.connections_refused = 0
+        self._refused_unlogged = 0
+        self._cap_logged_at: float | None = None
+
+    def log(self, request: Any) -> None:  # type: ignore[override]
+        if self.access_log:
+            super().log(request)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.open_connections >= self.limits.max_connections:
+            self._refused_at_cap()
+            return OverCapacity(self)
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+
+    def answered_early(self, error: PaddlerHTTPError) -> None:
+        if self.on_answered is not None:
+            try:
+                self.on_answered(error)
+            except Exception:
+                self.logger.failure("{what}: counting an early answer failed", what=self.what)
+
+    def _refused_at_cap(self) -> None:
+        self.connections_refused += 1
+        self._refused_unlogged += 1
+        self.answered_early(TooManyConnections("connection cap"))
+        now = self.reactor.seconds()
+        if self._cap_logged_at is None or now - self._cap_logged_at >= CAP_LOG_INTERVAL:
+            self.logger.warn(
+                "{what}: {open} connections open, the cap (--max-connections); refused {refused} "
+                "connection(s) since the last such line",
+                what=self.what,
+                open=self.open_connections,
+                refused=self._refused_unlogged,
+            )
+            self._cap_logged_at = now
+            self._refused_unlogged = 0
