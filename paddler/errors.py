@@ -98,11 +98,6 @@ class HeadersTooLarge(PaddlerHTTPError):
     error_type = "invalid_request_error"
 
 
-class VersionNotSupported(PaddlerHTTPError):
-    status = 505
-    error_type = "invalid_request_error"
-
-
 class LoopDetected(PaddlerHTTPError):
     """A request came back to the balancer that forwarded it (it is its own upstream)."""
 

@@ -353,7 +353,7 @@ def makeBalancerService(
         reactor,
         "paddler balancer proxy",
         request_factory=bounded_request_factory(
-            config.max_request_body, top.body_memory, top.instance_id, loop_guard=True
+            config.max_request_body, top.body_memory, top.instance_id, loop_token=new_instance_id()
         ),
         instance_id=top.instance_id,
         access_log=config.access_log,

@@ -339,7 +339,7 @@ def test_a_client_that_leaves_mid_body_gives_its_memory_back():
         (b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "single spaces"),
         (b"G(T / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "method must be a token"),
         (b"GET /\xff HTTP/1.1\r\nHost: h\r\n\r\n", 400, "visible ASCII"),
-        (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505, "HTTP/1.1"),
+        (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 400, "only HTTP/1.1"),
         (b"GET / HTTQ/1.1\r\nHost: h\r\n\r\n", 400, "must end with HTTP/1.1"),
         (b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
         (b"GET / HTTP/1.1\r\nHost h\r\n\r\n", 400, "no colon"),

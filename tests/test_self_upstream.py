@@ -33,6 +33,7 @@ from .test_client_limits import Rig, Transport, responses
 from .test_request_target import RecordingAgent, exchange
 
 OWN = "0123456789abcdef"
+LOOP = "fedcba9876543210"
 
 
 class AnswersAs(Resource):
@@ -207,28 +208,42 @@ def loop_rig() -> tuple[Any, RecordingAgent]:
     proxy = ProxyResource(pool, agent, clock, ProxyConfig())
     site = GuardedSite(
         proxy, ClientLimits(), clock, "proxy",
-        request_factory=bounded_request_factory(1024, instance_id=OWN, loop_guard=True), instance_id=OWN,
+        request_factory=bounded_request_factory(1024, instance_id=OWN, loop_token=LOOP), instance_id=OWN,
     )
     return site, agent
 
 
 def test_forwarded_requests_carry_the_balancers_via_and_answers_its_instance_id():
     site, agent = loop_rig()
+    sent: list[Any] = []
+    forward = agent.request
+    agent.request = lambda method, uri, headers=None, body=None: sent.append(headers) or forward(  # type: ignore
+        method, uri, headers, body
+    )
     answer = exchange(site, b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: 1.1 corporate-proxy\r\n\r\n")
     ((status, headers, _),) = responses(answer)
     assert status == 200 and headers[INSTANCE_HEADER] == OWN.encode()
     assert len(agent.uris) == 1
+    assert sent[0].getRawHeaders(b"via") == [b"1.1 corporate-proxy", via_token(LOOP)]
 
 
 def test_a_request_that_comes_back_through_its_own_via_is_answered_508_and_not_forwarded():
     site, agent = loop_rig()
-    raw = b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: 1.1 x, " + via_token(OWN) + b"\r\n\r\n"
+    raw = b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: 1.1 x, " + via_token(LOOP) + b"\r\n\r\n"
     ((status, _, body),) = responses(exchange(site, raw))
     assert status == 508 and "balancer itself" in json.loads(body)["error"]["message"]
     assert agent.uris == []
 
 
+def test_a_client_copying_the_public_instance_id_into_via_gets_no_508():
+    """The Via token is not the id every answer shows: a client cannot forge a loop."""
+    site, agent = loop_rig()
+    raw = b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: " + via_token(OWN) + b"\r\n\r\n"
+    ((status, _, _),) = responses(exchange(site, raw))
+    assert status == 200 and len(agent.uris) == 1
+
+
 def test_via_matching_is_exact():
-    assert came_through(OWN, [b"1.1 a, " + via_token(OWN)])
-    assert not came_through(OWN, [b"1.1 paddler-" + OWN.encode() + b"0"])
-    assert not came_through(OWN, None)
+    assert came_through(LOOP, [b"1.1 a, " + via_token(LOOP)])
+    assert not came_through(LOOP, [b"1.1 paddler-" + LOOP.encode() + b"0"])
+    assert not came_through(LOOP, None)

@@ -193,6 +193,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise SimulatorError(
             500, f"[json.exception.parse_error.101] parse error: {e}", "server_error"
         ) from None
+    except RecursionError:  # nested deeper than Python's parser goes (nlohmann::json has no such limit)
+        raise SimulatorError(
+            500, "[json.exception.parse_error.101] parse error: nested too deeply", "server_error"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest(
             f"[json.exception.type_error.304] cannot use at() with {_json_type(body)}"

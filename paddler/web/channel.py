@@ -14,8 +14,8 @@ C{HTTPChannel}) per connection. On top of Twisted's parser the channel adds:
   body limit is 413 (no C{100 Continue} is sent for it), a body that would
   pass the process's body memory (L{paddler.web.memory.BodyMemory}) is 503;
 - B{JSON answers to framing errors} Twisted would close with a bare 400 or
-  with nothing: a request line or header that does not parse (400), an
-  HTTP version other than 1.0/1.1 (505), a request line longer than
+  with nothing: a request line or header that does not parse, or an
+  HTTP version other than 1.0/1.1 (400), a request line longer than
   C{MAX_LENGTH} (414), headers larger than C{totalHeadersSize} or more than
   C{maxHeaders} of them (431), line endings that are a bare LF (400: RFC
   9112 lets a server refuse them, and Twisted would wait for a CRLF until
@@ -61,7 +61,6 @@ from paddler.errors import (
     RequestTooLarge,
     TooManyConnections,
     URITooLong,
-    VersionNotSupported,
 )
 from paddler.web.instance import INSTANCE_HEADER
 
@@ -71,6 +70,8 @@ _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _HEAD_END = b"\r\n\r\n"
 
+#: Reason phrases Twisted's table lacks.
+_PHRASES = {431: b"Request Header Fields Too Large", 508: b"Loop Detected"}
 #: Connections above the cap being answered at once; past this many they are cut without an answer.
 MAX_LINGERING_REFUSALS = 64
 #: Seconds between two log lines about connections refused at the cap.
@@ -99,8 +100,9 @@ def request_line_error(line: bytes) -> PaddlerHTTPError | None:
     if not _TARGET.fullmatch(target):
         return BadRequest("the request target must be visible ASCII characters (percent-encode the rest)")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        # Another HTTP version is a client's choice, not a server failure: 400, not 505.
         if _VERSION.fullmatch(version):
-            return VersionNotSupported("only HTTP/1.1 and HTTP/1.0 are supported on this port")
+            return BadRequest("only HTTP/1.1 and HTTP/1.0 are supported on this port")
         return BadRequest("the request line must end with HTTP/1.1 or HTTP/1.0")
     return None
 
@@ -108,7 +110,7 @@ def request_line_error(line: bytes) -> PaddlerHTTPError | None:
 def early_response(error: PaddlerHTTPError, instance_id: str | None = None) -> bytes:
     """A complete HTTP/1.1 response for C{error}: JSON body, C{Connection: close}."""
     body = error.body()
-    phrase = RESPONSES.get(error.status, b"Error")
+    phrase = RESPONSES.get(error.status) or _PHRASES.get(error.status, b"Error")
     lines = [
         b"HTTP/1.1 %d %s" % (error.status, phrase),
         b"content-type: application/json; charset=utf-8",

@@ -4,9 +4,11 @@ Every answer of the balancer's listeners carries C{X-Paddler-Instance: ID}.
 A probe (or a registration) that reads its own id from an upstream has
 reached the balancer itself, not a llama.cpp server: that upstream would
 show the fleet's slots as its own (phantom slots) and send requests round
-in a loop. Requests the proxy forwards carry C{Via: 1.1 paddler-ID}
-(RFC 9110 section 7.6.3); a request that comes back with the balancer's own
-id in its C{Via} is answered 508 at once.
+in a loop. Requests the proxy forwards carry C{Via: 1.1 paddler-TOKEN}
+(RFC 9110 section 7.6.3), where TOKEN is a second random id that only
+upstreams see; a request that comes back with the balancer's own token in
+its C{Via} is answered 508 at once. The token is not the public id, so a
+client cannot make the balancer answer 508 by copying a header it was sent.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ def new_instance_id() -> str:
     return secrets.token_hex(8)
 
 
-def via_token(instance_id: str) -> bytes:
+def via_token(loop_token: str) -> bytes:
     """The C{Via} entry the balancer adds to the requests it forwards."""
-    return b"1.1 paddler-" + instance_id.encode("ascii")
+    return b"1.1 paddler-" + loop_token.encode("ascii")
 
 
-def came_through(instance_id: str, via_headers: Sequence[bytes] | None) -> bool:
-    """Whether a request's C{Via} headers show it already went through the balancer C{instance_id}."""
+def came_through(loop_token: str, via_headers: Sequence[bytes] | None) -> bool:
+    """Whether a request's C{Via} headers show it already went through the balancer with C{loop_token}."""
     if not via_headers:
         return False
-    token = via_token(instance_id)
+    token = via_token(loop_token)
     return any(entry.strip() == token for value in via_headers for entry in value.split(b","))
 
 

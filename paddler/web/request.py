@@ -15,10 +15,10 @@ bounds must hold there:
 
 Its request target is checked (L{paddler.web.target}) before any resource
 sees it; a rejected one is answered here with a JSON error. With an
-C{instance_id}, every answer carries C{X-Paddler-Instance}; with
-C{loop_guard} too (the proxy port), the request gets the balancer's C{Via}
+C{instance_id}, every answer carries C{X-Paddler-Instance}; with a
+C{loop_token} (the proxy port), the request gets the balancer's C{Via}
 entry, and one that already has it (the balancer is its own upstream) is
-answered 508.
+answered 508 (L{paddler.web.instance}).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class BoundedRequest(server.Request):
     max_body = 10 * 1024 * 1024
     memory: BodyMemory | None = None
     instance_id: str | None = None
-    loop_guard = False
+    loop_token: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -135,8 +135,8 @@ class BoundedRequest(server.Request):
         if self.instance_id is not None:
             self.responseHeaders.setRawHeaders(INSTANCE_HEADER, [self.instance_id.encode("ascii")])
         error = self.target_error
-        if error is None and self.loop_guard and self.instance_id is not None:
-            if came_through(self.instance_id, self.requestHeaders.getRawHeaders(b"via")):
+        if error is None and self.loop_token is not None:
+            if came_through(self.loop_token, self.requestHeaders.getRawHeaders(b"via")):
                 self._answer(
                     LoopDetected(
                         "this request already went through this balancer: one of its upstreams is the "
@@ -144,7 +144,7 @@ class BoundedRequest(server.Request):
                     )
                 )
                 return
-            self.requestHeaders.addRawHeader(b"via", via_token(self.instance_id))
+            self.requestHeaders.addRawHeader(b"via", via_token(self.loop_token))
         if error is None:
             super().process()
             return
@@ -177,16 +177,16 @@ def bounded_request_factory(
     max_body: int,
     memory: BodyMemory | None = None,
     instance_id: str | None = None,
-    loop_guard: bool = False,
+    loop_token: str | None = None,
 ) -> type[BoundedRequest]:
     """
     A L{BoundedRequest} class that keeps at most C{max_body} bytes of body,
     claims them from C{memory}, marks its answers with C{instance_id} and,
-    with C{loop_guard}, refuses requests that already went through this
-    balancer.
+    with a C{loop_token}, marks the requests it forwards and refuses those
+    that already went through this balancer.
     """
     return type(
         "BoundedRequest",
         (BoundedRequest,),
-        {"max_body": max_body, "memory": memory, "instance_id": instance_id, "loop_guard": loop_guard},
+        {"max_body": max_body, "memory": memory, "instance_id": instance_id, "loop_token": loop_token},
     )

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 
 from paddler.errors import (
+    BadRequest,
     InternalError,
     MethodNotAllowed,
     NotFound,
@@ -36,6 +37,8 @@ class PrefixRouter(Resource):
         self._default = default
 
     def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
+        if not _utf8(request):
+            return BadURLResource()  # Klein would answer an HTML 400 and log a traceback
         full = request.path
         target = self._default
         for prefix, resource in self._routes:
@@ -47,6 +50,26 @@ class PrefixRouter(Resource):
 
     def render(self, request: Any) -> Any:
         return self._default.render(request)
+
+
+def _utf8(request: Any) -> bool:
+    """Whether the host name and every (percent-decoded) path segment is UTF-8, as Klein needs."""
+    try:
+        request.getRequestHostname().decode("utf-8")
+        for segment in (*request.prepath, *request.postpath):
+            segment.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class BadURLResource(Resource):
+    """A JSON 400 for a path or host name that is not UTF-8."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return error_response(request, BadRequest("the path and the Host header must be UTF-8 (percent-encoded)"))
 
 
 class NotFoundResource(Resource):

@@ -1,0 +1,160 @@
+"""The chaos soak: a fleet that keeps failing under load, and every request accounted for.
+
+Four simulated servers (two configured, two behind their own agents), a
+balancer, and clients sending streams, whole completions, model lists and
+health checks. Meanwhile, at random (seeded): a server is killed with
+SIGKILL and restarted on its port (at another speed, so some are slow), a
+server is frozen with SIGSTOP and thawed, an agent is killed and restarted
+(its host re-registers), an agent is stopped with SIGTERM (it drains and
+deletes its host) and restarted.
+
+Afterwards: no request hung or went unanswered; every error is JSON with a
+type, 5xx only from the fleet (no 500); streams that broke are bounded by
+the kills and freezes; the balancer logged no traceback; its slot figures
+agree with the servers'; its descriptors and memory are back where they
+were.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import pytest
+
+from .harness import (
+    AgentProc,
+    Load,
+    Sampler,
+    Simulated,
+    free_port,
+    get_json,
+    log_problems,
+    open_fds,
+    report,
+    rss_mib,
+    scaled,
+    start_balancer,
+    summary,
+    upstreams,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
+
+DURATION = scaled(8.0, 300.0)
+CLIENTS = scaled(5, 8)
+
+
+def test_soak_with_kills_freezes_and_agent_restarts_loses_no_request(procs):
+    rng = random.Random(12)
+    sims = [Simulated(procs, free_port(), slots, speed) for slots, speed in ((4, 60), (2, 40), (2, 60), (4, 40))]
+    for sim in sims:
+        sim.start()
+    for sim in sims:
+        sim.wait_up()
+    balancer, proxy, management = start_balancer(
+        procs,
+        "--upstream", f"s0={sims[0].url}", "--upstream", f"s1={sims[1].url}",
+        "--probe-interval", "0.25", "--probe-timeout", "1", "--agent-expiry", "2",
+        "--idle-timeout", "3", "--upstream-timeout", "5", "--buffered-request-timeout", "10",
+        "--max-buffered-requests", "40", "--header-timeout", "5",
+    )
+    agents = [AgentProc(procs, sims[i], management, f"a{i}") for i in (2, 3)]
+    for agent in agents:
+        agent.start()
+    wait_for(lambda: sum(u["state"] == "healthy" for u in upstreams(management)) == 4, 30, "4 healthy upstreams")
+    pid = balancer.process.pid
+
+    time.sleep(0.5)
+    fds_before, rss_before = open_fds(pid), rss_mib(pid)  # probes' and agents' connections are open
+
+    events: list[tuple[float, str]] = []
+    kills = freezes = agent_kills = agent_terms = 0
+    started = time.monotonic()
+    with Sampler(pid) as sampled, Load(proxy, CLIENTS, seed=2) as load:
+        while time.monotonic() - started < DURATION:
+            time.sleep(rng.uniform(0.3, 1.2))
+            action = rng.choice(["kill", "kill", "freeze", "agent_kill", "agent_term"])
+            if action == "kill":
+                sim = rng.choice(sims)
+                sim.signal(signal.SIGKILL)
+                time.sleep(rng.uniform(0.2, 1.5))
+                sim.start(speed=rng.choice([8, 40, 60, 120]))
+                kills += 1
+            elif action == "freeze":
+                sim = rng.choice([s for s in sims if s.alive()])
+                sim.signal(signal.SIGSTOP)
+                time.sleep(rng.uniform(0.3, 4.0))
+                sim.signal(signal.SIGCONT)
+                freezes += 1
+            elif action == "agent_kill":
+                agent = rng.choice(agents)
+                agent.signal(signal.SIGKILL)
+                agent.process.process.wait(10)
+                time.sleep(rng.uniform(0.1, 3.0))
+                agent.start()
+                agent_kills += 1
+            else:
+                agent = rng.choice(agents)
+                agent.signal(signal.SIGTERM)
+                try:
+                    agent.process.process.wait(10)
+                except Exception:
+                    agent.signal(signal.SIGKILL)
+                    agent.process.process.wait(5)
+                agent.start()
+                agent_terms += 1
+            events.append((time.monotonic() - started, action))
+        for sim in sims:
+            if sim.stopped:
+                sim.signal(signal.SIGCONT)
+    outcomes = load.outcomes
+
+    # the fleet settles: every server up and healthy, nothing held anywhere
+    for sim in sims:
+        wait_for(sim.alive, 10, "simulators alive")
+    wait_for(lambda: sum(u["state"] == "healthy" for u in upstreams(management)) == 4, 30, "4 healthy again")
+
+    def settled() -> bool:
+        fleet = upstreams(management)
+        _, health = get_json(proxy + "/health")
+        return (
+            all(u["slots_processing"] == 0 and u["requests_in_flight"] == 0 for u in fleet)
+            and health["requests_buffered"] == 0
+            and all(sim.busy() == 0 for sim in sims)
+        )
+
+    settle_started = time.monotonic()
+    wait_for(settled, 20, "slots back to the servers' own figures")
+    settle_seconds = time.monotonic() - settle_started
+    totals = {u["url"]: u["slots_total"] for u in upstreams(management)}
+    assert totals == {sim.url: sim.slots for sim in sims}
+
+    time.sleep(5)  # idle upstream connections are closed after 4 s
+    fds_after, rss_after = open_fds(pid), rss_mib(pid)
+    figures = summary(outcomes)
+    report(
+        "soak", seconds=round(DURATION), kills=kills, freezes=freezes, agent_kills=agent_kills,
+        agent_terms=agent_terms, **figures, fds_before=fds_before, fds_after=fds_after,
+        fds_peak=max(sampled.fds, default=0), rss_before_mib=round(rss_before, 1),
+        rss_after_mib=round(rss_after, 1), rss_peak_mib=round(max(sampled.rss, default=0), 1),
+        settle_seconds=round(settle_seconds, 2),
+    )
+    kinds = figures["kinds"]
+    assert kinds.get("hung", 0) == 0 and kinds.get("no_answer", 0) == 0, figures
+    assert kinds.get("bad_error", 0) == 0, [o.detail for o in outcomes if o.kind == "bad_error"][:5]
+    assert kinds.get("completed", 0) > len(outcomes) / 2, figures
+    # a stream breaks only when its server dies or freezes past --idle-timeout under it
+    assert kinds.get("broken", 0) <= (kills + freezes) * 4, figures
+    for outcome in outcomes:
+        if outcome.kind == "json_error":
+            assert outcome.status != 500, outcome
+            assert outcome.body["error"]["type"] in (
+                "upstream_error", "unavailable_error", "timeout_error", "invalid_request_error",
+            ), outcome
+    assert fds_after <= fds_before + 8, (fds_before, fds_after)
+    assert rss_after <= rss_before + scaled(30, 60), (rss_before, rss_after)
+    problems = log_problems(balancer.log())
+    assert problems == [], problems[:10]
