@@ -419,13 +419,16 @@ def test_connections_above_the_cap_get_503_and_are_closed_and_counted():
     assert only_answer(again)[0] == 200
 
 
-def test_a_flood_above_the_cap_is_cut_without_answers_once_many_refusals_linger():
+def test_a_flood_above_the_cap_is_answered_and_closed_without_lingering_once_many_refusals_linger():
+    """Past MAX_LINGERING_REFUSALS at once, a refusal keeps no descriptor: answered, then closed."""
     rig = Rig()
     kept = [rig.connect() for _ in range(4)]
     flood = [rig.connect() for _ in range(MAX_LINGERING_REFUSALS + 10)]
-    answered = [t for t in flood if t.value()]
-    cut = [t for t in flood if t.aborted]
-    assert len(answered) == MAX_LINGERING_REFUSALS and len(cut) == 10
+    assert all(responses(t.value())[0][0] == 503 for t in flood)
+    closed_at_once = [t for t in flood if t.disconnecting and not t.write_closed]
+    assert len(closed_at_once) == 10
+    for transport in closed_at_once:
+        transport.close()  # the kernel's part, once the answer is sent
     assert rig.site.connections_refused == MAX_LINGERING_REFUSALS + 10
     rig.clock.advance(LIMITS.linger)
     assert rig.site.lingering_refusals == 0

@@ -127,3 +127,16 @@ async def test_the_504_a_client_gets_carries_the_advice():
     assert response.code == 504 and body["error"]["type"] == "timeout_error"
     assert response.headers.getRawHeaders(b"x-should-retry") == [b"false"]
     pool.stop()
+
+
+def test_after_an_hour_idle_the_rate_is_measured_from_the_new_burst():
+    """Slots freed 10 a second for 3 s after an hour of nothing: about 10 per second, not an
+    hour-long average."""
+    clock, pool, leases = drained_pool(rate=2.0, seconds=10)
+    clock.advance(3600)
+    for i in range(30):
+        clock.advance(0.1)
+        leases[i % 2].release()
+        leases[i % 2] = lease_of(pool.acquire())[0]
+    assert 8 <= pool.slots_freed.rate() <= 12
+    pool.stop()

@@ -58,7 +58,7 @@ class Lease:
             self.upstream.ghost_lease(self.number)
         else:
             self.upstream.return_lease(self.number)
-            self.pool.slots_freed.event()
+            self.pool.slot_freed()
         self.pool.chooser.finished(self.upstream, self.demand, timings)
         self.pool.lease_returned(self.upstream)
 
@@ -112,7 +112,7 @@ class UpstreamPool:
         self._removals: dict[str, list[Deferred[Upstream | None]]] = {}
         self._recheck: IDelayedCall | None = None
         #: Slots our requests gave back, per second (decaying): how fast the buffer can drain.
-        self.slots_freed = DecayingRate(clock)
+        self.slots_freed = DecayingRate(clock, min_window=1.0)
 
     # -- membership -------------------------------------------------------
 
@@ -365,6 +365,14 @@ class UpstreamPool:
                 headers=headers,
             )
         )
+
+    def slot_freed(self) -> None:
+        """One of our requests gave its slot back."""
+        if self.slots_freed.rate() < 0.01:
+            # Nothing freed for minutes (idle, or just started): measure afresh,
+            # so the first busy seconds are not averaged with the quiet ones.
+            self.slots_freed = DecayingRate(self.clock, min_window=1.0)
+        self.slots_freed.event()
 
     def expected_wait(self) -> float | None:
         """

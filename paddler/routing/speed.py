@@ -133,8 +133,14 @@ class Ewma:
 class DecayingRate:
     """Events per second, from an exponentially decaying count on a clock."""
 
-    def __init__(self, clock: IReactorTime, half_life: float = DRAIN_HALF_LIFE_SECONDS) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        half_life: float = DRAIN_HALF_LIFE_SECONDS,
+        min_window: float = MIN_DRAIN_WINDOW_SECONDS,
+    ) -> None:
         self.clock = clock
+        self.min_window = min_window
         self.decay = math.log(2) / half_life
         self.count = 0.0
         self.started = clock.seconds()
@@ -159,7 +165,7 @@ class DecayingRate:
         now = self._advance()
         if not self.events:
             return 0.0
-        window = max(now - self.started, MIN_DRAIN_WINDOW_SECONDS)
+        window = max(now - self.started, self.min_window)
         return self.count * self.decay / (1.0 - math.exp(-self.decay * window))
 
 

@@ -33,8 +33,10 @@ the client still sends (closing with unread data would make the kernel
 reset the connection, and the client might lose the answer), then an abort.
 
 L{GuardedSite} also caps its open connections (C{max_connections}): a
-connection above the cap is answered 503 at once and closed, counted, and
-logged at most once a minute.
+connection above the cap is answered 503 at once and closed (lingering
+like the others, except in a flood: past L{MAX_LINGERING_REFUSALS} of them
+at once, closed right after the answer), counted, and logged at most once a
+minute.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ _HEAD_END = b"\r\n\r\n"
 
 #: Reason phrases Twisted's table lacks.
 _PHRASES = {431: b"Request Header Fields Too Large", 508: b"Loop Detected"}
-#: Connections above the cap being answered at once; past this many they are cut without an answer.
-MAX_LINGERING_REFUSALS = 64
+#: Connections above the cap that linger after their answer; past this many they are closed at once.
+MAX_LINGERING_REFUSALS = 128
 #: Seconds between two log lines about connections refused at the cap.
 CAP_LOG_INTERVAL = 60.0
 
@@ -390,15 +392,17 @@ class OverCapacity(Protocol):
     def connectionMade(self) -> None:
         site = self.site
         site.lingering_refusals += 1
-        if site.lingering_refusals > MAX_LINGERING_REFUSALS:
-            self.transport.abortConnection()  # a flood: no answer is worth a descriptor each
-            return
         error = TooManyConnections(
             f"{site.what} has {site.limits.max_connections} open connections (--max-connections); "
             "retry shortly",
             headers={b"retry-after": b"1"},
         )
         self.transport.write(early_response(error, site.instance_id))
+        if site.lingering_refusals > MAX_LINGERING_REFUSALS:
+            # A flood: no descriptor is kept for it. The answer goes out, but a
+            # request that arrives after the close makes the kernel reset it.
+            self.transport.loseConnection()
+            return
         self._linger = _close_after_answer(self.transport, site.reactor.callLater, site.limits.linger)
 
     def dataReceived(self, data: bytes) -> None:

@@ -2,7 +2,8 @@
 
 Every listener takes a Twisted endpoint string (``tcp:8086:interface=127.0.0.1``,
 ``ssl:...``, ``unix:...``). L{ListeningService} binds it when the service
-starts, fails start-up with one line naming the endpoint when it cannot
+starts (with a listen backlog of L{LISTEN_BACKLOG} unless the string sets
+one), fails start-up with one line naming the endpoint when it cannot
 (L{ListenFailed}), logs the address it bound (port 0 included) and stops
 listening first when the service stops.
 """
@@ -66,7 +67,8 @@ class ListeningService(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         outcome: list[Any] = []
-        serverFromString(self.reactor, self.description).listen(self.factory).addBoth(outcome.append)
+        description = with_backlog(self.description)
+        serverFromString(self.reactor, description).listen(self.factory).addBoth(outcome.append)
         if not outcome:  # an endpoint that binds later (none of Twisted's own do)
             raise ListenFailed(f"{self.what}: {self.description} did not bind at start-up")
         if isinstance(outcome[0], Failure):
@@ -104,6 +106,22 @@ class ListeningService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return self.stopListening()
+
+
+#: The listen backlog of TCP and TLS listeners that do not set one. Twisted's
+#: default of 50 made the kernel reset connections of a burst of clients
+#: (the chaos flood: 21 of 300); the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """C{description} with C{backlog=} added when it is a tcp, tcp6 or ssl endpoint without one."""
+    fields = _endpoint_fields(description.strip())
+    if fields[0].lower() not in ("tcp", "tcp6", "ssl"):
+        return description
+    if any(field.startswith("backlog=") for field in fields[1:]):
+        return description
+    return f"{description.strip()}:backlog={backlog}"
 
 
 def _endpoint_fields(description: str) -> list[str]:

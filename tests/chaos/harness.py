@@ -53,6 +53,41 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _sockets() -> dict[str, tuple[int, int, str]]:
+    """Every TCP socket of this host by inode: (local port, remote port, state as hex)."""
+    table: dict[str, tuple[int, int, str]] = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                    table[inode] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state)
+        except OSError:
+            continue
+    return table
+
+
+def held(pid: int, listen_ports: set[int]) -> dict[str, int]:
+    """What a process holds: C{clients} (connections accepted on C{listen_ports}), C{outbound}
+    (other TCP connections: upstreams, pools), C{other} (files, listeners, the reactor's own)."""
+    table = _sockets()
+    counts = {"clients": 0, "outbound": 0, "other": 0}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            entry = table.get(target[8:-1])
+            if entry is not None and entry[2] != "0A":  # not a listening socket
+                counts["clients" if entry[0] in listen_ports else "outbound"] += 1
+                continue
+        counts["other"] += 1
+    return counts
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -427,7 +462,7 @@ def threads_of(calls: list[Callable[[], Any]]) -> Iterator[Any]:
 
 
 __all__ = [
-    "LONG", "AgentProc", "Load", "Outcome", "Sampler", "Simulated", "call", "chat", "log_problems", "open_fds",
+    "LONG", "AgentProc", "Load", "held", "Outcome", "Sampler", "Simulated", "call", "chat", "log_problems", "open_fds",
     "parse_response", "raw_exchange", "report", "rss_mib", "scaled", "start_balancer", "summary", "threads_of",
     "upstreams", "wait_for", "free_port", "get_json",
 ]
