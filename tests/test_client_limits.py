@@ -465,3 +465,61 @@ def test_a_site_leaves_no_timer_behind_once_its_connections_are_gone():
         transport.close()
     assert rig.site.open_connections == 0
     assert all(not call.active() for call in rig.clock.getDelayedCalls())
+
+
+# -- descriptors ---------------------------------------------------------------------
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(monkeypatch):
+    import resource
+
+    from paddler.web.descriptors import raise_open_files_limit
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 524288))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    assert raise_open_files_limit() == (1024, 524288)
+    assert calls == [(524288, 524288)]
+
+
+def test_a_limit_that_cannot_be_raised_is_left_and_reported_as_it_is(monkeypatch):
+    import resource
+
+    from paddler.web.descriptors import raise_open_files_limit
+
+    def refuse(which, limits):
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert raise_open_files_limit() == (1024, 1024)
+
+
+def test_the_connection_cap_is_fitted_under_the_open_files_limit():
+    """Two descriptors a proxied connection, one a management connection, 256 kept for the rest."""
+    from paddler.web.descriptors import fit_connection_cap
+
+    assert fit_connection_cap(1024, 20000) == 1024
+    assert fit_connection_cap(1024, 1024) == (1024 - 256) // 3 == 256
+    assert fit_connection_cap(1024, None) == 1024
+    assert fit_connection_cap(1024, 100) == 1
+
+
+def test_starting_a_balancer_logs_the_open_files_limit_and_a_lowered_cap(monkeypatch):
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import capturedLogs
+
+    import paddler.web.descriptors as descriptors
+    from paddler.config import BalancerConfig
+    from paddler.tap import _raise_open_files_limit, makeBalancerService
+
+    monkeypatch.setattr(descriptors, "raise_open_files_limit", lambda: (1024, 4096))
+    monkeypatch.setattr(descriptors, "open_files_limit", lambda: 1024)
+    with capturedLogs() as events:
+        _raise_open_files_limit()
+        service = makeBalancerService(BalancerConfig(), MemoryReactorClock())
+    lines = [e["log_format"].format(**{k: v for k, v in e.items() if isinstance(k, str)}) for e in events
+             if "log_format" in e and ("RLIMIT_NOFILE" in e["log_format"])]
+    assert any("raised from 1024 to 4096" in line for line in lines), lines
+    assert any("--max-connections 1024 lowered to 256" in line for line in lines), lines
+    assert all(site.limits.max_connections == 256 for site in service.sites)
