@@ -241,6 +241,7 @@ def makeBalancerService(
     from paddler.observability.snapshot import StateHistory, build_state
     from paddler.observability.stream import ObservabilityService, StateStream
     from paddler.routing.policies import CHOOSERS
+    from paddler.shared.fleet import SharedProber
     from paddler.web.clients import ConnectionPoolService, connection_pool
     from paddler.web.endpoints import CachingEndpointFactory
     from paddler.web.listeners import ListeningService, QuietSite
@@ -300,7 +301,12 @@ def makeBalancerService(
         mode=config.probe_mode,
         api_key=config.llamacpp_api_key,
     )
-    top.probes = ProbeService(pool, prober, reactor, interval=config.probe_interval)
+    probing: Any = prober
+    if config.state:
+        shared = _shared_fleet(config, reactor, pool)
+        shared.setServiceParent(top)
+        probing = SharedProber(prober, shared)
+    top.probes = ProbeService(pool, probing, reactor, interval=config.probe_interval)
     top.probes.setServiceParent(top)
 
     # A client connection idle between requests (or slow to send one) is
@@ -316,7 +322,10 @@ def makeBalancerService(
     top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
     top.proxy_listener.setServiceParent(top)
 
-    top.registry = AgentRegistry(pool, reactor, expiry=config.agent_expiry)
+    top.registry = AgentRegistry(
+        pool, reactor, expiry=config.agent_expiry,
+        report_age=pool.shared.report_age if pool.shared is not None else None,
+    )
     top.registry.setServiceParent(top)
     management = ManagementAPI(pool, top.registry, reactor, probes=top.probes, token=config.management_token)
 
@@ -327,9 +336,10 @@ def makeBalancerService(
 
     state_stream = StateStream(reactor, fleet_state)
     ObservabilityService(pool, stats, reactor, history, state_stream).setServiceParent(top)
-    observability = ObservabilityApp(
-        fleet_state, state_stream, PrometheusMetrics(pool, stats), dashboard=config.dashboard
-    ).resource()
+    metrics = PrometheusMetrics(pool, stats)
+    if pool.shared is not None:
+        metrics.collector.extra.append(pool.shared.metrics)
+    observability = ObservabilityApp(fleet_state, state_stream, metrics, dashboard=config.dashboard).resource()
     if config.statsd is not None:
         from paddler.config import parse_statsd_address
         from paddler.observability.statsd import StatsDClient, StatsDService
@@ -365,6 +375,30 @@ def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None
     import signal
 
     signal.signal(signum, lambda *_: reactor.callFromThread(handler))
+
+
+def _shared_fleet(config: BalancerConfig, reactor: Any, pool: Any) -> Any:
+    """The shared-state side of the pool (--state): a Redis slot store and the fleet bound to it."""
+    import socket
+    import uuid
+
+    from paddler.fleet.upstream import upstream_id
+    from paddler.shared.fleet import SharedFleet
+    from paddler.shared.redisstore import RedisSlotStore
+
+    owner = f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    store = RedisSlotStore(
+        reactor,
+        config.state,  # type: ignore[arg-type]
+        owner,
+        prefix=config.state_prefix,
+        lease_ttl=config.state_lease_ttl,
+        wait=config.buffered_request_timeout,
+        max_waiting=config.max_buffered_requests,
+    )
+    shared = SharedFleet(pool, store, reactor, static_ids=frozenset(upstream_id(s.url) for s in config.upstreams))
+    pool.shared = shared
+    return shared
 
 
 #: Seconds a client connection may stay idle between requests.
