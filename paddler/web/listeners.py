@@ -89,9 +89,10 @@ class ListeningService(Service):
             url = f"http://{shown}:{self.address.port}{self.path}"
         else:
             url = str(self.address)
-        self.log.info("{what} listening on {url}", what=self.what, url=url)
         if self.on_listening is not None:
-            self.on_listening(port)
+            self.on_listening(port)  # the owner announces it in its own words
+        else:
+            self.log.info("{what} listening on {url}", what=self.what, url=url)
 
     def stopListening(self) -> Deferred[None]:
         """Accept no new connection; connections already open stay."""
