@@ -185,6 +185,15 @@ class BalancerConfig:
         "its slots back after this).",
         seconds(maximum=3600),
     )
+    workers: int = setting(
+        1,
+        "Balancer processes sharing the proxy port (SO_REUSEPORT) and the fleet; above 1 needs "
+        "--state and a tcp: --listen endpoint. Worker i serves management on its port + i.",
+        count(1, 64),
+    )
+    worker_index: int = setting(
+        0, "Set by worker 0 on the workers it starts; do not set it yourself.", count(0, 63)
+    )
     shutdown_timeout: float = setting(
         30.0,
         "Seconds running requests may take to finish when the balancer stops (SIGTERM).",
@@ -261,7 +270,13 @@ def build_config(
             if spec.name in names:
                 raise ConfigError(f"upstream name {spec.name!r} is given twice")
             names.add(spec.name)
-    return BalancerConfig(upstreams=list(upstreams), **values)
+    config = BalancerConfig(upstreams=list(upstreams), **values)
+    if config.workers > 1 or config.worker_index:
+        if not config.state:
+            raise ConfigError("--workers above 1 needs --state redis://... (the workers share the fleet through it)")
+        if not config.listen.startswith(("tcp:", "tcp6:")):
+            raise ConfigError(f"--workers above 1 needs a tcp: --listen endpoint, got {config.listen!r}")
+    return config
 
 
 # -- paddler agent ------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.python import usage
 
 from paddler import __version__
@@ -186,7 +187,7 @@ def makeService(options: Any) -> IService:
 
         return makeSimulatorService(sub, reactor)
     if options.subCommand == "balancer":
-        return makeBalancerService(sub.config, reactor, sub.reload_config)
+        return makeBalancerService(sub.config, reactor, sub.reload_config, getattr(options, "argv", None))
     return makeAgentService(sub.config, reactor)
 
 
@@ -216,12 +217,17 @@ def makeAgentService(config: AgentConfig, reactor: Any) -> AgentProcess:
 
 
 def makeBalancerService(
-    config: BalancerConfig, reactor: Any, reload_config: Callable[[], BalancerConfig] | None = None
+    config: BalancerConfig,
+    reactor: Any,
+    reload_config: Callable[[], BalancerConfig] | None = None,
+    argv: list[str] | None = None,
 ) -> BalancerService:
     """
     Wire the balancer: pool, chooser, probes, proxy, management port (and what
     rides on them). C{reload_config} reads the configuration again for a
-    reload (SIGHUP); without it the balancer has nothing to reload.
+    reload (SIGHUP); without it the balancer has nothing to reload. C{argv}
+    is the command line, for the workers of C{--workers} (the ``paddler``
+    command passes it; ``twistd paddler`` cannot run workers).
     """
     from twisted.web.client import Agent
     from twisted.web.server import Site
@@ -319,7 +325,14 @@ def makeBalancerService(
     )
     site.displayTracebacks = False
     site.noisy = False
-    top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
+    if config.workers > 1 or config.worker_index:
+        from paddler.balancer.workers import ReusePortListeningService
+
+        top.proxy_listener = ReusePortListeningService(
+            reactor, config.listen, site, f"paddler balancer proxy (worker {config.worker_index})"
+        )
+    else:
+        top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
     top.proxy_listener.setServiceParent(top)
 
     top.registry = AgentRegistry(
@@ -360,14 +373,41 @@ def makeBalancerService(
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,
     )
-    top.management_listener = ListeningService(
-        reactor, config.management_listen, management_site, "paddler management"
-    )
+    management_listen = config.management_listen
+    if config.worker_index:
+        from paddler.balancer.workers import reuse_port_endpoint, with_port
+
+        parsed = reuse_port_endpoint(management_listen)
+        if parsed is not None and parsed[1]:
+            management_listen = with_port(management_listen, parsed[1] + config.worker_index)
+    top.management_listener = ListeningService(reactor, management_listen, management_site, "paddler management")
     top.management_listener.setServiceParent(top)
+    if config.workers > 1 and not config.worker_index:
+        if argv is None:
+            raise ConfigError("--workers needs the paddler command (twistd paddler runs one process)")
+        _supervise_workers(top, config, reactor, argv)
     if reload_config is not None:
         top.reloader = Reloader(top, reload_config, prober).reload
     top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
     return top
+
+
+def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: Any, argv: list[str]) -> None:
+    """Worker 0 starts the others once its proxy port is bound (port 0 is resolved by then)."""
+    from twisted.application.service import Service
+
+    from paddler.balancer.workers import WorkerSupervisor, with_port
+
+    class Start(Service):
+        def startService(self) -> None:
+            super().startService()
+            port = top.proxy_listener.address.port  # type: ignore[union-attr]
+            supervisor.argv = [*argv, "--listen", with_port(config.listen, port), "--simulated-fleet", "0"]
+            supervisor.startService()
+
+    supervisor = WorkerSupervisor(reactor, argv, config.workers, config.shutdown_timeout)
+    Start().setServiceParent(top)
+    top.on_stopping.append(supervisor.stopService)
 
 
 def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None:
@@ -430,14 +470,21 @@ def run(options: Any, stderr: Any) -> int:
         return 1
     stopping: list[bool] = []
 
-    def stop() -> None:
-        if stopping:  # asked again while stopping gracefully: stop now
+    def halt(_: object = None) -> None:
+        if reactor.running:
             reactor.stop()
+
+    def stop(force: bool) -> None:
+        if stopping:
+            # A second Ctrl-C stops at once; SIGTERM may come twice (to the process group
+            # and from worker 0 to its workers): the graceful stop goes on.
+            if force:
+                halt()
             return
         stopping.append(True)
-        service.stopService().addBoth(lambda _: reactor.stop())  # type: ignore[union-attr]
+        service.stopService().addBoth(halt)  # type: ignore[union-attr]
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        _on_signal(reactor, signum, stop)
+    _on_signal(reactor, signal.SIGTERM, lambda: stop(force=False))
+    _on_signal(reactor, signal.SIGINT, lambda: stop(force=True))
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     return 0
