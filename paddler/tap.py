@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
 from twisted.python import usage
 
 from paddler import __version__
