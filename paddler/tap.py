@@ -224,7 +224,6 @@ def makeBalancerService(
     reload (SIGHUP); without it the balancer has nothing to reload.
     """
     from twisted.web.client import Agent
-    from twisted.web.server import Site
     from treq.client import HTTPClient
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
@@ -303,16 +302,7 @@ def makeBalancerService(
     top.probes = ProbeService(pool, prober, reactor, interval=config.probe_interval)
     top.probes.setServiceParent(top)
 
-    # A client connection idle between requests (or slow to send one) is
-    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
-    site = (Site if config.access_log else QuietSite)(
-        proxy,
-        requestFactory=bounded_request_factory(config.max_request_body),
-        timeout=CLIENT_IDLE_TIMEOUT,
-        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
-    )
-    site.displayTracebacks = False
-    site.noisy = False
+    site = proxy_site(proxy, reactor, access_log=config.access_log)
     top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
     top.proxy_listener.setServiceParent(top)
 
@@ -349,6 +339,7 @@ def makeBalancerService(
         requestFactory=bounded_request_factory(MAX_BODY),
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,
+        reactor=reactor,
     )
     top.management_listener = ListeningService(
         reactor, config.management_listen, management_site, "paddler management"
@@ -358,6 +349,28 @@ def makeBalancerService(
         top.reloader = Reloader(top, reload_config, prober).reload
     top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
     return top
+
+
+def proxy_site(proxy: Any, reactor: Any, access_log: bool = False) -> Any:
+    """The proxy port's C{Site}: bodies bounded by C{proxy.config.max_request_body},
+    request targets checked, an idle deadline between requests on C{reactor}'s clock."""
+    from twisted.web.server import Site
+
+    from paddler.web.listeners import QuietSite
+    from paddler.web.request import bounded_request_factory
+
+    # A client connection idle between requests (or slow to send one) is
+    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
+    site = (Site if access_log else QuietSite)(
+        proxy,
+        requestFactory=bounded_request_factory(proxy.config.max_request_body),
+        timeout=CLIENT_IDLE_TIMEOUT,
+        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
+        reactor=reactor,
+    )
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
 
 
 def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None:
