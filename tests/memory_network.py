@@ -120,7 +120,8 @@ class MemoryTransport:
     # -- ITransport -----------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.disconnecting or self.disconnected or not data:
+        # As in Twisted, bytes written after loseConnection still go out; after an abort they do not.
+        if self.aborted or self.disconnected or not data:
             return
         self.unread.append(bytes(data))
         self.unread_size += len(data)
@@ -250,8 +251,7 @@ class Connection:
 
     def _start(self) -> None:
         self.server.protocol.makeConnection(self.server)
-        if not self.server.disconnecting:
-            self.client.protocol.makeConnection(self.client)
+        self.client.protocol.makeConnection(self.client)
 
     def pump(self) -> bool:
         """Move what each side wrote to the other (if it reads) and deliver closes; whether anything happened."""
