@@ -229,7 +229,6 @@ def makeBalancerService(
     command passes it; ``twistd paddler`` cannot run workers).
     """
     from twisted.web.client import Agent
-    from twisted.web.server import Site
     from treq.client import HTTPClient
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
@@ -314,16 +313,7 @@ def makeBalancerService(
     top.probes = ProbeService(pool, probing, reactor, interval=config.probe_interval)
     top.probes.setServiceParent(top)
 
-    # A client connection idle between requests (or slow to send one) is
-    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
-    site = (Site if config.access_log else QuietSite)(
-        proxy,
-        requestFactory=bounded_request_factory(config.max_request_body),
-        timeout=CLIENT_IDLE_TIMEOUT,
-        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
-    )
-    site.displayTracebacks = False
-    site.noisy = False
+    site = proxy_site(proxy, reactor, access_log=config.access_log)
     if config.workers > 1 or config.worker_index:
         from paddler.balancer.workers import ReusePortListeningService
 
@@ -371,6 +361,7 @@ def makeBalancerService(
         requestFactory=bounded_request_factory(MAX_BODY),
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,
+        reactor=reactor,
     )
     management_listen = config.management_listen
     if config.worker_index:
@@ -407,6 +398,28 @@ def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: An
     supervisor = WorkerSupervisor(reactor, argv, config.workers, config.shutdown_timeout)
     Start().setServiceParent(top)
     top.on_stopping.append(supervisor.stopService)
+
+
+def proxy_site(proxy: Any, reactor: Any, access_log: bool = False) -> Any:
+    """The proxy port's C{Site}: bodies bounded by C{proxy.config.max_request_body},
+    request targets checked, an idle deadline between requests on C{reactor}'s clock."""
+    from twisted.web.server import Site
+
+    from paddler.web.listeners import QuietSite
+    from paddler.web.request import bounded_request_factory
+
+    # A client connection idle between requests (or slow to send one) is
+    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
+    site = (Site if access_log else QuietSite)(
+        proxy,
+        requestFactory=bounded_request_factory(proxy.config.max_request_body),
+        timeout=CLIENT_IDLE_TIMEOUT,
+        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
+        reactor=reactor,
+    )
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
 
 
 def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None:
