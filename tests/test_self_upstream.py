@@ -29,8 +29,33 @@ from paddler.web.listeners import urls_of
 
 from .fake_llama import FakeLlama
 from .helpers import healthy_upstream, make_pool
-from .test_client_limits import Rig, Transport, responses
-from .test_request_target import RecordingAgent, exchange
+from .test_client_limits import Transport, responses
+
+
+class RecordingAgent:
+    """Routes requests to an in-memory fake llama-server and records every URI asked for."""
+
+    def __init__(self, resource: Any) -> None:
+        from treq.testing import RequestTraversalAgent
+
+        self.uris: list[bytes] = []
+        self._agent = RequestTraversalAgent(resource)
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+        self.uris.append(uri)
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+
+def exchange(site: Any, raw: bytes) -> bytes:
+    """Feed C{raw} to a new connection of C{site}; return what it wrote back."""
+    transport = Transport()
+    protocol = site.buildProtocol(transport.getPeer())
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(raw)
+    written = transport.value()
+    transport.close()
+    return written
 
 OWN = "0123456789abcdef"
 LOOP = "fedcba9876543210"

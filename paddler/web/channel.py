@@ -131,10 +131,13 @@ def early_response(error: PaddlerHTTPError, instance_id: str | None = None) -> b
 def _close_after_answer(transport: Any, call_later: Callable[..., IDelayedCall], linger: float) -> IDelayedCall | None:
     """Half-close C{transport} (the answer goes out, then FIN) and abort it after C{linger} seconds."""
     half_close = getattr(transport, "loseWriteConnection", None)
-    if half_close is None:  # TLS: no half-close
+    try:
+        if half_close is None:
+            raise NotImplementedError("no half-close")  # TLS
+        half_close()
+    except NotImplementedError:
         transport.loseConnection()
         return None
-    half_close()
     return call_later(linger, transport.abortConnection)
 
 
@@ -290,7 +293,11 @@ class GuardedChannel(HTTPChannel):
         length = self.length
         max_body = getattr(request, "max_body", None)
         if length is not None and max_body is not None and length > max_body:
-            self.refuse(RequestTooLarge(f"the request body is larger than {max_body} bytes"))
+            too_large = getattr(request, "too_large", None)
+            self.refuse(
+                too_large() if too_large is not None
+                else RequestTooLarge(f"the request body is larger than {max_body} bytes")
+            )
             return
         claim = getattr(request, "claim_body", None)
         if length and claim is not None and not claim(length):

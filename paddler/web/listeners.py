@@ -91,9 +91,10 @@ class ListeningService(Service):
             url = f"http://{shown}:{self.address.port}{self.path}"
         else:
             url = str(self.address)
-        self.log.info("{what} listening on {url}", what=self.what, url=url)
         if self.on_listening is not None:
-            self.on_listening(port)
+            self.on_listening(port)  # the owner announces it in its own words
+        else:
+            self.log.info("{what} listening on {url}", what=self.what, url=url)
 
     def stopListening(self) -> Deferred[None]:
         """Accept no new connection; connections already open stay."""
@@ -116,7 +117,7 @@ LISTEN_BACKLOG = 1024
 
 def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
     """C{description} with C{backlog=} added when it is a tcp, tcp6 or ssl endpoint without one."""
-    fields = _endpoint_fields(description.strip())
+    fields = endpoint_fields(description.strip())
     if fields[0].lower() not in ("tcp", "tcp6", "ssl"):
         return description
     if any(field.startswith("backlog=") for field in fields[1:]):
@@ -124,7 +125,7 @@ def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
     return f"{description.strip()}:backlog={backlog}"
 
 
-def _endpoint_fields(description: str) -> list[str]:
+def endpoint_fields(description: str) -> list[str]:
     """Split an endpoint string on unescaped colons, unescaping C{\\:}."""
     fields, current, escaped = [], "", False
     for char in description:
@@ -149,7 +150,7 @@ def endpoint_is_local(description: str) -> bool:
     without C{interface=} listens on every interface; other kinds and host
     names other than C{localhost} count as reachable from outside.
     """
-    fields = _endpoint_fields(description.strip())
+    fields = endpoint_fields(description.strip())
     kind = fields[0].lower()
     if kind == "unix":
         return True

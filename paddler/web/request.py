@@ -53,6 +53,8 @@ class BoundedRequest(server.Request):
     memory: BodyMemory | None = None
     instance_id: str | None = None
     loop_token: str | None = None
+    #: The setting that sets C{max_body}, named in the 413's message (C{None}: a fixed limit).
+    max_body_setting: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,6 +66,11 @@ class BoundedRequest(server.Request):
         self._chunks: list[bytes] = []
 
     # -- the body ---------------------------------------------------------
+
+    def too_large(self) -> RequestTooLarge:
+        """The error for a body over C{max_body}."""
+        named = f" ({self.max_body_setting})" if self.max_body_setting else ""
+        return RequestTooLarge(f"the request body is larger than {self.max_body} bytes{named}")
 
     def claim_body(self, size: int) -> bool:
         """Claim C{size} bytes of body memory for this request; C{False} when they are not there."""
@@ -91,7 +98,7 @@ class BoundedRequest(server.Request):
             return
         self._body_received += len(data)
         if self._body_received > self.max_body:
-            self._refuse(RequestTooLarge(f"the request body is larger than {self.max_body} bytes"))
+            self._refuse(self.too_large())
             return
         missing = self._body_received - self._claimed
         if self.memory is not None and missing > 0 and not self.claim_body(missing):
@@ -178,6 +185,7 @@ def bounded_request_factory(
     memory: BodyMemory | None = None,
     instance_id: str | None = None,
     loop_token: str | None = None,
+    max_body_setting: str | None = None,
 ) -> type[BoundedRequest]:
     """
     A L{BoundedRequest} class that keeps at most C{max_body} bytes of body,
@@ -188,5 +196,8 @@ def bounded_request_factory(
     return type(
         "BoundedRequest",
         (BoundedRequest,),
-        {"max_body": max_body, "memory": memory, "instance_id": instance_id, "loop_token": loop_token},
+        {
+            "max_body": max_body, "memory": memory, "instance_id": instance_id, "loop_token": loop_token,
+            "max_body_setting": max_body_setting,
+        },
     )
