@@ -45,7 +45,7 @@ from .harness import (
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
-CASES = scaled(300, 6000)  # per port: the long form runs 12,000 cases
+CASES = scaled(250, 6000)  # per port: the long form runs 12,000 cases
 TOKEN = "fuzz-token"
 MAX_BODY = 65536
 

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses_itself(procs, tmp_path):
     count = 500
     rounds = scaled(2, 20)
-    balancer, proxy, management = start_balancer(procs, "--agent-expiry", "1.5")
+    balancer, proxy, management = start_balancer(procs, "--agent-expiry", "1")
     pid = balancer.process.pid
     fds_before, rss_before = open_fds(pid), rss_mib(pid)
     port = int(management.rsplit(":", 1)[1])

@@ -45,7 +45,7 @@ from .harness import (
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
-DURATION = scaled(6.0, 300.0)
+DURATION = scaled(4.0, 300.0)
 CLIENTS = scaled(5, 8)
 
 
