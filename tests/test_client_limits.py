@@ -523,3 +523,27 @@ def test_starting_a_balancer_logs_the_open_files_limit_and_a_lowered_cap(monkeyp
     assert any("raised from 1024 to 4096" in line for line in lines), lines
     assert any("--max-connections 1024 lowered to 256" in line for line in lines), lines
     assert all(site.limits.max_connections == 256 for site in service.sites)
+
+
+def test_a_reload_applies_new_client_limits_and_body_memory_to_both_listeners():
+    """SIGHUP with a shorter --header-timeout, a lower --max-connections and another body budget:
+    both sites take the new limits (fitted to the open-files limit), the budget changes in place."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler.balancer.reload import Reloader
+    from paddler.config import BalancerConfig
+    from paddler.tap import makeBalancerService
+
+    service = makeBalancerService(BalancerConfig(), MemoryReactorClock())
+    new = BalancerConfig(header_timeout=3.0, max_connections=50, client_idle_timeout=30.0,
+                         max_request_bodies_memory=64 * 1024 * 1024)
+
+    class Prober:
+        timeout, mode, unhealthy_after, api_key = 2.0, "slots", 2, None
+
+    changes = Reloader(service, lambda: new, Prober(), open_files=lambda: 20000).reload()
+    assert "header_timeout is now 3.0" in changes and "max_connections is now 50" in changes
+    assert [(s.limits.header_timeout, s.limits.max_connections, s.timeOut) for s in service.sites] == [
+        (3.0, 50, 30.0), (3.0, 50, 30.0)
+    ]
+    assert service.body_memory.limit == 64 * 1024 * 1024
