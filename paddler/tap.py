@@ -238,7 +238,8 @@ def makeBalancerService(
     from paddler.observability.dashboard import ObservabilityApp
     from paddler.observability.prometheus import PrometheusMetrics
     from paddler.observability.requests import RequestStats
-    from paddler.observability.snapshot import StateHistory, build_state
+    from paddler.observability.events import FleetEvents
+    from paddler.observability.snapshot import FleetView, StateHistory
     from paddler.observability.stream import ObservabilityService, StateStream
     from paddler.routing.policies import CHOOSERS
     from paddler.web.clients import ConnectionPoolService, connection_pool
@@ -321,14 +322,12 @@ def makeBalancerService(
     management = ManagementAPI(pool, top.registry, reactor, probes=top.probes, token=config.management_token)
 
     history = StateHistory()
-
-    def fleet_state(with_history: bool) -> dict[str, Any]:
-        return build_state(pool, stats, reactor, history if with_history else None)
-
-    state_stream = StateStream(reactor, fleet_state)
-    ObservabilityService(pool, stats, reactor, history, state_stream).setServiceParent(top)
+    events = FleetEvents(reactor)
+    view = FleetView(pool, stats, reactor, history, events, token_required=bool(config.management_token))
+    state_stream = StateStream(reactor, view)
+    ObservabilityService(pool, stats, reactor, history, state_stream, events).setServiceParent(top)
     observability = ObservabilityApp(
-        fleet_state, state_stream, PrometheusMetrics(pool, stats), dashboard=config.dashboard
+        view.state, state_stream, PrometheusMetrics(pool, stats), dashboard=config.dashboard
     ).resource()
     if config.statsd is not None:
         from paddler.config import parse_statsd_address
