@@ -684,6 +684,15 @@ def test_dashboard_script_never_parses_data_as_html() -> None:
     assert "textContent" in script
 
 
+def test_dashboard_script_keeps_the_token_in_memory_only() -> None:
+    """app.js never writes to web storage or cookies, and sends the token only as a header."""
+    script = resources.files("paddler.observability").joinpath("assets", "app.js").read_text()
+    for store in ("localStorage", "sessionStorage", "document.cookie", "indexedDB", "history.pushState"):
+        assert store not in script, store
+    assert script.count("token") and '"Authorization"' in script
+    assert 'credentials: "omit"' in script
+
+
 def test_dashboard_page_has_no_inline_script_or_external_url() -> None:
     """index.html loads only its own files: no inline script, no CDN."""
     page = resources.files("paddler.observability").joinpath("assets", "index.html").read_text()
