@@ -45,13 +45,14 @@ class UpstreamWindow:
     memory stays bounded whatever the request rate.
     """
 
-    __slots__ = ("buckets", "samples", "last")
+    __slots__ = ("buckets", "samples", "last", "_described")
 
     def __init__(self, samples: int = UPSTREAM_SAMPLES) -> None:
         # [second, requests, 4xx, 5xx], oldest first
         self.buckets: deque[list[int]] = deque()
         self.samples: deque[tuple[float, float | None, float]] = deque(maxlen=samples)
         self.last = 0.0
+        self._described: dict[str, Any] | None = None  # until a request comes or goes
 
     def add(self, now: float, status: int, ttfb: float | None, duration: float) -> None:
         second = int(now)
@@ -65,15 +66,24 @@ class UpstreamWindow:
             bucket[3] += 1
         self.samples.append((now, ttfb, duration))
         self.last = now
+        self._described = None
 
     def prune(self, horizon: float) -> None:
         """Drop what finished before C{horizon}."""
         while self.buckets and self.buckets[0][0] + 1 <= horizon:  # the whole second is before it
             self.buckets.popleft()
+            self._described = None
         while self.samples and self.samples[0][0] < horizon:
             self.samples.popleft()
+            self._described = None
 
     def describe(self, window: float) -> dict[str, Any]:
+        """The figures (computed again only after a request came or left the window); do not change it."""
+        if self._described is None:
+            self._described = self._describe(window)
+        return self._described
+
+    def _describe(self, window: float) -> dict[str, Any]:
         requests = sum(b[1] for b in self.buckets)
         ttfbs = sorted(s[1] for s in self.samples if s[1] is not None)
         durations = sorted(s[2] for s in self.samples)
