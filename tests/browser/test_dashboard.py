@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium against a real balancer with a simulated fleet.
 
-Set ``PADDLER_DASHBOARD_SCREENSHOT=docs/dashboard.png`` to also save the
-screenshot taken with requests in flight there (for the README).
+Set ``PADDLER_DASHBOARD_SCREENSHOT=PATH`` to also save the screenshot taken
+with requests in flight there; the README's (docs/dashboard.png) is made by
+``python -m tests.browser.screenshot``.
 """
 
 from __future__ import annotations
