@@ -355,7 +355,8 @@ def test_stream_opens_with_the_full_state_and_history(fleet: Fleet) -> None:
 def apply_delta(state: dict[str, Any], delta: dict[str, Any]) -> None:
     """What the page does with a "delta" event (app.js applyDelta), on a state it holds."""
     for key in ("time", "policy", "buffer", "totals", "requests", "recent"):
-        state[key] = delta[key]
+        if key in delta:  # "recent" comes with the upstreams' changes only
+            state[key] = delta[key]
     rows = {u["id"]: u for u in state["upstreams"]}
     for key, changes in delta.get("upstreams", {}).items():
         row = rows.setdefault(key, {})
@@ -422,13 +423,14 @@ def test_stream_sends_fleet_figures_at_once_and_upstream_changes_at_most_once_a_
     fleet.clock.advance(PUSH := fleet.stream.min_interval)
     [(name, delta)] = events(exchange)[1:]
     assert PUSH == 0.25
-    assert delta["requests"]["total"] == 1 and "upstreams" not in delta
+    assert delta["requests"]["total"] == 1 and "upstreams" not in delta and "recent" not in delta
     fleet.clock.advance(0.2)
     assert len(events(exchange)) == 2
     fleet.clock.advance(0.05)  # a second after the first state
     *_, (name, delta) = events(exchange)
     assert delta["upstreams"][upstream.id]["recent"]["requests"] == 1
     assert delta["upstreams"][upstream.id]["requests_served"] == 1
+    assert delta["recent"]["requests"] == 1
 
 
 def test_stream_sends_state_changes_and_drains_at_once_and_removals_by_id(fleet: Fleet) -> None:
@@ -510,6 +512,7 @@ def test_deltas_applied_to_the_first_state_give_the_current_state(fleet: Fleet) 
     _, fresh = fleet.get_json("/api/v1/state")
     assert comparable(held) == comparable(fresh)
     assert held["totals"] == fresh["totals"] and held["requests"] == fresh["requests"]
+    assert held["recent"] == fresh["recent"]
     assert [e["seq"] for e in held["events"]] == [e["seq"] for e in fresh["events"]]
     for d in waiting:
         d.cancel()

@@ -76,10 +76,14 @@ class FleetView:
         self.events = events
         self.token_required = token_required
 
-    def headline(self) -> dict[str, Any]:
-        """The fleet-wide figures: small, sent on every push of the stream."""
+    def headline(self, with_recent: bool = True) -> dict[str, Any]:
+        """
+        The fleet-wide figures: small, sent on every push of the stream.
+        C{with_recent}: with the last minute's rate and percentiles (they sort
+        the minute's requests, so the stream sends them only once a second).
+        """
         pool, stats = self.pool, self.stats
-        return {
+        headline = {
             "time": self.clock.seconds(),
             "policy": getattr(pool.chooser, "name", ""),
             "buffer": {"capacity": pool.max_buffered, "timeout": pool.buffer_timeout},
@@ -89,8 +93,10 @@ class FleetView:
                 "by_status": dict(sorted(stats.by_status.items())),
                 "outcomes": {kind: dict(counts) for kind, counts in stats.outcomes.items()},
             },
-            "recent": stats.recent(),
         }
+        if with_recent:
+            headline["recent"] = stats.recent()
+        return headline
 
     def row(self, upstream: Upstream, now: float) -> dict[str, Any]:
         """One upstream without the ages (L{DERIVED_FIELDS}): what the stream compares."""

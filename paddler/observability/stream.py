@@ -136,8 +136,8 @@ class StateStream:
 
     L{changed} is cheap and may be called on every event: pushes are
     coalesced with C{clock.callLater} to at most one per C{min_interval}
-    seconds. Every push carries L{FleetView.headline}; the upstreams' changed
-    fields (L{row_changes} against what was last sent, one baseline for all
+    seconds. Every push carries L{FleetView.headline}; the last minute's
+    figures (C{recent}), the upstreams' changed fields (L{row_changes} against what was last sent, one baseline for all
     clients), the upstreams removed and the new event log entries go at most
     once per C{rows_interval} seconds, or at the next push when the event log
     moved (a state change, a drain, an upstream added or removed). One
@@ -262,10 +262,11 @@ class StateStream:
         now = self._last_push = self.clock.seconds()
         if not self.clients:
             return
-        payload = self.view.headline()
         events = self.view.events
         new_events = [] if events is None else events.since(self._sent_event)
-        if self._rows_pending and (new_events or now - self._last_rows >= self.rows_interval):
+        rows_due = self._rows_pending and (bool(new_events) or now - self._last_rows >= self.rows_interval)
+        payload = self.view.headline(with_recent=rows_due)
+        if rows_due:
             self._rows_pending = False
             self._last_rows = now
             payload["upstreams"], payload["removed"] = self._row_changes()
