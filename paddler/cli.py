@@ -35,6 +35,7 @@ def parse(argv: Sequence[str], stderr: TextIO) -> Any:
         print(f"{command}: error: {e}", file=stderr)  # noqa: T201 - before logging starts
         print(f"Try '{command} --help' for the options.", file=stderr)  # noqa: T201
         raise SystemExit(USAGE_ERROR) from None
+    options.argv = list(argv)  # a balancer with --workers starts its workers with the same arguments
     return options
 
 

@@ -92,6 +92,13 @@ def _url(text: str) -> str:
         raise ValueError(str(e)) from None
 
 
+def _state_url(text: str) -> str:
+    from paddler.shared.client import parse_state_url
+
+    parse_state_url(text)  # InvalidStateURL is a ValueError naming what is wrong
+    return text.strip()
+
+
 URL = Converted(_url, "http(s)://host[:port]")
 SECRET = Text(max_length=4096)
 
@@ -161,6 +168,32 @@ class BalancerConfig:
         Text(128, r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", "dot-separated names of letters, digits, _ and -"),
     )
     statsd_interval: float = setting(1.0, "Seconds between StatsD reports.", seconds())
+    state: str | None = setting(
+        None,
+        "Share the fleet's slots, leases and buffer with other balancers through Redis: "
+        "redis://[:password@]host:port/db or rediss:// (password also from PADDLER_STATE_PASSWORD).",
+        Converted(_state_url, "redis://host:port/db"),
+    )
+    state_prefix: str = setting(
+        "{pd}",
+        "Prefix of the shared-state keys in Redis; holds one hash tag, like {pd}.",
+        Text(64, r"[A-Za-z0-9_.:-]*\{[A-Za-z0-9_.:-]+\}[A-Za-z0-9_.:-]*", "a key prefix with one {hash tag}"),
+    )
+    state_lease_ttl: float = setting(
+        10.0,
+        "Seconds a shared lease lives unless its balancer renews it (a balancer that dies gives "
+        "its slots back after this).",
+        seconds(maximum=3600),
+    )
+    workers: int = setting(
+        1,
+        "Balancer processes sharing the proxy port (SO_REUSEPORT) and the fleet; above 1 needs "
+        "--state and a tcp: --listen endpoint. Worker i serves management on its port + i.",
+        count(1, 64),
+    )
+    worker_index: int = setting(
+        0, "Set by worker 0 on the workers it starts; do not set it yourself.", count(0, 63)
+    )
     shutdown_timeout: float = setting(
         30.0,
         "Seconds running requests may take to finish when the balancer stops (SIGTERM).",
@@ -237,7 +270,13 @@ def build_config(
             if spec.name in names:
                 raise ConfigError(f"upstream name {spec.name!r} is given twice")
             names.add(spec.name)
-    return BalancerConfig(upstreams=list(upstreams), **values)
+    config = BalancerConfig(upstreams=list(upstreams), **values)
+    if config.workers > 1 or config.worker_index:
+        if not config.state:
+            raise ConfigError("--workers above 1 needs --state redis://... (the workers share the fleet through it)")
+        if not config.listen.startswith(("tcp:", "tcp6:")):
+            raise ConfigError(f"--workers above 1 needs a tcp: --listen endpoint, got {config.listen!r}")
+    return config
 
 
 # -- paddler agent ------------------------------------------------------------

@@ -186,7 +186,7 @@ def makeService(options: Any) -> IService:
 
         return makeSimulatorService(sub, reactor)
     if options.subCommand == "balancer":
-        return makeBalancerService(sub.config, reactor, sub.reload_config)
+        return makeBalancerService(sub.config, reactor, sub.reload_config, getattr(options, "argv", None))
     return makeAgentService(sub.config, reactor)
 
 
@@ -216,15 +216,19 @@ def makeAgentService(config: AgentConfig, reactor: Any) -> AgentProcess:
 
 
 def makeBalancerService(
-    config: BalancerConfig, reactor: Any, reload_config: Callable[[], BalancerConfig] | None = None
+    config: BalancerConfig,
+    reactor: Any,
+    reload_config: Callable[[], BalancerConfig] | None = None,
+    argv: list[str] | None = None,
 ) -> BalancerService:
     """
     Wire the balancer: pool, chooser, probes, proxy, management port (and what
     rides on them). C{reload_config} reads the configuration again for a
-    reload (SIGHUP); without it the balancer has nothing to reload.
+    reload (SIGHUP); without it the balancer has nothing to reload. C{argv}
+    is the command line, for the workers of C{--workers} (the ``paddler``
+    command passes it; ``twistd paddler`` cannot run workers).
     """
     from twisted.web.client import Agent
-    from twisted.web.server import Site
     from treq.client import HTTPClient
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
@@ -242,6 +246,7 @@ def makeBalancerService(
     from paddler.observability.snapshot import FleetView, StateHistory
     from paddler.observability.stream import ObservabilityService, StateStream
     from paddler.routing.policies import CHOOSERS
+    from paddler.shared.fleet import SharedProber
     from paddler.web.clients import ConnectionPoolService, connection_pool
     from paddler.web.endpoints import CachingEndpointFactory
     from paddler.web.listeners import ListeningService, QuietSite
@@ -301,23 +306,29 @@ def makeBalancerService(
         mode=config.probe_mode,
         api_key=config.llamacpp_api_key,
     )
-    top.probes = ProbeService(pool, prober, reactor, interval=config.probe_interval)
+    probing: Any = prober
+    if config.state:
+        shared = _shared_fleet(config, reactor, pool)
+        shared.setServiceParent(top)
+        probing = SharedProber(prober, shared)
+    top.probes = ProbeService(pool, probing, reactor, interval=config.probe_interval)
     top.probes.setServiceParent(top)
 
-    # A client connection idle between requests (or slow to send one) is
-    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
-    site = (Site if config.access_log else QuietSite)(
-        proxy,
-        requestFactory=bounded_request_factory(config.max_request_body),
-        timeout=CLIENT_IDLE_TIMEOUT,
-        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
-    )
-    site.displayTracebacks = False
-    site.noisy = False
-    top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
+    site = proxy_site(proxy, reactor, access_log=config.access_log)
+    if config.workers > 1 or config.worker_index:
+        from paddler.balancer.workers import ReusePortListeningService
+
+        top.proxy_listener = ReusePortListeningService(
+            reactor, config.listen, site, f"paddler balancer proxy (worker {config.worker_index})"
+        )
+    else:
+        top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
     top.proxy_listener.setServiceParent(top)
 
-    top.registry = AgentRegistry(pool, reactor, expiry=config.agent_expiry)
+    top.registry = AgentRegistry(
+        pool, reactor, expiry=config.agent_expiry,
+        report_age=pool.shared.report_age if pool.shared is not None else None,
+    )
     top.registry.setServiceParent(top)
     management = ManagementAPI(pool, top.registry, reactor, probes=top.probes, token=config.management_token)
 
@@ -326,9 +337,10 @@ def makeBalancerService(
     view = FleetView(pool, stats, reactor, history, events, token_required=bool(config.management_token))
     state_stream = StateStream(reactor, view)
     ObservabilityService(pool, stats, reactor, history, state_stream, events).setServiceParent(top)
-    observability = ObservabilityApp(
-        view.state, state_stream, PrometheusMetrics(pool, stats), dashboard=config.dashboard
-    ).resource()
+    metrics = PrometheusMetrics(pool, stats)
+    if pool.shared is not None:
+        metrics.collector.extra.append(pool.shared.metrics)
+    observability = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()
     if config.statsd is not None:
         from paddler.config import parse_statsd_address
         from paddler.observability.statsd import StatsDClient, StatsDService
@@ -348,15 +360,65 @@ def makeBalancerService(
         requestFactory=bounded_request_factory(MAX_BODY),
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,
+        reactor=reactor,
     )
-    top.management_listener = ListeningService(
-        reactor, config.management_listen, management_site, "paddler management"
-    )
+    management_listen = config.management_listen
+    if config.worker_index:
+        from paddler.balancer.workers import reuse_port_endpoint, with_port
+
+        parsed = reuse_port_endpoint(management_listen)
+        if parsed is not None and parsed[1]:
+            management_listen = with_port(management_listen, parsed[1] + config.worker_index)
+    top.management_listener = ListeningService(reactor, management_listen, management_site, "paddler management")
     top.management_listener.setServiceParent(top)
+    if config.workers > 1 and not config.worker_index:
+        if argv is None:
+            raise ConfigError("--workers needs the paddler command (twistd paddler runs one process)")
+        _supervise_workers(top, config, reactor, argv)
     if reload_config is not None:
         top.reloader = Reloader(top, reload_config, prober).reload
     top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
     return top
+
+
+def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: Any, argv: list[str]) -> None:
+    """Worker 0 starts the others once its proxy port is bound (port 0 is resolved by then)."""
+    from twisted.application.service import Service
+
+    from paddler.balancer.workers import WorkerSupervisor, with_port
+
+    class Start(Service):
+        def startService(self) -> None:
+            super().startService()
+            port = top.proxy_listener.address.port  # type: ignore[union-attr]
+            supervisor.argv = [*argv, "--listen", with_port(config.listen, port), "--simulated-fleet", "0"]
+            supervisor.startService()
+
+    supervisor = WorkerSupervisor(reactor, argv, config.workers, config.shutdown_timeout)
+    Start().setServiceParent(top)
+    top.on_stopping.append(supervisor.stopService)
+
+
+def proxy_site(proxy: Any, reactor: Any, access_log: bool = False) -> Any:
+    """The proxy port's C{Site}: bodies bounded by C{proxy.config.max_request_body},
+    request targets checked, an idle deadline between requests on C{reactor}'s clock."""
+    from twisted.web.server import Site
+
+    from paddler.web.listeners import QuietSite
+    from paddler.web.request import bounded_request_factory
+
+    # A client connection idle between requests (or slow to send one) is
+    # closed after CLIENT_IDLE_TIMEOUT; while a request runs Twisted suspends it.
+    site = (Site if access_log else QuietSite)(
+        proxy,
+        requestFactory=bounded_request_factory(proxy.config.max_request_body),
+        timeout=CLIENT_IDLE_TIMEOUT,
+        parsePOSTFormSubmission=False,  # bodies are relayed, never parsed as forms
+        reactor=reactor,
+    )
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
 
 
 def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None:
@@ -364,6 +426,30 @@ def _on_signal(reactor: Any, signum: int, handler: Callable[[], object]) -> None
     import signal
 
     signal.signal(signum, lambda *_: reactor.callFromThread(handler))
+
+
+def _shared_fleet(config: BalancerConfig, reactor: Any, pool: Any) -> Any:
+    """The shared-state side of the pool (--state): a Redis slot store and the fleet bound to it."""
+    import socket
+    import uuid
+
+    from paddler.fleet.upstream import upstream_id
+    from paddler.shared.fleet import SharedFleet
+    from paddler.shared.redisstore import RedisSlotStore
+
+    owner = f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    store = RedisSlotStore(
+        reactor,
+        config.state,  # type: ignore[arg-type]
+        owner,
+        prefix=config.state_prefix,
+        lease_ttl=config.state_lease_ttl,
+        wait=config.buffered_request_timeout,
+        max_waiting=config.max_buffered_requests,
+    )
+    shared = SharedFleet(pool, store, reactor, static_ids=frozenset(upstream_id(s.url) for s in config.upstreams))
+    pool.shared = shared
+    return shared
 
 
 #: Seconds a client connection may stay idle between requests.
@@ -395,14 +481,21 @@ def run(options: Any, stderr: Any) -> int:
         return 1
     stopping: list[bool] = []
 
-    def stop() -> None:
-        if stopping:  # asked again while stopping gracefully: stop now
+    def halt(_: object = None) -> None:
+        if reactor.running:
             reactor.stop()
+
+    def stop(force: bool) -> None:
+        if stopping:
+            # A second Ctrl-C stops at once; SIGTERM may come twice (to the process group
+            # and from worker 0 to its workers): the graceful stop goes on.
+            if force:
+                halt()
             return
         stopping.append(True)
-        service.stopService().addBoth(lambda _: reactor.stop())  # type: ignore[union-attr]
+        service.stopService().addBoth(halt)  # type: ignore[union-attr]
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        _on_signal(reactor, signum, stop)
+    _on_signal(reactor, signal.SIGTERM, lambda: stop(force=False))
+    _on_signal(reactor, signal.SIGINT, lambda: stop(force=True))
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     return 0

@@ -41,6 +41,10 @@ class HeldRequest:
             self.request.write(data)
         self.request.finish()
 
+    def reset(self) -> None:
+        """Drop the connection without finishing the answer (a crash, a reset)."""
+        self.request.channel.transport.abortConnection()
+
 
 class FakeLlama(Resource):
     """llama-server as far as the balancer looks: /health, /slots, /props, completions."""

@@ -1,114 +1,139 @@
-"""The balancer as built by makeBalancerService serves the state, /metrics and StatsD (real reactor, ports 0)."""
+"""The balancer as built by makeBalancerService serves the state, /metrics and StatsD: the whole
+service tree on an in-memory network (L{tests.memory_network}), its listeners on port 0."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import pytest
-import pytest_twisted
-import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
+from paddler.balancer.relay import BytesProducer
 from paddler.config import BalancerConfig, UpstreamSpec
-from paddler.observability.stream import ObservabilityService
-from paddler.web.listeners import ListeningService
 from paddler.observability.statsd import StatsDService
+from paddler.observability.stream import ObservabilityService
 from paddler.tap import makeBalancerService
+from paddler.web.listeners import ListeningService
 
+from .memory_network import MemoryNetwork
 from .test_statsd import Receiver
 
-DEADLINE = 10.0
+
+def result(net: MemoryNetwork, d: Deferred[Any]) -> Any:
+    """Flush C{net}; the result of C{d}, which must have fired."""
+    net.flush()
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, f"{d!r} has not fired"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
 
 
-@pytest.fixture
-def receiver():  # type: ignore[no-untyped-def]
-    protocol = Receiver()
-    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-    protocol.port = port.getHost().port  # type: ignore[attr-defined]
-    yield protocol
-    pytest_twisted.blockon(port.stopListening())
-
-
-async def listening(top: Any, what: str) -> str:
-    """The base URL of the listener C{what} once it is bound (deadline: 10 s)."""
+def listening(top: Any, what: str) -> str:
+    """The base URL of the listener C{what}, bound when the service started."""
     [service] = [s for s in top if isinstance(s, ListeningService) and s.what == what]
-    for _ in range(int(DEADLINE / 0.01)):
-        if service.address is not None:
-            return f"http://127.0.0.1:{service.address.port}"
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(f"{what} did not listen within {DEADLINE} s")
+    return f"http://{service.address.host}:{service.address.port}"
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_balancer_wires_state_metrics_and_statsd(receiver: Receiver) -> None:
+def http_client(net: MemoryNetwork) -> HTTPClient:
+    return HTTPClient(Agent(net, pool=HTTPConnectionPool(net, persistent=False)), data_to_body_producer=BytesProducer)
+
+
+def test_the_balancer_wires_state_metrics_and_statsd() -> None:
     """With --statsd and --no-dashboard: /api/v1/state and /metrics answer on the management
     port, /dashboard is a JSON 404, and StatsD gauges reach the UDP listener."""
+    net = MemoryNetwork()
+    receiver = Receiver()
+    receiver_port = net.listenUDP(0, receiver, interface="127.0.0.1").getHost().port
     config = BalancerConfig(
         listen="tcp:0:interface=127.0.0.1",
         management_listen="tcp:0:interface=127.0.0.1",
         upstreams=[UpstreamSpec("http://127.0.0.1:9", "nowhere")],
-        statsd=f"udp:127.0.0.1:{receiver.port}",
+        statsd=f"udp:127.0.0.1:{receiver_port}",
         statsd_prefix="test",
         statsd_interval=0.05,
         dashboard=False,
         probe_timeout=0.5,
     )
-    top = makeBalancerService(config, reactor)
+    top = makeBalancerService(config, net)
     assert [s for s in top if isinstance(s, ObservabilityService)]
     assert [s for s in top if isinstance(s, StatsDService)]
-    connections = HTTPConnectionPool(reactor, persistent=False)
-    http = HTTPClient(Agent(reactor, pool=connections))
+    http = http_client(net)
     top.startService()
     try:
-        management = await listening(top, "paddler management")
+        management = listening(top, "paddler management")
+        assert management.startswith("http://127.0.0.1:")
 
-        response = await http.get(management + "/api/v1/state").addTimeout(DEADLINE, reactor)
-        state = json.loads(await treq.content(response))
+        response = result(net, http.get(management + "/api/v1/state"))
+        state = json.loads(result(net, response.content()))
         assert response.code == 200
         assert [u["name"] for u in state["upstreams"]] == ["nowhere"]
         assert len(state["history"]["samples"]) == 1
 
-        response = await http.get(management + "/metrics").addTimeout(DEADLINE, reactor)
-        text = (await treq.content(response)).decode()
+        response = result(net, http.get(management + "/metrics"))
+        text = result(net, response.content()).decode()
         assert "paddler_upstreams" in {f.name for f in text_string_to_metric_families(text)}
 
-        response = await http.get(management + "/dashboard").addTimeout(DEADLINE, reactor)
+        response = result(net, http.get(management + "/dashboard"))
         assert response.code == 404
-        assert "--no-dashboard" in json.loads(await treq.content(response))["error"]["message"]
+        assert "--no-dashboard" in json.loads(result(net, response.content()))["error"]["message"]
 
-        await receiver.until(8)
+        net.run_for(config.statsd_interval)
+        assert len(receiver.lines) >= 8
         assert "test.upstreams_total:1|g" in receiver.lines
         assert "test.upstream.nowhere.healthy:0|g" in receiver.lines
     finally:
-        await top.stopService()
-        await connections.closeCachedConnections()
+        result(net, top.stopService())
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_dashboard_is_served_by_default() -> None:
+def test_the_dashboard_is_served_by_default() -> None:
     """Without --no-dashboard, GET /dashboard on the management port is the HTML page, and
     StatsD is off (no StatsD service)."""
+    net = MemoryNetwork()
     config = BalancerConfig(listen="tcp:0:interface=127.0.0.1", management_listen="tcp:0:interface=127.0.0.1")
-    top = makeBalancerService(config, reactor)
+    top = makeBalancerService(config, net)
     assert not [s for s in top if isinstance(s, StatsDService)]
-    connections = HTTPConnectionPool(reactor, persistent=False)
-    http = HTTPClient(Agent(reactor, pool=connections))
+    http = http_client(net)
     top.startService()
     try:
-        management = await listening(top, "paddler management")
-        response = await http.get(management + "/dashboard").addTimeout(DEADLINE, reactor)
-        body = await treq.content(response)
+        management = listening(top, "paddler management")
+        response = result(net, http.get(management + "/dashboard"))
+        body = result(net, response.content())
         assert response.code == 200 and b"<title>paddler" in body
     finally:
-        done: Deferred[Any] = top.stopService()
-        await done
-        await connections.closeCachedConnections()
+        result(net, top.stopService())
+
+
+def test_the_balancer_proxies_through_its_listener_in_memory() -> None:
+    """The proxy listener makeBalancerService binds serves /health for the configured fleet; the
+    probes run on the clock (an upstream nobody listens on: refused, then unreachable); after
+    stopping no connection is left open."""
+    net = MemoryNetwork()
+    config = BalancerConfig(
+        listen="tcp:0:interface=127.0.0.1",
+        management_listen="tcp:0:interface=127.0.0.1",
+        upstreams=[UpstreamSpec("http://127.0.0.1:9", "nowhere")],
+    )
+    top = makeBalancerService(config, net)
+    http = http_client(net)
+    top.startService()
+    try:
+        net.run_for(config.unhealthy_after * config.probe_interval)  # every probe is refused
+        proxy = listening(top, "paddler balancer proxy")
+        response = result(net, http.get(proxy + "/health"))
+        health = json.loads(result(net, response.content()))
+        assert response.code == 200 and health["upstreams"] == {"healthy": 0, "total": 1}
+        response = result(net, http.get(listening(top, "paddler management") + "/api/v1/state"))
+        [upstream] = json.loads(result(net, response.content()))["upstreams"]
+        assert upstream["state"] == "unreachable" and upstream["last_error"] == "connection refused"
+    finally:
+        result(net, top.stopService())
+    assert net.open_connections() == [] and net.getDelayedCalls() == []
 
 
 def test_client_connections_have_an_idle_deadline() -> None:

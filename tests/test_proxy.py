@@ -1,16 +1,18 @@
-"""The streaming reverse proxy against fake upstreams on loopback."""
+"""The streaming reverse proxy against fake upstreams, all in memory (L{tests.proxy_harness})."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import pytest_twisted
 
 from paddler.balancer.proxy import ProxyConfig
 from paddler.fleet.upstream import UpstreamState
 
-from .proxy_harness import Chunks, Harness, StringProducer, make_harness, turn, until
+from .proxy_harness import Chunks, Harness, make_harness
+
+#: HostnameEndpoint notices a refused attempt at its next attempt tick (0.3 s on the clock).
+REFUSAL_NOTICED = 0.3
 
 
 class FakeUpstreamTransport:
@@ -51,122 +53,114 @@ def harness():
     h.stop()
 
 
-
-
-
-@pytest_twisted.ensureDeferred
-async def test_stream_chunks_reach_the_client_as_the_upstream_sends_them(harness):
+def test_stream_chunks_reach_the_client_as_the_upstream_sends_them(harness):
     fake, upstream = harness.add_fake(hold=True)
     response_d = harness.post("/completion", {"prompt": "hi", "stream": True})
-    held = await fake.next_held()
+    held = harness.held(fake)
     held.start_stream()
     held.send(b'data: {"content":"one"}\n\n')
-    response = await response_d
+    response = harness.result(response_d)
     assert response.code == 200
     assert response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]
     chunks = Chunks()
-    first = chunks.next_chunk()
     response.deliverBody(chunks)
-    assert b"one" in await first  # before the upstream has sent anything else
+    harness.flush()
+    assert chunks.chunks == [b'data: {"content":"one"}\n\n']  # before the upstream has sent anything else
     assert upstream.in_flight == 1
-    second = chunks.next_chunk()
     held.send(b'data: {"content":"two"}\n\n')
-    assert b"two" in await second
+    harness.flush()
+    assert b"two" in chunks.chunks[-1] and len(chunks.chunks) == 2
     held.finish(b'data: {"stop":true}\n\n')
-    body = await chunks.done
+    body = harness.result(chunks.done)
     assert body.count(b"data:") == 3
-    await until(lambda: upstream.in_flight == 0)
+    assert upstream.in_flight == 0
     assert harness.proxy.stats.by_status == {"2xx": 1}
 
 
-@pytest_twisted.ensureDeferred
-async def test_client_disconnect_aborts_the_upstream_request_and_frees_the_slot(harness):
+def test_client_disconnect_aborts_the_upstream_request_and_frees_the_slot(harness):
     fake, upstream = harness.add_fake(hold=True)
-    held, response, chunks = await harness.open_stream(fake)
+    held, response, chunks = harness.open_stream(fake)
     chunks.done.addErrback(lambda _: None)
     chunks.transport.stopProducing()  # the client goes away mid-stream
-    await held.gone_deferred
+    harness.flush()
     assert held.gone
-    await until(lambda: upstream.in_flight == 0)
+    assert upstream.in_flight == 0
     assert upstream.slots_idle == 4
 
 
-@pytest_twisted.ensureDeferred
-async def test_client_disconnect_before_the_upstream_answers_aborts_it_too(harness):
+def test_client_disconnect_before_the_upstream_answers_aborts_it_too(harness):
     fake, upstream = harness.add_fake(hold=True)
-    response_d = harness.agent.request(b"POST", (harness.url + "/completion").encode(), None, StringProducer(b"{}"))
-    held = await fake.next_held()
+    response_d = harness.raw_post("/completion")
+    held = harness.held(fake)
     response_d.addErrback(lambda _: None)
     response_d.cancel()
-    await held.gone_deferred
+    harness.flush()
     assert held.gone
-    await until(lambda: upstream.in_flight == 0)
+    assert upstream.in_flight == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_refused_connection_marks_the_upstream_unreachable_and_retries_elsewhere(harness):
+def test_refused_connection_marks_the_upstream_unreachable_and_retries_elsewhere(harness):
     dead = harness.add_dead(slots=8)  # most idle: chosen first
     fake, live = harness.add_fake(slots=2)
-    response = await harness.post("/completion", {"prompt": "hi"})
+    response_d = harness.post("/completion", {"prompt": "hi"})
+    harness.run(REFUSAL_NOTICED)
+    response = harness.result(response_d)
     assert response.code == 200
-    assert (await response.json())["upstream"] == "fake"
+    assert harness.json(response)["upstream"] == "fake"
     assert dead.state is UpstreamState.UNREACHABLE
     assert dead.last_error == "connection refused"
     assert dead.in_flight == 0 and live.in_flight == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_every_upstream_failing_gives_502_in_openai_error_shape(harness):
+def test_every_upstream_failing_gives_502_in_openai_error_shape(harness):
     harness.add_dead("d1")
     harness.add_dead("d2")
-    response = await harness.post("/v1/chat/completions", {"messages": []})
+    response_d = harness.post("/v1/chat/completions", {"messages": []})
+    harness.run(2 * REFUSAL_NOTICED)
+    response = harness.result(response_d)
     assert response.code == 502
-    error = (await response.json())["error"]
+    error = harness.json(response)["error"]
     assert error["type"] == "upstream_error" and error["code"] == 502
     assert "connection refused" in error["message"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_upstream_answering_503_loading_is_skipped_and_marked_loading(harness):
+def test_upstream_answering_503_loading_is_skipped_and_marked_loading(harness):
     loading, loading_up = harness.add_fake("loading", slots=8)
     loading.answer_status = 503
     harness.add_fake("ready", slots=2)
-    response = await harness.post("/completion", {"prompt": "hi"})
-    assert (await response.json())["upstream"] == "ready"
+    response = harness.result(harness.post("/completion", {"prompt": "hi"}))
+    assert harness.json(response)["upstream"] == "ready"
     assert loading_up.state is UpstreamState.LOADING
 
 
-@pytest_twisted.ensureDeferred
-async def test_oversized_body_gets_413_and_never_reaches_an_upstream(request):
+def test_oversized_body_gets_413_and_never_reaches_an_upstream(request):
     h = make_harness(request, config=ProxyConfig(max_request_body=100))
     fake, _ = h.add_fake()
-    response = await h.post("/completion", {"prompt": "x" * 200})
+    response = h.result(h.post("/completion", {"prompt": "x" * 200}))
     assert response.code == 413
-    error = (await response.json())["error"]
+    error = h.json(response)["error"]
     assert "--max-request-body" in error["message"] and error["type"] == "invalid_request_error"
     assert fake.seen == []
-    ok = await h.post("/completion", {"prompt": "x"})
+    ok = h.result(h.post("/completion", {"prompt": "x"}))
     assert ok.code == 200
 
 
-@pytest_twisted.ensureDeferred
-async def test_invalid_json_gets_400_without_taking_a_slot(harness):
+def test_invalid_json_gets_400_without_taking_a_slot(harness):
     fake, upstream = harness.add_fake()
-    response = await harness.post("/v1/chat/completions", b"{not json")
+    response = harness.result(harness.post("/v1/chat/completions", b"{not json"))
     assert response.code == 400
-    assert "not valid JSON" in (await response.json())["error"]["message"]
+    assert "not valid JSON" in harness.json(response)["error"]["message"]
     assert fake.seen == [] and upstream.in_flight == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_forwarding_headers_and_hop_by_hop_handling(request):
+def test_forwarding_headers_and_hop_by_hop_handling(request):
     h = make_harness(request, config=ProxyConfig(api_key="sekrit"))
     fake, upstream = h.add_fake()
-    response = await h.post(
+    response = h.result(h.post(
         "/completion",
         {"prompt": "hi"},
         headers={b"Connection": [b"keep-alive, X-Private"], b"X-Private": [b"1"], b"X-Forwarded-For": [b"10.1.1.1"], b"Host": [b"llm.example"]},
-    )
+    ))
     assert response.code == 200
     method, uri, headers, body = fake.seen[-1]
     lower = {k.lower(): v for k, v in headers.items()}
@@ -179,32 +173,29 @@ async def test_forwarding_headers_and_hop_by_hop_handling(request):
     assert json.loads(body) == {"prompt": "hi"}
 
 
-@pytest_twisted.ensureDeferred
-async def test_client_authorization_is_kept_and_host_rewritten_when_asked(request):
+def test_client_authorization_is_kept_and_host_rewritten_when_asked(request):
     h = make_harness(request, config=ProxyConfig(api_key="sekrit", rewrite_host_header=True))
     fake, upstream = h.add_fake()
-    await h.post("/completion", {"prompt": "hi"}, headers={b"Authorization": [b"Bearer mine"]})
+    h.result(h.post("/completion", {"prompt": "hi"}, headers={b"Authorization": [b"Bearer mine"]}))
     lower = {k.lower(): v for k, v in fake.seen[-1][2].items()}
     assert lower[b"authorization"] == [b"Bearer mine"]
     assert lower[b"host"] == [upstream.url.split("//")[1].encode()]
 
 
-@pytest_twisted.ensureDeferred
-async def test_non_slot_paths_are_proxied_without_a_slot(harness):
+def test_non_slot_paths_are_proxied_without_a_slot(harness):
     fake, upstream = harness.add_fake()
-    response = await harness.client.get(harness.url + "/v1/models?x=1")
+    response = harness.result(harness.get("/v1/models?x=1"))
     assert response.code == 200
     assert fake.seen[-1][1] == b"/v1/models?x=1"
     assert upstream.in_flight == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_health_answers_for_the_fleet(harness):
+def test_health_answers_for_the_fleet(harness):
     harness.add_fake(slots=4)
     harness.add_fake("two", slots=2)
-    response = await harness.client.get(harness.url + "/health")
+    response = harness.result(harness.get("/health"))
     assert response.code == 200
-    assert await response.json() == {
+    assert harness.json(response) == {
         "status": "ok",
         "slots_idle": 6,
         "slots_processing": 0,
@@ -213,115 +204,115 @@ async def test_health_answers_for_the_fleet(harness):
     }
 
 
-@pytest_twisted.ensureDeferred
-async def test_slots_is_404_unless_enabled_then_tags_each_slot(request):
+def test_slots_is_404_unless_enabled_then_tags_each_slot(request):
     h = make_harness(request)
-    response = await h.client.get(h.url + "/slots")
+    response = h.result(h.get("/slots"))
     assert response.code == 404
-    assert "--slots-endpoint-enable" in (await response.json())["error"]["message"]
+    assert "--slots-endpoint-enable" in h.json(response)["error"]["message"]
     h2 = make_harness(request, config=ProxyConfig(slots_endpoint_enable=True))
     _, upstream = h2.add_fake(slots=2)
     upstream.raw_slots = [{"id": 0, "is_processing": False}, {"id": 1, "is_processing": True}]
-    slots = await (await h2.client.get(h2.url + "/slots")).json()
+    slots = h2.json(h2.result(h2.get("/slots")))
     assert [s["upstream"] for s in slots] == ["fake", "fake"]
     assert [s["id"] for s in slots] == [0, 1]
 
 
-@pytest_twisted.ensureDeferred
-async def test_upstream_silent_past_the_deadline_gives_504(request):
+def test_upstream_silent_past_the_deadline_gives_504(request):
     h = make_harness(request, config=ProxyConfig(upstream_timeout=5))
     fake, upstream = h.add_fake(hold=True)
     response_d = h.post("/completion", {"prompt": "hi"})
-    held = await fake.next_held()
-    h.clock.advance(5)
-    response = await response_d
+    held = h.held(fake)
+    h.run(4.9)
+    h.pending(response_d)
+    h.run(0.1)
+    response = h.result(response_d)
     assert response.code == 504
-    assert "--upstream-timeout" in (await response.json())["error"]["message"]
-    await held.gone_deferred
+    assert "--upstream-timeout" in h.json(response)["error"]["message"]
     assert held.gone and upstream.in_flight == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_stream_silent_past_the_idle_deadline_is_closed(request):
+def test_stream_silent_past_the_idle_deadline_is_closed(request):
     h = make_harness(request, config=ProxyConfig(idle_timeout=10))
     fake, upstream = h.add_fake(hold=True)
-    held, response, chunks = await h.open_stream(fake)
-    h.clock.advance(9)
+    held, response, chunks = h.open_stream(fake)
+    h.run(9)
     held.send(b"data: {}\n\n")
-    await chunks.next_chunk()
-    h.clock.advance(10)
+    h.flush()
+    assert len(chunks.chunks) == 2
+    h.run(9.9)
+    assert not chunks.done.called
+    h.run(0.1)
     with pytest.raises(Exception):
-        await chunks.done
-    await held.gone_deferred
+        h.result(chunks.done)
+    assert held.gone
     assert upstream.in_flight == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_buffered_request_waits_for_a_slot_and_never_overfills(harness):
+def test_buffered_request_waits_for_a_slot_and_never_overfills(harness):
     fake, upstream = harness.add_fake(slots=1, hold=True)
     first_d = harness.post("/completion", {"prompt": "a"})
-    first = await fake.next_held()
+    first = harness.held(fake)
     second_d = harness.post("/completion", {"prompt": "b"})
-    await until(lambda: harness.pool.requests_buffered == 1)
+    harness.flush()
+    assert harness.pool.requests_buffered == 1
     assert len(fake.held) == 1 and upstream.in_flight == 1
-    next_held = fake.next_held()
     first.finish(b'{"n":1}')
-    assert (await (await first_d).json()) == {"n": 1}
-    second = await next_held
+    assert harness.json(harness.result(first_d)) == {"n": 1}
+    second = harness.held(fake)
     assert second.json == {"prompt": "b"}
     second.finish(b'{"n":2}')
-    assert (await (await second_d).json()) == {"n": 2}
+    assert harness.json(harness.result(second_d)) == {"n": 2}
 
 
-@pytest_twisted.ensureDeferred
-async def test_buffer_timeout_gives_504_and_a_running_stream_is_never_cut(request):
+def test_buffer_timeout_gives_504_and_a_running_stream_is_never_cut(request):
     h = make_harness(request, buffer_timeout=5, config=ProxyConfig(idle_timeout=1000))
     fake, upstream = h.add_fake(slots=1, hold=True)
     stream_d = h.post("/completion", {"prompt": "long", "stream": True})
-    held = await fake.next_held()
+    held = h.held(fake)
     held.start_stream()
     waiting_d = h.post("/completion", {"prompt": "waits"})
-    await until(lambda: h.pool.requests_buffered == 1)
-    h.clock.advance(5)
-    waiting = await waiting_d
+    h.flush()
+    assert h.pool.requests_buffered == 1
+    h.run(5)
+    waiting = h.result(waiting_d)
     assert waiting.code == 504
-    assert "no slot became free" in (await waiting.json())["error"]["message"]
-    h.clock.advance(60)  # the stream goes on far past the buffer timeout
+    assert "no slot became free" in h.json(waiting)["error"]["message"]
+    h.run(60)  # the stream goes on far past the buffer timeout
     held.send(b"data: 1\n\n")
     held.finish(b"data: 2\n\n")
-    stream = await stream_d
+    stream = h.result(stream_d)
     assert stream.code == 200
-    assert await stream.content() == b"data: 1\n\ndata: 2\n\n"
+    assert h.content(stream) == b"data: 1\n\ndata: 2\n\n"
 
 
-@pytest_twisted.ensureDeferred
-async def test_client_leaving_while_buffered_never_reaches_an_upstream(harness):
+def test_client_leaving_while_buffered_never_reaches_an_upstream(harness):
     fake, upstream = harness.add_fake(slots=1, hold=True)
     first_d = harness.post("/completion", {"prompt": "a"})
-    first = await fake.next_held()
-    waiting_d = harness.agent.request(b"POST", (harness.url + "/completion").encode(), None, StringProducer(b"{}"))
-    await until(lambda: harness.pool.requests_buffered == 1)
+    first = harness.held(fake)
+    waiting_d = harness.raw_post("/completion")
+    harness.flush()
+    assert harness.pool.requests_buffered == 1
     waiting_d.addErrback(lambda _: None)
     waiting_d.cancel()
-    await until(lambda: harness.pool.requests_buffered == 0)
+    harness.flush()
+    assert harness.pool.requests_buffered == 0
     first.finish(b"{}")
-    await first_d
-    await turn()
+    harness.result(first_d)
     assert len(fake.held) == 1 and upstream.in_flight == 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_full_buffer_gives_503_with_retry_after(request):
+def test_full_buffer_gives_503_with_retry_after(request):
     h = make_harness(request, max_buffered=1)
     fake, _ = h.add_fake(slots=1, hold=True)
     first_d = h.post("/completion", {"prompt": "a"})
-    await fake.next_held()
+    h.held(fake)
     second_d = h.post("/completion", {"prompt": "b"})
-    await until(lambda: h.pool.requests_buffered == 1)
-    third = await h.post("/completion", {"prompt": "c"})
+    h.flush()
+    assert h.pool.requests_buffered == 1
+    third = h.result(h.post("/completion", {"prompt": "c"}))
     assert third.code == 503
     assert third.headers.getRawHeaders(b"retry-after") == [b"1"]
-    assert "buffer is full" in (await third.json())["error"]["message"]
+    assert "buffer is full" in h.json(third)["error"]["message"]
     for d in (first_d, second_d):
         d.addErrback(lambda _: None)
 
@@ -350,15 +341,14 @@ def test_idle_timer_is_suspended_while_the_client_applies_backpressure():
     relay.done.addErrback(lambda _: None)
 
 
-@pytest_twisted.ensureDeferred
-async def test_no_retries_once_the_balancer_is_stopping(harness):
+def test_no_retries_once_the_balancer_is_stopping(harness):
     """Upstream connections dropped during shutdown end the request with a 503, not a retry storm."""
     dead = harness.add_dead("dead", slots=8)
     harness.add_fake("live", slots=2)
     harness.proxy.stopping = True
-    response = await harness.post("/completion", {"prompt": "hi"})
+    response = harness.result(harness.post("/completion", {"prompt": "hi"}))
     assert response.code == 503
-    assert "shutting down" in (await response.json())["error"]["message"]
+    assert "shutting down" in harness.json(response)["error"]["message"]
     assert dead.in_flight == 0 and harness.fakes[0].seen == []
 
 

@@ -1,47 +1,45 @@
 """Edge cases of the proxy, probes and listeners found in review: cancellation
 while connecting, backpressure and idle timers, 503 bodies, counters, bind errors,
-hostile JSON."""
+hostile JSON. Everything but the taken port runs in memory (L{tests.proxy_harness})."""
 from __future__ import annotations
 
 import json
 import socket
 
 import pytest
-import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.task import Clock
 from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
-from paddler.fleet.probe import HTTPProber
 from paddler.balancer.proxy import ProxyConfig
 from paddler.balancer.relay import Relay
+from paddler.fleet.probe import HTTPProber
+from paddler.fleet.upstream import Upstream, UpstreamState
 from paddler.web.listeners import ListenFailed, ListeningService
-from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState
 
 from .helpers import make_pool
-from .proxy_harness import Harness, StringProducer, make_harness, until
-
+from .memory_network import MemoryNetwork
+from .proxy_harness import make_harness
 
 
 # 1 ---------------------------------------------------------------------------
-@pytest_twisted.ensureDeferred
-async def test_client_leaving_while_the_upstream_connect_is_pending_is_a_quiet_cancel(request):
-    """Client gone while the proxy is still connecting: counted as cancelled, nothing logged as an error."""
+def test_client_leaving_while_the_upstream_connect_is_pending_is_a_quiet_cancel(request):
+    """Client gone while the proxy is still connecting: counted as cancelled, nothing logged as an error,
+    and the connection attempt is abandoned."""
     h = make_harness(request)
-    _, upstream = h.add_fake()
-    never = MemoryReactorClock()  # connects are recorded and never complete
-    h.proxy._agent = Agent(never, pool=HTTPConnectionPool(never))
-    d = h.agent.request(b"POST", (h.url + "/completion").encode(), None, StringProducer(b"{}"))
+    upstream = h.add_unreachable()  # connects are made and never complete
+    d = h.raw_post("/completion")
     d.addErrback(lambda _: None)
-    await until(lambda: upstream.in_flight == 1)
+    h.flush()
+    assert upstream.in_flight == 1 and h.net.pending
     d.cancel()
-    await until(lambda: sum(h.proxy.stats.by_status.values()) == 1)
+    h.flush()
     assert h.proxy.stats.by_status == {"cancelled": 1}
+    assert upstream.in_flight == 0 and h.net.pending == []
 
 
 # 2 ---------------------------------------------------------------------------
@@ -94,66 +92,54 @@ class Refusing(Resource):
         return json.dumps({"error": {"message": "x" * self.size}}).encode()
 
 
-def add_resource(h, resource, name, slots=8):
-    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
-    h._ports.append(port)
-    up = Upstream(f"http://127.0.0.1:{port.getHost().port}", name=name, clock=h.clock)
-    up.record(SlotsSeen(slots, 0, up.probe_mark()), 0.0)
-    h.pool.add(up)
-    return up
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_503_whose_body_stalls_is_bounded_by_a_deadline(request):
+def test_a_503_whose_body_stalls_is_bounded_by_a_deadline(request):
     """A 503 whose body never ends must not hold the client and the slot forever."""
     h = make_harness(request, config=ProxyConfig(upstream_timeout=5, idle_timeout=5))
     refusing = Refusing(stall=True)
-    up = add_resource(h, refusing, "stalls")
+    up = h.add_resource(refusing, "stalls")
     result = []
     h.post("/completion", {"prompt": "hi"}).addBoth(result.append)
-    await until(lambda: refusing.held)
-    h.clock.advance(1000)
-    await deferLater(reactor, 0.2, lambda: None)
+    h.flush()
+    assert refusing.held
+    h.run(1000)
     try:
         assert result, "client still waiting after 1000 s"
         assert up.in_flight == 0
     finally:
         for r in refusing.held:
             r.transport.abortConnection()
+        h.flush()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_503_with_a_large_body_is_an_upstream_error_not_a_500(request):
+def test_a_503_with_a_large_body_is_an_upstream_error_not_a_500(request):
     """A >64 KiB 503 body (an HTML page from a sidecar) must not become 'internal error in the balancer'."""
     h = make_harness(request)
-    add_resource(h, Refusing(size=100_000), "big503")
-    response = await h.post("/completion", {"prompt": "hi"})
-    await response.content()
+    h.add_resource(Refusing(size=100_000), "big503")
+    response = h.result(h.post("/completion", {"prompt": "hi"}))
+    h.content(response)
     assert response.code != 500
 
 
 # 4 ---------------------------------------------------------------------------
-@pytest_twisted.ensureDeferred
-async def test_an_idle_timeout_counts_one_failed_request_not_two(request):
+def test_an_idle_timeout_counts_one_failed_request_not_two(request):
     h = make_harness(request, config=ProxyConfig(idle_timeout=10))
     fake, upstream = h.add_fake(hold=True)
-    held, response, chunks = await h.open_stream(fake)
+    held, response, chunks = h.open_stream(fake)
     chunks.done.addErrback(lambda _: None)
-    h.clock.advance(10)
-    await held.gone_deferred
-    await until(lambda: upstream.in_flight == 0)
+    h.run(10)
+    assert held.gone
+    assert upstream.in_flight == 0
     assert h.proxy.stats.requests_total == 1
     assert upstream.requests_failed == 1
 
 
 # 5 ---------------------------------------------------------------------------
-@pytest_twisted.ensureDeferred
-async def test_deeply_nested_json_is_a_400_json_error(request):
+def test_deeply_nested_json_is_a_400_json_error(request):
     h = make_harness(request)
     h.add_fake()
-    response = await h.post("/completion", b"[" * 100_000)
+    response = h.result(h.post("/completion", b"[" * 100_000))
     assert response.code == 400
-    assert (await response.json())["error"]["type"] == "invalid_request_error"
+    assert h.json(response)["error"]["type"] == "invalid_request_error"
 
 
 # 6 ---------------------------------------------------------------------------
@@ -184,55 +170,50 @@ class Silent(Resource):
         return server.NOT_DONE_YET
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_probe_that_times_out_says_so():
+def test_a_probe_that_times_out_says_so():
     """Real Agent: a cancelled request fails with ResponseNeverReceived([CancelledError]), which addTimeout does not convert."""
+    net = MemoryNetwork()
     silent = Silent()
-    port = reactor.listenTCP(0, Site(silent), interface="127.0.0.1")
-    connections = HTTPConnectionPool(reactor, persistent=False)
-    try:
-        clock = Clock()
-        pool = make_pool(clock)
-        prober = HTTPProber(HTTPClient(Agent(reactor, pool=connections)), clock, pool, timeout=2, unhealthy_after=1)
-        upstream = pool.add(Upstream(f"http://127.0.0.1:{port.getHost().port}", clock=clock))
-        d = prober.probe(upstream)
-        await until(lambda: silent.held)
-        clock.advance(2)
-        await d
-        assert upstream.state is UpstreamState.UNREACHABLE
-        assert upstream.last_error == "no answer within 2 s"
-    finally:
-        for r in silent.held:
-            r.transport.abortConnection()
-        await port.stopListening()
-        await connections.closeCachedConnections()
+    net.listenTCP(8080, Site(silent, reactor=net), interface="10.0.0.1")
+    connections = HTTPConnectionPool(net, persistent=False)
+    pool = make_pool(net)
+    prober = HTTPProber(HTTPClient(Agent(net, pool=connections)), net, pool, timeout=2, unhealthy_after=1)
+    upstream = pool.add(Upstream("http://10.0.0.1:8080", clock=net))
+    d = prober.probe(upstream)
+    net.flush()
+    assert silent.held and not d.called
+    net.run_for(2)
+    assert d.called
+    assert upstream.state is UpstreamState.UNREACHABLE
+    assert upstream.last_error == "no answer within 2 s"
+    pool.stop()
 
 
 # 8 ---------------------------------------------------------------------------
-@pytest_twisted.ensureDeferred
-async def test_every_upstream_loading_answers_503_not_502(request):
+def test_every_upstream_loading_answers_503_not_502(request):
     h = make_harness(request)
     loading, _ = h.add_fake("loading", slots=8)
     loading.answer_status = 503
-    response = await h.post("/completion", {"prompt": "hi"})
-    await response.content()
+    response = h.result(h.post("/completion", {"prompt": "hi"}))
+    h.content(response)
     assert response.code == 503
 
 
-@pytest_twisted.ensureDeferred
-async def test_idle_timeout_before_any_body_byte_answers_504_json(request):
+def test_idle_timeout_before_any_body_byte_answers_504_json(request):
     """Upstream sent 200 headers then nothing: nothing reached the client yet, so it gets a clean JSON 504."""
-    h = Harness(config=ProxyConfig(idle_timeout=10))
-    request.addfinalizer(h.stop)
+    h = make_harness(request, config=ProxyConfig(idle_timeout=10))
     fake, upstream = h.add_fake(hold=True)
     response_d = h.post("/completion", {"prompt": "hi", "stream": True})
-    held = await fake.next_held()
+    held = h.held(fake)
     held.start_stream()
-    await until(lambda: upstream.in_flight == 1 and any(c.getTime() == 10 for c in h.clock.getDelayedCalls()))
-    h.clock.advance(10)
-    response = await response_d
+    h.flush()
+    assert upstream.in_flight == 1
+    h.run(9.9)
+    h.pending(response_d)
+    h.run(0.1)
+    response = h.result(response_d)
     assert response.code == 504
-    error = (await response.json())["error"]
+    error = h.json(response)["error"]
     assert error["type"] == "timeout_error" and "before the body began" in error["message"]
-    await until(lambda: upstream.in_flight == 0)
+    assert upstream.in_flight == 0
     assert upstream.requests_failed == 1

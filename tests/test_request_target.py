@@ -10,43 +10,37 @@ import json
 from typing import Any
 
 import pytest
-from treq.testing import RequestTraversalAgent
-from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.web.server import Site
 
-from paddler.balancer.proxy import ProxyConfig, ProxyResource
-from paddler.web.request import bounded_request_factory
 from paddler.web.target import Target, TargetRejected, check_target
 
-from .fake_llama import FakeLlama
-from .helpers import healthy_upstream, make_pool
+from .memory_network import connect_raw
+from .proxy_harness import PROXY_HOST, PROXY_PORT, Harness
 
 
-class RecordingAgent:
-    """Routes requests to an in-memory fake llama-server and records every URI asked for."""
-
-    def __init__(self, resource: Any) -> None:
-        self.uris: list[bytes] = []
-        self.hosts: list[list[bytes] | None] = []
-        self._agent = RequestTraversalAgent(resource)
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
-        self.uris.append(uri)
-        self.hosts.append(None if headers is None else headers.getRawHeaders(b"host"))
-        return self._agent.request(method, uri, headers, bodyProducer)
+def exchange(h: Harness, raw: bytes) -> bytes:
+    """Send C{raw} on a new client connection to the proxy; return what it wrote back, then hang up."""
+    client = h.raw(raw)
+    if not client.closed:
+        client.transport.loseConnection()
+        h.flush()
+    return client.received
 
 
-def exchange(site: Site, raw: bytes) -> bytes:
-    """Feed C{raw} to a new connection of C{site}; return what it wrote back."""
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
-    protocol = site.buildProtocol(transport.getPeer())
-    protocol.makeConnection(transport)
-    protocol.dataReceived(raw)
-    written = transport.value()
-    protocol.connectionLost(None)
-    return written
+def upstream_requests(h: Harness) -> list[tuple[str, bytes, list[bytes] | None]]:
+    """(upstream, request target, Host header) of every request an upstream received."""
+    seen = []
+    for fake in h.fakes:
+        for method, uri, headers, body in fake.seen:
+            lower = {name.lower(): values for name, values in headers.items()}
+            seen.append((fake.name, uri, lower.get(b"host")))
+    return seen
+
+
+def upstream_connection_attempts(h: Harness) -> list[Any]:
+    """Every connection (made or still being made) to an address other than the proxy's."""
+    made = [c.server_address for c in h.net.connections
+            if (c.server_address.host, c.server_address.port) != (PROXY_HOST, PROXY_PORT)]
+    return made + [connector.getDestination() for connector in h.net.pending]
 
 
 def status_and_body(response: bytes) -> tuple[int, Any]:
@@ -60,17 +54,11 @@ def status_and_body(response: bytes) -> tuple[int, Any]:
 
 @pytest.fixture
 def proxy():
-    clock = Clock()
-    pool = make_pool(clock)
-    upstreams = [healthy_upstream("http://127.0.0.1:371", clock=clock),
-                 healthy_upstream("http://127.0.0.1:372", clock=clock)]
-    for upstream in upstreams:
-        pool.add(upstream)
-    agent = RecordingAgent(FakeLlama())
-    resource = ProxyResource(pool, agent, clock, ProxyConfig())
-    site = Site(resource, requestFactory=bounded_request_factory(1024))
-    yield site, agent, pool
-    pool.stop()
+    h = Harness()
+    h.add_fake("a")
+    h.add_fake("b")
+    yield h, h.pool
+    h.stop()
 
 
 @pytest.mark.parametrize(
@@ -92,67 +80,76 @@ def proxy():
 )
 def test_a_target_that_is_not_a_path_is_refused_and_reaches_no_upstream(proxy, request_line, status, words):
     """Relative, authority, asterisk and odd targets get a JSON 4xx; no upstream is asked, the pool is unchanged."""
-    site, agent, pool = proxy
+    h, pool = proxy
     before = pool.totals()
-    answer = exchange(site, request_line + b"\r\nHost: balancer\r\nContent-Length: 2\r\n\r\n{}")
+    answer = exchange(h, request_line + b"\r\nHost: balancer\r\nContent-Length: 2\r\n\r\n{}")
     code, body = status_and_body(answer)
     assert code == status
     assert body["error"]["code"] == status and words in body["error"]["message"]
-    assert agent.uris == []
+    assert upstream_requests(h) == [] and upstream_connection_attempts(h) == []
     assert pool.totals() == before
 
 
 @pytest.mark.parametrize("request_line", [b"GET /v1/\xffmodels HTTP/1.1", b"GET /v1/\x01models HTTP/1.1"])
 def test_a_request_line_the_http_parser_refuses_is_a_400_that_reaches_no_upstream(proxy, request_line):
     """Bytes Twisted's parser refuses in the request line: 400 and the connection closed, no upstream asked."""
-    site, agent, _ = proxy
-    answer = exchange(site, request_line + b"\r\nHost: balancer\r\n\r\n")
+    h, _ = proxy
+    answer = exchange(h, request_line + b"\r\nHost: balancer\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
-    assert agent.uris == []
+    assert upstream_requests(h) == [] and upstream_connection_attempts(h) == []
 
 
 def test_absolute_form_is_served_as_its_path_on_the_upstream_with_its_host(proxy):
     """GET http://evil.example/v1/models goes to <upstream>/v1/models, Host taken from the target."""
-    site, agent, _ = proxy
-    answer = exchange(site, b"GET http://evil.example/v1/models?x=1 HTTP/1.1\r\nHost: other\r\n\r\n")
+    h, _ = proxy
+    answer = exchange(h, b"GET http://evil.example/v1/models?x=1 HTTP/1.1\r\nHost: other\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200")
-    (uri,) = agent.uris
-    assert uri in (b"http://127.0.0.1:371/v1/models?x=1", b"http://127.0.0.1:372/v1/models?x=1")
-    assert agent.hosts == [[b"evil.example"]]
+    ((name, uri, host),) = upstream_requests(h)
+    assert name in ("a", "b") and uri == b"/v1/models?x=1"
+    assert [(a.host, a.port) for a in upstream_connection_attempts(h)] in ([("10.0.0.1", 8080)], [("10.0.0.2", 8080)])
+    assert host == [b"evil.example"]
 
 
 def test_absolute_form_without_a_path_is_the_root(proxy):
     """http://host?q (no path) is / with its query."""
-    site, agent, _ = proxy
-    exchange(site, b"GET HTTP://evil.example:8080?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert agent.uris and agent.uris[0].endswith(b":371/?q=1") or agent.uris[0].endswith(b":372/?q=1")
+    h, _ = proxy
+    exchange(h, b"GET HTTP://evil.example:8080?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [(uri, host) for _, uri, host in upstream_requests(h)] == [(b"/?q=1", [b"evil.example:8080"])]
 
 
 def test_two_host_headers_are_refused(proxy):
     """Two Host lines are a 400 (RFC 9112 section 3.2), not a 500."""
-    site, agent, _ = proxy
-    answer = exchange(site, b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    h, _ = proxy
+    answer = exchange(h, b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
     code, body = status_and_body(answer)
     assert code == 400 and "more than one Host" in body["error"]["message"]
-    assert agent.uris == []
+    assert upstream_requests(h) == [] and upstream_connection_attempts(h) == []
 
 
 def test_http11_without_host_is_refused_but_http10_is_served(proxy):
     """HTTP/1.1 needs a Host header; HTTP/1.0 does not."""
-    site, agent, _ = proxy
-    code, body = status_and_body(exchange(site, b"GET /v1/models HTTP/1.1\r\n\r\n"))
+    h, _ = proxy
+    code, body = status_and_body(exchange(h, b"GET /v1/models HTTP/1.1\r\n\r\n"))
     assert code == 400 and "needs a Host" in body["error"]["message"]
-    assert exchange(site, b"GET /v1/models HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
-    assert len(agent.uris) == 1
+    assert exchange(h, b"GET /v1/models HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+    assert len(upstream_requests(h)) == 1
 
 
 def test_two_clients_with_hostile_and_good_targets_interleaved(proxy):
     """A hostile target on one connection does not disturb a good request on another."""
-    site, agent, _ = proxy
-    bad = exchange(site, b"GET 69/api/v1/upstreams HTTP/1.1\r\nHost: h\r\n\r\n")
-    good = exchange(site, b"GET /v1/models HTTP/1.1\r\nHost: h\r\n\r\n")
+    h, _ = proxy
+    clients = [connect_raw(h.net, PROXY_HOST, PROXY_PORT) for _ in range(2)]
+    h.flush()
+    bad_client, good_client = clients
+    bad_client.transport.write(b"GET 69/api/v1/")
+    good_client.transport.write(b"GET /v1/models HTTP/1.1\r\n")
+    h.flush()
+    bad_client.transport.write(b"upstreams HTTP/1.1\r\nHost: h\r\n\r\n")
+    good_client.transport.write(b"Host: h\r\n\r\n")
+    h.flush()
+    bad, good = bad_client.received, good_client.received
     assert bad.startswith(b"HTTP/1.1 400") and good.startswith(b"HTTP/1.1 200")
-    assert len(agent.uris) == 1 and agent.uris[0].endswith(b"/v1/models")
+    assert [uri for _, uri, _ in upstream_requests(h)] == [b"/v1/models"]
 
 
 @pytest.mark.parametrize(

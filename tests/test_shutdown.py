@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import pytest
-import pytest_twisted
 
 from paddler.balancer.reload import Reloader
 from paddler.balancer.service import BalancerService
 from paddler.config import BalancerConfig, UpstreamSpec
 
-from .proxy_harness import Harness, until
+from .proxy_harness import Harness
 
 
 @pytest.fixture
@@ -26,65 +25,62 @@ def balancer(h: Harness, timeout: float = 5.0) -> BalancerService:
     return service
 
 
-@pytest_twisted.ensureDeferred
-async def test_stop_lets_two_running_streams_finish_and_answers_the_rest_503(harness):
+def test_stop_lets_two_running_streams_finish_and_answers_the_rest_503(harness):
     """Two streams run on two upstreams; a third request waits in the buffer. Stopping answers
     the buffered one 503 at once, refuses new ones, and ends only when both streams have ended."""
     fakes = [harness.add_fake(f"u{i}", slots=1, hold=True) for i in range(2)]
-    streams = [await harness.open_stream(fake) for fake, _ in fakes]
+    streams = [harness.open_stream(fake) for fake, _ in fakes]
     buffered = harness.post("/completion", {"prompt": "wait"})
-    await until(lambda: harness.pool.requests_buffered == 1)
+    harness.flush()
+    assert harness.pool.requests_buffered == 1
     service = balancer(harness)
     stopped = service.stopService()
-    response = await buffered
-    assert response.code == 503 and "shutting down" in (await response.json())["error"]["message"]
-    late = await harness.post("/completion", {"prompt": "late"})
+    response = harness.result(buffered)
+    assert response.code == 503 and "shutting down" in harness.json(response)["error"]["message"]
+    late = harness.result(harness.post("/completion", {"prompt": "late"}))
     assert late.code == 503 and late.headers.getRawHeaders(b"retry-after") == [b"1"]
     assert not stopped.called
     for index, (held, _, chunks) in enumerate(streams):
         held.send(b"data: more\n\n")
         held.finish(b"data: [DONE]\n\n")
-        body = await chunks.done
+        body = harness.result(chunks.done)
         assert body.endswith(b"data: [DONE]\n\n")
         if index == 0:
             assert not stopped.called
-    await until(lambda: stopped.called)
+    harness.result(stopped)
     assert harness.proxy.active == set()
 
 
-@pytest_twisted.ensureDeferred
-async def test_streams_still_running_at_the_shutdown_timeout_are_cut(harness):
+def test_streams_still_running_at_the_shutdown_timeout_are_cut(harness):
     fake, upstream = harness.add_fake("u", slots=2, hold=True)
-    streams = [await harness.open_stream(fake) for _ in range(2)]
+    streams = [harness.open_stream(fake) for _ in range(2)]
     for _, _, chunks in streams:
         chunks.done.addErrback(lambda _: None)
     service = balancer(harness, timeout=5.0)
     stopped = service.stopService()
-    harness.clock.advance(4.9)
+    harness.run(4.9)
     assert not stopped.called and len(harness.proxy.active) == 2
-    harness.clock.advance(0.2)
-    await until(lambda: stopped.called)
-    await until(lambda: upstream.in_flight == 0)
+    harness.run(0.2)
+    harness.result(stopped)
+    assert upstream.in_flight == 0
     assert all(held.gone for held in fake.held)
 
 
-@pytest_twisted.ensureDeferred
-async def test_stop_with_nothing_running_is_immediate(harness):
+def test_stop_with_nothing_running_is_immediate(harness):
     harness.add_fake("u")
     service = balancer(harness)
     stopped = service.stopService()
-    await until(lambda: stopped.called)
+    harness.result(stopped)  # no clock time passed
     assert harness.clock.getDelayedCalls() == []
 
 
-@pytest_twisted.ensureDeferred
-async def test_reload_adds_and_drains_upstreams_and_applies_limits_without_cutting_a_stream(harness):
+def test_reload_adds_and_drains_upstreams_and_applies_limits_without_cutting_a_stream(harness):
     """Two static upstreams a, b; the new configuration keeps a, drops b (which runs a stream),
     adds c, and changes policy and buffer limits: b drains and leaves when its stream ends."""
     fake_a, a = harness.add_fake("a", slots=2, hold=True)
     fake_b, b = harness.add_fake("b", slots=4, hold=True)  # the most idle slots: the stream goes there
     a.source = b.source = "static"
-    held, _, chunks = await harness.open_stream(fake_b)
+    held, _, chunks = harness.open_stream(fake_b)
     assert b.in_flight == 1
     service = balancer(harness)
     service.config = BalancerConfig(upstreams=[UpstreamSpec(a.url, "a"), UpstreamSpec(b.url, "b")])
@@ -104,8 +100,8 @@ async def test_reload_adds_and_drains_upstreams_and_applies_limits_without_cutti
     assert b.draining and b.id in harness.pool.upstreams
     held.send(b"data: still here\n\n")
     held.finish()
-    assert b"still here" in await chunks.done
-    await until(lambda: b.id not in harness.pool.upstreams)
+    assert b"still here" in harness.result(chunks.done)
+    assert b.id not in harness.pool.upstreams
     again = Reloader(service, lambda: new, prober=_Prober()).reload()
     assert again == ["listen changed to tcp:9999; it takes effect at the next restart"]
     service.stopService()

@@ -61,6 +61,8 @@ class BalancerService(MultiService):
         self.registry: Any = None
         self.reloader: Callable[[], list[str]] | None = None
         self.on_signal: Callable[[int, Callable[[], object]], None] | None = None
+        #: Run when stopping begins, beside the drain (the workers of --workers stop at once too).
+        self.on_stopping: list[Callable[[], Deferred[Any]]] = []
         self.stopping = False
 
     def startService(self) -> None:
@@ -81,6 +83,7 @@ class BalancerService(MultiService):
             buffered=buffered,
             timeout=self.shutdown_timeout,
         )
+        beside = [hook() for hook in self.on_stopping]
         if self.proxy_listener is not None:
             await self.proxy_listener.stopListening()
         self.proxy.stop_accepting()
@@ -104,6 +107,8 @@ class BalancerService(MultiService):
                 if deadline.active():
                     deadline.cancel()
                 self.log.info("stopping: every running request has finished")
+        for d in beside:
+            await d
         await super().stopService()
 
     def reload(self) -> list[str]:

@@ -18,15 +18,24 @@ from paddler.fleet.upstream import Observation, Upstream
 class Lease:
     """One slot held on one upstream for one request; C{release} gives it back once."""
 
-    __slots__ = ("pool", "upstream", "number", "waited", "demand", "released")
+    __slots__ = ("pool", "upstream", "number", "waited", "demand", "released", "on_release")
 
-    def __init__(self, pool: UpstreamPool, upstream: Upstream, number: int, waited: float, demand: Any) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        upstream: Upstream,
+        number: int,
+        waited: float,
+        demand: Any,
+        on_release: Callable[[], object] | None = None,
+    ) -> None:
         self.pool = pool
         self.upstream = upstream
         self.number = number
         self.waited = waited
         self.demand = demand
         self.released = False
+        self.on_release = on_release  # the shared store's side of the lease
 
     def release(self, timings: Any = None, still_running: bool = False) -> None:
         """
@@ -42,6 +51,8 @@ class Lease:
             self.upstream.ghost_lease(self.number)
         else:
             self.upstream.return_lease(self.number)
+        if self.on_release is not None:
+            self.on_release()
         self.pool.chooser.finished(self.upstream, self.demand, timings)
         self.pool.lease_returned(self.upstream)
 
@@ -94,6 +105,9 @@ class UpstreamPool:
         self._listeners: list[Callable[[str, Upstream | None], None]] = []
         self._removals: dict[str, list[Deferred[Upstream | None]]] = {}
         self._recheck: IDelayedCall | None = None
+        self._observers: list[Callable[[Upstream, Observation, bool], None]] = []
+        #: The shared slot store's side (L{paddler.shared.fleet.SharedFleet}) with --state, else None.
+        self.shared: Any = None
 
     # -- membership -------------------------------------------------------
 
@@ -101,6 +115,13 @@ class UpstreamPool:
         """Call C{listener(event, upstream)} on "added", "removed" and "changed"; return an unsubscriber."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def subscribe_observations(
+        self, listener: Callable[[Upstream, Observation, bool], None]
+    ) -> Callable[[], None]:
+        """Call C{listener(upstream, observation, state_changed)} after each observation; return an unsubscriber."""
+        self._observers.append(listener)
+        return lambda: self._observers.remove(listener)
 
     def notify(self, event: str, upstream: Upstream | None = None) -> None:
         for listener in list(self._listeners):
@@ -151,10 +172,16 @@ class UpstreamPool:
         if self.upstreams.get(upstream.id) is not upstream:
             return
         slots_before = upstream.slots_total
-        if upstream.record(observation, self.clock.seconds()) and not upstream.state.serving:
+        changed = upstream.record(observation, self.clock.seconds())
+        if changed and not upstream.state.serving:
             self.chooser.forget(upstream)  # restarting or gone: its prompt cache is not to be trusted
         elif upstream.slots_total != slots_before and slots_before:
             self.chooser.forget(upstream)  # a server with another slot count was restarted
+        for observer in list(self._observers):
+            try:
+                observer(upstream, observation, changed)
+            except Exception:
+                self.log.failure("pool observer failed")
         self.notify("changed", upstream)
         self.capacity_changed()
 
@@ -262,9 +289,17 @@ class UpstreamPool:
         ]
         if model is not None and any(u.serves(model) for u in self.upstreams.values()):
             candidates = [u for u in candidates if u.serves(model)]
+        if self.shared is not None and not self.shared.up:
+            # The shared store is down: this process takes only its share of each upstream.
+            candidates = [u for u in candidates if u.slots_held < self.shared.local_share(u)]
         return candidates
 
-    def _mark_chosen(self, upstream: Upstream) -> None:
+    def ranked(self, model: str | None, exclude: Iterable[str] = (), demand: Any = None) -> list[Upstream]:
+        """The upstreams that may take the request, best first by the policy (full ones included)."""
+        return list(self.chooser.rank(self.eligible(model, exclude), model, demand))
+
+    def mark_chosen(self, upstream: Upstream) -> None:
+        """Note that C{upstream} was just given a request (ties go to the least recently chosen)."""
         self._choices += 1
         upstream.last_chosen = self._choices
 
@@ -272,8 +307,10 @@ class UpstreamPool:
         upstream = self.chooser.choose(self.eligible(model, exclude), model, demand)
         if upstream is None:
             return None
-        self._mark_chosen(upstream)
+        self.mark_chosen(upstream)
         lease = Lease(self, upstream, upstream.take_lease(), waited, demand)
+        if self.shared is not None:
+            self.shared.taken_locally(lease)
         self.chooser.dispatched(upstream, demand)
         self.notify("changed", upstream)
         return lease
@@ -284,7 +321,7 @@ class UpstreamPool:
         if not candidates:
             return None
         upstream = max(candidates, key=lambda u: (u.slots_idle, -u.last_chosen))
-        self._mark_chosen(upstream)
+        self.mark_chosen(upstream)
         return upstream
 
     def acquire(
@@ -298,6 +335,8 @@ class UpstreamPool:
         C{demand} is what the policy's C{prepare} made of the request.
         """
         excluded = frozenset(exclude)
+        if self.shared is not None and self.shared.up:
+            return self.shared.acquire(model, excluded, demand)  # type: ignore[no-any-return]
         if not self._waiters:
             lease = self._try_lease(model, excluded, 0.0, demand)
             if lease is not None:
@@ -390,7 +429,9 @@ class UpstreamPool:
 
     @property
     def requests_buffered(self) -> int:
-        return len(self._waiters)
+        """Requests of this process waiting for a slot (in its own buffer or the shared one)."""
+        shared = self.shared.requests_waiting if self.shared is not None else 0
+        return len(self._waiters) + shared
 
     def oldest_buffered_wait(self) -> float:
         if not self._waiters:
@@ -419,6 +460,8 @@ class UpstreamPool:
             "requests_buffered": totals["requests_buffered"],
             "upstreams": totals["upstreams"],
         }
+        if self.shared is not None:
+            body["shared_state"] = self.shared.describe()
         if totals["upstreams"]["healthy"]:
             return 200, body
         if self.max_buffered and self.requests_buffered < self.max_buffered:

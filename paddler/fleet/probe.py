@@ -9,6 +9,7 @@ reports play that part.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -57,6 +58,8 @@ class HTTPProber:
         self.unhealthy_after = unhealthy_after
         self.mode = mode
         self.api_key = api_key
+        #: Called with (upstream, reading) after each successful read (the shared fleet sends it on).
+        self.on_reading: Callable[[Upstream, SlotReading], None] | None = None
 
     def probe(self, upstream: Upstream) -> Deferred[None]:
         reading = ensureDeferred(self._probe(upstream))
@@ -76,6 +79,8 @@ class HTTPProber:
         )
 
     def _succeeded(self, upstream: Upstream, reading: SlotReading) -> None:
+        if self.on_reading is not None:
+            self.on_reading(upstream, reading)
         if reading.method == "props" and upstream.probe_method != "props":
             self.log.info(
                 "upstream {name}: /slots not available, probing /props and /metrics instead",

@@ -15,6 +15,7 @@ reports again before that, the expiry is undone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,10 +94,19 @@ class AgentRegistry(Service):
 
     log = Logger()
 
-    def __init__(self, pool: UpstreamPool, clock: IReactorTime, expiry: float = 3.0) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        clock: IReactorTime,
+        expiry: float = 3.0,
+        report_age: Callable[[str], float | None] | None = None,
+    ) -> None:
         self.pool = pool
         self.clock = clock
         self.expiry = expiry
+        # With shared state, an agent may report to another balancer: the age of
+        # its last report anywhere (or None) keeps its upstream from expiring here.
+        self.report_age = report_age
         self.sweep_interval = max(0.05, min(1.0, expiry / 4))
         self.agents: dict[str, AgentRecord] = {}
         self._loop: LoopingCall | None = None
@@ -235,6 +245,10 @@ class AgentRegistry(Service):
                 # agent is still silent: expire it again.
                 record.expiring = False
             age = now - record.last_report_at
+            elsewhere = self.report_age(record.upstream_id) if self.report_age is not None else None
+            if elsewhere is not None and elsewhere < age:
+                record.last_report_at = now - elsewhere
+                age = elsewhere
             if age <= self.expiry_for(record):
                 continue
             upstream = self.pool.upstreams.get(record.upstream_id)

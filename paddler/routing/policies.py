@@ -44,6 +44,12 @@ class _Policy:
     def describe(self, upstream: Upstream) -> dict[str, Any]:
         return {}
 
+    def rank(self, upstreams: Sequence[Upstream], model: str | None, demand: Any = None) -> list[Upstream]:
+        return sorted(upstreams, key=self._order)
+
+    def _order(self, upstream: Upstream) -> Any:
+        return upstream.last_chosen
+
 
 @implementer(ISlotChooser)
 class MostIdleSlotsChooser(_Policy):
@@ -67,6 +73,9 @@ class MostIdleSlotsChooser(_Policy):
                 best, best_key = upstream, key
         return best
 
+    def _order(self, upstream: Upstream) -> Any:
+        return (-upstream.slots_idle, upstream.last_chosen)
+
 
 @implementer(ISlotChooser)
 class RoundRobinChooser(_Policy):
@@ -89,7 +98,10 @@ class LeastConnectionsChooser(_Policy):
     def choose(self, upstreams: Sequence[Upstream], model: str | None, demand: Any = None) -> Upstream | None:
         if not upstreams:
             return None
-        return min(upstreams, key=lambda u: (u.in_flight, u.last_chosen))
+        return min(upstreams, key=self._order)
+
+    def _order(self, upstream: Upstream) -> Any:
+        return (upstream.in_flight, upstream.last_chosen)
 
 
 class Demand:
@@ -142,6 +154,13 @@ class CostChooser(_Policy):
         demand.recheck_at = None
         best = decision.best
         return by_id[best.id] if best is not None else None
+
+    def rank(self, upstreams: Sequence[Upstream], model: str | None, demand: Any = None) -> list[Upstream]:
+        if not isinstance(demand, Demand):
+            return MOST_IDLE.rank(upstreams, model)
+        by_id: dict[Any, Upstream] = {u.id: u for u in upstreams}
+        views = [UpstreamView(u.id, u.slots_idle, u.slots_total, u.in_flight) for u in upstreams]
+        return [by_id[key] for key in self.router.rank(demand.routed, views).order]
 
     def dispatched(self, upstream: Upstream, demand: Any) -> None:
         if isinstance(demand, Demand):

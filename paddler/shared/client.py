@@ -88,7 +88,10 @@ def parse_state_url(url: str, environ: Mapping[str, str] | None = None) -> Redis
     env: Mapping[str, str] = os.environ if environ is None else environ
     if not isinstance(url, str) or len(url) > 2048:
         raise InvalidStateURL("the state URL must be a string of at most 2048 characters")
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as e:  # "Invalid IPv6 URL"...
+        raise InvalidStateURL(f"the state URL is not a valid URL ({e})") from None
     if parts.scheme not in ("redis", "rediss"):
         raise InvalidStateURL(f"the state URL must start with redis:// or rediss://, got {url!r}")
     if not parts.hostname:

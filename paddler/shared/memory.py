@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from paddler.shared.errors import StoreUnavailable
-from paddler.shared.interfaces import ISlotStore
+from paddler.interfaces import ISlotStore
 from paddler.shared.resp import RedisError
 from paddler.shared.scripts import (
     DROP_BUDGET,
@@ -466,7 +466,8 @@ class MemorySlotState:
         now = self._now()
         oldest = min(self.w.values(), key=lambda w: w[1])[4] if self.w else -1
         out: list[Any] = [
-            [now, self.seq, len(self.w), oldest, len(self.leases), sum(1 for e in self.owners.values() if e >= now), self.epoch or ""]
+            [now, self.seq, len(self.w), oldest, len(self.leases), sum(1 for e in self.owners.values() if e >= now), self.epoch or "",
+             sorted(o for o, e in self.owners.items() if e >= now)[:1024]]
         ]
         for s in self.total:
             g = self.gen.get(s, 0)

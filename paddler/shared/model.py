@@ -142,6 +142,7 @@ class StoreSnapshot:
     owners: int
     epoch: str
     servers: dict[str, ServerFigures]
+    owner_ids: tuple[str, ...] = ()  # the owners alive (at most 1,024 listed)
 
 
 @dataclass(frozen=True)
@@ -189,4 +190,5 @@ def parse_snapshot(reply: list[Any]) -> StoreSnapshot:
         owners=int(head[5]),
         epoch=_text(head[6]),
         servers=servers,
+        owner_ids=tuple(sorted(_text(owner) for owner in head[7])) if len(head) > 7 else (),
     )

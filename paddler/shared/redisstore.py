@@ -20,7 +20,7 @@ from paddler.shared.client import (
     parse_state_url,
 )
 from paddler.shared.errors import InvalidArgument
-from paddler.shared.interfaces import ISlotStore
+from paddler.interfaces import ISlotStore
 from paddler.shared.scripts import KEY_NAMES, SCRIPTS, key_names
 from paddler.shared.store import SlotStoreBase
 

@@ -558,7 +558,8 @@ return {released, stale, expired, orphaned, gone, swept}
 """
 
 SNAPSHOT = r"""
--- ARGV: channel -> {{now, seq, waiting, oldest enqueue ms (-1: none), leases, owners alive, epoch},
+-- ARGV: channel -> {{now, seq, waiting, oldest enqueue ms (-1: none), leases, owners alive, epoch,
+--                    {owner ids alive}},
 --                   {server, total, external, ours, draining, gen, seen ms, mark, waiters listing it, meta}...}
 local now = now_ms()
 local oldest = -1
@@ -569,7 +570,7 @@ if head then
 end
 local out = {{now, tonumber(redis.call('GET', K_SEQ) or '0'), redis.call('ZCARD', K_Q), oldest,
              redis.call('ZCARD', K_LEASES), redis.call('ZCOUNT', K_OWNERS, now, '+inf'),
-             redis.call('GET', K_EPOCH) or ''}}
+             redis.call('GET', K_EPOCH) or '', redis.call('ZRANGEBYSCORE', K_OWNERS, now, '+inf', 'LIMIT', 0, 1024)}}
 local function hash(key)
   local flat, t = redis.call('HGETALL', key), {}
   for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end

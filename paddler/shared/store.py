@@ -33,7 +33,7 @@ from paddler.shared.errors import (
     WaiterLost,
     WaitExpired,
 )
-from paddler.shared.interfaces import ISlotStore
+from paddler.interfaces import ISlotStore
 from paddler.shared.model import (
     ReapResult,
     Reading,

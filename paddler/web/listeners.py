@@ -89,9 +89,10 @@ class ListeningService(Service):
             url = f"http://{shown}:{self.address.port}{self.path}"
         else:
             url = str(self.address)
-        self.log.info("{what} listening on {url}", what=self.what, url=url)
         if self.on_listening is not None:
-            self.on_listening(port)
+            self.on_listening(port)  # the owner announces it in its own words
+        else:
+            self.log.info("{what} listening on {url}", what=self.what, url=url)
 
     def stopListening(self) -> Deferred[None]:
         """Accept no new connection; connections already open stay."""
@@ -106,7 +107,7 @@ class ListeningService(Service):
         return self.stopListening()
 
 
-def _endpoint_fields(description: str) -> list[str]:
+def endpoint_fields(description: str) -> list[str]:
     """Split an endpoint string on unescaped colons, unescaping C{\\:}."""
     fields, current, escaped = [], "", False
     for char in description:
@@ -131,7 +132,7 @@ def endpoint_is_local(description: str) -> bool:
     without C{interface=} listens on every interface; other kinds and host
     names other than C{localhost} count as reachable from outside.
     """
-    fields = _endpoint_fields(description.strip())
+    fields = endpoint_fields(description.strip())
     kind = fields[0].lower()
     if kind == "unix":
         return True

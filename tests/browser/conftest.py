@@ -10,12 +10,13 @@ downloaded by Playwright (``playwright install`` is not used).
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ..installers import run_installer
 
 from ..processes import Processes
 
@@ -37,24 +38,9 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     """Path of a working Debian chromium (installed on first use)."""
-    try:
-        result = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_DEADLINE,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"installing chromium did not finish within {INSTALL_DEADLINE:.0f} s")
-    reason = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
-    if result.returncode == EXIT_ENVIRONMENT:
-        pytest.skip(reason or "install-chromium cannot install chromium here")
-    if result.returncode != 0:
-        pytest.fail(f"install-chromium exited {result.returncode}: {reason}", pytrace=False)
-    path = result.stdout.strip().splitlines()[-1]
+    path = run_installer(INSTALL_SCRIPT, INSTALL_DEADLINE)
     if not os.access(path, os.X_OK):
-        pytest.fail(f"install-chromium printed no executable: {result.stdout!r}", pytrace=False)
+        pytest.fail(f"install-chromium printed no executable: {path!r}", pytrace=False)
     return path
 
 

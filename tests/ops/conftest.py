@@ -34,35 +34,12 @@ from pathlib import Path
 
 import pytest
 
+from ..installers import run_installer
+
 from ..processes import Processes, get_json, wait_for
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-INSTALL_DEADLINE = 900.0
-EXIT_ENVIRONMENT = 3
-
-
-def run_installer(script: Path) -> str:
-    """Run an installer script; the last line it printed, or skip/fail the test with its reason."""
-    try:
-        result = subprocess.run(
-            ["bash", str(script)],
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_DEADLINE,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"{script.name} did not finish within {INSTALL_DEADLINE:.0f} s")
-    reason = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
-    if result.returncode == EXIT_ENVIRONMENT:
-        pytest.skip(reason or f"{script.name} cannot install here")
-    if result.returncode != 0:
-        pytest.fail(f"{script.name} exited {result.returncode}: {reason}", pytrace=False)
-    lines = result.stdout.strip().splitlines()
-    if not lines:
-        pytest.fail(f"{script.name} printed nothing", pytrace=False)
-    return lines[-1]
 
 
 def venv_tool(name: str) -> str:

@@ -7,7 +7,6 @@ loopback port, scrapes every second and is stopped at the end.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import urllib.parse

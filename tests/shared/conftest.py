@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from ..installers import run_installer
+
 INSTALL_SCRIPT = Path(__file__).with_name("install-redis")
 INSTALL_DEADLINE = 600.0
 EXIT_ENVIRONMENT = 3
@@ -141,22 +143,7 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_binary() -> str:
     """Path of a working redis-server (installed on first use)."""
-    try:
-        result = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_DEADLINE,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"installing redis-server did not finish within {INSTALL_DEADLINE:.0f} s")
-    reason = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
-    if result.returncode == EXIT_ENVIRONMENT:
-        pytest.skip(reason or "install-redis cannot install redis-server here")
-    if result.returncode != 0:
-        pytest.fail(f"install-redis exited {result.returncode}: {reason}", pytrace=False)
-    return result.stdout.strip().splitlines()[-1]
+    return run_installer(INSTALL_SCRIPT, INSTALL_DEADLINE)
 
 
 @pytest.fixture(scope="session")

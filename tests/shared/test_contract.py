@@ -13,7 +13,7 @@ from twisted.internet.defer import CancelledError, gatherResults
 from zope.interface.verify import verifyObject
 
 from paddler.shared.errors import BufferFull, IdInUse, InvalidArgument, NoFreeSlot, WaitExpired
-from paddler.shared.interfaces import ISlotStore
+from paddler.interfaces import ISlotStore
 from paddler.shared.model import Reading, Release
 from paddler.shared.store import SharedLease, Waiter
 

@@ -1,0 +1,509 @@
+"""One balancer process's side of a fleet shared with other balancers (``--state redis://...``).
+
+L{SharedFleet} binds the process's L{UpstreamPool} to a shared slot store
+(L{paddler.interfaces.ISlotStore}):
+
+- **Membership.** Every upstream the process adds (configuration, the
+  management API, an agent's report, the demo fleet) is registered in the
+  store with its URL, name, source, models and health in the server's
+  metadata; every C{sync_interval} the process reads the store's snapshot and
+  adds the upstreams other processes registered, applies their figures, and
+  drops those removed elsewhere (the static ones of its own configuration are
+  registered again).
+- **Probing.** Each upstream is probed by one process only: the live owner
+  whose hash with the upstream's id is highest (rendezvous hashing over the
+  owners in the snapshot). When an owner dies its heartbeat expires and the
+  others take its upstreams over at the next sync. The prober sends its
+  readings to the store (a store mark is taken before each probe, so leases
+  granted meanwhile are not counted twice); the others take the figures from
+  the snapshot. Health and models travel in the metadata.
+- **Leases and the buffer.** While the store answers, slots are acquired
+  through it (atomic across processes, one FIFO of waiters for the whole
+  fleet, a freed slot handed to the oldest waiter that can use it and its
+  process told at once). Each shared lease is mirrored by a local one, so
+  the local figures and metrics stay right.
+- **The store unavailable.** The process goes on from its last view with
+  local leases and its local buffer, taking at most its share of each
+  upstream (slots ÷ owners last seen, rounded up); it says so in its log,
+  in ``/health`` and in ``paddler_shared_state_up``. When the store answers
+  again, the requests it started meanwhile are adopted as shared leases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from itertools import count
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout
+from paddler.fleet.pool import Lease, UpstreamPool
+from paddler.fleet.upstream import (
+    FailureSeen,
+    LoadingSeen,
+    Observation,
+    SlotsSeen,
+    Upstream,
+    UpstreamState,
+)
+from paddler.interfaces import IUpstreamProber
+from paddler.shared import errors as store_errors
+from paddler.shared.model import StoreSnapshot
+
+#: Seconds between two reads of the store's snapshot.
+SYNC_INTERVAL = 0.25
+
+
+def rendezvous(owners: tuple[str, ...], upstream_id: str) -> str | None:
+    """The owner that probes C{upstream_id}: the highest hash of (owner, upstream)."""
+    if not owners:
+        return None
+    return max(owners, key=lambda owner: hashlib.sha1(f"{owner}|{upstream_id}".encode()).digest())
+
+
+def upstream_meta(upstream: Upstream) -> str:
+    """What other processes need to know of an upstream, as the store's server metadata."""
+    return json.dumps(
+        {
+            "url": upstream.url,
+            "name": upstream.name,
+            "source": upstream.source,
+            "state": upstream.state.value,
+            "error": (upstream.last_error or "")[:500],
+            "models": list(upstream.models)[:16],
+        },
+        separators=(",", ":"),
+    )
+
+
+class SharedFleet(Service):
+    """
+    Keeps a pool and a shared slot store in step (see the module docstring).
+
+    @param store: an L{ISlotStore} that is also a service (started and stopped with this one).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        store: Any,
+        clock: IReactorTime,
+        static_ids: frozenset[str] = frozenset(),
+        sync_interval: float = SYNC_INTERVAL,
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.clock = clock
+        self.static_ids = static_ids
+        self.sync_interval = sync_interval
+        self.snapshot: StoreSnapshot | None = None
+        self.owners_seen = 1
+        self._ids = count(1)
+        self._fallback: dict[str, tuple[str, Lease]] = {}  # request id -> (server, local lease) taken while down
+        self._homeless: list[tuple[Deferred[None], Any]] = []
+        self._known_in_store: set[str] = set()
+        self._syncing = False
+        self._unsubscribers: list[Callable[[], None]] = []
+        self._loop = LoopingCall(self._sync_safely)
+        self._loop.clock = clock
+        self._was_up: bool | None = None
+
+    # -- lifetime ---------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        """Whether slots are taken through the store now."""
+        return bool(self.store.is_up) and self.snapshot is not None
+
+    @property
+    def requests_waiting(self) -> int:
+        """This process's requests waiting in the shared buffer."""
+        return len(self.store.waiters) + len(self._homeless)
+
+    def startService(self) -> None:
+        super().startService()
+        self._unsubscribers = [
+            self.pool.subscribe(self._pool_event),
+            self.pool.subscribe_observations(self._observed),
+            self.store.subscribe_state(self._store_state),
+            self.store.subscribe_reset(self._store_reset),
+        ]
+        self.store.startService()
+        self._quietly(self.store.hello(), "hello")  # be one of the owners from the first snapshot on
+        for upstream in list(self.pool.upstreams.values()):
+            self._register(upstream)
+        self._loop.start(self.sync_interval, now=True).addErrback(
+            lambda f: self.log.failure("shared fleet sync stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        for unsubscribe in self._unsubscribers:
+            unsubscribe()
+        self._unsubscribers = []
+        for waiting, _ in self._homeless:
+            waiting.cancel()
+        self._homeless = []
+        return self.store.stopService()  # type: ignore[no-any-return]
+
+    def _store_state(self, up: bool) -> None:
+        if up == self._was_up:
+            return
+        self._was_up = up
+        if up:
+            self.log.info("shared state: the store answers again; slots are taken through it")
+            self._adopt_fallback()
+        else:
+            self.log.warn(
+                "shared state: the store is unavailable; serving from the last view with local leases, "
+                "at most 1/{owners} of each upstream's slots",
+                owners=self.owners_seen,
+            )
+        self.pool.notify("changed")
+
+    def _store_reset(self) -> None:
+        self.log.warn("shared state: the store lost its data and was rebuilt from what this process knew")
+        for upstream in list(self.pool.upstreams.values()):
+            self._register(upstream)
+
+    # -- what the pool does -------------------------------------------------
+
+    def local_share(self, upstream: Upstream) -> int:
+        """Slots this process may hold on C{upstream} while the store is down."""
+        return math.ceil(upstream.slots_total / max(1, self.owners_seen))
+
+    def probes(self, upstream: Upstream) -> bool:
+        """Whether this process is the one that probes C{upstream} (all of them while the store is down)."""
+        if not self.up or self.snapshot is None:
+            return True
+        owner = rendezvous(self.snapshot.owner_ids, upstream.id)
+        return owner is None or owner == self.store.owner
+
+    def _pool_event(self, event: str, upstream: Upstream | None) -> None:
+        if upstream is None or self._syncing:
+            return
+        if event == "added":
+            self._register(upstream)
+        elif event == "removed":
+            self._quietly(self.store.unregister_server(upstream.id), "unregister")
+        elif event == "changed" and upstream.id in self._known_in_store:
+            if upstream.draining != self._store_draining(upstream.id):
+                action = self.store.drain if upstream.draining else self.store.undrain
+                self._quietly(action(upstream.id), "drain")
+
+    def _store_draining(self, upstream_id: str) -> bool:
+        figures = self.snapshot.servers.get(upstream_id) if self.snapshot is not None else None
+        return bool(figures and figures.draining)
+
+    def _observed(self, upstream: Upstream, observation: Observation, changed: bool) -> None:
+        if observation.source == "shared":
+            return
+        if changed or (isinstance(observation, SlotsSeen) and observation.models is not None):
+            self._register(upstream)
+        if isinstance(observation, SlotsSeen) and observation.source == "agent":
+            self._send_reading(upstream, observation.total, observation.processing, None)
+
+    def _register(self, upstream: Upstream) -> None:
+        self._known_in_store.add(upstream.id)
+        self._quietly(
+            self.store.register_server(upstream.id, upstream.slots_total, upstream_meta(upstream)), "register"
+        )
+
+    def _send_reading(self, upstream: Upstream, total: int, busy: int | None, mark: int | None) -> None:
+        """Tell the store what a probe or an agent read (with a store mark taken before, or now)."""
+        marked = succeed(mark) if mark is not None else self.store.probe_mark()
+        marked.addCallback(lambda taken: self.store.reading(upstream.id, total, busy, taken))
+        self._quietly(marked, "reading")
+
+    def _quietly(self, d: Deferred[Any], what: str) -> None:
+        def failed(failure: Failure) -> None:
+            if failure.check(store_errors.StoreUnavailable, store_errors.UnknownServer, CancelledError):
+                return
+            self.log.failure("shared state: {what} failed", failure, what=what)
+
+        d.addErrback(failed)
+
+    # -- acquiring through the store ------------------------------------------
+
+    def acquire(self, model: str | None, exclude: frozenset[str], demand: Any) -> Deferred[Lease]:
+        """
+        A lease granted by the store, now or when the fleet frees a slot for
+        this request. Cancelling it (the client left) takes the request out of
+        the shared buffer.
+        """
+        return ensureDeferred(self._acquire(model, exclude, demand, self.clock.seconds()))
+
+    async def _acquire(self, model: str | None, exclude: frozenset[str], demand: Any, started: float) -> Lease:
+        pool = self.pool
+        while True:
+            candidates = pool.ranked(model, exclude, demand)
+            remaining = pool.buffer_timeout - (self.clock.seconds() - started)
+            if remaining <= 0:
+                raise BufferTimeout(
+                    f"no slot became free within {pool.buffer_timeout:g} s (--buffered-request-timeout)"
+                )
+            if not candidates:
+                await self._wait_for_candidates(remaining)
+                continue
+            request_id = f"{self.store.owner}.{next(self._ids)}"
+            try:
+                granted = await self.store.acquire(
+                    request_id,
+                    [u.id for u in candidates[:256]],
+                    model or "",
+                    wait=remaining if pool.max_buffered else 0.0,
+                    max_waiting=pool.max_buffered,
+                )
+                if not hasattr(granted, "server_id"):  # a waiter in the shared FIFO
+                    pool.notify("changed")
+                    try:
+                        granted = await granted.deferred
+                    finally:
+                        pool.notify("changed")
+            except store_errors.NoFreeSlot:
+                raise BufferingDisabled("no free slot on any upstream and buffering is disabled") from None
+            except store_errors.BufferFull:
+                raise BufferFull(
+                    f"the request buffer is full ({pool.max_buffered} requests waiting for a slot fleet-wide)",
+                    headers={b"retry-after": b"1"},
+                ) from None
+            except store_errors.WaitExpired:
+                raise BufferTimeout(
+                    f"no slot became free within {pool.buffer_timeout:g} s (--buffered-request-timeout)"
+                ) from None
+            except (store_errors.StoreUnavailable, store_errors.WaiterLost):
+                # The store went away under this request: it goes on waiting in the local buffer.
+                return await self._local(model, exclude, demand, started)
+            lease = self._mirror(granted, demand, self.clock.seconds() - started)
+            if lease is not None:
+                return lease
+
+    def _mirror(self, shared: Any, demand: Any, waited: float) -> Lease | None:
+        """The local lease for a shared one (released together); None if the upstream left meanwhile."""
+        upstream = self.pool.upstreams.get(shared.server_id)
+        if upstream is None:
+            self._quietly(shared.release(), "release")
+            return None
+        self.pool.mark_chosen(upstream)
+        lease = Lease(
+            self.pool,
+            upstream,
+            upstream.take_lease(),
+            waited,
+            demand,
+            on_release=lambda: self._quietly(shared.release(), "release"),
+        )
+        self.pool.chooser.dispatched(upstream, demand)
+        self.pool.notify("changed", upstream)
+        return lease
+
+    async def _wait_for_candidates(self, remaining: float) -> None:
+        """No upstream may take the request yet (scale from zero): wait until one may, or the deadline."""
+        waiting: Deferred[None] = Deferred()
+        entry = (waiting, None)
+        self._homeless.append(entry)
+        timer = self.clock.callLater(remaining, lambda: None if waiting.called else waiting.callback(None))
+        try:
+            await waiting
+        finally:
+            if timer.active():
+                timer.cancel()
+            if entry in self._homeless:
+                self._homeless.remove(entry)
+
+    def _wake_homeless(self) -> None:
+        homeless, self._homeless = self._homeless, []
+        for waiting, _ in homeless:
+            if not waiting.called:
+                waiting.callback(None)
+
+    async def _local(self, model: str | None, exclude: frozenset[str], demand: Any, started: float) -> Lease:
+        return await self.pool.acquire(model, exclude, demand)  # type: ignore[no-any-return]
+
+    def taken_locally(self, lease: Lease) -> None:
+        """A lease the pool granted on its own while the store was down: adopted when it answers again."""
+        request_id = f"{self.store.owner}.{next(self._ids)}"
+        self._fallback[request_id] = (lease.upstream.id, lease)
+        lease.on_release = lambda: self._fallback.pop(request_id, None)
+
+    def _adopt_fallback(self) -> None:
+        """Requests started while the store was down become shared leases (they are running)."""
+        for request_id, (server_id, lease) in list(self._fallback.items()):
+            if lease.released:
+                self._fallback.pop(request_id, None)
+                continue
+
+            def adopted(shared: Any, request_id: str = request_id, lease: Lease = lease) -> None:
+                self._fallback.pop(request_id, None)
+                if shared is None:
+                    return
+                if lease.released:
+                    self._quietly(shared.release(), "release")
+                else:
+                    lease.on_release = lambda: self._quietly(shared.release(), "release")
+
+            self._quietly(self.store.adopt(request_id, server_id).addCallback(adopted), "adopt")
+
+    # -- reading the store ----------------------------------------------------
+
+    def _sync_safely(self) -> Deferred[None]:
+        d = self.store.snapshot().addCallback(self._apply)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(store_errors.StoreUnavailable, CancelledError):
+                self.log.failure("shared state: sync failed; trying again", failure)
+
+        return d.addErrback(failed)
+
+    def _apply(self, snapshot: StoreSnapshot) -> None:
+        first = self.snapshot is None
+        self.snapshot = snapshot
+        self.owners_seen = max(1, snapshot.owners)
+        self._syncing = True
+        try:
+            self._apply_servers(snapshot)
+        finally:
+            self._syncing = False
+        if first:
+            self._store_state(bool(self.store.is_up))
+        if self._homeless and any(u.accepts_requests for u in self.pool.upstreams.values()):
+            self._wake_homeless()
+        self._update_waiters()
+
+    def _apply_servers(self, snapshot: StoreSnapshot) -> None:
+        pool = self.pool
+        for server_id, figures in snapshot.servers.items():
+            self._known_in_store.add(server_id)
+            try:
+                meta = json.loads(figures.meta) if figures.meta else {}
+            except ValueError:
+                meta = {}
+            if not isinstance(meta, dict):
+                meta = {}
+            upstream = pool.upstreams.get(server_id)
+            if upstream is None:
+                url = meta.get("url")
+                if not isinstance(url, str):
+                    continue
+                try:
+                    upstream = pool.add(
+                        Upstream(url, str(meta.get("name") or "") or None, source=str(meta.get("source") or "shared"),
+                                 clock=self.clock)
+                    )
+                except ValueError:
+                    continue
+                if upstream.id != server_id:
+                    continue
+            if figures.draining and not upstream.draining:
+                pool.drain(upstream.id)
+            elif not figures.draining and upstream.draining and not upstream.drain_requested:
+                pool.undrain(upstream.id)
+            if upstream.source != "agent" and self.probes(upstream):
+                continue  # this process reads it itself
+            pool.observe(upstream, self._observation(upstream, figures, meta))
+        for upstream_id in list(pool.upstreams):
+            if upstream_id in snapshot.servers or upstream_id not in self._known_in_store:
+                continue
+            if upstream_id in self.static_ids:
+                self._register(pool.upstreams[upstream_id])  # ours by configuration: back in the store
+                continue
+            self._known_in_store.discard(upstream_id)
+            pool.remove(upstream_id)
+
+    @staticmethod
+    def _observation(upstream: Upstream, figures: Any, meta: dict[str, Any]) -> Observation:
+        state = meta.get("state")
+        if state == UpstreamState.LOADING.value:
+            return LoadingSeen(source="shared")
+        if state == UpstreamState.UNREACHABLE.value:
+            return FailureSeen(str(meta.get("error") or "unreachable (seen by another balancer)"), source="shared")
+        models = meta.get("models")
+        return SlotsSeen(
+            figures.total,
+            min(figures.total, figures.external + figures.leased),
+            upstream.probe_mark(),
+            source="shared",
+            models=tuple(str(m) for m in models) if isinstance(models, list) and models else None,
+        )
+
+    def _update_waiters(self) -> None:
+        """Waiters in the shared FIFO list the upstreams that may take them now (they keep their place)."""
+        for waiter in list(self.store.waiters.values()):
+            candidates = [u.id for u in self.pool.ranked(waiter.model or None)][:256]
+            if candidates and candidates != list(waiter.candidates):
+                self._quietly(waiter.update(candidates), "waiter update")
+
+    def report_age(self, upstream_id: str) -> float | None:
+        """Seconds since the store last got a reading of C{upstream_id} (from any process), or None."""
+        figures = self.snapshot.servers.get(upstream_id) if self.snapshot is not None else None
+        if figures is None or figures.seen is None or self.snapshot is None:
+            return None
+        return max(0.0, self.snapshot.now - figures.seen)
+
+    def metrics(self) -> Any:
+        """The Prometheus families of the shared state (scraped with the rest)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "paddler_shared_state_up", "1 while the shared slot store (--state) answers, else 0.", value=int(self.up)
+        )
+        yield GaugeMetricFamily(
+            "paddler_shared_state_owners",
+            "Balancer processes sharing the fleet (alive in the store's last snapshot).",
+            value=0 if self.snapshot is None else self.snapshot.owners,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The shared state as ``/health`` and the state API show it."""
+        snapshot = self.snapshot
+        return {
+            "up": self.up,
+            "owner": self.store.owner,
+            "owners": 0 if snapshot is None else snapshot.owners,
+            "requests_waiting_fleet_wide": 0 if snapshot is None else snapshot.waiting,
+            "requests_waiting_here": self.requests_waiting,
+        }
+
+
+@implementer(IUpstreamProber)
+class SharedProber:
+    """Probes only the upstreams this process is elected for, and tells the store what it read."""
+
+    def __init__(self, prober: Any, fleet: SharedFleet) -> None:
+        self.prober = prober
+        self.fleet = fleet
+        self._marks: dict[str, int | None] = {}
+        prober.on_reading = self._read
+
+    def probe(self, upstream: Upstream) -> Deferred[None]:
+        if not self.fleet.probes(upstream):
+            return succeed(None)
+        if not self.fleet.up:
+            return self.prober.probe(upstream)  # type: ignore[no-any-return]
+        marked = self.fleet.store.probe_mark()
+        marked.addTimeout(1.0, self.fleet.clock)
+
+        def probe(mark: Any) -> Deferred[None]:
+            self._marks[upstream.id] = mark if isinstance(mark, int) else None
+            return self.prober.probe(upstream)  # type: ignore[no-any-return]
+
+        return marked.addBoth(probe)
+
+    def _read(self, upstream: Upstream, reading: Any) -> None:
+        mark = self._marks.pop(upstream.id, None)
+        if mark is not None and self.fleet.up:
+            self.fleet._send_reading(upstream, reading.total, reading.processing, mark)

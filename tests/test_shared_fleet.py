@@ -1,0 +1,238 @@
+"""Three balancers sharing one fleet through a slot store (in memory, on a Clock): membership,
+one prober per upstream, atomic leases and one FIFO across balancers, the store going away
+and coming back."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from paddler.errors import BufferTimeout
+from paddler.fleet.pool import UpstreamPool
+from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState, upstream_id
+from paddler.interfaces import IUpstreamProber
+from paddler.llamacpp.slots import SlotReading
+from paddler.routing.policies import MostIdleSlotsChooser
+from paddler.shared.fleet import SharedFleet, SharedProber, rendezvous
+from paddler.shared.memory import MemorySlotState, MemorySlotStore
+
+A_URL, B_URL = "http://10.0.0.1:8080", "http://10.0.0.2:8080"
+
+
+@implementer(IUpstreamProber)
+class ScriptedProber:
+    """Reads what the test says each upstream has, like HTTPProber: observe + on_reading."""
+
+    def __init__(self, pool: UpstreamPool, slots: dict[str, tuple[int, int]]) -> None:
+        self.pool = pool
+        self.slots = slots  # url -> (total, busy)
+        self.on_reading: Any = None
+        self.probed: list[str] = []
+
+    def probe(self, upstream: Upstream) -> Any:
+        from twisted.internet.defer import succeed
+
+        self.probed.append(upstream.url)
+        total, busy = self.slots[upstream.url]
+        mark = upstream.probe_mark()
+        reading = SlotReading(total, busy, "slots", (), None, mark)
+        if self.on_reading is not None:
+            self.on_reading(upstream, reading)
+        self.pool.observe(upstream, SlotsSeen(total, busy, mark))
+        return succeed(None)
+
+
+class Balancer:
+    def __init__(self, world: World, name: str, static: list[str]) -> None:
+        self.pool = UpstreamPool(world.clock, MostIdleSlotsChooser(), max_buffered=10, buffer_timeout=5.0)
+        self.store = MemorySlotStore(world.state, name, lease_ttl=3.0, reap_interval=0.5)
+        self.fleet = SharedFleet(
+            self.pool, self.store, world.clock, static_ids=frozenset(upstream_id(u) for u in static)
+        )
+        self.pool.shared = self.fleet
+        self.inner = ScriptedProber(self.pool, world.slots)
+        self.prober = SharedProber(self.inner, self.fleet)
+        for url in static:
+            self.pool.add(Upstream(url, source="static", clock=world.clock))
+        self.fleet.startService()
+
+    def probe_all(self) -> None:
+        for upstream in list(self.pool.upstreams.values()):
+            self.prober.probe(upstream)
+
+
+class World:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000)
+        self.state = MemorySlotState(self.clock)
+        self.slots: dict[str, tuple[int, int]] = {A_URL: (2, 0), B_URL: (1, 0)}
+        self.balancers: list[Balancer] = []
+
+    def add(self, name: str, static: list[str]) -> Balancer:
+        balancer = Balancer(self, name, static)
+        self.balancers.append(balancer)
+        return balancer
+
+    def sync(self, seconds: float = 0.3) -> None:
+        self.clock.advance(seconds)
+
+    def stop(self) -> None:
+        for balancer in self.balancers:
+            balancer.fleet.stopService()
+            balancer.pool.stop()
+
+
+@pytest.fixture
+def world():
+    w = World()
+    yield w
+    w.stop()
+
+
+def three(world: World) -> list[Balancer]:
+    balancers = [world.add("a", [A_URL]), world.add("b", [B_URL]), world.add("c", [])]
+    world.sync()
+    for balancer in balancers:
+        balancer.probe_all()
+    world.sync()
+    return balancers
+
+
+def test_every_balancer_learns_every_upstream_and_its_figures(world):
+    """a registers A, b registers B, c registers nothing: after a sync all three know both, healthy."""
+    balancers = three(world)
+    for balancer in balancers:
+        assert sorted(u.url for u in balancer.pool.upstreams.values()) == [A_URL, B_URL]
+        assert all(u.state is UpstreamState.HEALTHY for u in balancer.pool.upstreams.values())
+        assert balancer.pool.totals()["slots_total"] == 3
+
+
+def test_each_upstream_is_probed_by_exactly_one_balancer(world):
+    balancers = three(world)
+    for url in (A_URL, B_URL):
+        uid = upstream_id(url)
+        probers = [b for b in balancers if b.fleet.probes(b.pool.upstreams[uid])]
+        assert len(probers) == 1
+        assert probers[0].store.owner == rendezvous(("a", "b", "c"), uid)
+    for balancer in balancers:
+        balancer.inner.probed.clear()
+        balancer.probe_all()
+    assert sorted(url for b in balancers for url in b.inner.probed) == [A_URL, B_URL]
+
+
+def test_leases_across_three_balancers_never_exceed_the_slots_and_wait_in_one_fifo(world):
+    """Three slots in all; six requests, two per balancer: three granted, three wait, served oldest first
+    as slots free through any balancer."""
+    balancers = three(world)
+    granted: list[tuple[str, Any]] = []
+    order: list[str] = []
+    for round_ in range(2):
+        for balancer in balancers:
+            name = f"{balancer.store.owner}{round_}"
+            order.append(name)
+            d = balancer.pool.acquire()
+            d.addCallback(lambda lease, name=name: granted.append((name, lease)) or lease)
+    world.sync(0.05)
+    assert len(granted) == 3
+    busy = Counter(lease.upstream.url for _, lease in granted)
+    assert busy == {A_URL: 2, B_URL: 1}
+    waiting = order[3:]
+    while len(granted) < 6:
+        _, lease = granted[len(granted) - 3]  # free the oldest running one, through its own balancer
+        lease.release()
+        world.sync(0.05)
+        busy = Counter(
+            lease.upstream.url for _, lease in granted if not lease.released
+        )
+        assert busy[A_URL] <= 2 and busy[B_URL] <= 1
+    assert [name for name, _ in granted[3:]] == waiting
+
+
+def test_a_freed_slot_wakes_a_request_waiting_on_another_balancer_at_once(world):
+    balancers = three(world)
+    leases = [balancers[0].pool.acquire() for _ in range(3)]
+    held = [d.result for d in leases]
+    waiting = balancers[2].pool.acquire()
+    assert not waiting.called
+    held[0].release()  # through balancer a
+    assert waiting.called and waiting.result.upstream.url == held[0].upstream.url
+
+
+def test_a_waiting_request_cancelled_by_its_client_leaves_the_shared_buffer(world):
+    balancers = three(world)
+    held = [balancers[0].pool.acquire().result for _ in range(3)]
+    gone = balancers[1].pool.acquire()
+    stays = balancers[2].pool.acquire()
+    gone.addErrback(lambda f: f.trap(CancelledError))
+    gone.cancel()
+    world.sync(0.05)
+    held[0].release()
+    assert stays.called and stays.result.upstream.url == held[0].upstream.url
+
+
+def test_a_wait_past_the_buffer_timeout_is_a_504(world):
+    balancers = three(world)
+    [balancers[0].pool.acquire() for _ in range(3)]
+    late = balancers[1].pool.acquire()
+    failures: list[Any] = []
+    late.addErrback(failures.append)
+    world.sync(5.1)
+    assert failures and failures[0].check(BufferTimeout)
+
+
+def test_drains_and_removals_travel_to_every_balancer(world):
+    a, b, c = three(world)
+    uid = upstream_id(B_URL)
+    a.pool.drain(uid, requested=True)
+    world.sync()
+    assert b.pool.upstreams[uid].draining and c.pool.upstreams[uid].draining
+    api = upstream_id(A_URL)
+    # b did not configure A: a removal there reaches a and c, but a registers its static A again
+    b.pool.remove(api)
+    world.sync()
+    world.sync()
+    assert api in a.pool.upstreams and api in b.pool.upstreams and api in c.pool.upstreams
+    registered = c.pool.add(Upstream("http://10.0.0.3:8080", "api-one", source="api", clock=world.clock))
+    world.sync()
+    assert registered.id in a.pool.upstreams and a.pool.upstreams[registered.id].source == "api"
+    c.pool.remove(registered.id)
+    world.sync()
+    assert registered.id not in a.pool.upstreams and registered.id not in b.pool.upstreams
+
+
+def test_with_the_store_down_each_balancer_takes_only_its_share_then_running_requests_are_adopted(world):
+    """Store down: a and b each take at most ceil(2/3) = 1 slot of A; back up: the running ones become shared."""
+    a, b, c = three(world)
+    world.state.set_available(False)
+    world.sync()
+    assert not a.fleet.up
+    uid = upstream_id(A_URL)
+    local = [a.pool.acquire() for _ in range(2)]
+    on_a = [d.result for d in local if d.called and d.result.upstream.id == uid]
+    assert len(on_a) <= 1
+    health = a.pool.health()[1]
+    assert health["shared_state"]["up"] is False
+    world.state.set_available(True)
+    world.sync(1.0)
+    assert a.fleet.up
+    assert {lease_id for lease_id in a.store.leases} and not a.fleet._fallback
+    for d in local:
+        if d.called:
+            d.result.release()
+    for d in local:
+        d.addErrback(lambda f: None)
+
+
+def test_an_agent_reporting_to_another_balancer_keeps_its_upstream_alive(world):
+    """The age of the last report anywhere (the store's reading time) is what expiry looks at."""
+    a, b, c = three(world)
+    uid = upstream_id(A_URL)
+    assert a.fleet.report_age(uid) is not None and a.fleet.report_age(uid) < 1.0
+    world.sync(2.0)
+    assert a.fleet.report_age(uid) >= 1.9
