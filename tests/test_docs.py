@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,9 +21,9 @@ from paddler.observability.prometheus import PrometheusMetrics
 from paddler.observability.requests import OUTCOMES, RequestStats
 from paddler.observability.statsd import StatsDService, graphite_name
 from paddler.routing.policies import CostChooser
+from paddler.shared.fleet import SharedFleet
 
 from .helpers import make_pool
-from .ops.metric_names import WITH_SHARED_STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -74,10 +75,18 @@ def _a_busy_fleet() -> tuple[Any, RequestStats, Clock]:
     return pool, stats, clock
 
 
+def shared_state_families() -> set[str]:
+    """The families a balancer with --state adds (SharedFleet.metrics, read without a store)."""
+    reading = SimpleNamespace(up=True, snapshot=None)
+    return {family.name for family in SharedFleet.metrics(reading)}  # type: ignore[arg-type]
+
+
 def exported_prometheus_names() -> set[str]:
-    """Every family a balancer exports, as a PromQL selector names it (counters with _total)."""
+    """Every family a balancer exports, as a PromQL selector names it (counters with _total),
+    with --state's families too."""
     pool, stats, _ = _a_busy_fleet()
     metrics = PrometheusMetrics(pool, stats)
+    metrics.collector.extra.append(lambda: SharedFleet.metrics(SimpleNamespace(up=True, snapshot=None)))
     text = metrics.render().decode()
     metrics.close()
     names = set(re.findall(r"^# TYPE (\S+) \S+$", text, re.M))
@@ -86,17 +95,19 @@ def exported_prometheus_names() -> set[str]:
 
 
 def test_metrics_page_lists_every_exported_prometheus_family() -> None:
-    """Every Prometheus family a balancer exports (cost policy, requests of every outcome) is
-    named in docs/metrics.md, with its exact name."""
+    """Every Prometheus family a balancer exports (cost policy, requests of every outcome,
+    --state) is named in docs/metrics.md, with its exact name."""
     page = _metrics_page()
-    missing = sorted(name for name in exported_prometheus_names() if f"`{name}`" not in page)
+    names = exported_prometheus_names()
+    assert shared_state_families() <= names and "paddler_upstream_prefix_hits_total" in names
+    missing = sorted(name for name in names if f"`{name}`" not in page)
     assert missing == []
 
 
 def test_metrics_page_names_no_prometheus_family_that_is_not_exported() -> None:
-    """Every paddler_ name the page gives is exported (or is a histogram's series, or exists only
-    with --state): the reference has no stale name."""
-    exported = exported_prometheus_names() | set(WITH_SHARED_STATE)
+    """Every paddler_ name the page gives is exported (or is a histogram's series): the reference
+    has no stale name."""
+    exported = exported_prometheus_names()
     named = set(re.findall(r"\bpaddler_[a-z_]+", _metrics_page()))
     derived = {n for n in named if re.sub(r"_(bucket|sum|count)$", "", n) in exported}
     assert sorted(named - exported - derived) == []
