@@ -9,6 +9,7 @@ and drain flag and records an entry only when one of them moved.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -36,7 +37,7 @@ class FleetEvents:
         self._seen: dict[str, tuple[UpstreamState, bool]] = {}
         self._draining_since: dict[str, float] = {}
 
-    def watch(self, upstreams: Any) -> None:
+    def watch(self, upstreams: Iterable[Upstream]) -> None:
         """Start from the upstreams already in the pool: each is logged as added."""
         for upstream in upstreams:
             if upstream.id not in self._seen:
