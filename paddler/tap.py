@@ -262,7 +262,8 @@ def makeBalancerService(
     from paddler.observability.dashboard import ObservabilityApp
     from paddler.observability.prometheus import PrometheusMetrics
     from paddler.observability.requests import RequestStats
-    from paddler.observability.snapshot import StateHistory, build_state
+    from paddler.observability.events import FleetEvents
+    from paddler.observability.snapshot import FleetView, StateHistory
     from paddler.observability.stream import ObservabilityService, StateStream
     from paddler.routing.policies import CHOOSERS
     from paddler.shared.fleet import SharedProber
@@ -396,16 +397,14 @@ def makeBalancerService(
     )
 
     history = StateHistory()
-
-    def fleet_state(with_history: bool) -> dict[str, Any]:
-        return build_state(pool, stats, reactor, history if with_history else None)
-
-    state_stream = StateStream(reactor, fleet_state)
-    ObservabilityService(pool, stats, reactor, history, state_stream).setServiceParent(top)
+    events = FleetEvents(reactor)
+    view = FleetView(pool, stats, reactor, history, events, token_required=bool(config.management_token))
+    state_stream = StateStream(reactor, view)
+    ObservabilityService(pool, stats, reactor, history, state_stream, events).setServiceParent(top)
     metrics = PrometheusMetrics(pool, stats)
     if pool.shared is not None:
         metrics.collector.extra.append(pool.shared.metrics)
-    observability = ObservabilityApp(fleet_state, state_stream, metrics, dashboard=config.dashboard).resource()
+    observability = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()
     if config.statsd is not None:
         from paddler.config import parse_statsd_address
         from paddler.observability.statsd import StatsDClient, StatsDService

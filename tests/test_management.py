@@ -538,3 +538,35 @@ async def test_an_unexpected_error_is_a_json_500_without_traceback(h):
     code, body, _ = await h.call("POST", "/api/v1/agents/a1/report", REPORT)
     assert_error(code, body, 500)
     assert "kaboom" not in json.dumps(body)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example", "Host": "mgmt"},
+        {"Origin": "null", "Host": "mgmt"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://mgmt"},
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_cross_site_browser_request_cannot_change_the_fleet_even_without_a_token(h, headers):
+    """A page elsewhere posting through a visitor's browser gets 403; nothing is registered or drained."""
+    up = h.pool.add(healthy_upstream("http://10.0.0.1:8080"))
+    for method, path, body in (("POST", "/api/v1/upstreams", {"url": "http://10.0.0.9:1", "name": "x"}),
+                               ("POST", f"/api/v1/upstreams/{up.id}/drain", None),
+                               ("DELETE", f"/api/v1/upstreams/{up.id}", None)):
+        status, answer, _ = await h.call(method, path, body, headers=headers)
+        assert status == 403 and answer["error"]["param"] == "origin"
+    assert list(h.pool.upstreams) == [up.id] and not up.draining
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_origin_and_non_browser_clients_may_change_the_fleet(h):
+    """The dashboard (same origin) and agents or curl (no Origin) are not refused."""
+    up = h.pool.add(healthy_upstream("http://10.0.0.1:8080"))
+    status, _, _ = await h.call("POST", f"/api/v1/upstreams/{up.id}/drain",
+                                headers={"Origin": "http://mgmt", "Host": "mgmt", "Sec-Fetch-Site": "same-origin"})
+    assert status == 200 and up.draining
+    status, _, _ = await h.call("POST", f"/api/v1/upstreams/{up.id}/undrain", headers={})
+    assert status == 200 and not up.draining

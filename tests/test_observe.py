@@ -17,13 +17,14 @@ from twisted.web.server import Site
 
 from paddler.web.router import NotFoundResource, PrefixRouter
 from paddler.observability.dashboard import ObservabilityApp
-from paddler.observability.snapshot import HISTORY_WINDOW, StateHistory, build_state
+from paddler.observability.events import FleetEvents
+from paddler.observability.snapshot import HISTORY_WINDOW, FleetView, StateHistory
 from paddler.observability.stream import ObservabilityService, StateStream, encode_event
 from paddler.fleet.pool import UpstreamPool
 from paddler.observability.prometheus import PrometheusMetrics
 from paddler.simulator.testing import MemoryExchange, MemoryHTTPClient
 from paddler.observability.requests import RequestStats
-from paddler.fleet.upstream import Upstream, UpstreamState
+from paddler.fleet.upstream import FailureSeen, SlotsSeen, Upstream, UpstreamState
 
 from .helpers import healthy_upstream, make_pool, mark_unreachable
 
@@ -47,8 +48,12 @@ class Fleet:
         self.pool: UpstreamPool = make_pool(self.clock, max_buffered=5, timeout=30.0)
         self.stats = RequestStats(self.clock)
         self.history = StateHistory(interval=3.0)
-        self.stream = StateStream(self.clock, self.state)
-        self.service = ObservabilityService(self.pool, self.stats, self.clock, self.history, self.stream)
+        self.events = FleetEvents(self.clock)
+        self.view = FleetView(self.pool, self.stats, self.clock, self.history, self.events)
+        self.stream = StateStream(self.clock, self.view)
+        self.service = ObservabilityService(
+            self.pool, self.stats, self.clock, self.history, self.stream, self.events
+        )
         self.metrics = PrometheusMetrics(self.pool, self.stats)
         self.app = ObservabilityApp(self.state, self.stream, self.metrics, dashboard=dashboard)
         self.resource = PrefixRouter(
@@ -61,7 +66,7 @@ class Fleet:
         self.memory = MemoryHTTPClient(self.site)
 
     def state(self, with_history: bool) -> dict[str, Any]:
-        return build_state(self.pool, self.stats, self.clock, self.history if with_history else None)
+        return self.view.state(with_history)
 
     def add(self, url: str, total: int = 4, processing: int = 0, name: str | None = None) -> Upstream:
         upstream = healthy_upstream(url, total=total, processing=processing, models=("m.gguf",), clock=self.clock)
@@ -147,6 +152,7 @@ def test_state_describes_every_field_of_every_upstream(fleet: Fleet) -> None:
     report, last error, requests served and failed; sorted by name."""
     b = fleet.add("http://10.0.0.2:8080", total=2, name="beta")
     a = fleet.add("http://10.0.0.1:8080", total=4, processing=1, name="alpha")
+    a.state_since = 990.0
     fleet.clock.advance(1.5)
     b.last_report_at = fleet.clock.seconds() - 0.5
     mark_unreachable(b, "connection refused")
@@ -180,6 +186,18 @@ def test_state_describes_every_field_of_every_upstream(fleet: Fleet) -> None:
         "requests_served": 7,
         "requests_failed": 2,
         "has_api_key": False,
+        "last_update_at": 1000.0,
+        "last_probe_at": 1000.0,
+        "last_report_at": None,
+        "state_since": 990.0,
+        "time_in_state": 11.5,
+        "draining_since": None,
+        "removal_pending": False,
+        "recent": {
+            "requests": 0, "requests_per_second": 0.0, "ttft_p50": None, "ttft_p95": None,
+            "duration_p50": None, "duration_p95": None, "responses_4xx": 0, "responses_5xx": 0,
+        },
+        "routing": {},
     }
     assert beta["state"] == "unreachable"
     assert beta["last_error"] == "connection refused"
@@ -219,7 +237,8 @@ def test_state_recent_figures_cover_the_last_minute(fleet: Fleet) -> None:
     assert recent["duration_p50"] == pytest.approx(4.5)  # 11th of 22, with 0.2 and 3.0
     assert recent["duration_p95"] == pytest.approx(9.5)
     assert recent["duration_p99"] == pytest.approx(10.0)
-    assert state["requests"] == {"total": 23, "by_status": {"2xx": 21, "5xx": 1, "cancelled": 1}}
+    assert state["requests"]["total"] == 23
+    assert state["requests"]["by_status"] == {"2xx": 21, "5xx": 1, "cancelled": 1}
 
 
 def test_state_has_the_history_unless_asked_not_to(fleet: Fleet) -> None:
@@ -333,27 +352,177 @@ def test_stream_opens_with_the_full_state_and_history(fleet: Fleet) -> None:
     assert len(fleet.stream.clients) == 1
 
 
-def test_stream_delivers_an_update_after_a_state_change(fleet: Fleet) -> None:
-    """A new upstream and a finished request are pushed to open streams (without the history)."""
+def apply_delta(state: dict[str, Any], delta: dict[str, Any]) -> None:
+    """What the page does with a "delta" event (app.js applyDelta), on a state it holds."""
+    for key in ("time", "policy", "buffer", "totals", "requests", "recent"):
+        if key in delta:  # "recent" comes with the upstreams' changes only
+            state[key] = delta[key]
+    rows = {u["id"]: u for u in state["upstreams"]}
+    for key, changes in delta.get("upstreams", {}).items():
+        row = rows.setdefault(key, {})
+        for field, value in changes.items():
+            if isinstance(value, dict) and isinstance(row.get(field), dict):
+                row[field].update(value)
+            else:
+                row[field] = value
+    for key in delta.get("removed", []):
+        rows.pop(key, None)
+    state["upstreams"] = sorted(rows.values(), key=lambda u: (u["name"], u["url"]))
+    seen = {e["seq"] for e in state["events"]}
+    state["events"] += [e for e in delta.get("events", []) if e["seq"] not in seen]
+
+
+def comparable(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The upstreams of a state without the fields the stream leaves to the page (ages, time stamps)."""
+    skip = {"last_update_age", "last_probe_age", "last_report_age", "time_in_state",
+            "last_update_at", "last_probe_at", "last_report_at"}
+    return [{k: v for k, v in u.items() if k not in skip} for u in state["upstreams"]]
+
+
+def test_stream_sends_a_new_upstream_whole_and_then_only_its_changed_fields(fleet: Fleet) -> None:
+    """After the first state, changes come as "delta" events: a new upstream with every field
+    and its "added" event, then only the fields that changed (slots, in flight), never the
+    history or the unchanged upstreams."""
+    quiet = fleet.add("http://10.0.0.9:8080", name="quiet")
     exchange = fleet.memory.get("/api/v1/state/stream")
     fleet.clock.advance(1.0)
     assert len(events(exchange)) == 1
 
-    fleet.add("http://10.0.0.1:8080", name="new")
+    new = fleet.add("http://10.0.0.1:8080", name="new")
     fleet.clock.advance(0)
-    fleet.stats.record(200, 1.0, ttfb=0.2)
-    fleet.clock.advance(PUSH := fleet.stream.min_interval)
+    [(name, delta)] = events(exchange)[1:]
+    assert name == "delta"
+    assert list(delta["upstreams"]) == [new.id]
+    assert delta["upstreams"][new.id]["name"] == "new"
+    assert delta["upstreams"][new.id]["slots_total"] == 4
+    assert [(e["kind"], e["upstream"]) for e in delta["events"]] == [("added", "new")]
+    assert delta["removed"] == [] and "history" not in delta
 
-    received = events(exchange)
-    assert [name for name, _ in received] == ["state", "state", "state"]
-    assert [u["name"] for u in received[1][1]["upstreams"]] == ["new"]
-    assert received[2][1]["requests"]["total"] == 1
-    assert "history" not in received[2][1]
+    fleet.clock.advance(1.0)
+    lease = fired(fleet.pool.acquire())
+    assert lease.upstream is new or lease.upstream is quiet
+    fleet.clock.advance(1.0)
+    *_, (name, delta) = [e for e in events(exchange) if e[0] == "delta"]
+    assert list(delta["upstreams"]) == [lease.upstream.id]
+    assert delta["upstreams"][lease.upstream.id] == {
+        "slots_idle": 3, "slots_processing": 1, "requests_in_flight": 1
+    }
+    assert delta["totals"]["slots_processing"] == 1
+    lease.release()
+
+
+def test_stream_sends_fleet_figures_at_once_and_upstream_changes_at_most_once_a_second(
+    fleet: Fleet,
+) -> None:
+    """A finished request is in the next push (0.25 s later); a change of an upstream's
+    figures waits for the next rows send, at most one a second."""
+    upstream = fleet.add("http://10.0.0.1:8080")
+    exchange = fleet.memory.get("/api/v1/state/stream")
+    fleet.clock.advance(0.5)
+    fleet.stats.record(200, 1.0, ttfb=0.2, upstream=upstream)
+    fleet.clock.advance(PUSH := fleet.stream.min_interval)
+    [(name, delta)] = events(exchange)[1:]
     assert PUSH == 0.25
+    assert delta["requests"]["total"] == 1 and "upstreams" not in delta and "recent" not in delta
+    fleet.clock.advance(0.2)
+    assert len(events(exchange)) == 2
+    fleet.clock.advance(0.05)  # a second after the first state
+    *_, (name, delta) = events(exchange)
+    assert delta["upstreams"][upstream.id]["recent"]["requests"] == 1
+    assert delta["upstreams"][upstream.id]["requests_served"] == 1
+    assert delta["recent"]["requests"] == 1
+
+
+def test_stream_sends_state_changes_and_drains_at_once_and_removals_by_id(fleet: Fleet) -> None:
+    """An upstream turning unreachable, a drain and a removal reach the stream at the next push
+    (not a second later), with their event log entries; a removed upstream is listed by id."""
+    a = fleet.add("http://10.0.0.1:8080", name="a")
+    b = fleet.add("http://10.0.0.2:8080", name="b")
+    exchange = fleet.memory.get("/api/v1/state/stream")
+    fleet.clock.advance(0.25)
+
+    fleet.pool.observe(a, FailureSeen("connection refused"))
+    fleet.pool.drain(b.id, requested=True)
+    fleet.clock.advance(0)
+    [(name, delta)] = events(exchange)[1:]
+    assert delta["upstreams"][a.id]["state"] == "unreachable"
+    assert delta["upstreams"][a.id]["last_error"] == "connection refused"
+    assert delta["upstreams"][b.id]["draining"] is True
+    assert [(e["kind"], e["upstream"], e.get("state")) for e in delta["events"]] == [
+        ("state", "a", "unreachable"), ("draining", "b", None)
+    ]
+
+    fleet.clock.advance(0.1)
+    fleet.pool.remove(b.id)
+    fleet.clock.advance(0.15)
+    *_, (name, delta) = events(exchange)
+    assert delta["removed"] == [b.id]
+    assert [e["kind"] for e in delta["events"]] == ["removed"]
+
+
+def test_stream_sends_time_stamps_again_only_after_five_seconds(fleet: Fleet) -> None:
+    """A probe every second moves last_update_at; the stream sends it again only once the page's
+    copy is 5 s old (the page shows ages from it), not on every probe."""
+    upstream = fleet.add("http://10.0.0.1:8080")
+    exchange = fleet.memory.get("/api/v1/state/stream")
+    sent = []
+    for _ in range(12):
+        fleet.clock.advance(1.0)
+        fleet.pool.observe(upstream, SlotsSeen(4, 0, upstream.probe_mark()))
+        fleet.clock.advance(0)
+    for name, delta in events(exchange)[1:]:
+        changes = delta.get("upstreams", {}).get(upstream.id, {})
+        if "last_update_at" in changes:
+            sent.append(changes["last_update_at"])
+    assert sent == [1005.0, 1010.0]
+
+
+def test_deltas_applied_to_the_first_state_give_the_current_state(fleet: Fleet) -> None:
+    """A page that applies every delta to the first state holds the same upstreams, totals and
+    event log as a fresh GET /api/v1/state, after upstreams came and went, requests ran,
+    states changed and drains happened."""
+    ups = [fleet.add(f"http://10.0.0.{i}:8080", total=2, name=f"u{i}") for i in range(1, 5)]
+    exchange = fleet.memory.get("/api/v1/state/stream")
+    leases: list[Any] = []
+    waiting = []
+    for step in range(40):
+        fleet.clock.advance(0.3)
+        if step % 3 == 0:
+            waiting.append(fleet.pool.acquire().addCallback(leases.append))
+        if step % 4 == 1 and leases:
+            lease = leases.pop(0)
+            fleet.stats.record(200 if step % 8 else 503, 0.5, 0.1, lease.upstream)
+            lease.release()
+        if step == 10:
+            fleet.pool.observe(ups[0], FailureSeen("connection refused"))
+        if step == 15:
+            fleet.pool.drain(ups[1].id, requested=True)
+        if step == 20:
+            fleet.pool.remove(ups[2].id)
+        if step == 25:
+            fleet.add("http://10.0.0.9:8080", name="late")
+        if step == 30:
+            fleet.pool.undrain(ups[1].id)
+    fleet.clock.advance(1.0)  # the last rows are sent
+    received = events(exchange)
+    held = received[0][1]
+    for name, delta in received[1:]:
+        if name == "delta":
+            apply_delta(held, delta)
+    _, fresh = fleet.get_json("/api/v1/state")
+    assert comparable(held) == comparable(fresh)
+    assert held["totals"] == fresh["totals"] and held["requests"] == fresh["requests"]
+    assert held["recent"] == fresh["recent"]
+    assert [e["seq"] for e in held["events"]] == [e["seq"] for e in fresh["events"]]
+    for d in waiting:
+        d.cancel()
+        d.addErrback(lambda _: None)
+    for lease in leases:
+        lease.release()
 
 
 def test_stream_pushes_at_most_four_states_a_second(fleet: Fleet) -> None:
-    """A burst of changes is coalesced: 100 changes within a second make at most 4 pushes,
+    """A burst of changes is coalesced: 100 changes within a second make at most 5 pushes,
     and the last push carries the last change."""
     exchange = fleet.memory.get("/api/v1/state/stream")
     for i in range(100):
@@ -516,6 +685,15 @@ def test_dashboard_script_never_parses_data_as_html() -> None:
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in script, sink
     assert "textContent" in script
+
+
+def test_dashboard_script_keeps_the_token_in_memory_only() -> None:
+    """app.js never writes to web storage or cookies, and sends the token only as a header."""
+    script = resources.files("paddler.observability").joinpath("assets", "app.js").read_text()
+    for store in ("localStorage", "sessionStorage", "document.cookie", "indexedDB", "history.pushState"):
+        assert store not in script, store
+    assert script.count("token") and '"Authorization"' in script
+    assert 'credentials: "omit"' in script
 
 
 def test_dashboard_page_has_no_inline_script_or_external_url() -> None:

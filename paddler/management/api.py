@@ -92,6 +92,7 @@ class ManagementAPI:
         )
 
     def _authorize(self, request: Any) -> None:
+        self._refuse_cross_site(request)
         if self._token is None:
             return
         # Bytes throughout: the agent sends the token UTF-8 encoded.
@@ -105,6 +106,24 @@ class ManagementAPI:
             )
         if not hmac.compare_digest(given.strip(), self._token):
             raise Forbidden("the management token is not valid", param="authorization")
+
+    @staticmethod
+    def _refuse_cross_site(request: Any) -> None:
+        """
+        A web page elsewhere must not change the fleet through a visitor's
+        browser (a loopback API without a token is otherwise open to it):
+        browsers mark a cross-site request with C{Sec-Fetch-Site} and
+        C{Origin}; agents, curl and the dashboard itself are not refused.
+        """
+        site = request.getHeader(b"sec-fetch-site")
+        if site is not None and site.lower() not in (b"same-origin", b"none"):
+            raise Forbidden("cross-site requests may not change the fleet", param="origin")
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return
+        host = request.getHeader(b"host") or b""
+        if origin.lower() == b"null" or origin.split(b"://", 1)[-1].lower() != host.lower():
+            raise Forbidden("requests from another origin may not change the fleet", param="origin")
 
     def _upstream(self, key: str) -> Upstream:
         upstream = self.pool.find(key)

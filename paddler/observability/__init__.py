@@ -1,2 +1,2 @@
-"""Seeing the fleet: request figures, the fleet snapshot, the state stream, the dashboard,
-Prometheus and StatsD."""
+"""Seeing the fleet: request figures, the fleet snapshot, the event log, the state stream, the
+dashboard, Prometheus and StatsD."""

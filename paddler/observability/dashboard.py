@@ -3,7 +3,7 @@ dashboard page (package data C{paddler/observability/assets/}) and C{/metrics}.
 
 Routes (the app sees whole paths, see L{paddler.web.router.PrefixRouter}):
 
-- C{GET /api/v1/state}: L{paddler.observability.snapshot.build_state} as JSON
+- C{GET /api/v1/state}: L{paddler.observability.snapshot.FleetView.state} as JSON
   (C{?history=0} leaves the history out);
 - C{GET /api/v1/state/stream}: the same as server-sent events
   (L{paddler.observability.stream.StateStream});

@@ -1,5 +1,11 @@
 """One snapshot of the fleet, JSON-ready: the state API, the state stream and the history
-charts all read it (field list in docs/observability.md)."""
+charts all read it (field list in docs/observability.md).
+
+L{FleetView} is what the management port shows: L{FleetView.state} is the
+whole state (``GET /api/v1/state``, the stream's first event);
+L{FleetView.headline} and L{FleetView.rows} are the parts the stream sends
+changes of.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from paddler import __version__
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import Upstream
+from paddler.observability.events import FleetEvents
 from paddler.observability.requests import RequestStats
 
 #: Seconds of history the dashboard charts show.
@@ -24,14 +31,6 @@ def _age(at: float | None, now: float) -> float | None:
     return None if at is None else max(0.0, now - at)
 
 
-def describe_upstream(upstream: Upstream, now: float) -> dict[str, Any]:
-    """L{Upstream.describe} plus the ages of the last probe and the last agent report."""
-    description = upstream.describe(now)
-    description["last_probe_age"] = _age(upstream.last_probe_at, now)
-    description["last_report_age"] = _age(upstream.last_report_at, now)
-    return description
-
-
 def build_state(
     pool: UpstreamPool,
     stats: RequestStats,
@@ -41,26 +40,111 @@ def build_state(
     """
     The whole fleet at C{clock.seconds()}, JSON-ready: totals, every upstream
     (sorted by name), request counters, last-minute figures and, when
-    C{history} is given, its samples.
+    C{history} is given, its samples (L{FleetView.state} without an event log).
     """
-    now = clock.seconds()
-    state: dict[str, Any] = {
-        "version": __version__,
-        "time": now,
-        "totals": pool.totals(),
-        "requests": {
-            "total": stats.requests_total,
-            "by_status": dict(sorted(stats.by_status.items())),
-        },
-        "recent": stats.recent(),
-        "upstreams": [
-            describe_upstream(u, now)
-            for u in sorted(pool.upstreams.values(), key=lambda u: (u.name, u.url))
-        ],
-    }
-    if history is not None:
-        state["history"] = history.describe()
-    return state
+    return FleetView(pool, stats, clock, history).state(history is not None)
+
+
+#: Upstream fields the stream leaves out: the page computes them from the time stamps.
+DERIVED_FIELDS = frozenset({"last_update_age", "last_probe_age", "last_report_age", "time_in_state"})
+
+
+def _rounded_floats(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+class FleetView:
+    """
+    What the state API, the stream and the dashboard show of the fleet: the
+    pool, the request figures, the history (optional), the event log
+    (optional) and whether mutating management calls need a token.
+    """
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        stats: RequestStats,
+        clock: IReactorTime,
+        history: StateHistory | None = None,
+        events: FleetEvents | None = None,
+        token_required: bool = False,
+    ) -> None:
+        self.pool = pool
+        self.stats = stats
+        self.clock = clock
+        self.history = history
+        self.events = events
+        self.token_required = token_required
+
+    def headline(self, with_recent: bool = True) -> dict[str, Any]:
+        """
+        The fleet-wide figures: small, sent on every push of the stream.
+        C{with_recent}: with the last minute's rate and percentiles (they sort
+        the minute's requests, so the stream sends them only once a second).
+        """
+        pool, stats = self.pool, self.stats
+        headline = {
+            "time": self.clock.seconds(),
+            "policy": getattr(pool.chooser, "name", ""),
+            "buffer": {"capacity": pool.max_buffered, "timeout": pool.buffer_timeout},
+            "totals": pool.totals(),
+            "requests": {
+                "total": stats.requests_total,
+                "by_status": dict(sorted(stats.by_status.items())),
+                "outcomes": {kind: dict(counts) for kind, counts in stats.outcomes.items()},
+            },
+        }
+        if with_recent:
+            headline["recent"] = stats.recent()
+        return headline
+
+    def row(self, upstream: Upstream, now: float) -> dict[str, Any]:
+        """One upstream without the ages (L{DERIVED_FIELDS}): what the stream compares."""
+        row = upstream.describe(now)
+        for field in DERIVED_FIELDS:
+            row.pop(field, None)
+        row["last_update_at"] = upstream.last_update_at
+        row["last_probe_at"] = upstream.last_probe_at
+        row["last_report_at"] = upstream.last_report_at
+        row["state_since"] = upstream.state_since
+        row["draining_since"] = None if self.events is None else self.events.draining_since(upstream.id)
+        row["removal_pending"] = self.pool.removal_pending(upstream.id)
+        row["recent"] = self.stats.upstream_recent(upstream.id)
+        row["routing"] = _rounded_floats(self.pool.chooser.describe(upstream))
+        return row
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every upstream (sorted by name, then URL) as L{row} gives it."""
+        now = self.clock.seconds()
+        self.stats.prune()
+        return [self.row(u, now) for u in sorted(self.pool.upstreams.values(), key=lambda u: (u.name, u.url))]
+
+    def upstream(self, upstream: Upstream, now: float) -> dict[str, Any]:
+        """One upstream with every field: L{row} plus the ages."""
+        described = self.row(upstream, now)
+        described["last_update_age"] = _age(upstream.last_update_at, now)
+        described["last_probe_age"] = _age(upstream.last_probe_at, now)
+        described["last_report_age"] = _age(upstream.last_report_at, now)
+        described["time_in_state"] = max(0.0, now - upstream.state_since)
+        return described
+
+    def state(self, with_history: bool = True) -> dict[str, Any]:
+        """
+        The whole fleet, JSON-ready: L{headline}, every upstream (sorted by
+        name), the event log and, when C{with_history}, the history samples.
+        """
+        state: dict[str, Any] = {"version": __version__}
+        state.update(self.headline())
+        now = state["time"]
+        state["management"] = {"token_required": self.token_required}
+        self.stats.prune()
+        state["upstreams"] = [
+            self.upstream(u, now) for u in sorted(self.pool.upstreams.values(), key=lambda u: (u.name, u.url))
+        ]
+        state["events"] = [] if self.events is None else self.events.describe()
+        if with_history and self.history is not None:
+            state["history"] = self.history.describe()
+        return state
 
 
 class StateHistory:

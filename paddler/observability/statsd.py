@@ -282,10 +282,10 @@ class StatsDService(Service):
     def record(self, record: dict[str, Any]) -> None:
         """Count one finished request (a L{RequestStats} record) for the next report."""
         status = record["status"]
-        status_class = f"{status // 100}xx" if status else "cancelled"
         error = status >= 500
         self._count("requests.total")
-        self._count("requests." + status_class)
+        if status:  # a client that left is counted under requests.cancelled.<stage> (a branch, not a leaf)
+            self._count(f"requests.{status // 100}xx")
         outcome = record.get("outcome")
         if outcome is not None:
             kind, reason = outcome

@@ -40,7 +40,7 @@ UPSTREAM = (
     "paddler_upstream_generation_tokens_per_second",
 )
 #: Only with ``--state`` (Redis shared state): not expected from a plain balancer.
-WITH_SHARED_STATE = ("paddler_shared_state_up",)
+WITH_SHARED_STATE = ("paddler_shared_state_up", "paddler_shared_state_owners")
 #: Every name a balancer without ``--state`` must export (as a family).
 EXPECTED = (*GAUGES, *COUNTERS, *HISTOGRAMS, *UPSTREAM)
 

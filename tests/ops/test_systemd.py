@@ -36,10 +36,11 @@ def unit_root(tmp_path: Path, systemd_analyze: str) -> Path:
             break
     else:
         pytest.skip("no systemd unit directory (/usr/lib/systemd/system) to verify against")
-    stub = root / EXECUTABLE.lstrip("/")
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#!/bin/sh\nexit 0\n")
-    stub.chmod(0o755)
+    for executable in (EXECUTABLE, "/bin/kill"):  # ExecStart and ExecReload
+        stub = root / executable.lstrip("/")
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
     (root / "etc/systemd/system").mkdir(parents=True)
     for name in UNIT_NAMES:
         shutil.copy(UNITS / name, root / "etc/systemd/system" / name)

@@ -1,6 +1,9 @@
 // paddler dashboard: live fleet state from /api/v1/state/stream (server-sent
-// events). Plain JS, no dependencies. Every piece of data goes into the page
-// through textContent or DOM properties, never through HTML parsing.
+// events: the whole state first, then "delta" events with what changed).
+// Plain JS, no dependencies. Every piece of data goes into the page through
+// textContent or DOM properties, never through HTML parsing. The management
+// token lives in one variable of this closure: never in the URL, a cookie or
+// web storage, gone when the page is closed or reloaded.
 (function () {
   "use strict";
 
@@ -8,15 +11,26 @@
   // app.js lives at <root>/dashboard/app.js; the API at <root>/api/v1/...
   var STREAM_URL = new URL("../api/v1/state/stream", here).href;
   var STATE_URL = new URL("../api/v1/state", here).href;
+  var UPSTREAMS_URL = new URL("../api/v1/upstreams/", here).href;
   var RETRY_MIN = 1000, RETRY_MAX = 15000;
+  var MAX_EVENTS = 200;
+  // The stream sends an upstream's time stamps again once they moved 5 s:
+  // younger ages are shown as "< 10 s".
+  var FRESH_SECONDS = 10;
 
-  var latest = null;          // the last state received
+  var latest = null;          // the fleet-wide part of the last state or delta
   var receivedAt = 0;         // performance.now() when it came
+  var upstreams = new Map();  // upstream id -> its fields, as the stream says
+  var order = [];             // upstream ids, sorted by name then URL
   var samples = [];           // history samples, oldest first
   var windowSeconds = 900;
   var rows = new Map();       // upstream id -> row record
+  var eventLog = [];          // event log entries, oldest first
   var filterText = "";
   var source = null, retryDelay = RETRY_MIN, retryTimer = null;
+  var token = null;           // the management token (memory only)
+  var pending = null;         // {id, action} waiting for a token
+  var noticeTimer = null;
 
   function $(id) { return document.getElementById(id); }
 
@@ -39,15 +53,36 @@
     return r < 10 ? r.toFixed(2) : r.toFixed(1);
   }
 
-  function fmtAge(s) {
-    if (s === null || s === undefined) return "never";
-    if (s < 10) return s.toFixed(1) + " s ago";
-    if (s < 120) return Math.round(s) + " s ago";
-    if (s < 7200) return Math.round(s / 60) + " min ago";
-    return Math.round(s / 3600) + " h ago";
+  function fmtDuration(s) {
+    if (s === null || s === undefined || isNaN(s)) return "";
+    s = Math.max(0, s);
+    if (s < 60) return Math.floor(s) + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min";
+    if (s < 172800) return Math.floor(s / 3600) + " h " + Math.floor(s % 3600 / 60) + " min";
+    return Math.floor(s / 86400) + " d";
   }
 
-  function elapsed() { return (performance.now() - receivedAt) / 1000; }
+  function fmtAge(s) {
+    if (s === null || s === undefined) return "never";
+    if (s < FRESH_SECONDS) return "< " + FRESH_SECONDS + " s ago";
+    return fmtDuration(s) + " ago";
+  }
+
+  function fmtCount(n) {
+    if (n === null || n === undefined) return "–";
+    if (n >= 1e6) return (n / 1e6).toFixed(1) + "M";
+    if (n >= 1e4) return (n / 1e3).toFixed(1) + "k";
+    return String(Math.round(n));
+  }
+
+  function sum(counts) {
+    var total = 0;
+    Object.keys(counts || {}).forEach(function (k) { total += counts[k]; });
+    return total;
+  }
+
+  // The balancer's clock now: the last state's time plus what passed since.
+  function serverNow() { return latest ? latest.time + (performance.now() - receivedAt) / 1000 : 0; }
 
   // -- connection ---------------------------------------------------------
 
@@ -65,7 +100,8 @@
       retryDelay = RETRY_MIN;
       setConnection("live", "live");
     });
-    source.addEventListener("state", function (e) { apply(JSON.parse(e.data)); });
+    source.addEventListener("state", function (e) { applyState(JSON.parse(e.data)); });
+    source.addEventListener("delta", function (e) { applyDelta(JSON.parse(e.data)); });
     source.addEventListener("sample", function (e) { addSample(JSON.parse(e.data)); });
     source.addEventListener("error", function () {
       setConnection("reconnecting", "reconnecting…");
@@ -83,16 +119,57 @@
 
   // -- state --------------------------------------------------------------
 
-  function apply(state) {
-    latest = state;
+  function takeHeadline(part) {
+    latest = latest || {};
+    ["time", "policy", "buffer", "totals", "requests", "recent", "version", "management"].forEach(function (key) {
+      if (part[key] !== undefined) latest[key] = part[key];
+    });
     receivedAt = performance.now();
+  }
+
+  function applyState(state) {
+    takeHeadline(state);
     if (state.history) {
       windowSeconds = state.history.window || 900;
       samples = state.history.samples.slice();
     }
+    upstreams = new Map();
+    state.upstreams.forEach(function (u) { upstreams.set(u.id, u); });
+    eventLog = [];
+    addEvents(state.events || [], true);
     setText($("version"), "paddler " + state.version);
-    renderTotals(state);
-    renderFleet(state.upstreams);
+    renderHeadline();
+    renderFleet(null);
+    drawCharts();
+  }
+
+  // Merge one upstream's changed fields; nested objects (recent, routing) by key.
+  function merge(u, changes) {
+    Object.keys(changes).forEach(function (field) {
+      var value = changes[field];
+      if (value && typeof value === "object" && !Array.isArray(value) && u[field] && typeof u[field] === "object") {
+        Object.keys(value).forEach(function (k) { u[field][k] = value[k]; });
+      } else {
+        u[field] = value;
+      }
+    });
+  }
+
+  function applyDelta(delta) {
+    takeHeadline(delta);
+    var changed = null;
+    if (delta.upstreams) {
+      changed = new Set();
+      Object.keys(delta.upstreams).forEach(function (id) {
+        var u = upstreams.get(id);
+        if (u) merge(u, delta.upstreams[id]); else upstreams.set(id, delta.upstreams[id]);
+        changed.add(id);
+      });
+      (delta.removed || []).forEach(function (id) { upstreams.delete(id); changed.add(id); });
+    }
+    if (delta.events && delta.events.length) addEvents(delta.events, false);
+    renderHeadline();
+    if (changed && changed.size) renderFleet(changed);
     drawCharts();
   }
 
@@ -103,42 +180,78 @@
     drawCharts();
   }
 
-  function renderTotals(state) {
-    var t = state.totals, r = state.recent;
+  function renderHeadline() {
+    var t = latest.totals, r = latest.recent, requests = latest.requests;
+    setText($("policy"), latest.policy ? "policy " + latest.policy : "");
     setText($("t-upstreams"), t.upstreams.healthy + " / " + t.upstreams.total);
     setText($("t-slots-idle"), fmtInt(t.slots_idle));
     setText($("t-slots-processing"), fmtInt(t.slots_processing));
     setText($("t-slots-total"), fmtInt(t.slots_total));
     setText($("t-buffered"), fmtInt(t.requests_buffered));
-    setText($("t-buffered-wait"), t.requests_buffered ? "oldest waits " + fmtSeconds(t.oldest_buffered_wait) : "");
+    var capacity = latest.buffer ? latest.buffer.capacity : null;
+    setText($("t-buffer-limit"), capacity === null ? "" : capacity === 0 ? " / off" : " / " + capacity);
+    setText($("t-buffered-wait"), t.requests_buffered ? "oldest waits " + fmtSeconds(t.oldest_buffered_wait)
+      : capacity ? "wait up to " + fmtSeconds(latest.buffer.timeout) : "");
     setText($("t-in-flight"), fmtInt(t.requests_in_flight));
     setText($("t-rps"), fmtRate(r.requests_per_second));
     var parts = [];
-    Object.keys(state.requests.by_status).forEach(function (k) { parts.push(k + " " + state.requests.by_status[k]); });
-    setText($("t-requests"), state.requests.total + " total" + (parts.length ? " · " + parts.join(" · ") : ""));
+    Object.keys(requests.by_status).forEach(function (k) { parts.push(k + " " + requests.by_status[k]); });
+    setText($("t-requests"), requests.total + " total" + (parts.length ? " · " + parts.join(" · ") : ""));
+    var outcomes = requests.outcomes || {};
+    setText($("t-not-served"), [outcomes.refused, outcomes.timed_out, outcomes.cancelled].map(function (c) {
+      return fmtCount(sum(c));
+    }).join(" / "));
+    var why = [];
+    ["refused", "timed_out", "cancelled"].forEach(function (kind) {
+      Object.keys(outcomes[kind] || {}).forEach(function (reason) {
+        if (outcomes[kind][reason]) why.push(reason.replace(/_/g, " ") + " " + outcomes[kind][reason]);
+      });
+    });
+    setText($("t-not-served-why"), why.join(" · "));
     setText($("t-ttft"), [r.ttft_p50, r.ttft_p95, r.ttft_p99].map(fmtSeconds).join(" / "));
     setText($("t-duration"), [r.duration_p50, r.duration_p95, r.duration_p99].map(fmtSeconds).join(" / "));
   }
 
   // -- fleet table --------------------------------------------------------
 
-  function cell(tr, className) {
+  function cell(tr, className, label) {
     var td = document.createElement("td");
     if (className) td.className = className;
+    if (label) td.dataset.label = label;
     tr.appendChild(td);
     return td;
+  }
+
+  function span(parent, className) {
+    var el = document.createElement("span");
+    el.className = className;
+    parent.appendChild(el);
+    return el;
   }
 
   function makeRow(id) {
     var tr = document.createElement("tr");
     tr.dataset.upstream = id;
-    var row = { tr: tr, text: "" };
-    row.name = cell(tr, "name");
-    row.url = cell(tr, "url");
-    var stateCell = cell(tr, "state-cell");
-    row.state = document.createElement("span");
-    stateCell.appendChild(row.state);
-    var slotsCell = cell(tr, "slots-cell");
+    var row = { tr: tr, text: "", id: id, key: null };
+    var actions = cell(tr, "actions", "");
+    row.button = document.createElement("button");
+    row.button.type = "button";
+    row.button.className = "drain";
+    row.button.addEventListener("click", function () {
+      var u = upstreams.get(id);
+      if (u) act(id, u.draining ? "undrain" : "drain");
+    });
+    actions.appendChild(row.button);
+    var nameCell = cell(tr, "name-cell", "");
+    row.name = span(nameCell, "name");
+    row.url = span(nameCell, "url");
+    var stateCell = cell(tr, "state-cell", "State");
+    var line = span(stateCell, "line");
+    row.state = span(line, "state");
+    row.since = span(line, "since");
+    row.age = span(stateCell, "age");
+    row.error = cell(tr, "error", "Error");
+    var slotsCell = cell(tr, "slots-cell", "Slots");
     var wrap = document.createElement("div");
     wrap.className = "slots";
     row.bar = document.createElement("div");
@@ -151,16 +264,44 @@
     wrap.appendChild(row.bar);
     wrap.appendChild(row.slots);
     slotsCell.appendChild(wrap);
-    row.model = cell(tr, "model");
-    row.age = cell(tr, "age");
-    row.served = cell(tr, "num served");
-    row.failed = cell(tr, "num failed");
-    row.error = cell(tr, "error");
+    row.flight = cell(tr, "num flight half", "In flight");
+    row.rps = cell(tr, "num rps half", "Req/s");
+    row.ttft = cell(tr, "num ttft", "TTFT p50/p95");
+    row.duration = cell(tr, "num duration", "Duration p50/p95");
+    row.errors = cell(tr, "num errors half", "4xx / 5xx");
+    var done = cell(tr, "num done half", "Served / failed");
+    row.served = span(done, "served");
+    done.appendChild(document.createTextNode(" / "));
+    row.failed = span(done, "failed");
+    row.model = cell(tr, "model", "Model");
+    row.routing = cell(tr, "routing", "Cache · speed");
+    row.cache = span(row.routing, "cache");
+    row.speed = span(row.routing, "speed");
     return row;
   }
 
+  function pair(a, b, format) { return format(a) + " / " + format(b); }
+
+  // Two durations with one unit when they share it: "120 / 340 ms", "1.53 / 3.03 s".
+  function secondsPair(a, b) {
+    if (a === null || a === undefined || b === null || b === undefined) return pair(a, b, fmtSeconds);
+    var x = fmtSeconds(a).split(" "), y = fmtSeconds(b).split(" ");
+    return x[1] === y[1] ? x[0] + " / " + y[0] + " " + y[1] : x.join(" ") + " / " + y.join(" ");
+  }
+
+  // The cost policy's figures: [prefix cache, speeds], or empty texts.
+  function routingText(routing) {
+    if (!routing || routing.prefix_hits === undefined || routing.prefix_hits === null) return ["", ""];
+    var cache = "hits " + fmtCount(routing.prefix_hits) + " · saved " + fmtCount(routing.tokens_saved) + " tok";
+    var speed = "";
+    if (routing.prompt_tokens_per_second !== null && routing.prompt_tokens_per_second !== undefined) {
+      speed = fmtCount(routing.prompt_tokens_per_second) + " / " + fmtCount(routing.generation_tokens_per_second) +
+              " tok/s" + (routing.speeds_measured ? "" : " (prior)");
+    }
+    return [cache, speed];
+  }
+
   function updateRow(row, u) {
-    row.u = u;
     setText(row.name, u.name);
     setText(row.url, u.url);
     var status = u.status || u.state;
@@ -172,50 +313,229 @@
     row.proc.style.width = share.toFixed(1) + "%";
     row.bar.className = u.slots_total ? "bar" : "bar none";
     row.bar.title = u.slots_processing + " of " + u.slots_total + " slots busy";
-    setText(row.model, u.model === null ? "–" : u.model);
-    if (u.model !== null) row.model.title = u.models.join(", ");
+    var recent = u.recent || {};
+    setText(row.flight, fmtInt(u.requests_in_flight));
+    setText(row.rps, fmtRate(recent.requests_per_second));
+    setText(row.ttft, secondsPair(recent.ttft_p50, recent.ttft_p95));
+    setText(row.duration, secondsPair(recent.duration_p50, recent.duration_p95));
+    setText(row.errors, pair(recent.responses_4xx, recent.responses_5xx, fmtInt));
+    row.errors.classList.toggle("bad", !!(recent.responses_5xx));
     setText(row.served, u.requests_served);
     setText(row.failed, u.requests_failed);
+    setText(row.model, u.model === null || u.model === undefined ? "–" : u.model);
+    row.model.title = (u.models || []).join(", ");
+    var routing = routingText(u.routing);
+    setText(row.cache, routing[0]);
+    setText(row.speed, routing[1]);
+    row.speed.title = "prompt / generation speed";
     setText(row.error, u.last_error || "");
     row.error.title = u.last_error || "";
+    row.state.title = u.last_error || "";
+    setText(row.button, u.draining ? "Undrain" : "Drain");
+    row.button.title = (u.draining ? "Send requests to " : "Send no new request to ") + u.name;
     row.text = [u.name, u.url, status, u.model || "", u.last_error || ""].join(" ").toLowerCase();
     row.tr.hidden = filterText !== "" && row.text.indexOf(filterText) < 0;
-    updateAge(row);
+    row.u = u;
+    updateClock(row);
   }
 
-  function updateAge(row) {
-    var age = row.u.last_update_age;
-    setText(row.age, fmtAge(age === null ? null : age + elapsed()));
+  // The parts of a row that move with time alone: ages and time in state.
+  function updateClock(row) {
+    var u = row.u, now = serverNow();
+    setText(row.age, "updated " + fmtAge(u.last_update_at === null || u.last_update_at === undefined ? null : now - u.last_update_at));
+    var since = u.draining && u.draining_since !== null && u.draining_since !== undefined ? u.draining_since : u.state_since;
+    setText(row.since, since === undefined || since === null ? "" : fmtDuration(now - since));
   }
 
-  function renderFleet(upstreams) {
+  function sortKey(u) { return [u.name, u.url]; }
+
+  function sortOrder() {
+    order = Array.from(upstreams.keys());
+    order.sort(function (a, b) {
+      var ka = sortKey(upstreams.get(a)), kb = sortKey(upstreams.get(b));
+      if (ka[0] !== kb[0]) return ka[0] < kb[0] ? -1 : 1;
+      return ka[1] < kb[1] ? -1 : ka[1] > kb[1] ? 1 : 0;
+    });
+  }
+
+  // Render the rows of the ids in `changed` (every row when null), then fix
+  // the order when upstreams came, went or were renamed.
+  function renderFleet(changed) {
     var body = $("fleet-rows");
-    var seen = new Set();
-    upstreams.forEach(function (u, index) {
-      seen.add(u.id);
-      var row = rows.get(u.id);
+    var reorder = changed === null;
+    var ids = changed === null ? Array.from(upstreams.keys()) : Array.from(changed);
+    ids.forEach(function (id) {
+      var u = upstreams.get(id);
+      var row = rows.get(id);
+      if (!u) {
+        if (row) { row.tr.remove(); rows.delete(id); }
+        return;
+      }
       if (!row) {
-        row = makeRow(u.id);
-        rows.set(u.id, row);
+        row = makeRow(id);
+        rows.set(id, row);
+      }
+      if (row.key !== u.name + "\n" + u.url) {  // new or renamed: its place may change
+        row.key = u.name + "\n" + u.url;
+        reorder = true;
       }
       updateRow(row, u);
-      if (body.children[index] !== row.tr) body.insertBefore(row.tr, body.children[index] || null);
     });
     rows.forEach(function (row, id) {
-      if (!seen.has(id)) {
-        row.tr.remove();
-        rows.delete(id);
-      }
+      if (!upstreams.has(id)) { row.tr.remove(); rows.delete(id); }
     });
+    if (reorder || changed === null) {
+      sortOrder();
+      order.forEach(function (id, index) {
+        var tr = rows.get(id).tr;
+        if (body.children[index] !== tr) body.insertBefore(tr, body.children[index] || null);
+      });
+    }
+    var anyRouting = latest.policy === "cost";
+    $("fleet").classList.toggle("no-routing", !anyRouting);
     var shown = 0;
     rows.forEach(function (row) { if (!row.tr.hidden) shown += 1; });
-    setText($("fleet-count"), filterText ? shown + " of " + upstreams.length : String(upstreams.length));
-    $("fleet-empty").hidden = upstreams.length > 0;
+    setText($("fleet-count"), filterText ? shown + " of " + upstreams.size : String(upstreams.size));
+    $("fleet-empty").hidden = upstreams.size > 0;
   }
 
   function applyFilter() {
     filterText = $("filter").value.trim().toLowerCase();
-    if (latest) renderFleet(latest.upstreams);
+    rows.forEach(function (row) { row.tr.hidden = filterText !== "" && row.text.indexOf(filterText) < 0; });
+    if (latest) renderFleet(new Set());
+  }
+
+  // -- event log ----------------------------------------------------------
+
+  function eventText(e) {
+    if (e.kind === "state") return e.previous + " → " + e.state + (e.reason ? ": " + e.reason : "");
+    if (e.kind === "added") return "added" + (e.state ? " (" + e.state + ")" : "");
+    if (e.kind === "undrained") return "undrained: takes requests again";
+    if (e.kind === "draining") return "draining: no new requests";
+    return e.kind;
+  }
+
+  function eventClass(e) {
+    if (e.kind === "state") return "ev ev-" + (/^[a-z]+$/.test(e.state) ? e.state : "unknown");
+    return "ev ev-" + (/^[a-z]+$/.test(e.kind) ? e.kind : "other");
+  }
+
+  function makeEvent(e) {
+    var li = document.createElement("li");
+    li.className = eventClass(e);
+    li.dataset.seq = e.seq;
+    var when = document.createElement("time");
+    when.textContent = new Date(e.time * 1000).toLocaleTimeString([], { hour12: false });
+    when.dateTime = new Date(e.time * 1000).toISOString();
+    li.appendChild(when);
+    span(li, "who").textContent = e.upstream;
+    span(li, "what").textContent = eventText(e);
+    return li;
+  }
+
+  function addEvents(entries, replace) {
+    var list = $("events");
+    if (replace) {
+      while (list.firstChild) list.removeChild(list.firstChild);
+    }
+    var last = eventLog.length ? eventLog[eventLog.length - 1].seq : 0;
+    entries.forEach(function (e) {
+      if (e.seq <= last) return;  // already shown (a new page's first state overlaps)
+      last = e.seq;
+      eventLog.push(e);
+      list.insertBefore(makeEvent(e), list.firstChild);
+    });
+    while (eventLog.length > MAX_EVENTS) {
+      eventLog.shift();
+      list.removeChild(list.lastChild);
+    }
+    setText($("events-count"), eventLog.length ? String(eventLog.length) : "");
+    $("events-empty").hidden = eventLog.length > 0;
+  }
+
+  // -- drain / undrain ----------------------------------------------------
+
+  function notice(text, kind) {
+    var el = $("notice");
+    el.className = "notice " + (kind || "info");
+    setText(el, text);
+    el.hidden = false;
+    if (noticeTimer !== null) clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(function () { el.hidden = true; noticeTimer = null; }, 8000);
+  }
+
+  function askToken(message, action) {
+    pending = action;
+    setText($("token-message"), message);
+    $("token-panel").hidden = false;
+    $("token-input").value = "";
+    $("token-input").focus();
+  }
+
+  function closeToken() {
+    $("token-panel").hidden = true;
+    $("token-input").value = "";
+  }
+
+  function nameOf(id) {
+    var u = upstreams.get(id);
+    return u ? u.name : id;
+  }
+
+  function act(id, action) {
+    if (token === null && latest && latest.management && latest.management.token_required) {
+      askToken("To " + action + " " + nameOf(id) + ", give the management token.", { id: id, action: action });
+      return;
+    }
+    send(id, action);
+  }
+
+  function send(id, action) {
+    var row = rows.get(id);
+    if (row) row.button.disabled = true;
+    var headers = { "Accept": "application/json" };
+    if (token !== null) headers["Authorization"] = "Bearer " + token;
+    fetch(UPSTREAMS_URL + encodeURIComponent(id) + "/" + action, {
+      method: "POST", headers: headers, credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer"
+    }).then(function (response) {
+      return response.json().catch(function () { return null; }).then(function (body) {
+        return { status: response.status, ok: response.ok, body: body };
+      });
+    }).then(function (answer) {
+      var message = answer.body && answer.body.error ? answer.body.error.message : "HTTP " + answer.status;
+      if (answer.status === 401 || answer.status === 403) {
+        token = null;
+        askToken((answer.status === 401 ? "The balancer needs the management token" : "The token was refused") +
+                 " to " + action + " " + nameOf(id) + ".", { id: id, action: action });
+      } else if (!answer.ok) {
+        notice("Could not " + action + " " + nameOf(id) + ": " + message, "error");
+      } else {
+        var u = upstreams.get(id);
+        if (u && answer.body) {
+          ["draining", "status", "state", "removal_pending"].forEach(function (k) {
+            if (answer.body[k] !== undefined) u[k] = answer.body[k];
+          });
+          renderFleet(new Set([id]));
+        }
+        notice(nameOf(id) + (action === "drain" ? " is draining: no new requests go there." : " takes requests again."), "ok");
+      }
+    }).catch(function (error) {
+      notice("Could not " + action + " " + nameOf(id) + ": " + error, "error");
+    }).then(function () {
+      if (row) row.button.disabled = false;
+    });
+  }
+
+  function tokenSubmitted(event) {
+    event.preventDefault();
+    var value = $("token-input").value.trim();
+    if (!value) return;
+    token = value;
+    closeToken();
+    var action = pending;
+    pending = null;
+    if (action) send(action.id, action.action);
+    else notice("The management token is kept in this page until it is closed or reloaded.", "ok");
   }
 
   // -- charts -------------------------------------------------------------
@@ -329,10 +649,22 @@
 
   // -- start --------------------------------------------------------------
 
-  function tick() { rows.forEach(updateAge); }
+  function tick() { rows.forEach(updateClock); }
 
   document.addEventListener("DOMContentLoaded", function () {
     $("filter").addEventListener("input", applyFilter);
+    $("token-form").addEventListener("submit", tokenSubmitted);
+    $("token-button").addEventListener("click", function () {
+      askToken(token === null ? "Give the management token to drain and undrain from this page."
+                              : "A token is in use; give another one or forget it.", null);
+    });
+    $("token-cancel").addEventListener("click", function () { pending = null; closeToken(); });
+    $("token-forget").addEventListener("click", function () {
+      token = null;
+      pending = null;
+      closeToken();
+      notice("The management token is forgotten.", "ok");
+    });
     window.addEventListener("resize", drawCharts);
     setInterval(tick, 1000);
     connect();
