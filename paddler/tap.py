@@ -576,7 +576,12 @@ def run(options: Any, stderr: Any) -> int:
         stopping.append(True)
         service.stopService().addBoth(halt)  # type: ignore[union-attr]
 
-    _on_signal(reactor, signal.SIGTERM, lambda: stop(force=False))
-    _on_signal(reactor, signal.SIGINT, lambda: stop(force=True))
-    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    def own_signals() -> None:
+        # Twisted's handlers stay for SIGCHLD (the workers of --workers are reaped by them);
+        # SIGTERM and SIGINT are ours: a graceful stop instead of reactor.stop().
+        _on_signal(reactor, signal.SIGTERM, lambda: stop(force=False))
+        _on_signal(reactor, signal.SIGINT, lambda: stop(force=True))
+
+    reactor.callWhenRunning(own_signals)
+    reactor.run()
     return 0
