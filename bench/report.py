@@ -156,7 +156,9 @@ def scheduling_md(data: dict[str, Any], charts: list[str]) -> list[str]:
         f"{data['mean_prompt_tokens']:.0f} tokens, mean output {data['mean_output_tokens']:.0f} tokens (log-normal, "
         f"clipped): capacity {data['capacity_rps']:.2f} req/s. {data['duration_s']:g} s of Poisson arrivals per load "
         f"and repetition; {reps} repetition(s), each replaying a fresh seeded trace (base seed {data['seed']}) "
-        "through all five balancers at once and through the ideal. paddler runs with `--max-buffered-requests 100000 "
+        f"through all {len(data['loads'][0]['results']) - 1} balancers at once and through the ideal. '
+        "`haproxy-leastconn-maxconn` is `balance leastconn` with `maxconn` = the server's slots and "
+        "`timeout queue 600s` (requests wait in HAProxy's queue for a free slot).  paddler runs with `--max-buffered-requests 100000 "
         "--buffered-request-timeout 600 --idle-timeout 600` (HAProxy and nginx with 600 s read timeouts) so "
         "that requests wait rather than being refused. Times in seconds. Every figure is the median over the "
         "repetitions; the ratios to the ideal are taken per repetition (against the ideal of that repetition's "
@@ -182,6 +184,19 @@ def scheduling_md(data: dict[str, Any], charts: list[str]) -> list[str]:
                 f"| {r['errors']} |"
             )
         out.append("")
+        if load.get("pairs"):
+            out += [
+                "Head to head (A's figure / B's, per repetition on the same trace; median and min–max):",
+                "",
+                "| A / B | TTFT p50 | TTFT p99 | TTFT p99 min–max | e2e p99 | e2e p99 min–max | tokens/s |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for pair, r in load["pairs"].items():
+                out.append(
+                    f"| {pair} | {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {span(r.get('ttft_p99_spread'))} "
+                    f"| {f(r['e2e_p99'])} | {span(r.get('e2e_p99_spread'))} | {f(r['throughput_tokens_per_s'])} |"
+                )
+            out.append("")
     try:
         import matplotlib
 
