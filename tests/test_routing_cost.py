@@ -160,3 +160,26 @@ def test_without_cache_and_with_equal_speeds_the_order_is_most_idle_slots_first(
     idle = [e.candidate.slots_idle for e in decision.ranked if e.free]
     assert idle == sorted(idle, reverse=True)
     assert decision.wait_for is None
+
+
+def test_queue_pressure_weighs_prefill_in_the_cost_not_in_the_ttft() -> None:
+    """pressure p multiplies prefill by 1 + p in the cost (capped at MAX_PRESSURE); the ttft
+    stays wait + prefill; without pressure cost == ttft."""
+    from paddler.routing.cost import MAX_PRESSURE
+
+    c = candidate("a", idle=0, expected_wait=0.5)
+    plain = estimate(c, 1000)
+    assert plain.cost == plain.ttft == pytest.approx(1.5)
+    pressed = estimate(c, 1000, pressure=2.0)
+    assert pressed.ttft == pytest.approx(1.5) and pressed.cost == pytest.approx(0.5 + 3.0)
+    capped = estimate(c, 1000, pressure=100.0)
+    assert capped.cost == pytest.approx(0.5 + 1.0 * (1 + MAX_PRESSURE))
+
+
+def test_pressure_turns_a_borderline_wait_into_a_hold_out() -> None:
+    """A warm full upstream 1.2 s away saves 1 s of prefill: not worth it without a queue, worth
+    it when prefill counts double."""
+    cold = candidate("cold", idle=1)
+    warm = candidate("warm", idle=0, expected_wait=1.2, cached_tokens=1000)
+    assert rank([cold, warm], 1001).wait_for is None
+    assert rank([cold, warm], 1001, pressure=1.0).wait_for == "warm"
