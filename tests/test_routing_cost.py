@@ -183,3 +183,23 @@ def test_pressure_turns_a_borderline_wait_into_a_hold_out() -> None:
     warm = candidate("warm", idle=0, expected_wait=1.2, cached_tokens=1000)
     assert rank([cold, warm], 1001).wait_for is None
     assert rank([cold, warm], 1001, pressure=1.0).wait_for == "warm"
+
+
+def test_a_tie_is_measured_from_the_cheapest_not_by_fixed_buckets() -> None:
+    """Two upstreams with no cache whose measured prompt speeds differ by a hair (costs
+    0.1249 s and 0.1251 s, across a 5 ms boundary) are a tie: the one with more idle slots
+    wins, as with the slots policy; a real difference (10 ms) still decides."""
+    hair = rank([candidate("fast-ish", idle=1, prompt_speed=2001.6), candidate("idle", idle=3, prompt_speed=1998.4)],
+                250)
+    assert hair.order == ["idle", "fast-ish"]
+    real = rank([candidate("fast", idle=1, prompt_speed=2000.0), candidate("idle", idle=3, prompt_speed=1850.0)],
+                250)
+    assert real.order == ["fast", "idle"]
+
+
+def test_among_ties_with_equal_idle_slots_the_faster_generator_wins() -> None:
+    """No cache, same prompt speed, two idle slots each: the upstream that generates faster
+    ranks first, even though the slower one is less loaded."""
+    order = rank([candidate("slow", idle=2, total=2, generation_speed=20.0),
+                  candidate("fast", idle=2, total=4, generation_speed=60.0)], 300).order
+    assert order == ["fast", "slow"]

@@ -9,9 +9,12 @@ For each candidate upstream (a small L{Candidate} record the pool fills in)::
     cost     = ttft + output tokens / generation speed  (output tokens: 0 unless given)
 
 L{rank} orders the candidates that have an idle slot by cost, costs within
-L{TIE_SECONDS} (5 ms) counting as equal; ties go to the most idle slots,
-then the lowest load (in flight / slots), then the least recently chosen,
-then the order they were given in. With no cache information and equal speeds every cost is the
+L{TIE_SECONDS} (5 ms) of the cheapest counting as equal to it; ties go to the most idle slots,
+then the faster generation speed (the whole request ends sooner there: on
+a trace without shared prefixes this kept slow servers for overflow, as the
+ideal FIFO does, where the lowest load had sent them work first), then the
+lowest load (in flight / slots), then the least recently chosen, then the
+order they were given in. With no cache information and equal speeds every cost is the
 same and the order is the ``slots`` policy's: most idle slots first.
 Candidates without an idle slot follow, by cost: the pool never sends an
 upstream more requests than it has slots, so a hot prefix cannot pile up
@@ -67,7 +70,7 @@ class Candidate:
         (L{paddler.routing.prefix.PrefixIndex.match}, in tokens).
     @ivar prompt_speed: prompt tokens per second.
     @ivar generation_speed: generated tokens per second.
-    @ivar last_chosen: when it was last chosen (clock seconds; ties go to the oldest).
+    @ivar last_chosen: when it was last chosen (a choice counter; ties go to the oldest).
     """
 
     id: Hashable
@@ -166,8 +169,15 @@ def _pressure(pressure: float) -> float:
     return min(MAX_PRESSURE, pressure) if pressure > 0 else 0.0
 
 
-def _bucket(cost: float) -> float:
-    return math.floor(cost / TIE_SECONDS) if math.isfinite(cost) else math.inf
+def _tie_key(cost: float, cheapest: float) -> float:
+    """0 for a cost within L{TIE_SECONDS} of the cheapest of its group (a tie), else the cost.
+
+    Relative to the cheapest, not fixed buckets: two upstreams measured at
+    1999.9 and 2000.1 tokens/s are a tie wherever their costs fall.
+    """
+    if not math.isfinite(cost):
+        return math.inf
+    return 0.0 if cost <= cheapest + TIE_SECONDS else cost
 
 
 def rank(
@@ -190,11 +200,16 @@ def rank(
     weight = 1.0 + _pressure(pressure)
     estimates = [estimate(c, prompt_tokens, output_tokens, pressure) for c in candidates]
     keys = []
+    frees = [e.wait == 0.0 and e.free for e in estimates]
+    cheapest = {
+        group: min((e.cost for e, f in zip(estimates, frees) if f == group), default=math.inf)
+        for group in (True, False)
+    }
     for position, e in enumerate(estimates):
         c = e.candidate
-        free = e.wait == 0.0 and c.slots_idle > 0 and c.in_flight < c.slots_total
+        free = frees[position]
         load = c.in_flight / c.slots_total if c.slots_total > 0 else 1.0
-        keys.append((not free, _bucket(e.cost), -c.slots_idle, load, c.last_chosen, position))
+        keys.append((not free, _tie_key(e.cost, cheapest[free]), -c.slots_idle, -_speed(c.generation_speed), load, c.last_chosen, position))
     ranked = tuple(estimates[key[-1]] for key in sorted(keys))
     best = ranked[0] if ranked and ranked[0].free else None
     if best is None or max_wait <= 0:

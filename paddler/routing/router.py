@@ -198,8 +198,9 @@ class Router:
             while len(self._conversations) > self.max_conversations:
                 self._conversations.popitem(last=False)
         now = self.clock.seconds()
-        self._last_chosen[upstream_id] = now
         self._tickets += 1
+        # a counter, not the clock: several choices in one reactor turn must still rotate
+        self._last_chosen[upstream_id] = self._tickets
         duration = self.expected_duration(request, upstream_id, blocks_to_tokens(predicted))
         self._running.setdefault(upstream_id, {})[self._tickets] = (now, now + duration)
         return replace(request, predicted=((upstream_id, predicted),), ticket=self._tickets)
