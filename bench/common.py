@@ -334,7 +334,9 @@ def start_sglang_router(
     args = [
         PYTHON, "-m", "sglang_router.launch_router", "--host", LOOPBACK, "--port", str(port),
         "--policy", policy, "--worker-urls", *upstream_urls,
-        "--request-timeout-secs", "600", "--log-level", "warn", *extra,
+        "--request-timeout-secs", "600", "--log-level", "warn",
+        # its Prometheus exporter has a fixed default port: two routers at once would collide
+        "--prometheus-host", LOOPBACK, "--prometheus-port", str(free_port()), *extra,
     ]
     proc = procs.start(args, name)
     wait_port(port, 60, proc)

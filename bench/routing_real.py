@@ -1,7 +1,7 @@
 """Scenario 7: the multi-turn trace, small, on two real llama-servers.
 
 Two ``llama-server`` processes (the test build: tests/llamacpp/build-llama-server,
-its tiny random-weight model, ``-np 2``, 4,096-token slots, ``--metrics``,
+its tiny random-weight model, ``-np 2``, 2,048-token slots (the model's training context), ``--metrics``,
 default prompt cache: ``--cache-ram 8192``, similarity 0.1), four
 concurrent six-turn conversations (one shared system prompt for two of them,
 private ones for the others; think times about a second). Each config gets
@@ -53,9 +53,9 @@ from bench.routing import CONFIGS, PADDLER_EXTRA, combine, pair_ratios, summaris
 
 SERVERS = 2
 SLOTS = 2
-SLOT_CTX = 4096
+SLOT_CTX = 2048
 SPEC = traces.MultiturnSpec(conversations=4, turns=6, window=1.0, shared_prompts=1, shared_share=0.5,
-                            system_tokens=250, user_median=25.0, reply_median=40.0, think_mean=1.0)
+                            system_tokens=120, user_median=20.0, reply_median=30.0, think_mean=1.0)
 
 
 def build() -> tuple[Path, Path]:
