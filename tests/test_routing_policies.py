@@ -134,3 +134,15 @@ def test_queue_pressure_leans_toward_the_warm_upstream() -> None:
     assert calm.wait_for is None and calm.order[0] == "cold"
     busy = router.rank(request, views, waiting=4)
     assert busy.wait_for == "warm"
+
+
+def test_requests_of_a_replaced_router_do_not_end_the_new_ones_running_requests() -> None:
+    """After a reload (a new Router), a request the old one sent finishing on the new one
+    leaves the new one's record of what runs where untouched."""
+    clock = Clock()
+    old, new = Router(clock), Router(clock)
+    sent_before = old.dispatched(old.prepare({"prompt": "a" * 400}, "/completion"), "u")
+    running = new.dispatched(new.prepare({"prompt": "b" * 400, "max_tokens": 10}, "/completion"), "u")
+    new.finished(sent_before, "u", None)
+    assert new.expected_wait(UpstreamView("u", 0, 1, 1)) == pytest.approx(
+        new.expected_duration(running, "u"))

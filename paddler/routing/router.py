@@ -18,6 +18,7 @@ any request (and re-pinned wherever it goes).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -36,6 +37,10 @@ from paddler.routing.cost import (
 from paddler.routing.prefix import DEFAULT_MAX_BLOCKS, PrefixIndex, block_hashes, blocks_to_tokens
 from paddler.routing.prompt import PromptInfo, prompt_info
 from paddler.routing.speed import SpeedTracker
+
+#: Ticket numbers of dispatched requests, unique across Routers: after a reload
+#: (a new Router), requests sent by the old one must not match the new one's tickets.
+_TICKETS = itertools.count(1)
 
 #: Conversations remembered (least recently used dropped first).
 DEFAULT_MAX_CONVERSATIONS = 100_000
@@ -98,7 +103,7 @@ class Router:
         self._last_chosen: dict[Hashable, float] = {}
         #: Per upstream, the requests sent there and not finished: ticket -> (start, expected end).
         self._running: dict[Hashable, dict[int, tuple[float, float]]] = {}
-        self._tickets = 0
+        self._choices = 0
 
     def prepare(self, body: Any, path: str | bytes, headers: Any = None) -> RoutedRequest:
         """Derive a request's prompt and block hashes (never raises)."""
@@ -198,12 +203,13 @@ class Router:
             while len(self._conversations) > self.max_conversations:
                 self._conversations.popitem(last=False)
         now = self.clock.seconds()
-        self._tickets += 1
+        self._choices += 1
         # a counter, not the clock: several choices in one reactor turn must still rotate
-        self._last_chosen[upstream_id] = self._tickets
+        self._last_chosen[upstream_id] = self._choices
+        ticket = next(_TICKETS)
         duration = self.expected_duration(request, upstream_id, blocks_to_tokens(predicted))
-        self._running.setdefault(upstream_id, {})[self._tickets] = (now, now + duration)
-        return replace(request, predicted=((upstream_id, predicted),), ticket=self._tickets)
+        self._running.setdefault(upstream_id, {})[ticket] = (now, now + duration)
+        return replace(request, predicted=((upstream_id, predicted),), ticket=ticket)
 
     def finished(self, request: RoutedRequest, upstream_id: Hashable, timings: Any = None) -> None:
         """The request ended on C{upstream_id} (its slot is free again); learn from the
