@@ -113,7 +113,6 @@ class Router:
     def candidates(self, request: RoutedRequest, views: Sequence[UpstreamView]) -> list[Candidate]:
         """The cost model's records for these upstreams."""
         out = []
-        speeds = self.speeds
         for view in views:
             matched = self.index.match(view.id, request.blocks) if request.blocks else 0
             full = view.slots_idle <= 0 or view.in_flight >= view.slots_total
