@@ -265,11 +265,29 @@ def wait_healthy(port: int, count: int, proc: subprocess.Popen | None = None, ti
     raise TimeoutError(f"balancer on {port} did not see {count} healthy upstreams in {timeout} s")
 
 
-def start_haproxy(procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False) -> tuple[subprocess.Popen, int]:
-    """HAProxy 1 thread, ``balance leastconn``, keep-alive to the upstreams."""
+def start_haproxy(
+    procs: Processes,
+    upstream_ports: Sequence[int],
+    name: str,
+    streaming: bool = False,
+    maxconn: Sequence[int] | None = None,
+    queue_timeout: float = 600.0,
+) -> tuple[subprocess.Popen, int]:
+    """HAProxy 1 thread, ``balance leastconn``, keep-alive to the upstreams.
+
+    With C{maxconn} (one figure per upstream: its slots) HAProxy sends a
+    server at most that many requests at once and queues the rest in its
+    backend for up to C{queue_timeout} seconds: the strongest classic
+    configuration for llama.cpp (a request goes to the server with the
+    fewest connections that still has a free slot, else waits).
+    """
     port = free_port()
+    limits = list(maxconn) if maxconn is not None else [9000] * len(upstream_ports)
+    if len(limits) != len(upstream_ports):
+        raise ValueError("one maxconn per upstream")
     servers = "\n".join(
-        f"    server s{i} {LOOPBACK}:{p} maxconn 9000" for i, p in enumerate(upstream_ports)
+        f"    server s{i} {LOOPBACK}:{p} maxconn {limit}"
+        for i, (p, limit) in enumerate(zip(upstream_ports, limits))
     )
     cfg = f"""
 global
@@ -280,6 +298,7 @@ defaults
     timeout connect 5s
     timeout client 600s
     timeout server 600s
+    timeout queue {queue_timeout:g}s
     http-reuse always
 {"    option http-no-delay" if streaming else ""}
 frontend fe
@@ -295,6 +314,60 @@ backend be
     proc = procs.start(["haproxy", "-db", "-f", str(path)], name)
     wait_port(port, 15, proc)
     return proc, port
+
+
+def sglang_router_available() -> str | None:
+    """None when ``sglang_router`` imports in this interpreter, else why not."""
+    try:
+        import sglang_router  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure is the reason
+        return f"sglang_router does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def start_sglang_router(
+    procs: Processes, upstream_urls: Sequence[str], name: str, policy: str = "cache_aware",
+    extra: Sequence[str] = (),
+) -> tuple[subprocess.Popen, int]:
+    """sglang-router (PyPI ``sglang-router``, Rust) with its CLI defaults for C{policy}."""
+    port = free_port()
+    args = [
+        PYTHON, "-m", "sglang_router.launch_router", "--host", LOOPBACK, "--port", str(port),
+        "--policy", policy, "--worker-urls", *upstream_urls,
+        "--request-timeout-secs", "600", "--log-level", "warn",
+        # its Prometheus exporter has a fixed default port: two routers at once would collide
+        "--prometheus-host", LOOPBACK, "--prometheus-port", str(free_port()), *extra,
+    ]
+    proc = procs.start(args, name)
+    wait_port(port, 60, proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # workers are registered asynchronously
+        try:
+            code, body = http_get(port, "/workers")
+            if code == 200 and body.count(b"http://") >= len(upstream_urls):
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return proc, port
+
+
+def prometheus_values(port: int, names: Sequence[str]) -> dict[str, float]:
+    """Read counters and gauges from a llama-server's ``/metrics`` (0 for missing ones)."""
+    code, body = http_get(port, "/metrics", timeout=5.0)
+    values = {name: 0.0 for name in names}
+    if code != 200:
+        return values
+    for line in body.decode("utf-8", "replace").splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key in values:
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass
+    return values
 
 
 def start_nginx(procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False) -> tuple[subprocess.Popen, int]:

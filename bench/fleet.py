@@ -63,7 +63,7 @@ def idle_cpu(n: int, seconds: float) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         urls: list[str] = []
         while time.monotonic() < deadline:
-            urls = re.findall(r"listening on (http://127\.0\.0\.1:\d+)", (TMP / f"{name}.log").read_text())
+            urls = list(dict.fromkeys(re.findall(r"listening on (http://127\.0\.0\.1:\d+)", (TMP / f"{name}.log").read_text())))
             if len(urls) >= n or sim.poll() is not None:
                 break
             time.sleep(0.2)

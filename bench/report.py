@@ -156,7 +156,9 @@ def scheduling_md(data: dict[str, Any], charts: list[str]) -> list[str]:
         f"{data['mean_prompt_tokens']:.0f} tokens, mean output {data['mean_output_tokens']:.0f} tokens (log-normal, "
         f"clipped): capacity {data['capacity_rps']:.2f} req/s. {data['duration_s']:g} s of Poisson arrivals per load "
         f"and repetition; {reps} repetition(s), each replaying a fresh seeded trace (base seed {data['seed']}) "
-        "through all five balancers at once and through the ideal. paddler runs with `--max-buffered-requests 100000 "
+        f"through all {len(data['loads'][0]['results']) - 1} balancers at once and through the ideal. "
+        "`haproxy-leastconn-maxconn` is `balance leastconn` with `maxconn` = the server's slots and "
+        "`timeout queue 600s` (requests wait in HAProxy's queue for a free slot). paddler runs with `--max-buffered-requests 100000 "
         "--buffered-request-timeout 600 --idle-timeout 600` (HAProxy and nginx with 600 s read timeouts) so "
         "that requests wait rather than being refused. Times in seconds. Every figure is the median over the "
         "repetitions; the ratios to the ideal are taken per repetition (against the ideal of that repetition's "
@@ -182,6 +184,19 @@ def scheduling_md(data: dict[str, Any], charts: list[str]) -> list[str]:
                 f"| {r['errors']} |"
             )
         out.append("")
+        if load.get("pairs"):
+            out += [
+                "Head to head (A's figure / B's, per repetition on the same trace; median and min–max):",
+                "",
+                "| A / B | TTFT p50 | TTFT p99 | TTFT p99 min–max | e2e p99 | e2e p99 min–max | tokens/s |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for pair, r in load["pairs"].items():
+                out.append(
+                    f"| {pair} | {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {span(r.get('ttft_p99_spread'))} "
+                    f"| {f(r['e2e_p99'])} | {span(r.get('e2e_p99_spread'))} | {f(r['throughput_tokens_per_s'])} |"
+                )
+            out.append("")
     try:
         import matplotlib
 
@@ -231,6 +246,61 @@ def fleet_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     return out
 
 
+ROUTING_TITLES = {
+    "multiturn": "## 5. Multi-turn chat (prompt cache)",
+    "shared_prefix": "## 6. Shared prefix (many users, few long system prompts)",
+    "routing_real": "## 7. Multi-turn chat on two real llama-servers",
+}
+
+
+def routing_md(name: str, data: dict[str, Any]) -> list[str]:
+    reps = data.get("repetitions", 1)
+    real = name == "routing_real"
+    if real:
+        setup = (f"{data['servers']} real llama-servers ({data.get('llama_server', '?')}, tiny model, -np {data['slots']}, "
+                 f"{data['slot_ctx']}-token slots, default prompt cache), {data['spec']['conversations']} conversations "
+                 f"× {data['spec']['turns']} turns; configs run one after the other on fresh servers. Prompt tokens from "
+                 "the answers' `timings.prompt_n` / `cache_n`; times are a tiny model's (ms), read the tokens.")
+    else:
+        fleet = ", ".join(f"{x['servers']}× {x['slots']}-slot at {x['tokens_per_second']:g} tok/s "
+                          f"(prompt {x['prompt_tokens_per_second']:g})" for x in data["fleet"])
+        spec = data["runs"][0]["spec"]
+        trace = data["runs"][0]["trace"]
+        setup = (f"Fleet: {fleet}, `paddler simulate` with its prompt cache ({data['cache_ram_mib']} MiB `--cache-ram` at "
+                 f"{data['cache_bytes_per_token']} bytes/token), {data['n_ctx']}-token slots. Trace: "
+                 + ", ".join(f"{k} {v}" for k, v in spec.items()) + f" ({trace['requests']} requests). All configs replay "
+                 "at once, each on its own identical fleet. Prompt tokens evaluated/cached: the servers' `/metrics` "
+                 "(`llamacpp:prompt_tokens_total`, `prompt_tokens_cached_total`).")
+    out = [
+        ROUTING_TITLES[name],
+        "",
+        setup + f" {reps} repetition(s), a fresh seeded trace each (base seed {data['seed']}); medians, min–max in "
+        f"brackets; ratios per repetition, then the median. sglang-router: {data.get('sglang_router')}. "
+        "'hits': share of requests whose `timings.cache_n` covered at least half the prompt. 'max queued': the most "
+        "requests each server held in its own queue (`requests_deferred`, sampled every 0.5 s; > 0 = above its slots).",
+        "",
+        "| config | prompt tokens evaluated | cached share | hits | TTFT p50 s | TTFT p99 s | e2e p99 s | tokens/s "
+        "| max queued per server | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config, r in data["results"].items():
+        queued = "–" if real else "/".join(f"{x:.0f}" for x in r["max_deferred_per_server"])
+        out.append(
+            f"| {config} | {r['prompt_tokens_evaluated']:.0f} [{span(r['prompt_tokens_evaluated_spread'], 0)}] "
+            f"| {f(r['cached_share'])} | {f(r['hit_share'])} | {f(r['ttft_p50'], 3 if real else 2)} "
+            f"[{span(r['ttft_p50_spread'], 3 if real else 2)}] | {f(r['ttft_p99'], 3 if real else 2)} "
+            f"[{span(r['ttft_p99_spread'], 3 if real else 2)}] | {f(r['e2e_p99'])} | {f(r['tokens_per_s'], 0)} "
+            f"| {queued} | {r['errors']} |"
+        )
+    out += ["", "Ratios (A / B per repetition; median [min–max]):", "", "| A / B | figure | ratio |", "|---|---|---|"]
+    for pair, figures in data["pairs"].items():
+        for key in figures:
+            if key.endswith("_spread") or key.endswith("_runs"):
+                continue
+            out.append(f"| {pair} | {key} | {f(figures[key])} [{span(figures[key + '_spread'])}] |")
+    return out
+
+
 def reps_note() -> str:
     counts = []
     for name, key in (("overhead", "repetitions"), ("streaming", "repetitions"), ("scheduling", "repetitions")):
@@ -259,6 +329,16 @@ def main(argv: list[str] | None = None) -> None:
         quick = " (quick mode)" if data.get("quick") else ""
         sections += [line.replace("\n", " ") for line in render(data, charts)]
         if quick:
+            sections.append(f"\n_{name} ran in quick mode._")
+        sections.append("")
+    for name in ("multiturn", "shared_prefix", "routing_real"):
+        data = _load(name)
+        if data is None:
+            continue
+        if data.get("machine", {}).get("date"):
+            dates.append(data["machine"]["date"])
+        sections += [line.replace("\n", " ") for line in routing_md(name, data)]
+        if data.get("quick"):
             sections.append(f"\n_{name} ran in quick mode._")
         sections.append("")
     m = machine_info or machine()

@@ -5,9 +5,13 @@ tokens/s (``paddler simulate``, prompt 2000 tokens/s). A seeded trace of
 Poisson arrivals at 50 %, 80 % and 95 % of the fleet's capacity, with
 log-normal (long-tailed) prompt and output lengths, is replayed by the load
 client (streaming ``/completion``, ``n_predict`` + ``ignore_eos`` so lengths
-are exact) through paddler (``--policy slots``, ``round-robin``,
-``least-connections``), HAProxy ``leastconn`` and nginx round robin. Each
-balancer gets its own identical fleet and all five replay at once (the
+are exact) through paddler (``--policy cost``, ``slots``, ``round-robin``,
+``least-connections``), HAProxy ``leastconn`` (without a connection limit,
+and with ``maxconn`` = the server's slots and a 600 s ``timeout queue``: the
+strongest classic configuration) and nginx round robin. Every prompt is
+distinct random words, so no two requests share a cached prefix: this is
+also the no-prefix trace on which ``cost`` must not lose to ``slots``. Each
+balancer gets its own identical fleet and all seven replay at once (the
 figures are seconds of queueing, far above the milliseconds of CPU
 contention that buys). The ideal (bench/ideal.py) runs the same trace.
 
@@ -56,11 +60,24 @@ FLEET = (
 PROMPT_TPS = 2000.0
 PROMPT = (math.log(150), 1.0, 8, 1500)  # log-normal median 150 tokens, clipped
 OUTPUT = (math.log(50), 0.8, 4, 400)  # log-normal median 50 tokens, clipped
-CONFIGS = ("paddler-slots", "paddler-round-robin", "paddler-least-connections", "haproxy-leastconn", "nginx-round-robin")
+CONFIGS = (
+    "paddler-cost",
+    "paddler-slots",
+    "paddler-round-robin",
+    "paddler-least-connections",
+    "haproxy-leastconn",
+    "haproxy-leastconn-maxconn",
+    "nginx-round-robin",
+)
 
 
 def servers() -> list[Server]:
     return [Server(slots, tps, PROMPT_TPS) for count, slots, tps in FLEET for _ in range(count)]
+
+
+def slots_per_server() -> list[int]:
+    """Each server's slots, in the order L{launch_fleet} starts them."""
+    return [slots for count, slots, _ in FLEET for _ in range(count)]
 
 
 def _draw(rng: random.Random, spec: tuple[float, float, int, int]) -> int:
@@ -116,7 +133,8 @@ def collect_fleet(started: list[tuple[Any, int, str]]) -> list[str]:
         found: list[str] = []
         while time.monotonic() < deadline and len(found) < count:
             text = (TMP / f"{log_name}.log").read_text(errors="replace")
-            found = re.findall(r"listening on (http://127\.0\.0\.1:\d+)", text)
+            # each server announces itself twice (listener and simulator): keep the first of each URL
+            found = list(dict.fromkeys(re.findall(r"listening on (http://127\.0\.0\.1:\d+)", text)))
             if proc.poll() is not None:
                 raise RuntimeError(f"simulator {log_name} exited: {text[-2000:]}")
             time.sleep(0.1)
@@ -135,6 +153,8 @@ def start_balancer(procs: Processes, config: str, urls: list[str], name: str) ->
                                     "--upstream-timeout", "600", "--idle-timeout", "600"])
     if config == "haproxy-leastconn":
         return start_haproxy(procs, ports, name, streaming=True)
+    if config == "haproxy-leastconn-maxconn":
+        return start_haproxy(procs, ports, name, streaming=True, maxconn=slots_per_server())
     return start_nginx(procs, ports, name, streaming=True)
 
 
@@ -215,8 +235,33 @@ def run_load(load: float, duration: float, seed: int, rep: int) -> dict[str, Any
         log(f"scheduling rep {rep + 1} {int(load * 100)}% {config}: ttft p50 {row['ttft_p50']:.2f} s "
             f"p99 {row['ttft_p99']:.2f} s ({row['ttft_p99_vs_ideal']:.2f}x ideal) e2e p99 {row['e2e_p99']:.1f} s "
             f"errors {row['errors']}")
+    pairs = pair_ratios(results)
+    for pair, figures in pairs.items():
+        log(f"scheduling rep {rep + 1} {int(load * 100)}% {pair}: ttft p99 {figures['ttft_p99']:.2f}x "
+            f"p50 {figures['ttft_p50']:.2f}x e2e p99 {figures['e2e_p99']:.2f}x")
     return {"load": load, "seed": seed, "rate_rps": trace["rate"], "capacity_rps": trace["capacity_rps"],
-            "requests": len(trace["requests"]), "wall_s": wall, "results": results}
+            "requests": len(trace["requests"]), "wall_s": wall, "results": results, "pairs": pairs}
+
+
+#: Head-to-head ratios taken per repetition (A's figure / B's figure on the same trace).
+PAIRS = (
+    ("paddler-cost", "paddler-slots"),
+    ("paddler-cost", "haproxy-leastconn-maxconn"),
+    ("paddler-slots", "haproxy-leastconn-maxconn"),
+)
+PAIR_FIGURES = ("ttft_p50", "ttft_p99", "e2e_p99", "throughput_tokens_per_s")
+
+
+def pair_ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A / B for each of L{PAIRS} present in C{results}, per figure."""
+    out: dict[str, dict[str, float]] = {}
+    for a, b in PAIRS:
+        if a in results and b in results:
+            out[f"{a}/{b}"] = {
+                key: results[a][key] / results[b][key] if results[b][key] else float("nan")
+                for key in PAIR_FIGURES
+            }
+    return out
 
 
 FIGURES = ("ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99", "throughput_rps", "throughput_tokens_per_s",
@@ -233,8 +278,16 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("requests", "ok", "errors"):
             row[key] = sum(r[key] for r in per_rep)
         results[config] = row
+    pairs: dict[str, Any] = {}
+    for pair in runs[0].get("pairs", {}):
+        pairs[pair] = {}
+        for key in PAIR_FIGURES:
+            values = [run["pairs"][pair][key] for run in runs if pair in run.get("pairs", {})]
+            pairs[pair][key] = median(values)
+            pairs[pair][key + "_spread"] = spread(values)
     return {
         "load": runs[0]["load"],
+        "pairs": pairs,
         "repetitions": len(runs),
         "seeds": [run["seed"] for run in runs],
         "rate_rps": runs[0]["rate_rps"],

@@ -160,3 +160,46 @@ def test_without_cache_and_with_equal_speeds_the_order_is_most_idle_slots_first(
     idle = [e.candidate.slots_idle for e in decision.ranked if e.free]
     assert idle == sorted(idle, reverse=True)
     assert decision.wait_for is None
+
+
+def test_queue_pressure_weighs_prefill_in_the_cost_not_in_the_ttft() -> None:
+    """pressure p multiplies prefill by 1 + p in the cost (capped at MAX_PRESSURE); the ttft
+    stays wait + prefill; without pressure cost == ttft."""
+    from paddler.routing.cost import MAX_PRESSURE
+
+    c = candidate("a", idle=0, expected_wait=0.5)
+    plain = estimate(c, 1000)
+    assert plain.cost == plain.ttft == pytest.approx(1.5)
+    pressed = estimate(c, 1000, pressure=2.0)
+    assert pressed.ttft == pytest.approx(1.5) and pressed.cost == pytest.approx(0.5 + 3.0)
+    capped = estimate(c, 1000, pressure=100.0)
+    assert capped.cost == pytest.approx(0.5 + 1.0 * (1 + MAX_PRESSURE))
+
+
+def test_pressure_turns_a_borderline_wait_into_a_hold_out() -> None:
+    """A warm full upstream 1.2 s away saves 1 s of prefill: not worth it without a queue, worth
+    it when prefill counts double."""
+    cold = candidate("cold", idle=1)
+    warm = candidate("warm", idle=0, expected_wait=1.2, cached_tokens=1000)
+    assert rank([cold, warm], 1001).wait_for is None
+    assert rank([cold, warm], 1001, pressure=1.0).wait_for == "warm"
+
+
+def test_a_tie_is_measured_from_the_cheapest_not_by_fixed_buckets() -> None:
+    """Two upstreams with no cache whose measured prompt speeds differ by a hair (costs
+    0.1249 s and 0.1251 s, across a 5 ms boundary) are a tie: the one with more idle slots
+    wins, as with the slots policy; a real difference (10 ms) still decides."""
+    hair = rank([candidate("fast-ish", idle=1, prompt_speed=2001.6), candidate("idle", idle=3, prompt_speed=1998.4)],
+                250)
+    assert hair.order == ["idle", "fast-ish"]
+    real = rank([candidate("fast", idle=1, prompt_speed=2000.0), candidate("idle", idle=3, prompt_speed=1850.0)],
+                250)
+    assert real.order == ["fast", "idle"]
+
+
+def test_among_ties_with_equal_idle_slots_the_faster_generator_wins() -> None:
+    """No cache, same prompt speed, two idle slots each: the upstream that generates faster
+    ranks first, even though the slower one is less loaded."""
+    order = rank([candidate("slow", idle=2, total=2, generation_speed=20.0),
+                  candidate("fast", idle=2, total=4, generation_speed=60.0)], 300).order
+    assert order == ["fast", "slow"]

@@ -171,3 +171,17 @@ def test_prompt_info_never_raises_and_is_deterministic(body: Any, path: str) -> 
     first, second = prompt_info(body, path), prompt_info(body, path)
     assert first == second
     assert first.tokens >= 0 and len(first.text) <= MAX_PROMPT_CHARS
+
+
+def test_the_output_bound_is_read_from_the_fields_llama_server_reads() -> None:
+    """max_completion_tokens, then max_tokens, then n_predict; a positive integer up to the cap;
+    -1, 0, booleans, floats, strings and huge values mean "no bound"."""
+    from paddler.routing.prompt import MAX_OUTPUT_TOKENS, prompt_info
+
+    chat = [{"role": "user", "content": "hi"}]
+    assert prompt_info({"messages": chat, "max_tokens": 64}, "/v1/chat/completions").max_tokens == 64
+    assert prompt_info({"messages": chat, "max_completion_tokens": 9, "max_tokens": 64},
+                       "/v1/chat/completions").max_tokens == 9
+    assert prompt_info({"prompt": "hi", "n_predict": 32}, "/completion").max_tokens == 32
+    for odd in (-1, 0, True, 3.5, "12", MAX_OUTPUT_TOKENS + 1, None):
+        assert prompt_info({"prompt": "hi", "n_predict": odd}, "/completion").max_tokens is None

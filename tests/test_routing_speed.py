@@ -161,3 +161,22 @@ def test_ewma_stays_within_the_samples(samples: list[tuple[float, float]]) -> No
     if seen:
         assert ewma.value is not None
         assert min(seen) - 1e-6 * abs(min(seen)) <= ewma.value <= max(seen) + 1e-6 * abs(max(seen))
+
+
+def test_expected_output_learns_the_share_of_the_bound_requests_use() -> None:
+    """Before any answer: the bound, at most the mean generated tokens (the prior 200); once
+    requests with a bound of 100 generate 25, a bound of 400 is expected to give 100; without a
+    bound, the upstream's mean generated tokens."""
+    from twisted.internet.task import Clock
+
+    from paddler.routing.speed import PRIOR_GENERATED_TOKENS, SpeedTracker
+
+    speeds = SpeedTracker(Clock())
+    assert speeds.expected_output("a", 50) == 50
+    assert speeds.expected_output("a", 5000) == PRIOR_GENERATED_TOKENS
+    for _ in range(3):
+        speeds.observe("a", {"predicted_n": 25, "predicted_ms": 500.0}, max_tokens=100)
+    assert speeds.expected_output("a", 400) == 100
+    assert speeds.expected_output("a", None) == 25
+    speeds.observe("b", {"predicted_n": 900, "predicted_ms": 500.0}, max_tokens=100)  # over the bound: share 1
+    assert speeds.output_share.value is not None and speeds.output_share.value <= 1.0

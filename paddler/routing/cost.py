@@ -9,18 +9,29 @@ For each candidate upstream (a small L{Candidate} record the pool fills in)::
     cost     = ttft + output tokens / generation speed  (output tokens: 0 unless given)
 
 L{rank} orders the candidates that have an idle slot by cost, costs within
-L{TIE_SECONDS} (5 ms) counting as equal; ties go to the most idle slots,
-then the lowest load (in flight / slots), then the least recently chosen,
-then the order they were given in. With no cache information and equal speeds every cost is the
+L{TIE_SECONDS} (5 ms) of the cheapest counting as equal to it; ties go to the most idle slots,
+then the faster generation speed (the whole request ends sooner there: on
+a trace without shared prefixes this kept slow servers for overflow, as the
+ideal FIFO does, where the lowest load had sent them work first), then the
+lowest load (in flight / slots), then the least recently chosen, then the
+order they were given in. With no cache information and equal speeds every cost is the
 same and the order is the ``slots`` policy's: most idle slots first.
 Candidates without an idle slot follow, by cost: the pool never sends an
 upstream more requests than it has slots, so a hot prefix cannot pile up
 on one server, whatever its cache holds.
 
-**Waiting for a warm server.** When a full candidate's ttft beats the best
+**Pressure.** While requests wait in the buffer (every slot busy), a second
+of prefill on a slot is a second the requests behind cannot have it: the
+cost then weighs prefill by ``1 + pressure``, where ``pressure`` is the
+requests waiting per slot of the fleet (capped at L{MAX_PRESSURE}). With an
+empty buffer the weight is 1 and the cost is the time to first token; with
+a queue, the choice leans toward upstreams that hold the prompt (fewer
+tokens evaluated twice) and the hold-out below toward waiting for them.
+
+**Waiting for a warm server.** When a full candidate's cost beats the best
 free one's by more than C{min_gain}, *and* its expected wait is below the
-prefill it saves (the best free one's prefill minus its own), *and* that
-wait is at most C{max_wait}, the L{Decision} says "wait for it up to
+prefill it saves (the best free one's prefill minus its own, weighed by
+``1 + pressure``), *and* that wait is at most C{max_wait}, the L{Decision} says "wait for it up to
 ``wait_up_to`` seconds": the break-even point (the best free one's ttft
 minus the warm one's prefill), capped by C{max_wait}. After that the
 request takes the best free upstream, so no request waits past the bound
@@ -37,9 +48,11 @@ from dataclasses import dataclass, field
 #: Costs closer than this (seconds) are ties.
 TIE_SECONDS = 0.005
 #: Longest a request may wait for a busy warm upstream (seconds).
-DEFAULT_MAX_WAIT = 2.0
+DEFAULT_MAX_WAIT = 5.0
 #: Least ttft saving (seconds) worth waiting for.
 DEFAULT_MIN_GAIN = 0.02
+#: Largest prefill weight beyond 1 (requests waiting per slot).
+MAX_PRESSURE = 4.0
 _SLOWEST = 1e-6  # tokens/s used in place of a speed that is zero or not a number
 
 
@@ -57,7 +70,7 @@ class Candidate:
         (L{paddler.routing.prefix.PrefixIndex.match}, in tokens).
     @ivar prompt_speed: prompt tokens per second.
     @ivar generation_speed: generated tokens per second.
-    @ivar last_chosen: when it was last chosen (clock seconds; ties go to the oldest).
+    @ivar last_chosen: when it was last chosen (a choice counter; ties go to the oldest).
     """
 
     id: Hashable
@@ -132,8 +145,10 @@ def _speed(value: float) -> float:
     return value if value > 0 and math.isfinite(value) else _SLOWEST
 
 
-def estimate(candidate: Candidate, prompt_tokens: int, output_tokens: float = 0.0) -> Estimate:
-    """The cost model's figures for one candidate."""
+def estimate(
+    candidate: Candidate, prompt_tokens: int, output_tokens: float = 0.0, pressure: float = 0.0
+) -> Estimate:
+    """The cost model's figures for one candidate (C{cost} weighs prefill by 1 + C{pressure})."""
     prompt_tokens = max(0, prompt_tokens)
     cached = min(max(0, candidate.cached_tokens), max(0, prompt_tokens - 1))
     uncached = prompt_tokens - cached
@@ -146,11 +161,23 @@ def estimate(candidate: Candidate, prompt_tokens: int, output_tokens: float = 0.
             wait = math.inf
     ttft = wait + prefill
     generation = max(0.0, output_tokens) / _speed(candidate.generation_speed)
-    return Estimate(candidate, wait, prefill, ttft, ttft + generation)
+    weight = 1.0 + _pressure(pressure)
+    return Estimate(candidate, wait, prefill, ttft, wait + prefill * weight + generation)
 
 
-def _bucket(cost: float) -> float:
-    return math.floor(cost / TIE_SECONDS) if math.isfinite(cost) else math.inf
+def _pressure(pressure: float) -> float:
+    return min(MAX_PRESSURE, pressure) if pressure > 0 else 0.0
+
+
+def _tie_key(cost: float, cheapest: float) -> float:
+    """0 for a cost within L{TIE_SECONDS} of the cheapest of its group (a tie), else the cost.
+
+    Relative to the cheapest, not fixed buckets: two upstreams measured at
+    1999.9 and 2000.1 tokens/s are a tie wherever their costs fall.
+    """
+    if not math.isfinite(cost):
+        return math.inf
+    return 0.0 if cost <= cheapest + TIE_SECONDS else cost
 
 
 def rank(
@@ -160,21 +187,29 @@ def rank(
     output_tokens: float = 0.0,
     max_wait: float = DEFAULT_MAX_WAIT,
     min_gain: float = DEFAULT_MIN_GAIN,
+    pressure: float = 0.0,
 ) -> Decision:
     """Rank the candidates for a request of C{prompt_tokens} (estimated) tokens.
 
     @param output_tokens: tokens the request is expected to generate (0:
         rank by time to first token only).
+    @param pressure: requests waiting in the buffer per slot of the fleet.
     @param max_wait: the longest a request may wait for a busy warm upstream.
     @param min_gain: the least ttft saving worth waiting for.
     """
-    estimates = [estimate(c, prompt_tokens, output_tokens) for c in candidates]
+    weight = 1.0 + _pressure(pressure)
+    estimates = [estimate(c, prompt_tokens, output_tokens, pressure) for c in candidates]
     keys = []
+    frees = [e.wait == 0.0 and e.free for e in estimates]
+    cheapest = {
+        group: min((e.cost for e, f in zip(estimates, frees) if f == group), default=math.inf)
+        for group in (True, False)
+    }
     for position, e in enumerate(estimates):
         c = e.candidate
-        free = e.wait == 0.0 and c.slots_idle > 0 and c.in_flight < c.slots_total
+        free = frees[position]
         load = c.in_flight / c.slots_total if c.slots_total > 0 else 1.0
-        keys.append((not free, _bucket(e.cost), -c.slots_idle, load, c.last_chosen, position))
+        keys.append((not free, _tie_key(e.cost, cheapest[free]), -c.slots_idle, -_speed(c.generation_speed), load, c.last_chosen, position))
     ranked = tuple(estimates[key[-1]] for key in sorted(keys))
     best = ranked[0] if ranked and ranked[0].free else None
     if best is None or max_wait <= 0:
@@ -183,7 +218,7 @@ def rank(
     for e in ranked[1:]:
         if e.free or not math.isfinite(e.ttft):
             continue
-        saved = best.prefill - e.prefill
+        saved = (best.prefill - e.prefill) * weight
         gain = best.cost - e.cost
         if e.wait < saved and e.wait <= max_wait and gain > min_gain:
             if warm is None or e.cost < warm.cost:

@@ -13,7 +13,9 @@ an upstream run more requests than it has slots.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import weakref
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -109,14 +111,18 @@ class Demand:
 
     @ivar recheck_at: when the pool should ask again for a request holding
         out for a busy upstream whose cache suits it (C{None}: not holding).
+    @ivar holding_for: the upstream it holds out for, or None.
+    @ivar seq: arrival order (requests holding for the same upstream queue behind older ones).
     """
 
-    __slots__ = ("routed", "hold_until", "recheck_at")
+    __slots__ = ("routed", "hold_until", "recheck_at", "holding_for", "seq", "__weakref__")
 
-    def __init__(self, routed: RoutedRequest) -> None:
+    def __init__(self, routed: RoutedRequest, seq: int = 0) -> None:
         self.routed = routed
         self.hold_until: float | None = None
         self.recheck_at: float | None = None
+        self.holding_for: Hashable | None = None
+        self.seq = seq
 
 
 @implementer(ISlotChooser)
@@ -134,26 +140,63 @@ class CostChooser(_Policy):
     def __init__(self, clock: IReactorTime, router: Router | None = None) -> None:
         self.clock = clock
         self.router = router if router is not None else Router(clock)
+        self._seq = itertools.count(1)
+        #: Requests holding out, by the upstream they hold for (weak: a request
+        #: whose client left is dropped with it).
+        self._holding: dict[Hashable, weakref.WeakSet[Demand]] = {}
+        #: Requests that were refused a slot and are not dispatched yet (weak, as above).
+        self._waiting: weakref.WeakSet[Demand] = weakref.WeakSet()
 
     def prepare(self, body: Any, path: bytes, headers: Any) -> Demand:
-        return Demand(self.router.prepare(body, path, headers))
+        return Demand(self.router.prepare(body, path, headers), next(self._seq))
+
+    def _ahead(self, upstream_id: Hashable, demand: Demand) -> int:
+        """Older requests holding out for this upstream: they take its next slots first."""
+        holders = self._holding.get(upstream_id)
+        if not holders:
+            return 0
+        return sum(1 for other in holders if other.seq < demand.seq and other.holding_for == upstream_id)
+
+    def _hold(self, demand: Demand, upstream_id: Hashable | None) -> None:
+        previous = demand.holding_for
+        if previous == upstream_id:
+            return
+        if previous is not None:
+            holders = self._holding.get(previous)
+            if holders is not None:
+                holders.discard(demand)
+                if not holders:
+                    del self._holding[previous]
+        demand.holding_for = upstream_id
+        if upstream_id is not None:
+            self._holding.setdefault(upstream_id, weakref.WeakSet()).add(demand)
 
     def choose(self, upstreams: Sequence[Upstream], model: str | None, demand: Any = None) -> Upstream | None:
         if not isinstance(demand, Demand):
             return MOST_IDLE.choose(upstreams, model)
         by_id: dict[Any, Upstream] = {u.id: u for u in upstreams}
-        views = [UpstreamView(u.id, u.slots_idle, u.slots_total, u.in_flight) for u in upstreams]
-        decision = self.router.rank(demand.routed, views)
+        views = [
+            UpstreamView(u.id, u.slots_idle, u.slots_total, u.in_flight, self._ahead(u.id, demand))
+            for u in upstreams
+        ]
+        waiting = len(self._waiting) - (demand in self._waiting)
+        decision = self.router.rank(demand.routed, views, waiting)
         now = self.clock.seconds()
         if decision.wait_for is not None:
             if demand.hold_until is None:
                 demand.hold_until = now + decision.wait_up_to
             if now < demand.hold_until:
                 demand.recheck_at = demand.hold_until
+                self._hold(demand, decision.wait_for)
+                self._waiting.add(demand)
                 return None
         demand.recheck_at = None
+        self._hold(demand, None)
         best = decision.best
-        return by_id[best.id] if best is not None else None
+        if best is None:
+            self._waiting.add(demand)
+            return None
+        return by_id[best.id]
 
     def rank(self, upstreams: Sequence[Upstream], model: str | None, demand: Any = None) -> list[Upstream]:
         if not isinstance(demand, Demand):
@@ -164,6 +207,8 @@ class CostChooser(_Policy):
 
     def dispatched(self, upstream: Upstream, demand: Any) -> None:
         if isinstance(demand, Demand):
+            self._hold(demand, None)
+            self._waiting.discard(demand)
             demand.routed = self.router.dispatched(demand.routed, upstream.id)
 
     def finished(self, upstream: Upstream, demand: Any, timings: Any) -> None:

@@ -38,6 +38,11 @@ covers the whole prompt, the hashed text only its first L{MAX_PROMPT_CHARS}
 characters (64 Ki): prefixes longer than that are not told apart, and a
 20 KB prompt costs tens of microseconds.
 
+**Output length.** C{max_tokens}: the request's own bound on generated
+tokens, if it gives one: ``n_predict`` (``/completion``, ``/infill``),
+``max_tokens`` or ``max_completion_tokens`` (OpenAI), a positive integer up
+to L{MAX_OUTPUT_TOKENS}; None otherwise (-1 and 0 mean "no bound" there).
+
 **Conversation key.** The ``X-Session-ID`` header, else the OpenAI ``user``
 field (strings only, at most 256 characters), as ``"session:..."`` or
 ``"user:..."``.
@@ -51,7 +56,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 #: Characters per token assumed by every estimate here.
@@ -64,6 +69,10 @@ MEDIA_TOKENS = 256
 MAX_KEY_CHARS = 256
 #: At most this many list items (tokens, messages, parts) are looked at.
 MAX_ITEMS = 100_000
+#: Largest output bound taken from a request.
+MAX_OUTPUT_TOKENS = 1_000_000
+#: Body fields that bound the output, in the order llama-server reads them.
+OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "n_predict")
 
 TOKEN_OPEN, TOKEN_CLOSE, PROMPT_SEPARATOR = "\ue000", "\ue001", "\ue002"
 MESSAGE_OPEN, ROLE_END, MESSAGE_CLOSE = "\ue010", "\ue011", "\ue012"
@@ -86,6 +95,7 @@ class PromptInfo:
     @ivar conversation: the conversation key, or None.
     @ivar kind: C{"completion"}, C{"chat"}, C{"infill"} or C{"none"}.
     @ivar truncated: the stable form was cut at L{MAX_PROMPT_CHARS}.
+    @ivar max_tokens: the request's bound on generated tokens, or None.
     """
 
     text: str
@@ -93,6 +103,7 @@ class PromptInfo:
     conversation: str | None
     kind: str
     truncated: bool = False
+    max_tokens: int | None = None
 
     @property
     def has_prefix(self) -> bool:
@@ -283,6 +294,17 @@ def _infill(builder: _Builder, body: Mapping[str, Any]) -> bool:
     return found
 
 
+def output_bound(body: Any) -> int | None:
+    """The request's bound on generated tokens (see the module docstring), or None."""
+    if not isinstance(body, Mapping):
+        return None
+    for key in OUTPUT_FIELDS:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if 0 < value <= MAX_OUTPUT_TOKENS else None
+    return None
+
+
 def conversation_key(body: Any, headers: Any = None) -> str | None:
     """``"session:<X-Session-ID>"``, else ``"user:<user>"``, else None."""
     session = _header(headers, "x-session-id")
@@ -354,6 +376,8 @@ def prompt_info(
             return PromptInfo("", 0, conversation, "none")
         if not ok:
             return PromptInfo("", 0, conversation, "none")
-        return builder.result(conversation, kind)
+        info = builder.result(conversation, kind)
+        bound = output_bound(body)
+        return replace(info, max_tokens=bound) if bound is not None else info
     except Exception:  # never let an odd body break routing: it just has no prefix
         return NO_PROMPT

@@ -18,6 +18,7 @@ any request (and re-pinned wherever it goes).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -37,8 +38,15 @@ from paddler.routing.prefix import DEFAULT_MAX_BLOCKS, PrefixIndex, block_hashes
 from paddler.routing.prompt import PromptInfo, prompt_info
 from paddler.routing.speed import SpeedTracker
 
+#: Ticket numbers of dispatched requests, unique across Routers: after a reload
+#: (a new Router), requests sent by the old one must not match the new one's tickets.
+_TICKETS = itertools.count(1)
+
 #: Conversations remembered (least recently used dropped first).
 DEFAULT_MAX_CONVERSATIONS = 100_000
+#: A running request past its expected end is taken to need this share of
+#: its expected duration again.
+OVERRUN_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class RoutedRequest:
     info: PromptInfo
     blocks: tuple[int, ...]
     predicted: tuple[tuple[Hashable, int], ...] = ()
+    ticket: int = 0
 
     def predicted_blocks(self, upstream_id: Hashable) -> int:
         for key, blocks in self.predicted:
@@ -92,6 +101,9 @@ class Router:
         self.max_conversations = max_conversations
         self._conversations: OrderedDict[str, Hashable] = OrderedDict()
         self._last_chosen: dict[Hashable, float] = {}
+        #: Per upstream, the requests sent there and not finished: ticket -> (start, expected end).
+        self._running: dict[Hashable, dict[int, tuple[float, float]]] = {}
+        self._choices = 0
 
     def prepare(self, body: Any, path: str | bytes, headers: Any = None) -> RoutedRequest:
         """Derive a request's prompt and block hashes (never raises)."""
@@ -101,7 +113,6 @@ class Router:
     def candidates(self, request: RoutedRequest, views: Sequence[UpstreamView]) -> list[Candidate]:
         """The cost model's records for these upstreams."""
         out = []
-        speeds = self.speeds
         for view in views:
             matched = self.index.match(view.id, request.blocks) if request.blocks else 0
             full = view.slots_idle <= 0 or view.in_flight >= view.slots_total
@@ -110,9 +121,7 @@ class Router:
                 slots_idle=view.slots_idle,
                 slots_total=view.slots_total,
                 in_flight=view.in_flight,
-                expected_wait=(
-                    speeds.expected_wait(view.id, view.slots_total, view.waiting_ahead) if full else 0.0
-                ),
+                expected_wait=self.expected_wait(view) if full else 0.0,
                 cached_tokens=min(blocks_to_tokens(matched), request.info.tokens),
                 prompt_speed=self.speeds.prompt_speed(view.id),
                 generation_speed=self.speeds.generation_speed(view.id),
@@ -120,11 +129,46 @@ class Router:
             ))
         return out
 
-    def rank(self, request: RoutedRequest, views: Sequence[UpstreamView]) -> Decision:
-        """Rank the eligible upstreams for a request (see L{paddler.routing.cost.rank})."""
+    def expected_wait(self, view: UpstreamView) -> float:
+        """Seconds until a slot of a full upstream is free for a request with
+        C{view.waiting_ahead} requests already waiting for it.
+
+        When every slot runs a request of ours, from the expected end of each
+        (L{expected_duration}, noted at dispatch): the (ahead + 1)-th soonest,
+        plus a mean duration per lap beyond the slots. Otherwise (other
+        clients use the server too) from the measured drain rate
+        (L{SpeedTracker.expected_wait}).
+        """
+        running = self._running.get(view.id)
+        if running and view.slots_total > 0 and len(running) >= view.slots_total:
+            now = self.clock.seconds()
+            remaining = sorted(
+                max(end - now, OVERRUN_SHARE * (end - start)) for start, end in running.values()
+            )
+            lap, position = divmod(max(0, view.waiting_ahead), len(remaining))
+            if not lap:
+                return remaining[position]
+            mean = sum(end - start for start, end in running.values()) / len(running)
+            return remaining[position] + lap * mean
+        return self.speeds.expected_wait(view.id, view.slots_total, view.waiting_ahead)
+
+    def expected_duration(self, request: RoutedRequest, upstream_id: Hashable, cached_tokens: int = 0) -> float:
+        """Seconds the request is expected to hold a slot of the upstream:
+        its uncached prompt at the upstream's prompt speed, then its expected
+        output (L{SpeedTracker.expected_output}) at its generation speed."""
+        speeds = self.speeds
+        uncached = max(1, request.info.tokens - max(0, cached_tokens))
+        output = speeds.expected_output(upstream_id, request.info.max_tokens)
+        return uncached / speeds.prompt_speed(upstream_id) + output / speeds.generation_speed(upstream_id)
+
+    def rank(self, request: RoutedRequest, views: Sequence[UpstreamView], waiting: int = 0) -> Decision:
+        """Rank the eligible upstreams for a request (see L{paddler.routing.cost.rank});
+        C{waiting}: requests waiting in the buffer besides this one."""
         candidates = self.candidates(request, views)
+        slots = sum(max(0, view.slots_total) for view in views)
         decision = rank(
-            candidates, request.info.tokens, max_wait=self.max_wait, min_gain=self.min_gain
+            candidates, request.info.tokens, max_wait=self.max_wait, min_gain=self.min_gain,
+            pressure=waiting / slots if slots and waiting > 0 else 0.0,
         )
         pinned = self.conversation_upstream(request)
         if pinned is None:
@@ -157,14 +201,27 @@ class Router:
             self._conversations.move_to_end(key)
             while len(self._conversations) > self.max_conversations:
                 self._conversations.popitem(last=False)
-        self._last_chosen[upstream_id] = self.clock.seconds()
-        return replace(request, predicted=((upstream_id, predicted),))
+        now = self.clock.seconds()
+        self._choices += 1
+        # a counter, not the clock: several choices in one reactor turn must still rotate
+        self._last_chosen[upstream_id] = self._choices
+        ticket = next(_TICKETS)
+        duration = self.expected_duration(request, upstream_id, blocks_to_tokens(predicted))
+        self._running.setdefault(upstream_id, {})[ticket] = (now, now + duration)
+        return replace(request, predicted=((upstream_id, predicted),), ticket=ticket)
 
     def finished(self, request: RoutedRequest, upstream_id: Hashable, timings: Any = None) -> None:
         """The request ended on C{upstream_id} (its slot is free again); learn from the
         response's ``timings`` object when there is one."""
+        running = self._running.get(upstream_id)
+        if running is not None:
+            running.pop(request.ticket, None)
+            if not running:
+                del self._running[upstream_id]
         self.speeds.slot_released(upstream_id)
-        sample = self.speeds.observe(upstream_id, timings) if timings is not None else None
+        sample = (
+            self.speeds.observe(upstream_id, timings, request.info.max_tokens) if timings is not None else None
+        )
         if sample is not None and request.blocks:
             self.index.verify(
                 upstream_id, request.blocks, request.predicted_blocks(upstream_id), sample.cache_n

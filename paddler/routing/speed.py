@@ -18,6 +18,12 @@ upstreams, else the prior (L{PRIOR_PROMPT_SPEED} 1000 tokens/s,
 L{PRIOR_GENERATION_SPEED} 30 tokens/s: a mid-range GPU serving a
 7-8B-parameter model; only the ratios between upstreams steer the choice).
 
+**Output length.** The share of its ``max_tokens`` (or ``n_predict``) a
+request really generates is learnt fleet-wide (an EWMA of ``predicted_n`` /
+bound, at most 1): L{SpeedTracker.expected_output} is the bound times that
+share (until measured: the bound, at most the mean generated tokens), or
+the upstream's mean generated tokens for a request without a bound.
+
 **Drain rate**: slots freed per second, per upstream and fleet-wide, as an
 exponentially decaying event count with a half-life of
 L{DRAIN_HALF_LIFE_SECONDS} = 30 s on the injected clock (bias-corrected
@@ -213,6 +219,8 @@ class SpeedTracker:
         self.drain_half_life = drain_half_life
         self._upstreams: dict[Hashable, _Upstream] = {}
         self._fleet: dict[str, float | None] = {}
+        #: Share of its output bound a request generates (fleet-wide).
+        self.output_share = Ewma(half_life_samples)
 
     def _get(self, upstream_id: Hashable) -> _Upstream:
         entry = self._upstreams.get(upstream_id)
@@ -231,11 +239,14 @@ class SpeedTracker:
         self._upstreams.pop(upstream_id, None)
         self._fleet.clear()
 
-    def observe(self, upstream_id: Hashable, timings: Any) -> TimingSample | None:
-        """Learn from one response's ``timings`` object; returns what was understood."""
+    def observe(self, upstream_id: Hashable, timings: Any, max_tokens: int | None = None) -> TimingSample | None:
+        """Learn from one response's ``timings`` object (and the request's output
+        bound, when it had one); returns what was understood."""
         sample = parse_timings(timings)
         if sample is None:
             return None
+        if max_tokens is not None and max_tokens > 0 and sample.generated_tokens:
+            self.output_share.add(min(1.0, sample.generated_tokens / max_tokens))
         entry = self._get(upstream_id)
         entry.samples += 1
         self._fleet.clear()
@@ -296,6 +307,22 @@ class SpeedTracker:
             prompt_tokens / self.prompt_speed(upstream_id)
             + generated / self.generation_speed(upstream_id)
         )
+
+    def mean_generated(self, upstream_id: Hashable) -> float:
+        """Tokens a request generates on this upstream, on average (the prior until measured)."""
+        entry = self._upstreams.get(upstream_id)
+        if entry is not None and entry.generated_tokens.value is not None:
+            return entry.generated_tokens.value
+        return PRIOR_GENERATED_TOKENS
+
+    def expected_output(self, upstream_id: Hashable, max_tokens: int | None) -> float:
+        """Tokens a request with this output bound (None: none) is expected to generate."""
+        if max_tokens is None or max_tokens <= 0:
+            return self.mean_generated(upstream_id)
+        share = self.output_share.value
+        if share is None:
+            return min(float(max_tokens), self.mean_generated(upstream_id))
+        return max_tokens * share
 
     def drain_rate(self, upstream_id: Hashable) -> float:
         """Slots this upstream frees per second (0 before the first release)."""
