@@ -236,3 +236,14 @@ def test_an_agent_reporting_to_another_balancer_keeps_its_upstream_alive(world):
     assert a.fleet.report_age(uid) is not None and a.fleet.report_age(uid) < 1.0
     world.sync(2.0)
     assert a.fleet.report_age(uid) >= 1.9
+
+
+def test_a_shared_buffer_timeout_says_whether_a_retry_is_useful(world):
+    """The shared path's 504 carries x-should-retry like the local one (no slot freed: false)."""
+    balancers = three(world)
+    [balancers[0].pool.acquire() for _ in range(3)]
+    late = balancers[1].pool.acquire()
+    failures: list[Any] = []
+    late.addErrback(failures.append)
+    world.sync(5.1)
+    assert failures[0].value.headers[b"x-should-retry"] == b"false"

@@ -363,15 +363,7 @@ class UpstreamPool:
         if self.max_buffered == 0:
             return fail(BufferingDisabled("no free slot on any upstream and buffering is disabled"))
         if len(self._waiters) >= self.max_buffered:
-            wait = self.expected_wait()
-            return fail(
-                BufferFull(
-                    f"the request buffer is full ({self.max_buffered} requests waiting for a slot); "
-                    + _expected(wait),
-                    # With no slot freed lately there is nothing to go by: 1 s.
-                    headers={b"retry-after": _retry_after(1.0 if wait is None else wait)},
-                )
-            )
+            return fail(self.buffer_full_error())
         waiter = _Waiter(model, excluded, demand, self.clock.seconds(), self._leave)
         waiter.timeout_call = self.clock.callLater(self.buffer_timeout, self._expire, waiter)
         self._waiters.append(waiter)
@@ -389,6 +381,20 @@ class UpstreamPool:
     def _expire(self, waiter: _Waiter) -> None:
         waiter.timeout_call = None
         self._leave(waiter)
+        waiter.deferred.errback(self.buffer_timeout_error())
+
+    def buffer_full_error(self, where: str = "") -> BufferFull:
+        """The 503 for a full buffer, with a Retry-After from the rate at which slots free."""
+        wait = self.expected_wait()
+        return BufferFull(
+            f"the request buffer is full ({self.max_buffered} requests waiting for a slot{where}); "
+            + _expected(wait),
+            # With no slot freed lately there is nothing to go by: 1 s.
+            headers={b"retry-after": _retry_after(1.0 if wait is None else wait)},
+        )
+
+    def buffer_timeout_error(self) -> BufferTimeout:
+        """The 504 for a request that waited --buffered-request-timeout, saying whether a retry is useful."""
         wait = self.expected_wait()
         # A retry joins the back of the buffer: useful only if it can get a
         # slot before it times out in turn (the OpenAI SDKs read x-should-retry).
@@ -396,13 +402,11 @@ class UpstreamPool:
         headers = {b"x-should-retry": b"true" if useful else b"false"}
         if wait is not None and useful:
             headers[b"retry-after"] = _retry_after(wait)
-        waiter.deferred.errback(
-            BufferTimeout(
-                f"no slot became free within {self.buffer_timeout:g} s (--buffered-request-timeout); "
-                + _expected(wait)
-                + ("" if useful else "; retrying now would most likely time out again"),
-                headers=headers,
-            )
+        return BufferTimeout(
+            f"no slot became free within {self.buffer_timeout:g} s (--buffered-request-timeout); "
+            + _expected(wait)
+            + ("" if useful else "; retrying now would most likely time out again"),
+            headers=headers,
         )
 
     def slot_freed(self) -> None:

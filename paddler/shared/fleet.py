@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout
+from paddler.errors import BufferingDisabled
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.fleet.upstream import (
     FailureSeen,
@@ -253,9 +253,7 @@ class SharedFleet(Service):
             candidates = pool.ranked(model, exclude, demand)
             remaining = pool.buffer_timeout - (self.clock.seconds() - started)
             if remaining <= 0:
-                raise BufferTimeout(
-                    f"no slot became free within {pool.buffer_timeout:g} s (--buffered-request-timeout)"
-                )
+                raise pool.buffer_timeout_error()
             if not candidates:
                 await self._wait_for_candidates(remaining)
                 continue
@@ -277,14 +275,9 @@ class SharedFleet(Service):
             except store_errors.NoFreeSlot:
                 raise BufferingDisabled("no free slot on any upstream and buffering is disabled") from None
             except store_errors.BufferFull:
-                raise BufferFull(
-                    f"the request buffer is full ({pool.max_buffered} requests waiting for a slot fleet-wide)",
-                    headers={b"retry-after": b"1"},
-                ) from None
+                raise pool.buffer_full_error(" fleet-wide") from None
             except store_errors.WaitExpired:
-                raise BufferTimeout(
-                    f"no slot became free within {pool.buffer_timeout:g} s (--buffered-request-timeout)"
-                ) from None
+                raise pool.buffer_timeout_error() from None
             except (store_errors.StoreUnavailable, store_errors.WaiterLost):
                 # The store went away under this request: it goes on waiting in the local buffer.
                 return await self._local(model, exclude, demand, started)
