@@ -241,8 +241,14 @@ def makeBalancerService(
     from paddler.observability.snapshot import StateHistory, build_state
     from paddler.observability.stream import ObservabilityService, StateStream
     from paddler.routing.policies import CHOOSERS
-    from paddler.web.clients import ConnectionPoolService, connection_pool
+    from paddler.web.clients import (
+        CACHED_CONNECTION_TIMEOUT,
+        ConnectionPoolService,
+        UpstreamClientService,
+        connection_pool,
+    )
     from paddler.web.endpoints import CachingEndpointFactory
+    from paddler.web.upstream_client import UpstreamClient
     from paddler.web.listeners import ListeningService, QuietSite
     from paddler.web.request import bounded_request_factory
     from paddler.web.router import PrefixRouter
@@ -256,15 +262,16 @@ def makeBalancerService(
         buffer_timeout=config.buffered_request_timeout,
     )
     stats = RequestStats(reactor)
-    proxy_connections = connection_pool(reactor, 64)
+    upstream_client = UpstreamClient(
+        reactor,
+        CachingEndpointFactory(reactor, connect_timeout=min(10.0, config.upstream_timeout)),
+        max_idle_per_host=64,
+        idle_timeout=CACHED_CONNECTION_TIMEOUT,
+    )
     probe_connections = connection_pool(reactor, 2)
     proxy = ProxyResource(
         pool,
-        Agent.usingEndpointFactory(
-            reactor,
-            CachingEndpointFactory(reactor, connect_timeout=min(10.0, config.upstream_timeout)),
-            pool=proxy_connections,
-        ),
+        upstream_client,
         reactor,
         ProxyConfig.from_balancer(config),
         stats,
@@ -289,7 +296,7 @@ def makeBalancerService(
         fleet.setServiceParent(top)
         SimulatedUpstreamsService(pool, fleet, reactor).setServiceParent(top)
     ConnectionPoolService(probe_connections).setServiceParent(top)
-    ConnectionPoolService(proxy_connections).setServiceParent(top)
+    UpstreamClientService(upstream_client).setServiceParent(top)
 
     prober = HTTPProber(
         HTTPClient(Agent(reactor, pool=probe_connections, connectTimeout=config.probe_timeout)),
