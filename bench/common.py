@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -28,6 +29,16 @@ RESULTS = BENCH / "results"
 TMP = RESULTS / "tmp"
 PYTHON = sys.executable
 LOOPBACK = "127.0.0.1"
+#: The core the proxy under test runs on, and the one the load (client and upstream) runs on.
+PROXY_CORE = 0
+LOAD_CORE = 1
+
+
+def pinned(args: Sequence[str], core: int | None) -> list[str]:
+    """C{args} run on one core (taskset), or as they are when C{core} is None or taskset is missing."""
+    if core is None or shutil.which("taskset") is None or (os.cpu_count() or 1) <= core:
+        return list(args)
+    return ["taskset", "-c", str(core), *args]
 
 
 def raise_fd_limit(wanted: int = 65536) -> None:
@@ -227,8 +238,9 @@ def start_paddler(
     policy: str = "slots",
     extra: Sequence[str] = (),
     profile: Path | None = None,
+    core: int | None = None,
 ) -> tuple[subprocess.Popen, int]:
-    """Start ``python -m paddler balancer``; return it and its proxy port once healthy."""
+    """Start ``python -m paddler balancer`` (on C{core}); return it and its proxy port once healthy."""
     port, mport = free_port(), free_port()
     args = [PYTHON, "-m", "paddler"]
     if profile is not None:
@@ -243,7 +255,7 @@ def start_paddler(
     ]
     for url in upstreams:
         args += ["--upstream", url]
-    proc = procs.start(args, name)
+    proc = procs.start(pinned(args, core), name)
     wait_port(port, 30, proc)
     wait_healthy(port, len(upstreams), proc)
     return proc, port
@@ -265,7 +277,9 @@ def wait_healthy(port: int, count: int, proc: subprocess.Popen | None = None, ti
     raise TimeoutError(f"balancer on {port} did not see {count} healthy upstreams in {timeout} s")
 
 
-def start_haproxy(procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False) -> tuple[subprocess.Popen, int]:
+def start_haproxy(
+    procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False, core: int | None = None
+) -> tuple[subprocess.Popen, int]:
     """HAProxy 1 thread, ``balance leastconn``, keep-alive to the upstreams."""
     port = free_port()
     servers = "\n".join(
@@ -292,12 +306,14 @@ backend be
     path = TMP / f"{name}.cfg"
     TMP.mkdir(parents=True, exist_ok=True)
     path.write_text(cfg)
-    proc = procs.start(["haproxy", "-db", "-f", str(path)], name)
+    proc = procs.start(pinned(["haproxy", "-db", "-f", str(path)], core), name)
     wait_port(port, 15, proc)
     return proc, port
 
 
-def start_nginx(procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False) -> tuple[subprocess.Popen, int]:
+def start_nginx(
+    procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False, core: int | None = None
+) -> tuple[subprocess.Popen, int]:
     """nginx, 1 worker, round robin, HTTP/1.1 keep-alive to the upstreams, no buffering."""
     port = free_port()
     servers = "\n".join(f"        server {LOOPBACK}:{p};" for p in upstream_ports)
@@ -320,10 +336,48 @@ def start_nginx(procs: Processes, upstream_ports: Sequence[int], name: str, stre
     }}
 }}
 """
-    return _run_nginx(procs, cfg, name, port)
+    return _run_nginx(procs, cfg, name, port, core)
 
 
-def start_static_upstream(procs: Processes, count: int, name: str, slots: int = 256) -> tuple[subprocess.Popen, list[int]]:
+def sglang_router_command() -> list[str] | None:
+    """How to start sglang-router (PyPI ``sglang-router``, a Rust router), or None when it is not installed."""
+    exe = Path(PYTHON).parent / "sglang-router"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("sglang-router")
+    return [found] if found else None
+
+
+def start_sglang_router(
+    procs: Processes, upstream_ports: Sequence[int], name: str, core: int | None = None
+) -> tuple[subprocess.Popen, int]:
+    """sglang-router, round robin over the upstreams (its health checks hit their /health)."""
+    command = sglang_router_command()
+    if command is None:
+        raise RuntimeError("sglang-router is not installed (pip install sglang-router)")
+    port = free_port()
+    args = [
+        *command, "launch", "--host", LOOPBACK, "--port", str(port),
+        "--worker-urls", *[f"http://{LOOPBACK}:{p}" for p in upstream_ports],
+        "--policy", "round_robin", "--log-level", "warn", "--shutdown-grace-period-secs", "1",
+        "--disable-retries", "--disable-circuit-breaker",
+    ]
+    proc = procs.start(pinned(args, core), name)
+    wait_port(port, 30, proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if http_get(port, "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return proc, port
+
+
+def start_static_upstream(
+    procs: Processes, count: int, name: str, slots: int = 256, core: int | None = None
+) -> tuple[subprocess.Popen, list[int]]:
     """A fast static responder (nginx, 1 worker) on C{count} ports.
 
     ``GET /slots`` lists C{slots} idle slots (so paddler never runs out),
@@ -356,7 +410,7 @@ def start_static_upstream(procs: Processes, count: int, name: str, slots: int = 
     }}
 }}
 """
-    proc, _ = _run_nginx(procs, cfg, name, ports[0])
+    proc, _ = _run_nginx(procs, cfg, name, ports[0], core)
     for p in ports[1:]:
         wait_port(p, 15, proc)
     return proc, ports
@@ -385,9 +439,11 @@ http {{
 """
 
 
-def _run_nginx(procs: Processes, cfg: str, name: str, port: int) -> tuple[subprocess.Popen, int]:
+def _run_nginx(procs: Processes, cfg: str, name: str, port: int, core: int | None = None) -> tuple[subprocess.Popen, int]:
     path = TMP / f"{name}-nginx.conf"
     path.write_text(cfg)
-    proc = procs.start(["nginx", "-c", str(path), "-e", str(TMP / f"{name}-nginx" / "error.log")], name)
+    proc = procs.start(
+        pinned(["nginx", "-c", str(path), "-e", str(TMP / f"{name}-nginx" / "error.log")], core), name
+    )
     wait_port(port, 15, proc)
     return proc, port

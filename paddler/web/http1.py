@@ -9,6 +9,7 @@ chunk framing). They never raise anything but L{FramingError}.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 
@@ -24,53 +25,49 @@ class FramingError(Exception):
     """The upstream's bytes are not a well-formed HTTP/1.1 response."""
 
 
-class _Tail:
-    """The last C{limit} (or a few more) bytes of a payload, kept as the pieces that arrived."""
-
-    __slots__ = ("_pieces", "_size", "_limit")
-
-    def __init__(self, limit: int) -> None:
-        self._pieces: deque[bytes] = deque()
-        self._size = 0
-        self._limit = limit
-
-    def add(self, piece: bytes) -> None:
-        pieces = self._pieces
-        pieces.append(piece)
-        self._size += len(piece)
-        while self._size - len(pieces[0]) >= self._limit:
-            self._size -= len(pieces.popleft())
-
-    def value(self) -> bytes:
-        return b"".join(self._pieces)
-
-
 class BodyScanner:
     """
     Follows one response body over raw bytes. C{feed(data)} returns how many
     bytes of C{data} belong to the body; C{done} turns true at its last byte.
-    Each payload piece goes to C{sink} when one is given (decoding) and the
-    last C{tail_bytes} of the payload are kept for L{tail}.
+    Each payload piece goes to C{sink} when one is given (decoding). The
+    last bytes of the body are kept as they arrived (raw, a few per read)
+    and decoded only when L{tail} is asked for, so following a body costs
+    nothing per chunk beyond finding its end.
     """
 
     done = False
 
     def __init__(self, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None) -> None:
-        self._tail = _Tail(tail_bytes) if tail_bytes else None
+        self._tail_limit = tail_bytes
+        self._kept: deque[tuple[object, bytes]] = deque()
+        self._kept_size = 0
+        self._trim_at = 2 * tail_bytes
         self._sink = sink
 
     def feed(self, data: bytes) -> int:
         raise NotImplementedError
 
-    def tail(self) -> bytes:
-        """The last bytes of the payload seen so far (empty when none are kept)."""
-        return self._tail.value() if self._tail is not None else b""
+    def _keep(self, snapshot: object, raw: bytes) -> None:
+        self._kept.append((snapshot, raw))
+        self._kept_size += len(raw)
+        if self._kept_size >= self._trim_at:
+            self._trim()
 
-    def _payload(self, piece: bytes) -> None:
-        if self._tail is not None:
-            self._tail.add(piece)
-        if self._sink is not None:
-            self._sink(piece)
+    def _trim(self) -> None:
+        # once per tail_bytes received: drop what is older than the tail, join the rest
+        kept = self._kept
+        limit = self._tail_limit
+        while self._kept_size - len(kept[0][1]) >= limit:
+            self._kept_size -= len(kept.popleft()[1])
+        if len(kept) > 8:
+            joined = (kept[0][0], b"".join(raw for _, raw in kept))
+            kept.clear()
+            kept.append(joined)
+        self._trim_at = self._kept_size + limit
+
+    def tail(self) -> bytes:
+        """The payload in (at least) the last C{tail_bytes} bytes of the body seen so far, decoded."""
+        return b"".join(raw for _, raw in self._kept)
 
     def eof(self) -> bool:
         """The connection closed: whether that ends the body cleanly (only for read-until-close bodies)."""
@@ -96,7 +93,10 @@ class LengthScanner(BodyScanner):
                 data = data[:n]
         self.remaining -= n
         if n:
-            self._payload(data)
+            if self._tail_limit:
+                self._keep(None, data)
+            if self._sink is not None:
+                self._sink(data)
         return n
 
 
@@ -105,7 +105,10 @@ class CloseScanner(BodyScanner):
 
     def feed(self, data: bytes) -> int:
         if data:
-            self._payload(data)
+            if self._tail_limit:
+                self._keep(None, data)
+            if self._sink is not None:
+                self._sink(data)
         return len(data)
 
     def eof(self) -> bool:
@@ -115,6 +118,8 @@ class CloseScanner(BodyScanner):
 
 # ChunkedScanner states
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+#: A whole chunk-size line: size, optional whitespace and extensions, CRLF.
+_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
 
 
 class ChunkedScanner(BodyScanner):
@@ -126,8 +131,6 @@ class ChunkedScanner(BodyScanner):
     anywhere, even between the CR and the LF.
     """
 
-    __slots__ = ("_state", "_remaining", "_line", "_crlf", "_trailer_bytes")
-
     def __init__(self, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None) -> None:
         super().__init__(tail_bytes, sink)
         self._state = _SIZE
@@ -136,32 +139,72 @@ class ChunkedScanner(BodyScanner):
         self._crlf = 2  # bytes of the CRLF after chunk data still expected
         self._trailer_bytes = 0
 
+    def tail(self) -> bytes:
+        if not self._kept:
+            return b""
+        pieces: list[bytes] = []
+        decoder = ChunkedScanner(0, pieces.append)
+        snapshot = self._kept[0][0]
+        (decoder._state, decoder._remaining, decoder._line,  # type: ignore[misc]
+         decoder._crlf, decoder._trailer_bytes) = snapshot
+        for _, raw in self._kept:
+            decoder.feed(raw)
+        return b"".join(pieces)
+
     def feed(self, data: bytes) -> int:
+        snapshot = (
+            (self._state, self._remaining, self._line, self._crlf, self._trailer_bytes)
+            if self._tail_limit
+            else None
+        )
+        pos = self._scan(data)
+        if snapshot is not None and pos:
+            self._keep(snapshot, data if pos == len(data) else data[:pos])
+        return pos
+
+    def _scan(self, data: bytes) -> int:
         pos = 0
         end = len(data)
         state = self._state
+        sink = self._sink
+        match = _SIZE_LINE.match
         try:
             while pos < end:
-                if state == _DATA:
+                if state == _SIZE:
+                    found = None if self._line else match(data, pos)
+                    if found is not None:
+                        size = int(found.group(1), 16)
+                        if found.end() - pos > MAX_LINE + 2:
+                            raise FramingError("chunk-size line too long")
+                        pos = found.end()
+                    else:
+                        line, pos = self._read_line(data, pos, end)
+                        if line is None:
+                            break
+                        size = _chunk_size(line)
+                    if not size:
+                        state = _TRAILER
+                        continue
+                    stop = pos + size
+                    if stop + 2 <= end and data[stop] == 13 and data[stop + 1] == 10:  # CR LF
+                        # the whole chunk is in this read (the usual case)
+                        if sink is not None:
+                            sink(data[pos:stop])
+                        pos = stop + 2
+                        continue
+                    self._remaining = size
+                    state = _DATA
+                elif state == _DATA:
                     stop = pos + self._remaining
                     if stop > end:
                         stop = end
-                    self._payload(data[pos:stop] if (pos or stop != end) else data)
+                    if sink is not None:
+                        sink(data[pos:stop] if (pos or stop != end) else data)
                     self._remaining -= stop - pos
                     pos = stop
                     if self._remaining == 0:
                         state = _DATA_END
                         self._crlf = 2
-                elif state == _SIZE:
-                    line, pos = self._read_line(data, pos, end)
-                    if line is None:
-                        break
-                    size = _chunk_size(line)
-                    if size:
-                        self._remaining = size
-                        state = _DATA
-                    else:
-                        state = _TRAILER
                 elif state == _DATA_END:
                     expected = b"\r\n"[2 - self._crlf:]
                     take = data[pos:pos + self._crlf]
@@ -201,7 +244,7 @@ class ChunkedScanner(BodyScanner):
                 return self._check_line(line), pos + 1
             lf = data.find(b"\n", pos)
             if lf < 0:
-                self._keep(data[pos:])
+                self._keep_line(data[pos:])
                 return None, end
             line = self._line + data[pos:lf]
             self._line = b""
@@ -210,18 +253,18 @@ class ChunkedScanner(BodyScanner):
             return self._check_line(line[:-1]), lf + 1
         lf = data.find(b"\n", pos, pos + MAX_LINE + 2)
         if lf < 0:
-            self._keep(data[pos:])
+            self._keep_line(data[pos:])
             return None, end
         if lf == pos or data[lf - 1] != 13:  # 13: CR
             raise FramingError("line feed without carriage return in chunk framing")
         return self._check_line(data[pos:lf - 1]), lf + 1
 
-    def _keep(self, start: bytes) -> None:
+    def _keep_line(self, start: bytes) -> None:
         self._line += start
         if len(self._line) > MAX_LINE + 1:
             raise FramingError("chunk-size or trailer line too long")
-        if b"\n" in self._line:
-            raise FramingError("line feed without carriage return in chunk framing")
+        if b"\r" in self._line[:-1]:
+            raise FramingError("CR without LF in chunk framing")
 
     @staticmethod
     def _check_line(line: bytes) -> bytes:
