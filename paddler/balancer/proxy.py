@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -416,7 +417,7 @@ class ProxyResource(Resource):
         if connection:
             skip = _NOT_FORWARDED | {t.strip().lower() for v in connection for t in v.split(b",")}
         headers: list[tuple[bytes, bytes]] = []
-        forwarded_for: list[bytes] = []
+        forwarded_for: Sequence[bytes] = ()
         host: bytes | None = None
         has_authorization = False
         for name, values in raw.getAllRawHeaders():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 #: Longest chunk-size line (size, extensions) and trailer section accepted.
 MAX_LINE = 4096
@@ -144,9 +145,8 @@ class ChunkedScanner(BodyScanner):
             return b""
         pieces: list[bytes] = []
         decoder = ChunkedScanner(0, pieces.append)
-        snapshot = self._kept[0][0]
-        (decoder._state, decoder._remaining, decoder._line,  # type: ignore[misc]
-         decoder._crlf, decoder._trailer_bytes) = snapshot
+        snapshot: Any = self._kept[0][0]
+        decoder._state, decoder._remaining, decoder._line, decoder._crlf, decoder._trailer_bytes = snapshot
         for _, raw in self._kept:
             decoder.feed(raw)
         return b"".join(pieces)
