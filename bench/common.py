@@ -257,7 +257,7 @@ def start_paddler(
         args += ["--upstream", url]
     proc = procs.start(pinned(args, core), name)
     wait_port(port, 30, proc)
-    wait_healthy(port, len(upstreams), proc)
+    wait_healthy(port, len(upstreams), proc, timeout=max(30.0, len(upstreams) / 10))
     return proc, port
 
 

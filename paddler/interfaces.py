@@ -57,8 +57,10 @@ class IUpstreamProber(Interface):
     def probe(upstream):  # type: ignore[no-untyped-def]
         """
         Probe C{upstream} once, update it and the pool, and return a Deferred
-        that fires with C{None} when done (it never fails: problems are
-        recorded on the upstream). The Deferred has a deadline.
+        that fires when done (it never fails: problems are recorded on the
+        upstream) with C{False} when the reading was the same as the last
+        one (the probe service may then probe an idle upstream less often),
+        anything else (C{True}, C{None}) otherwise. The Deferred has a deadline.
         """
 
 

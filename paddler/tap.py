@@ -223,9 +223,7 @@ def makeBalancerService(
     rides on them). C{reload_config} reads the configuration again for a
     reload (SIGHUP); without it the balancer has nothing to reload.
     """
-    from twisted.web.client import Agent
     from twisted.web.server import Site
-    from treq.client import HTTPClient
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
     from paddler.balancer.reload import Reloader
@@ -241,13 +239,7 @@ def makeBalancerService(
     from paddler.observability.snapshot import StateHistory, build_state
     from paddler.observability.stream import ObservabilityService, StateStream
     from paddler.routing.policies import CHOOSERS
-    from paddler.web.clients import (
-        CACHED_CONNECTION_TIMEOUT,
-        ConnectionPoolService,
-        UpstreamClientService,
-        connection_pool,
-    )
-    from paddler.web.endpoints import CachingEndpointFactory
+    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
     from paddler.web.upstream_client import UpstreamClient
     from paddler.web.listeners import ListeningService, QuietSite
     from paddler.web.request import bounded_request_factory
@@ -264,11 +256,10 @@ def makeBalancerService(
     stats = RequestStats(reactor)
     upstream_client = UpstreamClient(
         reactor,
-        CachingEndpointFactory(reactor, connect_timeout=min(10.0, config.upstream_timeout)),
+        connect_timeout=min(10.0, config.upstream_timeout),
         max_idle_per_host=64,
         idle_timeout=CACHED_CONNECTION_TIMEOUT,
     )
-    probe_connections = connection_pool(reactor, 2)
     proxy = ProxyResource(
         pool,
         upstream_client,
@@ -295,11 +286,18 @@ def makeBalancerService(
         )
         fleet.setServiceParent(top)
         SimulatedUpstreamsService(pool, fleet, reactor).setServiceParent(top)
-    ConnectionPoolService(probe_connections).setServiceParent(top)
     UpstreamClientService(upstream_client).setServiceParent(top)
 
+    # probes keep one connection per upstream alive (reads every interval, llama-server closes after 5 s)
+    probe_client = UpstreamClient(
+        reactor,
+        connect_timeout=config.probe_timeout,
+        max_idle_per_host=1,
+        idle_timeout=CACHED_CONNECTION_TIMEOUT,
+    )
+    UpstreamClientService(probe_client).setServiceParent(top)
     prober = HTTPProber(
-        HTTPClient(Agent(reactor, pool=probe_connections, connectTimeout=config.probe_timeout)),
+        probe_client,
         reactor,
         pool,
         timeout=config.probe_timeout,

@@ -428,3 +428,74 @@ def test_ipv6_origins_connect_to_the_address():
     client, endpoints, _ = make_client()
     client.send(b"GET", b"http://[::1]:8080", b"/", [], None)
     assert endpoints.asked == [(b"http", b"::1", 8080)]
+
+
+def test_ip_addresses_are_connected_directly_without_name_resolution():
+    """Without an endpoint factory, http to an IP address is one connectTCP (no resolver thread)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    client = UpstreamClient(reactor, connect_timeout=3.0)
+    d = client.send(b"GET", b"http://127.0.0.1:8080", b"/slots", [(b"Host", b"127.0.0.1:8080")])
+    [(host, port, factory, timeout, _)] = reactor.tcpClients
+    assert (host, port, timeout) == ("127.0.0.1", 8080, 3.0)
+    protocol = factory.buildProtocol(None)
+    transport = Transport()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    assert transport.value() == b"GET /slots HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+    assert d.result.code == 200
+
+
+def test_a_failed_direct_connection_fails_the_request():
+    """connectTCP failing (refused, timed out) fails the request with that reason."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    client = UpstreamClient(reactor)
+    d = client.send(b"GET", b"http://[::1]:8080", b"/", [])
+    [(host, _, factory, _, _)] = reactor.tcpClients
+    assert host == "::1"
+    factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+    failure = []
+    d.addErrback(failure.append)
+    assert failure[0].check(ConnectionRefusedError)
+
+
+def test_cancelling_a_direct_connection_stops_connecting():
+    """Cancelled while connecting directly: the connector stops and the request fails as cancelled."""
+    from twisted.internet.error import ConnectingCancelledError
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    client = UpstreamClient(reactor)
+    d = client.send(b"GET", b"http://10.1.2.3:80", b"/", [])
+    d.cancel()
+    failure = []
+    d.addErrback(failure.append)
+    assert failure[0].check(ConnectingCancelledError, CancelledError)
+    assert reactor.connectors[0].stoppedConnecting
+
+
+def test_fetch_reads_a_small_body_whole():
+    """fetch (probes) returns the status and the body."""
+    client, endpoints, _ = make_client()
+    d = client.fetch(ORIGIN, b"/slots", [(b"Host", b"x")])
+    endpoints.connections[0][0].dataReceived(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n0\r\n\r\n"
+    )
+    assert d.result == (200, b"[]")
+
+
+def test_fetch_refuses_bodies_over_its_limit():
+    """A body larger than fetch's limit fails it and drops the connection."""
+    from paddler.web.body import BodyTooLarge
+
+    client, endpoints, _ = make_client()
+    d = client.fetch(ORIGIN, b"/slots", [], limit=4)
+    protocol, transport = endpoints.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
+    failure = []
+    d.addErrback(failure.append)
+    assert failure[0].check(BodyTooLarge) and transport.aborted

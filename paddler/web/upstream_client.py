@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -95,8 +96,9 @@ class UpstreamConnection(Protocol):
 
     transport: Any
 
-    def __init__(self, pool: _HostPool) -> None:
+    def __init__(self, pool: _HostPool, connected: Deferred[Any] | None = None) -> None:
         self._pool = pool
+        self._connected = connected
         self._state = _IDLE
         self._exchange: _Exchange | None = None
         self._buffer = b""
@@ -104,6 +106,11 @@ class UpstreamConnection(Protocol):
         self.idle_since = 0.0
         self.requests = 0
         self.lost = False
+
+    def connectionMade(self) -> None:
+        connected, self._connected = self._connected, None
+        if connected is not None:
+            connected.callback(self)
 
     # -- sending -----------------------------------------------------------
 
@@ -228,6 +235,34 @@ class _ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
         return UpstreamConnection(self._pool)
+
+
+class _Direct(ClientFactory):
+    """One C{connectTCP} to an IP address: no name resolution, no endpoint wrapper around the protocol."""
+
+    noisy = False
+
+    def __init__(self, pool: _HostPool) -> None:
+        self._pool = pool
+        self._connector: Any = None
+        self.d: Deferred[UpstreamConnection] = Deferred(self._cancel)
+
+    def start(self, reactor: Any, host: str, port: int, timeout: float) -> Deferred[UpstreamConnection]:
+        self._connector = reactor.connectTCP(host, port, self, timeout=timeout)
+        return self.d
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self._pool, self.d)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.d.called:
+            self.d.errback(reason)
+
+    def _cancel(self, d: Deferred[UpstreamConnection]) -> None:
+        if self._connector is not None:
+            self._connector.stopConnecting()
+        if not d.called:
+            d.errback(ConnectingCancelledError(self._connector.getDestination() if self._connector else None))
 
 
 @implementer(IUpstreamBody)
@@ -392,6 +427,45 @@ class UpstreamResponse:
         return self._raw
 
 
+class _Whole:
+    """Collects a small body (probes): the status and the bytes, at most C{limit} of them."""
+
+    __slots__ = ("response", "limit", "pieces", "size", "d")
+
+    def __init__(self, response: UpstreamResponse, limit: int) -> None:
+        self.response = response
+        self.limit = limit
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.d: Deferred[tuple[int, bytes]] = Deferred(lambda _: response.abort())
+
+    def body_data(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            if not self.d.called:
+                from paddler.web.body import BodyTooLarge
+
+                self.d.errback(BodyTooLarge(f"body larger than {self.limit} bytes"))
+            self.response.abort()
+            return
+        self.pieces.append(data)
+
+    def body_done(self, failure: Failure | None) -> None:
+        if self.d.called:
+            return
+        if failure is None:
+            body = self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
+            self.d.callback((self.response.code, body))
+        else:
+            self.d.errback(failure)
+
+
+def _read_whole(response: UpstreamResponse, limit: int) -> Deferred[tuple[int, bytes]]:
+    whole = _Whole(response, limit)
+    response.deliver(whole)
+    return whole.d
+
+
 class _ProtocolConsumer:
     """Adapts an C{IProtocol} to L{UpstreamResponse.deliver}, the way C{IResponse.deliverBody} does."""
 
@@ -430,13 +504,21 @@ class _BodyTransport:
 class _HostPool:
     """Idle connections to one origin (most recently used first) and how to make new ones."""
 
-    def __init__(self, client: UpstreamClient, origin: bytes, endpoint: Any) -> None:
+    def __init__(self, client: UpstreamClient, origin: bytes, endpoint: Any, address: tuple[str, int] | None) -> None:
         self.client = client
         self.origin = origin
         self.endpoint = endpoint
+        #: (ip, port) for plain TCP to an IP address: connected directly, without an endpoint
+        self.address = address
         self.idle: list[UpstreamConnection] = []
         self.connections = 0
         self.factory = _ConnectionFactory(self)
+
+    def connect(self) -> Deferred[Any]:
+        if self.address is not None:
+            client = self.client
+            return _Direct(self).start(client.reactor, self.address[0], self.address[1], client.connect_timeout)
+        return self.endpoint.connect(self.factory)
 
     def take(self, now: float) -> UpstreamConnection | None:
         idle = self.idle
@@ -488,9 +570,14 @@ class UpstreamClient:
         max_idle_per_host: int = 64,
         idle_timeout: float = 4.0,
         clock: IReactorTime | None = None,
+        connect_timeout: float = 10.0,
     ) -> None:
+        self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
-        self._endpoints = endpoint_factory or CachingEndpointFactory(reactor)
+        self.connect_timeout = connect_timeout
+        #: without an endpoint factory, plain http to an IP address connects directly (connectTCP)
+        self._direct = endpoint_factory is None
+        self._endpoints = endpoint_factory or CachingEndpointFactory(reactor, connect_timeout=connect_timeout)
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
         self.closing = False
@@ -530,6 +617,13 @@ class UpstreamClient:
         authority, target = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
         return self.send(b"GET", scheme + sep + authority, target, [(b"Host", authority), *(headers or ())])
 
+    def fetch(
+        self, origin: bytes, target: bytes, headers: HeaderList, limit: int = 4 * 1024 * 1024
+    ) -> Deferred[tuple[int, bytes]]:
+        """C{GET target} on C{origin}: the status and the whole body (at most C{limit} bytes)."""
+        d = self.send(b"GET", origin, target, headers)
+        return d.addCallback(_read_whole, limit)
+
     def close(self) -> Deferred[None]:
         """Close idle connections and refuse to keep new ones; fires when the idle ones closed."""
         self.closing = True
@@ -553,8 +647,13 @@ class UpstreamClient:
         if not sep or scheme not in (b"http", b"https"):
             raise ValueError(f"unsupported upstream origin {origin!r}")
         hostname, port = _split_authority(authority, 443 if scheme == b"https" else 80)
-        endpoint = self._endpoints.endpoint_for(scheme, hostname, port)
-        host = self._hosts[origin] = _HostPool(self, origin, endpoint)
+        address = None
+        if self._direct and scheme == b"http":
+            text = hostname.decode("ascii", "replace")
+            if isIPAddress(text) or isIPv6Address(text):
+                address = (text, port)
+        endpoint = None if address is not None else self._endpoints.endpoint_for(scheme, hostname, port)
+        host = self._hosts[origin] = _HostPool(self, origin, endpoint, address)
         return host
 
     def _dispatch(self, host: _HostPool, method: bytes, data: bytes, retry: bool) -> Deferred[UpstreamResponse]:
@@ -604,7 +703,7 @@ class _Request:
             conn.send(self._exchange)
             return
         host.connections += 1
-        self._connecting = host.endpoint.connect(host.factory)
+        self._connecting = host.connect()
         self._connecting.addCallbacks(self._connected, self._not_connected)
 
     def _connected(self, conn: UpstreamConnection) -> None:
