@@ -361,6 +361,8 @@ def start_sglang_router(
         "--worker-urls", *[f"http://{LOOPBACK}:{p}" for p in upstream_ports],
         "--policy", "round_robin", "--log-level", "warn", "--shutdown-grace-period-secs", "1",
         "--disable-retries", "--disable-circuit-breaker",
+        # its Prometheus exporter listens too (port 29000 by default): a free port per instance
+        "--prometheus-host", LOOPBACK, "--prometheus-port", str(free_port()),
     ]
     proc = procs.start(pinned(args, core), name)
     wait_port(port, 30, proc)

@@ -75,7 +75,9 @@ class Rig:
         self.client = UpstreamClient(None, self.endpoints, clock=self.clock)  # type: ignore[arg-type]
         config = ProxyConfig(relay_passthrough=passthrough, idle_timeout=idle_timeout)
         self.proxy = ProxyResource(self.pool, self.client, self.clock, config)
-        self.site = Site(self.proxy, requestFactory=bounded_request_factory(1 << 20), timeout=None)
+        self.site = Site(
+            self.proxy, requestFactory=bounded_request_factory(1 << 20), timeout=None, parsePOSTFormSubmission=False
+        )
 
     def connect(self) -> ClientTransport:
         channel = self.site.buildProtocol(IPv4Address("TCP", "10.9.8.7", 4000))

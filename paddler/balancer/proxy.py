@@ -491,6 +491,18 @@ class ProxyResource(Resource):
             else:
                 entry[1].append(value)
         head = ResponseHead(response.code, response.phrase, list(grouped.values()))
+        take_body = getattr(response, "take_body", None)
+        body = take_body() if take_body is not None else None
+        if body is not None:
+            # the whole (small) answer came with its head: write it, no relay needed
+            first_byte_at = self._clock.seconds()
+            head.apply(request)
+            if not _client_gone(request):
+                request.write(body)
+            self._record(exchange, response.code, upstream=upstream, first_byte_at=first_byte_at)
+            if not request.finished and not _client_gone(request):
+                request.finish()
+            return timings_in(response.tail())
         relay = Relay(request, self._clock, self.config.idle_timeout, head)
         raw = (
             self.config.relay_passthrough
@@ -537,11 +549,12 @@ class ProxyResource(Resource):
         relay: Relay | None = None,
         upstream: Upstream | None = None,
         outcome: tuple[str, str] | None = None,
+        first_byte_at: float | None = None,
     ) -> None:
         if exchange.recorded:
             return
         exchange.recorded = True
-        first = None if relay is None else relay.first_byte_at
+        first = first_byte_at if relay is None else relay.first_byte_at
         self.stats.record(
             status,
             self._clock.seconds() - exchange.started,

@@ -311,33 +311,39 @@ class ResponseHead:
         self.length = length
 
 
+_FRAMING_HEADERS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
+
+
 def parse_head(raw: bytes) -> ResponseHead:
     """Parse a response head (C{raw} ends before its empty line). L{FramingError} if malformed."""
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
+        raise FramingError("bare CR or LF in the response head")
     lines = raw.split(b"\r\n")
-    status = lines[0]
-    parts = status.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
-        raise FramingError("malformed status line")
+    parts = lines[0].split(b" ", 2)
     version = parts[0]
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise FramingError("unsupported HTTP version")
-    code = int(parts[1])
+    if len(parts) < 2 or version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise FramingError("malformed status line or unsupported HTTP version")
+    code_text = parts[1]
+    if len(code_text) != 3 or not code_text.isdigit():
+        raise FramingError("malformed status code")
+    code = int(code_text)
     phrase = parts[2] if len(parts) == 3 else b""
     headers: list[tuple[bytes, bytes]] = []
+    append = headers.append
     close = version == b"HTTP/1.0"
     chunked = False
     te_seen = False
     length: int | None = None
     for line in lines[1:]:
-        colon = line.find(b":")
-        if colon <= 0:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[0] in b" \t" or name[-1] in b" \t":
             raise FramingError("malformed header line")
-        name = line[:colon]
-        if name != name.strip() or b"\n" in line or b"\r" in line:
-            raise FramingError("malformed header name")
-        value = line[colon + 1:].strip(b" \t")
-        headers.append((name, value))
+        value = value.strip(b" \t")
+        append((name, value))
         lower = name.lower()
+        if lower not in _FRAMING_HEADERS:
+            continue
         if lower == b"transfer-encoding":
             te_seen = True
             codings = [c.strip().lower() for c in value.split(b",")]
@@ -354,7 +360,7 @@ def parse_head(raw: bytes) -> ResponseHead:
             if length is not None and length != int(text):
                 raise FramingError("conflicting Content-Length headers")
             length = int(text)
-        elif lower == b"connection":
+        else:  # connection
             tokens = [t.strip().lower() for t in value.split(b",")]
             if b"close" in tokens:
                 close = True

@@ -62,15 +62,15 @@ def _clean(value: bytes) -> bytes:
 
 def encode_request(method: bytes, target: bytes, headers: HeaderList, body: bytes | None) -> bytes:
     """The bytes of a request: request line, headers, C{Content-Length} when there is a body, body."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += [_clean(name), b": ", _clean(value), b"\r\n"]
-    if body is not None:
-        parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
-        parts.append(body)
-    else:
-        parts.append(b"\r\n")
-    return b"".join(parts)
+    lines = [b"%s: %s\r\n" % pair for pair in headers]
+    section = b"".join(lines)
+    if section.count(b"\n") != len(lines) or section.count(b"\r") != len(lines):
+        # a line break inside a name or a value: never let it start a header of its own
+        section = b"".join(b"%s: %s\r\n" % (_clean(name), _clean(value)) for name, value in headers)
+    head = b"%s %s HTTP/1.1\r\n%s" % (method, target, section)
+    if body is None:
+        return head + b"\r\n"
+    return b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
 
 
 class _Exchange:
@@ -276,6 +276,7 @@ class UpstreamResponse:
     __slots__ = (
         "head", "code", "phrase", "version", "headers", "framing", "length",
         "_conn", "_scanner", "_consumer", "_raw", "_pending", "_finished", "_paused", "_early", "_lost",
+        "_kept",
     )
 
     def __init__(self, conn: UpstreamConnection, head: ResponseHead, framing: str) -> None:
@@ -295,6 +296,7 @@ class UpstreamResponse:
         self._paused = False
         self._early = False
         self._lost: Failure | None = None
+        self._kept = b""  # a body taken whole (take_body), for tail()
 
     # -- taking the body -----------------------------------------------------
 
@@ -320,6 +322,31 @@ class UpstreamResponse:
         else:
             self._scanner = LengthScanner(0)
         self._start()
+
+    def take_body(self) -> bytes | None:
+        """
+        The whole body at once, if it already arrived with the head (a small
+        sized answer; an empty one): the response is then over and its
+        connection free. C{None} otherwise; then use L{deliver}.
+        """
+        if self._consumer is not None or self._finished:
+            return None
+        if self._early:
+            self._finished = True
+            return b""
+        if self.framing != "length" or self._lost is not None:
+            return None
+        length = self.length or 0
+        pending = self._pending
+        if len(pending) < length:
+            return None
+        self._pending = b""
+        self._finished = True
+        self._kept = pending if len(pending) == length else pending[:length]
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.body_finished(self, excess=len(pending) > length)
+        return self._kept
 
     def deliverBody(self, protocol: Any) -> None:
         """C{IResponse.deliverBody}: the decoded body to an C{IProtocol} (C{read_body}, probes)."""
@@ -419,7 +446,9 @@ class UpstreamResponse:
 
     def tail(self) -> bytes:
         """The last L{TAIL_BYTES} (or a few more) of the decoded payload."""
-        return self._scanner.tail() if self._scanner is not None else b""
+        if self._scanner is not None:
+            return self._scanner.tail()
+        return self._kept[-TAIL_BYTES:]
 
     @property
     def raw(self) -> bool:
