@@ -56,6 +56,8 @@ from bench.common import (
 )
 
 TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
+#: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted relay
+EXTRA_TARGETS = ("twisted-floor",)
 RATE = 50.0
 
 
@@ -68,6 +70,12 @@ def start_target(procs: Processes, target: str, upstream_port: int, name: str) -
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE)
+    if target == "twisted-floor":
+        port = free_port()
+        proc = procs.start(pinned([PYTHON, "-m", "bench.twisted_forward", "--port", str(port),
+                                   "--upstream-port", str(upstream_port)], PROXY_CORE), name)
+        wait_port(port, 15, proc)
+        return proc, port
     if target == "sglang-router":
         return start_sglang_router(procs, [upstream_port], name, core=PROXY_CORE)
     if target == "nginx":

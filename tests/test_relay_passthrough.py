@@ -46,6 +46,10 @@ class ClientTransport(StringTransport):
     def __init__(self) -> None:
         super().__init__(peerAddress=IPv4Address("TCP", "10.9.8.7", 4000))
         self.channel: Any = None
+        self.no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
 
     def loseConnection(self) -> None:
         if not self.disconnecting:
@@ -148,6 +152,7 @@ def test_chunked_stream_reaches_the_client_in_both_modes(rig):
     assert rig.in_flight() == 0
     assert rig.chooser.timings == [json.loads(TIMINGS)]
     assert not client.disconnecting and not upstream.disconnecting
+    assert client.no_delay  # each event leaves at once, not held for the client's delayed ACK
 
 
 @pytest.mark.parametrize("passthrough", [True, False], ids=["passthrough", "decode"])

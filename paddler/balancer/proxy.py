@@ -187,6 +187,10 @@ class Exchange:
     def path(self) -> str:
         return self.request.path.decode("latin-1")
 
+    def forget_body(self) -> None:
+        """The answer began: the request will not be sent again, its body can go."""
+        self.body = b""
+
 
 class ProxyResource(Resource):
     """Every path of the proxy port: C{/health}, C{/slots}, and the rest proxied."""
@@ -479,18 +483,7 @@ class ProxyResource(Resource):
         """Relay the answer; return llama.cpp's C{timings} from its end, if any."""
         request = exchange.request
         framing = response.framing
-        drop = HOP_BY_HOP | {b"content-length"} if framing == "chunked" else HOP_BY_HOP
-        grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
-        for name, value in response.headers:
-            lower = name.lower()
-            if lower in drop:
-                continue
-            entry = grouped.get(lower)
-            if entry is None:
-                grouped[lower] = (name, [value])
-            else:
-                entry[1].append(value)
-        head = ResponseHead(response.code, response.phrase, list(grouped.values()))
+        head = _response_head(response)
         take_body = getattr(response, "take_body", None)
         body = take_body() if take_body is not None else None
         if body is not None:
@@ -503,7 +496,9 @@ class ProxyResource(Resource):
             if not request.finished and not _client_gone(request):
                 request.finish()
             return timings_in(response.tail())
-        relay = Relay(request, self._clock, self.config.idle_timeout, head)
+        del take_body
+        # the request body is needed again only if this answer breaks before its first byte
+        relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body)
         raw = (
             self.config.relay_passthrough
             and framing in ("chunked", "length")
@@ -585,6 +580,27 @@ class ProxyResource(Resource):
         request.responseHeaders = Headers()
         request.write(error_response(request, error))
         request.finish()
+
+
+#: Response headers not relayed: hop-by-hop ones, and the length of a chunked answer (RFC 9112 6.3).
+_NOT_RELAYED = HOP_BY_HOP
+_NOT_RELAYED_CHUNKED = HOP_BY_HOP | {b"content-length"}
+
+
+def _response_head(response: Any) -> ResponseHead:
+    """The status and end-to-end headers of an upstream answer, values of one name grouped."""
+    drop = _NOT_RELAYED_CHUNKED if response.framing == "chunked" else _NOT_RELAYED
+    grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        entry = grouped.get(lower)
+        if entry is None:
+            grouped[lower] = (name, [value])
+        else:
+            entry[1].append(value)
+    return ResponseHead(response.code, response.phrase, list(grouped.values()))
 
 
 def _outcome(error: PaddlerHTTPError) -> tuple[str, str] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,8 +121,10 @@ class Relay(Protocol):
         clock: IReactorTime,
         idle_timeout: float,
         head: ResponseHead | None = None,
+        on_first_byte: Callable[[], None] | None = None,
     ) -> None:
         self._request = request
+        self._on_first_byte = on_first_byte
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._head = head
@@ -131,7 +134,7 @@ class Relay(Protocol):
         self._paused = False
         self._body: Any = None
         self._raw_chunked = False
-        self._tail: deque[bytes] = deque()
+        self._tail: deque[bytes] | None = None  # kept here only for IResponse bodies
         self._tail_size = 0
         self.done: Deferred[None] = Deferred(self._cancel)
 
@@ -139,6 +142,7 @@ class Relay(Protocol):
         """Relay C{body} (an L{IUpstreamBody}); C{raw} only where the client takes the upstream's framing as it is."""
         self._body = body
         self._raw_chunked = raw and body.framing == "chunked"
+        _no_delay(self._request)
         self.connectionMade()
         body.deliver(self, raw)
 
@@ -146,7 +150,7 @@ class Relay(Protocol):
         """The last bytes of the decoded body relayed so far (at least L{TAIL_BYTES} when there were as many)."""
         if self.transport is None and self._body is not None:
             return bytes(self._body.tail())
-        return b"".join(self._tail)
+        return b"".join(self._tail) if self._tail is not None else b""
 
     def _write_head(self) -> None:
         head = self._head
@@ -161,6 +165,8 @@ class Relay(Protocol):
             request.chunked = 0  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
+        if self._body is None:
+            _no_delay(self._request)
         if self._request.producer is not self:
             self._request.registerProducer(self, True)
         self._arm()
@@ -204,6 +210,9 @@ class Relay(Protocol):
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
             self._write_head()
+            if self._on_first_byte is not None:
+                self._on_first_byte()
+                self._on_first_byte = None
         if not self._paused:
             self._last_activity = self._clock.seconds()
         self._request.write(data)
@@ -224,10 +233,13 @@ class Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
-        self._tail.append(data)
+        tail = self._tail
+        if tail is None:
+            tail = self._tail = deque()
+        tail.append(data)
         self._tail_size += len(data)
-        while self._tail_size - len(self._tail[0]) >= TAIL_BYTES:
-            self._tail_size -= len(self._tail.popleft())
+        while self._tail_size - len(tail[0]) >= TAIL_BYTES:
+            self._tail_size -= len(tail.popleft())
         self.body_data(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # type: ignore[assignment]
@@ -262,6 +274,20 @@ class Relay(Protocol):
             self.transport.stopProducing()
         elif self._body is not None:
             self._body.abort()
+
+
+def _no_delay(request: server.Request) -> None:
+    """
+    Send each piece at once: without TCP_NODELAY, a small write waits for
+    the ACK of the one before, which a client may delay by up to 40 ms.
+    """
+    transport = getattr(request.channel, "transport", None)
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:  # not a TCP socket after all (unix sockets)
+            pass
 
 
 # -- Twisted's Agent as an upstream client (tests, and callers that inject an IAgent) ----

@@ -10,7 +10,6 @@ chunk framing). They never raise anything but L{FramingError}.
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +39,7 @@ class BodyScanner:
 
     def __init__(self, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None) -> None:
         self._tail_limit = tail_bytes
-        self._kept: deque[tuple[object, bytes]] = deque()
+        self._kept: list[tuple[object, bytes]] = []
         self._kept_size = 0
         self._trim_at = 2 * tail_bytes
         self._sink = sink
@@ -58,12 +57,14 @@ class BodyScanner:
         # once per tail_bytes received: drop what is older than the tail, join the rest
         kept = self._kept
         limit = self._tail_limit
-        while self._kept_size - len(kept[0][1]) >= limit:
-            self._kept_size -= len(kept.popleft()[1])
-        if len(kept) > 8:
-            joined = (kept[0][0], b"".join(raw for _, raw in kept))
-            kept.clear()
-            kept.append(joined)
+        drop = 0
+        while self._kept_size - len(kept[drop][1]) >= limit:
+            self._kept_size -= len(kept[drop][1])
+            drop += 1
+        if len(kept) - drop > 8:
+            kept[:] = [(kept[drop][0], b"".join(raw for _, raw in kept[drop:]))]
+        elif drop:
+            del kept[:drop]
         self._trim_at = self._kept_size + limit
 
     def tail(self) -> bytes:

@@ -179,6 +179,7 @@ class UpstreamConnection(Protocol):
             framing = "close"
         response = UpstreamResponse(self, head, framing)
         exchange.response = response
+        exchange.data = b""  # an answer came: the request is not sent again
         if framing == "none" or (framing == "length" and head.length == 0):
             # nothing to wait for: the connection is free before anyone reads the (empty) body
             response._ended_early()
