@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=20000)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the chunks and requests")
+    parser.add_argument("--reps", type=int, default=None, help="ignored (best of 5 runs always)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.chunks, args.requests = args.chunks // 10, args.requests // 10
     rows = {}
     for variant in ("passthrough", "decode", "agent"):
         rows[variant] = {"us_per_chunk": per_chunk(variant, args.chunks),

@@ -8,6 +8,7 @@ exactly what the client got.
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -17,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
-from paddler.balancer.proxy import ProxyConfig, ProxyResource
+from paddler.balancer.proxy import Exchange, ProxyConfig, ProxyResource
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import SlotsSeen, Upstream
 from paddler.routing.policies import MostIdleSlotsChooser
@@ -298,3 +299,42 @@ def test_two_clients_stream_at_once_through_two_upstreams():
     bodies = sorted(split_response(c.value())[1] for c in clients)
     assert bodies == [b"1\r\n0\r\n0\r\n\r\n", b"1\r\n1\r\n0\r\n\r\n"]
     assert rig.in_flight() == 0
+
+
+def test_the_client_leaving_before_the_answer_aborts_the_upstream_request(rig):
+    """Client gone while the upstream has not answered yet: the upstream connection is aborted, the
+    slot returned, the request counted as cancelled."""
+    client = rig.connect()
+    rig.request(client, {"prompt": "hi", "stream": True})
+    _, upstream = rig.upstream()
+    client.loseConnection()
+    assert upstream.aborted and rig.in_flight() == 0
+    assert rig.proxy.stats.by_status == {"cancelled": 1}
+
+
+def test_no_upstream_answer_within_the_upstream_timeout_is_a_504_and_the_connection_goes():
+    """An upstream that never sends its head: 504 after --upstream-timeout, its connection aborted."""
+    rig = Rig(upstreams=1)
+    rig.proxy.config.upstream_timeout = 5.0
+    rig.proxy.config.max_retries = 0
+    client = rig.connect()
+    rig.request(client, {"prompt": "hi"})
+    _, upstream = rig.upstream()
+    rig.clock.advance(5.0)
+    head, body = split_response(client.value())
+    assert head.startswith(b"HTTP/1.1 504") and b"5 s" in body
+    assert upstream.aborted and rig.in_flight() == 0
+
+
+def test_the_request_body_is_let_go_once_the_answer_began(rig):
+    """A (possibly large) request body is kept for retries only until the answer's first byte."""
+    client = rig.connect()
+    rig.request(client, {"prompt": "x" * 10000, "stream": True})
+    protocol, _ = rig.upstream()
+    [request] = rig.proxy.active
+    protocol.dataReceived(SSE_HEAD)
+    # the proxy keeps no table of exchanges: find this request's through the garbage collector
+    [exchange] = [r for r in gc.get_referrers(request) if isinstance(r, Exchange)]
+    assert len(exchange.body) > 10000  # kept: the answer may still break before its body
+    protocol.dataReceived(b"1\r\na\r\n")
+    assert exchange.body == b""
