@@ -19,12 +19,14 @@ and, once after the repetitions, the memory each proxy holds per idle open
 stream.
 
     python -m bench.streaming [--quick] [--reps N] [--sizes 512,1000] [--targets paddler,haproxy]
+    python -m bench.streaming --sizes 512 --targets paddler,paddler-base --base /tmp/old --out streaming-ab
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -56,20 +58,33 @@ from bench.common import (
 )
 
 TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
-#: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted relay
-EXTRA_TARGETS = ("twisted-floor",)
+#: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted
+#: relay; paddler from another checkout (--base DIR, e.g. an older commit unpacked with git archive)
+EXTRA_TARGETS = ("twisted-floor", "paddler-base")
+BASE: list[str] = [""]
 RATE = 50.0
 
 
 def start_target(procs: Processes, target: str, upstream_port: int, name: str) -> tuple[Any, int]:
     if target == "direct":
         return None, upstream_port
-    if target in ("paddler", "paddler-decode"):
+    if target in ("paddler", "paddler-decode", "paddler-base"):
         # idle streams must not hit --idle-timeout; every stream takes a slot
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
-        return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE)
+        if target != "paddler-base":
+            return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE)
+        # another checkout of paddler (--base), for a before/after comparison in one run
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = BASE[0]
+        try:
+            return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE)
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
     if target == "twisted-floor":
         port = free_port()
         proc = procs.start(pinned([PYTHON, "-m", "bench.twisted_forward", "--port", str(port),
@@ -174,7 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", default=None, help="stream counts, comma-separated (default 1,64,512,1000)")
     parser.add_argument("--targets", default=None, help="targets besides direct, comma-separated")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per stream (default 5, 2 with --quick)")
+    parser.add_argument("--base", default=None, help="a directory holding another paddler package (target paddler-base)")
+    parser.add_argument("--out", default="streaming", help="results name (bench/results/NAME.json)")
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle-streams memory run")
     args = parser.parse_args(argv)
+    BASE[0] = args.base or ""
     raise_fd_limit()
     reps = args.reps or (1 if args.quick else 3)
     sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else ((64, 512) if args.quick else (1, 64, 512, 1000))
@@ -205,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"client {row['client_cpu_pct']:.0f}% upstream {row['upstream_cpu_pct']:.0f}%")
         rows = {key: summarise(rs, runs[f"direct/{key.split('/')[1]}"]) for key, rs in runs.items()}
         idle_rows: dict[str, Any] = {}
-        for target in targets[1:]:
+        for target in () if args.no_idle else targets[1:]:
+            if target == "twisted-floor":
+                continue
             name = f"s2-{target}-idle"
             proc, port = start_target(procs, target, upstream_port, name)
             time.sleep(0.5)
@@ -244,7 +265,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
         "idle": idle_rows,
     }
-    save("streaming", data)
+    if args.base:
+        data["base"] = args.base
+    save(args.out, data)
     return data
 
 

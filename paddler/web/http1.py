@@ -120,6 +120,8 @@ class CloseScanner(BodyScanner):
 
 # ChunkedScanner states
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+#: The scanner's state between two chunks (a snapshot for the tail; see L{ChunkedScanner.tail}).
+_CLEAN = (_SIZE, 0, b"", 2, 0)
 #: A whole chunk-size line: size, optional whitespace and extensions, CRLF.
 _SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
 
@@ -153,6 +155,16 @@ class ChunkedScanner(BodyScanner):
         return b"".join(pieces)
 
     def feed(self, data: bytes) -> int:
+        if self._state == _SIZE and not self._line and self._sink is None:
+            # the usual read in pass-through: whole chunks, starting at a chunk boundary
+            found = _SIZE_LINE.match(data)
+            if found is not None:
+                size = int(found.group(1), 16)
+                stop = found.end() + size
+                if size and stop + 2 == len(data) and data.endswith(b"\r\n") and found.end() <= MAX_LINE + 2:
+                    if self._tail_limit:
+                        self._keep(_CLEAN, data)
+                    return stop + 2
         snapshot = (
             (self._state, self._remaining, self._line, self._crlf, self._trailer_bytes)
             if self._tail_limit
