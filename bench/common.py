@@ -239,10 +239,19 @@ def start_paddler(
     extra: Sequence[str] = (),
     profile: Path | None = None,
     core: int | None = None,
+    source: str | None = None,
 ) -> tuple[subprocess.Popen, int]:
-    """Start ``python -m paddler balancer`` (on C{core}); return it and its proxy port once healthy."""
+    """
+    Start ``python -m paddler balancer`` (on C{core}); return it and its proxy port once healthy.
+    C{source}: a directory holding another paddler package to run instead of this checkout's.
+    """
     port, mport = free_port(), free_port()
     args = [PYTHON, "-m", "paddler"]
+    env = None
+    if source is not None:
+        # -P: the working directory (this checkout) must not come before SOURCE on sys.path
+        args = [PYTHON, "-P", "-m", "paddler"]
+        env = {"PYTHONPATH": source}
     if profile is not None:
         args = [PYTHON, "-m", "bench.profiled", str(profile)]
     args += [
@@ -255,7 +264,7 @@ def start_paddler(
     ]
     for url in upstreams:
         args += ["--upstream", url]
-    proc = procs.start(pinned(args, core), name)
+    proc = procs.start(pinned(args, core), name, env=env)
     wait_port(port, 30, proc)
     wait_healthy(port, len(upstreams), proc, timeout=max(30.0, len(upstreams) / 10))
     return proc, port

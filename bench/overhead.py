@@ -104,12 +104,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--profile", action="store_true", help="also cProfile paddler at concurrency 16")
+    parser.add_argument("--base", default=None,
+                        help="a directory holding another paddler package: measured too, as paddler-base")
+    parser.add_argument("--out", default="overhead", help="results name (bench/results/NAME.json)")
     args = parser.parse_args(argv)
     raise_fd_limit()
     reps = args.reps or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     concurrencies = (1, 16, 128)
     names = [t for t in TARGETS if t != "sglang-router" or sglang_router_command() is not None]
+    if args.base:
+        names.insert(2, "paddler-base")
     runs: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in concurrencies} for t in names}
     with Processes() as procs:
         upstream, ports = start_static_upstream(procs, 2, "s1-upstream", core=LOAD_CORE)
@@ -126,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "sglang-router" in names:
             sglang, sglang_port = start_sglang_router(procs, ports, "s1-sglang-router", core=PROXY_CORE)
             targets["sglang-router"] = (sglang_port, sglang.pid)
+        if args.base:
+            base, base_port = start_paddler(procs, urls, "s1-paddler-base", core=PROXY_CORE, source=args.base)
+            targets["paddler-base"] = (base_port, base.pid)
         for target, (port, pid) in targets.items():  # warm up connections and code paths
             run_wrk(port, 16, 1, pid)
         for rep in range(reps):
@@ -162,12 +170,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "added_p99_ms": median(r["p99_ms"] - d["p99_ms"] for r, d in zip(rs, ds)),
                 "cpu_s_per_1000": median(r.get("cpu_s_per_1000", float("nan")) for r in rs),
             }
-        if "sglang-router" in names:
-            # paddler's CPU per request against sglang-router's, per repetition, then the median
-            ratios = [p["cpu_s_per_1000"] / g["cpu_s_per_1000"]
-                      for p, g in zip(runs["paddler"][c], runs["sglang-router"][c]) if g.get("cpu_s_per_1000")]
-            row["paddler"]["cpu_vs_sglang_router"] = median(ratios)
-            row["paddler"]["cpu_vs_sglang_router_spread"] = spread(ratios)
+        for other, key in (("sglang-router", "cpu_vs_sglang_router"), ("paddler-base", "cpu_vs_base")):
+            if other in names:
+                # paddler's CPU per request against the other's, per repetition, then the median
+                ratios = [p["cpu_s_per_1000"] / g["cpu_s_per_1000"]
+                          for p, g in zip(runs["paddler"][c], runs[other][c]) if g.get("cpu_s_per_1000")]
+                row["paddler"][key] = median(ratios)
+                row["paddler"][key + "_spread"] = spread(ratios)
         summary[str(c)] = row
     data = {
         "scenario": "overhead",
@@ -187,7 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": names,
         "runs": {t: {str(c): v for c, v in by_c.items()} for t, by_c in runs.items()},
     }
-    save("overhead", data)
+    if args.base:
+        data["base"] = args.base
+    save(args.out, data)
     return data
 
 
@@ -223,7 +234,11 @@ def write_profile(path: Any, run: dict[str, float]) -> None:
 NAMED = (
     ("twisted.web server: parse request, run the resource (all of render)", "http.py", "requestReceived"),
     ("paddler ProxyResource.render (parse JSON body, start _forward)", "proxy.py", "render"),
-    ("paddler _send: Agent.request to the upstream", "proxy.py", "_send"),
+    ("paddler _send: UpstreamClient.send (request written in one write)", "proxy.py", "_send"),
+    ("paddler upstream answer: head parsed, answer relayed (UpstreamConnection.dataReceived)",
+     "upstream_client.py", "dataReceived"),
+    ("paddler response-head parsing (parse_head)", "http1.py", "parse_head"),
+    ("paddler _relay (head written, body relayed, stats)", "proxy.py", "_relay"),
     ("twisted.web Content-Type parsing through the email package", "http.py", "_parseContentType"),
     ("twisted.web access log line per request (HTTPFactory.log)", "http.py", "log"),
     ("Agent builds a new endpoint per request (idna host encoding)", "client.py", "_getEndpoint"),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from typing import Any
 
@@ -73,18 +72,9 @@ def start_target(procs: Processes, target: str, upstream_port: int, name: str) -
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
-        if target != "paddler-base":
-            return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE)
-        # another checkout of paddler (--base), for a before/after comparison in one run
-        saved = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = BASE[0]
-        try:
-            return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE)
-        finally:
-            if saved is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = saved
+        source = BASE[0] if target == "paddler-base" else None
+        return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE,
+                             source=source)
     if target == "twisted-floor":
         port = free_port()
         proc = procs.start(pinned([PYTHON, "-m", "bench.twisted_forward", "--port", str(port),
