@@ -272,6 +272,74 @@ def micro_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     return out
 
 
+def before_after_md(stream: dict[str, Any] | None, over: dict[str, Any] | None) -> list[str]:
+    """Same-run comparisons with another checkout of paddler (``--base``: the code before this work)."""
+    out = ["## 6. Before and after, side by side", ""]
+    if over is not None:
+        out += [
+            f"Scenario 1 with `--base {over.get('base', '?')}` (paddler before the upstream client, as "
+            "`paddler-base`), the same run, targets interleaved; CPU per request ratios per repetition, then "
+            "the median (min–max):",
+            "",
+            "| concurrency | paddler CPU ms / req | paddler-base CPU ms / req | paddler / paddler-base "
+            "| sglang-router CPU ms / req | paddler / sglang-router | paddler req/s | paddler-base req/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c, row in over["summary"].items():
+            p, b = row["paddler"], row.get("paddler-base", {})
+            g = row.get("sglang-router", {})
+            out.append(
+                f"| {c} | {f(p['cpu_s_per_1000'], 3)} | {f(b.get('cpu_s_per_1000'), 3)} "
+                f"| {f(p.get('cpu_vs_base'))} ({span(p.get('cpu_vs_base_spread'))}) | {f(g.get('cpu_s_per_1000'), 3)} "
+                f"| {f(p.get('cpu_vs_sglang_router'))} ({span(p.get('cpu_vs_sglang_router_spread'))}) "
+                f"| {p['rps']:.0f} | {b.get('rps', float('nan')):.0f} |"
+            )
+        out.append("")
+    if stream is not None:
+        out += [
+            f"Scenario 2 with `--base {stream.get('base', '?')}`, {stream['repetitions']} repetitions, "
+            "the targets interleaved; `twisted-floor` is a plain TCP forwarder on Twisted's reactor "
+            "(bench/twisted_forward.py, no HTTP at all): no relay on that reactor can use less CPU per chunk.",
+            "",
+            "| streams | target | added p50 ms | added p99 ms | added p99 min–max | CPU s / 1000 chunks "
+            "| CPU / chunk vs paddler-base (min–max) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n in stream["sizes"]:
+            base_runs = stream["runs"].get(f"paddler-base/{n}", [])
+            for target in stream["targets"]:
+                if target == "direct":
+                    continue
+                r = stream["rows"][f"{target}/{n}"]
+                ratios = [a["cpu_s_per_1000_chunks"] / b["cpu_s_per_1000_chunks"]
+                          for a, b in zip(stream["runs"][f"{target}/{n}"], base_runs)
+                          if b.get("cpu_s_per_1000_chunks")]
+                ratio = "–" if not ratios or target == "paddler-base" else (
+                    f"{f(sorted(ratios)[len(ratios) // 2])} ({f(min(ratios))}–{f(max(ratios))})")
+                out.append(
+                    f"| {n} | {target} | {f(r.get('added_p50_ms'))} | {f(r.get('added_p99_ms'))} "
+                    f"| {span(r.get('added_p99_ms_spread'))} | {f(r.get('cpu_s_per_1000_chunks'), 4)} | {ratio} |"
+                )
+    return out
+
+
+def parser_md(data: dict[str, Any], charts: list[str]) -> list[str]:
+    out = [
+        "## 7. A faster HTTP parser on the proxy port? (prototype)",
+        "",
+        "`python -m bench.parser_prototype`: three Twisted servers answering every POST with the same small "
+        "JSON, pinned to one core, wrk at concurrency 16 on the other; medians of "
+        f"{data['repetitions']} (min–max). Not paddler: the floor each server side puts under any proxy on it.",
+        "",
+        "| server side | CPU ms / request | min–max | req/s |",
+        "|---|---|---|---|",
+    ]
+    for kind, r in data["rows"].items():
+        out.append(f"| {kind} | {f(r['cpu_ms_per_request'], 3)} | {span(r.get('cpu_ms_per_request_spread'), 3)} "
+                   f"| {r['rps']:.0f} |")
+    return out
+
+
 def reps_note() -> str:
     counts = []
     for name, key in (("overhead", "repetitions"), ("streaming", "repetitions"), ("scheduling", "repetitions")):
@@ -302,6 +370,11 @@ def main(argv: list[str] | None = None) -> None:
         if quick:
             sections.append(f"\n_{name} ran in quick mode._")
         sections.append("")
+    if _load("streaming-ab") is not None or _load("overhead-ab") is not None:
+        sections += before_after_md(_load("streaming-ab"), _load("overhead-ab")) + [""]
+    prototype = _load("parser_prototype")
+    if prototype is not None:
+        sections += parser_md(prototype, charts) + [""]
     m = machine_info or machine()
     tools = (_load("overhead") or {}).get("tools", {})
     head = [
