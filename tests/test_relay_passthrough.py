@@ -338,3 +338,31 @@ def test_the_request_body_is_let_go_once_the_answer_began(rig):
     assert len(exchange.body) > 10000  # kept: the answer may still break before its body
     protocol.dataReceived(b"1\r\na\r\n")
     assert exchange.body == b""
+
+
+def test_the_upstream_gets_end_to_end_headers_only_and_forwarding_headers():
+    """Hop-by-hop headers, those the client's Connection names, Expect and the client's length are not
+    sent on; X-Forwarded-* are added, Host kept, the upstream's key added when the client sent none."""
+    rig = Rig(upstreams=1)
+    rig.proxy.config.api_key = "secret"
+    client = rig.connect()
+    body = b'{"prompt": "hi"}'
+    client.channel.dataReceived(
+        b"POST /completion HTTP/1.1\r\nHost: proxy.example\r\nConnection: keep-alive, X-Private\r\n"
+        b"X-Private: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nExpect: 100-continue\r\nX-Forwarded-For: 1.2.3.4\r\n"
+        b"X-Custom: a\r\nX-Custom: b\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    _, upstream = rig.upstream()
+    head, _, sent_body = upstream.value().partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /completion HTTP/1.1"
+    names = [line.split(b":", 1)[0].lower() for line in lines[1:]]
+    headers = {line.split(b":", 1)[0].lower(): line.split(b":", 1)[1].strip() for line in lines[1:]}
+    for gone in (b"connection", b"x-private", b"keep-alive", b"te", b"expect"):
+        assert gone not in names
+    assert names.count(b"x-custom") == 2 and names.count(b"content-length") == 1
+    assert headers[b"host"] == b"proxy.example"
+    assert headers[b"x-forwarded-for"] == b"1.2.3.4, 10.9.8.7"
+    assert headers[b"x-forwarded-host"] == b"proxy.example" and headers[b"x-forwarded-proto"] == b"http"
+    assert headers[b"authorization"] == b"Bearer secret"
+    assert headers[b"content-length"] == str(len(body)).encode() and sent_body == body
