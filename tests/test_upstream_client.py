@@ -499,3 +499,19 @@ def test_fetch_refuses_bodies_over_its_limit():
     failure = []
     d.addErrback(failure.append)
     assert failure[0].check(BodyTooLarge) and transport.aborted
+
+
+def test_a_kept_alive_connection_lost_long_after_sending_is_not_retried():
+    """A kept-alive connection lost after the request had been out for a while: the server may have
+    been running it, so it is not sent again (the proxy decides what to do)."""
+    client, endpoints, clock = make_client()
+    first = send(client)
+    protocol, transport = endpoints.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    first.result.deliver(Consumer())
+    second = send(client)
+    clock.advance(2.0)
+    transport.loseConnection()
+    failure = []
+    second.addErrback(failure.append)
+    assert failure[0].check(ResponseNeverReceived) and len(endpoints.connections) == 1

@@ -76,7 +76,7 @@ def encode_request(method: bytes, target: bytes, headers: HeaderList, body: byte
 class _Exchange:
     """One request on one connection, from sending to the end of its response body."""
 
-    __slots__ = ("method", "data", "d", "response", "reused_retry")
+    __slots__ = ("method", "data", "d", "response", "reused_retry", "sent_at")
 
     def __init__(self, method: bytes, data: bytes, d: Deferred[Any], reused_retry: Callable[[], None] | None):
         self.method = method
@@ -85,7 +85,13 @@ class _Exchange:
         self.response: UpstreamResponse | None = None
         #: sends the request again on a new connection (a kept-alive one that the server had closed)
         self.reused_retry = reused_retry
+        self.sent_at = 0.0
 
+
+#: A kept-alive connection lost this soon after a request went out on it, before any byte of the
+#: answer, was closed by the server as it went idle: the request is sent again on a new connection.
+#: Later, the server may have been running it (llama.cpp does not close a connection it answers on).
+RETRY_WINDOW = 1.0
 
 # connection states
 _IDLE, _HEAD, _BODY, _CLOSED = range(4)
@@ -120,6 +126,7 @@ class UpstreamConnection(Protocol):
         self._received = False
         self._buffer = b""
         self.requests += 1
+        exchange.sent_at = self._pool.client.clock.seconds()
         self.transport.write(exchange.data)
 
     # -- receiving ---------------------------------------------------------
@@ -216,7 +223,8 @@ class UpstreamConnection(Protocol):
         if state == _HEAD:
             if exchange.d.called:
                 return
-            if not self._received and exchange.reused_retry is not None and reason.check(
+            quickly = self._pool.client.clock.seconds() - exchange.sent_at < RETRY_WINDOW
+            if quickly and not self._received and exchange.reused_retry is not None and reason.check(
                 ConnectionDone, ConnectionLost
             ):
                 # a kept-alive connection the server closed just as we sent: try once on a new one
