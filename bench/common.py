@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -28,6 +29,16 @@ RESULTS = BENCH / "results"
 TMP = RESULTS / "tmp"
 PYTHON = sys.executable
 LOOPBACK = "127.0.0.1"
+#: The core the proxy under test runs on, and the one the load (client and upstream) runs on.
+PROXY_CORE = 0
+LOAD_CORE = 1
+
+
+def pinned(args: Sequence[str], core: int | None) -> list[str]:
+    """C{args} run on one core (taskset), or as they are when C{core} is None or taskset is missing."""
+    if core is None or shutil.which("taskset") is None or (os.cpu_count() or 1) <= core:
+        return list(args)
+    return ["taskset", "-c", str(core), *args]
 
 
 def raise_fd_limit(wanted: int = 65536) -> None:
@@ -227,10 +238,20 @@ def start_paddler(
     policy: str = "slots",
     extra: Sequence[str] = (),
     profile: Path | None = None,
+    core: int | None = None,
+    source: str | None = None,
 ) -> tuple[subprocess.Popen, int]:
-    """Start ``python -m paddler balancer``; return it and its proxy port once healthy."""
+    """
+    Start ``python -m paddler balancer`` (on C{core}); return it and its proxy port once healthy.
+    C{source}: a directory holding another paddler package to run instead of this checkout's.
+    """
     port, mport = free_port(), free_port()
     args = [PYTHON, "-m", "paddler"]
+    env = None
+    if source is not None:
+        # -P: the working directory (this checkout) must not come before SOURCE on sys.path
+        args = [PYTHON, "-P", "-m", "paddler"]
+        env = {"PYTHONPATH": source}
     if profile is not None:
         args = [PYTHON, "-m", "bench.profiled", str(profile)]
     args += [
@@ -243,9 +264,9 @@ def start_paddler(
     ]
     for url in upstreams:
         args += ["--upstream", url]
-    proc = procs.start(args, name)
+    proc = procs.start(pinned(args, core), name, env=env)
     wait_port(port, 30, proc)
-    wait_healthy(port, len(upstreams), proc)
+    wait_healthy(port, len(upstreams), proc, timeout=max(30.0, len(upstreams) / 10))
     return proc, port
 
 
@@ -272,8 +293,9 @@ def start_haproxy(
     streaming: bool = False,
     maxconn: Sequence[int] | None = None,
     queue_timeout: float = 600.0,
+    core: int | None = None,
 ) -> tuple[subprocess.Popen, int]:
-    """HAProxy 1 thread, ``balance leastconn``, keep-alive to the upstreams.
+    """HAProxy 1 thread, ``balance leastconn``, keep-alive to the upstreams (pinned to C{core} if given).
 
     With C{maxconn} (one figure per upstream: its slots) HAProxy sends a
     server at most that many requests at once and queues the rest in its
@@ -311,7 +333,7 @@ backend be
     path = TMP / f"{name}.cfg"
     TMP.mkdir(parents=True, exist_ok=True)
     path.write_text(cfg)
-    proc = procs.start(["haproxy", "-db", "-f", str(path)], name)
+    proc = procs.start(pinned(["haproxy", "-db", "-f", str(path)], core), name)
     wait_port(port, 15, proc)
     return proc, port
 
@@ -323,33 +345,6 @@ def sglang_router_available() -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure is the reason
         return f"sglang_router does not import: {type(e).__name__}: {e}"
     return None
-
-
-def start_sglang_router(
-    procs: Processes, upstream_urls: Sequence[str], name: str, policy: str = "cache_aware",
-    extra: Sequence[str] = (),
-) -> tuple[subprocess.Popen, int]:
-    """sglang-router (PyPI ``sglang-router``, Rust) with its CLI defaults for C{policy}."""
-    port = free_port()
-    args = [
-        PYTHON, "-m", "sglang_router.launch_router", "--host", LOOPBACK, "--port", str(port),
-        "--policy", policy, "--worker-urls", *upstream_urls,
-        "--request-timeout-secs", "600", "--log-level", "warn",
-        # its Prometheus exporter has a fixed default port: two routers at once would collide
-        "--prometheus-host", LOOPBACK, "--prometheus-port", str(free_port()), *extra,
-    ]
-    proc = procs.start(args, name)
-    wait_port(port, 60, proc)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # workers are registered asynchronously
-        try:
-            code, body = http_get(port, "/workers")
-            if code == 200 and body.count(b"http://") >= len(upstream_urls):
-                break
-        except OSError:
-            pass
-        time.sleep(0.2)
-    return proc, port
 
 
 def prometheus_values(port: int, names: Sequence[str]) -> dict[str, float]:
@@ -370,7 +365,9 @@ def prometheus_values(port: int, names: Sequence[str]) -> dict[str, float]:
     return values
 
 
-def start_nginx(procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False) -> tuple[subprocess.Popen, int]:
+def start_nginx(
+    procs: Processes, upstream_ports: Sequence[int], name: str, streaming: bool = False, core: int | None = None
+) -> tuple[subprocess.Popen, int]:
     """nginx, 1 worker, round robin, HTTP/1.1 keep-alive to the upstreams, no buffering."""
     port = free_port()
     servers = "\n".join(f"        server {LOOPBACK}:{p};" for p in upstream_ports)
@@ -393,10 +390,65 @@ def start_nginx(procs: Processes, upstream_ports: Sequence[int], name: str, stre
     }}
 }}
 """
-    return _run_nginx(procs, cfg, name, port)
+    return _run_nginx(procs, cfg, name, port, core)
 
 
-def start_static_upstream(procs: Processes, count: int, name: str, slots: int = 256) -> tuple[subprocess.Popen, list[int]]:
+def sglang_router_command() -> list[str] | None:
+    """How to start sglang-router (PyPI ``sglang-router``, a Rust router), or None when it is not installed."""
+    exe = Path(PYTHON).parent / "sglang-router"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("sglang-router")
+    return [found] if found else None
+
+
+def start_sglang_router(
+    procs: Processes,
+    upstreams: Sequence[int | str],
+    name: str,
+    policy: str = "round_robin",
+    core: int | None = None,
+    plain: bool = True,
+    extra: Sequence[str] = (),
+) -> tuple[subprocess.Popen, int]:
+    """
+    sglang-router (PyPI ``sglang-router``, Rust) over C{upstreams} (ports on
+    loopback, or URLs) with C{policy}. C{plain}: no retries and no circuit
+    breaker (the relay measurements: one request, one upstream attempt);
+    otherwise its CLI defaults for the policy (the routing scenarios).
+    """
+    command = sglang_router_command()
+    if command is None:
+        raise RuntimeError("sglang-router is not installed (pip install sglang-router)")
+    urls = [u if isinstance(u, str) else f"http://{LOOPBACK}:{u}" for u in upstreams]
+    port = free_port()
+    args = [
+        *command, "launch", "--host", LOOPBACK, "--port", str(port), "--worker-urls", *urls,
+        "--policy", policy, "--log-level", "warn", "--request-timeout-secs", "600",
+        # its Prometheus exporter listens too (port 29000 by default): a free port per instance
+        "--prometheus-host", LOOPBACK, "--prometheus-port", str(free_port()),
+        *(["--shutdown-grace-period-secs", "1", "--disable-retries", "--disable-circuit-breaker"] if plain else []),
+        *extra,
+    ]
+    proc = procs.start(pinned(args, core), name)
+    wait_port(port, 60, proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # workers are registered asynchronously
+        try:
+            code, body = http_get(port, "/workers")
+            if code == 200 and body.count(b"http://") >= len(urls):
+                break
+            if code == 404 and http_get(port, "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return proc, port
+
+
+def start_static_upstream(
+    procs: Processes, count: int, name: str, slots: int = 256, core: int | None = None
+) -> tuple[subprocess.Popen, list[int]]:
     """A fast static responder (nginx, 1 worker) on C{count} ports.
 
     ``GET /slots`` lists C{slots} idle slots (so paddler never runs out),
@@ -429,7 +481,7 @@ def start_static_upstream(procs: Processes, count: int, name: str, slots: int = 
     }}
 }}
 """
-    proc, _ = _run_nginx(procs, cfg, name, ports[0])
+    proc, _ = _run_nginx(procs, cfg, name, ports[0], core)
     for p in ports[1:]:
         wait_port(p, 15, proc)
     return proc, ports
@@ -458,9 +510,11 @@ http {{
 """
 
 
-def _run_nginx(procs: Processes, cfg: str, name: str, port: int) -> tuple[subprocess.Popen, int]:
+def _run_nginx(procs: Processes, cfg: str, name: str, port: int, core: int | None = None) -> tuple[subprocess.Popen, int]:
     path = TMP / f"{name}-nginx.conf"
     path.write_text(cfg)
-    proc = procs.start(["nginx", "-c", str(path), "-e", str(TMP / f"{name}-nginx" / "error.log")], name)
+    proc = procs.start(
+        pinned(["nginx", "-c", str(path), "-e", str(TMP / f"{name}-nginx" / "error.log")], core), name
+    )
     wait_port(port, 15, proc)
     return proc, port

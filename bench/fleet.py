@@ -1,10 +1,11 @@
 """Scenario 4: scale of the fleet.
 
-100 and 500 simulated upstreams (one ``paddler simulate --fleet N`` process)
-behind one paddler probing each every second: the balancer's CPU while no
-request arrives (all of it is probing), and the chooser's cost per request,
-measured in-process on the real ``UpstreamPool`` (acquire + release of one
-lease, per policy) for 4, 100 and 500 upstreams.
+100, 500 and 1,000 simulated upstreams (one ``paddler simulate --fleet N``
+process, pinned to one core) behind one paddler (pinned to the other)
+probing each every second: the balancer's CPU while no request arrives (all
+of it is probing), and the chooser's cost per request, measured in-process
+on the real ``UpstreamPool`` (acquire + release of one lease, per policy)
+for 4, 100 and 500 upstreams.
 
     python -m bench.fleet [--quick]
 """
@@ -18,13 +19,16 @@ import timeit
 from typing import Any
 
 from bench.common import (
+    LOAD_CORE,
     LOOPBACK,
+    PROXY_CORE,
     PYTHON,
     TMP,
     Processes,
     cpu_seconds,
     log,
     machine,
+    pinned,
     raise_fd_limit,
     save,
     start_paddler,
@@ -58,19 +62,20 @@ def chooser_cost(n: int, policy: str, repeat: int = 5, number: int = 2000) -> fl
 def idle_cpu(n: int, seconds: float) -> dict[str, Any]:
     with Processes() as procs:
         name = f"s4-sim-{n}"
-        sim = procs.start([PYTHON, "-m", "paddler", "simulate", "--listen", f"tcp:0:interface={LOOPBACK}",
-                           "--fleet", str(n), "--slots", "4"], name)
+        sim = procs.start(pinned([PYTHON, "-m", "paddler", "simulate", "--listen", f"tcp:0:interface={LOOPBACK}",
+                                  "--fleet", str(n), "--slots", "4"], LOAD_CORE), name)
         deadline = time.monotonic() + 60
         urls: list[str] = []
         while time.monotonic() < deadline:
-            urls = list(dict.fromkeys(re.findall(r"listening on (http://127\.0\.0\.1:\d+)", (TMP / f"{name}.log").read_text())))
+            log_text = (TMP / f"{name}.log").read_text()
+            urls = list(dict.fromkeys(re.findall(r"listening on (http://127\.0\.0\.1:\d+)", log_text)))
             if len(urls) >= n or sim.poll() is not None:
                 break
             time.sleep(0.2)
         if len(urls) < n:
             raise RuntimeError(f"the simulator announced {len(urls)} of {n} servers")
-        balancer, port = start_paddler(procs, [u.rstrip("/") for u in urls], f"s4-paddler-{n}")
-        time.sleep(2)  # past the first probes (which also read /props)
+        balancer, port = start_paddler(procs, [u.rstrip("/") for u in urls], f"s4-paddler-{n}", core=PROXY_CORE)
+        time.sleep(5)  # past the first probes (which also read /props) and into the steady state
         b0, s0, t0 = cpu_seconds(balancer.pid), cpu_seconds(sim.pid), time.monotonic()
         time.sleep(seconds)
         wall = time.monotonic() - t0
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raise_fd_limit()
     seconds = 5.0 if args.quick else 15.0
     idle = []
-    for n in (100, 500):
+    for n in (100, 500, 1000):
         row = idle_cpu(n, seconds)
         idle.append(row)
         log(f"fleet {n}: balancer idle CPU {row['balancer_cpu_pct']:.1f}% of a core "

@@ -107,43 +107,79 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+class _StreamReceiver(asyncio.Protocol):
+    """One stream on its own connection: finds each event's stamp in the raw bytes (no decoding)."""
+
+    def __init__(self, request: bytes, delays: list[float], done: asyncio.Future[Any]) -> None:
+        self.request = request
+        self.delays = delays
+        self.done = done
+        self.head = b""
+        self.status = 0
+        self.carry = b""
+        self.events = 0
+        self.ended = False
+
+    def connection_made(self, transport: Any) -> None:
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        t = now()
+        if not self.status:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.status = int(self.head.split(b" ", 2)[1])
+            data = self.head[end + 4:]
+            self.head = b""
+        data = self.carry + data
+        last = data.rfind(b"\n\n")
+        if last < 0:
+            self.carry = data[-4096:]
+            return
+        self.carry = data[last + 2:]
+        if self.carry.endswith(b"0\r\n\r\n"):
+            self.ended = True
+        start = 0
+        append = self.delays.append
+        while True:
+            at = data.find(b'{"t": ', start, last)
+            if at < 0:
+                break
+            end = data.find(b",", at)
+            append(t - float(data[at + 6:end]))
+            self.events += 1
+            start = end
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     delays: list[float] = []
     errors = 0
     events = 0
-
-    def receiver() -> Any:
-        carry = b""
-
-        def on_data(data: bytes) -> None:
-            nonlocal events, carry
-            t = now()
-            data = carry + data
-            last = data.rfind(b"\n\n")
-            if last < 0:
-                carry = data
-                return
-            cut = last + 2
-            carry = data[cut:]
-            start = 0
-            while True:
-                at = data.find(b'{"t": ', start, cut)
-                if at < 0:
-                    return
-                end = data.find(b",", at)
-                delays.append(t - float(data[at + 6:end]))
-                events += 1
-                start = end
-
-        return on_data
+    loop = asyncio.get_running_loop()
+    body = json.dumps({"model": "bench", "prompt": "bench", "stream": True, "bench_events": args.events, "bench_rate": args.rate}).encode()
+    request = (
+        f"POST /v1/completions?n={args.events}&rate={args.rate} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
     async def one(i: int) -> None:
-        nonlocal errors
+        nonlocal errors, events
         await asyncio.sleep(i * args.ramp / max(1, args.streams))
+        done: asyncio.Future[Any] = loop.create_future()
         try:
-            status = await request(args.port, "POST", f"/completion?n={args.events}&rate={args.rate}",
-                                   b'{"prompt":"bench","stream":true}', receiver(), 60)
-            if status != 200:
+            transport, receiver = await asyncio.wait_for(
+                loop.create_connection(lambda: _StreamReceiver(request, delays, done), "127.0.0.1", args.port), 60
+            )
+            await asyncio.wait_for(done, 60 + args.events / args.rate)
+            transport.close()
+            events += receiver.events
+            if receiver.status != 200 or receiver.events != args.events:
                 errors += 1
         except Exception:  # noqa: BLE001 - counted
             errors += 1
@@ -151,7 +187,7 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     started, cpu0 = time.monotonic(), cpu()
     await asyncio.gather(*(one(i) for i in range(args.streams)))
     return {
-        "delays": delays if len(delays) <= 200000 else delays[:: len(delays) // 200000 + 1],
+        "delays": delays if len(delays) <= 300000 else delays[:: len(delays) // 300000 + 1],
         "events": events,
         "expected_events": args.streams * args.events,
         "errors": errors,
@@ -176,8 +212,9 @@ async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
                 first = False
 
         try:
-            await request(args.port, "POST", f"/completion?n=0&hold={args.hold}",
-                          b'{"prompt":"bench","stream":true}', on_data, args.hold + 60)
+            await request(args.port, "POST", f"/v1/completions?n=0&hold={args.hold}",
+                          json.dumps({"model": "bench", "prompt": "bench", "stream": True, "bench_events": 0, "bench_hold": args.hold}).encode(),
+                          on_data, args.hold + 60)
         except Exception:  # noqa: BLE001 - counted
             errors += 1
 
@@ -237,7 +274,9 @@ def main() -> None:
 
     raise_fd_limit()
     runner = {"streams": run_streams, "idle": run_idle, "trace": run_trace}[args.mode]
-    result = asyncio.run(runner(args))
+    from bench.sse_upstream import run
+
+    result = run(runner(args))
     with open(args.out, "w") as f:
         json.dump(result, f)
 

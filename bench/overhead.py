@@ -1,8 +1,10 @@
 """Scenario 1: proxy overhead.
 
 A fast static upstream (nginx, 1 worker, answering a fixed completion JSON)
-is loaded with wrk directly, through paddler, through HAProxy (leastconn, 1
-thread) and through nginx (round robin, 1 worker), at several concurrencies.
+is loaded with wrk directly, through paddler, through sglang-router (round
+robin), through HAProxy (leastconn, 1 thread) and through nginx (round
+robin, 1 worker), at several concurrencies. The proxy under test is pinned
+to one core, wrk and the upstream to the other (taskset).
 Targets are interleaved within each repetition so that drifting machine load
 hits them all alike; medians over the repetitions are reported, as ratios to
 "direct" measured in the same repetition.
@@ -20,6 +22,8 @@ from typing import Any
 
 from bench.common import (
     BENCH,
+    LOAD_CORE,
+    PROXY_CORE,
     RESULTS,
     LOOPBACK,
     Processes,
@@ -27,17 +31,21 @@ from bench.common import (
     log,
     machine,
     median,
+    pinned,
     raise_fd_limit,
     save,
+    sglang_router_command,
+    spread,
     start_haproxy,
     start_nginx,
     start_paddler,
+    start_sglang_router,
     start_static_upstream,
     tool_version,
 )
 
 PATH = "/v1/completions"
-TARGETS = ("direct", "paddler", "haproxy", "nginx")
+TARGETS = ("direct", "paddler", "sglang-router", "haproxy", "nginx")
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -73,10 +81,10 @@ def parse_wrk(out: str) -> dict[str, float]:
 def run_wrk(port: int, connections: int, seconds: float, proxy_pid: int | None) -> dict[str, float]:
     before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
     proc = subprocess.Popen(
-        [
+        pinned([
             "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "10s",
             "-s", str(BENCH / "post.lua"), f"http://{LOOPBACK}:{port}{PATH}",
-        ],
+        ], LOAD_CORE),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -96,29 +104,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--profile", action="store_true", help="also cProfile paddler at concurrency 16")
+    parser.add_argument("--base", default=None,
+                        help="a directory holding another paddler package: measured too, as paddler-base")
+    parser.add_argument("--out", default="overhead", help="results name (bench/results/NAME.json)")
     args = parser.parse_args(argv)
     raise_fd_limit()
     reps = args.reps or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     concurrencies = (1, 16, 128)
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in concurrencies} for t in TARGETS}
+    names = [t for t in TARGETS if t != "sglang-router" or sglang_router_command() is not None]
+    if args.base:
+        names.insert(2, "paddler-base")
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in concurrencies} for t in names}
     with Processes() as procs:
-        upstream, ports = start_static_upstream(procs, 2, "s1-upstream")
+        upstream, ports = start_static_upstream(procs, 2, "s1-upstream", core=LOAD_CORE)
         urls = [f"http://{LOOPBACK}:{p}" for p in ports]
-        paddler, paddler_port = start_paddler(procs, urls, "s1-paddler")
-        haproxy, haproxy_port = start_haproxy(procs, ports, "s1-haproxy")
-        nginx, nginx_port = start_nginx(procs, ports, "s1-nginx")
+        paddler, paddler_port = start_paddler(procs, urls, "s1-paddler", core=PROXY_CORE)
+        haproxy, haproxy_port = start_haproxy(procs, ports, "s1-haproxy", core=PROXY_CORE)
+        nginx, nginx_port = start_nginx(procs, ports, "s1-nginx", core=PROXY_CORE)
         targets = {
             "direct": (ports[0], None),
             "paddler": (paddler_port, paddler.pid),
             "haproxy": (haproxy_port, haproxy.pid),
             "nginx": (nginx_port, nginx.pid),
         }
+        if "sglang-router" in names:
+            sglang, sglang_port = start_sglang_router(procs, ports, "s1-sglang-router", core=PROXY_CORE)
+            targets["sglang-router"] = (sglang_port, sglang.pid)
+        if args.base:
+            base, base_port = start_paddler(procs, urls, "s1-paddler-base", core=PROXY_CORE, source=args.base)
+            targets["paddler-base"] = (base_port, base.pid)
         for target, (port, pid) in targets.items():  # warm up connections and code paths
             run_wrk(port, 16, 1, pid)
         for rep in range(reps):
             for c in concurrencies:
-                for target in TARGETS:
+                for target in names:
                     port, pid = targets[target]
                     result = run_wrk(port, c, seconds, pid)
                     runs[target][c].append(result)
@@ -127,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.profile:
             procs.stop(paddler)
             profile = RESULTS / "tmp" / "paddler-s1.prof"
-            paddler, paddler_port = start_paddler(procs, urls, "s1-paddler-profiled", profile=profile)
+            paddler, paddler_port = start_paddler(procs, urls, "s1-paddler-profiled", profile=profile, core=PROXY_CORE)
             run_wrk(paddler_port, 16, 1, None)
             prof_run = run_wrk(paddler_port, 16, max(seconds, 5.0), paddler.pid)
             procs.stop(paddler)
@@ -136,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for c in concurrencies:
         row: dict[str, Any] = {}
-        for target in TARGETS:
+        for target in names:
             # per-repetition ratios to direct, then the median of those
             rs = runs[target][c]
             ds = runs["direct"][c]
@@ -150,6 +170,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "added_p99_ms": median(r["p99_ms"] - d["p99_ms"] for r, d in zip(rs, ds)),
                 "cpu_s_per_1000": median(r.get("cpu_s_per_1000", float("nan")) for r in rs),
             }
+        for other, key in (("sglang-router", "cpu_vs_sglang_router"), ("paddler-base", "cpu_vs_base")):
+            if other in names:
+                # paddler's CPU per request against the other's, per repetition, then the median
+                ratios = [p["cpu_s_per_1000"] / g["cpu_s_per_1000"]
+                          for p, g in zip(runs["paddler"][c], runs[other][c]) if g.get("cpu_s_per_1000")]
+                row["paddler"][key] = median(ratios)
+                row["paddler"][key + "_spread"] = spread(ratios)
         summary[str(c)] = row
     data = {
         "scenario": "overhead",
@@ -162,12 +189,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wrk": tool_version(["wrk", "--version"]),
             "haproxy": tool_version(["haproxy", "-v"]),
             "nginx": tool_version(["nginx", "-v"]),
+            "sglang-router": _sglang_version(),
         },
+        "pinning": {"proxy_core": PROXY_CORE, "load_core": LOAD_CORE},
         "summary": summary,
+        "targets": names,
         "runs": {t: {str(c): v for c, v in by_c.items()} for t, by_c in runs.items()},
     }
-    save("overhead", data)
+    if args.base:
+        data["base"] = args.base
+    save(args.out, data)
     return data
+
+
+def _sglang_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return "sglang-router " + version("sglang-router")
+    except Exception:  # noqa: BLE001 - not installed
+        return "missing"
 
 
 def write_profile(path: Any, run: dict[str, float]) -> None:
@@ -193,7 +234,11 @@ def write_profile(path: Any, run: dict[str, float]) -> None:
 NAMED = (
     ("twisted.web server: parse request, run the resource (all of render)", "http.py", "requestReceived"),
     ("paddler ProxyResource.render (parse JSON body, start _forward)", "proxy.py", "render"),
-    ("paddler _send: Agent.request to the upstream", "proxy.py", "_send"),
+    ("paddler _send: UpstreamClient.send (request written in one write)", "proxy.py", "_send"),
+    ("paddler upstream answer: head parsed, answer relayed (UpstreamConnection.dataReceived)",
+     "upstream_client.py", "dataReceived"),
+    ("paddler response-head parsing (parse_head)", "http1.py", "parse_head"),
+    ("paddler _relay (head written, body relayed, stats)", "proxy.py", "_relay"),
     ("twisted.web Content-Type parsing through the email package", "http.py", "_parseContentType"),
     ("twisted.web access log line per request (HTTPFactory.log)", "http.py", "log"),
     ("Agent builds a new endpoint per request (idna host encoding)", "client.py", "_getEndpoint"),

@@ -29,7 +29,9 @@ def overhead_md(data: dict[str, Any], charts: list[str]) -> list[str]:
         "",
         f"wrk `-t1`, POST `{data['path']}` (small JSON), {data['repetitions']} repetition(s) of "
         f"{data['seconds_per_run']:g} s per cell, targets interleaved; medians. Upstream: nginx static "
-        "responder (1 worker) on 2 ports. Ratios are per repetition against direct, then the median.",
+        "responder (1 worker) on 2 ports. Ratios are per repetition against direct, then the median. "
+        + ("Each proxy is pinned to core {proxy_core}, wrk and the upstream to core {load_core} (taskset). ".format(
+            **data["pinning"]) if data.get("pinning") else ""),
         "",
         "| concurrency | target | req/s | req/s vs direct | p50 ms | p99 ms | added p50 ms | added p99 ms | proxy CPU s / 1000 req | errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -44,11 +46,15 @@ def overhead_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     out += ["", "Ratios of paddler to the other proxies (same run):", ""]
     for c, row in data["summary"].items():
         p = row["paddler"]
+        sglang = ""
+        if "cpu_vs_sglang_router" in p:
+            sglang = (f", paddler/sglang-router {f(p['cpu_vs_sglang_router'], 1)}x "
+                      f"(per repetition, min–max {span(p.get('cpu_vs_sglang_router_spread'), 1)})")
         out.append(
             f"- c={c}: paddler/direct {f(p['rps_ratio'], 3)}; paddler/HAProxy "
             f"{f(p['rps'] / row['haproxy']['rps'], 3)}; paddler/nginx {f(p['rps'] / row['nginx']['rps'], 3)} (req/s); "
             f"CPU per request paddler/HAProxy {f(p['cpu_s_per_1000'] / row['haproxy']['cpu_s_per_1000'], 1)}x, "
-            f"paddler/nginx {f(p['cpu_s_per_1000'] / row['nginx']['cpu_s_per_1000'], 1)}x"
+            f"paddler/nginx {f(p['cpu_s_per_1000'] / row['nginx']['cpu_s_per_1000'], 1)}x{sglang}"
         )
     try:
         import matplotlib
@@ -58,8 +64,8 @@ def overhead_md(data: dict[str, Any], charts: list[str]) -> list[str]:
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         cs = list(data["summary"])
-        targets = ["paddler", "haproxy", "nginx"]
-        width = 0.25
+        targets = [t for t in ("paddler", "sglang-router", "haproxy", "nginx") if t in data["summary"][cs[0]]]
+        width = 0.8 / len(targets)
         for i, t in enumerate(targets):
             axes[0].bar([j + i * width for j in range(len(cs))], [data["summary"][c][t]["rps_ratio"] for c in cs], width, label=t)
             axes[1].bar([j + i * width for j in range(len(cs))], [data["summary"][c][t]["cpu_s_per_1000"] for c in cs], width, label=t)
@@ -92,28 +98,43 @@ def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
         "",
         f"SSE streams at {data['rate']:g} events/s each for {data['seconds_per_stream']:g} s; delay per chunk = "
         "client CLOCK_MONOTONIC at receipt − upstream CLOCK_MONOTONIC at write. "
-        f"{reps} repetition(s), the four targets interleaved within each; every figure is the median over the "
+        f"{reps} repetition(s), the targets interleaved within each; every figure is the median over the "
         "repetitions (each repetition's percentiles are over every chunk of that run). Added delay and the "
         "ratios to direct are computed per repetition against that repetition's direct run, then the median; "
-        "the p99 ratio's min–max over the repetitions shows the noise. A fresh balancer per cell, so peak RSS "
-        "is that cell's. Chunks and errors are totals over the repetitions.",
+        "the p99 ratio's and the added p99's min–max over the repetitions show the noise. A fresh proxy per cell, "
+        "so peak RSS is that cell's. Chunks and errors are totals over the repetitions. "
+        + ("The proxy is pinned to core {proxy_core}, the upstream and the load client to core {load_core} "
+           "(taskset). ".format(**data["pinning"]) if data.get("pinning") else "")
+        + "paddler-decode is paddler with `--no-relay-passthrough`.",
         "",
-        "| streams | target | chunks | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | p50 vs direct "
-        "| p99 vs direct | p99 vs direct min–max | balancer CPU % of a core | peak RSS MiB | client CPU % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| streams | target | chunks | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | added p99 min–max "
+        "| p99 vs direct | p99 vs direct min–max | proxy CPU % of a core | CPU % min–max | CPU s / 1000 chunks "
+        "| peak RSS MiB | client CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in data["rows"].items():
         target = key.split("/")[0]
         out.append(
             f"| {r['streams']} | {target} | {r['events']}/{r['expected_events']} | {r['errors']} | {f(r['p50_ms'])} "
             f"| {f(r['p99_ms'])} | {f(r.get('added_p50_ms'))} | {f(r.get('added_p99_ms'))} "
-            f"| {f(r.get('p50_vs_direct'))} | {f(r.get('p99_vs_direct'))} | {span(r.get('p99_vs_direct_spread'))} "
-            f"| {f(r.get('balancer_cpu_pct'), 1)} | {f(r.get('peak_rss_mib'), 1)} | {f(r['client_cpu_pct'], 0)} |"
+            f"| {span(r.get('added_p99_ms_spread'))} "
+            f"| {f(r.get('p99_vs_direct'))} | {span(r.get('p99_vs_direct_spread'))} "
+            f"| {f(r.get('balancer_cpu_pct'), 1)} | {span(r.get('balancer_cpu_pct_spread'), 0)} "
+            f"| {f(r.get('cpu_s_per_1000_chunks'), 4)} "
+            f"| {f(r.get('peak_rss_mib'), 1)} | {f(r['client_cpu_pct'], 0)} |"
         )
+    if data.get("paddler_against"):
+        out += ["", "paddler's CPU per chunk against the others, per repetition then the median (min–max):", ""]
+        for key, r in data["paddler_against"].items():
+            n, other = key.split("/", 1)
+            out.append(f"- {n} streams: paddler / {other} {f(r['cpu_per_chunk_ratio'])}x "
+                       f"({span(r.get('cpu_per_chunk_ratio_spread'))})")
     out += ["", "Idle open streams (headers and one comment sent, then silence; one run after the repetitions):", "",
-            "| target | streams open | errors | RSS at start MiB | peak RSS MiB |", "|---|---|---|---|---|"]
+            "| target | streams open | errors | RSS at start MiB | peak RSS MiB | KiB per idle stream |",
+            "|---|---|---|---|---|---|"]
     for target, r in data["idle"].items():
-        out.append(f"| {target} | {r['opened']}/{r['streams']} | {r['errors']} | {f(r['rss_at_start_mib'], 1)} | {f(r['peak_rss_mib'], 1)} |")
+        out.append(f"| {target} | {r['opened']}/{r['streams']} | {r['errors']} | {f(r['rss_at_start_mib'], 1)} "
+                   f"| {f(r['peak_rss_mib'], 1)} | {f(r.get('kib_per_stream'), 1)} |")
     try:
         import matplotlib
 
@@ -122,7 +143,8 @@ def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
 
         sizes = sorted({r["streams"] for r in data["rows"].values()})
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for target in ("paddler", "nginx", "haproxy"):
+        for target in [t for t in ("paddler", "paddler-decode", "sglang-router", "nginx", "haproxy")
+                       if f"{t}/{sizes[0]}" in data["rows"]]:
             rows = [data["rows"][f"{target}/{n}"] for n in sizes]
             mid = [r["p99_vs_direct"] for r in rows]
             lo = [m - r["p99_vs_direct_spread"][0] for m, r in zip(mid, rows)]
@@ -232,7 +254,8 @@ def fleet_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     out = [
         "## 4. Scale of the fleet",
         "",
-        "One `paddler simulate --fleet N` process, paddler probing every upstream each second, no requests.",
+        "One `paddler simulate --fleet N` process (pinned to one core), paddler (pinned to the other) probing every "
+        "upstream each second, no requests.",
         "",
         "| upstreams | balancer CPU % of a core (idle) | simulator CPU % |",
         "|---|---|---|",
@@ -301,6 +324,115 @@ def routing_md(name: str, data: dict[str, Any]) -> list[str]:
     return out
 
 
+def micro_md(data: dict[str, Any], charts: list[str]) -> list[str]:
+    out = [
+        "## 8. Relay path in memory",
+        "",
+        "`python -m bench.relay_micro`: the real ProxyResource behind a real Twisted server channel, upstream "
+        "and client on in-memory transports (no sockets, no reactor): Python CPU per relayed SSE chunk "
+        f"({data['chunk_bytes']} bytes on the wire) and per small non-streaming request, best of 5. "
+        "`agent` is the path before the upstream client (Twisted's HTTP client decoding, Twisted's server "
+        "re-chunking).",
+        "",
+        "| path | µs per chunk | µs per small request |",
+        "|---|---|---|",
+    ]
+    for variant, r in data["rows"].items():
+        out.append(f"| {variant} | {f(r['us_per_chunk'])} | {f(r['us_per_request'], 1)} |")
+    return out
+
+
+def before_after_md(stream: dict[str, Any] | None, over: dict[str, Any] | None) -> list[str]:
+    """Same-run comparisons with another checkout of paddler (``--base``: the code before this work)."""
+    out = ["## 9. Before and after, side by side", ""]
+    if over is not None:
+        out += [
+            f"Scenario 1 with `--base {over.get('base', '?')}` (paddler before the upstream client, as "
+            "`paddler-base`), the same run, targets interleaved; CPU per request ratios per repetition, then "
+            "the median (min–max):",
+            "",
+            "| concurrency | paddler CPU ms / req | paddler-base CPU ms / req | paddler / paddler-base "
+            "| sglang-router CPU ms / req | paddler / sglang-router | paddler req/s | paddler-base req/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c, row in over["summary"].items():
+            p, b = row["paddler"], row.get("paddler-base", {})
+            g = row.get("sglang-router", {})
+            out.append(
+                f"| {c} | {f(p['cpu_s_per_1000'], 3)} | {f(b.get('cpu_s_per_1000'), 3)} "
+                f"| {f(p.get('cpu_vs_base'))} ({span(p.get('cpu_vs_base_spread'))}) | {f(g.get('cpu_s_per_1000'), 3)} "
+                f"| {f(p.get('cpu_vs_sglang_router'))} ({span(p.get('cpu_vs_sglang_router_spread'))}) "
+                f"| {p['rps']:.0f} | {b.get('rps', float('nan')):.0f} |"
+            )
+        out.append("")
+    if stream is not None:
+        out += [
+            f"Scenario 2 with `--base {stream.get('base', '?')}`, {stream['repetitions']} repetitions, "
+            "the targets interleaved; `twisted-floor` is a plain TCP forwarder on Twisted's reactor "
+            "(bench/twisted_forward.py, no HTTP at all): no relay on that reactor can use less CPU per chunk.",
+            "",
+            "| streams | target | added p50 ms | added p99 ms | added p99 min–max | CPU s / 1000 chunks "
+            "| CPU / chunk vs paddler-base (min–max) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n in stream["sizes"]:
+            base_runs = stream["runs"].get(f"paddler-base/{n}", [])
+            for target in stream["targets"]:
+                if target == "direct":
+                    continue
+                r = stream["rows"][f"{target}/{n}"]
+                ratios = [a["cpu_s_per_1000_chunks"] / b["cpu_s_per_1000_chunks"]
+                          for a, b in zip(stream["runs"][f"{target}/{n}"], base_runs)
+                          if b.get("cpu_s_per_1000_chunks")]
+                ratio = "–" if not ratios or target == "paddler-base" else (
+                    f"{f(sorted(ratios)[len(ratios) // 2])} ({f(min(ratios))}–{f(max(ratios))})")
+                out.append(
+                    f"| {n} | {target} | {f(r.get('added_p50_ms'))} | {f(r.get('added_p99_ms'))} "
+                    f"| {span(r.get('added_p99_ms_spread'))} | {f(r.get('cpu_s_per_1000_chunks'), 4)} | {ratio} |"
+                )
+    return out
+
+
+def parser_md(data: dict[str, Any], charts: list[str]) -> list[str]:
+    out = [
+        "## 10. A faster HTTP parser on the proxy port? (prototype)",
+        "",
+        "`python -m bench.parser_prototype`: three Twisted servers answering every POST with the same small "
+        "JSON, pinned to one core, wrk at concurrency 16 on the other; medians of "
+        f"{data['repetitions']} (min–max). Not paddler: the floor each server side puts under any proxy on it.",
+        "",
+        "| server side | CPU ms / request | min–max | req/s |",
+        "|---|---|---|---|",
+    ]
+    for kind, r in data["rows"].items():
+        out.append(f"| {kind} | {f(r['cpu_ms_per_request'], 3)} | {span(r.get('cpu_ms_per_request_spread'), 3)} "
+                   f"| {r['rps']:.0f} |")
+    return out
+
+
+def replicas_md(data: dict[str, Any]) -> list[str]:
+    out = [
+        "## 11. Several balancers on one fleet (shared state on Redis)",
+        "",
+        f"`bench/replicas.py`: the scheduling fleet and a seeded Poisson trace at {data['load'] * 100:.0f} % load "
+        f"({data['duration_s']:g} s of arrivals), through four configurations at once, each on its own fleet; "
+        f"{data['repetitions']} repetition(s), medians. 'queued inside servers': the most requests the servers held "
+        "in their own queues at once (`llamacpp:requests_deferred`, read every 50 ms) and the request-seconds "
+        "spent there (0 = no server ever above its slots).",
+        "",
+        "| config | TTFT p50 s | TTFT p99 s | TTFT p99 / 1-local | e2e p99 s | queued inside servers (peak) "
+        "| request-s queued | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for config, r in data["results"].items():
+        out.append(
+            f"| {config} | {f(r['ttft_p50'])} | {f(r['ttft_p99'])} | {f(r['ttft_p99_vs_1_local'])} "
+            f"[{span(r['ttft_p99_vs_1_local_spread'])}] | {f(r['e2e_p99'])} | {r['deferred_peak']:.0f} "
+            f"| {f(r['deferred_request_seconds'])} | {r['errors']} |"
+        )
+    return out
+
+
 def reps_note() -> str:
     counts = []
     for name, key in (("overhead", "repetitions"), ("streaming", "repetitions"), ("scheduling", "repetitions")):
@@ -341,6 +473,17 @@ def main(argv: list[str] | None = None) -> None:
         if data.get("quick"):
             sections.append(f"\n_{name} ran in quick mode._")
         sections.append("")
+    micro = _load("relay_micro")
+    if micro is not None:
+        sections += [line.replace("\n", " ") for line in micro_md(micro, charts)] + [""]
+    if _load("streaming-ab") is not None or _load("overhead-ab") is not None:
+        sections += before_after_md(_load("streaming-ab"), _load("overhead-ab")) + [""]
+    prototype = _load("parser_prototype")
+    if prototype is not None:
+        sections += parser_md(prototype, charts) + [""]
+    replicas = _load("replicas")
+    if replicas is not None:
+        sections += replicas_md(replicas) + [""]
     m = machine_info or machine()
     tools = (_load("overhead") or {}).get("tools", {})
     head = [
@@ -353,8 +496,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}. The machine is shared with other work: only "
         "ratios measured side by side in one run mean anything. " + "; ".join(f"{k}: {v}" for k, v in tools.items()),
         "",
-        "All processes run on 127.0.0.1 on the same 2 cores as the load generators, so absolute figures are far "
-        "below what each would do alone. Explanations: docs/performance.md. Profile of scenario 1: "
+        "All processes run on 127.0.0.1 on 2 cores shared with other work; in scenarios 1, 2 and 4 the proxy "
+        "under test has one core to itself as far as this harness goes (taskset), the load the other, but "
+        "other processes on the machine are not pinned away, so absolute figures are far below what each "
+        "would do alone. Explanations: docs/performance.md. Profile of scenario 1: "
         "profile-overhead.txt.",
         "",
         "Repetitions: scenarios 1, 2 and 3 each report the median over " + reps_note() + " with targets interleaved "

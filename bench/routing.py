@@ -177,7 +177,7 @@ def start_config(procs: Processes, config: str, urls: list[str], name: str) -> t
     if config == "haproxy-leastconn-maxconn":
         return start_haproxy(procs, ports, name, streaming=True, maxconn=slots_per_server())
     if config == "sglang-cache_aware":
-        return start_sglang_router(procs, urls, name, policy="cache_aware")
+        return start_sglang_router(procs, urls, name, policy="cache_aware", plain=False)
     return None, None  # sticky: no balancer
 
 

@@ -97,7 +97,7 @@ def run_config(config: str, trace_path: Path, n: int, binary: Path, model: Path,
         elif config == "haproxy-leastconn-maxconn":
             proc, port = start_haproxy(procs, ports, f"{tag}-{config}", streaming=True, maxconn=[SLOTS] * SERVERS)
         elif config == "sglang-cache_aware":
-            proc, port = start_sglang_router(procs, urls, f"{tag}-{config}")
+            proc, port = start_sglang_router(procs, urls, f"{tag}-{config}", policy="cache_aware", plain=False)
         assign = traces.sticky_assignment(n, [SLOTS] * SERVERS)
         target = (["--port", str(port)] if port is not None else
                   ["--ports", ",".join(map(str, ports)), "--assign", ",".join(map(str, assign))])

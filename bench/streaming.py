@@ -1,18 +1,25 @@
 """Scenario 2: streaming relay.
 
-A tiny asyncio SSE upstream (bench/sse_upstream.py) stamps each event with
-the system-wide CLOCK_MONOTONIC when it writes it; the load client (its own
+A tiny SSE upstream (bench/sse_upstream.py) stamps each event with the
+system-wide CLOCK_MONOTONIC when it writes it; the load client (its own
 process, bench/loadclient.py) subtracts its own reading at receipt. Streams
-run at 50 events/s each: directly (the baseline), through paddler, nginx (1
-worker, proxy_buffering off) and HAProxy (1 thread), the four interleaved
-within each repetition. Reported, as medians over the repetitions: delay per
-chunk p50/p99, added over direct and as a ratio to direct (both computed per
-repetition against that repetition's direct run, then the median; the p99
-ratio also as min-max), balancer CPU (% of one core while streaming), peak
-RSS (VmHWM) of a fresh balancer per cell, and peak RSS holding idle open
-streams (once, after the repetitions).
+run at 50 events/s each: directly (the baseline), through paddler
+(pass-through relay, the default), paddler with --no-relay-passthrough
+(decode and re-encode), sglang-router, HAProxy (1 thread) and nginx (1
+worker, proxy_buffering off), interleaved within each repetition. The proxy
+under test is pinned to one core (taskset), the upstream and the load
+client to the other, so that the proxy has a core of its own.
 
-    python -m bench.streaming [--quick] [--reps N]
+Reported, as medians over the repetitions: delay per chunk p50/p99, added
+over direct and as a ratio to direct (both computed per repetition against
+that repetition's direct run, then the median; the p99 ratio and the added
+p99 also as min-max), the proxy's CPU (% of one core while streaming) and
+CPU seconds per 1,000 chunks, its peak RSS (VmHWM, a fresh proxy per cell),
+and, once after the repetitions, the memory each proxy holds per idle open
+stream.
+
+    python -m bench.streaming [--quick] [--reps N] [--sizes 512,1000] [--targets paddler,haproxy]
+    python -m bench.streaming --sizes 512 --targets paddler,paddler-base --base /tmp/old --out streaming-ab
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import time
 from typing import Any
 
 from bench.common import (
+    LOAD_CORE,
     LOOPBACK,
+    PROXY_CORE,
     PYTHON,
     TMP,
     Processes,
@@ -34,28 +43,49 @@ from bench.common import (
     median,
     peak_rss_mib,
     percentile,
+    pinned,
     raise_fd_limit,
     save,
+    sglang_router_command,
     spread,
     start_haproxy,
     start_nginx,
     start_paddler,
+    start_sglang_router,
+    tool_version,
     wait_port,
 )
 
-TARGETS = ("direct", "paddler", "nginx", "haproxy")
+TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
+#: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted
+#: relay; paddler from another checkout (--base DIR, e.g. an older commit unpacked with git archive)
+EXTRA_TARGETS = ("twisted-floor", "paddler-base")
+BASE: list[str] = [""]
+RATE = 50.0
 
 
 def start_target(procs: Processes, target: str, upstream_port: int, name: str) -> tuple[Any, int]:
     if target == "direct":
         return None, upstream_port
-    if target == "paddler":
+    if target in ("paddler", "paddler-decode", "paddler-base"):
         # idle streams must not hit --idle-timeout; every stream takes a slot
-        return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name,
-                             extra=["--idle-timeout", "300", "--max-buffered-requests", "5000"])
+        extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
+        if target == "paddler-decode":
+            extra.append("--no-relay-passthrough")
+        source = BASE[0] if target == "paddler-base" else None
+        return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE,
+                             source=source)
+    if target == "twisted-floor":
+        port = free_port()
+        proc = procs.start(pinned([PYTHON, "-m", "bench.twisted_forward", "--port", str(port),
+                                   "--upstream-port", str(upstream_port)], PROXY_CORE), name)
+        wait_port(port, 15, proc)
+        return proc, port
+    if target == "sglang-router":
+        return start_sglang_router(procs, [upstream_port], name, core=PROXY_CORE)
     if target == "nginx":
-        return start_nginx(procs, [upstream_port], name, streaming=True)
-    return start_haproxy(procs, [upstream_port], name, streaming=True)
+        return start_nginx(procs, [upstream_port], name, streaming=True, core=PROXY_CORE)
+    return start_haproxy(procs, [upstream_port], name, streaming=True, core=PROXY_CORE)
 
 
 def run_client(procs: Processes, mode: str, port: int, name: str, **kw: Any) -> dict[str, Any]:
@@ -63,21 +93,21 @@ def run_client(procs: Processes, mode: str, port: int, name: str, **kw: Any) -> 
     args = [PYTHON, "-m", "bench.loadclient", mode, "--port", str(port), "--out", str(out)]
     for key, value in kw.items():
         args += [f"--{key}", str(value)]
-    proc = procs.start(args, name)
-    proc.wait(timeout=600)
+    proc = procs.start(pinned(args, LOAD_CORE), name)
+    proc.wait(timeout=900)
     procs.stop(proc)
     return json.loads(out.read_text())
 
 
-def run_cell(procs: Processes, upstream: Any, target: str, n: int, seconds: float, rate: float, name: str) -> dict[str, Any]:
-    """One stream-size cell for one target, with a fresh balancer (so its peak RSS is this cell's)."""
+def run_cell(procs: Processes, upstream: Any, target: str, n: int, seconds: float, name: str) -> dict[str, Any]:
+    """One stream-count cell for one target, with a fresh proxy (so its peak RSS is this cell's)."""
     proc, port = start_target(procs, target, upstream.port, name)
     pid = proc.pid if proc is not None else None
     up0 = cpu_seconds(upstream.pid)
     before = cpu_seconds(pid) if pid else 0.0
     t0 = time.monotonic()
     result = run_client(procs, "streams", port, f"{name}-client", streams=n,
-                        events=int(seconds * rate), rate=rate, ramp=min(1.0, n / 256))
+                        events=int(seconds * RATE), rate=RATE, ramp=min(1.0, n / 256))
     wall = time.monotonic() - t0
     delays = result["delays"]
     row = {
@@ -91,7 +121,9 @@ def run_cell(procs: Processes, upstream: Any, target: str, n: int, seconds: floa
         "upstream_cpu_pct": 100 * (cpu_seconds(upstream.pid) - up0) / wall,
     }
     if pid:
-        row["balancer_cpu_pct"] = 100 * (cpu_seconds(pid) - before) / wall
+        cpu = cpu_seconds(pid) - before
+        row["balancer_cpu_pct"] = 100 * cpu / wall
+        row["cpu_s_per_1000_chunks"] = 1000 * cpu / result["events"] if result["events"] else float("nan")
         row["peak_rss_mib"] = peak_rss_mib(pid)
         procs.stop(proc)
     return row
@@ -106,13 +138,18 @@ def summarise(runs: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict[
         "expected_events": sum(r["expected_events"] for r in runs),
         "errors": sum(r["errors"] for r in runs),
     }
-    for key in ("p50_ms", "p99_ms", "client_cpu_pct", "upstream_cpu_pct", "balancer_cpu_pct", "peak_rss_mib"):
+    for key in ("p50_ms", "p99_ms", "client_cpu_pct", "upstream_cpu_pct", "balancer_cpu_pct",
+                "cpu_s_per_1000_chunks", "peak_rss_mib"):
         if key in runs[0]:
             row[key] = median(r[key] for r in runs)
+    if "balancer_cpu_pct" in runs[0]:
+        row["balancer_cpu_pct_spread"] = spread(r["balancer_cpu_pct"] for r in runs)
     if runs is not direct:
         pairs = list(zip(runs, direct))
+        added_p99 = [r["p99_ms"] - d["p99_ms"] for r, d in pairs]
         row["added_p50_ms"] = median(r["p50_ms"] - d["p50_ms"] for r, d in pairs)
-        row["added_p99_ms"] = median(r["p99_ms"] - d["p99_ms"] for r, d in pairs)
+        row["added_p99_ms"] = median(added_p99)
+        row["added_p99_ms_spread"] = spread(added_p99)
         p50_ratios = [r["p50_ms"] / d["p50_ms"] for r, d in pairs if d["p50_ms"]]
         p99_ratios = [r["p99_ms"] / d["p99_ms"] for r, d in pairs if d["p99_ms"]]
         row["p50_vs_direct"] = median(p50_ratios)
@@ -121,63 +158,116 @@ def summarise(runs: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict[
     return row
 
 
+def against(runs: dict[str, list[dict[str, Any]]], sizes: tuple[int, ...], targets: tuple[str, ...]) -> dict[str, Any]:
+    """Paddler against sglang-router, per repetition then the median: CPU per chunk and added p99."""
+    out: dict[str, Any] = {}
+    for n in sizes:
+        for other in ("sglang-router", "haproxy", "nginx"):
+            if other not in targets or "paddler" not in targets:
+                continue
+            mine, theirs = runs[f"paddler/{n}"], runs[f"{other}/{n}"]
+            cpu = [m["cpu_s_per_1000_chunks"] / t["cpu_s_per_1000_chunks"]
+                   for m, t in zip(mine, theirs) if t.get("cpu_s_per_1000_chunks")]
+            out[f"{n}/{other}"] = {"cpu_per_chunk_ratio": median(cpu), "cpu_per_chunk_ratio_spread": spread(cpu)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 repetition, 2 s streams, 1 and 64 streams, 300 idle")
+    parser.add_argument("--quick", action="store_true", help="1 repetition, 2 s streams, 64 and 512 streams, 300 idle")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
+    parser.add_argument("--sizes", default=None, help="stream counts, comma-separated (default 1,64,512,1000)")
+    parser.add_argument("--targets", default=None, help="targets besides direct, comma-separated")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per stream (default 5, 2 with --quick)")
+    parser.add_argument("--base", default=None, help="a directory holding another paddler package (target paddler-base)")
+    parser.add_argument("--out", default="streaming", help="results name (bench/results/NAME.json)")
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle-streams memory run")
     args = parser.parse_args(argv)
+    BASE[0] = args.base or ""
     raise_fd_limit()
     reps = args.reps or (1 if args.quick else 3)
-    sizes = (1, 64) if args.quick else (1, 64, 256)
-    seconds = 2.0 if args.quick else 5.0
+    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else ((64, 512) if args.quick else (1, 64, 512, 1000))
+    targets = ("direct", *[t for t in (args.targets.split(",") if args.targets else TARGETS) if t != "direct"])
+    if "sglang-router" in targets and sglang_router_command() is None:
+        log("sglang-router is not installed: skipping it")
+        targets = tuple(t for t in targets if t != "sglang-router")
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
     idle = 300 if args.quick else 2000
     hold = 2.0 if args.quick else 6.0
-    rate = 50.0
-    runs: dict[str, list[dict[str, Any]]] = {f"{t}/{n}": [] for n in sizes for t in TARGETS}
+    runs: dict[str, list[dict[str, Any]]] = {f"{t}/{n}": [] for n in sizes for t in targets}
     with Processes() as procs:
         upstream_port = free_port()
-        upstream = procs.start([PYTHON, "-m", "bench.sse_upstream", "--port", str(upstream_port)], "s2-upstream")
+        upstream = procs.start(
+            pinned([PYTHON, "-m", "bench.sse_upstream", "--port", str(upstream_port)], LOAD_CORE), "s2-upstream"
+        )
         upstream.port = upstream_port  # type: ignore[attr-defined]
         wait_port(upstream_port, 15, upstream)
         for rep in range(reps):
             for n in sizes:
-                for target in TARGETS:  # interleaved: drifting machine load hits every target alike
-                    row = run_cell(procs, upstream, target, n, seconds, rate, f"s2-{target}-{n}")
+                for target in targets:  # interleaved: drifting machine load hits every target alike
+                    row = run_cell(procs, upstream, target, n, seconds, f"s2-{target}-{n}")
                     runs[f"{target}/{n}"].append(row)
                     log(f"streaming rep {rep + 1}/{reps} {target} x{n}: p50 {row['p50_ms']:.2f} ms "
                         f"p99 {row['p99_ms']:.2f} ms events {row['events']}/{row['expected_events']} "
                         f"errors {row['errors']} cpu {row.get('balancer_cpu_pct', 0):.0f}% "
-                        f"client {row['client_cpu_pct']:.0f}%")
+                        f"({row.get('cpu_s_per_1000_chunks', 0):.4f} s/1000 chunks) "
+                        f"client {row['client_cpu_pct']:.0f}% upstream {row['upstream_cpu_pct']:.0f}%")
         rows = {key: summarise(rs, runs[f"direct/{key.split('/')[1]}"]) for key, rs in runs.items()}
         idle_rows: dict[str, Any] = {}
-        for target in TARGETS[1:]:
+        for target in () if args.no_idle else targets[1:]:
+            if target == "twisted-floor":
+                continue
             name = f"s2-{target}-idle"
             proc, port = start_target(procs, target, upstream_port, name)
+            time.sleep(0.5)
             rss_before = peak_rss_mib(proc.pid)
             result = run_client(procs, "idle", port, f"{name}-client", streams=idle, hold=hold,
                                 ramp=1.0 if args.quick else 2.0)
+            peak = peak_rss_mib(proc.pid)
             idle_rows[target] = {
                 "streams": idle,
                 "opened": result["opened"],
                 "errors": result["errors"],
                 "rss_at_start_mib": rss_before,
-                "peak_rss_mib": peak_rss_mib(proc.pid),
+                "peak_rss_mib": peak,
+                "kib_per_stream": (peak - rss_before) * 1024 / max(1, result["opened"]),
             }
             procs.stop(proc)
-            log(f"idle {target} x{idle}: opened {result['opened']} peak RSS {idle_rows[target]['peak_rss_mib']:.1f} MiB")
+            log(f"idle {target} x{idle}: opened {result['opened']} peak RSS {peak:.1f} MiB "
+                f"({idle_rows[target]['kib_per_stream']:.1f} KiB per stream)")
     data = {
         "scenario": "streaming",
         "quick": args.quick,
         "repetitions": reps,
         "seconds_per_stream": seconds,
-        "rate": rate,
+        "rate": RATE,
+        "sizes": list(sizes),
+        "targets": list(targets),
+        "pinning": {"proxy_core": PROXY_CORE, "load_core": LOAD_CORE},
         "machine": machine(),
+        "tools": {
+            "haproxy": tool_version(["haproxy", "-v"]),
+            "nginx": tool_version(["nginx", "-v"]),
+            "sglang-router": _sglang_version(),
+        },
         "rows": rows,
+        "paddler_against": against(runs, sizes, targets),
         "runs": runs,
         "idle": idle_rows,
     }
-    save("streaming", data)
+    if args.base:
+        data["base"] = args.base
+    save(args.out, data)
     return data
+
+
+def _sglang_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return "sglang-router " + version("sglang-router")
+    except Exception:  # noqa: BLE001 - not installed
+        return "missing"
 
 
 if __name__ == "__main__":

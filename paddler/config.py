@@ -134,6 +134,12 @@ class BalancerConfig:
         300.0, "Seconds to wait for an upstream's response headers.", seconds()
     )
     idle_timeout: float = setting(60.0, "Seconds a response may stay silent mid-body.", seconds())
+    relay_passthrough: bool = setting(
+        True,
+        "Relay chunked answers to HTTP/1.1 clients as received, without decoding and "
+        "re-encoding the chunks.",
+        Flag(),
+    )
     max_retries: int = setting(
         3, "Other upstreams to try when one fails before answering.", count(0, 100)
     )

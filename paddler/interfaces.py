@@ -63,8 +63,10 @@ class IUpstreamProber(Interface):
     def probe(upstream):  # type: ignore[no-untyped-def]
         """
         Probe C{upstream} once, update it and the pool, and return a Deferred
-        that fires with C{None} when done (it never fails: problems are
-        recorded on the upstream). The Deferred has a deadline.
+        that fires when done (it never fails: problems are recorded on the
+        upstream) with C{False} when the reading was the same as the last
+        one (the probe service may then probe an idle upstream less often),
+        anything else (C{True}, C{None}) otherwise. The Deferred has a deadline.
         """
 
 
@@ -163,3 +165,47 @@ class ISlotStore(Interface):
 
     def snapshot():  # type: ignore[no-untyped-def]
         """Fires with a L{paddler.shared.model.StoreSnapshot}: every server's shared figures."""
+class IUpstreamClient(Interface):
+    """Sends requests to upstreams over kept-alive HTTP/1.1 connections."""
+
+    def send(method, origin, target, headers, body):  # type: ignore[no-untyped-def]
+        """
+        Send C{method} C{target} (bytes, origin-form) to C{origin}
+        (C{b"http://host:port"}) with C{headers} (a list of (name, value)
+        bytes pairs, C{Host} included) and C{body} (bytes or C{None}). Return
+        a Deferred firing with an L{IUpstreamBody} once the response head
+        arrived; cancelling it aborts the connection.
+        """
+
+    def close():  # type: ignore[no-untyped-def]
+        """Close the idle connections and keep no new ones; a Deferred fires when they closed."""
+
+
+class IUpstreamBody(Interface):
+    """An upstream response: status and headers at once, the body when a consumer takes it."""
+
+    code = Attribute("The status code (int).")
+    phrase = Attribute("The reason phrase (bytes).")
+    headers = Attribute("Every header as received: a list of (name, value) bytes pairs.")
+    framing = Attribute("How the body is delimited: 'chunked', 'length', 'close' or 'none'.")
+
+    def deliver(consumer, raw):  # type: ignore[no-untyped-def]
+        """
+        Send the body to C{consumer}: C{consumer.body_data(bytes)} per piece,
+        then C{consumer.body_done(None)} at its end or
+        C{consumer.body_done(failure)}. With C{raw} (honoured for 'chunked'
+        and 'length' framing only) the pieces are the bytes as received, chunk
+        framing included; otherwise the decoded payload.
+        """
+
+    def pause():  # type: ignore[no-untyped-def]
+        """Stop reading the body (the consumer cannot keep up)."""
+
+    def resume():  # type: ignore[no-untyped-def]
+        """Read the body again."""
+
+    def abort():  # type: ignore[no-untyped-def]
+        """Drop the connection (the upstream sees the request cancelled); the consumer gets a failure."""
+
+    def tail():  # type: ignore[no-untyped-def]
+        """The last few KiB of the decoded payload (llama.cpp's C{timings} come there)."""

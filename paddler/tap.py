@@ -248,8 +248,6 @@ def makeBalancerService(
     command passes it; ``twistd paddler`` cannot run workers).
     """
     from twisted.logger import Logger
-    from twisted.web.client import Agent
-    from treq.client import HTTPClient
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
     from paddler.balancer.reload import Reloader
@@ -266,15 +264,15 @@ def makeBalancerService(
     from paddler.observability.snapshot import FleetView, StateHistory
     from paddler.observability.stream import ObservabilityService, StateStream
     from paddler.routing.policies import CHOOSERS
-    from paddler.shared.fleet import SharedProber
-    from paddler.web.clients import ConnectionPoolService, connection_pool
-    from paddler.web.endpoints import CachingEndpointFactory
     from paddler.errors import PaddlerHTTPError, outcome_of
+    from paddler.shared.fleet import SharedProber
     from paddler.web.channel import GuardedSite
+    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
     from paddler.web.descriptors import limits_for, open_files_limit
     from paddler.web.instance import new_instance_id
     from paddler.web.listeners import ListeningService
     from paddler.web.memory import BodyMemory
+    from paddler.web.upstream_client import UpstreamClient
     from paddler.web.request import bounded_request_factory
     from paddler.web.router import PrefixRouter
 
@@ -287,15 +285,15 @@ def makeBalancerService(
         buffer_timeout=config.buffered_request_timeout,
     )
     stats = RequestStats(reactor)
-    proxy_connections = connection_pool(reactor, 64)
-    probe_connections = connection_pool(reactor, 2)
+    upstream_client = UpstreamClient(
+        reactor,
+        connect_timeout=min(10.0, config.upstream_timeout),
+        max_idle_per_host=64,
+        idle_timeout=CACHED_CONNECTION_TIMEOUT,
+    )
     proxy = ProxyResource(
         pool,
-        Agent.usingEndpointFactory(
-            reactor,
-            CachingEndpointFactory(reactor, connect_timeout=min(10.0, config.upstream_timeout)),
-            pool=proxy_connections,
-        ),
+        upstream_client,
         reactor,
         ProxyConfig.from_balancer(config),
         stats,
@@ -328,11 +326,18 @@ def makeBalancerService(
         )
         fleet.setServiceParent(top)
         SimulatedUpstreamsService(pool, fleet, reactor).setServiceParent(top)
-    ConnectionPoolService(probe_connections).setServiceParent(top)
-    ConnectionPoolService(proxy_connections).setServiceParent(top)
+    UpstreamClientService(upstream_client).setServiceParent(top)
 
+    # probes keep one connection per upstream alive (reads every interval, llama-server closes after 5 s)
+    probe_client = UpstreamClient(
+        reactor,
+        connect_timeout=config.probe_timeout,
+        max_idle_per_host=1,
+        idle_timeout=CACHED_CONNECTION_TIMEOUT,
+    )
+    UpstreamClientService(probe_client).setServiceParent(top)
     prober = HTTPProber(
-        HTTPClient(Agent(reactor, pool=probe_connections, connectTimeout=config.probe_timeout)),
+        probe_client,
         reactor,
         pool,
         timeout=config.probe_timeout,

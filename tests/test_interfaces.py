@@ -28,12 +28,13 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
-from paddler.balancer.relay import BytesProducer, Relay
-from paddler.interfaces import ISlotChooser, IUpstreamProber
+from paddler.balancer.relay import AgentClient, BytesProducer, Relay
+from paddler.interfaces import ISlotChooser, IUpstreamClient, IUpstreamProber
 from paddler.logs import drop_noise
 from paddler.observability.stream import StateStream, _StreamClient
 from paddler.routing.policies import CHOOSERS
 from paddler.web.endpoints import CachingEndpointFactory
+from paddler.web.upstream_client import UpstreamClient
 
 from .memory_network import MemoryNetwork, connect_raw
 from .proxy_harness import Chunks
@@ -89,6 +90,8 @@ def providers() -> list[tuple[Any, Any]]:
         (IPushProducer, _StreamClient(stream, DummyRequest([b""]))),
         (IBodyProducer, BytesProducer(b"{}")),
         (IAgentEndpointFactory, CachingEndpointFactory(MemoryReactorClock())),
+        (IUpstreamClient, UpstreamClient(MemoryReactorClock())),
+        (IUpstreamClient, AgentClient(None)),
         (ILogFilterPredicate, drop_noise),
         (IUpstreamProber, RecordingProber()),
         (IUpstreamProber, HeldProber()),

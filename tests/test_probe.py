@@ -47,7 +47,7 @@ def test_slots_probe_reads_idle_and_busy_slots_and_the_model():
     fake = FakeLlama(slots=4, model="qwen.gguf")
     fake.busy = 3
     clock, pool, stub, prober, upstream = setup(fake)
-    assert run(stub, prober.probe(upstream)) is None
+    assert run(stub, prober.probe(upstream)) is True  # a first reading is news
     assert upstream.state is UpstreamState.HEALTHY
     assert (upstream.slots_total, upstream.slots_processing, upstream.slots_idle) == (4, 3, 1)
     assert upstream.models == ("qwen.gguf",)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -24,7 +25,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
-from paddler.balancer.relay import BytesProducer, Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.balancer.relay import AgentClient, Relay, ResponseHead, UpstreamIdleTimeout, timings_in
 from paddler.errors import (
     BadRequest,
     InternalError,
@@ -39,6 +40,7 @@ from paddler.errors import (
     json_response as _json,
 )
 from paddler.fleet.pool import Lease, UpstreamPool
+from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
@@ -77,6 +79,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+#: Request headers not forwarded besides the hop-by-hop ones: the body's length is set again,
+#: and C{Expect: 100-continue} was answered by the balancer (the body is sent whole).
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
 
 RETRYABLE = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed)
 
@@ -96,6 +101,7 @@ class ProxyConfig:
     idle_timeout: float = 60.0
     max_request_body: int = 10 * 1024 * 1024
     max_retries: int = 3
+    relay_passthrough: bool = True
 
     @classmethod
     def from_balancer(cls, config: Any) -> ProxyConfig:
@@ -108,6 +114,7 @@ class ProxyConfig:
             idle_timeout=config.idle_timeout,
             max_request_body=config.max_request_body,
             max_retries=config.max_retries,
+            relay_passthrough=getattr(config, "relay_passthrough", True),
         )
 
 
@@ -180,6 +187,10 @@ class Exchange:
     def path(self) -> str:
         return self.request.path.decode("latin-1")
 
+    def forget_body(self) -> None:
+        """The answer began: the request will not be sent again, its body can go."""
+        self.body = b""
+
 
 class ProxyResource(Resource):
     """Every path of the proxy port: C{/health}, C{/slots}, and the rest proxied."""
@@ -204,6 +215,16 @@ class ProxyResource(Resource):
         self.stopping = False
         self.active: set[server.Request] = set()
         self._drained: list[Deferred[None]] = []
+
+    @property
+    def _agent(self) -> Any:
+        """The L{IUpstreamClient} requests go out with."""
+        return self._client
+
+    @_agent.setter
+    def _agent(self, agent: Any) -> None:
+        # a plain Twisted IAgent is adapted: its bodies arrive decoded, never raw
+        self._client = agent if IUpstreamClient.providedBy(agent) else AgentClient(agent)
 
     # -- shutting down ----------------------------------------------------
 
@@ -392,43 +413,57 @@ class ProxyResource(Resource):
             self._pool.observe(upstream, LoadingSeen(source="proxy"))
         return reason
 
-    def _upstream_headers(self, request: server.Request, upstream: Upstream) -> Headers:
-        headers = Headers()
-        connection_tokens = {
-            token.strip().lower()
-            for value in request.requestHeaders.getRawHeaders(b"connection", [])
-            for token in value.split(b",")
-        }
-        for name, values in request.requestHeaders.getAllRawHeaders():
+    def _upstream_headers(self, request: server.Request, upstream: Upstream) -> list[tuple[bytes, bytes]]:
+        """The client's end-to-end headers, X-Forwarded-*, Host and the upstream's key."""
+        raw = request.requestHeaders
+        connection = raw.getRawHeaders(b"connection")
+        skip: Any = _NOT_FORWARDED
+        if connection:
+            skip = _NOT_FORWARDED | {t.strip().lower() for v in connection for t in v.split(b",")}
+        headers: list[tuple[bytes, bytes]] = []
+        forwarded_for: Sequence[bytes] = ()
+        host: bytes | None = None
+        has_authorization = False
+        for name, values in raw.getAllRawHeaders():
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in connection_tokens or lower == b"content-length":
+            if lower in skip:
+                if lower == b"host":
+                    host = values[-1]
                 continue
-            headers.setRawHeaders(name, values)
-        client = request.getClientAddress()
-        client_host = getattr(client, "host", None)
+            if lower == b"x-forwarded-for":
+                forwarded_for = values
+                continue
+            if lower == b"authorization":
+                has_authorization = True
+            for value in values:
+                headers.append((name, value))
+        client_host = getattr(request.getClientAddress(), "host", None)
         if client_host:
-            previous = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
-            headers.setRawHeaders(
-                b"x-forwarded-for", [b", ".join([*previous, client_host.encode("ascii")])]
-            )
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-        host = request.getHeader(b"host")
+            headers.append((b"X-Forwarded-For", b", ".join([*forwarded_for, client_host.encode("ascii")])))
+        elif forwarded_for:
+            headers.extend((b"X-Forwarded-For", value) for value in forwarded_for)
+        headers.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
         if host:
-            headers.setRawHeaders(b"x-forwarded-host", [host])
+            headers.append((b"X-Forwarded-Host", host))
         if self.config.rewrite_host_header or not host:
-            headers.setRawHeaders(b"host", [upstream.url.split("://", 1)[1].encode("ascii")])
+            host = upstream.url.split("://", 1)[1].encode("ascii")
+        headers.append((b"Host", host))
         key = upstream.api_key or self.config.api_key
-        if key and not headers.hasHeader(b"authorization"):
-            headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("utf-8")])
+        if key and not has_authorization:
+            headers.append((b"Authorization", b"Bearer " + key.encode("utf-8")))
         return headers
 
-    async def _send(self, upstream: Upstream, request: server.Request, body: bytes) -> IResponse:
-        producer = BytesProducer(body) if body or request.method in (b"POST", b"PUT", b"PATCH") else None
-        d = self._agent.request(
-            request.method,
-            upstream_uri(upstream, request.uri),
+    async def _send(self, upstream: Upstream, request: server.Request, body: bytes) -> Any:
+        method = request.method
+        target = request.uri
+        if not target.startswith(b"/"):
+            raise BadRequest("the request target must be a path starting with /")
+        d = self._client.send(
+            method,
+            upstream.url.encode("ascii"),
+            target,
             self._upstream_headers(request, upstream),
-            producer,
+            body if body or method in (b"POST", b"PUT", b"PATCH") else None,
         )
         timeout = self.config.upstream_timeout
 
@@ -444,17 +479,33 @@ class ProxyResource(Resource):
         except ConnectingCancelledError as e:  # cancelled (client gone) while still connecting
             raise CancelledError() from e
 
-    async def _relay(self, exchange: Exchange, response: IResponse, upstream: Upstream) -> Any:
+    async def _relay(self, exchange: Exchange, response: Any, upstream: Upstream) -> Any:
         """Relay the answer; return llama.cpp's C{timings} from its end, if any."""
         request = exchange.request
-        head = ResponseHead(
-            response.code,
-            response.phrase,
-            [(name, values) for name, values in response.headers.getAllRawHeaders()
-             if name.lower() not in HOP_BY_HOP],
+        framing = response.framing
+        head = _response_head(response)
+        take_body = getattr(response, "take_body", None)
+        body = take_body() if take_body is not None else None
+        if body is not None:
+            # the whole (small) answer came with its head: write it, no relay needed
+            first_byte_at = self._clock.seconds()
+            head.apply(request)
+            if not _client_gone(request):
+                request.write(body)
+            self._record(exchange, response.code, upstream=upstream, first_byte_at=first_byte_at)
+            if not request.finished and not _client_gone(request):
+                request.finish()
+            return timings_in(response.tail())
+        del take_body
+        # the request body is needed again only if this answer breaks before its first byte
+        relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body)
+        raw = (
+            self.config.relay_passthrough
+            and framing in ("chunked", "length")
+            and request.clientproto == b"HTTP/1.1"
+            and request.method != b"HEAD"
         )
-        relay = Relay(request, self._clock, self.config.idle_timeout, head)
-        response.deliverBody(relay)
+        relay.start(response, raw)
         try:
             await relay.done
         except UpstreamIdleTimeout as e:
@@ -493,11 +544,12 @@ class ProxyResource(Resource):
         relay: Relay | None = None,
         upstream: Upstream | None = None,
         outcome: tuple[str, str] | None = None,
+        first_byte_at: float | None = None,
     ) -> None:
         if exchange.recorded:
             return
         exchange.recorded = True
-        first = None if relay is None else relay.first_byte_at
+        first = first_byte_at if relay is None else relay.first_byte_at
         self.stats.record(
             status,
             self._clock.seconds() - exchange.started,
@@ -528,6 +580,27 @@ class ProxyResource(Resource):
         request.responseHeaders = Headers()
         request.write(error_response(request, error))
         request.finish()
+
+
+#: Response headers not relayed: hop-by-hop ones, and the length of a chunked answer (RFC 9112 6.3).
+_NOT_RELAYED = HOP_BY_HOP
+_NOT_RELAYED_CHUNKED = HOP_BY_HOP | {b"content-length"}
+
+
+def _response_head(response: Any) -> ResponseHead:
+    """The status and end-to-end headers of an upstream answer, values of one name grouped."""
+    drop = _NOT_RELAYED_CHUNKED if response.framing == "chunked" else _NOT_RELAYED
+    grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        entry = grouped.get(lower)
+        if entry is None:
+            grouped[lower] = (name, [value])
+        else:
+            entry[1].append(value)
+    return ResponseHead(response.code, response.phrase, list(grouped.values()))
 
 
 def _outcome(error: PaddlerHTTPError) -> tuple[str, str] | None:

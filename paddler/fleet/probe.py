@@ -9,6 +9,7 @@ reports play that part.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from typing import Any
 
@@ -22,23 +23,28 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from paddler.fleet.pool import UpstreamPool
-from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream
+from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, UpstreamState
 from paddler.interfaces import IUpstreamProber
 from paddler.llamacpp.errors import Loading
-from paddler.llamacpp.slots import SlotReading, http_getter, read_slots
+from paddler.interfaces import IUpstreamClient
+from paddler.llamacpp.slots import SlotReading, SlotsCache, client_getter, http_getter, read_slots
 from paddler.web.failures import describe_failure
 from paddler.web.instance import THIS_BALANCER, ThisBalancer
 
 
 @implementer(IUpstreamProber)
 class HTTPProber:
-    """Probes one upstream over HTTP with C{http_client} (a treq C{HTTPClient})."""
+    """
+    Probes one upstream over HTTP with C{http_client}: an L{IUpstreamClient}
+    (kept-alive connections, the production wiring) or a treq C{HTTPClient}.
+    An unchanged C{/slots} answer is not parsed again; the probe's Deferred
+    then fires with C{False} (nothing new), else with C{True}.
+    """
 
     log = Logger()
 
@@ -63,8 +69,10 @@ class HTTPProber:
         self.api_key = api_key
         #: Called with (upstream, reading) after each successful read (the shared fleet sends it on).
         self.on_reading: Callable[[Upstream, SlotReading], None] | None = None
+        self._getter = client_getter if IUpstreamClient.providedBy(http_client) else http_getter
+        self._caches: dict[str, SlotsCache] = {}
 
-    def probe(self, upstream: Upstream) -> Deferred[None]:
+    def probe(self, upstream: Upstream) -> Deferred[Any]:
         reading = ensureDeferred(self._probe(upstream))
         reading.addTimeout(self.timeout, self._clock, onTimeoutCancel=_timed_out)
         return reading.addCallbacks(
@@ -72,16 +80,22 @@ class HTTPProber:
         )
 
     async def _probe(self, upstream: Upstream) -> SlotReading:
-        get = http_getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
+        get = self._getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
+        cache = self._caches.get(upstream.id)
+        if cache is None:
+            if len(self._caches) > 2 * len(self._pool.upstreams) + 16:
+                self._caches = {uid: c for uid, c in self._caches.items() if uid in self._pool.upstreams}
+            cache = self._caches[upstream.id] = SlotsCache()
         return await read_slots(
             get,
             method=upstream.probe_method,
             mode=self.mode,
             want_models=not upstream.models,
             mark=upstream.probe_mark,
+            cache=cache,
         )
 
-    def _succeeded(self, upstream: Upstream, reading: SlotReading) -> None:
+    def _succeeded(self, upstream: Upstream, reading: SlotReading) -> bool:
         if self.on_reading is not None:
             self.on_reading(upstream, reading)
         if reading.method == "props" and upstream.probe_method != "props":
@@ -100,6 +114,7 @@ class HTTPProber:
                 method=reading.method,
             ),
         )
+        return reading.changed
 
     def _failed(self, upstream: Upstream, failure: Failure) -> None:
         if failure.check(CancelledError):
@@ -127,21 +142,63 @@ def _timed_out(result: object, timeout: float) -> None:
     raise DeferredTimeout(f"no answer within {timeout:g} s")
 
 
+class _Schedule:
+    """When one upstream is probed next, and what its last probes said."""
+
+    __slots__ = ("upstream", "due", "running", "quiet", "last_probe", "mark")
+
+    def __init__(self, upstream: Upstream, due: float) -> None:
+        self.upstream = upstream
+        self.due = due
+        self.running: Deferred[Any] | None = None
+        self.quiet = 0  # consecutive probes that found nothing new
+        self.last_probe = due
+        self.mark = -1  # the upstream's probe_mark at the last probe
+
+
 class ProbeService(Service):
-    """Runs one probe loop per probed upstream; loops come and go with the pool."""
+    """
+    Probes every probed upstream about every C{interval} seconds, from one
+    timer: probes are spread over the interval (never all at once), one
+    upstream's probes never overlap, and upstreams come and go with the pool.
+
+    An upstream that is healthy, idle (no request of ours on it, none
+    waiting in the buffer, none sent there since its last probe) and whose
+    last two readings were unchanged is probed only every C{idle_every}
+    intervals; any change, any request to it, any request waiting for a
+    slot brings it back to every interval at its next turn. So where the
+    picture matters (requests running or waiting, upstreams failing or
+    starting) it is never older than one interval.
+    """
 
     log = Logger()
+    #: consecutive unchanged readings before an idle upstream is probed less often
+    QUIET_AFTER = 2
+    #: upstreams whose first probe may start in the same instant; more are spread over the interval
+    BURST = 32
 
     def __init__(
-        self, pool: UpstreamPool, prober: IUpstreamProber, clock: IReactorTime, interval: float = 1.0
+        self,
+        pool: UpstreamPool,
+        prober: IUpstreamProber,
+        clock: IReactorTime,
+        interval: float = 1.0,
+        idle_every: int = 3,
     ) -> None:
         self._pool = pool
         self._prober = prober
         self._clock = clock
         self.interval = interval
-        self._loops: dict[str, LoopingCall] = {}
-        self._in_flight: dict[str, Deferred[None]] = {}
+        self.idle_every = idle_every
+        self._schedules: dict[str, _Schedule] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._timer: Any = None
+        self._burst_at = -1.0
+        self._burst = 0
         self._unsubscribe: Any = None
+        self.probes_sent = 0
+        self.probes_skipped = 0
 
     def startService(self) -> None:
         super().startService()
@@ -157,34 +214,100 @@ class ProbeService(Service):
         elif event == "removed":
             self._stop(upstream.id)
 
-    def _start(self, upstream: Upstream) -> None:
-        if upstream.source == "agent" or upstream.id in self._loops:
-            return
-        loop = LoopingCall(self._probe_once, upstream)
-        loop.clock = self._clock
-        self._loops[upstream.id] = loop
-        loop.start(self.interval, now=True).addErrback(
-            lambda f: self.log.failure("probe loop for {name} died", f, name=upstream.name)
-        )
+    # -- scheduling --------------------------------------------------------------
 
-    def _probe_once(self, upstream: Upstream) -> Deferred[None]:
+    def _start(self, upstream: Upstream) -> None:
+        if not self.running or upstream.source == "agent" or upstream.id in self._schedules:
+            return
+        now = self._clock.seconds()
+        if now != self._burst_at:
+            self._burst_at, self._burst = now, 0
+        k = self._burst
+        self._burst += 1
+        # upstreams added together are spread over the interval (golden-ratio phases); the
+        # first BURST of them are probed at once all the same, so that a fleet starts quickly
+        phase = (k * 0.6180339887) % 1.0
+        schedule = _Schedule(upstream, now + phase * self.interval)
+        self._schedules[upstream.id] = schedule
+        if k < self.BURST:
+            self._run(schedule, now)
+            schedule.due = now + self.interval * (1.0 + phase)
+        self._push(schedule)
+
+    def _push(self, schedule: _Schedule) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (schedule.due, self._seq, schedule.upstream.id))
+        if self._timer is None or schedule.due < self._timer.getTime():
+            self._arm(schedule.due)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        # probes due within a small slack run together: fewer timer wake-ups
+        horizon = now + min(0.01, self.interval / 100)
+        heap = self._heap
+        while heap and heap[0][0] <= horizon:
+            _, _, uid = heapq.heappop(heap)
+            schedule = self._schedules.get(uid)
+            if schedule is None:
+                continue
+            try:
+                self._due(schedule, now)
+            except Exception:
+                self.log.failure("probe scheduling of {name} failed", name=schedule.upstream.name)
+            schedule.due = max(schedule.due + self.interval, now)
+            self._seq += 1
+            heapq.heappush(heap, (schedule.due, self._seq, uid))
+        if heap and self.running:
+            self._arm(heap[0][0])
+
+    def _due(self, schedule: _Schedule, now: float) -> None:
+        if schedule.running is not None:
+            return  # the last probe still runs: never two at once
+        upstream = schedule.upstream
+        if (
+            schedule.quiet >= self.QUIET_AFTER
+            and now - schedule.last_probe < self.idle_every * self.interval - 1e-9
+            and upstream.state is UpstreamState.HEALTHY
+            and upstream.slots_held == 0
+            and upstream.probe_mark() == schedule.mark
+            and not self._pool.requests_buffered
+        ):
+            self.probes_skipped += 1
+            return
+        self._run(schedule, now)
+
+    def _run(self, schedule: _Schedule, now: float) -> Deferred[Any]:
+        upstream = schedule.upstream
+        schedule.last_probe = now
+        schedule.mark = upstream.probe_mark()
+        self.probes_sent += 1
         d = maybeDeferred(self._prober.probe, upstream)
-        self._in_flight[upstream.id] = d
+        schedule.running = d
 
         def done(result: object) -> None:
-            if self._in_flight.get(upstream.id) is d:
-                del self._in_flight[upstream.id]
-            if isinstance(result, Failure) and not result.check(CancelledError):
-                self.log.failure("probe of {name} failed unexpectedly", result, name=upstream.name)
+            if schedule.running is d:
+                schedule.running = None
+            if isinstance(result, Failure):
+                schedule.quiet = 0
+                if not result.check(CancelledError):
+                    self.log.failure("probe of {name} failed unexpectedly", result, name=upstream.name)
+                return
+            schedule.quiet = schedule.quiet + 1 if result is False else 0
 
         d.addBoth(done)
         return d
 
+    # -- control -------------------------------------------------------------------
+
     def set_interval(self, interval: float) -> None:
-        """Probe every C{interval} seconds from each loop's next run on."""
+        """Probe every C{interval} seconds from each upstream's next probe on."""
         self.interval = interval
-        for loop in self._loops.values():
-            loop.interval = interval
 
     def probe_now(self, upstream: Upstream) -> Deferred[None]:
         """
@@ -192,9 +315,13 @@ class ProbeService(Service):
         The result fires with C{None} when that probe is done; cancelling it
         (a client that stopped waiting) leaves the probe alone.
         """
-        running = self._in_flight.get(upstream.id)
-        if running is None:
-            running = self._probe_once(upstream)
+        schedule = self._schedules.get(upstream.id)
+        if schedule is not None and schedule.running is not None:
+            running = schedule.running
+        elif schedule is not None:
+            running = self._run(schedule, self._clock.seconds())
+        else:
+            running = maybeDeferred(self._prober.probe, upstream)
         done: Deferred[None] = Deferred()
 
         def finished(result: object) -> object:
@@ -206,13 +333,11 @@ class ProbeService(Service):
         return done
 
     def _stop(self, upstream_id: str) -> Deferred[Any]:
-        loop = self._loops.pop(upstream_id, None)
-        if loop is not None and loop.running:
-            loop.stop()
-        in_flight = self._in_flight.pop(upstream_id, None)
-        if in_flight is not None:
-            in_flight.cancel()
-            return in_flight
+        schedule = self._schedules.pop(upstream_id, None)
+        if schedule is not None and schedule.running is not None:
+            running, schedule.running = schedule.running, None
+            running.cancel()
+            return running
         return succeed(None)
 
     def stopService(self) -> Deferred[Any]:
@@ -220,4 +345,8 @@ class ProbeService(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        return DeferredList([self._stop(uid) for uid in set(self._loops) | set(self._in_flight)])
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._heap = []
+        return DeferredList([self._stop(uid) for uid in list(self._schedules)])

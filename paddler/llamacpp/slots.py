@@ -65,6 +65,44 @@ def http_getter(
     return get
 
 
+def client_getter(
+    client: Any, base_url: str, api_key: str | None = None, own_instance: str | None = None
+) -> Getter:
+    """
+    A L{Getter} over a L{paddler.web.upstream_client.UpstreamClient}
+    (kept-alive connections); an answer carrying C{own_instance} as its
+    C{X-Paddler-Instance} came from the balancer itself: L{ThisBalancer}.
+    """
+    origin = base_url.encode("ascii")
+    authority = origin.partition(b"://")[2]
+    headers = [(b"Host", authority)]
+    if api_key:
+        headers.append((b"Authorization", b"Bearer " + api_key.encode("utf-8")))
+
+    async def get(path: str) -> tuple[int, bytes]:
+        instance: list[bytes] = []
+        code, body = await client.fetch(origin, path.encode("ascii"), headers, seen=instance)
+        if own_instance is not None and instance and instance[0].decode("latin-1").strip() == own_instance:
+            raise ThisBalancer()
+        if code == 503 and error_message(body) == LOADING_MESSAGE:
+            raise Loading()
+        return code, body
+
+    return get
+
+
+class SlotsCache:
+    """The last C{/slots} answer of one server and what it said, so that an unchanged answer is not parsed again."""
+
+    __slots__ = ("body", "total", "busy", "slots")
+
+    def __init__(self) -> None:
+        self.body: bytes | None = None
+        self.total = 0
+        self.busy = 0
+        self.slots: list[Any] = []
+
+
 @dataclass
 class SlotReading:
     """One look at a server's slots.
@@ -82,6 +120,8 @@ class SlotReading:
     models: tuple[str, ...] | None = None
     raw_slots: list[Any] | None = None
     mark: int = 0
+    #: False when the answer was byte for byte the last one (see L{SlotsCache})
+    changed: bool = True
 
 
 def _require_ok(path: str, code: int, body: bytes) -> None:
@@ -128,12 +168,14 @@ async def read_slots(
     mode: str = "slots",
     want_models: bool = True,
     mark: Callable[[], int] = lambda: 0,
+    cache: SlotsCache | None = None,
 ) -> SlotReading:
     """
     Read the slots of the server behind C{get}: C{/slots}, falling back to
     C{/props} + C{/metrics} on 404/501 (or directly when C{method} is
     ``props``); in C{mode} ``health``, C{/health} + C{/props}. Raises
-    L{Loading} or L{ProbeError}.
+    L{Loading} or L{ProbeError}. With a C{cache}, a C{/slots} answer equal
+    to the last one is not parsed again (C{changed} is then C{False}).
     """
     if mode == "health":
         taken = mark()
@@ -146,6 +188,9 @@ async def read_slots(
         code, body = await get("/slots")
         if code not in (404, 501):
             _require_ok("/slots", code, body)
+            names = await _read_models(get) if want_models else None
+            if cache is not None and body == cache.body:
+                return SlotReading(cache.total, cache.busy, "slots", names, cache.slots, taken, changed=False)
             try:
                 slots = json.loads(body)
             except ValueError:
@@ -153,7 +198,8 @@ async def read_slots(
             if not isinstance(slots, list):
                 raise ProbeError("/slots answer is not a list")
             busy = count_processing(slots)
-            names = await _read_models(get) if want_models else None
+            if cache is not None:
+                cache.body, cache.total, cache.busy, cache.slots = body, len(slots), busy, slots
             return SlotReading(len(slots), busy, "slots", names, slots, taken)
     taken = mark()
     total, models = await _read_props(get)

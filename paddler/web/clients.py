@@ -33,3 +33,14 @@ class ConnectionPoolService(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         return self.connections.closeCachedConnections()
+
+
+class UpstreamClientService(Service):
+    """Closes an L{paddler.web.upstream_client.UpstreamClient}'s idle connections when stopped."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return self.client.close()

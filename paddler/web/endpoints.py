@@ -34,21 +34,25 @@ class CachingEndpointFactory:
         self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
+        return self.endpoint_for(uri.scheme, uri.host, uri.port)
+
+    def endpoint_for(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
+        """The endpoint for C{scheme://host:port} (built on first use, then reused)."""
+        key = (scheme, host, port)
         endpoint = self._cache.get(key)
         if endpoint is None:
             if len(self._cache) >= self._max_entries:
                 self._cache.clear()
-            endpoint = self._build(uri)
+            endpoint = self._build(scheme, host, port)
             self._cache[key] = endpoint
         return endpoint
 
-    def _build(self, uri: Any) -> IStreamClientEndpoint:
+    def _build(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
         timeout = 30.0 if self._connect_timeout is None else self._connect_timeout
-        tcp = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=timeout)
-        if uri.scheme == b"http":
+        tcp = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        if scheme == b"http":
             return tcp
-        if uri.scheme == b"https":
-            creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+        if scheme == b"https":
+            creator = self._tls_policy.creatorForNetloc(host, port)
             return wrapClientTLS(creator, tcp)
-        raise ValueError(f"unsupported scheme {uri.scheme!r}")
+        raise ValueError(f"unsupported scheme {scheme!r}")

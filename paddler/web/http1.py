@@ -1,0 +1,388 @@
+"""HTTP/1.1 message framing for the upstream client: response heads and body ends, on raw bytes.
+
+The scanners follow a response body as it arrives without copying it: they
+say where the body ends (exactly: a last chunk split across reads, chunk
+extensions, trailers) and keep the last bytes of its payload (llama.cpp's
+C{timings} object comes at the end of an answer, possibly cut in two by
+chunk framing). They never raise anything but L{FramingError}.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+#: Longest chunk-size line (size, extensions) and trailer section accepted.
+MAX_LINE = 4096
+MAX_TRAILERS = 16 * 1024
+#: Longest response head accepted (status line and headers).
+MAX_HEAD = 64 * 1024
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class FramingError(Exception):
+    """The upstream's bytes are not a well-formed HTTP/1.1 response."""
+
+
+class BodyScanner:
+    """
+    Follows one response body over raw bytes. C{feed(data)} returns how many
+    bytes of C{data} belong to the body; C{done} turns true at its last byte.
+    Each payload piece goes to C{sink} when one is given (decoding). The
+    last bytes of the body are kept as they arrived (raw, a few per read)
+    and decoded only when L{tail} is asked for, so following a body costs
+    nothing per chunk beyond finding its end.
+    """
+
+    done = False
+
+    def __init__(self, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None) -> None:
+        self._tail_limit = tail_bytes
+        self._kept: list[tuple[object, bytes]] = []
+        self._kept_size = 0
+        self._trim_at = 2 * tail_bytes
+        self._sink = sink
+
+    def feed(self, data: bytes) -> int:
+        raise NotImplementedError
+
+    def _keep(self, snapshot: object, raw: bytes) -> None:
+        self._kept.append((snapshot, raw))
+        self._kept_size += len(raw)
+        if self._kept_size >= self._trim_at:
+            self._trim()
+
+    def _trim(self) -> None:
+        # once per tail_bytes received: drop what is older than the tail, join the rest
+        kept = self._kept
+        limit = self._tail_limit
+        drop = 0
+        while self._kept_size - len(kept[drop][1]) >= limit:
+            self._kept_size -= len(kept[drop][1])
+            drop += 1
+        if len(kept) - drop > 8:
+            kept[:] = [(kept[drop][0], b"".join(raw for _, raw in kept[drop:]))]
+        elif drop:
+            del kept[:drop]
+        self._trim_at = self._kept_size + limit
+
+    def tail(self) -> bytes:
+        """The payload in (at least) the last C{tail_bytes} bytes of the body seen so far, decoded."""
+        return b"".join(raw for _, raw in self._kept)
+
+    def eof(self) -> bool:
+        """The connection closed: whether that ends the body cleanly (only for read-until-close bodies)."""
+        return self.done
+
+
+class LengthScanner(BodyScanner):
+    """A body of C{Content-Length} bytes."""
+
+    def __init__(self, length: int, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None) -> None:
+        super().__init__(tail_bytes, sink)
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> int:
+        if self.done:
+            return 0
+        n = len(data)
+        if n >= self.remaining:
+            n = self.remaining
+            self.done = True
+            if n < len(data):
+                data = data[:n]
+        self.remaining -= n
+        if n:
+            if self._tail_limit:
+                self._keep(None, data)
+            if self._sink is not None:
+                self._sink(data)
+        return n
+
+
+class CloseScanner(BodyScanner):
+    """A body that ends when the connection closes (no length, not chunked)."""
+
+    def feed(self, data: bytes) -> int:
+        if data:
+            if self._tail_limit:
+                self._keep(None, data)
+            if self._sink is not None:
+                self._sink(data)
+        return len(data)
+
+    def eof(self) -> bool:
+        self.done = True
+        return True
+
+
+# ChunkedScanner states
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+#: The scanner's state between two chunks (a snapshot for the tail; see L{ChunkedScanner.tail}).
+_CLEAN = (_SIZE, 0, b"", 2, 0)
+#: A whole chunk-size line: size, optional whitespace and extensions, CRLF.
+_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
+
+
+class ChunkedScanner(BodyScanner):
+    """
+    A C{Transfer-Encoding: chunked} body (RFC 9112 section 7.1): chunk-size
+    lines (hex, optional C{;extensions}), data, CRLF, a last chunk C{0}, then
+    trailer lines up to an empty line. Lines end with CRLF; anything else is
+    a L{FramingError}. State carries over between calls, so a read may end
+    anywhere, even between the CR and the LF.
+    """
+
+    def __init__(self, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None) -> None:
+        super().__init__(tail_bytes, sink)
+        self._state = _SIZE
+        self._remaining = 0  # data bytes left in the current chunk
+        self._line = b""  # the start of a line cut by the end of a read
+        self._crlf = 2  # bytes of the CRLF after chunk data still expected
+        self._trailer_bytes = 0
+
+    def tail(self) -> bytes:
+        if not self._kept:
+            return b""
+        pieces: list[bytes] = []
+        decoder = ChunkedScanner(0, pieces.append)
+        snapshot: Any = self._kept[0][0]
+        decoder._state, decoder._remaining, decoder._line, decoder._crlf, decoder._trailer_bytes = snapshot
+        for _, raw in self._kept:
+            decoder.feed(raw)
+        return b"".join(pieces)
+
+    def feed(self, data: bytes) -> int:
+        if self._state == _SIZE and not self._line and self._sink is None:
+            # the usual read in pass-through: whole chunks, starting at a chunk boundary
+            found = _SIZE_LINE.match(data)
+            if found is not None:
+                size = int(found.group(1), 16)
+                stop = found.end() + size
+                if size and stop + 2 == len(data) and data.endswith(b"\r\n") and found.end() <= MAX_LINE + 2:
+                    if self._tail_limit:
+                        self._keep(_CLEAN, data)
+                    return stop + 2
+        snapshot = (
+            (self._state, self._remaining, self._line, self._crlf, self._trailer_bytes)
+            if self._tail_limit
+            else None
+        )
+        pos = self._scan(data)
+        if snapshot is not None and pos:
+            self._keep(snapshot, data if pos == len(data) else data[:pos])
+        return pos
+
+    def _scan(self, data: bytes) -> int:
+        pos = 0
+        end = len(data)
+        state = self._state
+        sink = self._sink
+        match = _SIZE_LINE.match
+        try:
+            while pos < end:
+                if state == _SIZE:
+                    found = None if self._line else match(data, pos)
+                    if found is not None:
+                        size = int(found.group(1), 16)
+                        if found.end() - pos > MAX_LINE + 2:
+                            raise FramingError("chunk-size line too long")
+                        pos = found.end()
+                    else:
+                        line, pos = self._read_line(data, pos, end)
+                        if line is None:
+                            break
+                        size = _chunk_size(line)
+                    if not size:
+                        state = _TRAILER
+                        continue
+                    stop = pos + size
+                    if stop + 2 <= end and data[stop] == 13 and data[stop + 1] == 10:  # CR LF
+                        # the whole chunk is in this read (the usual case)
+                        if sink is not None:
+                            sink(data[pos:stop])
+                        pos = stop + 2
+                        continue
+                    self._remaining = size
+                    state = _DATA
+                elif state == _DATA:
+                    stop = pos + self._remaining
+                    if stop > end:
+                        stop = end
+                    if sink is not None:
+                        sink(data[pos:stop] if (pos or stop != end) else data)
+                    self._remaining -= stop - pos
+                    pos = stop
+                    if self._remaining == 0:
+                        state = _DATA_END
+                        self._crlf = 2
+                elif state == _DATA_END:
+                    expected = b"\r\n"[2 - self._crlf:]
+                    take = data[pos:pos + self._crlf]
+                    if not expected.startswith(take):
+                        raise FramingError("chunk data is not followed by CRLF")
+                    self._crlf -= len(take)
+                    pos += len(take)
+                    if self._crlf == 0:
+                        state = _SIZE
+                elif state == _TRAILER:
+                    line, pos = self._read_line(data, pos, end)
+                    if line is None:
+                        break
+                    if not line:
+                        state = _DONE
+                        self.done = True
+                        break
+                    self._trailer_bytes += len(line) + 2
+                    if self._trailer_bytes > MAX_TRAILERS:
+                        raise FramingError("trailer section too long")
+                    if b":" not in line:
+                        raise FramingError("malformed trailer field")
+                else:  # _DONE
+                    break
+        finally:
+            self._state = state
+        return pos
+
+    def _read_line(self, data: bytes, pos: int, end: int) -> tuple[bytes | None, int]:
+        """The line starting at C{pos} without its CRLF, and the position after it; C{None} if cut off."""
+        if self._line:
+            # a line began in an earlier read: look for its end across the boundary
+            if self._line.endswith(b"\r"):
+                if data[pos:pos + 1] != b"\n":
+                    raise FramingError("CR without LF in chunk framing")
+                line, self._line = self._line[:-1], b""
+                return self._check_line(line), pos + 1
+            lf = data.find(b"\n", pos)
+            if lf < 0:
+                self._keep_line(data[pos:])
+                return None, end
+            line = self._line + data[pos:lf]
+            self._line = b""
+            if not line.endswith(b"\r"):
+                raise FramingError("line feed without carriage return in chunk framing")
+            return self._check_line(line[:-1]), lf + 1
+        lf = data.find(b"\n", pos, pos + MAX_LINE + 2)
+        if lf < 0:
+            self._keep_line(data[pos:])
+            return None, end
+        if lf == pos or data[lf - 1] != 13:  # 13: CR
+            raise FramingError("line feed without carriage return in chunk framing")
+        return self._check_line(data[pos:lf - 1]), lf + 1
+
+    def _keep_line(self, start: bytes) -> None:
+        self._line += start
+        if len(self._line) > MAX_LINE + 1:
+            raise FramingError("chunk-size or trailer line too long")
+        if b"\r" in self._line[:-1]:
+            raise FramingError("CR without LF in chunk framing")
+
+    @staticmethod
+    def _check_line(line: bytes) -> bytes:
+        if b"\r" in line or len(line) > MAX_LINE:
+            raise FramingError("malformed line in chunk framing")
+        return line
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size in a chunk-size line (C{1a} or C{1a;name=value}); L{FramingError} otherwise."""
+    semicolon = line.find(b";")
+    digits = line if semicolon < 0 else line[:semicolon]
+    digits = digits.rstrip(b" \t")  # BWS before an extension
+    if not digits or len(digits) > 15 or not _HEX.issuperset(digits):
+        raise FramingError("malformed chunk size")
+    return int(digits, 16)
+
+
+# -- response heads -------------------------------------------------------------
+
+
+class ResponseHead:
+    """A parsed status line and header section."""
+
+    __slots__ = ("version", "code", "phrase", "headers", "connection_close", "chunked", "length")
+
+    def __init__(
+        self,
+        version: bytes,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        connection_close: bool,
+        chunked: bool,
+        length: int | None,
+    ) -> None:
+        self.version = version
+        self.code = code
+        self.phrase = phrase
+        #: every header as received, (name as sent, value), in order
+        self.headers = headers
+        self.connection_close = connection_close
+        self.chunked = chunked
+        self.length = length
+
+
+_FRAMING_HEADERS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
+
+
+def parse_head(raw: bytes) -> ResponseHead:
+    """Parse a response head (C{raw} ends before its empty line). L{FramingError} if malformed."""
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
+        raise FramingError("bare CR or LF in the response head")
+    lines = raw.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    version = parts[0]
+    if len(parts) < 2 or version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise FramingError("malformed status line or unsupported HTTP version")
+    code_text = parts[1]
+    if len(code_text) != 3 or not code_text.isdigit():
+        raise FramingError("malformed status code")
+    code = int(code_text)
+    phrase = parts[2] if len(parts) == 3 else b""
+    headers: list[tuple[bytes, bytes]] = []
+    append = headers.append
+    close = version == b"HTTP/1.0"
+    chunked = False
+    te_seen = False
+    length: int | None = None
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[0] in b" \t" or name[-1] in b" \t":
+            raise FramingError("malformed header line")
+        value = value.strip(b" \t")
+        append((name, value))
+        lower = name.lower()
+        if lower not in _FRAMING_HEADERS:
+            continue
+        if lower == b"transfer-encoding":
+            te_seen = True
+            codings = [c.strip().lower() for c in value.split(b",")]
+            chunked = codings[-1] == b"chunked"
+            if [c for c in codings if c and c != b"chunked"]:
+                raise FramingError("transfer codings other than chunked are not supported")
+        elif lower == b"content-length":
+            values = {v.strip() for v in value.split(b",")}
+            if len(values) != 1:
+                raise FramingError("conflicting Content-Length values")
+            (text,) = values
+            if not text.isdigit() or len(text) > 18:
+                raise FramingError("malformed Content-Length")
+            if length is not None and length != int(text):
+                raise FramingError("conflicting Content-Length headers")
+            length = int(text)
+        else:  # connection
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            if b"close" in tokens:
+                close = True
+            elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+                close = False
+    if te_seen:
+        if not chunked:
+            raise FramingError("Transfer-Encoding without chunked as the last coding")
+        length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
+        if version == b"HTTP/1.0":
+            raise FramingError("chunked transfer coding in an HTTP/1.0 response")
+    return ResponseHead(version, code, phrase, headers, close, chunked, length)
