@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from typing import Any
 
@@ -59,7 +60,7 @@ from bench.common import (
 TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
 #: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted
 #: relay; paddler from another checkout (--base DIR, e.g. an older commit unpacked with git archive)
-EXTRA_TARGETS = ("twisted-floor", "paddler-base")
+EXTRA_TARGETS = ("twisted-floor", "paddler-base", "paddler-workers2")
 BASE: list[str] = [""]
 RATE = 50.0
 
@@ -75,6 +76,13 @@ def start_target(procs: Processes, target: str, upstream_port: int, name: str) -
         source = BASE[0] if target == "paddler-base" else None
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE,
                              source=source)
+    if target == "paddler-workers2":
+        # two balancer processes on one port (SO_REUSEPORT) sharing leases through Redis, on both
+        # cores (not pinned): what --workers buys when the proxy is the bottleneck
+        state = f"redis://{LOOPBACK}:{_redis(procs)}/0"
+        extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000", "--workers", "2",
+                 "--state", state, "--state-prefix", "{" + name + "}"]
+        return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra)
     if target == "twisted-floor":
         port = free_port()
         proc = procs.start(pinned([PYTHON, "-m", "bench.twisted_forward", "--port", str(port),
@@ -86,6 +94,22 @@ def start_target(procs: Processes, target: str, upstream_port: int, name: str) -
     if target == "nginx":
         return start_nginx(procs, [upstream_port], name, streaming=True, core=PROXY_CORE)
     return start_haproxy(procs, [upstream_port], name, streaming=True, core=PROXY_CORE)
+
+
+_REDIS: dict[int, int] = {}
+
+
+def _redis(procs: Processes) -> int:
+    """A redis-server on loopback for the workers target (one per Processes)."""
+    key = id(procs)
+    if key not in _REDIS:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        port = free_port()
+        proc = procs.start([binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"],
+                           "streaming-redis")
+        wait_port(port, 15, proc)
+        _REDIS[key] = port
+    return _REDIS[key]
 
 
 def run_client(procs: Processes, mode: str, port: int, name: str, **kw: Any) -> dict[str, Any]:

@@ -215,7 +215,7 @@ class SharedFleet(Service):
         if changed or (isinstance(observation, SlotsSeen) and observation.models is not None):
             self._register(upstream)
         if isinstance(observation, SlotsSeen) and observation.source == "agent":
-            self._send_reading(upstream, observation.total, observation.processing, None)
+            self.send_reading(upstream, observation.total, observation.processing, None)
 
     def _register(self, upstream: Upstream) -> None:
         self._known_in_store.add(upstream.id)
@@ -223,7 +223,7 @@ class SharedFleet(Service):
             self.store.register_server(upstream.id, upstream.slots_total, upstream_meta(upstream)), "register"
         )
 
-    def _send_reading(self, upstream: Upstream, total: int, busy: int | None, mark: int | None) -> None:
+    def send_reading(self, upstream: Upstream, total: int, busy: int | None, mark: int | None) -> None:
         """Tell the store what a probe or an agent read (with a store mark taken before, or now)."""
         marked = succeed(mark) if mark is not None else self.store.probe_mark()
         marked.addCallback(lambda taken: self.store.reading(upstream.id, total, busy, taken))
@@ -499,4 +499,4 @@ class SharedProber:
     def _read(self, upstream: Upstream, reading: Any) -> None:
         mark = self._marks.pop(upstream.id, None)
         if mark is not None and self.fleet.up:
-            self.fleet._send_reading(upstream, reading.total, reading.processing, mark)
+            self.fleet.send_reading(upstream, reading.total, reading.processing, mark)
