@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -55,6 +56,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def free_ports_below_ephemeral(count: int) -> int:
+    """A port p with p + 1 ... p + count - 1 free too, below the ephemeral range: the management ports
+    of ``--workers`` (worker i on p + i), which outbound connections must not take first."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - count)
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.bind((LOOPBACK, first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports below 32000")
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
@@ -245,7 +265,9 @@ def start_paddler(
     Start ``python -m paddler balancer`` (on C{core}); return it and its proxy port once healthy.
     C{source}: a directory holding another paddler package to run instead of this checkout's.
     """
-    port, mport = free_port(), free_port()
+    workers = int(extra[list(extra).index("--workers") + 1]) if "--workers" in extra else 1
+    port = free_port()
+    mport = free_ports_below_ephemeral(workers) if workers > 1 else free_port()
     args = [PYTHON, "-m", "paddler"]
     env = None
     if source is not None:

@@ -115,6 +115,7 @@ class _StreamReceiver(asyncio.Protocol):
         self.delays = delays
         self.done = done
         self.head = b""
+        self.first = b""
         self.status = 0
         self.carry = b""
         self.events = 0
@@ -131,6 +132,7 @@ class _StreamReceiver(asyncio.Protocol):
             if end < 0:
                 return
             self.status = int(self.head.split(b" ", 2)[1])
+            self.first = self.head[:300]
             data = self.head[end + 4:]
             self.head = b""
         data = self.carry + data
@@ -160,6 +162,12 @@ class _StreamReceiver(asyncio.Protocol):
 async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     delays: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
+
+    def error(kind: str) -> None:
+        nonlocal errors
+        errors += 1
+        kinds[kind] = kinds.get(kind, 0) + 1
     events = 0
     loop = asyncio.get_running_loop()
     body = json.dumps({"model": "bench", "prompt": "bench", "stream": True, "bench_events": args.events, "bench_rate": args.rate}).encode()
@@ -169,7 +177,7 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     ).encode() + body
 
     async def one(i: int) -> None:
-        nonlocal errors, events
+        nonlocal events
         await asyncio.sleep(i * args.ramp / max(1, args.streams))
         done: asyncio.Future[Any] = loop.create_future()
         try:
@@ -179,10 +187,12 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait_for(done, 60 + args.events / args.rate)
             transport.close()
             events += receiver.events
-            if receiver.status != 200 or receiver.events != args.events:
-                errors += 1
-        except Exception:  # noqa: BLE001 - counted
-            errors += 1
+            if receiver.status != 200:
+                error(f"status {receiver.status}: {receiver.first!r}")
+            elif receiver.events != args.events:
+                error(f"{receiver.events} of {args.events} events")
+        except Exception as e:  # noqa: BLE001 - counted
+            error(type(e).__name__)
 
     started, cpu0 = time.monotonic(), cpu()
     await asyncio.gather(*(one(i) for i in range(args.streams)))
@@ -191,6 +201,7 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
         "events": events,
         "expected_events": args.streams * args.events,
         "errors": errors,
+        "errors_by_kind": kinds,
         "wall": time.monotonic() - started,
         "client_cpu": cpu() - cpu0,
     }

@@ -62,6 +62,8 @@ class DeferredWatcher:
         self.ports = ports
         self.peak = 0
         self.seconds = 0.0
+        self.started = time.monotonic()
+        self.seen: list[tuple[float, int, int]] = []  # (seconds from the start, server port, requests queued)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,7 +78,10 @@ class DeferredWatcher:
                     continue
                 for line in body.decode(errors="replace").splitlines():
                     if line.startswith("llamacpp:requests_deferred"):
-                        queued += int(float(line.rsplit(" ", 1)[1]))
+                        here = int(float(line.rsplit(" ", 1)[1]))
+                        queued += here
+                        if here:
+                            self.seen.append((round(time.monotonic() - self.started, 3), port, here))
             now = time.monotonic()
             self.seconds += queued * (now - last)
             last = now
@@ -84,6 +89,7 @@ class DeferredWatcher:
             self._stop.wait(0.05)
 
     def __enter__(self) -> DeferredWatcher:
+        self.started = time.monotonic()
         self._thread.start()
         return self
 
@@ -107,7 +113,7 @@ def run_once(duration: float, seed: int, rep: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with Processes() as procs:
         redis_port = start_redis(procs)
-        fleets = {config: launch_fleet(procs, f"rep-{config}") for config in CONFIGS}
+        fleets = {config: launch_fleet(procs, f"rep{rep + 1}-{config}") for config in CONFIGS}
         clients = []
         watchers = {}
         for index, (config, (count, shared)) in enumerate(CONFIGS.items()):
@@ -116,7 +122,7 @@ def run_once(duration: float, seed: int, rep: int) -> dict[str, Any]:
                      "--upstream-timeout", "600", "--idle-timeout", "600", "--probe-interval", "0.25"]
             if shared:
                 extra += ["--state", f"redis://{LOOPBACK}:{redis_port}/0", "--state-prefix", f"{{bench{index}}}"]
-            ports = [start_paddler(procs, urls, f"rep-{config}-{i}", policy="slots", extra=extra)[1]
+            ports = [start_paddler(procs, urls, f"rep{rep + 1}-{config}-{i}", policy="slots", extra=extra)[1]
                      for i in range(count)]
             watchers[config] = DeferredWatcher([int(u.rsplit(":", 1)[1]) for u in urls])
             for part, port in enumerate(ports):
@@ -144,6 +150,7 @@ def run_once(duration: float, seed: int, rep: int) -> dict[str, Any]:
             row = summarise(records[config], walls[config], trace)
             row["deferred_peak"] = watchers[config].peak
             row["deferred_request_seconds"] = watchers[config].seconds
+            row["deferred_seen"] = watchers[config].seen[:200]
             results[config] = row
             log(f"replicas rep {rep + 1} {config}: ttft p50 {row['ttft_p50']:.2f} s p99 {row['ttft_p99']:.2f} s, "
                 f"e2e p99 {row['e2e_p99']:.1f} s, queued inside servers: peak {row['deferred_peak']}, "

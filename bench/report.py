@@ -91,22 +91,9 @@ def span(pair: Any, digits: int = 2) -> str:
     return f"{f(pair[0], digits)}–{f(pair[1], digits)}"
 
 
-def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
-    reps = data.get("repetitions", 1)
+def stream_table_md(data: dict[str, Any]) -> list[str]:
+    """A streaming run's rows, and paddler's CPU per chunk against the others."""
     out = [
-        "## 2. Streaming relay",
-        "",
-        f"SSE streams at {data['rate']:g} events/s each for {data['seconds_per_stream']:g} s; delay per chunk = "
-        "client CLOCK_MONOTONIC at receipt − upstream CLOCK_MONOTONIC at write. "
-        f"{reps} repetition(s), the targets interleaved within each; every figure is the median over the "
-        "repetitions (each repetition's percentiles are over every chunk of that run). Added delay and the "
-        "ratios to direct are computed per repetition against that repetition's direct run, then the median; "
-        "the p99 ratio's and the added p99's min–max over the repetitions show the noise. A fresh proxy per cell, "
-        "so peak RSS is that cell's. Chunks and errors are totals over the repetitions. "
-        + ("The proxy is pinned to core {proxy_core}, the upstream and the load client to core {load_core} "
-           "(taskset). ".format(**data["pinning"]) if data.get("pinning") else "")
-        + "paddler-decode is paddler with `--no-relay-passthrough`.",
-        "",
         "| streams | target | chunks | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | added p99 min–max "
         "| p99 vs direct | p99 vs direct min–max | proxy CPU % of a core | CPU % min–max | CPU s / 1000 chunks "
         "| peak RSS MiB | client CPU % |",
@@ -129,6 +116,44 @@ def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
             n, other = key.split("/", 1)
             out.append(f"- {n} streams: paddler / {other} {f(r['cpu_per_chunk_ratio'])}x "
                        f"({span(r.get('cpu_per_chunk_ratio_spread'))})")
+    return out
+
+
+def workers_md(data: dict[str, Any]) -> list[str]:
+    reps = data.get("repetitions", 1)
+    return [
+        "## 12. `--workers 2` on the streaming scenario",
+        "",
+        f"The streaming scenario ({data['rate']:g} events/s per stream, {data['seconds_per_stream']:g} s, {reps} "
+        "repetition(s), targets interleaved) with `paddler-workers2`: two paddler workers accepting on one port "
+        "(SO_REUSEPORT), leases and the buffer shared through a local redis-server, **not pinned** (the two "
+        "workers may use both cores, which they share with the upstream and the load client; redis-server's "
+        "CPU is not counted). The other proxies are pinned to core 0 as in section 2. "
+        "`python -m bench.streaming --sizes 512,1000 --targets paddler,sglang-router,haproxy,paddler-workers2 "
+        "--no-idle --out streaming-workers`.",
+        "",
+        *stream_table_md(data),
+    ]
+
+
+def streaming_md(data: dict[str, Any], charts: list[str]) -> list[str]:
+    reps = data.get("repetitions", 1)
+    out = [
+        "## 2. Streaming relay",
+        "",
+        f"SSE streams at {data['rate']:g} events/s each for {data['seconds_per_stream']:g} s; delay per chunk = "
+        "client CLOCK_MONOTONIC at receipt − upstream CLOCK_MONOTONIC at write. "
+        f"{reps} repetition(s), the targets interleaved within each; every figure is the median over the "
+        "repetitions (each repetition's percentiles are over every chunk of that run). Added delay and the "
+        "ratios to direct are computed per repetition against that repetition's direct run, then the median; "
+        "the p99 ratio's and the added p99's min–max over the repetitions show the noise. A fresh proxy per cell, "
+        "so peak RSS is that cell's. Chunks and errors are totals over the repetitions. "
+        + ("The proxy is pinned to core {proxy_core}, the upstream and the load client to core {load_core} "
+           "(taskset). ".format(**data["pinning"]) if data.get("pinning") else "")
+        + "paddler-decode is paddler with `--no-relay-passthrough`.",
+        "",
+    ]
+    out += stream_table_md(data)
     out += ["", "Idle open streams (headers and one comment sent, then silence; one run after the repetitions):", "",
             "| target | streams open | errors | RSS at start MiB | peak RSS MiB | KiB per idle stream |",
             "|---|---|---|---|---|---|"]
@@ -484,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     replicas = _load("replicas")
     if replicas is not None:
         sections += replicas_md(replicas) + [""]
+    workers = _load("streaming-workers")
+    if workers is not None:
+        sections += [line.replace("\n", " ") for line in workers_md(workers)] + [""]
     m = machine_info or machine()
     tools = (_load("overhead") or {}).get("tools", {})
     head = [

@@ -60,7 +60,7 @@ from bench.common import (
 TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
 #: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted
 #: relay; paddler from another checkout (--base DIR, e.g. an older commit unpacked with git archive)
-EXTRA_TARGETS = ("twisted-floor", "paddler-base", "paddler-workers2")
+EXTRA_TARGETS = ("twisted-floor", "twisted-floor-asyncio", "twisted-floor-uvloop", "paddler-base", "paddler-workers2")
 BASE: list[str] = [""]
 RATE = 50.0
 
@@ -83,10 +83,11 @@ def start_target(procs: Processes, target: str, upstream_port: int, name: str) -
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000", "--workers", "2",
                  "--state", state, "--state-prefix", "{" + name + "}"]
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra)
-    if target == "twisted-floor":
+    if target.startswith("twisted-floor"):
         port = free_port()
+        loop = target[len("twisted-floor-"):] or "epoll"
         proc = procs.start(pinned([PYTHON, "-m", "bench.twisted_forward", "--port", str(port),
-                                   "--upstream-port", str(upstream_port)], PROXY_CORE), name)
+                                   "--upstream-port", str(upstream_port), "--loop", loop], PROXY_CORE), name)
         wait_port(port, 15, proc)
         return proc, port
     if target == "sglang-router":
@@ -139,6 +140,7 @@ def run_cell(procs: Processes, upstream: Any, target: str, n: int, seconds: floa
         "events": result["events"],
         "expected_events": result["expected_events"],
         "errors": result["errors"],
+        "errors_by_kind": result.get("errors_by_kind", {}),
         "p50_ms": percentile(delays, 50) * 1000,
         "p99_ms": percentile(delays, 99) * 1000,
         "client_cpu_pct": 100 * result["client_cpu"] / wall,
@@ -229,17 +231,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rep in range(reps):
             for n in sizes:
                 for target in targets:  # interleaved: drifting machine load hits every target alike
-                    row = run_cell(procs, upstream, target, n, seconds, f"s2-{target}-{n}")
+                    row = run_cell(procs, upstream, target, n, seconds, f"s2-{target}-{n}-r{rep + 1}")
                     runs[f"{target}/{n}"].append(row)
                     log(f"streaming rep {rep + 1}/{reps} {target} x{n}: p50 {row['p50_ms']:.2f} ms "
                         f"p99 {row['p99_ms']:.2f} ms events {row['events']}/{row['expected_events']} "
                         f"errors {row['errors']} cpu {row.get('balancer_cpu_pct', 0):.0f}% "
                         f"({row.get('cpu_s_per_1000_chunks', 0):.4f} s/1000 chunks) "
-                        f"client {row['client_cpu_pct']:.0f}% upstream {row['upstream_cpu_pct']:.0f}%")
+                        f"client {row['client_cpu_pct']:.0f}% upstream {row['upstream_cpu_pct']:.0f}%"
+                        + (f" errors by kind {row['errors_by_kind']}" if row["errors_by_kind"] else ""))
         rows = {key: summarise(rs, runs[f"direct/{key.split('/')[1]}"]) for key, rs in runs.items()}
         idle_rows: dict[str, Any] = {}
         for target in () if args.no_idle else targets[1:]:
-            if target == "twisted-floor":
+            if target.startswith("twisted-floor"):
                 continue
             name = f"s2-{target}-idle"
             proc, port = start_target(procs, target, upstream_port, name)

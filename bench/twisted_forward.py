@@ -5,7 +5,11 @@ as they come, with backpressure (each side is the other's producer). It is
 a reference target for the streaming scenario (``--targets twisted-floor``):
 paddler cannot relay a chunk for less CPU than this.
 
-    python -m bench.twisted_forward --port P --upstream-port U
+    python -m bench.twisted_forward --port P --upstream-port U [--loop asyncio|uvloop]
+
+C{--loop} runs it on Twisted's asyncio reactor (on asyncio's own loop or on
+uvloop's) instead of the epoll reactor: is the reactor's per-event cost
+the loop's or Twisted's?
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from twisted.internet import protocol, reactor
+import sys
+
+from twisted.internet import protocol
+
+reactor: Any = None
 
 
 class Upstream(protocol.Protocol):
@@ -65,7 +73,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--loop", choices=("epoll", "asyncio", "uvloop"), default="epoll")
     args = parser.parse_args()
+    global reactor
+    if args.loop != "epoll":
+        import asyncio
+
+        from twisted.internet import asyncioreactor
+
+        if args.loop == "uvloop":
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        asyncioreactor.install(loop)
+    from twisted.internet import reactor as installed
+
+    reactor = installed
+    print(f"twisted_forward on {type(reactor).__name__}", file=sys.stderr)
     factory = protocol.Factory()
     factory.noisy = False
     factory.protocol = lambda: Client(args.upstream_port)  # type: ignore[assignment]

@@ -147,6 +147,14 @@ class ISlotStore(Interface):
     def renew():  # type: ignore[no-untyped-def]
         """Extend every lease of this owner and its heartbeat; fires with the ids the store had lost."""
 
+    def give_up_waiters(reason):  # type: ignore[no-untyped-def]
+        """
+        Fail every local waiter with L{paddler.shared.errors.WaiterLost}
+        (C{reason}), oldest first: the store cannot be reached and their
+        requests wait elsewhere. Their places in the store's FIFO are released
+        when it answers again. Returns how many (not a Deferred).
+        """
+
     def poll():  # type: ignore[no-untyped-def]
         """Ask for the state of every local waiter (the backstop for lost pub/sub hints)."""
 

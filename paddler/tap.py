@@ -390,7 +390,6 @@ def makeBalancerService(
         )
     else:
         top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
-    top.proxy_listener.setServiceParent(top)
 
     top.registry = AgentRegistry(
         pool, reactor, expiry=config.agent_expiry,
@@ -442,6 +441,9 @@ def makeBalancerService(
             management_listen = with_port(management_listen, parsed[1] + config.worker_index)
     top.management_listener = ListeningService(reactor, management_listen, management_site, "paddler management")
     top.management_listener.setServiceParent(top)
+    # Bound last: a process that cannot start takes no client connection (with SO_REUSEPORT the
+    # kernel would queue some on a worker's socket and reset them when the worker exits).
+    top.proxy_listener.setServiceParent(top)
     if config.workers > 1 and not config.worker_index:
         if argv is None:
             raise ConfigError("--workers needs the paddler command (twistd paddler runs one process)")

@@ -374,6 +374,43 @@ def test_a_framing_error_trickled_in_is_answered_as_soon_as_it_shows():
     assert_json_error(transport, 400, "bare LF")
 
 
+CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"zz\r\nab\r\n0\r\n\r\n",  # a size that is not hex
+        b"3\r\nabcX\r\n0\r\n\r\n",  # data longer than its size
+        b"3\nabc\r\n0\r\n\r\n",  # a bare LF after the size
+        b"3\r\nabc\r\n0\r\nX-T: 1\n\r\n",  # a bare LF in the trailers
+        b"-3\r\nabc\r\n0\r\n\r\n",  # a negative size
+        b"1" * 40 + b"\r\n",  # a size no body could have
+    ],
+)
+def test_a_malformed_chunked_body_gets_a_json_400_not_a_bare_one(body):
+    """Twisted answers a chunked body it cannot decode with a bare 400; paddler says what was wrong."""
+    for pieces in ([body], [bytes([b]) for b in body]):  # whole, then a byte per read
+        rig = Rig()
+        transport = rig.connect()
+        rig.send(transport, CHUNKED_HEAD)
+        for piece in pieces:
+            rig.send(transport, piece)
+        assert_json_error(transport, 400, "chunked request body")
+        assert rig.resource.seen == []
+
+
+def test_chunked_bodies_with_extensions_and_trailers_pipelined_are_both_served():
+    rig = Rig()
+    transport = rig.connect()
+    first = CHUNKED_HEAD + b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"
+    second = CHUNKED_HEAD + b"2\r\nde\r\n0\r\n\r\n"
+    for byte in first + second:  # one byte per read: every boundary split
+        rig.send(transport, bytes([byte]))
+    assert [json.loads(body) for _, _, body in responses(transport.value())] == [{"length": 3}, {"length": 2}]
+    assert rig.resource.seen == [b"abc", b"de"]
+
+
 def test_bare_lf_inside_a_body_is_fine():
     rig = Rig()
     transport = rig.connect()

@@ -247,3 +247,86 @@ def test_a_shared_buffer_timeout_says_whether_a_retry_is_useful(world):
     late.addErrback(failures.append)
     world.sync(5.1)
     assert failures[0].value.headers[b"x-should-retry"] == b"false"
+
+
+def test_requests_waiting_in_the_shared_buffer_wait_here_when_the_store_goes_away(world):
+    """Store down: c's two waiting requests leave the shared FIFO (in order) for c's own buffer and take a
+    slot that frees, within c's share; their deadline stays the one they had."""
+    a, b, c = three(world)
+    held = [a.pool.acquire().result for _ in range(3)]  # every slot of A (2) and B (1)
+    first, second = c.pool.acquire(), c.pool.acquire()
+    assert not first.called and len(c.store.waiters) == 2
+    world.sync(1.0)
+    world.state.set_available(False)
+    world.sync()
+    assert not c.fleet.up and c.store.waiters == {} and c.pool.health()[1]["requests_buffered"] == 2
+    on_a = next(lease for lease in held if lease.upstream.url == A_URL)
+    on_a.release()
+    world.slots.update({A_URL: (2, 1), B_URL: (1, 1)})  # what c's own probes see now
+    c.probe_all()
+    assert first.called and first.result.upstream.url == A_URL and not second.called
+    failures: list[Any] = []
+    second.addErrback(failures.append)
+    world.sync(5.0 - 1.3 + 0.1)  # the 5 s buffer timeout counts from when it began waiting
+    assert failures and failures[0].check(BufferTimeout)
+    first.result.release()
+
+
+def test_requests_waiting_here_join_the_shared_buffer_when_the_store_answers_again(world):
+    """Back up: the requests c buffered while the store was down wait in the shared FIFO, oldest first, and
+    the slots they get are leases the store counts (none taken behind its back)."""
+    a, b, c = three(world)
+    held = [a.pool.acquire().result for _ in range(3)]
+    world.sync(1.0)  # every balancer's last view has them
+    world.state.set_available(False)
+    world.sync()
+    early, late = c.pool.acquire(), c.pool.acquire()
+    assert not early.called and c.pool.health()[1]["requests_buffered"] == 2
+    world.state.set_available(True)
+    world.sync(1.0)
+    assert c.fleet.up and [w.id for w in sorted(c.store.waiters.values(), key=lambda w: w.seq)] == list(c.store.waiters)
+    assert len(c.store.waiters) == 2 and c.pool.health()[1]["requests_buffered"] == 2
+    held[0].release()
+    assert early.called and not late.called
+    assert early.result.upstream.id in {lease.server_id for lease in c.store.leases.values()}
+    assert sum(1 for rec in world.state.lease.values()) == 3  # two of a's, one of c's: no slot above A and B
+    early.result.release()
+    assert late.called
+    late.result.release()
+
+
+def test_a_request_handed_to_the_shared_buffer_can_still_be_cancelled_by_its_client(world):
+    a, b, c = three(world)
+    [a.pool.acquire().result for _ in range(3)]
+    world.sync(1.0)
+    world.state.set_available(False)
+    world.sync()
+    leaving = c.pool.acquire()
+    world.state.set_available(True)
+    world.sync(1.0)
+    assert len(c.store.waiters) == 1
+    leaving.addErrback(lambda f: f.trap(CancelledError))
+    leaving.cancel()
+    assert c.store.waiters == {} and c.pool.health()[1]["requests_buffered"] == 0
+
+
+def test_leases_taken_before_the_first_snapshot_are_counted_by_the_store(world, monkeypatch):
+    """A balancer serves from the moment it starts; what it started after its link came up but before it
+    first read the store's snapshot is adopted once it has (it was not: the link's "up" came first)."""
+    from twisted.internet.defer import fail
+
+    from paddler.shared.errors import StoreTimeout
+
+    world.state.set_available(False)
+    a = world.add("a", [A_URL])
+    a.probe_all()
+    monkeypatch.setattr(MemorySlotStore, "snapshot", lambda self: fail(StoreTimeout("slow")))
+    world.state.set_available(True)  # the link comes up; the first snapshot is still to come
+    assert a.store.is_up and not a.fleet.up
+    early = a.pool.acquire().result
+    monkeypatch.undo()
+    world.sync(1.0)
+    assert a.fleet.up
+    assert [lease.server_id for lease in a.store.leases.values()] == [early.upstream.id]
+    early.release()
+    assert a.store.leases == {}

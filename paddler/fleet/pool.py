@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
 from paddler.interfaces import ISlotChooser
@@ -75,7 +76,7 @@ class Lease:
 
 
 class _Waiter:
-    __slots__ = ("model", "exclude", "demand", "deferred", "enqueued_at", "timeout_call")
+    __slots__ = ("model", "exclude", "demand", "deferred", "enqueued_at", "timeout_call", "elsewhere")
 
     def __init__(
         self,
@@ -91,6 +92,20 @@ class _Waiter:
         self.enqueued_at = enqueued_at
         self.deferred: Deferred[Lease] = Deferred(lambda _: on_cancel(self))
         self.timeout_call: IDelayedCall | None = None
+        #: where it waits now when it was handed over (L{UpstreamPool.hand_waiters_over})
+        self.elsewhere: Deferred[Lease] | None = None
+
+
+def _settle_waiter(result: Any, waiter: _Waiter) -> None:
+    """The outcome of a waiter handed over, given to its own Deferred (a lease nobody wants goes back)."""
+    waiter.elsewhere = None
+    if not waiter.deferred.called:
+        if isinstance(result, Failure):
+            waiter.deferred.errback(result)
+        else:
+            waiter.deferred.callback(result)
+    elif not isinstance(result, Failure):
+        result.release()
 
 
 class UpstreamPool:
@@ -344,34 +359,60 @@ class UpstreamPool:
         return upstream
 
     def acquire(
-        self, model: str | None = None, exclude: Iterable[str] = (), demand: Any = None
+        self, model: str | None = None, exclude: Iterable[str] = (), demand: Any = None, since: float | None = None
     ) -> Deferred[Lease]:
         """
         A lease on a free slot, now or when one frees up. Fails with
         L{BufferingDisabled} when buffering is off, L{BufferFull} when the
         buffer is full, L{BufferTimeout} when the wait runs out. Cancelling the
         Deferred (the client left) takes the request out of the buffer.
-        C{demand} is what the policy's C{prepare} made of the request.
+        C{demand} is what the policy's C{prepare} made of the request;
+        C{since}, when it already waited elsewhere (the shared buffer), the
+        time it began waiting: its deadline stays the same.
         """
         excluded = frozenset(exclude)
         if self.shared is not None and self.shared.up:
-            return self.shared.acquire(model, excluded, demand)  # type: ignore[no-any-return]
+            return self.shared.acquire(model, excluded, demand, since)  # type: ignore[no-any-return]
+        now = self.clock.seconds()
+        started = now if since is None else since
         if not self._waiters:
-            lease = self._try_lease(model, excluded, 0.0, demand)
+            lease = self._try_lease(model, excluded, now - started, demand)
             if lease is not None:
                 return succeed(lease)
         if self.max_buffered == 0:
             return fail(BufferingDisabled("no free slot on any upstream and buffering is disabled"))
         if len(self._waiters) >= self.max_buffered:
             return fail(self.buffer_full_error())
-        waiter = _Waiter(model, excluded, demand, self.clock.seconds(), self._leave)
-        waiter.timeout_call = self.clock.callLater(self.buffer_timeout, self._expire, waiter)
+        remaining = self.buffer_timeout - (now - started)
+        if remaining <= 0:
+            return fail(self.buffer_timeout_error())
+        waiter = _Waiter(model, excluded, demand, started, self._leave)
+        waiter.timeout_call = self.clock.callLater(remaining, self._expire, waiter)
         self._waiters.append(waiter)
         self.notify("changed")
         self.capacity_changed()
         return waiter.deferred
 
+    def hand_waiters_over(self, acquire: Callable[[str | None, frozenset[str], Any, float], Deferred[Lease]]) -> int:
+        """
+        Give the requests waiting here to C{acquire} (the shared store answers
+        again: they wait in its FIFO instead), oldest first; each keeps its
+        Deferred, its deadline (C{acquire} gets the time it began waiting) and
+        its client's cancel. Returns how many.
+        """
+        waiters = list(self._waiters)
+        for waiter in waiters:
+            self._leave(waiter)
+            elsewhere = acquire(waiter.model, waiter.exclude, waiter.demand, waiter.enqueued_at)
+            waiter.elsewhere = elsewhere
+            elsewhere.addBoth(_settle_waiter, waiter)
+        return len(waiters)
+
     def _leave(self, waiter: _Waiter) -> None:
+        if waiter.elsewhere is not None:
+            elsewhere, waiter.elsewhere = waiter.elsewhere, None
+            if not elsewhere.called:
+                elsewhere.cancel()
         if waiter in self._waiters:
             self._waiters.remove(waiter)
             self.notify("changed")

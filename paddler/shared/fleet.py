@@ -160,19 +160,33 @@ class SharedFleet(Service):
         self._homeless = []
         return self.store.stopService()  # type: ignore[no-any-return]
 
-    def _store_state(self, up: bool) -> None:
+    def _store_state(self, link_up: bool) -> None:
+        self._check_up()
+
+    def _check_up(self) -> None:
+        """
+        Follow L{up} (the store's link, and a snapshot read): when slots start
+        being taken through the store, the requests started meanwhile become
+        shared leases and the requests waiting here join the shared FIFO;
+        when they stop, this process's requests in the shared FIFO wait here.
+        """
+        up = self.up
         if up == self._was_up:
             return
+        starting = self._was_up is None
         self._was_up = up
         if up:
             self.log.info("shared state: the store answers again; slots are taken through it")
             self._adopt_fallback()
+            self.pool.hand_waiters_over(self._acquire_since)
         else:
-            self.log.warn(
-                "shared state: the store is unavailable; serving from the last view with local leases, "
-                "at most 1/{owners} of each upstream's slots",
-                owners=self.owners_seen,
-            )
+            if not starting:
+                self.log.warn(
+                    "shared state: the store is unavailable; serving from the last view with local leases, "
+                    "at most 1/{owners} of each upstream's slots",
+                    owners=self.owners_seen,
+                )
+            self.store.give_up_waiters("the shared store is unavailable; waiting in this balancer's buffer")
         self.pool.notify("changed")
 
     def _store_reset(self) -> None:
@@ -239,13 +253,19 @@ class SharedFleet(Service):
 
     # -- acquiring through the store ------------------------------------------
 
-    def acquire(self, model: str | None, exclude: frozenset[str], demand: Any) -> Deferred[Lease]:
+    def acquire(
+        self, model: str | None, exclude: frozenset[str], demand: Any, since: float | None = None
+    ) -> Deferred[Lease]:
         """
         A lease granted by the store, now or when the fleet frees a slot for
         this request. Cancelling it (the client left) takes the request out of
-        the shared buffer.
+        the shared buffer. C{since}: when the request began waiting, if it
+        already waited here (its deadline stays the same).
         """
-        return ensureDeferred(self._acquire(model, exclude, demand, self.clock.seconds()))
+        return self._acquire_since(model, exclude, demand, self.clock.seconds() if since is None else since)
+
+    def _acquire_since(self, model: str | None, exclude: frozenset[str], demand: Any, since: float) -> Deferred[Lease]:
+        return ensureDeferred(self._acquire(model, exclude, demand, since))
 
     async def _acquire(self, model: str | None, exclude: frozenset[str], demand: Any, started: float) -> Lease:
         pool = self.pool
@@ -325,13 +345,15 @@ class SharedFleet(Service):
                 waiting.callback(None)
 
     async def _local(self, model: str | None, exclude: frozenset[str], demand: Any, started: float) -> Lease:
-        return await self.pool.acquire(model, exclude, demand)  # type: ignore[no-any-return]
+        return await self.pool.acquire(model, exclude, demand, since=started)  # type: ignore[no-any-return]
 
     def taken_locally(self, lease: Lease) -> None:
         """A lease the pool granted on its own while the store was down: adopted when it answers again."""
         request_id = f"{self.store.owner}.{next(self._ids)}"
         self._fallback[request_id] = (lease.upstream.id, lease)
         lease.on_release = lambda: self._fallback.pop(request_id, None)
+        if self._was_up:
+            self._adopt_fallback()  # taken as the store came back: the store must count it now
 
     def _adopt_fallback(self) -> None:
         """Requests started while the store was down become shared leases (they are running)."""
@@ -363,7 +385,6 @@ class SharedFleet(Service):
         return d.addErrback(failed)
 
     def _apply(self, snapshot: StoreSnapshot) -> None:
-        first = self.snapshot is None
         self.snapshot = snapshot
         self.owners_seen = max(1, snapshot.owners)
         self._syncing = True
@@ -371,8 +392,7 @@ class SharedFleet(Service):
             self._apply_servers(snapshot)
         finally:
             self._syncing = False
-        if first:
-            self._store_state(bool(self.store.is_up))
+        self._check_up()
         if self._homeless and any(u.accepts_requests for u in self.pool.upstreams.values()):
             self._wake_homeless()
         self._update_waiters()

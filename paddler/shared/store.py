@@ -253,7 +253,9 @@ class SlotStoreBase(MultiService):
             except Exception:
                 self.log.failure("slot store state listener failed")
         if up:
-            self._call_quietly(self.hello)
+            # at once, not at the next renew: releases kept while down must not hold slots (or
+            # places in the FIFO) meanwhile, and leases the store lost must count again
+            self._call_quietly(lambda: self.hello().addCallback(lambda _: self.renew()))
 
     def _call_quietly(self, job: Callable[[], Deferred[Any]]) -> None:
         def failed(failure: Failure) -> None:
@@ -422,9 +424,12 @@ class SlotStoreBase(MultiService):
                 raise NoFreeSlot("no candidate has a free slot and waiting is disabled")
             raise BufferFull(f"the shared request buffer is full ({limit} requests waiting for a slot)")
 
+        updating = request_id in self.waiters
+
         def failed(failure: Failure) -> Failure:
-            if failure.check(StoreTimeout):
-                # it may have run: release whatever it made, later
+            if failure.check(StoreTimeout) and not updating:
+                # it may have run: release whatever it made, later (an update of a
+                # queued waiter only moves its candidates: the waiter stays)
                 self._unsettle(request_id)
             return failure
 
@@ -475,6 +480,21 @@ class SlotStoreBase(MultiService):
         self._forget_waiter(request_id)
         self._settle(request_id)
         waiter.deferred.errback(WaitExpired(f"no slot was handed over within {waiter.deadline - waiter.enqueued_at:g} s"))
+
+    def give_up_waiters(self, reason: str) -> int:
+        """
+        Fail every local waiter with L{WaiterLost}, oldest first (the store
+        cannot be reached: their requests wait elsewhere); their places in the
+        store's FIFO are released when it answers again. Returns how many.
+        """
+        waiters = sorted(self.waiters.values(), key=lambda w: w.seq)
+        for waiter in waiters:
+            self._forget_waiter(waiter.id)
+            self._unsettle(waiter.id)
+        for waiter in waiters:
+            if not waiter.deferred.called:
+                waiter.deferred.errback(WaiterLost(reason))
+        return len(waiters)
 
     def _abandon(self, request_id: str) -> None:
         """The waiter's Deferred was cancelled: leave the queue (or give back a slot granted meanwhile)."""

@@ -22,9 +22,10 @@ C{HTTPChannel}) per connection. On top of Twisted's parser the channel adds:
   the idle timeout). These checks run in the public hooks of
   C{LineReceiver} and C{HTTPChannel} (C{lineReceived}, C{headerReceived},
   C{lineLengthExceeded}, C{allHeadersReceived}) before Twisted's own, so
-  Twisted's private C{_respondToBadRequestAndDisconnect} is left alone; the
-  one framing error answered the bare Twisted way is a malformed
-  I{chunked} body.
+  Twisted's private C{_respondToBadRequestAndDisconnect} is left alone. A
+  I{chunked} body is followed by L{ChunkedScanner} as it arrives, so a
+  malformed one (a size that is not hex, data longer than its size, a bare
+  LF) gets a JSON 400 before Twisted's decoder would close with a bare one.
 
 Every early answer is written by L{GuardedChannel.refuse}: a complete
 HTTP/1.1 response with a JSON error body and C{Connection: close}, then a
@@ -64,6 +65,7 @@ from paddler.errors import (
     TooManyConnections,
     URITooLong,
 )
+from paddler.web.http1 import ChunkedScanner, FramingError
 from paddler.web.instance import INSTANCE_HEADER
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -164,6 +166,7 @@ class GuardedChannel(HTTPChannel):
         self._head_size = 0
         self._headers = 0
         self._framing = 0
+        self._chunked: ChunkedScanner | None = None
         self._request_line_seen = False
         self._empty_line_seen = False
         self._body_started = 0.0
@@ -199,6 +202,7 @@ class GuardedChannel(HTTPChannel):
         self.phase = "head"
         self._tail = b""
         self._head_size = self._headers = self._framing = 0
+        self._chunked = None
         self._request_line_seen = self._empty_line_seen = False
         self._set_deadline(self.site.limits.header_timeout, self._head_timed_out)
 
@@ -281,6 +285,7 @@ class GuardedChannel(HTTPChannel):
                 return None
             if value.lower() != b"chunked":
                 return BadRequest("the only Transfer-Encoding accepted is chunked")
+            self._chunked = ChunkedScanner()
             self._framing += 1
         if self._framing > 1:
             return BadRequest("the request has more than one Content-Length or Transfer-Encoding header")
@@ -345,6 +350,15 @@ class GuardedChannel(HTTPChannel):
             return
         if self.phase == "body":
             self._body_received += len(data)
+            scanner = self._chunked
+            if scanner is not None:
+                try:
+                    scanner.feed(data)
+                except FramingError as e:
+                    self.refuse(BadRequest(f"the chunked request body is malformed: {e}"))
+                    return
+                if scanner.done:
+                    self._chunked = None
         super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:

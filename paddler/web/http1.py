@@ -22,7 +22,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 class FramingError(Exception):
-    """The upstream's bytes are not a well-formed HTTP/1.1 response."""
+    """The bytes are not well-formed HTTP/1.1 framing (an upstream's response, or a client's chunked body)."""
 
 
 class BodyScanner:
@@ -150,8 +150,7 @@ class ChunkedScanner(BodyScanner):
         decoder = ChunkedScanner(0, pieces.append)
         snapshot: Any = self._kept[0][0]
         decoder._state, decoder._remaining, decoder._line, decoder._crlf, decoder._trailer_bytes = snapshot
-        for _, raw in self._kept:
-            decoder.feed(raw)
+        decoder.feed(b"".join(raw for _, raw in self._kept))  # the kept pieces are contiguous
         return b"".join(pieces)
 
     def feed(self, data: bytes) -> int:
