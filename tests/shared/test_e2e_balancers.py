@@ -166,6 +166,38 @@ def test_redis_restarted_mid_load_loses_no_request_and_counts_reconcile(procs, o
              what="every slot free again on every balancer")
 
 
+def test_redis_frozen_mid_load_strands_no_waiting_request_and_leaves_nothing_behind(procs, own_redis, prefix):
+    """
+    SIGSTOP on Redis while 12 requests (4 slots) run and wait on three balancers: every balancer
+    falls back and its waiters move to its own buffer, so all 12 are answered 200 while Redis is
+    still mute (they waited for Redis before). Then Redis answers again: nothing is logged above a
+    warning, and the store ends with no lease and no waiter.
+    """
+    servers = [procs.simulator(slots=SLOTS, tokens_per_second=40)[1] for _ in range(2)]
+    balancers = three_balancers(procs, own_redis, prefix, servers)
+    proxies = [proxy for _, proxy, _ in balancers]
+    threads, results = in_parallel([lambda i=i: completion(proxies[i % 3], 40, f"f{i}") for i in range(12)])
+    wait_for(lambda: sum(get_json(p + "/health")[1]["requests_buffered"] for p in proxies) >= 6, deadline=10,
+             what="requests waiting on the balancers")
+    own_redis.pause()
+    try:
+        # served while Redis is still mute: the waiting requests must not wait for it
+        wait_for(lambda: not any(thread.is_alive() for thread in threads), deadline=40,
+                 what="every request answered while Redis is frozen")
+    finally:
+        own_redis.resume()
+    assert [r[0] for r in results] == [200] * 12, results
+    for proxy in proxies:
+        wait_for(lambda proxy=proxy: get_json(proxy + "/health")[1]["shared_state"]["up"], deadline=20,
+                 what=f"{proxy} back on the store")
+    wait_for(lambda: own_redis.command("HLEN", f"{prefix}:lease").strip() == b"0"
+                     and own_redis.command("HLEN", f"{prefix}:w").strip() == b"0",
+             deadline=20, what="no lease and no waiter left in the store")
+    for process, _, _ in balancers:
+        log = process.log()
+        assert "Traceback" not in log and "#critical" not in log and "#error" not in log, log[-3000:]
+
+
 def _quiet(call: Any, *args: Any) -> Any:
     try:
         return call(*args)
