@@ -226,6 +226,13 @@ class BalancerConfig:
         "closed. Lowered at start to what the open-files limit allows.",
         count(1, 1_000_000),
     )
+    max_connections_per_client: int = setting(
+        0,
+        "Open connections one client address may hold per listener (0: no limit); more are "
+        "answered 429 and closed. Leave 0 behind a proxy or load balancer that hides client "
+        "addresses: every connection would come from its address.",
+        count(0, 1_000_000),
+    )
     max_request_bodies_memory: int = setting(
         256 * 1024 * 1024,
         "Bytes all request bodies held at once may take; a body that would pass it is "

@@ -145,6 +145,13 @@ class TooManyConnections(NoUpstreamAvailable):
     reason = "connection_limit"
 
 
+class TooManyClientConnections(PaddlerHTTPError):
+    """One client address holds --max-connections-per-client connections: the new one is answered and closed."""
+
+    status = 429
+    reason = "client_connection_limit"
+
+
 class BodyMemoryFull(NoUpstreamAvailable):
     """Taking this body would pass --max-request-bodies-memory."""
 
@@ -191,7 +198,7 @@ def error_response(request: Any, error: PaddlerHTTPError) -> bytes:
 
 def outcome_of(error: PaddlerHTTPError) -> tuple[str, str] | None:
     """How an error is counted (L{paddler.observability.requests.OUTCOMES}): refused, timed out, or neither."""
-    if isinstance(error, NoUpstreamAvailable):
+    if isinstance(error, (NoUpstreamAvailable, TooManyClientConnections)):
         return ("refused", error.reason)
     if isinstance(error, (UpstreamTimeout, RequestTimeout)):
         return ("timed_out", error.reason)

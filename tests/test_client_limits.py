@@ -60,8 +60,8 @@ class Echo(Resource):
 class Transport(StringTransport):
     """A StringTransport that can half-close, and tells its protocol when it is aborted."""
 
-    def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", host, 50000))
         self.write_closed = False
         self.aborted = False
         self.protocol: Any = None
@@ -94,8 +94,8 @@ class Rig:
             instance_id="abc123", on_answered=self.answered.append,
         )
 
-    def connect(self) -> Transport:
-        transport = Transport()
+    def connect(self, host: str = "127.0.0.1") -> Transport:
+        transport = Transport(host)
         protocol = self.site.buildProtocol(transport.getPeer())
         transport.protocol = protocol
         protocol.makeConnection(transport)
@@ -456,6 +456,41 @@ def test_connections_above_the_cap_get_503_and_are_closed_and_counted():
     assert only_answer(again)[0] == 200
 
 
+def test_one_client_address_above_its_own_cap_gets_429_and_the_others_are_served():
+    """--max-connections-per-client 2: a third connection from 10.0.0.1 is answered 429 and closed,
+    10.0.0.2 still connects; when one of 10.0.0.1's closes, it may open another."""
+    from dataclasses import replace
+
+    rig = Rig(replace(LIMITS, max_connections_per_client=2))
+    first = [rig.connect("10.0.0.1") for _ in range(2)]
+    refused = rig.connect("10.0.0.1")
+    assert isinstance(refused.protocol, OverCapacity)
+    error = assert_json_error(refused, 429, "--max-connections-per-client")
+    assert "10.0.0.1" not in json.dumps(error)  # the answer does not echo addresses
+    assert outcome_of(rig.answered[-1]) == ("refused", "client_connection_limit")
+    assert rig.site.connections_refused == 1
+    other = [rig.connect("10.0.0.2") for _ in range(2)]
+    for transport in other:
+        rig.send(transport, GET)
+        assert only_answer(transport)[0] == 200
+    rig.clock.advance(LIMITS.linger)
+    assert refused.aborted and rig.site.open_connections == 4
+    first[0].close()
+    again = rig.connect("10.0.0.1")
+    rig.send(again, GET)
+    assert only_answer(again)[0] == 200
+    for transport in [first[1], again, *other]:
+        transport.close()
+    assert rig.site.open_connections == 0 and rig.site.connections_by_client == {}
+
+
+def test_without_a_per_client_cap_one_address_may_use_the_whole_listener():
+    rig = Rig()
+    transports = [rig.connect("10.0.0.1") for _ in range(LIMITS.max_connections)]
+    assert not any(isinstance(t.protocol, OverCapacity) for t in transports)
+    assert rig.site.connections_by_client == {"10.0.0.1": LIMITS.max_connections}
+
+
 def test_a_flood_above_the_cap_is_answered_and_closed_without_lingering_once_many_refusals_linger():
     """Past MAX_LINGERING_REFUSALS at once, a refusal keeps no descriptor: answered, then closed."""
     rig = Rig()
@@ -573,7 +608,7 @@ def test_a_reload_applies_new_client_limits_and_body_memory_to_both_listeners():
 
     service = makeBalancerService(BalancerConfig(), MemoryReactorClock())
     new = BalancerConfig(header_timeout=3.0, max_connections=50, client_idle_timeout=30.0,
-                         max_request_bodies_memory=64 * 1024 * 1024)
+                         max_request_bodies_memory=64 * 1024 * 1024, max_connections_per_client=8)
 
     class Prober:
         timeout, mode, unhealthy_after, api_key = 2.0, "slots", 2, None
@@ -583,4 +618,6 @@ def test_a_reload_applies_new_client_limits_and_body_memory_to_both_listeners():
     assert [(s.limits.header_timeout, s.limits.max_connections, s.timeOut) for s in service.sites] == [
         (3.0, 50, 30.0), (3.0, 50, 30.0)
     ]
+    assert "max_connections_per_client is now 8" in changes
+    assert [s.limits.max_connections_per_client for s in service.sites] == [8, 8]
     assert service.body_memory.limit == 64 * 1024 * 1024

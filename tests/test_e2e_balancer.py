@@ -154,3 +154,42 @@ def test_health_figures_match_the_fleet(procs):
         "status": "ok", "slots_idle": 5, "slots_processing": 0, "requests_buffered": 0,
         "upstreams": {"healthy": 2, "total": 2},
     }
+
+
+def test_one_client_address_is_capped_and_another_is_still_served(procs):
+    """--max-connections-per-client 3 over real TCP: three idle connections from 127.0.0.2 are kept,
+    its fourth is answered 429 and closed, and 127.0.0.1 is served meanwhile."""
+    import socket
+
+    _, server = procs.simulator(slots=2, tokens_per_second=200)
+    _, proxy, _ = procs.balancer("--upstream", server, "--max-connections-per-client", "3")
+    port = int(proxy.rsplit(":", 1)[1])
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+
+    held = [connect() for _ in range(3)]
+    try:
+        extra = connect()
+        extra.sendall(b"GET /health HTTP/1.1\r\nHost: paddler\r\n\r\n")
+        data = b""
+        while chunk := extra.recv(65536):
+            data += chunk
+        extra.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429 "), data
+        assert "--max-connections-per-client" in json.loads(body)["error"]["message"]
+        status, health = get_json(proxy + "/health")
+        assert status == 200 and health["upstreams"]["healthy"] == 1
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: _served_from_second_address(port), deadline=10, what="127.0.0.2 served again")
+
+
+def _served_from_second_address(port: int) -> bool:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: paddler\r\nConnection: close\r\n\r\n")
+        return sock.recv(65536).startswith(b"HTTP/1.1 200 ")

@@ -42,7 +42,9 @@ NEEDS_RESTART = (
 
 
 #: Settings of the listeners' client limits (applied to connections from their next request on).
-CLIENT_LIMITS = ("header_timeout", "min_request_body_rate", "client_idle_timeout", "max_connections")
+CLIENT_LIMITS = (
+    "header_timeout", "min_request_body_rate", "client_idle_timeout", "max_connections", "max_connections_per_client",
+)
 
 
 class Reloader:

@@ -27,7 +27,8 @@ def status_class(status: int) -> str:
 #: Why requests were not served, by kind: the labels of the refused / timed-out / cancelled counters.
 OUTCOMES: dict[str, tuple[str, ...]] = {
     "refused": (
-        "buffer_full", "buffering_disabled", "no_upstream", "shutting_down", "connection_limit", "body_memory",
+        "buffer_full", "buffering_disabled", "no_upstream", "shutting_down", "connection_limit",
+        "client_connection_limit", "body_memory",
     ),
     "timed_out": ("buffer", "upstream_headers", "upstream_idle", "client_head", "client_body"),
     "cancelled": ("buffered", "upstream"),

@@ -62,6 +62,7 @@ from paddler.errors import (
     PaddlerHTTPError,
     RequestTimeout,
     RequestTooLarge,
+    TooManyClientConnections,
     TooManyConnections,
     URITooLong,
 )
@@ -91,6 +92,7 @@ class ClientLimits:
     idle_timeout: float = 120.0
     max_connections: int = 1024
     linger: float = 2.0
+    max_connections_per_client: int = 0  # 0: no limit
 
 
 def request_line_error(line: bytes) -> PaddlerHTTPError | None:
@@ -171,19 +173,21 @@ class GuardedChannel(HTTPChannel):
         self._empty_line_seen = False
         self._body_started = 0.0
         self._body_received = 0
+        self._client: str | None = None
 
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.site.connection_opened()
+        self._client = client_address(self.transport.getPeer())
+        self.site.connection_opened(self._client)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_deadline()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
-        self.site.connection_closed()
+        self.site.connection_closed(self._client)
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
@@ -401,24 +405,26 @@ class GuardedChannel(HTTPChannel):
         self._deadline = None
 
 
+def client_address(address: Any) -> str | None:
+    """The client a connection counts against for --max-connections-per-client (None: not an IP peer)."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
+
+
 class OverCapacity(Protocol):
-    """A connection above the listener's cap: answered 503 at once, then closed."""
+    """A connection above the listener's cap (or its client's): answered at once (C{error}), then closed."""
 
     transport: Any
 
-    def __init__(self, site: GuardedSite) -> None:
+    def __init__(self, site: GuardedSite, error: PaddlerHTTPError) -> None:
         self.site = site
+        self.error = error
         self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         site = self.site
         site.lingering_refusals += 1
-        error = TooManyConnections(
-            f"{site.what} has {site.limits.max_connections} open connections (--max-connections); "
-            "retry shortly",
-            headers={b"retry-after": b"1"},
-        )
-        self.transport.write(early_response(error, site.instance_id))
+        self.transport.write(early_response(self.error, site.instance_id))
         if site.lingering_refusals > MAX_LINGERING_REFUSALS:
             # A flood: no descriptor is kept for it. The answer goes out, but a
             # request that arrives after the close makes the kernel reset it.
@@ -478,24 +484,49 @@ class GuardedSite(Site):
         self.open_connections = 0
         self.lingering_refusals = 0
         self.connections_refused = 0
-        self._refused_unlogged = 0
-        self._cap_logged_at: float | None = None
+        #: open connections per client address (kept always, so a reload can set the limit)
+        self.connections_by_client: dict[str, int] = {}
+        self._refused_unlogged: dict[str, int] = {}
+        self._cap_logged_at: dict[str, float] = {}
 
     def log(self, request: Any) -> None:  # type: ignore[override]
         if self.access_log:
             super().log(request)
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.open_connections >= self.limits.max_connections:
-            self._refused_at_cap()
-            return OverCapacity(self)
+        limits = self.limits
+        if self.open_connections >= limits.max_connections:
+            error: PaddlerHTTPError = TooManyConnections(
+                f"{self.what} has {limits.max_connections} open connections (--max-connections); retry shortly",
+                headers={b"retry-after": b"1"},
+            )
+            self._refused(error, "{what}: {open} connections open, the cap (--max-connections)")
+            return OverCapacity(self, error)
+        per_client = limits.max_connections_per_client
+        client = client_address(addr)
+        if per_client and client is not None and self.connections_by_client.get(client, 0) >= per_client:
+            error = TooManyClientConnections(
+                f"this client address has {per_client} open connections to {self.what} "
+                "(--max-connections-per-client); close one or retry shortly",
+                headers={b"retry-after": b"1"},
+            )
+            self._refused(error, "{what}: a client address holds --max-connections-per-client connections")
+            return OverCapacity(self, error)
         return super().buildProtocol(addr)
 
-    def connection_opened(self) -> None:
+    def connection_opened(self, client: str | None = None) -> None:
         self.open_connections += 1
+        if client is not None:
+            self.connections_by_client[client] = self.connections_by_client.get(client, 0) + 1
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, client: str | None = None) -> None:
         self.open_connections -= 1
+        if client is not None and client in self.connections_by_client:
+            left = self.connections_by_client[client] - 1
+            if left > 0:
+                self.connections_by_client[client] = left
+            else:
+                del self.connections_by_client[client]
 
     def answered_early(self, error: PaddlerHTTPError) -> None:
         if self.on_answered is not None:
@@ -504,18 +535,20 @@ class GuardedSite(Site):
             except Exception:
                 self.logger.failure("{what}: counting an early answer failed", what=self.what)
 
-    def _refused_at_cap(self) -> None:
+    def _refused(self, error: PaddlerHTTPError, line: str) -> None:
+        """Count a refused connection; say so at most once a minute per kind of refusal."""
         self.connections_refused += 1
-        self._refused_unlogged += 1
-        self.answered_early(TooManyConnections("connection cap"))
+        self.answered_early(error)
+        kind = type(error).__name__
+        self._refused_unlogged[kind] = self._refused_unlogged.get(kind, 0) + 1
         now = self.reactor.seconds()
-        if self._cap_logged_at is None or now - self._cap_logged_at >= CAP_LOG_INTERVAL:
+        logged_at = self._cap_logged_at.get(kind)
+        if logged_at is None or now - logged_at >= CAP_LOG_INTERVAL:
             self.logger.warn(
-                "{what}: {open} connections open, the cap (--max-connections); refused {refused} "
-                "connection(s) since the last such line",
+                line + "; refused {refused} such connection(s) since the last such line",
                 what=self.what,
                 open=self.open_connections,
-                refused=self._refused_unlogged,
+                refused=self._refused_unlogged[kind],
             )
-            self._cap_logged_at = now
-            self._refused_unlogged = 0
+            self._cap_logged_at[kind] = now
+            self._refused_unlogged[kind] = 0

@@ -70,4 +70,5 @@ def limits_for(config: Any, open_files: int | None) -> Any:
         min_body_rate=float(config.min_request_body_rate),
         idle_timeout=config.client_idle_timeout,
         max_connections=fit_connection_cap(config.max_connections, open_files),
+        max_connections_per_client=config.max_connections_per_client,
     )
