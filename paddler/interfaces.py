@@ -127,11 +127,13 @@ class ISlotStore(Interface):
         with L{NoFreeSlot} (waiting disabled), L{BufferFull} or L{IdInUse}.
         """
 
-    def release(request_id):  # type: ignore[no-untyped-def]
+    def release(request_id, running=False):  # type: ignore[no-untyped-def]
         """
         End the lease (its slot goes straight to the oldest waiter that can
         use it) or take the waiter out of the queue (its Deferred fails
-        with CancelledError). Idempotent. Never fails for want of the store:
+        with CancelledError). Idempotent. C{running}: the client left but the
+        server goes on with the request: its slot counts as external load
+        (nobody gets it) until the next reading of the server. Never fails for want of the store:
         while it is down it fires with C{None} and the release is sent when
         the store answers again. Otherwise fires with a
         L{paddler.shared.model.Release}. C{cancel} is the same call.

@@ -44,7 +44,7 @@ class Lease:
         number: int,
         waited: float,
         demand: Any,
-        on_release: Callable[[], object] | None = None,
+        on_release: Callable[[bool], object] | None = None,
     ) -> None:
         self.pool = pool
         self.upstream = upstream
@@ -52,7 +52,7 @@ class Lease:
         self.waited = waited
         self.demand = demand
         self.released = False
-        self.on_release = on_release  # the shared store's side of the lease
+        self.on_release = on_release  # the shared store's side of the lease; called with still_running
 
     def release(self, timings: Any = None, still_running: bool = False) -> None:
         """
@@ -70,7 +70,7 @@ class Lease:
             self.upstream.return_lease(self.number)
             self.pool.slot_freed()
         if self.on_release is not None:
-            self.on_release()
+            self.on_release(still_running)
         self.pool.chooser.finished(self.upstream, self.demand, timings)
         self.pool.lease_returned(self.upstream)
 

@@ -318,7 +318,7 @@ class SharedFleet(Service):
             upstream.take_lease(),
             waited,
             demand,
-            on_release=lambda: self._quietly(shared.release(), "release"),
+            on_release=lambda running: self._quietly(shared.release(running), "release"),
         )
         self.pool.chooser.dispatched(upstream, demand)
         self.pool.notify("changed", upstream)
@@ -351,7 +351,7 @@ class SharedFleet(Service):
         """A lease the pool granted on its own while the store was down: adopted when it answers again."""
         request_id = f"{self.store.owner}.{next(self._ids)}"
         self._fallback[request_id] = (lease.upstream.id, lease)
-        lease.on_release = lambda: self._fallback.pop(request_id, None)
+        lease.on_release = lambda running: self._fallback.pop(request_id, None)
         if self._was_up:
             self._adopt_fallback()  # taken as the store came back: the store must count it now
 
@@ -369,7 +369,7 @@ class SharedFleet(Service):
                 if lease.released:
                     self._quietly(shared.release(), "release")
                 else:
-                    lease.on_release = lambda: self._quietly(shared.release(), "release")
+                    lease.on_release = lambda running: self._quietly(shared.release(running), "release")
 
             self._quietly(self.store.adopt(request_id, server_id).addCallback(adopted), "adopt")
 

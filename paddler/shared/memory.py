@@ -248,11 +248,18 @@ class MemorySlotState:
         self.w[rid] = (owner, self.seq, now + wait, ttl, now, tuple(cands), model)
         return [2, self.seq, self._position(rid)]
 
-    def op_release(self, channel: str, rid: str) -> int:
+    def op_release(self, channel: str, rid: str, running: str = "0") -> int:
         if not _valid_id(rid):
             raise _bad("request id")
         now = self._now()
         if rid in self.lease:
+            if running == "1":
+                s, g, *_ = self.lease.pop(rid)
+                self.leases.pop(rid, None)
+                if s in self.total and self.gen.get(s, 0) == g:
+                    self.ext[s] = self.ext.get(s, 0) + 1
+                    return 1
+                return 3
             return self._release_lease(rid, channel, now)
         if rid in self.w:
             self._drop_waiter(rid)

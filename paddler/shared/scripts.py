@@ -307,12 +307,24 @@ return {2, seq, redis.call('ZRANK', K_Q, id)}
 """
 
 RELEASE = r"""
--- ARGV: channel, id -> 1 lease released, 3 stale lease dropped (no slot added), 2 waiter removed, 0 unknown
+-- ARGV: channel, id[, running] -> 1 lease released, 3 stale lease dropped (no slot added), 2 waiter removed, 0 unknown
+-- running '1': the client left but the server goes on with the request: the lease ends, and its slot
+-- counts as external load (no hand-off) until the next reading says what the server runs.
 local id = ARGV[2]
 if not valid_id(id) then return bad('request id') end
 local now = now_ms()
 local rec = redis.call('HGET', K_LEASE, id)
-if rec then return release_lease(id, rec, now) end
+if rec then
+  if ARGV[3] == '1' then
+    local s, g = drop_lease(id, rec)
+    if redis.call('HEXISTS', K_TOTAL, s) == 1 and gen_of(s) == g then
+      redis.call('HINCRBY', K_EXT, s, 1)
+      return 1
+    end
+    return 3
+  end
+  return release_lease(id, rec, now)
+end
 local w = redis.call('HGET', K_W, id)
 if w then
   drop_waiter(id, w)

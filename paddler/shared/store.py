@@ -80,9 +80,9 @@ class SharedLease:
     def __repr__(self) -> str:
         return f"<SharedLease {self.id} on {self.server_id} gen {self.generation} #{self.number}>"
 
-    def release(self) -> Deferred[Release]:
+    def release(self, running: bool = False) -> Deferred[Release]:
         """End the lease (idempotent); never fails: see L{SlotStoreBase.release}."""
-        return self.store.release(self.id)
+        return self.store.release(self.id, running)
 
 
 class Waiter:
@@ -197,7 +197,7 @@ class SlotStoreBase(MultiService):
         self.waiters: dict[str, Waiter] = {}
         self.epoch: str | None = None
         self.resets = 0
-        self._unsettled: dict[str, None] = {}  # ordered set of ids to release once the store answers
+        self._unsettled: dict[str, bool] = {}  # ids to release once the store answers -> still running
         self._servers: dict[str, tuple[int, str]] = {}  # what to re-register after the store lost its data
         self._drained: set[str] = set()
         self._pending_registrations: set[str] = set()
@@ -501,12 +501,14 @@ class SlotStoreBase(MultiService):
         self._forget_waiter(request_id)
         self._settle(request_id)
 
-    def release(self, request_id: str) -> Deferred[Release]:
+    def release(self, request_id: str, running: bool = False) -> Deferred[Release]:
         """
         End the lease or waiter C{request_id} (idempotent). Never fails for
         want of the store: while it is down the release is kept and sent
         when it answers again (fires with C{None} then), and the lease's
-        expiry is the last resort.
+        expiry is the last resort. C{running}: the client left but the
+        server goes on with the request, so its slot stays busy (as external
+        load) until the next reading of the server.
         """
         try:
             check_id(request_id, "request id")
@@ -518,24 +520,24 @@ class SlotStoreBase(MultiService):
         waiter = self._forget_waiter(request_id)
         if waiter is not None and not waiter.deferred.called:
             waiter.deferred.errback(CancelledError("released while waiting"))
-        return self._settle(request_id)
+        return self._settle(request_id, running)
 
     cancel = release
 
-    def _settle(self, request_id: str) -> Deferred[Any]:
+    def _settle(self, request_id: str, running: bool = False) -> Deferred[Any]:
         def failed(failure: Failure) -> None:
             failure.trap(StoreUnavailable)
-            self._unsettle(request_id)
+            self._unsettle(request_id, running)
             return None
 
         def done(reply: Any) -> Release:
             self._unsettled.pop(request_id, None)
             return Release(int(reply))
 
-        return self._script("release", [request_id]).addCallbacks(done, failed)
+        return self._script("release", [request_id, "1" if running else "0"]).addCallbacks(done, failed)
 
-    def _unsettle(self, request_id: str) -> None:
-        self._unsettled[request_id] = None
+    def _unsettle(self, request_id: str, running: bool = False) -> None:
+        self._unsettled[request_id] = running
         while len(self._unsettled) > MAX_UNSETTLED:
             self._unsettled.pop(next(iter(self._unsettled)))
 
@@ -543,7 +545,7 @@ class SlotStoreBase(MultiService):
         from twisted.internet.defer import gatherResults
 
         ids = list(self._unsettled)[:MAX_BATCH]
-        return gatherResults([self._settle(request_id) for request_id in ids])
+        return gatherResults([self._settle(request_id, self._unsettled[request_id]) for request_id in ids])
 
     def adopt(self, request_id: str, server_id: str, model: str | None = "") -> Deferred[SharedLease | None]:
         try:

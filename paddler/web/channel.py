@@ -179,7 +179,7 @@ class GuardedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._client = client_address(self.transport.getPeer())
+        self._client = client_address(self.transport.getPeer()) if self.transport is not None else None
         self.site.connection_opened(self._client)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]

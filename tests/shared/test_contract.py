@@ -316,6 +316,24 @@ async def test_a_reading_that_frees_slots_serves_waiters_at_once(world: World, t
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_lease_released_while_its_request_runs_keeps_the_slot_until_a_reading(world: World, trio: list) -> None:
+    """RELEASE running: the lease ends, the slot counts as external (no hand-off); the next reading decides."""
+    a, b, _ = trio
+    await a.register_server("s1", 1)
+    lease = await a.acquire("r1", ["s1"])
+    waiter = await b.acquire("w", ["s1"], wait=30.0)
+    assert isinstance(lease, SharedLease) and isinstance(waiter, Waiter)
+    assert await a.release("r1", running=True) is Release.RELEASED
+    snapshot = await a.snapshot()
+    assert snapshot.servers["s1"].leased == 0 and snapshot.servers["s1"].external == 1
+    assert not waiter.deferred.called
+    await a.reading("s1", 1, 1, await a.probe_mark())  # the server still runs it
+    assert not waiter.deferred.called and (await a.snapshot()).servers["s1"].external == 1
+    await a.reading("s1", 1, 0, await a.probe_mark())  # finished: handed to the waiter
+    assert (await world.settle(waiter.deferred)).server_id == "s1"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_draining_server_takes_no_new_request_and_undraining_serves_waiters(world: World, trio: list) -> None:
     """DRAIN stops new leases (old ones stay); UNDRAIN hands free slots to waiters."""
     a, b, _ = trio

@@ -408,6 +408,24 @@ def test_a_waiter_whose_update_timed_out_keeps_its_place_and_its_lease_is_never_
     b.stopService()
 
 
+def test_a_lease_released_while_its_request_still_runs_stays_busy_until_the_next_reading() -> None:
+    """release(running=True): the lease ends but its slot counts as external load, so no waiter gets it;
+    the next reading says what the server runs (still busy: stays; free: handed on)."""
+    clock, state, a, b = memory_pair()
+    a.register_server("s1", 1)
+    lease = a.acquire("r1", ["s1"]).result
+    waiter = b.acquire("w1", ["s1"], wait=30.0).result
+    assert isinstance(waiter, Waiter)
+    a.release("r1", running=True)
+    assert lease.id not in a.leases and "r1" not in state.lease and not waiter.deferred.called
+    a.reading("s1", 1, 1, a.probe_mark().result)  # llama.cpp still runs it
+    assert not waiter.deferred.called
+    a.reading("s1", 1, 0, a.probe_mark().result)  # done: the slot goes to w1
+    assert waiter.deferred.called
+    a.stopService()
+    b.stopService()
+
+
 def test_stopping_fails_local_waiters_with_cancelled() -> None:
     """stopService errbacks every local waiter (the balancer is stopping)."""
     from twisted.internet.defer import CancelledError
