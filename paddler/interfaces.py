@@ -149,11 +149,11 @@ class ISlotStore(Interface):
     def renew():  # type: ignore[no-untyped-def]
         """Extend every lease of this owner and its heartbeat; fires with the ids the store had lost."""
 
-    def give_up_waiters(reason):  # type: ignore[no-untyped-def]
+    def give_up_waiters(error):  # type: ignore[no-untyped-def]
         """
-        Fail every local waiter with L{paddler.shared.errors.WaiterLost}
-        (C{reason}), oldest first: the store cannot be reached and their
-        requests wait elsewhere. Their places in the store's FIFO are released
+        Fail every local waiter with C{error} (an exception), oldest first:
+        the store cannot be reached and their requests wait elsewhere, or the
+        balancer stops. Their places in the store's FIFO are released now, or
         when it answers again. Returns how many (not a Deferred).
         """
 

@@ -351,3 +351,20 @@ def test_a_request_whose_client_left_but_llama_cpp_goes_on_keeps_its_slot_busy_i
         balancer.probe_all()
     assert waiting.called and waiting.result.upstream.url == A_URL
     waiting.result.release()
+
+
+def test_stopping_a_balancer_answers_its_requests_in_the_shared_buffer_at_once(world):
+    """SIGTERM answers buffered requests 503 at once: those waiting in the shared FIFO too (they waited for
+    a slot and were served during the shutdown, or cut at its end), and they leave the FIFO."""
+    from paddler.errors import ShuttingDown
+
+    a, b, c = three(world)
+    [a.pool.acquire().result for _ in range(3)]
+    waiting = [c.pool.acquire() for _ in range(2)]
+    failures: list[Any] = []
+    for d in waiting:
+        d.addErrback(failures.append)
+    assert len(world.state.w) == 2
+    c.pool.stop()
+    assert [f.check(ShuttingDown) for f in failures] == [ShuttingDown, ShuttingDown]
+    assert world.state.w == {} and c.store.waiters == {}

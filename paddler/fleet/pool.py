@@ -577,3 +577,5 @@ class UpstreamPool:
             waiter = self._waiters[0]
             self._leave(waiter)
             waiter.deferred.errback(ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"}))
+        if self.shared is not None:
+            self.shared.stop_waiting(ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"}))

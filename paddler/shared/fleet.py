@@ -186,7 +186,9 @@ class SharedFleet(Service):
                     "at most 1/{owners} of each upstream's slots",
                     owners=self.owners_seen,
                 )
-            self.store.give_up_waiters("the shared store is unavailable; waiting in this balancer's buffer")
+            self.store.give_up_waiters(
+                store_errors.WaiterLost("the shared store is unavailable; waiting in this balancer's buffer")
+            )
         self.pool.notify("changed")
 
     def _store_reset(self) -> None:
@@ -337,6 +339,14 @@ class SharedFleet(Service):
                 timer.cancel()
             if entry in self._homeless:
                 self._homeless.remove(entry)
+
+    def stop_waiting(self, error: Exception) -> None:
+        """The balancer stops: this process's requests in the shared buffer fail with C{error} and leave it."""
+        self.store.give_up_waiters(error)
+        homeless, self._homeless = self._homeless, []
+        for waiting, _ in homeless:
+            if not waiting.called:
+                waiting.errback(error)
 
     def _wake_homeless(self) -> None:
         homeless, self._homeless = self._homeless, []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -481,19 +482,20 @@ class SlotStoreBase(MultiService):
         self._settle(request_id)
         waiter.deferred.errback(WaitExpired(f"no slot was handed over within {waiter.deadline - waiter.enqueued_at:g} s"))
 
-    def give_up_waiters(self, reason: str) -> int:
+    def give_up_waiters(self, error: Exception) -> int:
         """
-        Fail every local waiter with L{WaiterLost}, oldest first (the store
-        cannot be reached: their requests wait elsewhere); their places in the
-        store's FIFO are released when it answers again. Returns how many.
+        Fail every local waiter with C{error}, oldest first (the store cannot
+        be reached and their requests wait elsewhere, or the balancer stops);
+        their places in the store's FIFO are released now, or when it answers
+        again. Returns how many.
         """
         waiters = sorted(self.waiters.values(), key=lambda w: w.seq)
         for waiter in waiters:
             self._forget_waiter(waiter.id)
-            self._unsettle(waiter.id)
+            self._call_quietly(partial(self._settle, waiter.id))
         for waiter in waiters:
             if not waiter.deferred.called:
-                waiter.deferred.errback(WaiterLost(reason))
+                waiter.deferred.errback(error)
         return len(waiters)
 
     def _abandon(self, request_id: str) -> None:
