@@ -219,8 +219,12 @@ def test_with_the_store_down_each_balancer_takes_only_its_share_then_running_req
     health = a.pool.health()[1]
     assert health["shared_state"]["up"] is False
     world.state.set_available(True)
-    world.sync(1.0)
-    assert a.fleet.up
+    world.sync(0.3)
+    assert a.pool.health()[1]["shared_state"]["settling"] is True
+    for balancer in (a, b, c):
+        balancer.probe_all()  # fresh readings end the settling
+    world.sync(0.3)
+    assert a.fleet.up and a.pool.health()[1]["shared_state"]["settling"] is False
     assert {lease_id for lease_id in a.store.leases} and not a.fleet._fallback
     for d in local:
         if d.called:
@@ -283,7 +287,12 @@ def test_requests_waiting_here_join_the_shared_buffer_when_the_store_answers_aga
     early, late = c.pool.acquire(), c.pool.acquire()
     assert not early.called and c.pool.health()[1]["requests_buffered"] == 2
     world.state.set_available(True)
-    world.sync(1.0)
+    world.sync(0.3)
+    assert c.fleet.settling and not c.fleet.up and not early.called  # no slot until fresh readings
+    world.slots.update({A_URL: (2, 2), B_URL: (1, 1)})
+    for balancer in (a, b, c):
+        balancer.probe_all()
+    world.sync(0.3)
     assert c.fleet.up and [w.id for w in sorted(c.store.waiters.values(), key=lambda w: w.seq)] == list(c.store.waiters)
     assert len(c.store.waiters) == 2 and c.pool.health()[1]["requests_buffered"] == 2
     held[0].release()
@@ -303,8 +312,8 @@ def test_a_request_handed_to_the_shared_buffer_can_still_be_cancelled_by_its_cli
     world.sync()
     leaving = c.pool.acquire()
     world.state.set_available(True)
-    world.sync(1.0)
-    assert len(c.store.waiters) == 1
+    world.sync(3.1)  # no reading came: the settling ends at its deadline
+    assert c.fleet.up and len(c.store.waiters) == 1
     leaving.addErrback(lambda f: f.trap(CancelledError))
     leaving.cancel()
     assert c.store.waiters == {} and c.pool.health()[1]["requests_buffered"] == 0

@@ -62,6 +62,8 @@ from paddler.shared.model import StoreSnapshot
 
 #: Seconds between two reads of the store's snapshot.
 SYNC_INTERVAL = 0.25
+#: Longest a process back from an outage waits for fresh readings before taking slots through the store.
+SETTLE_TIMEOUT = 3.0
 
 
 def rendezvous(owners: tuple[str, ...], upstream_id: str) -> str | None:
@@ -119,13 +121,31 @@ class SharedFleet(Service):
         self._loop = LoopingCall(self._sync_safely)
         self._loop.clock = clock
         self._was_up: bool | None = None
+        self._ever_up = False
+        # back from an outage (see _follow_settling): snapshots read so far, the count when it came
+        # back, the store time of the first snapshot read since, and the deadline
+        self._snapshots = 0
+        self._settling = False
+        self._settle_from = 0
+        self._settle_since: float | None = None
+        self._settle_until = 0.0
 
     # -- lifetime ---------------------------------------------------------
 
     @property
+    def reachable(self) -> bool:
+        """Whether the store answers and has been read (slots may still not be taken through it)."""
+        return bool(self.store.is_up) and self.snapshot is not None
+
+    @property
     def up(self) -> bool:
         """Whether slots are taken through the store now."""
-        return bool(self.store.is_up) and self.snapshot is not None
+        return self.reachable and not self._settling
+
+    @property
+    def settling(self) -> bool:
+        """Back from an outage, waiting for readings taken since (see L{_follow_settling})."""
+        return self._settling
 
     @property
     def requests_waiting(self) -> int:
@@ -170,12 +190,14 @@ class SharedFleet(Service):
         shared leases and the requests waiting here join the shared FIFO;
         when they stop, this process's requests in the shared FIFO wait here.
         """
+        self._follow_settling()
         up = self.up
         if up == self._was_up:
             return
         starting = self._was_up is None
         self._was_up = up
         if up:
+            self._ever_up = True
             self.log.info("shared state: the store answers again; slots are taken through it")
             self._adopt_fallback()
             self.pool.hand_waiters_over(self._acquire_since)
@@ -191,6 +213,39 @@ class SharedFleet(Service):
             )
         self.pool.notify("changed")
 
+    def _follow_settling(self) -> None:
+        """
+        Back from an outage, the store does not count the requests other
+        processes started meanwhile until they adopt them, and a slot it
+        hands out now could be one of theirs. So until the store holds a
+        reading of every upstream taken since it answered again (this process
+        probes them all meanwhile), or L{SETTLE_TIMEOUT} passed, slots are
+        taken neither through it nor locally: requests wait here.
+        """
+        if not self._settling:
+            if self.reachable and self._was_up is False and self._ever_up:
+                self._settling = True
+                self._settle_from = self._snapshots
+                self._settle_since = None
+                self._settle_until = self.clock.seconds() + SETTLE_TIMEOUT
+                self.log.info("shared state: the store answers again; waiting for fresh readings of the fleet")
+            return
+        if self._settle_since is None and self._snapshots > self._settle_from and self.snapshot is not None:
+            self._settle_since = self.snapshot.now  # the first snapshot read since it came back
+        if not self.reachable or self.clock.seconds() >= self._settle_until or self._fresh():
+            self._settling = False
+
+    def _fresh(self) -> bool:
+        """Whether the store holds a reading, applied since it came back, of every upstream that takes requests."""
+        since = self._settle_since
+        if since is None or self.snapshot is None:
+            return False
+        for upstream in self.pool.upstreams.values():
+            figures = self.snapshot.servers.get(upstream.id)
+            if upstream.accepts_requests and figures is not None and (figures.seen is None or figures.seen < since):
+                return False
+        return True
+
     def _store_reset(self) -> None:
         self.log.warn("shared state: the store lost its data and was rebuilt from what this process knew")
         for upstream in list(self.pool.upstreams.values()):
@@ -199,7 +254,9 @@ class SharedFleet(Service):
     # -- what the pool does -------------------------------------------------
 
     def local_share(self, upstream: Upstream) -> int:
-        """Slots this process may hold on C{upstream} while the store is down."""
+        """Slots this process may hold on C{upstream} while the store is down (none while settling)."""
+        if self.settling:
+            return 0
         return math.ceil(upstream.slots_total / max(1, self.owners_seen))
 
     def probes(self, upstream: Upstream) -> bool:
@@ -396,6 +453,7 @@ class SharedFleet(Service):
 
     def _apply(self, snapshot: StoreSnapshot) -> None:
         self.snapshot = snapshot
+        self._snapshots += 1
         self.owners_seen = max(1, snapshot.owners)
         self._syncing = True
         try:
@@ -495,6 +553,7 @@ class SharedFleet(Service):
         snapshot = self.snapshot
         return {
             "up": self.up,
+            "settling": self.settling,
             "owner": self.store.owner,
             "owners": 0 if snapshot is None else snapshot.owners,
             "requests_waiting_fleet_wide": 0 if snapshot is None else snapshot.waiting,
@@ -515,7 +574,7 @@ class SharedProber:
     def probe(self, upstream: Upstream) -> Deferred[None]:
         if not self.fleet.probes(upstream):
             return succeed(None)
-        if not self.fleet.up:
+        if not self.fleet.reachable:
             return self.prober.probe(upstream)  # type: ignore[no-any-return]
         marked = self.fleet.store.probe_mark()
         marked.addTimeout(1.0, self.fleet.clock)
@@ -528,5 +587,5 @@ class SharedProber:
 
     def _read(self, upstream: Upstream, reading: Any) -> None:
         mark = self._marks.pop(upstream.id, None)
-        if mark is not None and self.fleet.up:
+        if mark is not None and self.fleet.reachable:
             self.fleet.send_reading(upstream, reading.total, reading.processing, mark)
