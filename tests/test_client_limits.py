@@ -386,6 +386,11 @@ CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\
         b"3\r\nabc\r\n0\r\nX-T: 1\n\r\n",  # a bare LF in the trailers
         b"-3\r\nabc\r\n0\r\n\r\n",  # a negative size
         b"1" * 40 + b"\r\n",  # a size no body could have
+        # what Twisted's own decoder refuses, so it must be refused before it sees it:
+        b"5 \r\nhello\r\n0\r\n\r\n",  # whitespace after the size
+        b"5;a\\b\r\nhello\r\n0\r\n\r\n",  # a backslash in an extension
+        b"5;\x01\r\nhello\r\n0\r\n\r\n",  # a control character in an extension
+        b"5;" + b"x" * 1100 + b"\r\nhello\r\n0\r\n\r\n",  # a chunk-size line over 1,023 bytes
     ],
 )
 def test_a_malformed_chunked_body_gets_a_json_400_not_a_bare_one(body):

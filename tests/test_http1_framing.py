@@ -267,3 +267,51 @@ def test_garbage_heads_only_ever_raise_framing_error(raw):
         parse_head(raw)
     except FramingError:
         pass
+
+
+# -- strict scanning of request bodies against Twisted's own decoder --------------------------
+
+_FRAMING_BYTES = st.sampled_from([b"0", b"1", b"5", b"a", b"F", b" ", b"\t", b";", b"=", b"\\", b"\x01", b"\x7f",
+                                  b"\x80", b"\r", b"\n", b"\r\n", b"x", b":"])
+
+
+@st.composite
+def mutated_bodies(draw: st.DrawFn) -> bytes:
+    """A well-formed chunked body with a few framing-ish bytes inserted anywhere (a space after a size,
+    a backslash in an extension, a stray CR...)."""
+    wire = draw(chunked_bodies())[0]
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(wire)))
+        wire = wire[:at] + draw(_FRAMING_BYTES) + wire[at:]
+    return wire
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), mutated_bodies())
+def test_strict_scanning_refuses_whatever_twisteds_decoder_refuses_and_no_later(data, wire):
+    """
+    The balancer follows a chunked request body with a strict L{ChunkedScanner} before Twisted's
+    decoder sees the same bytes, so that a malformed body gets a JSON 400 instead of Twisted's bare
+    one. For any bytes cut into any reads: if Twisted's decoder refuses them, the strict scanner has
+    refused them by the same read; and a body the scanner ends, Twisted ends at the same byte.
+    """
+    from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError  # test-only
+
+    pieces = data.draw(splits(wire))
+    ended: list[bytes] = []
+    decoder = _ChunkedTransferDecoder(lambda _: None, ended.append)
+    scanner = ChunkedScanner(strict=True)
+    for piece in pieces:
+        try:
+            used = scanner.feed(piece)
+        except FramingError:
+            return  # refused first (or alone: it may be stricter than Twisted, never laxer)
+        try:
+            decoder.dataReceived(piece)
+        except _MalformedChunkedDataError as e:
+            raise AssertionError(f"Twisted refused what the strict scanner took ({e}): {wire!r} in {pieces!r}")
+        if scanner.done:
+            assert ended, f"the scanner ended the body, Twisted did not: {wire!r}"
+            assert ended[0] == piece[used:], f"they disagree on where the body ends: {wire!r} in {pieces!r}"
+            return
+        assert not ended, f"Twisted ended the body, the scanner did not: {wire!r}"

@@ -377,3 +377,26 @@ def test_stopping_a_balancer_answers_its_requests_in_the_shared_buffer_at_once(w
     c.pool.stop()
     assert [f.check(ShuttingDown) for f in failures] == [ShuttingDown, ShuttingDown]
     assert world.state.w == {} and c.store.waiters == {}
+
+
+def test_a_request_served_while_the_others_are_handed_to_the_shared_buffer_is_not_queued_again(world):
+    """The first request handed over is granted and ends at once; the slot it gives back serves the
+    second before the hand-over reaches it: the second must not also join the shared FIFO (a phantom
+    waiter nobody can cancel; found by a second read of the change)."""
+    a, b, c = three(world)
+    held = [a.pool.acquire().result for _ in range(3)]
+    world.sync(1.0)
+    world.state.set_available(False)
+    world.sync()
+    first, second = c.pool.acquire(), c.pool.acquire()
+    first.addCallback(lambda lease: lease.release())  # a request that ends at once
+    world.state.set_available(True)
+    world.sync(0.3)
+    held[0].release()
+    world.slots.update({A_URL: (2, 1), B_URL: (1, 1)})
+    for balancer in (a, b, c):
+        balancer.probe_all()
+    world.sync(0.3)  # fresh readings: settled, the hand-over
+    assert c.fleet.up and first.called and second.called
+    assert c.store.waiters == {} and world.state.w == {}
+    second.result.release()

@@ -402,6 +402,8 @@ class UpstreamPool:
         """
         waiters = list(self._waiters)
         for waiter in waiters:
+            if waiter not in self._waiters or waiter.deferred.called:
+                continue  # served meanwhile, by a slot an earlier one gave back at once
             self._leave(waiter)
             elsewhere = acquire(waiter.model, waiter.exclude, waiter.demand, waiter.enqueued_at)
             waiter.elsewhere = elsewhere

@@ -411,6 +411,11 @@ class SlotStoreBase(MultiService):
 
         def answered(reply: Any) -> SharedLease | Waiter:
             code = int(reply[0])
+            if updating and request_id not in self.waiters and request_id not in self.leases:
+                # the waiter left (cancelled, expired, given up) while its update was on the way: what the
+                # update made in the store (a lease, or the waiter queued again) is released, not revived
+                self._call_quietly(partial(self._settle, request_id))
+                raise CancelledError(f"waiter {request_id} left while its candidates were being updated")
             if code == 1:
                 lease = self._granted(request_id, _text(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), model)
                 return lease

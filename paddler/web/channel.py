@@ -289,7 +289,7 @@ class GuardedChannel(HTTPChannel):
                 return None
             if value.lower() != b"chunked":
                 return BadRequest("the only Transfer-Encoding accepted is chunked")
-            self._chunked = ChunkedScanner()
+            self._chunked = ChunkedScanner(strict=True)
             self._framing += 1
         if self._framing > 1:
             return BadRequest("the request has more than one Content-Length or Transfer-Encoding header")

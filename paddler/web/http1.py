@@ -124,6 +124,11 @@ _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 _CLEAN = (_SIZE, 0, b"", 2, 0)
 #: A whole chunk-size line: size, optional whitespace and extensions, CRLF.
 _SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
+#: Strict (request bodies, before Twisted's own decoder sees them): no whitespace after the size,
+#: extensions of visible ASCII but the backslash, tab, space and bytes >= 0x80 -- what Twisted accepts.
+_STRICT_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,15})(?:;[\t\x20-\x5b\x5d-\x7e\x80-\xff]*)?\r\n")
+#: The longest chunk-size line (CRLF excluded) Twisted's decoder accepts.
+MAX_STRICT_SIZE_LINE = 1023
 
 
 class ChunkedScanner(BodyScanner):
@@ -132,11 +137,18 @@ class ChunkedScanner(BodyScanner):
     lines (hex, optional C{;extensions}), data, CRLF, a last chunk C{0}, then
     trailer lines up to an empty line. Lines end with CRLF; anything else is
     a L{FramingError}. State carries over between calls, so a read may end
-    anywhere, even between the CR and the LF.
+    anywhere, even between the CR and the LF. C{strict} refuses what
+    Twisted's decoder of request bodies refuses (whitespace after the size,
+    odd bytes in extensions, chunk-size lines over L{MAX_STRICT_SIZE_LINE}).
     """
 
-    def __init__(self, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self, tail_bytes: int = 0, sink: Callable[[bytes], None] | None = None, strict: bool = False
+    ) -> None:
         super().__init__(tail_bytes, sink)
+        self._strict = strict
+        self._size_line = _STRICT_SIZE_LINE if strict else _SIZE_LINE
+        self._max_size_line = MAX_STRICT_SIZE_LINE if strict else MAX_LINE
         self._state = _SIZE
         self._remaining = 0  # data bytes left in the current chunk
         self._line = b""  # the start of a line cut by the end of a read
@@ -156,11 +168,11 @@ class ChunkedScanner(BodyScanner):
     def feed(self, data: bytes) -> int:
         if self._state == _SIZE and not self._line and self._sink is None:
             # the usual read in pass-through: whole chunks, starting at a chunk boundary
-            found = _SIZE_LINE.match(data)
+            found = self._size_line.match(data)
             if found is not None:
                 size = int(found.group(1), 16)
                 stop = found.end() + size
-                if size and stop + 2 == len(data) and data.endswith(b"\r\n") and found.end() <= MAX_LINE + 2:
+                if size and stop + 2 == len(data) and data.endswith(b"\r\n") and found.end() <= self._max_size_line + 2:
                     if self._tail_limit:
                         self._keep(_CLEAN, data)
                     return stop + 2
@@ -179,21 +191,21 @@ class ChunkedScanner(BodyScanner):
         end = len(data)
         state = self._state
         sink = self._sink
-        match = _SIZE_LINE.match
+        match = self._size_line.match
         try:
             while pos < end:
                 if state == _SIZE:
                     found = None if self._line else match(data, pos)
                     if found is not None:
                         size = int(found.group(1), 16)
-                        if found.end() - pos > MAX_LINE + 2:
+                        if found.end() - pos > self._max_size_line + 2:
                             raise FramingError("chunk-size line too long")
                         pos = found.end()
                     else:
-                        line, pos = self._read_line(data, pos, end)
+                        line, pos = self._read_line(data, pos, end, self._max_size_line)
                         if line is None:
                             break
-                        size = _chunk_size(line)
+                        size = _chunk_size(line, self._strict)
                     if not size:
                         state = _TRAILER
                         continue
@@ -245,48 +257,52 @@ class ChunkedScanner(BodyScanner):
             self._state = state
         return pos
 
-    def _read_line(self, data: bytes, pos: int, end: int) -> tuple[bytes | None, int]:
-        """The line starting at C{pos} without its CRLF, and the position after it; C{None} if cut off."""
+    def _read_line(self, data: bytes, pos: int, end: int, limit: int = MAX_LINE) -> tuple[bytes | None, int]:
+        """The line starting at C{pos} without its CRLF (at most C{limit} bytes), and the position after
+        it; C{None} if cut off."""
         if self._line:
             # a line began in an earlier read: look for its end across the boundary
             if self._line.endswith(b"\r"):
                 if data[pos:pos + 1] != b"\n":
                     raise FramingError("CR without LF in chunk framing")
                 line, self._line = self._line[:-1], b""
-                return self._check_line(line), pos + 1
+                return self._check_line(line, limit), pos + 1
             lf = data.find(b"\n", pos)
             if lf < 0:
-                self._keep_line(data[pos:])
+                self._keep_line(data[pos:], limit)
                 return None, end
             line = self._line + data[pos:lf]
             self._line = b""
             if not line.endswith(b"\r"):
                 raise FramingError("line feed without carriage return in chunk framing")
-            return self._check_line(line[:-1]), lf + 1
-        lf = data.find(b"\n", pos, pos + MAX_LINE + 2)
+            return self._check_line(line[:-1], limit), lf + 1
+        lf = data.find(b"\n", pos, pos + limit + 2)
         if lf < 0:
-            self._keep_line(data[pos:])
+            self._keep_line(data[pos:], limit)
             return None, end
         if lf == pos or data[lf - 1] != 13:  # 13: CR
             raise FramingError("line feed without carriage return in chunk framing")
-        return self._check_line(data[pos:lf - 1]), lf + 1
+        return self._check_line(data[pos:lf - 1], limit), lf + 1
 
-    def _keep_line(self, start: bytes) -> None:
+    def _keep_line(self, start: bytes, limit: int) -> None:
         self._line += start
-        if len(self._line) > MAX_LINE + 1:
+        if len(self._line) > limit + 1:
             raise FramingError("chunk-size or trailer line too long")
         if b"\r" in self._line[:-1]:
             raise FramingError("CR without LF in chunk framing")
 
     @staticmethod
-    def _check_line(line: bytes) -> bytes:
-        if b"\r" in line or len(line) > MAX_LINE:
+    def _check_line(line: bytes, limit: int) -> bytes:
+        if b"\r" in line or len(line) > limit:
             raise FramingError("malformed line in chunk framing")
         return line
 
 
-def _chunk_size(line: bytes) -> int:
+def _chunk_size(line: bytes, strict: bool = False) -> int:
     """The size in a chunk-size line (C{1a} or C{1a;name=value}); L{FramingError} otherwise."""
+    if strict:
+        if len(line) > MAX_STRICT_SIZE_LINE or _STRICT_SIZE_LINE.fullmatch(line + b"\r\n") is None:
+            raise FramingError("malformed chunk-size line")
     semicolon = line.find(b";")
     digits = line if semicolon < 0 else line[:semicolon]
     digits = digits.rstrip(b" \t")  # BWS before an extension

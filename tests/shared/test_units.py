@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -422,6 +422,55 @@ def test_a_lease_released_while_its_request_still_runs_stays_busy_until_the_next
     assert not waiter.deferred.called
     a.reading("s1", 1, 0, a.probe_mark().result)  # done: the slot goes to w1
     assert waiter.deferred.called
+    a.stopService()
+    b.stopService()
+
+
+def test_a_waiter_that_leaves_while_its_update_is_on_the_way_is_not_revived_by_the_reply() -> None:
+    """
+    The update (ACQUIRE with the waiter's id) runs and is granted a slot; the waiter leaves (its
+    RELEASE runs after); then the update's reply arrives (and the grant hint after it). The reply
+    must not make a lease nobody holds, which renew would re-adopt and keep for ever (found by a
+    second read of the change).
+    """
+    from twisted.internet.defer import Deferred
+
+    clock, state, a, b = memory_pair()
+    a.register_server("s1", 1)
+    a.register_server("s2", 1)
+    held = [b.acquire("h1", ["s1"]).result, b.acquire("h2", ["s2"]).result]
+    waiter = a.acquire("w1", ["s2"], wait=30.0).result
+    assert isinstance(waiter, Waiter)
+    waiter.deferred.addErrback(lambda f: f.trap(CancelledError))
+    held[0].release()  # s1 is free; the waiter does not list it yet
+    hints: list[bytes] = []
+    channel = a.channel_prefix + a.owner
+    subscribers = state._subscribers[channel]
+    state._subscribers[channel] = [hints.append]  # the grant hint comes late too (another connection)
+    original_run = a._run
+    replies: list[tuple[Deferred[Any], Deferred[Any]]] = []
+
+    def late(name: str, args: Any) -> Deferred[Any]:
+        d = original_run(name, args)
+        if name != "acquire":
+            return d
+        reply: Deferred[Any] = Deferred()
+        replies.append((d, reply))
+        return reply
+
+    a._run = late  # type: ignore[method-assign]
+    update = waiter.update(["s1", "s2"])  # runs now: granted s1 in the store
+    waiter.deferred.cancel()  # the client leaves: RELEASE w1 runs after the update
+    a._run = original_run  # type: ignore[method-assign]
+    for ran, reply in replies:
+        ran.chainDeferred(reply)
+    update.addErrback(lambda f: f.trap(CancelledError))
+    state._subscribers[channel] = subscribers
+    for hint in hints:
+        a._message(hint)
+    clock.advance(3.0)  # renews
+    assert a.leases == {} and a.waiters == {} and "w1" not in state.lease and "w1" not in state.w
+    held[1].release()
     a.stopService()
     b.stopService()
 
