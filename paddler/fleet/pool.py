@@ -575,9 +575,10 @@ class UpstreamPool:
         if self._recheck is not None and self._recheck.active():
             self._recheck.cancel()
         self._recheck = None
+        shutting_down = ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"})
         while self._waiters:
             waiter = self._waiters[0]
             self._leave(waiter)
-            waiter.deferred.errback(ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"}))
+            waiter.deferred.errback(shutting_down)
         if self.shared is not None:
-            self.shared.stop_waiting(ShuttingDown("the balancer is shutting down", headers={b"retry-after": b"1"}))
+            self.shared.stop_waiting(shutting_down)

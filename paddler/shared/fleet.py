@@ -400,16 +400,18 @@ class SharedFleet(Service):
     def stop_waiting(self, error: Exception) -> None:
         """The balancer stops: this process's requests in the shared buffer fail with C{error} and leave it."""
         self.store.give_up_waiters(error)
-        homeless, self._homeless = self._homeless, []
-        for waiting, _ in homeless:
-            if not waiting.called:
-                waiting.errback(error)
+        self._wake_homeless(error)
 
-    def _wake_homeless(self) -> None:
+    def _wake_homeless(self, error: Exception | None = None) -> None:
+        """The requests waiting for a candidate look again (or fail with C{error})."""
         homeless, self._homeless = self._homeless, []
         for waiting, _ in homeless:
-            if not waiting.called:
+            if waiting.called:
+                continue
+            if error is None:
                 waiting.callback(None)
+            else:
+                waiting.errback(error)
 
     async def _local(self, model: str | None, exclude: frozenset[str], demand: Any, started: float) -> Lease:
         return await self.pool.acquire(model, exclude, demand, since=started)  # type: ignore[no-any-return]

@@ -173,11 +173,14 @@ class MemorySlotState:
             granted += 1
         return granted
 
-    def _release_lease(self, rid: str, channel: str, now: int) -> int:
+    def _release_lease(self, rid: str, channel: str, now: int, running: bool = False) -> int:
         s, g, *_ = self.lease.pop(rid)
         self.leases.pop(rid, None)
         if s in self.total and self.gen.get(s, 0) == g:
-            self._handoff(s, channel, now)
+            if running:
+                self.ext[s] = self.ext.get(s, 0) + 1
+            else:
+                self._handoff(s, channel, now)
             return 1
         return 3
 
@@ -253,14 +256,7 @@ class MemorySlotState:
             raise _bad("request id")
         now = self._now()
         if rid in self.lease:
-            if running == "1":
-                s, g, *_ = self.lease.pop(rid)
-                self.leases.pop(rid, None)
-                if s in self.total and self.gen.get(s, 0) == g:
-                    self.ext[s] = self.ext.get(s, 0) + 1
-                    return 1
-                return 3
-            return self._release_lease(rid, channel, now)
+            return self._release_lease(rid, channel, now, running == "1")
         if rid in self.w:
             self._drop_waiter(rid)
             return 2

@@ -208,10 +208,12 @@ local function drop_lease(id, rec)
 end
 
 -- 1: released (slot handed on or freed); 3: stale (older generation or unknown server): no slot added
-local function release_lease(id, rec, now)
+-- running: the server goes on with the request (its client left): the slot counts as external load
+-- until the next reading, instead of being handed on
+local function release_lease(id, rec, now, running)
   local s, g = drop_lease(id, rec)
   if redis.call('HEXISTS', K_TOTAL, s) == 1 and gen_of(s) == g then
-    handoff(s, now)
+    if running then redis.call('HINCRBY', K_EXT, s, 1) else handoff(s, now) end
     return 1
   end
   return 3
@@ -314,17 +316,7 @@ local id = ARGV[2]
 if not valid_id(id) then return bad('request id') end
 local now = now_ms()
 local rec = redis.call('HGET', K_LEASE, id)
-if rec then
-  if ARGV[3] == '1' then
-    local s, g = drop_lease(id, rec)
-    if redis.call('HEXISTS', K_TOTAL, s) == 1 and gen_of(s) == g then
-      redis.call('HINCRBY', K_EXT, s, 1)
-      return 1
-    end
-    return 3
-  end
-  return release_lease(id, rec, now)
-end
+if rec then return release_lease(id, rec, now, ARGV[3] == '1') end
 local w = redis.call('HGET', K_W, id)
 if w then
   drop_waiter(id, w)
