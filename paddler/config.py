@@ -140,6 +140,18 @@ class BalancerConfig:
         "re-encoding the chunks.",
         Flag(),
     )
+    flush_before_poll: bool = setting(
+        True,
+        "Send what a client or upstream connection buffered in one reactor turn in one send, just "
+        "before the reactor waits (docs/performance.md); off: Twisted's own write buffering.",
+        Flag(),
+    )
+    lean_reactor: bool = setting(
+        True,
+        "Run on paddler's epoll reactor, without Twisted's logging context per I/O event "
+        "(docs/performance.md, which also says how to choose it under another launcher).",
+        Flag(),
+    )
     max_retries: int = setting(
         3, "Other upstreams to try when one fails before answering.", count(0, 100)
     )

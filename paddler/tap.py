@@ -278,6 +278,12 @@ def makeBalancerService(
 
     from paddler.balancer.service import BalancerService
 
+    from paddler.web import flush
+
+    if config.flush_before_poll:
+        flush.enable(reactor)  # client and upstream connections hook themselves (paddler/web/flush.py)
+    else:
+        flush.disable(reactor)
     pool = UpstreamPool(
         reactor,
         CHOOSERS[config.policy](reactor),
