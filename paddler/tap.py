@@ -278,12 +278,19 @@ def makeBalancerService(
 
     from paddler.balancer.service import BalancerService
 
+    from twisted.logger import Logger
+
     from paddler.web import flush
 
     if config.flush_before_poll:
-        flush.enable(reactor)  # client and upstream connections hook themselves (paddler/web/flush.py)
+        # client and upstream connections hook themselves (paddler/web/flush.py)
+        flushing = flush.enable(reactor) is not None
     else:
         flush.disable(reactor)
+        flushing = False
+    Logger(namespace="paddler").info(
+        "reactor {reactor}, write flush {flush}", reactor=type(reactor).__name__, flush="on" if flushing else "off"
+    )
     pool = UpstreamPool(
         reactor,
         CHOOSERS[config.policy](reactor),
