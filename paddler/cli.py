@@ -59,6 +59,8 @@ def install_reactor(options: Any) -> None:
     balancer unless C{--no-lean-reactor}; otherwise, and for the other
     subcommands, Twisted's default is installed on first use.
     """
+    if "twisted.internet.reactor" in sys.modules:
+        return  # one is installed already (a profiler or a test harness that imported it first)
     if options.subCommand == "balancer" and options.subOptions.config.lean_reactor:
         from paddler.lean_reactor import install
 

@@ -38,20 +38,27 @@ class Hooked(Recorder):
 
 
 def counting(driven: Driven, transport: Any) -> dict[str, int]:
-    """Count C{transport}'s sends (writeSomeData) and its registrations for write events (addWriter)."""
+    """Count C{transport}'s sends (its socket's send) and its registrations for write events (addWriter)."""
     counts = {"sends": 0, "registrations": 0}
-    send, add = transport.writeSomeData, driven.reactor.addWriter
+    add = driven.reactor.addWriter
 
-    def writeSomeData(data: Any) -> Any:
-        counts["sends"] += 1
-        return send(data)
+    class CountingSocket:
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def send(self, data: Any, *flags: int) -> int:
+            counts["sends"] += 1
+            return self._sock.send(data, *flags)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._sock, name)
 
     def addWriter(writer: Any) -> None:
         if writer is transport:
             counts["registrations"] += 1
         add(writer)
 
-    transport.writeSomeData = writeSomeData
+    transport.socket = CountingSocket(transport.socket)
     driven.reactor.addWriter = addWriter
     return counts
 
@@ -300,3 +307,31 @@ def test_the_tested_range_is_read_from_twisteds_calendar_version():
     assert flush.twisted_tested(f"{low[0]}.{low[1]}.0") and flush.twisted_tested(f"{high[0]}.{high[1]}.3")
     assert not flush.twisted_tested(f"{high[0] + 1}.1.0") and not flush.twisted_tested("24.11.0")
     assert not flush.twisted_tested("trunk")
+
+
+def test_a_pull_producer_registered_on_a_hooked_transport_is_resumed_and_its_writes_arrive(driven):
+    """registerProducer(streaming=False) starts writing with nothing queued: Twisted's write event resumes it."""
+    port, built = driven.listen(Hooked)
+    for n in range(2):
+        sock, server = driven.accept(port, built)
+        t = server.transport
+
+        class Pull:
+            def __init__(self) -> None:
+                self.left = 3
+
+            def resumeProducing(self) -> None:
+                if self.left:
+                    self.left -= 1
+                    t.write(b"piece %d;" % self.left)
+                else:
+                    t.unregisterProducer()
+                    t.loseConnection()
+
+            def stopProducing(self) -> None:
+                pass
+
+        t.registerProducer(Pull(), False)
+        got = bytearray()
+        driven.until(lambda: not drain(sock, got), what="the pull producer's pieces, then the end")
+        assert bytes(got) == b"piece 2;piece 1;piece 0;"

@@ -106,6 +106,40 @@ def test_do_write_sends_the_buffer_at_once_stops_writing_and_resumes_a_paused_st
         driven.close()
 
 
+def test_do_write_resumes_a_pull_producer_when_the_buffer_empties_and_sends_on_the_transports_socket():
+    driven, sock, server = connected_pair()
+    try:
+        t = server.transport
+        resumed: list[bool] = []
+
+        class Pull:
+            def resumeProducing(self) -> None:
+                resumed.append(True)
+
+            def stopProducing(self) -> None:
+                pass
+
+        t.startWriting = lambda: None
+        t.registerProducer(Pull(), False)
+        assert t.producer is not None and t.streamingProducer is False
+        assert resumed == [True]  # registering a pull producer resumes it once, at once
+        del resumed[:]
+        t.write(b"abc")
+        sent: list[bytes] = []
+        real = t.socket
+
+        class Recording:
+            def send(self, data: Any) -> int:
+                sent.append(bytes(data))
+                return real.send(data)
+
+        t.socket = Recording()
+        assert t.doWrite() is None and resumed == [True] and sent == [b"abc"]
+        t.socket = real
+    finally:
+        driven.close()
+
+
 def test_a_partial_send_leaves_the_remainder_in_data_buffer_from_offset():
     driven = Driven(EPollReactor)
     try:

@@ -16,25 +16,31 @@ send in Twisted, 0.06 with write-through.
 
 Writing at once on every C{write()} would turn an answer written as head
 then body into two sends; so the send waits until the end of the turn: a
-hooked transport's C{write()} still queues in Twisted's buffer, marks the
-transport, and once per turn, just before the reactor waits, the
-L{TransportFlusher} calls the transport's own C{doWrite()} for each marked
-one, exactly what the reactor would have called at the next turn. What the
-kernel did not take stays in Twisted's buffer and only then is the socket
-registered for write events, the way Twisted always does it; so ordering,
-producer pause and resume (C{doWrite} resumes a paused producer when the
-buffer empties), C{loseConnection} after pending writes, half-close and
-abort behave exactly as before. A transport that is closing (C{disconnecting},
-C{_writeDisconnecting}), aborted, or carries TLS (C{startTLS}) goes Twisted's
-way at once. Only plain C{tcp.Server} and C{tcp.Client} transports are
-hooked: TLS endpoints wrap the protocol in C{TLSMemoryBIOProtocol}, which the
-channel sees as its transport, so they are left alone.
+hooked transport's C{write()} still queues in Twisted's buffer and marks
+the transport, and once per turn, just before the reactor waits, the
+L{TransportFlusher} sends what each marked transport queued with one
+C{socket.send}. What the kernel did not take is left in Twisted's buffer
+exactly as a partial C{doWrite()} leaves it (C{dataBuffer} from
+C{offset}), and only then is the socket registered for write events, the
+way Twisted always does it; when everything went, a paused producer is
+resumed as C{doWrite()} resumes it. So ordering, producer pause and
+resume, C{loseConnection} after pending writes, half-close and abort behave
+exactly as before. Anything else goes Twisted's way at once, as if the
+transport had never been hooked: a transport that is closing
+(C{disconnecting}, C{_writeDisconnecting}) or carries TLS (C{startTLS}),
+one with an older remainder waiting for a write event, a pull producer's
+registration (nothing queued), a send that failed (Twisted's C{doWrite}
+reports the error at the write event); an aborted one is skipped. Only
+plain C{tcp.Server} and C{tcp.Client} transports are hooked: TLS endpoints
+wrap the protocol in C{TLSMemoryBIOProtocol}, which the channel sees as its
+transport, so they are left alone.
 
 This module is the one place that touches Twisted's transport internals:
 C{FileDescriptor.startWriting} (replaced on the hooked instance),
 C{dataBuffer}/C{offset}/C{_tempDataBuffer}/C{_tempDataLen} (where bytes wait),
-C{disconnecting}/C{_writeDisconnecting}/C{_aborting}/C{TLS}, C{doWrite} and
-the reactor's C{_disconnectSelectable}. C{tests/test_flush_contract.py}
+C{producer}/C{streamingProducer}/C{producerPaused} (when C{doWrite} resumes a
+producer), C{disconnecting}/C{_writeDisconnecting}/C{_aborting}/C{TLS},
+C{socket} and the reactor's C{_disconnectSelectable}. C{tests/test_flush_contract.py}
 checks each of them against the installed Twisted, so an upgrade that
 changes them fails loudly; and the module only works on the Twisted
 versions it was tested with (L{TESTED_TWISTED}): on any other it does
@@ -43,6 +49,7 @@ nothing and says so once in the log.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -85,11 +92,6 @@ def twisted_tested(version: str | None = None) -> bool:
 SUPPORTED = twisted_tested()
 
 _twisted_start_writing = FileDescriptor.startWriting
-
-
-def _buffered(transport: Any) -> bool:
-    """Whether Twisted's write buffer of C{transport} holds bytes not sent yet."""
-    return bool(transport._tempDataLen) or len(transport.dataBuffer) > transport.offset
 
 
 class TransportFlusher:
@@ -139,15 +141,25 @@ class TransportFlusher:
         for transport in dirty:
             if not transport.connected or transport.disconnected or transport._aborting:
                 continue  # lost or aborted since: Twisted dropped (or drops) the buffer
-            if transport.disconnecting or transport._writeDisconnecting or transport.TLS:
-                # closing (write everything, then close or half-close) or TLS: Twisted's way
+            if (
+                transport.disconnecting
+                or transport._writeDisconnecting
+                or transport.TLS
+                or not transport._tempDataLen
+                or len(transport.dataBuffer) > transport.offset
+            ):
+                # closing (write everything, then close or half-close), TLS, a pull producer just
+                # registered (nothing buffered: Twisted's write event resumes it) or an older
+                # remainder: Twisted's way, as if the transport had never been hooked
                 self.handed_over += 1
                 _twisted_start_writing(transport)
                 continue
-            if not _buffered(transport):
-                continue
             try:
-                why = transport.doWrite()
+                if self._send(transport):
+                    self.sent += 1
+                else:
+                    self.handed_over += 1
+                    _twisted_start_writing(transport)
             except BaseException:
                 # what the reactor does when doWrite raises (a producer's resumeProducing...)
                 why = sys.exc_info()[1]
@@ -156,13 +168,41 @@ class TransportFlusher:
                     log_system=_prefix(transport),
                 )
                 self.reactor._disconnectSelectable(transport, why, False)
-                continue
-            if why or _buffered(transport):
-                # a remainder (or a send that failed: the write event reports it, as before)
-                self.handed_over += 1
-                _twisted_start_writing(transport)
-            else:
-                self.sent += 1
+
+    @staticmethod
+    def _send(transport: Any) -> bool:
+        """
+        Send C{transport}'s queued bytes (Twisted's C{_tempDataBuffer}, its
+        C{dataBuffer} being empty) with one C{socket.send}; whether all went.
+        What the kernel did not take becomes Twisted's C{dataBuffer} from
+        C{offset}, as C{doWrite} leaves a partial send. All sent: a paused
+        (or pull) producer is resumed, as C{doWrite} does. A send that fails
+        leaves the bytes queued: Twisted's own C{doWrite}, at the write event,
+        reports it as it always has.
+        """
+        queued = transport._tempDataBuffer
+        data = queued[0] if len(queued) == 1 else b"".join(queued)
+        try:
+            sent = transport.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                return False  # ECONNRESET, EPIPE...: doWrite will return CONNECTION_LOST for it
+            sent = 0
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+        if sent < len(data):
+            transport.dataBuffer = data
+            transport.offset = sent
+            return False
+        transport.dataBuffer = b""
+        transport.offset = 0
+        producer = transport.producer
+        if producer is not None and (not transport.streamingProducer or transport.producerPaused):
+            transport.producerPaused = False
+            producer.resumeProducing()
+        return True
 
 
 def _prefix(selectable: Any) -> str:
