@@ -63,7 +63,8 @@ from bench.common import (
 TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
 #: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted
 #: relay; paddler from another checkout (--base DIR, e.g. an older commit unpacked with git archive)
-EXTRA_TARGETS = ("twisted-floor", "twisted-floor-lean", "twisted-floor-asyncio", "twisted-floor-uvloop", "paddler-base", "paddler-workers2")
+EXTRA_TARGETS = ("twisted-floor", "twisted-floor-lean", "twisted-floor-asyncio", "twisted-floor-uvloop", "paddler-base", "paddler-twisted",
+                 "paddler-workers2")
 BASE: list[str] = [""]
 RATE = 50.0
 
@@ -71,11 +72,13 @@ RATE = 50.0
 def start_target(procs: Processes, target: str, upstream_port: int, name: str) -> tuple[Any, int]:
     if target == "direct":
         return None, upstream_port
-    if target in ("paddler", "paddler-decode", "paddler-base"):
+    if target in ("paddler", "paddler-decode", "paddler-base", "paddler-twisted"):
         # idle streams must not hit --idle-timeout; every stream takes a slot
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
+        if target == "paddler-twisted":  # this code on Twisted's own reactor and write buffering
+            extra += ["--no-lean-reactor", "--no-flush-before-poll"]
         source = BASE[0] if target == "paddler-base" else None
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE,
                              source=source)
