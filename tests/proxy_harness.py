@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from paddler.balancer.proxy import ProxyConfig, ProxyResource
-from paddler.balancer.relay import BytesProducer
+from .helpers import BytesProducer
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import SlotsSeen, Upstream
 from paddler.routing.policies import MostIdleSlotsChooser

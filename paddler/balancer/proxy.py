@@ -25,7 +25,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
-from paddler.balancer.relay import AgentClient, Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.balancer.relay import Relay, ResponseHead, UpstreamIdleTimeout, timings_in
 from paddler.errors import (
     BadRequest,
     InternalError,
@@ -201,30 +201,21 @@ class ProxyResource(Resource):
     def __init__(
         self,
         pool: UpstreamPool,
-        agent: Any,
+        client: IUpstreamClient,
         clock: IReactorTime,
         config: ProxyConfig,
         stats: RequestStats | None = None,
     ) -> None:
         super().__init__()
         self._pool = pool
-        self._agent = agent
+        #: the L{IUpstreamClient} requests go out with
+        self._client = client
         self._clock = clock
         self.config = config
         self.stats = stats or RequestStats(clock)
         self.stopping = False
         self.active: set[server.Request] = set()
         self._drained: list[Deferred[None]] = []
-
-    @property
-    def _agent(self) -> Any:
-        """The L{IUpstreamClient} requests go out with."""
-        return self._client
-
-    @_agent.setter
-    def _agent(self, agent: Any) -> None:
-        # a plain Twisted IAgent is adapted: its bodies arrive decoded, never raw
-        self._client = agent if IUpstreamClient.providedBy(agent) else AgentClient(agent)
 
     # -- shutting down ----------------------------------------------------
 
@@ -484,8 +475,7 @@ class ProxyResource(Resource):
         request = exchange.request
         framing = response.framing
         head = _response_head(response)
-        take_body = getattr(response, "take_body", None)
-        body = take_body() if take_body is not None else None
+        body = response.take_body()
         if body is not None:
             # the whole (small) answer came with its head: write it, no relay needed
             first_byte_at = self._clock.seconds()
@@ -496,7 +486,6 @@ class ProxyResource(Resource):
             if not request.finished and not _client_gone(request):
                 request.finish()
             return timings_in(response.tail())
-        del take_body
         # the request body is needed again only if this answer breaks before its first byte
         relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body)
         raw = (
