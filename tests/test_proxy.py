@@ -362,3 +362,26 @@ def test_idle_deadline_moves_with_every_chunk_without_rescheduling_the_timer():
     assert relay.done.called and body.stopped
     relay.done.addErrback(lambda _: None)
     assert clock.getDelayedCalls() == []
+
+
+def test_anthropic_messages_take_a_slot_and_wait_in_the_buffer_like_chat(request):
+    """POST /v1/messages (llama-server's Anthropic API) runs in a slot: with two upstreams of one
+    slot each, two requests take both slots, a third waits in the buffer until one is freed."""
+    h = make_harness(request)
+    first, a = h.add_fake("a", slots=1, hold=True)
+    second, b = h.add_fake("b", slots=1, hold=True)
+    message = {"model": "fake.gguf", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    responses = [h.post("/v1/messages", message) for _ in range(3)]
+    h.flush()
+    assert (a.in_flight, b.in_flight) == (1, 1)
+    assert h.pool.requests_buffered == 1
+    assert len(first.held) + len(second.held) == 2
+    for held in [*first.held, *second.held]:
+        held.request.finish()
+    h.flush()
+    assert h.pool.requests_buffered == 0 and a.in_flight + b.in_flight == 1
+    for held in [*first.held, *second.held]:
+        if not held.request.finished:
+            held.request.finish()
+    assert [h.result(d).code for d in responses] == [200, 200, 200]
+    assert a.in_flight == b.in_flight == 0

@@ -42,28 +42,11 @@ from paddler.errors import (
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
+from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
 from paddler.web.body import BodyTooLarge, read_body
 from paddler.web.failures import describe_failure
-
-SLOT_PATHS = frozenset(
-    {
-        b"/completion",
-        b"/completions",
-        b"/v1/completions",
-        b"/chat/completions",
-        b"/v1/chat/completions",
-        b"/infill",
-        b"/embedding",
-        b"/embeddings",
-        b"/v1/embeddings",
-        b"/rerank",
-        b"/reranking",
-        b"/v1/rerank",
-        b"/v1/reranking",
-    }
-)
 
 HOP_BY_HOP = frozenset(
     {
@@ -153,9 +136,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def request_model(parsed: dict[str, Any]) -> str | None:
-    """The C{model} a request names, if it names one."""
-    model = parsed.get("model")
+def request_model(parsed: dict[str, Any], field: str = "model") -> str | None:
+    """The model a request names in C{field}, if it names one."""
+    model = parsed.get(field)
     return model if isinstance(model, str) and model else None
 
 
@@ -281,7 +264,7 @@ class ProxyResource(Resource):
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
                 exchange.takes_slot = True
-                exchange.model = request_model(parsed)
+                exchange.model = request_model(parsed, ENDPOINTS[path.decode("ascii")].model_field)
                 exchange.streaming = parsed.get("stream") is True
                 exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
         except PaddlerHTTPError as error:
