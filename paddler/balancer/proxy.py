@@ -31,13 +31,14 @@ from paddler.errors import (
     InternalError,
     NoUpstreamAvailable,
     PaddlerHTTPError,
-    RequestTooLarge,
     ShuttingDown,
     UpstreamFailed,
     UpstreamTimeout,
+    body_too_large,
     error_body,
     error_response,
     json_response as _json,
+    outcome_of,
 )
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
@@ -110,17 +111,6 @@ def _was_cancelled(error: Exception) -> bool:
     """Twisted's HTTP client reports a cancelled request as ResponseNeverReceived([CancelledError])."""
     reasons = getattr(error, "reasons", None) or []
     return any(reason.check(CancelledError) for reason in reasons)
-
-
-def upstream_uri(upstream: Upstream, target: bytes) -> bytes:
-    """The URL of C{target} (an origin-form request target) on C{upstream}.
-
-    Only a target that starts with C{/} is joined to the upstream's
-    C{scheme://host:port}: anything else could extend the port or the host.
-    """
-    if not target.startswith(b"/"):
-        raise BadRequest("the request target must be a path starting with /")
-    return upstream.url.encode("ascii") + target
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -257,10 +247,7 @@ class ProxyResource(Resource):
         exchange = Exchange(request, content.read(), started)
         try:
             if getattr(request, "body_too_large", False):
-                raise RequestTooLarge(
-                    f"request body is larger than {self.config.max_request_body} bytes "
-                    "(--max-request-body)"
-                )
+                raise body_too_large(self.config.max_request_body, "--max-request-body")
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
                 exchange.takes_slot = True
@@ -543,7 +530,7 @@ class ProxyResource(Resource):
         else:
             self.log.failure("proxying {path} failed", failure, path=request.path)
             error = InternalError("internal error in the balancer")
-        self._record(exchange, error.status, outcome=_outcome(error))
+        self._record(exchange, error.status, outcome=outcome_of(error))
         if request.finished or _client_gone(request):
             return
         if request.startedWriting:
@@ -573,12 +560,3 @@ def _response_head(response: Any) -> ResponseHead:
         else:
             entry[1].append(value)
     return ResponseHead(response.code, response.phrase, list(grouped.values()))
-
-
-def _outcome(error: PaddlerHTTPError) -> tuple[str, str] | None:
-    """How a refusal or a timeout is counted (L{paddler.observability.requests.OUTCOMES})."""
-    if isinstance(error, NoUpstreamAvailable):
-        return ("refused", error.reason)
-    if isinstance(error, UpstreamTimeout):
-        return ("timed_out", error.reason)
-    return None
