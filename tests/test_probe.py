@@ -1,4 +1,4 @@
-"""Probes: /slots parsing, fallbacks, loading, failures, one loop per upstream."""
+"""Probes on the production upstream client: /slots parsing, fallbacks, loading, failures, the probe schedule."""
 
 from __future__ import annotations
 

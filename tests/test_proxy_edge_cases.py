@@ -10,10 +10,8 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.web import server
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from treq.client import HTTPClient
 
 from paddler.balancer.proxy import ProxyConfig
 from paddler.balancer.relay import Relay
