@@ -18,7 +18,9 @@ per 1,000 chunks on the epoll reactor and 0.020-0.023 on this one
   exception escaping the dispatch itself (a C{connectionLost} that raises)
   is logged the same way and the other events of the poll still run;
 - L{callBeforePoll} (L{paddler.interfaces.IReactorBeforePoll}): callables
-  run once just before the next wait, for L{paddler.web.flush}.
+  run once just before the next wait, for L{paddler.web.flush}; a timed
+  call they schedule shortens that wait (C{mainLoop} computed it before
+  they ran).
 
 What is lost: a legacy C{twisted.python.log.msg} made inside an event
 handler is stamped C{system="-"} instead of the connection's prefix;
@@ -86,8 +88,15 @@ class LeanEPollReactor(EPollReactor):
 
     def doPoll(self, timeout: float | None) -> None:
         """Poll for events and dispatch each one (Twisted's C{doPoll} without the logging context)."""
-        if self._before_poll and self._run_before_poll():
-            timeout = 0  # more to flush: look at the sockets, do not wait
+        if self._before_poll:
+            if self._run_before_poll():
+                timeout = 0  # more to flush: look at the sockets, do not wait
+            elif self._newTimedCalls and timeout != 0:
+                # a call made by them (a producer resumed, an abort's connectionLost) is due
+                # sooner than the timeout mainLoop computed before they ran
+                due = self.timeout()
+                if due is not None and (timeout is None or due < timeout):
+                    timeout = due
         if timeout is None:
             timeout = -1  # Wait indefinitely.
         try:
