@@ -124,7 +124,7 @@ class LeanEPollReactor(EPollReactor):
 
     def _doReadOrWrite(self, selectable: Any, fd: Any, event: int) -> None:
         """Twisted's C{_doReadOrWrite}; a handler's error is logged with the selectable that raised it."""
-        why = None
+        why: Any = None
         inRead = False
         if event & self._POLL_DISCONNECTED and not (event & self._POLL_IN):
             # Handle disconnection, only once the pending input is processed.
