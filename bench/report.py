@@ -538,6 +538,10 @@ def main(argv: list[str] | None = None) -> None:
             _load("streaming-lean"), _load("overhead-lean"),
             "## 13. The lean reactor and the write flush (issue 26), side by side",
         ) + [""]
+    if _load("streaming-lean-2") is not None or _load("overhead-lean-2") is not None:
+        sections += before_after_md(
+            _load("streaming-lean-2"), _load("overhead-lean-2"), "### 13c. A second run of section 13, later"
+        ) + [""]
     toggles = _load("streaming-toggles")
     if toggles is not None:
         sections += before_after_md(
