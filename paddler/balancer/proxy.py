@@ -84,6 +84,9 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
 
 RETRYABLE = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed)
+#: Methods tried on another upstream after their request was written (nothing else is: the first
+#: upstream may be running a completion that a second try would run again).
+IDEMPOTENT = frozenset({b"GET", b"HEAD"})
 
 
 class BodyLost(Exception):
@@ -385,6 +388,11 @@ class ProxyResource(Resource):
                 self._upstream_failed(upstream, reason)
                 tried.append(upstream.id)
                 last_error = f"{upstream.name}: {reason}"
+                if reached and request.method not in IDEMPOTENT:
+                    # written: the upstream may have started it, a second try could run it twice
+                    raise UpstreamFailed(
+                        f"{last_error} (the request had been sent to it, so it is not tried elsewhere)"
+                    ) from None
             finally:
                 if lease is not None:
                     # A client that left a non-streaming request does not stop llama.cpp.
@@ -395,6 +403,23 @@ class ProxyResource(Resource):
                 f"every upstream tried is unavailable; last: {last_error}", headers={b"retry-after": b"1"}
             )
         raise UpstreamFailed(f"every upstream tried failed; last: {last_error}")
+
+    def connection_dropped(self, origin: bytes, what: str) -> None:
+        """The upstream client closed a connection to C{origin} for unexpected bytes: count it, warn."""
+        url = origin.decode("ascii", "replace")
+        for upstream in self._pool.upstreams.values():
+            if upstream.url.rstrip("/") == url:
+                upstream.connections_dropped += 1
+                name = upstream.name
+                break
+        else:
+            name = url
+        self.log.warn(
+            "upstream {name}: kept-alive connection dropped ({what}); "
+            "its next requests get new connections (docs/reliability.md)",
+            name=name,
+            what=what,
+        )
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
         upstream.requests_failed += 1
