@@ -645,17 +645,22 @@ class _HostPool:
 
     def dropped(self, what: str) -> None:
         """A connection was closed for bytes HTTP/1.1 does not allow: count, warn, stop keeping connections."""
-        client = self.client
-        self.suspect_until = client.clock.seconds() + SUSPECT_SECONDS
-        for conn in list(self.idle):
-            conn._state = _CLOSED
-            conn.transport.loseConnection()
-        client._dropped(self.origin, what)
+        self._suspect()
+        self.client._dropped(self.origin, what)
 
     def malformed(self, what: str) -> None:
         """An answer's head could not be framed: its connection was closed, its request fails (502)."""
         client = self.client
         client.malformed[self.origin] = client.malformed.get(self.origin, 0) + 1
+        self._suspect()
+
+    def _suspect(self) -> None:
+        # the server frames its answers otherwise than we do: no connection of it is clean any more
+        client = self.client
+        self.suspect_until = client.clock.seconds() + client.suspect_seconds
+        for conn in list(self.idle):
+            conn._state = _CLOSED
+            conn.transport.loseConnection()
 
     def lost(self, conn: UpstreamConnection) -> None:
         if conn in self.idle:
@@ -691,6 +696,7 @@ class UpstreamClient:
         clock: IReactorTime | None = None,
         connect_timeout: float = 10.0,
         on_dropped: Callable[[bytes, str], None] | None = None,
+        suspect_seconds: float = SUSPECT_SECONDS,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
@@ -710,6 +716,8 @@ class UpstreamClient:
         self.malformed: dict[bytes, int] = {}
         #: told (origin, what) when a connection is dropped: the proxy counts it on the upstream
         self.on_dropped = on_dropped
+        #: how long an origin that sent unexpected bytes or a malformed head gets no kept-alive connection
+        self.suspect_seconds = suspect_seconds
 
     # -- IUpstreamClient -------------------------------------------------------
 
@@ -805,7 +813,7 @@ class UpstreamClient:
                 "upstream {origin}: connection dropped ({what}); new connections only for {seconds:g} s",
                 origin=origin.decode("ascii", "replace"),
                 what=what,
-                seconds=SUSPECT_SECONDS,
+                seconds=self.suspect_seconds,
             )
 
     def _idle_added(self) -> None:
