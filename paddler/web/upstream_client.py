@@ -262,6 +262,15 @@ class UpstreamConnection(Protocol):
             self.transport.loseConnection()
             return
         self._state = _IDLE
+        why = self.unread()
+        if why is not None:
+            # already behind the answer in the socket (a read not taken yet): never pooled
+            if why == "unexpected":
+                self._unexpected("bytes right after the end of an answer")
+            else:
+                self._state = _CLOSED
+                self.transport.loseConnection()
+            return
         self.transport.resumeProducing()  # paused from the head until the body was taken: idle ones read
         self._pool.release(self)
 
