@@ -1,7 +1,8 @@
 """A misbehaving upstream: an HTTP/1.1 server on raw bytes that answers each request as its script says.
 
 It speaks llama-server as far as the balancer's probes look (``/health``,
-``/slots``, ``/props``: always well-formed), and answers every other request
+``/slots``, ``/props``: always well-formed; ``/_stats`` counts the
+connections that carried other requests, and those requests), and answers every other request
 with the shape named by the request's C{X-Hostile-Shape} header (or
 ``normal``). Every well-formed answer echoes the request's C{X-Request-Id}
 in its JSON body, so a client can check that what it got is its own
@@ -169,6 +170,7 @@ class HostileConnection(Protocol):
         self.buffer = b""
         self.busy = False
         self.closed = False
+        self.answered = 0  # requests other than probes (connection reuse: bench/framing.py)
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -195,6 +197,8 @@ class HostileConnection(Protocol):
             self.buffer = self.buffer[end + 4 + length:]
             self.busy = True
             self.factory.requests.append((method, target, headers, body))
+            if target.split(b"?", 1)[0] not in _PROBE_PATHS and target != b"/_stats":
+                self.answered += 1
             self._run(self.factory.script_for(method, target, headers))
 
     def _run(self, steps: list[Step]) -> None:
@@ -239,6 +243,10 @@ class HostileFactory(Factory):
 
     def script_for(self, method: bytes, target: bytes, headers: dict[bytes, bytes]) -> list[Step]:
         path = target.split(b"?", 1)[0]
+        if path == b"/_stats":
+            used = [c for c in self.connections if c.answered]
+            stats = {"connections": len(used), "answers": sum(c.answered for c in used)}
+            return [("write", sized(json.dumps(stats).encode()))]
         if path in _PROBE_PATHS:
             return [("write", sized(self._probe(path)))]
         rid = headers.get(REQUEST_ID, b"-").decode("latin-1")

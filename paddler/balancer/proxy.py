@@ -455,7 +455,7 @@ class ProxyResource(Resource):
         append = self.config.forwarded_headers == "append"
         headers: list[tuple[bytes, bytes]] = []
         forwarded_for: Sequence[bytes] = ()
-        claimed: dict[bytes, list[bytes]] = {}  # the client's X-Forwarded-Proto/-Host, Forwarded, X-Real-IP
+        claimed: dict[bytes, Sequence[bytes]] = {}  # the client's X-Forwarded-Proto/-Host, Forwarded, X-Real-IP
         host: bytes | None = None
         has_authorization = False
         for name, values in raw.getAllRawHeaders():

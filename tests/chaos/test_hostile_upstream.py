@@ -77,6 +77,7 @@ class Client(threading.Thread):
         self.results = results
         self.rng = random.Random(index)
         self.reconnects = 0
+        self.crossed: list[dict[str, Any]] = []
 
     def run(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -123,6 +124,9 @@ class Client(threading.Thread):
             got = "unanswered" if status is None else verdict(rid, SHAPES[shape] if who == "hostile" else "own",
                                                               status, body, complete)
             self.results.append((shape, who, got))
+            if got == "cross":
+                self.crossed.append({"rid": rid, "shape": shape, "at": time.time(), "status": status,
+                                     "body": body[:160].decode("latin-1")})
         conn.close()
 
 
@@ -137,6 +141,7 @@ def test_no_client_gets_another_clients_answer_from_a_hostile_upstream(procs):
     results: list[tuple[str, str, str]] = []
     port = int(proxy.rsplit(":", 1)[1])
     started = time.monotonic()
+    started_wall = time.time()
     clients = [Client(i, port, REQUESTS // CLIENTS, results) for i in range(CLIENTS)]
     for client in clients:
         client.start()
@@ -152,6 +157,8 @@ def test_no_client_gets_another_clients_answer_from_a_hostile_upstream(procs):
         key = shape if who == "hostile" else f"{shape}@{who}"
         per_shape.setdefault(key, Counter())[got] += 1
     cross = sum(got == "cross" for _, _, got in results)
+    crossed = [entry for client in clients for entry in client.crossed]
+    drops = [line for line in log.splitlines() if "connection dropped" in line]
     report(
         "hostile_upstream",
         requests=len(results),
@@ -162,6 +169,9 @@ def test_no_client_gets_another_clients_answer_from_a_hostile_upstream(procs):
         requests_failed={n: u.get("requests_failed") for n, u in by_name.items()},
         warnings=warnings,
         client_reconnects=sum(c.reconnects for c in clients),
+        started_at=started_wall,
+        crossed=crossed[:5],
+        first_drops=[line[:160] for line in drops[:3]],
         problems=problems[:5],
     )
     Path(procs.tmp_path / "per_shape.json").write_text(json.dumps({k: dict(v) for k, v in per_shape.items()}))
