@@ -363,7 +363,7 @@ def test_the_upstream_gets_end_to_end_headers_only_and_forwarding_headers():
         assert gone not in names
     assert names.count(b"x-custom") == 2 and names.count(b"content-length") == 1
     assert headers[b"host"] == b"proxy.example"
-    assert headers[b"x-forwarded-for"] == b"1.2.3.4, 10.9.8.7"
+    assert headers[b"x-forwarded-for"] == b"10.9.8.7"  # --forwarded-headers replace: the client's is dropped
     assert headers[b"x-forwarded-host"] == b"proxy.example" and headers[b"x-forwarded-proto"] == b"http"
     assert headers[b"authorization"] == b"Bearer secret"
     assert headers[b"content-length"] == str(len(body)).encode() and sent_body == body

@@ -534,3 +534,35 @@ def test_a_kept_alive_connection_lost_after_sending_a_post_is_not_retried_howeve
     failure = []
     second.addErrback(failure.append)
     assert failure[0].check(ResponseNeverReceived) and len(endpoints.connections) == 1
+
+
+def test_in_raw_relay_the_last_chunk_waits_for_the_end_of_the_trailers():
+    """Pass-through: the last chunk and the trailers go to the consumer only once the trailers' empty
+    line came; the chunks before it go at once."""
+    client, endpoints, _ = make_client()
+    d = send(client)
+    protocol, _ = endpoints.connections[0]
+    protocol.dataReceived(CHUNKED + b"2\r\nok\r\n")
+    consumer = Consumer()
+    d.result.deliver(consumer, raw=True)
+    assert consumer.data == [b"2\r\nok\r\n"]
+    protocol.dataReceived(b"2\r\nhi\r\n0\r\n")
+    protocol.dataReceived(b"X-Sum: 1\r\n")
+    assert consumer.data == [b"2\r\nok\r\n"] and consumer.done == []
+    protocol.dataReceived(b"\r\n")
+    assert b"".join(consumer.data) == b"2\r\nok\r\n2\r\nhi\r\n0\r\nX-Sum: 1\r\n\r\n" and consumer.done == [None]
+
+
+def test_in_raw_relay_a_broken_trailer_section_never_hands_over_the_last_chunk():
+    """A last chunk followed by something that is no trailer (another answer's status line): the body
+    fails and the consumer never got the last chunk, so its client cannot take the answer as complete."""
+    client, endpoints, _ = make_client()
+    d = send(client)
+    protocol, transport = endpoints.connections[0]
+    protocol.dataReceived(CHUNKED + b"2\r\nok\r\n")
+    consumer = Consumer()
+    d.result.deliver(consumer, raw=True)
+    protocol.dataReceived(b"0\r\n")
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+    assert consumer.data == [b"2\r\nok\r\n"]
+    assert consumer.done[0] is not None and consumer.done[0].check(ResponseFailed) and transport.aborted

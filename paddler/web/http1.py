@@ -75,6 +75,11 @@ class BodyScanner:
         """The connection closed: whether that ends the body cleanly (only for read-until-close bodies)."""
         return self.done
 
+    @property
+    def in_trailers(self) -> bool:
+        """Past the last chunk, before the empty line that ends the trailers (chunked bodies only)."""
+        return False
+
 
 class LengthScanner(BodyScanner):
     """A body of C{Content-Length} bytes."""
@@ -154,6 +159,10 @@ class ChunkedScanner(BodyScanner):
         self._line = b""  # the start of a line cut by the end of a read
         self._crlf = 2  # bytes of the CRLF after chunk data still expected
         self._trailer_bytes = 0
+
+    @property
+    def in_trailers(self) -> bool:
+        return self._state == _TRAILER
 
     def tail(self) -> bytes:
         if not self._kept:

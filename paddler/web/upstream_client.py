@@ -348,7 +348,7 @@ class UpstreamResponse:
     __slots__ = (
         "head", "code", "phrase", "version", "headers", "framing", "length",
         "_conn", "_scanner", "_consumer", "_raw", "_pending", "_finished", "_paused", "_early", "_lost",
-        "_kept",
+        "_kept", "_held",
     )
 
     def __init__(self, conn: UpstreamConnection, head: ResponseHead, framing: str) -> None:
@@ -369,6 +369,8 @@ class UpstreamResponse:
         self._early = False
         self._lost: Failure | None = None
         self._kept = b""  # a body taken whole (take_body), for tail()
+        #: raw bytes from the last chunk on, held until the trailers end (never relayed if they do not)
+        self._held = b""
 
     # -- taking the body -----------------------------------------------------
 
@@ -456,7 +458,17 @@ class UpstreamResponse:
             self._fail(Failure(ResponseFailed([Failure(e)])))
             return
         if self._raw and used:
-            self._consumer.body_data(data if used == len(data) else data[:used])
+            piece = data if used == len(data) else data[:used]
+            if scanner.done:
+                if self._held:
+                    piece, self._held = self._held + piece, b""
+                self._consumer.body_data(piece)
+            elif scanner.in_trailers or self._held:
+                # the last chunk came: the client gets it only with the end of the trailers, so a
+                # broken trailer section breaks the client's stream instead of looking complete
+                self._held += piece
+            else:
+                self._consumer.body_data(piece)
         if scanner.done:
             self._end(excess=used < len(data))
 
