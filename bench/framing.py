@@ -132,7 +132,7 @@ def rules_alone(requests: int, clients: int, suspect: float, seed: int = 1) -> d
     import random
     from collections import Counter
 
-    from twisted.internet import defer, reactor, task
+    from twisted.internet import defer, reactor
 
     sys.path.insert(0, str(ROOT))
     from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
