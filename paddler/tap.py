@@ -22,6 +22,8 @@ from paddler.config import (
     SimulateConfig,
     build_agent_config,
     build_config,
+    resolve_at_start,
+    vet_upstreams,
 )
 from paddler.settings import ConfigError, Setting, from_sources, options_class
 from paddler.web.listeners import endpoint_is_local
@@ -61,6 +63,8 @@ def _build_balancer(options: usage.Options, given: dict[str, Any]) -> None:
     options.given = given  # type: ignore[attr-defined]  # kept for reloads
     config = build_config(given, options.upstreams, os.environ, options["config"])  # type: ignore[attr-defined]
     _check_management_exposure(config)
+    # Names of configured upstreams are resolved once here, before the reactor runs (bounded).
+    vet_upstreams(config, resolve_at_start)
     _store(options, BALANCER_SETTINGS, config)
 
 
@@ -251,6 +255,7 @@ def makeBalancerService(
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
     from paddler.balancer.reload import Reloader
+    from paddler.fleet.addresses import AddressVetter, reactor_resolver
     from paddler.fleet.pool import UpstreamPool
     from paddler.fleet.probe import HTTPProber, ProbeService
     from paddler.fleet.registry import AgentRegistry
@@ -283,7 +288,9 @@ def makeBalancerService(
         CHOOSERS[config.policy](reactor),
         max_buffered=config.max_buffered_requests,
         buffer_timeout=config.buffered_request_timeout,
+        no_upstream_timeout=config.no_upstream_timeout,
     )
+    pool.recheck_interval = config.probe_interval
     stats = RequestStats(reactor)
     upstream_client = UpstreamClient(
         reactor,
@@ -394,10 +401,16 @@ def makeBalancerService(
     top.registry = AgentRegistry(
         pool, reactor, expiry=config.agent_expiry,
         report_age=pool.shared.report_age if pool.shared is not None else None,
+        reader=prober.read, check_every=config.probe_interval,
     )
     top.registry.setServiceParent(top)
+    pool.registering = top.registry.registering
+    top.vetter = AddressVetter(
+        reactor, resolve=reactor_resolver(reactor), own=top.own_listeners, allowed=config.allow_upstream_network
+    )
     management = ManagementAPI(
-        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls
+        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls,
+        vetter=top.vetter,
     )
 
     history = StateHistory()

@@ -67,6 +67,8 @@ class BalancerService(MultiService):
         self.instance_id: str | None = None
         self.body_memory: Any = None
         self.sites: list[Any] = []
+        #: vets upstream URLs (paddler.fleet.addresses), set by the composition root
+        self.vetter: Any = None
 
     def own_urls(self) -> set[str]:
         """The URLs this balancer's listeners answer at on this host (an upstream there would be itself)."""
@@ -77,6 +79,18 @@ class BalancerService(MultiService):
             if listener is not None and listener.address is not None:
                 urls |= urls_of(listener.address)
         return urls
+
+    def own_listeners(self) -> list[Any]:
+        """This balancer's bound TCP listeners as L{paddler.fleet.addresses.OwnListener}s."""
+        from paddler.fleet.addresses import own_listener
+
+        found = []
+        for listener in (self.proxy_listener, self.management_listener):
+            address = listener.address if listener is not None else None
+            host, port = getattr(address, "host", None), getattr(address, "port", None)
+            if host is not None and port:
+                found.append(own_listener(host, port))
+        return found
 
     def startService(self) -> None:
         super().startService()

@@ -264,6 +264,14 @@ class AgentRegistry(Service):
             return not record.expiring
         return self.clock.seconds() - credential.registered_at <= self.expiry
 
+    def registering(self) -> int:
+        """Agents registered lately that have not reported yet (their upstream is on its way)."""
+        now = self.clock.seconds()
+        return sum(
+            1 for c in self.credentials.values()
+            if c.agent_id not in self.agents and now - c.registered_at <= self.expiry
+        )
+
     def authenticate(self, agent_id: str, token: bytes) -> AgentCredential | None:
         """The registration C{token} belongs to if it is C{agent_id}'s; C{None} otherwise (constant time)."""
         digest = _digest(token)
