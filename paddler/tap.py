@@ -273,7 +273,7 @@ def makeBalancerService(
     from paddler.shared.fleet import SharedProber
     from paddler.web.channel import GuardedSite
     from paddler.web.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
-    from paddler.web.descriptors import limits_for, open_files_limit
+    from paddler.web.descriptors import cap_explained, limits_for, open_files_limit
     from paddler.web.instance import new_instance_id
     from paddler.web.listeners import ListeningService
     from paddler.web.memory import BodyMemory
@@ -369,10 +369,15 @@ def makeBalancerService(
     if limits.max_connections < config.max_connections:
         Logger(namespace="paddler").warn(
             "--max-connections {wanted} lowered to {cap}: the process may open {files} files "
-            "(RLIMIT_NOFILE); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) for more",
+            "(RLIMIT_NOFILE); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) for more ({why})",
             wanted=config.max_connections,
             cap=limits.max_connections,
             files=open_files_limit(),
+            why=cap_explained(config.max_connections, open_files_limit()),
+        )
+    else:
+        Logger(namespace="paddler").info(
+            "{why}", why=cap_explained(config.max_connections, open_files_limit()), cap=limits.max_connections
         )
 
     def answered_early(error: PaddlerHTTPError) -> None:
