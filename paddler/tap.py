@@ -466,6 +466,17 @@ def makeBalancerService(
         if argv is None:
             raise ConfigError("--workers needs the paddler command (twistd paddler runs one process)")
         _supervise_workers(top, config, reactor, argv)
+    elif config.worker_index:
+        import signal
+
+        from paddler.balancer.workers import forward_reload_to_supervisor
+
+        def hup_on_worker() -> None:
+            if not forward_reload_to_supervisor():
+                top.reload()  # no supervisor any more: reload this process alone
+
+        # SIGHUP goes to worker 0, which reloads every worker; SIGUSR1 comes from it.
+        top.signal_handlers = {signal.SIGHUP: hup_on_worker, signal.SIGUSR1: top.reload}
     if reload_config is not None:
         top.reloader = Reloader(top, reload_config, prober, open_files=open_files_limit).reload
     top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
@@ -474,6 +485,8 @@ def makeBalancerService(
 
 def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: Any, argv: list[str]) -> None:
     """Worker 0 starts the others once its proxy port is bound (port 0 is resolved by then)."""
+    import signal
+
     from twisted.application.service import Service
 
     from paddler.balancer.workers import WorkerSupervisor, with_port
@@ -488,6 +501,12 @@ def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: An
     supervisor = WorkerSupervisor(reactor, argv, config.workers, config.shutdown_timeout)
     Start().setServiceParent(top)
     top.on_stopping.append(supervisor.stopService)
+
+    def reload_all() -> None:
+        top.reload()
+        supervisor.reload_workers()
+
+    top.signal_handlers = {signal.SIGHUP: reload_all}
 
 
 def proxy_site(

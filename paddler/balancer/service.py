@@ -67,6 +67,8 @@ class BalancerService(MultiService):
         self.instance_id: str | None = None
         self.body_memory: Any = None
         self.sites: list[Any] = []
+        #: Signal handlers to install at start (default: SIGHUP reloads); --workers sets its own.
+        self.signal_handlers: dict[int, Callable[[], object]] = {}
         #: vets upstream URLs (paddler.fleet.addresses), set by the composition root
         self.vetter: Any = None
 
@@ -95,7 +97,9 @@ class BalancerService(MultiService):
     def startService(self) -> None:
         super().startService()
         if self.on_signal is not None:
-            self.on_signal(signal.SIGHUP, self.reload)
+            handlers = self.signal_handlers or {signal.SIGHUP: self.reload}
+            for signum, handler in handlers.items():
+                self.on_signal(signum, handler)
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())
