@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, succeed
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -259,8 +259,6 @@ class AddressVetter:
         try:
             literal = self.vet_literal(url)
         except UpstreamRefused as e:
-            from twisted.internet.defer import fail
-
             return fail(e)
         if literal is not None:
             return succeed(literal)
@@ -269,7 +267,10 @@ class AddressVetter:
         host, port = parts.hostname or "", parts.port or 0
         if host == "localhost" or host.endswith(".localhost"):
             # RFC 6761: always loopback, whatever a resolver says
-            return self._resolved(canonical, host, port, ["127.0.0.1", "::1"])
+            try:
+                return succeed(self._resolved(canonical, host, port, ["127.0.0.1", "::1"]))
+            except UpstreamRefused as e:
+                return fail(e)
         if self.resolve is None:
             return succeed(Vetted(canonical, ()))
         d = self.resolve(host)
