@@ -424,6 +424,7 @@ def makeBalancerService(
     state_stream = StateStream(reactor, view)
     ObservabilityService(pool, stats, reactor, history, state_stream, events).setServiceParent(top)
     metrics = PrometheusMetrics(pool, stats)
+    metrics.collector.extra.append(top.registry.metrics)
     if pool.shared is not None:
         metrics.collector.extra.append(pool.shared.metrics)
     observability = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()

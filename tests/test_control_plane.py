@@ -461,3 +461,79 @@ def test_an_empty_fleet_says_so_and_zero_fails_at_once():
     d.addErrback(lambda _: None)
     assert failure.check(NoHealthyUpstream) and "no upstream is registered" in failure.value.message
     assert clock.getDelayedCalls() == []
+
+
+# -- attacking the endpoints ---------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+FIELD_VALUES = {
+    "agent_id": st.sampled_from(["gpu-1", "gpu-2", "x" * 65, "bad id", "", "../gpu-1"]) | JUNK,
+    "url": st.sampled_from([*GPU.values(), *SELF_SPELLINGS[:4], *REFUSED[:4], "gopher://x", "http://x/path",
+                            "http://[::1", "http://a:99999"]) | JUNK,
+    "name": st.sampled_from(["gpu-1", "gpu-2", "n" * 200, "\x00"]) | JUNK,
+    "slots_idle": st.integers(-5, 10**9) | JUNK,
+    "slots_processing": st.integers(-5, 10**9) | JUNK,
+    "slots_total": st.integers(-5, 10**9) | JUNK,
+    "state": st.sampled_from(["healthy", "loading", "unreachable", "sleeping"]) | JUNK,
+    "interval": st.floats(allow_nan=True) | JUNK,
+    "models": JUNK,
+}
+BODY = st.fixed_dictionaries({}, optional=FIELD_VALUES) | JUNK
+CALL = st.tuples(
+    st.sampled_from(["register", "report", "raw"]),
+    st.sampled_from(["gpu-1", "gpu-2", "nobody", "bad%20id", "x" * 70]),
+    st.sampled_from(["own", "other", "none", "forged", "mgmt", "huge"]),
+    BODY,
+    st.binary(max_size=60),
+)
+
+
+def invariants(cp: ControlPlane) -> None:
+    """Registry and pool agree: every agent has its upstream and its credential, at the URL it registered."""
+    for record in cp.registry.agents.values():
+        upstream = cp.pool.upstreams.get(record.upstream_id)
+        assert upstream is not None and upstream.source == "agent"
+        credential = cp.registry.credentials.get(record.agent_id)
+        assert credential is not None and upstream_id(credential.url) == record.upstream_id
+        assert 0 <= upstream.slots_idle <= upstream.slots_total <= 4096
+    for upstream in cp.pool.upstreams.values():
+        host = urlsplit(upstream.url).hostname or ""
+        address = literal_address(host)
+        assert address is None or not (address.is_link_local or address.is_loopback), upstream.url
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(CALL, min_size=1, max_size=8))
+@pytest_twisted.ensureDeferred
+async def test_fuzzed_registrations_and_reports_never_500_and_never_corrupt_state(calls):
+    """Bad JSON, huge numbers, wrong types, other ids, missing and forged tokens: only 2xx/4xx, state sound."""
+    cp = ControlPlane()
+    try:
+        await two_agents(cp)
+        with capturedLogs() as events:
+            for kind, agent_id, bearer_kind, body, raw in calls:
+                bearer = {
+                    "own": cp.tokens.get(agent_id), "other": cp.tokens.get("gpu-2" if agent_id == "gpu-1" else "gpu-1"),
+                    "none": None, "forged": "AAAA" + "x" * 40, "mgmt": "mgmt", "huge": "y" * 5000,  # (longer header lines are the listener's 431)
+                }[bearer_kind]
+                if kind == "register":
+                    code, answer = await cp.call("POST", "/api/v1/agents", body, bearer=bearer)
+                elif kind == "report":
+                    code, answer = await cp.call("POST", f"/api/v1/agents/{agent_id}/report", body, bearer=bearer)
+                else:
+                    code, answer = await cp.call("POST", f"/api/v1/agents/{agent_id}/report", raw=raw, bearer=bearer)
+                assert code in (200, 201, 400, 401, 403, 404, 409, 413), (code, answer)
+                if code >= 400:
+                    assert isinstance(answer, dict) and answer["error"]["code"] == code
+                invariants(cp)
+                cp.clock.advance(0.2)
+        assert not [e for e in events if e.get("log_failure") is not None]
+    finally:
+        cp.stop()

@@ -73,6 +73,10 @@ def _contradicts(total: int, processing: int | None, seen_total: int, seen_proce
     return (seen_processing - processing) > max(1, total // 4)
 
 
+#: Seconds at least a registration waits for its first report before it is forgotten.
+PENDING_REGISTRATION = 10.0
+
+
 class RegistryConflict(Exception):
     """A report that contradicts the fleet (HTTP 409); C{field} names the culprit."""
 
@@ -262,14 +266,19 @@ class AgentRegistry(Service):
         record = self.agents.get(credential.agent_id)
         if record is not None:
             return not record.expiring
-        return self.clock.seconds() - credential.registered_at <= self.expiry
+        return self.clock.seconds() - credential.registered_at <= self.pending_for
+
+    @property
+    def pending_for(self) -> float:
+        """Seconds a registration without a report holds its id (the agent's first report is on its way)."""
+        return max(self.expiry, PENDING_REGISTRATION)
 
     def registering(self) -> int:
         """Agents registered lately that have not reported yet (their upstream is on its way)."""
         now = self.clock.seconds()
         return sum(
             1 for c in self.credentials.values()
-            if c.agent_id not in self.agents and now - c.registered_at <= self.expiry
+            if c.agent_id not in self.agents and now - c.registered_at <= self.pending_for
         )
 
     def authenticate(self, agent_id: str, token: bytes) -> AgentCredential | None:
@@ -355,6 +364,27 @@ class AgentRegistry(Service):
         self.pool.observe(upstream, observation)
         self._check_soon(record, upstream)
         return upstream
+
+    def metrics(self) -> Any:
+        """The Prometheus families of the registry (scraped with the rest)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        contradicted = CounterMetricFamily(
+            "paddler_agent_reports_contradicted",
+            "Agent reports whose slots the server's own /slots contradicted (the balancer's reading was used).",
+            labels=["agent_id"],
+        )
+        for agent_id, count in sorted(self.contradicted.items()):
+            contradicted.add_metric([agent_id], count)
+        yield contradicted
+        yield CounterMetricFamily(
+            "paddler_agent_reports_contradicted_all",
+            "Agent reports contradicted by the server's own /slots, all agents (also those gone).",
+            value=self.contradicted_total,
+        )
+        yield GaugeMetricFamily(
+            "paddler_agents_registered", "Agents holding a registration (token).", value=len(self.credentials)
+        )
 
     # -- checking reports against the server's own /slots -------------------
 
@@ -466,7 +496,7 @@ class AgentRegistry(Service):
         """Retire the upstreams of agents silent for longer than their expiry (and unused registrations)."""
         now = self.clock.seconds()
         for credential in list(self.credentials.values()):
-            if credential.agent_id not in self.agents and now - credential.registered_at > self.expiry:
+            if credential.agent_id not in self.agents and now - credential.registered_at > self.pending_for:
                 del self.credentials[credential.agent_id]  # registered, never reported
         for record in list(self.agents.values()):
             if record.expiring:

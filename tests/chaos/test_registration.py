@@ -43,6 +43,15 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
 
     def agent_range(first: int, last: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # kept alive, like an agent's
+        tokens = {}
+        for i in range(first, last):  # each agent registers first and gets its token
+            conn.request("POST", "/api/v1/agents", json.dumps({
+                "agent_id": f"agent-{i}", "name": f"gpu-{i}", "url": f"http://10.{i // 250}.{i % 250}.1:8080",
+            }), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            tokens[i] = json.loads(response.read())["agent_token"]
+            with lock:
+                statuses[response.status] = statuses.get(response.status, 0) + 1
         for _ in range(rounds):
             for i in range(first, last):
                 report_body = {
@@ -50,7 +59,7 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
                     "slots_idle": 3, "slots_processing": 1, "model": "m.gguf", "interval": 1,
                 }
                 conn.request("POST", f"/api/v1/agents/agent-{i}/report", json.dumps(report_body),
-                             {"Content-Type": "application/json"})
+                             {"Content-Type": "application/json", "Authorization": f"Bearer {tokens[i]}"})
                 response = conn.getresponse()
                 response.read()
                 with lock:
@@ -64,7 +73,7 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
     for thread in threads:
         thread.join(120)
     seconds = time.monotonic() - started
-    assert statuses == {200: count * rounds}, statuses
+    assert statuses == {201: count, 200: count * rounds}, statuses
     fleet = upstreams(management)
     assert len(fleet) == count and all(u["state"] == "healthy" and u["slots_total"] == 4 for u in fleet)
     _, health = get_json(proxy + "/health")
@@ -94,9 +103,13 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
     for url in (proxy, proxy.replace("127.0.0.1", "localhost"), management):
         answer = call(management, "POST", "/api/v1/upstreams", {"url": url, "name": "me"})
         assert answer.status == 400 and "this balancer itself" in answer.detail, answer
-    agent_report = {"name": "me", "url": proxy, "slots_idle": 4, "slots_processing": 0}
-    answer = call(management, "POST", "/api/v1/agents/a1/report", agent_report)
-    assert answer.status == 400 and answer.body["error"]["param"] == "url"
+    proxy_port = proxy.rsplit(":", 1)[1]
+    for url in (proxy, f"http://127.1:{proxy_port}", f"http://[::ffff:127.0.0.1]:{proxy_port}",
+                f"http://2130706433:{proxy_port}"):
+        answer = call(management, "POST", "/api/v1/agents", {"agent_id": "a1", "name": "me", "url": url})
+        assert answer.status == 400 and answer.body["error"]["param"] == "url", answer
+    answer = call(management, "POST", "/api/v1/upstreams", {"url": "http://169.254.169.254", "name": "meta"})
+    assert answer.status == 403 and "--allow-upstream-network" in answer.detail, answer
     assert upstreams(management) == []
 
     port = free_port()
