@@ -276,13 +276,15 @@ class AddressVetter:
         d = self.resolve(host)
         d.addTimeout(self.timeout, self.clock)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Any) -> Vetted:
             if failure.check(DeferredTimeout):
                 raise UpstreamRefused(400, f"url {canonical}: {host} did not resolve within {self.timeout:g} s")
             raise UpstreamRefused(400, f"url {canonical}: {host} does not resolve: {failure.getErrorMessage()}")
 
-        d.addCallbacks(lambda addresses: self._resolved(canonical, host, port, addresses), failed)
-        return d
+        vetted: Deferred[Vetted] = d.addCallbacks(
+            lambda addresses: self._resolved(canonical, host, port, addresses), failed
+        )
+        return vetted
 
     def _resolved(self, canonical: str, host: str, port: int, addresses: list[str]) -> Any:
         found = []

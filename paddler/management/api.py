@@ -98,9 +98,13 @@ class ManagementAPI:
                 raise Forbidden(error.message, param="url")
             raise BadRequest(error.message, param="url")
 
+        def canonical_not_itself(vetted: Vetted) -> Vetted:
+            self._not_this_balancer(vetted.url)
+            return vetted
+
         d = self.vetter.vet(url)
         d.addErrback(refused)
-        d.addCallback(lambda vetted: (self._not_this_balancer(vetted.url), vetted)[1])
+        d.addCallback(canonical_not_itself)
         return d
 
     def _not_this_balancer(self, url: str) -> None:

@@ -509,7 +509,7 @@ class LyingAgent:
         while not self._stop.is_set():
             n += 1
             lie = {"name": "liar", "url": self.sim.url, "slots_idle": self.claimed, "slots_processing": 0}
-            answer = _authorized(self.management, f"/api/v1/agents/liar/report", lie, self.token)
+            answer = _authorized(self.management, "/api/v1/agents/liar/report", lie, self.token)
             self.statuses[answer] += 1
             if answer == 401:  # expired meanwhile (its server was killed): register again
                 try:
