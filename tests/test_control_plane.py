@@ -19,14 +19,14 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from paddler.errors import BufferTimeout, NoHealthyUpstream
-from paddler.fleet.addresses import AddressVetter, canonical_url, literal_address, parse_ipv4
+from paddler.fleet.addresses import AddressVetter, literal_address
 from paddler.fleet.probe import HTTPProber
 from paddler.fleet.registry import AgentRegistry
-from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, UpstreamState, upstream_id
+from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, upstream_id
 from paddler.management.api import ManagementAPI
 
 from .fake_llama import FakeLlama
-from .helpers import healthy_upstream, make_pool
+from .helpers import MemoryUpstreams, make_pool
 
 BASE = "http://mgmt"
 PROXY_PORT, MANAGEMENT_PORT = 8086, 8085
@@ -38,23 +38,6 @@ NAMES = {
     "metadata.google.internal": ["169.254.169.254"],
     "mixed.example": ["10.0.0.7", "169.254.169.254"],
 }
-
-
-class Hosts:
-    """An HTTP client routing by host to in-memory llama.cpp servers (the balancer's probe client)."""
-
-    def __init__(self, servers: dict[str, FakeLlama]) -> None:
-        self.stubs = {urlsplit(url).hostname: StubTreq(server) for url, server in servers.items()}
-
-    def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
-        stub = self.stubs.get(urlsplit(url).hostname)
-        if stub is None:
-            return fail(ConnectionRefusedError("connection refused"))
-        return stub.get(url, **kwargs)
-
-    def flush(self) -> None:
-        for stub in self.stubs.values():
-            stub.flush()
 
 
 def resolve(host: str) -> Deferred[list[str]]:
@@ -69,11 +52,13 @@ class ControlPlane:
     """Two llama.cpp servers, the registry checking reports against them, the management API."""
 
     def __init__(self, token: str | None = None, allowed: tuple[str, ...] = ()) -> None:
-        self.clock = Clock()
+        self.upstreams = MemoryUpstreams(connect_timeout=2, max_idle_per_host=1)
+        self.clock = self.upstreams.clock  # the in-memory network is the clock too
         self.pool = make_pool(self.clock)
         self.servers = {GPU["gpu-1"]: FakeLlama("gpu-1", slots=4), GPU["gpu-2"]: FakeLlama("gpu-2", slots=4)}
-        self.hosts = Hosts(self.servers)
-        self.prober = HTTPProber(self.hosts, self.clock, self.pool, timeout=2)
+        for url, server in self.servers.items():
+            self.upstreams.serve(server, url)
+        self.prober = HTTPProber(self.upstreams.client, self.clock, self.pool, timeout=2)
         self.registry = AgentRegistry(self.pool, self.clock, expiry=3.0, reader=self.prober.read, check_every=0.0)
         self.registry.startService()
         own = [(ipaddress.ip_address("127.0.0.1"), PROXY_PORT), (None, MANAGEMENT_PORT)]
@@ -90,7 +75,7 @@ class ControlPlane:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         response = await self.http.request(method, BASE + path, data=data, headers=headers)
         content = await response.content()
-        self.hosts.flush()
+        self.upstreams.flush()
         try:
             return response.code, json.loads(content)
         except ValueError:

@@ -86,7 +86,7 @@ class HTTPProber:
         to the pool: the check of an agent's report (L{paddler.fleet.registry}).
         Fails with L{ThisBalancer} when the balancer answers itself.
         """
-        get = self._getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
+        get = client_getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
         reading = ensureDeferred(read_slots(get, method=upstream.probe_method, mode="slots",
                                             want_models=False, mark=upstream.probe_mark))
         reading.addTimeout(self.timeout, self._clock, onTimeoutCancel=_timed_out)
