@@ -144,6 +144,7 @@ class AgentRecord:
     check_started: float | None = None
     checking: Any = None
     claimed_processing: int | None = None
+    claim_applied: bool = False  # the last report's own figures were applied (not the check's)
     lying: bool = False
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -392,11 +393,13 @@ class AgentRegistry(Service):
                  claimed: SlotsSeen) -> SlotsSeen:
         """The report's slots, or the fresh probe reading's when they disagree (counted and logged)."""
         reading = record.check
+        record.claim_applied = True
         if reading is None or self.clock.seconds() - record.check_at > self.check_age:
             return claimed
         if not _contradicts(report.slots_total, report.slots_processing, reading.total, reading.processing):
             record.lying = False
             return claimed
+        record.claim_applied = False
         self._contradicted(record, upstream, report.slots_total, report.slots_processing, reading)
         return SlotsSeen(reading.total, reading.processing, reading.mark, source="agent",
                          models=report.models or None)
@@ -431,10 +434,12 @@ class AgentRegistry(Service):
             record.check, record.check_at = reading, self.clock.seconds()
             if self.agents.get(record.agent_id) is not record or self.pool.upstreams.get(upstream.id) is not upstream:
                 return
-            # A lie already applied loses at once, not at the next report.
-            if upstream.state is UpstreamState.HEALTHY and _contradicts(
+            # A lie already applied (no fresh reading when it came) loses at once, not at the next
+            # report; it is counted once, here.
+            if record.claim_applied and upstream.state is UpstreamState.HEALTHY and _contradicts(
                 upstream.slots_total, record.claimed_processing, reading.total, reading.processing
             ):
+                record.claim_applied = False
                 self._contradicted(record, upstream, upstream.slots_total, record.claimed_processing or 0, reading)
                 self.pool.observe(upstream, SlotsSeen(reading.total, reading.processing, reading.mark,
                                                       source="agent"))
