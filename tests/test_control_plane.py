@@ -523,3 +523,33 @@ async def test_fuzzed_registrations_and_reports_never_500_and_never_corrupt_stat
         assert not [e for e in events if e.get("log_failure") is not None]
     finally:
         cp.stop()
+
+
+def test_a_server_the_balancer_cannot_read_is_checked_less_and_less_often():
+    """Checks of an unreadable server back off (1, 2, 4... intervals, up to 64); a good read resets."""
+    from paddler.fleet.registry import AgentReport
+    from paddler.llamacpp.slots import SlotReading
+
+    clock = Clock()
+    pool = make_pool(clock)
+    reads: list[float] = []
+    answer: list[Any] = [ConnectionRefusedError("refused")]
+
+    def reader(upstream: Upstream) -> Deferred[Any]:
+        reads.append(clock.seconds())
+        if isinstance(answer[0], Exception):
+            return fail(answer[0])
+        return succeed(answer[0])
+
+    registry = AgentRegistry(pool, clock, expiry=1000.0, reader=reader, check_every=1.0)
+    report = AgentReport(url="http://10.0.0.1:8080", name="gpu-1", slots_total=4, slots_processing=0, interval=1.0)
+    for _ in range(16):
+        registry.report("gpu-1", report)
+        clock.advance(1.0)
+    assert reads == [0.0, 2.0, 6.0, 14.0]  # after each failure the gap doubles: 2, 4, 8
+    answer[0] = SlotReading(4, 0, "slots")
+    clock.advance(16.0)
+    for _ in range(3):
+        registry.report("gpu-1", report)
+        clock.advance(1.0)
+    assert reads[4:] == [32.0, 33.0, 34.0]  # read again, then every interval

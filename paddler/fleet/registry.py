@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -144,6 +145,7 @@ class AgentRecord:
     check_started: float | None = None
     checking: Any = None
     claimed_processing: int | None = None
+    check_failures: int = 0
     claim_applied: bool = False  # the last report's own figures were applied (not the check's)
     lying: bool = False
 
@@ -423,7 +425,9 @@ class AgentRegistry(Service):
         if self.reader is None or record.checking is not None:
             return
         now = self.clock.seconds()
-        if record.check_started is not None and now - record.check_started < self.check_every:
+        # a server the balancer cannot read is asked less and less often (up to 64 intervals)
+        every = self.check_every * 2 ** min(record.check_failures, 6)
+        if record.check_started is not None and now - record.check_started < every:
             return
         record.check_started = now
         d = self.reader(upstream)
@@ -431,6 +435,7 @@ class AgentRegistry(Service):
 
         def read(reading: Any) -> None:
             record.checking = None
+            record.check_failures = 0
             record.check, record.check_at = reading, self.clock.seconds()
             if self.agents.get(record.agent_id) is not record or self.pool.upstreams.get(upstream.id) is not upstream:
                 return
@@ -447,6 +452,8 @@ class AgentRegistry(Service):
         def failed(failure: Any) -> None:
             record.checking = None
             record.check = None
+            if not failure.check(CancelledError):
+                record.check_failures += 1
             if failure.check(ThisBalancer):
                 self._this_balancer(record, upstream)
             # otherwise: the balancer cannot read it itself; the agent's word stands
