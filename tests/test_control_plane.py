@@ -553,3 +553,32 @@ def test_a_server_the_balancer_cannot_read_is_checked_less_and_less_often():
         registry.report("gpu-1", report)
         clock.advance(1.0)
     assert reads[4:] == [32.0, 33.0, 34.0]  # read again, then every interval
+
+
+def test_checks_in_flight_are_capped_whatever_the_number_of_agents():
+    """Forty agents on servers that never answer: at most max_checks reads at once; stopping cancels them."""
+    from paddler.fleet.registry import AgentReport
+
+    clock = Clock()
+    pool = make_pool(clock)
+    pending: list[Deferred[Any]] = []
+
+    def reader(upstream: Upstream) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        return d
+
+    registry = AgentRegistry(pool, clock, expiry=1000.0, reader=reader, check_every=1.0)
+    registry.startService()
+    for i in range(40):
+        registry.report(f"a{i}", AgentReport(url=f"http://10.0.1.{i}:8080", name=f"gpu-{i}", slots_total=2))
+    assert len(pending) == registry.max_checks == 32
+    from paddler.llamacpp.slots import SlotReading
+
+    pending[0].callback(SlotReading(2, 0, "slots"))  # one answers: room for one more
+    registry.report("a39", AgentReport(url="http://10.0.1.39:8080", name="gpu-39", slots_total=2))
+    assert len(pending) == 33
+    registry.stopService()
+    assert all(d.called for d in pending)
+    for d in pending:
+        d.addErrback(lambda _: None)

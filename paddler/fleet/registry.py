@@ -192,6 +192,9 @@ class AgentRegistry(Service):
         #: C{reader(upstream)}: a Deferred of the server's own slot reading (L{HTTPProber.read}), or None.
         self.reader = reader
         self.check_every = check_every
+        #: Checks in flight at most, whatever the number of agents (the others wait for a later report).
+        self.max_checks = 32
+        self._checks_running = 0
         #: URLs found to answer as this balancer: never registered again.
         self.refused_urls: set[str] = set()
         self._loop: LoopingCall | None = None
@@ -422,7 +425,7 @@ class AgentRegistry(Service):
 
     def _check_soon(self, record: AgentRecord, upstream: Upstream) -> None:
         """Read the server's /slots in the background (one read at a time, at most every check_every s)."""
-        if self.reader is None or record.checking is not None:
+        if self.reader is None or record.checking is not None or self._checks_running >= self.max_checks:
             return
         now = self.clock.seconds()
         # a server the balancer cannot read is asked less and less often (up to 64 intervals)
@@ -430,8 +433,10 @@ class AgentRegistry(Service):
         if record.check_started is not None and now - record.check_started < every:
             return
         record.check_started = now
+        self._checks_running += 1
         d = self.reader(upstream)
         record.checking = d
+        d.addBoth(self._check_done)
 
         def read(reading: Any) -> None:
             record.checking = None
@@ -460,6 +465,10 @@ class AgentRegistry(Service):
 
         d.addCallbacks(read, failed)
         d.addErrback(lambda f: self.log.failure("check of agent {agent_id} failed", f, agent_id=record.agent_id))
+
+    def _check_done(self, result: Any) -> Any:
+        self._checks_running -= 1
+        return result
 
     def _this_balancer(self, record: AgentRecord, upstream: Upstream) -> None:
         self.log.warn(
