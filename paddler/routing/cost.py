@@ -51,6 +51,11 @@ TIE_SECONDS = 0.005
 DEFAULT_MAX_WAIT = 5.0
 #: Least ttft saving (seconds) worth waiting for.
 DEFAULT_MIN_GAIN = 0.02
+#: A request may wait for a busy upstream that generates faster for up to
+#: this share of the generation time it saves there ...
+GENERATION_HOLD_SHARE = 0.25
+#: ... when that upstream's expected wait is at most this (seconds).
+GENERATION_MAX_WAIT = 1.0
 #: Largest prefill weight beyond 1 (requests waiting per slot).
 MAX_PRESSURE = 4.0
 _SLOWEST = 1e-6  # tokens/s used in place of a speed that is zero or not a number
@@ -103,6 +108,7 @@ class Estimate:
     prefill: float
     ttft: float
     cost: float
+    generation: float = 0.0
 
     @property
     def id(self) -> Hashable:
@@ -162,7 +168,7 @@ def estimate(
     ttft = wait + prefill
     generation = max(0.0, output_tokens) / _speed(candidate.generation_speed)
     weight = 1.0 + _pressure(pressure)
-    return Estimate(candidate, wait, prefill, ttft, wait + prefill * weight + generation)
+    return Estimate(candidate, wait, prefill, ttft, wait + prefill * weight + generation, generation)
 
 
 def _pressure(pressure: float) -> float:
@@ -188,6 +194,9 @@ def rank(
     max_wait: float = DEFAULT_MAX_WAIT,
     min_gain: float = DEFAULT_MIN_GAIN,
     pressure: float = 0.0,
+    generation_share: float = GENERATION_HOLD_SHARE,
+    generation_max_wait: float = GENERATION_MAX_WAIT,
+    future_turns: float = 0.0,
 ) -> Decision:
     """Rank the candidates for a request of C{prompt_tokens} (estimated) tokens.
 
@@ -196,6 +205,10 @@ def rank(
     @param pressure: requests waiting in the buffer per slot of the fleet.
     @param max_wait: the longest a request may wait for a busy warm upstream.
     @param min_gain: the least ttft saving worth waiting for.
+    @param generation_share: the share of the generation time a busy faster
+        generator saves that a request may wait for it (L{GENERATION_HOLD_SHARE}).
+    @param generation_max_wait: the longest expected wait for which generation
+        time saved counts (L{GENERATION_MAX_WAIT}).
     """
     weight = 1.0 + _pressure(pressure)
     estimates = [estimate(c, prompt_tokens, output_tokens, pressure) for c in candidates]
@@ -218,12 +231,19 @@ def rank(
     for e in ranked[1:]:
         if e.free or not math.isfinite(e.ttft):
             continue
-        saved = (best.prefill - e.prefill) * weight
+        saved = (best.prefill - e.prefill) * weight * (1.0 + future_turns)
+        generation_saved = generation_share * (best.generation - e.generation)
+        if generation_saved > 0 and e.wait <= generation_max_wait:
+            saved += generation_saved
         gain = best.cost - e.cost
         if e.wait < saved and e.wait <= max_wait and gain > min_gain:
             if warm is None or e.cost < warm.cost:
                 warm = e
     if warm is None:
         return Decision(ranked)
-    wait_up_to = min(max_wait, best.ttft - warm.prefill)
+    generation_saved = generation_share * (best.generation - warm.generation)
+    if generation_saved > 0 and warm.wait <= generation_max_wait:
+        wait_up_to = min(max_wait, best.ttft - warm.prefill + generation_saved)
+    else:
+        wait_up_to = min(max_wait, best.ttft - warm.prefill)
     return Decision(ranked, warm.id, wait_up_to, best.cost - warm.cost)

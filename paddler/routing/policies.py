@@ -137,7 +137,8 @@ class CostChooser(_Policy):
 
     name = "cost"
 
-    def __init__(self, clock: IReactorTime, router: Router | None = None) -> None:
+    def __init__(self, clock: IReactorTime, router: Router | None = None, name: str = "cost") -> None:
+        self.name = name
         self.clock = clock
         self.router = router if router is not None else Router(clock)
         self._seq = itertools.count(1)
@@ -227,6 +228,7 @@ MOST_IDLE = MostIdleSlotsChooser()
 #: The policies by name; each is built with the pool's clock.
 CHOOSERS: dict[str, Any] = {
     "slots": lambda clock: MostIdleSlotsChooser(),
+    "cache-aware": lambda clock: CostChooser(clock, Router(clock, weigh_output=True), name="cache-aware"),
     "cost": lambda clock: CostChooser(clock),
     "round-robin": lambda clock: RoundRobinChooser(),
     "least-connections": lambda clock: LeastConnectionsChooser(),
