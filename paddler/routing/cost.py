@@ -196,7 +196,6 @@ def rank(
     pressure: float = 0.0,
     generation_share: float = GENERATION_HOLD_SHARE,
     generation_max_wait: float = GENERATION_MAX_WAIT,
-    future_turns: float = 0.0,
 ) -> Decision:
     """Rank the candidates for a request of C{prompt_tokens} (estimated) tokens.
 
@@ -231,7 +230,7 @@ def rank(
     for e in ranked[1:]:
         if e.free or not math.isfinite(e.ttft):
             continue
-        saved = (best.prefill - e.prefill) * weight * (1.0 + future_turns)
+        saved = (best.prefill - e.prefill) * weight
         generation_saved = generation_share * (best.generation - e.generation)
         if generation_saved > 0 and e.wait <= generation_max_wait:
             saved += generation_saved
