@@ -210,6 +210,9 @@ def rank(
         time saved counts (L{GENERATION_MAX_WAIT}).
     """
     weight = 1.0 + _pressure(pressure)
+    # while requests wait, the slot a holder takes is one they cannot have: its own
+    # generation time counts less, as prefill counts more
+    generation_share = generation_share / weight
     estimates = [estimate(c, prompt_tokens, output_tokens, pressure) for c in candidates]
     keys = []
     frees = [e.wait == 0.0 and e.free for e in estimates]
