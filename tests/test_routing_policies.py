@@ -200,3 +200,18 @@ def test_a_warm_request_stays_with_its_cache_on_the_slower_generator() -> None:
     hog[0].release(TIMINGS)
     _, second = ask(pool, SYSTEM, "how deep? and how wide?", max_tokens=200)
     assert second and second[0].upstream is slow
+
+
+def test_a_short_shared_head_of_a_long_cached_prompt_does_not_attract_a_second_conversation() -> None:
+    """Two upstreams, two concurrent conversations. The first (a 40-word head + 1,500 words) runs
+    on one upstream; the second shares only the head (under a quarter of the first's cached
+    entry, which llama-server never restores): it is cold everywhere and goes to the upstream
+    with more idle slots, not to the one whose index holds the head."""
+    clock = Clock()
+    pool = UpstreamPool(clock, CostChooser(clock, Router(clock)), max_buffered=100, buffer_timeout=600)
+    first_upstream, other = add(pool, 1, 2), add(pool, 2, 2)
+    head = "the shared head of both prompts, river boat water " * 8
+    _, first = ask(pool, head + "a long private history of one conversation " * 200, "go on", max_tokens=50)
+    assert first[0].upstream is first_upstream
+    _, second = ask(pool, head + "another conversation", "hello", max_tokens=50)
+    assert second and second[0].upstream is other
