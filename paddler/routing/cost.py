@@ -67,6 +67,8 @@ DEFAULT_MIN_GAIN = 0.02
 GENERATION_HOLD_SHARE = 0.25
 #: ... when that upstream's expected wait is at most this (seconds).
 GENERATION_MAX_WAIT = 1.0
+#: Generation speeds within this share of the fastest candidate's count as the same speed.
+GENERATION_SPEED_TOLERANCE = 0.25
 #: Largest prefill weight beyond 1 (requests waiting per slot).
 MAX_PRESSURE = 4.0
 _SLOWEST = 1e-6  # tokens/s used in place of a speed that is zero or not a number
@@ -225,6 +227,14 @@ def rank(
     # generation time counts less, as prefill counts more
     generation_share = generation_share / weight
     estimates = [estimate(c, prompt_tokens, output_tokens, pressure) for c in candidates]
+    if output_tokens > 0 and estimates:
+        # generation speeds within GENERATION_SPEED_TOLERANCE of the fastest are one speed:
+        # servers of one kind, measured with noise, tie and spread by idle slots
+        fastest = min(e.generation for e in estimates)
+        for e in estimates:
+            if e.generation * (1.0 - GENERATION_SPEED_TOLERANCE) <= fastest:
+                e.cost -= e.generation - fastest
+                e.generation = fastest
     keys = []
     frees = [e.wait == 0.0 and e.free for e in estimates]
     cheapest = {
