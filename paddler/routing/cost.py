@@ -45,7 +45,10 @@ C{generation_share} (L{GENERATION_HOLD_SHARE}, a quarter) of it divided by
 ``1 + pressure``, and only while its expected wait is at most
 C{generation_max_wait} (L{GENERATION_MAX_WAIT}, 1 s): a 400-token answer
 waits a few hundred milliseconds for a 60 tokens/s server instead of
-taking 20 s on a free 20 tokens/s one; a short answer does not wait. (The
+taking 20 s on a free 20 tokens/s one; a short answer does not wait.
+Generation speeds within L{GENERATION_SPEED_TOLERANCE} (25 %) of the
+fastest candidate's count as that speed: servers of one kind, measured
+with noise, tie and spread by idle slots. (The
 whole saving instead of a quarter bought the same end-to-end p99 for a
 24 % worse TTFT p99 on the scheduling trace, in ``bench/routesim.py``.)
 """
