@@ -234,11 +234,11 @@ def test_with_a_queue_a_long_answer_waits_less_for_a_faster_generator() -> None:
     assert rank([slow, fast], 200, output_tokens=400, max_wait=5.0, pressure=3.0).wait_for is None
 
 
-def test_generation_speeds_within_a_quarter_of_the_fastest_tie() -> None:
-    """Two servers of one kind measured at 200 and 180 tokens/s (noise): for a cold request they
+def test_generation_speeds_within_a_factor_of_two_of_the_fastest_tie() -> None:
+    """Two servers of one kind measured at 200 and 120 tokens/s (noise): for a cold request they
     tie on generation, so the one with more idle slots goes first (conversations spread); at
     60 against 20 tokens/s the faster one wins."""
-    noisy = rank([candidate("a", idle=1, generation_speed=200.0), candidate("b", idle=2, generation_speed=180.0)],
+    noisy = rank([candidate("a", idle=1, generation_speed=200.0), candidate("b", idle=2, generation_speed=120.0)],
                  100, output_tokens=30)
     assert noisy.order == ["b", "a"]
     real = rank([candidate("a", idle=1, generation_speed=60.0), candidate("b", idle=2, generation_speed=20.0)],
