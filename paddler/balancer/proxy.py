@@ -25,45 +25,29 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
-from paddler.balancer.relay import AgentClient, Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.balancer.relay import Relay, ResponseHead, UpstreamIdleTimeout, timings_in
 from paddler.errors import (
     BadRequest,
     InternalError,
     NoUpstreamAvailable,
     PaddlerHTTPError,
-    RequestTooLarge,
     ShuttingDown,
     UpstreamFailed,
     UpstreamTimeout,
+    body_too_large,
     error_body,
     error_response,
     json_response as _json,
+    outcome_of,
 )
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
+from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
 from paddler.web.body import BodyTooLarge, read_body
 from paddler.web.failures import describe_failure
-
-SLOT_PATHS = frozenset(
-    {
-        b"/completion",
-        b"/completions",
-        b"/v1/completions",
-        b"/chat/completions",
-        b"/v1/chat/completions",
-        b"/infill",
-        b"/embedding",
-        b"/embeddings",
-        b"/v1/embeddings",
-        b"/rerank",
-        b"/reranking",
-        b"/v1/rerank",
-        b"/v1/reranking",
-    }
-)
 
 HOP_BY_HOP = frozenset(
     {
@@ -82,8 +66,14 @@ HOP_BY_HOP = frozenset(
 #: Request headers not forwarded besides the hop-by-hop ones: the body's length is set again,
 #: and C{Expect: 100-continue} was answered by the balancer (the body is sent whole).
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
+#: What a client says about where a request came from: an upstream can trust only what paddler wrote.
+#: C{Via} is not among them: every hop appends to it, and loop detection reads it (paddler.web.instance).
+_FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
 
 RETRYABLE = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed)
+#: Methods tried on another upstream after their request was written (nothing else is: the first
+#: upstream may be running a completion that a second try would run again).
+IDEMPOTENT = frozenset({b"GET", b"HEAD"})
 
 
 class BodyLost(Exception):
@@ -102,6 +92,8 @@ class ProxyConfig:
     max_request_body: int = 10 * 1024 * 1024
     max_retries: int = 3
     relay_passthrough: bool = True
+    #: "replace": the client's X-Forwarded-*/Forwarded/X-Real-IP are dropped; "append": kept, extended
+    forwarded_headers: str = "replace"
 
     @classmethod
     def from_balancer(cls, config: Any) -> ProxyConfig:
@@ -115,6 +107,7 @@ class ProxyConfig:
             max_request_body=config.max_request_body,
             max_retries=config.max_retries,
             relay_passthrough=getattr(config, "relay_passthrough", True),
+            forwarded_headers=getattr(config, "forwarded_headers", "replace"),
         )
 
 
@@ -127,17 +120,6 @@ def _was_cancelled(error: Exception) -> bool:
     """Twisted's HTTP client reports a cancelled request as ResponseNeverReceived([CancelledError])."""
     reasons = getattr(error, "reasons", None) or []
     return any(reason.check(CancelledError) for reason in reasons)
-
-
-def upstream_uri(upstream: Upstream, target: bytes) -> bytes:
-    """The URL of C{target} (an origin-form request target) on C{upstream}.
-
-    Only a target that starts with C{/} is joined to the upstream's
-    C{scheme://host:port}: anything else could extend the port or the host.
-    """
-    if not target.startswith(b"/"):
-        raise BadRequest("the request target must be a path starting with /")
-    return upstream.url.encode("ascii") + target
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -153,9 +135,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def request_model(parsed: dict[str, Any]) -> str | None:
-    """The C{model} a request names, if it names one."""
-    model = parsed.get("model")
+def request_model(parsed: dict[str, Any], field: str = "model") -> str | None:
+    """The model a request names in C{field}, if it names one."""
+    model = parsed.get(field)
     return model if isinstance(model, str) and model else None
 
 
@@ -201,30 +183,21 @@ class ProxyResource(Resource):
     def __init__(
         self,
         pool: UpstreamPool,
-        agent: Any,
+        client: IUpstreamClient,
         clock: IReactorTime,
         config: ProxyConfig,
         stats: RequestStats | None = None,
     ) -> None:
         super().__init__()
         self._pool = pool
-        self._agent = agent
+        #: the L{IUpstreamClient} requests go out with
+        self._client = client
         self._clock = clock
         self.config = config
         self.stats = stats or RequestStats(clock)
         self.stopping = False
         self.active: set[server.Request] = set()
         self._drained: list[Deferred[None]] = []
-
-    @property
-    def _agent(self) -> Any:
-        """The L{IUpstreamClient} requests go out with."""
-        return self._client
-
-    @_agent.setter
-    def _agent(self, agent: Any) -> None:
-        # a plain Twisted IAgent is adapted: its bodies arrive decoded, never raw
-        self._client = agent if IUpstreamClient.providedBy(agent) else AgentClient(agent)
 
     # -- shutting down ----------------------------------------------------
 
@@ -283,14 +256,11 @@ class ProxyResource(Resource):
         exchange = Exchange(request, content.read(), started)
         try:
             if getattr(request, "body_too_large", False):
-                raise RequestTooLarge(
-                    f"request body is larger than {self.config.max_request_body} bytes "
-                    "(--max-request-body)"
-                )
+                raise body_too_large(self.config.max_request_body, "--max-request-body")
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
                 exchange.takes_slot = True
-                exchange.model = request_model(parsed)
+                exchange.model = request_model(parsed, ENDPOINTS[path.decode("ascii")].model_field)
                 exchange.streaming = parsed.get("stream") is True
                 exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
         except PaddlerHTTPError as error:
@@ -385,6 +355,11 @@ class ProxyResource(Resource):
                 self._upstream_failed(upstream, reason)
                 tried.append(upstream.id)
                 last_error = f"{upstream.name}: {reason}"
+                if reached and request.method not in IDEMPOTENT:
+                    # written: the upstream may have started it, a second try could run it twice
+                    raise UpstreamFailed(
+                        f"{last_error} (the request had been sent to it, so it is not tried elsewhere)"
+                    ) from None
             finally:
                 if lease is not None:
                     # A client that left a non-streaming request does not stop llama.cpp.
@@ -395,6 +370,23 @@ class ProxyResource(Resource):
                 f"every upstream tried is unavailable; last: {last_error}", headers={b"retry-after": b"1"}
             )
         raise UpstreamFailed(f"every upstream tried failed; last: {last_error}")
+
+    def connection_dropped(self, origin: bytes, what: str) -> None:
+        """The upstream client closed a connection to C{origin} for unexpected bytes: count it, warn."""
+        url = origin.decode("ascii", "replace")
+        for upstream in self._pool.upstreams.values():
+            if upstream.url.rstrip("/") == url:
+                upstream.connections_dropped += 1
+                name = upstream.name
+                break
+        else:
+            name = url
+        self.log.warn(
+            "upstream {name}: kept-alive connection dropped ({what}); "
+            "its next requests get new connections (docs/reliability.md)",
+            name=name,
+            what=what,
+        )
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
         upstream.requests_failed += 1
@@ -419,19 +411,27 @@ class ProxyResource(Resource):
         connection = raw.getRawHeaders(b"connection")
         skip: Any = _NOT_FORWARDED
         if connection:
+            # hop-by-hop: Connection and every header it names (RFC 9110 7.6.1)
             skip = _NOT_FORWARDED | {t.strip().lower() for v in connection for t in v.split(b",")}
+        append = self.config.forwarded_headers == "append"
         headers: list[tuple[bytes, bytes]] = []
         forwarded_for: Sequence[bytes] = ()
+        claimed: dict[bytes, Sequence[bytes]] = {}  # the client's X-Forwarded-Proto/-Host, Forwarded, X-Real-IP
         host: bytes | None = None
         has_authorization = False
         for name, values in raw.getAllRawHeaders():
             lower = name.lower()
-            if lower in skip:
+            if lower in skip or lower.startswith(b"proxy-"):
                 if lower == b"host":
                     host = values[-1]
                 continue
-            if lower == b"x-forwarded-for":
-                forwarded_for = values
+            if lower in _FORWARDING:
+                if not append:
+                    continue  # replace: not passed on as if paddler had written them
+                if lower == b"x-forwarded-for":
+                    forwarded_for = values
+                else:
+                    claimed[lower] = values
                 continue
             if lower == b"authorization":
                 has_authorization = True
@@ -442,8 +442,15 @@ class ProxyResource(Resource):
             headers.append((b"X-Forwarded-For", b", ".join([*forwarded_for, client_host.encode("ascii")])))
         elif forwarded_for:
             headers.extend((b"X-Forwarded-For", value) for value in forwarded_for)
-        headers.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
-        if host:
+        # append: what the trusted proxy in front said about the original request wins
+        headers.extend((b"Forwarded", value) for value in claimed.get(b"forwarded", ()))
+        headers.extend((b"X-Real-IP", value) for value in claimed.get(b"x-real-ip", ())[-1:])
+        proto = claimed.get(b"x-forwarded-proto", ())
+        headers.append((b"X-Forwarded-Proto", proto[-1] if proto else b"https" if request.isSecure() else b"http"))
+        forwarded_host = claimed.get(b"x-forwarded-host", ())
+        if forwarded_host:
+            headers.append((b"X-Forwarded-Host", forwarded_host[-1]))
+        elif host:
             headers.append((b"X-Forwarded-Host", host))
         if self.config.rewrite_host_header or not host:
             host = upstream.url.split("://", 1)[1].encode("ascii")
@@ -484,8 +491,7 @@ class ProxyResource(Resource):
         request = exchange.request
         framing = response.framing
         head = _response_head(response)
-        take_body = getattr(response, "take_body", None)
-        body = take_body() if take_body is not None else None
+        body = response.take_body()
         if body is not None:
             # the whole (small) answer came with its head: write it, no relay needed
             first_byte_at = self._clock.seconds()
@@ -496,7 +502,6 @@ class ProxyResource(Resource):
             if not request.finished and not _client_gone(request):
                 request.finish()
             return timings_in(response.tail())
-        del take_body
         # the request body is needed again only if this answer breaks before its first byte
         relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body)
         raw = (
@@ -571,7 +576,7 @@ class ProxyResource(Resource):
         else:
             self.log.failure("proxying {path} failed", failure, path=request.path)
             error = InternalError("internal error in the balancer")
-        self._record(exchange, error.status, outcome=_outcome(error))
+        self._record(exchange, error.status, outcome=outcome_of(error))
         if request.finished or _client_gone(request):
             return
         if request.startedWriting:
@@ -601,12 +606,3 @@ def _response_head(response: Any) -> ResponseHead:
         else:
             entry[1].append(value)
     return ResponseHead(response.code, response.phrase, list(grouped.values()))
-
-
-def _outcome(error: PaddlerHTTPError) -> tuple[str, str] | None:
-    """How a refusal or a timeout is counted (L{paddler.observability.requests.OUTCOMES})."""
-    if isinstance(error, NoUpstreamAvailable):
-        return ("refused", error.reason)
-    if isinstance(error, UpstreamTimeout):
-        return ("timed_out", error.reason)
-    return None
