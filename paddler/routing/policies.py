@@ -1,5 +1,9 @@
 """Policies that pick an upstream for a slot-taking request (``--policy``).
 
+- ``cache-aware`` (the default): ``cost``, and for a prompt no upstream
+  holds a quarter of, the request's expected generation time on each
+  upstream too, with a short bounded hold-out for a much faster generator
+  (L{paddler.routing.cost}; C{Router(weigh_output=True)});
 - ``slots``: the most idle slots, ties to the least recently chosen;
 - ``cost``: the lowest estimated time to first token: wait for a slot +
   the prompt tokens its cache does not hold ÷ its measured prompt speed
