@@ -269,7 +269,7 @@ def start_paddler(
     procs: Processes,
     upstreams: Sequence[str],
     name: str,
-    policy: str = "slots",
+    policy: str | None = "slots",
     extra: Sequence[str] = (),
     profile: Path | None = None,
     core: int | None = None,
@@ -277,6 +277,7 @@ def start_paddler(
 ) -> tuple[subprocess.Popen, int]:
     """
     Start ``python -m paddler balancer`` (on C{core}); return it and its proxy port once healthy.
+    C{policy} None: no ``--policy`` flag (the default policy, as a new user runs it).
     C{source}: a directory holding another paddler package to run instead of this checkout's.
     """
     workers = int(extra[list(extra).index("--workers") + 1]) if "--workers" in extra else 1
@@ -294,7 +295,7 @@ def start_paddler(
         "balancer",
         "--listen", f"tcp:{port}:interface={LOOPBACK}:backlog=4096",
         "--management-listen", f"tcp:{mport}:interface={LOOPBACK}",
-        "--policy", policy,
+        *(["--policy", policy] if policy is not None else []),
         "--probe-interval", "1",
         *extra,
     ]
@@ -304,6 +305,12 @@ def start_paddler(
     wait_port(port, 30, proc)
     wait_healthy(port, len(upstreams), proc, timeout=max(30.0, len(upstreams) / 10))
     return proc, port
+
+
+def paddler_policy(config: str) -> str | None:
+    """The ``--policy`` of a ``paddler-POLICY`` config; None for ``paddler-default`` (no flag)."""
+    policy = config[len("paddler-"):]
+    return None if policy == "default" else policy
 
 
 def wait_healthy(port: int, count: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:

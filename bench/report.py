@@ -299,7 +299,32 @@ ROUTING_TITLES = {
     "multiturn": "## 5. Multi-turn chat (prompt cache)",
     "shared_prefix": "## 6. Shared prefix (many users, few long system prompts)",
     "routing_real": "## 7. Multi-turn chat on two real llama-servers",
+    "multiturn_default": "## 5b. Multi-turn chat, the default policy side by side (issue 22)",
+    "shared_prefix_default": "## 6b. Shared prefix, the default policy side by side (issue 22)",
 }
+
+
+def scheduling_default_md(data: dict[str, Any]) -> list[str]:
+    """The scheduling scenario re-run with the default policy (``bench.scheduling --name scheduling_default``)."""
+    configs = list(data["loads"][0]["results"])
+    out = [
+        "## 3b. Scheduling quality, the default policy side by side (issue 22)",
+        "",
+        f"The scheduling scenario (plain Poisson, distinct prompts) with {', '.join(configs)}; "
+        f"{data['repetitions']} repetitions, ratios per repetition, median [min–max].",
+        "",
+        "| load | A / B | TTFT p50 | TTFT p99 | e2e p99 | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for load in data["loads"]:
+        for pair, figures in load["pairs"].items():
+            out.append(
+                f"| {int(load['load'] * 100)} % | {pair} | "
+                + " | ".join(f"{f(figures[k])} [{span(figures[k + '_spread'])}]"
+                             for k in ("ttft_p50", "ttft_p99", "e2e_p99", "throughput_tokens_per_s"))
+                + " |"
+            )
+    return out
 
 
 def routing_md(name: str, data: dict[str, Any]) -> list[str]:
@@ -509,7 +534,12 @@ def main(argv: list[str] | None = None) -> None:
         if quick:
             sections.append(f"\n_{name} ran in quick mode._")
         sections.append("")
-    for name in ("multiturn", "shared_prefix", "routing_real"):
+    default = _load("scheduling_default")
+    if default is not None:
+        if default.get("machine", {}).get("date"):
+            dates.append(default["machine"]["date"])
+        sections += scheduling_default_md(default) + [""]
+    for name in ("multiturn", "shared_prefix", "routing_real", "multiturn_default", "shared_prefix_default"):
         data = _load(name)
         if data is None:
             continue

@@ -14,6 +14,11 @@ fewest requests, else wait in one FIFO) and ``sticky`` (each conversation
 on one server, in proportion to slots; queued inside the server).
 
     python -m bench.routesim multiturn [--seed S] [--configs cost,slots,...]
+    python -m bench.routesim poisson [--loads 0.8,0.95]   # the scheduling scenario's trace
+
+``poisson`` replays L{bench.scheduling}'s trace (distinct random prompts,
+Poisson arrivals, streaming ``/completion``) on its fleet: the no-prefix
+trace on which a cache-aware policy must not lose to ``slots``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from paddler.fleet.upstream import SlotsSeen, Upstream
 from paddler.interfaces import ISlotChooser
 from paddler.routing.policies import CHOOSERS, _Policy
 from paddler.simulator.engine import SimulatedServerEngine, SimulatorConfig
-from paddler.simulator.validation import chat_request
+from paddler.simulator.validation import chat_request, completion_request
 
 MODEL = "simulated.gguf"
 
@@ -166,14 +171,126 @@ def replay(
     }
 
 
+def _fleet_servers(clock: Clock, fleet: Sequence[tuple[int, int, float, float]], n_ctx: int,
+                   cache_ram_mib: int) -> list[tuple[SimulatedServerEngine, Upstream]]:
+    servers: list[tuple[SimulatedServerEngine, Upstream]] = []
+    for count, slots, tps, pps in fleet:
+        for _ in range(count):
+            engine = SimulatedServerEngine(clock, SimulatorConfig(
+                slots=slots, tokens_per_second=tps, prompt_tokens_per_second=pps, n_ctx=n_ctx,
+                seed=len(servers), cache_ram_mib=cache_ram_mib))
+            engine.start()
+            upstream = Upstream(f"http://10.0.0.{len(servers) + 1}:8080", clock=clock)
+            upstream.record(SlotsSeen(slots, 0, upstream.probe_mark(), models=(MODEL,)), 0.0)
+            servers.append((engine, upstream))
+    return servers
+
+
+def _make_chooser(config: str, clock: Clock, make_chooser: Callable[[Clock], Any] | None) -> Any:
+    if make_chooser is not None:
+        return make_chooser(clock)
+    if config == "leastconn-maxconn":
+        return LeastConnMaxconn()
+    return CHOOSERS.get(config, CHOOSERS["slots"])(clock)
+
+
+def _run(clock: Clock) -> None:
+    while True:
+        calls = clock.getDelayedCalls()
+        if not calls:
+            break
+        clock.advance(max(0.0, min(c.getTime() for c in calls) - clock.seconds()))
+
+
+def replay_requests(
+    requests: Sequence[dict[str, Any]],
+    fleet: Sequence[tuple[int, int, float, float]],
+    config: str,
+    n_ctx: int = 4096,
+    cache_ram_mib: int = 8192,
+    make_chooser: Callable[[Clock], Any] | None = None,
+) -> dict[str, Any]:
+    """Replay independent requests (L{bench.scheduling.make_trace}'s) through one config."""
+    clock = Clock()
+    servers = _fleet_servers(clock, fleet, n_ctx, cache_ram_mib)
+    pool = UpstreamPool(clock, _make_chooser(config, clock, make_chooser), max_buffered=10**9, buffer_timeout=1e9)
+    for _, upstream in servers:
+        pool.upstreams[upstream.id] = upstream
+    engine_of = {upstream.id: engine for engine, upstream in servers}
+    index_of = {upstream.id: i for i, (_, upstream) in enumerate(servers)}
+    records: list[dict[str, Any]] = []
+
+    def send(request: dict[str, Any]) -> None:
+        body = {"prompt": request["prompt"], "n_predict": request["n_predict"], "ignore_eos": True,
+                "stream": True}
+        sent = clock.seconds()
+        demand = pool.chooser.prepare(body, b"/completion", {})
+
+        def leased(lease: Any) -> None:
+            engine = engine_of[lease.upstream.id]
+            first: list[float] = []
+            job = engine.submit(completion_request(body),
+                                lambda job, piece, token: first or first.append(clock.seconds()))
+
+            def done(result: Any) -> None:
+                lease.release(result.timings.to_json())
+                records.append({"id": request["id"], "server": index_of[lease.upstream.id],
+                                "ttft": first[0] - sent, "e2e": clock.seconds() - sent,
+                                "n_predict": request["n_predict"], "waited": 0.0})
+
+            job.whenDone().addCallback(done)
+
+        pool.acquire(None, (), demand).addCallback(leased)
+
+    for request in requests:
+        clock.callLater(request["at"], send, request)
+    _run(clock)
+    ttft = [r["ttft"] for r in records]
+    e2e = [r["e2e"] for r in records]
+    per_server = [sum(1 for r in records if r["server"] == i) for i in range(len(servers))]
+    return {"config": config, "requests": len(records), "ttft_p50": percentile(ttft, 50),
+            "ttft_p99": percentile(ttft, 99), "e2e_p50": percentile(e2e, 50), "e2e_p99": percentile(e2e, 99),
+            "per_server": per_server, "records": records}
+
+
+def poisson_main(args: argparse.Namespace) -> None:
+    from bench import scheduling
+
+    fleet = [(c, s, t, scheduling.PROMPT_TPS) for c, s, t in scheduling.FLEET]
+    configs = args.configs.split(",")
+    rows = []
+    for load in (float(x) for x in args.loads.split(",")):
+        for i in range(args.seeds):
+            seed = args.seed + 100 * i
+            trace = scheduling.make_trace(load, args.duration, seed)
+            results = {c: replay_requests(trace["requests"], fleet, c) for c in configs}
+            base = results.get("slots")
+            for config, r in results.items():
+                vs = (f"ttft p99 {r['ttft_p99'] / base['ttft_p99']:.2f}x e2e p99 {r['e2e_p99'] / base['e2e_p99']:.2f}x"
+                      if base else "")
+                print(f"load {load:.2f} seed {seed} {config:18} ttft p50 {r['ttft_p50']:.2f} p99 {r['ttft_p99']:.2f} "
+                      f"e2e p99 {r['e2e_p99']:.1f} {vs} per server {r['per_server']}", flush=True)
+                rows.append({k: v for k, v in r.items() if k != "records"} | {"seed": seed, "load": load})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trace", choices=("multiturn", "shared-prefix"))
+    parser.add_argument("trace", choices=("multiturn", "shared-prefix", "poisson"))
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--seeds", type=int, default=3, help="traces (seed, seed + 100, ...)")
     parser.add_argument("--configs", default="cost,slots,leastconn-maxconn,sticky")
     parser.add_argument("--out")
+    parser.add_argument("--loads", default="0.8,0.95", help="poisson: loads")
+    parser.add_argument("--duration", type=float, default=20.0, help="poisson: seconds of arrivals")
     args = parser.parse_args(argv)
+    if args.trace == "poisson":
+        if args.configs == parser.get_default("configs"):
+            args.configs = "cost,slots"
+        poisson_main(args)
+        return
     from bench.routing import FLEET, make_trace
 
     rows = []

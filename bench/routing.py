@@ -8,6 +8,8 @@ server), 8,192-token slots. A seeded trace (L{bench.traces}) is replayed by
 L{bench.chatclient} (streaming ``/v1/chat/completions``, the whole history
 with the real replies each turn) through:
 
+- ``paddler-default``: ``paddler balancer`` with no ``--policy`` (the
+  default, ``cache-aware``);
 - ``paddler-cost``: ``paddler balancer --policy cost``;
 - ``paddler-slots``: ``--policy slots``;
 - ``haproxy-leastconn-maxconn``: HAProxy ``balance leastconn``, ``maxconn``
@@ -54,6 +56,7 @@ from bench.common import (
     log,
     machine,
     median,
+    paddler_policy,
     percentile,
     prometheus_values,
     raise_fd_limit,
@@ -74,7 +77,8 @@ FLEET = (
 N_CTX = 8192
 CACHE_RAM_MIB = 8192
 CACHE_BYTES_PER_TOKEN = 131072
-CONFIGS = ("paddler-cost", "paddler-slots", "haproxy-leastconn-maxconn", "sglang-cache_aware", "sticky")
+CONFIGS = ("paddler-default", "paddler-cost", "paddler-slots", "haproxy-leastconn-maxconn", "sglang-cache_aware",
+           "sticky")
 PADDLER_EXTRA = ["--max-buffered-requests", "100000", "--buffered-request-timeout", "600",
                  "--upstream-timeout", "600", "--idle-timeout", "600"]
 PROMETHEUS = ("llamacpp:prompt_tokens_total", "llamacpp:prompt_tokens_cached_total",
@@ -173,7 +177,7 @@ def summarise(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 def start_config(procs: Processes, config: str, urls: list[str], name: str) -> tuple[Any, int | None]:
     ports = [int(u.rsplit(":", 1)[1]) for u in urls]
     if config.startswith("paddler-"):
-        return start_paddler(procs, urls, name, policy=config[len("paddler-"):], extra=PADDLER_EXTRA)
+        return start_paddler(procs, urls, name, policy=paddler_policy(config), extra=PADDLER_EXTRA)
     if config == "haproxy-leastconn-maxconn":
         return start_haproxy(procs, ports, name, streaming=True, maxconn=slots_per_server())
     if config == "sglang-cache_aware":
@@ -242,6 +246,13 @@ def run_once(kind: str, seed: int, rep: int, quick: bool, configs: tuple[str, ..
 
 #: Ratios taken per repetition: (A, B, figures compared).
 PAIRS = (
+    ("paddler-default", "sticky", ("prompt_tokens_evaluated",)),
+    ("paddler-default", "paddler-cost", ("prompt_tokens_evaluated", "ttft_p50", "ttft_p99", "e2e_p99",
+                                         "tokens_per_s")),
+    ("paddler-default", "sglang-cache_aware", ("prompt_tokens_evaluated", "ttft_p50", "ttft_p99", "e2e_p99",
+                                               "tokens_per_s")),
+    ("paddler-default", "paddler-slots", ("prompt_tokens_evaluated", "ttft_p50", "ttft_p99", "e2e_p99",
+                                          "tokens_per_s")),
     ("paddler-cost", "sticky", ("prompt_tokens_evaluated",)),
     ("paddler-cost", "sglang-cache_aware", ("prompt_tokens_evaluated", "ttft_p50", "ttft_p99", "e2e_p99",
                                             "tokens_per_s")),
@@ -299,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--name", default=None, help="results file name (default: the trace's)")
     args = parser.parse_args(argv)
     raise_fd_limit()
     configs = tuple(c for c in args.configs.split(",") if c)
@@ -308,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs = tuple(c for c in configs if c != "sglang-cache_aware")
     reps = args.reps or (1 if args.quick else 3)
     runs = [run_once(args.trace, args.seed + 100 * rep, rep, args.quick, configs) for rep in range(reps)]
-    name = args.trace.replace("-", "_")
+    name = args.name or args.trace.replace("-", "_")
     data = {
         "scenario": name,
         "quick": args.quick,

@@ -7,7 +7,8 @@ concurrent six-turn conversations (one shared system prompt for two of them,
 private ones for the others; think times about a second). Each config gets
 fresh servers (so no cache carries over) and they run one after the other,
 in a rotated order per repetition; each repetition replays a fresh seeded
-trace. Configs as in L{bench.routing}: ``paddler-cost``, ``paddler-slots``,
+trace. Configs as in L{bench.routing}: ``paddler-default`` (no ``--policy``:
+what the README's ``paddler balancer`` runs), ``paddler-cost``, ``paddler-slots``,
 ``haproxy-leastconn-maxconn``, ``sglang-cache_aware``, ``sticky``.
 
 Figures: prompt tokens the servers evaluated and reused, from the answers'
@@ -39,6 +40,7 @@ from bench.common import (
     http_get,
     log,
     machine,
+    paddler_policy,
     prometheus_values,
     raise_fd_limit,
     save,
@@ -92,7 +94,7 @@ def run_config(config: str, trace_path: Path, n: int, binary: Path, model: Path,
         urls = [f"http://{LOOPBACK}:{p}" for p in ports]
         proc, port = None, None
         if config.startswith("paddler-"):
-            proc, port = start_paddler(procs, urls, f"{tag}-{config}", policy=config[len("paddler-"):],
+            proc, port = start_paddler(procs, urls, f"{tag}-{config}", policy=paddler_policy(config),
                                        extra=PADDLER_EXTRA)
         elif config == "haproxy-leastconn-maxconn":
             proc, port = start_haproxy(procs, ports, f"{tag}-{config}", streaming=True, maxconn=[SLOTS] * SERVERS)
@@ -127,12 +129,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="1 repetition")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=23)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args(argv)
     raise_fd_limit()
     binary, model = build()
-    configs = list(CONFIGS)
+    configs = [c for c in args.configs.split(",") if c]
     missing = sglang_router_available()
-    if missing:
+    if missing and "sglang-cache_aware" in configs:
         log(f"sglang-router left out: {missing}")
         configs.remove("sglang-cache_aware")
     reps = args.reps or (1 if args.quick else 3)

@@ -5,7 +5,8 @@ tokens/s (``paddler simulate``, prompt 2000 tokens/s). A seeded trace of
 Poisson arrivals at 50 %, 80 % and 95 % of the fleet's capacity, with
 log-normal (long-tailed) prompt and output lengths, is replayed by the load
 client (streaming ``/completion``, ``n_predict`` + ``ignore_eos`` so lengths
-are exact) through paddler (``--policy cost``, ``slots``, ``round-robin``,
+are exact) through paddler (no ``--policy``: the default ``cache-aware``;
+``--policy cost``, ``slots``, ``round-robin``,
 ``least-connections``), HAProxy ``leastconn`` (without a connection limit,
 and with ``maxconn`` = the server's slots and a 600 s ``timeout queue``: the
 strongest classic configuration) and nginx round robin. Every prompt is
@@ -42,6 +43,7 @@ from bench.common import (
     log,
     machine,
     median,
+    paddler_policy,
     percentile,
     raise_fd_limit,
     save,
@@ -61,6 +63,7 @@ PROMPT_TPS = 2000.0
 PROMPT = (math.log(150), 1.0, 8, 1500)  # log-normal median 150 tokens, clipped
 OUTPUT = (math.log(50), 0.8, 4, 400)  # log-normal median 50 tokens, clipped
 CONFIGS = (
+    "paddler-default",
     "paddler-cost",
     "paddler-slots",
     "paddler-round-robin",
@@ -147,8 +150,7 @@ def collect_fleet(started: list[tuple[Any, int, str]]) -> list[str]:
 def start_balancer(procs: Processes, config: str, urls: list[str], name: str) -> tuple[Any, int]:
     ports = [int(u.rsplit(":", 1)[1]) for u in urls]
     if config.startswith("paddler-"):
-        policy = config[len("paddler-"):]
-        return start_paddler(procs, urls, name, policy=policy,
+        return start_paddler(procs, urls, name, policy=paddler_policy(config),
                              extra=["--max-buffered-requests", "100000", "--buffered-request-timeout", "600",
                                     "--upstream-timeout", "600", "--idle-timeout", "600"])
     if config == "haproxy-leastconn":
@@ -195,7 +197,8 @@ def ideal_summary(trace: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_load(load: float, duration: float, seed: int, rep: int) -> dict[str, Any]:
+def run_load(load: float, duration: float, seed: int, rep: int,
+             configs: tuple[str, ...] = CONFIGS) -> dict[str, Any]:
     """One repetition at one load: every config and the ideal on the same seeded trace."""
     trace = make_trace(load, duration, seed)
     tag = f"s3-{int(load * 100)}"
@@ -204,9 +207,9 @@ def run_load(load: float, duration: float, seed: int, rep: int) -> dict[str, Any
     trace_path.write_text(json.dumps(trace))
     results: dict[str, Any] = {"ideal": ideal_summary(trace)}
     with Processes() as procs:
-        launched = {config: launch_fleet(procs, f"{tag}-{config}") for config in CONFIGS}
+        launched = {config: launch_fleet(procs, f"{tag}-{config}") for config in configs}
         balancers = {}
-        for config in CONFIGS:
+        for config in configs:
             urls = collect_fleet(launched[config])
             balancers[config] = start_balancer(procs, config, urls, f"{tag}-{config}")
         clients = {}
@@ -245,6 +248,9 @@ def run_load(load: float, duration: float, seed: int, rep: int) -> dict[str, Any
 
 #: Head-to-head ratios taken per repetition (A's figure / B's figure on the same trace).
 PAIRS = (
+    ("paddler-default", "paddler-slots"),
+    ("paddler-default", "paddler-cost"),
+    ("paddler-default", "haproxy-leastconn-maxconn"),
     ("paddler-cost", "paddler-slots"),
     ("paddler-cost", "haproxy-leastconn-maxconn"),
     ("paddler-slots", "haproxy-leastconn-maxconn"),
@@ -304,7 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--name", default="scheduling", help="results file name")
     args = parser.parse_args(argv)
+    configs = tuple(c for c in args.configs.split(",") if c)
     raise_fd_limit()
     reps = args.reps or (1 if args.quick else 3)
     loads = (0.8,) if args.quick else (0.5, 0.8, 0.95)
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for rep in range(reps):
         for i, load in enumerate(loads):
             # a fresh trace per repetition: the spread covers trace-to-trace variation and machine noise
-            runs[load].append(run_load(load, duration, args.seed + i + 100 * rep, rep))
+            runs[load].append(run_load(load, duration, args.seed + i + 100 * rep, rep, configs))
     data = {
         "scenario": "scheduling",
         "quick": args.quick,
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loads": [combine(runs[load]) for load in loads],
         "runs": {str(load): rs for load, rs in runs.items()},
     }
-    save("scheduling", data)
+    save(args.name, data)
     return data
 
 

@@ -130,7 +130,7 @@ class BalancerConfig:
     listen: str = setting("tcp:8086:interface=127.0.0.1", "Proxy endpoint string.", Endpoint(), short="l")
     upstreams: list[UpstreamSpec] = field(default_factory=list)
     policy: str = setting(
-        "slots", "How an upstream is chosen (docs/concepts.md#policies, docs/routing.md).", Choice(tuple(CHOOSERS))
+        "cache-aware", "How an upstream is chosen (docs/concepts.md#policies, docs/routing.md).", Choice(tuple(CHOOSERS))
     )
     probe_interval: float = setting(1.0, "Seconds between probes of each upstream.", seconds())
     probe_timeout: float = setting(2.0, "Deadline of one probe, in seconds.", seconds())

@@ -13,7 +13,7 @@ def test_every_chooser_provides_the_interface():
     for name, make in CHOOSERS.items():
         chooser = make(Clock())
         assert verifyObject(ISlotChooser, chooser) and chooser.name == name
-    assert sorted(CHOOSERS) == ["cost", "least-connections", "round-robin", "slots"]
+    assert sorted(CHOOSERS) == ["cache-aware", "cost", "least-connections", "round-robin", "slots"]
 
 
 def test_most_idle_wins():

@@ -1,5 +1,6 @@
 """End to end, real processes: ``paddler simulate --fleet 2`` (prompt cache on) behind
-``paddler balancer --policy cost``. A multi-turn conversation stays where its history is
+``paddler balancer`` with its default policy (``cache-aware``, no ``--policy``). A multi-turn
+conversation stays where its history is
 cached, ``X-Session-ID`` pins, and a hot shared prefix never puts a server above its slots."""
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def fleet(procs: Processes, slots: int = 2, tokens_per_second: float = 200.0) ->
 
 
 def balancer(procs: Processes, servers: list[str]) -> str:
-    args = ["--policy", "cost", "--probe-interval", "0.2"]
+    args = ["--probe-interval", "0.2"]  # no --policy: the default, as the README runs it
     for url in servers:
         args += ["--upstream", url]
     _, proxy, _ = procs.balancer(*args)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paddler.routing.cost import TIE_SECONDS, Candidate, estimate, rank
+from paddler.routing.cost import GENERATION_MAX_WAIT, TIE_SECONDS, Candidate, estimate, rank
 
 
 def candidate(id: str, idle: int = 1, total: int = 4, **kwargs: Any) -> Candidate:
@@ -203,3 +203,44 @@ def test_among_ties_with_equal_idle_slots_the_faster_generator_wins() -> None:
     order = rank([candidate("slow", idle=2, total=2, generation_speed=20.0),
                   candidate("fast", idle=2, total=4, generation_speed=60.0)], 300).order
     assert order == ["fast", "slow"]
+
+
+def test_a_long_answer_holds_out_briefly_for_a_busy_faster_generator() -> None:
+    """Nothing is cached anywhere. A 400-token answer takes 20 s on the free 20 tokens/s
+    upstream and 6.7 s on the busy 60 tokens/s one: it waits for the fast one (0.5 s expected,
+    below a quarter of the 13.3 s saved), up to that quarter past break-even, capped by max_wait.
+    A 10-token answer saves 0.33 s, a quarter of which is below the wait: it takes the free
+    slot; and a wait above GENERATION_MAX_WAIT (1 s) is never taken for generation speed."""
+    slow = candidate("slow", generation_speed=20.0)
+    fast = candidate("fast", idle=0, expected_wait=0.5, generation_speed=60.0)
+    long = rank([slow, fast], 200, output_tokens=400, max_wait=5.0)
+    assert long.best is not None and long.best.id == "slow"
+    assert long.wait_for == "fast"
+    assert long.wait_up_to == pytest.approx(min(5.0, 0.2 - 0.2 + 0.25 * (400 / 20 - 400 / 60)))
+    short = rank([slow, fast], 200, output_tokens=10, max_wait=5.0)
+    assert short.wait_for is None
+    far = candidate("fast", idle=0, expected_wait=GENERATION_MAX_WAIT + 0.1, generation_speed=60.0)
+    assert rank([slow, far], 200, output_tokens=400, max_wait=5.0).wait_for is None
+    assert rank([slow, fast], 200, output_tokens=400, max_wait=5.0, generation_share=0.0).wait_for is None
+
+
+def test_with_a_queue_a_long_answer_waits_less_for_a_faster_generator() -> None:
+    """The generation share a request may wait for is divided by 1 + pressure (the slot it takes
+    is one the waiting requests cannot have): a 1 s wait for 13.3 s saved is taken with an empty
+    buffer (below a quarter of it), not with 3 requests waiting per slot (a sixteenth: 0.83 s)."""
+    slow = candidate("slow", generation_speed=20.0)
+    fast = candidate("fast", idle=0, expected_wait=1.0, generation_speed=60.0)
+    assert rank([slow, fast], 200, output_tokens=400, max_wait=5.0).wait_for == "fast"
+    assert rank([slow, fast], 200, output_tokens=400, max_wait=5.0, pressure=3.0).wait_for is None
+
+
+def test_generation_speeds_within_a_factor_of_two_of_the_fastest_tie() -> None:
+    """Two servers of one kind measured at 200 and 120 tokens/s (noise): for a cold request they
+    tie on generation, so the one with more idle slots goes first (conversations spread); at
+    60 against 20 tokens/s the faster one wins."""
+    noisy = rank([candidate("a", idle=1, generation_speed=200.0), candidate("b", idle=2, generation_speed=120.0)],
+                 100, output_tokens=30)
+    assert noisy.order == ["b", "a"]
+    real = rank([candidate("a", idle=1, generation_speed=60.0), candidate("b", idle=2, generation_speed=20.0)],
+                100, output_tokens=30)
+    assert real.order == ["a", "b"]

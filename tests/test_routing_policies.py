@@ -146,3 +146,72 @@ def test_requests_of_a_replaced_router_do_not_end_the_new_ones_running_requests(
     new.finished(sent_before, "u", None)
     assert new.expected_wait(UpstreamView("u", 0, 1, 1)) == pytest.approx(
         new.expected_duration(running, "u"))
+
+
+def generation_fleet(clock: Clock) -> tuple[UpstreamPool, Upstream, Upstream]:
+    """The ``cache-aware`` policy over a 1-slot upstream measured at 60 generated tokens/s and a
+    1-slot one at 20 (prompts at 1,000 tokens/s on both)."""
+    chooser = CostChooser(clock, Router(clock, weigh_output=True), name="cache-aware")
+    pool = UpstreamPool(clock, chooser, max_buffered=100, buffer_timeout=600)
+    fast, slow = add(pool, 1, 1), add(pool, 2, 1)
+    for upstream, ms in ((fast, 1000.0 / 60), (slow, 1000.0 / 20)):
+        chooser.router.speeds.observe(upstream.id, {"prompt_n": 1000, "prompt_ms": 1000.0,
+                                                    "predicted_n": 1, "predicted_ms": ms}, None)
+        chooser.router.speeds.observe(upstream.id, {"prompt_n": 1000, "prompt_ms": 1000.0,
+                                                    "predicted_n": 100, "predicted_ms": ms * 100}, 100)
+    return pool, fast, slow
+
+
+def test_two_cold_requests_long_answer_waits_for_the_fast_generator_short_one_takes_the_slow() -> None:
+    """Two concurrent cold requests while the fast upstream is busy for 0.3 s more: the one
+    asking for 400 tokens holds out for the fast upstream (20 s on the slow one, 6.7 s there),
+    the one asking for 8 takes the free slow upstream at once (it passes the holder), and the
+    holder gets the fast upstream as soon as it frees. Under ``cost`` (time to first token
+    only) the long one takes the slow upstream at once."""
+    for weigh, expect_hold in ((True, True), (False, False)):
+        clock = Clock()
+        pool, fast, slow = generation_fleet(clock)
+        pool.chooser.router.weigh_output = weigh
+        _, busy = ask(pool, "", "what is a river? " * 20, max_tokens=20)
+        assert busy[0].upstream is fast
+        long_demand, long = ask(pool, "", "tell me the whole history of boats " * 5, max_tokens=400)
+        if not expect_hold:
+            assert long and long[0].upstream is slow
+            continue
+        assert long == [] and long_demand.holding_for == fast.id
+        _, short = ask(pool, "", "and a bridge? " * 5, max_tokens=8)
+        assert short and short[0].upstream is slow
+        clock.advance(0.3)
+        busy[0].release(TIMINGS)
+        assert long and long[0].upstream is fast and long[0].waited == pytest.approx(0.3)
+
+
+def test_a_warm_request_stays_with_its_cache_on_the_slower_generator() -> None:
+    """Cache first: a conversation whose history is cached on the slow upstream goes back there
+    while it is free, even with the fast one free, under ``cache-aware`` too (the generation
+    term only ranks requests no upstream holds a quarter of)."""
+    clock = Clock()
+    pool, fast, slow = generation_fleet(clock)
+    _, hog = ask(pool, "", "occupy the fast one " * 5, max_tokens=10)
+    assert hog[0].upstream is fast
+    _, first = ask(pool, SYSTEM, "how deep?", max_tokens=4)  # too short to wait for the fast one
+    assert first[0].upstream is slow
+    first[0].release(TIMINGS)
+    hog[0].release(TIMINGS)
+    _, second = ask(pool, SYSTEM, "how deep? and how wide?", max_tokens=200)
+    assert second and second[0].upstream is slow
+
+
+def test_a_short_shared_head_of_a_long_cached_prompt_does_not_attract_a_second_conversation() -> None:
+    """Two upstreams, two concurrent conversations. The first (a 40-word head + 1,500 words) runs
+    on one upstream; the second shares only the head (under a quarter of the first's cached
+    entry, which llama-server never restores): it is cold everywhere and goes to the upstream
+    with more idle slots, not to the one whose index holds the head."""
+    clock = Clock()
+    pool = UpstreamPool(clock, CostChooser(clock, Router(clock)), max_buffered=100, buffer_timeout=600)
+    first_upstream, other = add(pool, 1, 2), add(pool, 2, 2)
+    head = "the shared head of both prompts, river boat water " * 8
+    _, first = ask(pool, head + "a long private history of one conversation " * 200, "go on", max_tokens=50)
+    assert first[0].upstream is first_upstream
+    _, second = ask(pool, head + "another conversation", "hello", max_tokens=50)
+    assert second and second[0].upstream is other

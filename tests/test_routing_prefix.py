@@ -72,13 +72,50 @@ def test_eviction_drops_the_ends_of_old_prompts_before_shared_heads() -> None:
 
 
 def test_a_prompt_longer_than_the_capacity_keeps_its_head() -> None:
-    """Recording more blocks than one generation holds keeps the first half-capacity of them."""
+    """Recording more blocks than the capacity keeps the first capacity-worth of them."""
     index = PrefixIndex(max_blocks=10)
     long = block_hashes(text(7, 64 * 50))
     index.record("u", long)
-    assert index.match("u", long) == 5
+    assert index.match("u", long) == 10
     index.record("u", long)
-    assert index.match("u", long) == 5 and index.stats("u").blocks <= 10
+    assert index.match("u", long) == 10 and index.stats("u").blocks <= 10
+
+
+def test_the_oldest_entry_is_evicted_first_and_a_restored_one_comes_back_last() -> None:
+    """Room for two 40-block entries: A, B, C leaves B and C (A, the oldest, is gone); A again
+    is a miss, and B restored goes back last, so after D, B is kept and C is the next to go
+    (llama-server's RAM FIFO with loading as a move: reference, section 1)."""
+    index = PrefixIndex(max_blocks=80)
+    a, b, c, d = (block_hashes(text(seed, 64 * 40)) for seed in (50, 51, 52, 53))
+    for blocks in (a, b, c):
+        index.record("u", blocks)
+    assert [index.match("u", x) for x in (a, b, c)] == [0, 40, 40]
+    index.record("u", b)  # restored: moves out, back in as the newest
+    index.record("u", d)
+    assert [index.match("u", x) for x in (b, c, d)] == [40, 0, 40]
+
+
+def test_a_restored_entry_leaves_the_cache_so_a_shared_prefix_is_reused_once() -> None:
+    """S+a, then S+b (restores S+a's entry into a slot: a move), then S+a matches only S."""
+    index = PrefixIndex(max_blocks=1000)
+    s_a = block_hashes(SYSTEM + text(2, 640))
+    s_b = block_hashes(SYSTEM + text(3, 640))
+    index.record("u", s_a)
+    assert index.match("u", s_b) == 40
+    index.record("u", s_b)
+    assert index.match("u", s_a) == 40 and index.match("u", s_b) == len(s_b)
+
+
+def test_an_entry_the_request_keeps_under_a_quarter_of_is_no_hit() -> None:
+    """T (10 blocks) + 100 blocks cached: T + q keeps 10 % of that entry: no hit (f_keep < 0.25);
+    an entry of 30 blocks with the same head qualifies (33 %)."""
+    index = PrefixIndex(max_blocks=1000)
+    head = SYSTEM[: 64 * 10]
+    index.record("u", block_hashes(head + text(60, 64 * 100)))
+    probe = block_hashes(head + text(61, 64 * 5))
+    assert index.match("u", probe) == 0
+    index.record("u", block_hashes(head + text(62, 64 * 20)))
+    assert index.match("u", probe) == 10
 
 
 def test_forget_drops_an_upstream() -> None:
@@ -93,9 +130,9 @@ def test_forget_drops_an_upstream() -> None:
     assert index.upstreams() == ["u2"] and index.forgotten == 1
 
 
-def test_verify_drops_the_unreused_part_and_shrinks_capacity_on_a_wrong_prediction() -> None:
-    """The server reused 10 of 40 predicted blocks: blocks 10.. of that prefix go, capacity
-    shrinks; a confirmed prediction keeps everything and regrows capacity."""
+def test_verify_shrinks_capacity_on_a_wrong_prediction_and_keeps_the_prompt() -> None:
+    """The server reused 10 of 40 predicted blocks: capacity shrinks, but the prompt it has
+    just evaluated stays indexed; a confirmed prediction regrows capacity."""
     index = PrefixIndex(max_blocks=1000)
     blocks = block_hashes(SYSTEM)
     index.record("u", blocks)
@@ -104,7 +141,7 @@ def test_verify_drops_the_unreused_part_and_shrinks_capacity_on_a_wrong_predicti
     assert index.stats("u").verified_hits == 1
     assert not index.verify("u", blocks, predicted, cache_n=blocks_to_tokens(10))
     stats = index.stats("u")
-    assert index.match("u", blocks) == 10
+    assert index.match("u", blocks) == 40
     assert stats.verified_misses == 1 and stats.capacity == int(1000 * SHRINK)
     assert stats.tokens_saved == blocks_to_tokens(predicted) - 1 + blocks_to_tokens(10)
     assert index.verify("u", blocks, 0, cache_n=0)  # nothing predicted: nothing to check
@@ -185,7 +222,8 @@ def test_memory_never_exceeds_the_bound(records: list[tuple[str, int, int]]) -> 
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.integers(1, 40))
 @settings(max_examples=100, deadline=None)
 def test_binary_search_match_equals_a_linear_scan(seeds: list[int], capacity: int) -> None:
-    """Property: match (binary search) equals the longest run of leading blocks present."""
+    """Property: match (binary search) equals the longest run of leading blocks some entry holds,
+    when an entry holding that run keeps a quarter of itself (else 0)."""
     index = PrefixIndex(max_blocks=capacity)
     for seed in seeds:
         index.record("u", block_hashes(SYSTEM[: 64 * (seed + 1)] + text(seed, 64 * 8)))
@@ -196,4 +234,8 @@ def test_binary_search_match_equals_a_linear_scan(seeds: list[int], capacity: in
         if block not in entries:
             break
         linear += 1
-    assert index.match("u", probe) == linear
+    qualifies = any(
+        len(entry) <= 4 * linear and tuple(entry[:linear]) == tuple(probe[:linear])
+        for entry in entries.entries.values()
+    )
+    assert index.match("u", probe) == (linear if qualifies else 0)

@@ -77,19 +77,19 @@ def test_a_conversation_stays_on_its_upstream_while_it_has_room() -> None:
     assert router.rank(other, views(a=1, b=4)).order[0] == "b"
 
 
-def test_a_wrong_prediction_trims_the_index() -> None:
-    """The server says it reused nothing of a prefix the index expected: the index stops
-    predicting it there."""
+def test_a_wrong_prediction_shrinks_the_capacity_but_keeps_the_prompt_just_evaluated() -> None:
+    """The server says it reused nothing of a prefix the index expected: the miss is counted and
+    the upstream's capacity shrinks, but the server has just evaluated the whole prompt, so the
+    next request with it is predicted there (and confirmed)."""
     router = Router(Clock())
     request = router.prepare({"prompt": "x" * (BLOCK_CHARS * 100)}, "/completion")
     router.dispatched(request, "a")
     again = router.dispatched(request, "a")
     assert again.predicted_blocks("a") == 100
     router.finished(again, "a", timings(cache_n=0, prompt_n=request.info.tokens))
-    assert router.index.match("a", request.blocks) == 0
     assert router.stats("a")["prefix_misses"] == 1
-    relearnt = router.dispatched(request, "a")  # predicted nothing; records the prefix again
-    router.finished(relearnt, "a", timings(cache_n=0, prompt_n=request.info.tokens))
+    assert router.stats("a")["prefix_capacity"] < router.index.max_blocks
+    assert router.index.match("a", request.blocks) == 100
     confirmed = router.dispatched(request, "a")
     assert confirmed.predicted_blocks("a") == 100
     router.finished(confirmed, "a", timings(cache_n=100 * BLOCK_CHARS // CHARS_PER_TOKEN - 1, prompt_n=1))

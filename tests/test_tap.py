@@ -195,4 +195,4 @@ def test_bad_endpoint_strings_are_refused_at_start(args, flag):
 def test_the_example_configuration_in_contrib_parses():
     config = balancer("--config", str(ROOT / "contrib" / "paddler.toml"))
     assert [u.name for u in config.upstreams] == ["gpu-1", "gpu-2"]
-    assert config.policy == "slots" and config.max_buffered_requests == 30
+    assert config.policy == "cache-aware" and config.max_buffered_requests == 30

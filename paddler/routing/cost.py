@@ -37,6 +37,23 @@ minus the warm one's prefill), capped by C{max_wait}. After that the
 request takes the best free upstream, so no request waits past the bound
 for affinity. Whether the upstream *is* still the best when a slot frees is
 the pool's call to L{rank} again.
+
+**Waiting for a faster generator** (the ``cache-aware`` policy passes
+C{output_tokens} for a prompt no upstream holds a quarter of). The
+generation time a full candidate saves counts in the saving too, as
+C{generation_share} (L{GENERATION_HOLD_SHARE}, a quarter) of it divided by
+``1 + pressure``, and only while its expected wait is at most
+C{generation_max_wait} (L{GENERATION_MAX_WAIT}, 1 s): a 400-token answer
+waits a few hundred milliseconds for a 60 tokens/s server instead of
+taking 20 s on a free 20 tokens/s one; a short answer does not wait.
+Generation speeds within L{GENERATION_SPEED_TOLERANCE} (50 %: a factor
+of 2) of the fastest candidate's count as that speed: servers of one kind,
+measured with noise, tie and spread by idle slots (at 25 %, two real
+llama-servers of one kind measured on shared cores still differed enough
+to decide first turns: 1.17 / 1.23 / 1.13x the sticky ideal's prompt
+tokens against 0.98 / 0.93 / 1.20 at 50 %); a 3x faster server still wins. (The
+whole saving instead of a quarter bought the same end-to-end p99 for a
+24 % worse TTFT p99 on the scheduling trace, in ``bench/routesim.py``.)
 """
 
 from __future__ import annotations
@@ -51,6 +68,13 @@ TIE_SECONDS = 0.005
 DEFAULT_MAX_WAIT = 5.0
 #: Least ttft saving (seconds) worth waiting for.
 DEFAULT_MIN_GAIN = 0.02
+#: A request may wait for a busy upstream that generates faster for up to
+#: this share of the generation time it saves there ...
+GENERATION_HOLD_SHARE = 0.25
+#: ... when that upstream's expected wait is at most this (seconds).
+GENERATION_MAX_WAIT = 1.0
+#: Generation speeds within this share of the fastest candidate's (a factor of 2) count as the same speed.
+GENERATION_SPEED_TOLERANCE = 0.5
 #: Largest prefill weight beyond 1 (requests waiting per slot).
 MAX_PRESSURE = 4.0
 _SLOWEST = 1e-6  # tokens/s used in place of a speed that is zero or not a number
@@ -103,6 +127,7 @@ class Estimate:
     prefill: float
     ttft: float
     cost: float
+    generation: float = 0.0
 
     @property
     def id(self) -> Hashable:
@@ -162,7 +187,7 @@ def estimate(
     ttft = wait + prefill
     generation = max(0.0, output_tokens) / _speed(candidate.generation_speed)
     weight = 1.0 + _pressure(pressure)
-    return Estimate(candidate, wait, prefill, ttft, wait + prefill * weight + generation)
+    return Estimate(candidate, wait, prefill, ttft, wait + prefill * weight + generation, generation)
 
 
 def _pressure(pressure: float) -> float:
@@ -188,6 +213,8 @@ def rank(
     max_wait: float = DEFAULT_MAX_WAIT,
     min_gain: float = DEFAULT_MIN_GAIN,
     pressure: float = 0.0,
+    generation_share: float = GENERATION_HOLD_SHARE,
+    generation_max_wait: float = GENERATION_MAX_WAIT,
 ) -> Decision:
     """Rank the candidates for a request of C{prompt_tokens} (estimated) tokens.
 
@@ -196,9 +223,24 @@ def rank(
     @param pressure: requests waiting in the buffer per slot of the fleet.
     @param max_wait: the longest a request may wait for a busy warm upstream.
     @param min_gain: the least ttft saving worth waiting for.
+    @param generation_share: the share of the generation time a busy faster
+        generator saves that a request may wait for it (L{GENERATION_HOLD_SHARE}).
+    @param generation_max_wait: the longest expected wait for which generation
+        time saved counts (L{GENERATION_MAX_WAIT}).
     """
     weight = 1.0 + _pressure(pressure)
+    # while requests wait, the slot a holder takes is one they cannot have: its own
+    # generation time counts less, as prefill counts more
+    generation_share = generation_share / weight
     estimates = [estimate(c, prompt_tokens, output_tokens, pressure) for c in candidates]
+    if output_tokens > 0 and estimates:
+        # generation speeds within GENERATION_SPEED_TOLERANCE of the fastest are one speed:
+        # servers of one kind, measured with noise, tie and spread by idle slots
+        fastest = min(e.generation for e in estimates)
+        for e in estimates:
+            if e.generation * (1.0 - GENERATION_SPEED_TOLERANCE) <= fastest:
+                e.cost -= e.generation - fastest
+                e.generation = fastest
     keys = []
     frees = [e.wait == 0.0 and e.free for e in estimates]
     cheapest = {
@@ -219,11 +261,18 @@ def rank(
         if e.free or not math.isfinite(e.ttft):
             continue
         saved = (best.prefill - e.prefill) * weight
+        generation_saved = generation_share * (best.generation - e.generation)
+        if generation_saved > 0 and e.wait <= generation_max_wait:
+            saved += generation_saved
         gain = best.cost - e.cost
         if e.wait < saved and e.wait <= max_wait and gain > min_gain:
             if warm is None or e.cost < warm.cost:
                 warm = e
     if warm is None:
         return Decision(ranked)
-    wait_up_to = min(max_wait, best.ttft - warm.prefill)
+    generation_saved = generation_share * (best.generation - warm.generation)
+    if generation_saved > 0 and warm.wait <= generation_max_wait:
+        wait_up_to = min(max_wait, best.ttft - warm.prefill + generation_saved)
+    else:
+        wait_up_to = min(max_wait, best.ttft - warm.prefill)
     return Decision(ranked, warm.id, wait_up_to, best.cost - warm.cost)

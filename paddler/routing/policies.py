@@ -1,5 +1,9 @@
 """Policies that pick an upstream for a slot-taking request (``--policy``).
 
+- ``cache-aware`` (the default): ``cost``, and for a prompt no upstream
+  holds a quarter of, the request's expected generation time on each
+  upstream too, with a short bounded hold-out for a much faster generator
+  (L{paddler.routing.cost}; C{Router(weigh_output=True)});
 - ``slots``: the most idle slots, ties to the least recently chosen;
 - ``cost``: the lowest estimated time to first token: wait for a slot +
   the prompt tokens its cache does not hold ÷ its measured prompt speed
@@ -137,7 +141,8 @@ class CostChooser(_Policy):
 
     name = "cost"
 
-    def __init__(self, clock: IReactorTime, router: Router | None = None) -> None:
+    def __init__(self, clock: IReactorTime, router: Router | None = None, name: str = "cost") -> None:
+        self.name = name
         self.clock = clock
         self.router = router if router is not None else Router(clock)
         self._seq = itertools.count(1)
@@ -227,6 +232,7 @@ MOST_IDLE = MostIdleSlotsChooser()
 #: The policies by name; each is built with the pool's clock.
 CHOOSERS: dict[str, Any] = {
     "slots": lambda clock: MostIdleSlotsChooser(),
+    "cache-aware": lambda clock: CostChooser(clock, Router(clock, weigh_output=True), name="cache-aware"),
     "cost": lambda clock: CostChooser(clock),
     "round-robin": lambda clock: RoundRobinChooser(),
     "least-connections": lambda clock: LeastConnectionsChooser(),

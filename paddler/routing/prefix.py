@@ -16,31 +16,46 @@ client cannot craft collisions with another tenant's prefix. Hashes are not
 stable across processes: a shared (Redis) index would need a shared key
 (``xxhash.xxh3_64`` with a configured seed is the drop-in then).
 
-**Per upstream.** At most ``max_blocks`` block hashes, in a two-generation
-approximation of an LRU: touched blocks go to the current set; when it
-holds half the capacity it becomes the previous set and the older one is
-dropped (so between half and all of the capacity is held once full).
-L{PrefixIndex.record} touches a prompt's blocks from the last to the first,
-so a prefix's first blocks are always at least as recent as its later ones:
-eviction drops the ends of long prompts before the shared heads, and
-"block *i* present" implies "blocks before *i* present", which lets
-L{PrefixIndex.match} binary-search (about 10 lookups per upstream for a
-1024-block prompt). An ``OrderedDict`` LRU was measured too: 175 bytes per
-entry under churn (deleted slots build up) against about 100 here.
+**Per upstream: llama-server's host-memory prompt cache.** A server keeps
+the prompts it evaluated in RAM (``--cache-ram``, on by default; see
+``docs/routing.md``), one list per server, and any of its slots restores
+any entry: so a prompt cached on a server is warm for every slot of it.
+The index models that list, per upstream, from the prompts paddler sent
+there (each entry is a prompt's whole chain of blocks, shared prefixes
+counted once per entry, as the server stores them):
 
-**Memory.** One entry (set slot + the hash int) takes at most about
-L{BYTES_PER_ENTRY} = 104 bytes, measured with tracemalloc under churn
-(``tests/test_routing_prefix.py``), so the index holds at most
-``upstreams x max_blocks x 104`` bytes: the default 4096 blocks per upstream
-(65,536 tokens: the default 8 GiB ``--cache-ram`` of an 8B-parameter f16
-model) is at most about 430 KB per upstream, 27 MB for 64 upstreams.
+- *FIFO by capacity*: a new entry goes last; the oldest entries go first
+  once the entries' blocks exceed the capacity (``max_blocks``; at least
+  one entry stays, and a prompt longer than the capacity keeps its head).
+  An entry that a new prompt contains entirely is dropped (the new one
+  holds it).
+- *Loading is a move*: the entry a request is predicted to restore leaves
+  the list when the request is sent (the server loads it into a slot,
+  and what comes back is the new prompt); so after S+a then S+b, S+a
+  matches only S.
+- *Quarter rule*: an entry is only restored when the request keeps at
+  least L{MIN_ENTRY_F_KEEP} (a quarter) of it: a 10-block head shared
+  with a 100-block entry is no hit.
+
+L{PrefixIndex.match} finds the longest run of leading blocks some entry
+holds by binary search (chained hashes: an entry holding block *i* holds
+every block before it; about 10 lookups for a 1024-block prompt), then
+applies the quarter rule to the entry that holds it.
+
+**Memory.** One block of capacity (its hash int, its place in an entry's
+tuple and in the block map) takes at most about L{BYTES_PER_ENTRY} bytes,
+measured with tracemalloc under churn (``tests/test_routing_prefix.py``),
+so the index holds at most ``upstreams x max_blocks x BYTES_PER_ENTRY``
+bytes: the default 4096 blocks per upstream (65,536 tokens: the default
+8 GiB ``--cache-ram`` of an 8B-parameter f16 model) is at most about
+520 KB per upstream, 34 MB for 64 upstreams (116 bytes measured without shared heads).
 
 **Staying honest.** L{PrefixIndex.forget} drops an upstream (it left,
 restarted, or reported a cache reset). L{PrefixIndex.verify} compares a
 prediction with the ``timings.cache_n`` the server reported: when it reused
-much less, the blocks of that prefix from the first one it did not reuse
-are dropped for that upstream, and the upstream's capacity estimate shrinks
-by L{SHRINK} (3 %: its cache holds less than the index assumed); confirmed
+much less, the upstream's capacity estimate shrinks by L{SHRINK} (3 %: its
+cache holds less than the index assumed) and the oldest entries beyond it
+go; the prompt itself stays (the server has just evaluated it); confirmed
 hits let the capacity grow back to ``max_blocks``. (Shrinking by a quarter
 per miss was measured on the multi-turn benchmark: a few real evictions
 left the fast servers' indexes at a quarter of their size, they forgot the
@@ -49,6 +64,7 @@ conversations they still held, and moved conversations doubled.)
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -58,8 +74,12 @@ from paddler.routing.prompt import CHARS_PER_TOKEN
 BLOCK_CHARS = 64
 #: Default capacity of one upstream's LRU, in blocks.
 DEFAULT_MAX_BLOCKS = 4096
-#: Bytes one index entry takes at most (measured with tracemalloc; see the module docstring).
-BYTES_PER_ENTRY = 104
+#: Bytes one block of capacity takes at most (measured with tracemalloc; see the module docstring).
+BYTES_PER_ENTRY = 128
+#: An entry is restored only when the request keeps at least this share of it (llama-server's f_keep rule).
+MIN_ENTRY_F_KEEP = 0.25
+#: The entry a request restores leaves the cache (llama-server loads by moving).
+MOVE_ON_LOAD = True
 #: A prediction is wrong when the server reused less than this share of it ...
 VERIFY_TOLERANCE = 0.5
 #: ... and more than this many blocks less.
@@ -116,49 +136,82 @@ class PrefixStats:
 
 
 class _Upstream:
-    """One upstream's blocks: a two-generation approximation of an LRU.
+    """One upstream's host-memory cache as the index sees it: a FIFO of entries.
 
-    New and touched blocks go to C{current}; when it holds half the capacity
-    it becomes C{previous} (the older one is dropped). At most C{capacity}
-    blocks are held, at least half of it once full: about 100 bytes each
-    (set slots + the hash int), with no deleted-slot build-up under churn.
+    C{entries} maps an entry's last block hash (chained: it names the whole
+    prefix) to the entry's blocks, oldest first. C{owner} maps every block
+    some entry holds to the newest such entry's key (it may name an entry
+    gone since: then L{_Upstream.holder} looks again); C{shared} counts,
+    for a block more than one entry holds, the entries beyond the first.
     """
 
-    __slots__ = ("current", "previous", "capacity", "stats")
+    __slots__ = ("entries", "owner", "shared", "held", "capacity", "stats")
 
     def __init__(self, capacity: int) -> None:
-        self.current: set[int] = set()
-        self.previous: set[int] = set()
+        self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self.owner: dict[int, int] = {}
+        self.shared: dict[int, int] = {}
+        self.held = 0  # blocks in all entries (a shared head counts once per entry)
         self.capacity = capacity
         self.stats = PrefixStats(capacity=capacity)
 
     def __len__(self) -> int:
-        return len(self.current) + len(self.previous)
+        return self.held
 
     def __contains__(self, block: int) -> bool:
-        return block in self.current or block in self.previous
+        return block in self.owner
 
-    def touch(self, block: int) -> None:
-        current = self.current
-        if block in current:
+    def holder(self, block: int, position: int, most: int | None = None) -> int | None:
+        """The key of an entry holding C{block} at C{position} (of at most C{most} blocks)."""
+        key = self.owner.get(block)
+        if key is None:
+            return None
+        entry = self.entries.get(key)
+        if entry is not None and (most is None or len(entry) <= most):
+            return key
+        for key, entry in self.entries.items():
+            if len(entry) > position and entry[position] == block and (most is None or len(entry) <= most):
+                if most is None:
+                    self.owner[block] = key
+                return key
+        return None
+
+    def add(self, blocks: tuple[int, ...]) -> None:
+        key = blocks[-1]
+        if key in self.entries:
+            self.remove(key)
+        self.entries[key] = blocks
+        owner, shared = self.owner, self.shared
+        for block in blocks:
+            if block in owner:
+                shared[block] = shared.get(block, 0) + 1
+            owner[block] = key
+        self.held += len(blocks)
+
+    def remove(self, key: int) -> None:
+        blocks = self.entries.pop(key, None)
+        if blocks is None:
             return
-        self.previous.discard(block)
-        current.add(block)
-        if len(current) >= max(1, self.capacity // 2):
-            self.previous = current
-            self.current = set()
+        owner, shared = self.owner, self.shared
+        for block in blocks:
+            extra = shared.get(block)
+            if extra:
+                if extra == 1:
+                    del shared[block]
+                else:
+                    shared[block] = extra - 1
+            else:
+                owner.pop(block, None)
+        self.held -= len(blocks)
 
-    def discard(self, block: int) -> None:
-        self.current.discard(block)
-        self.previous.discard(block)
-
-    def fit(self) -> None:
-        """Drop generations until at most C{capacity} blocks are held."""
-        if len(self) > self.capacity:
-            self.previous = set()
-        if len(self.current) > self.capacity:
-            self.current = set()
-        self.stats.blocks = len(self)
+    def fit(self) -> int:
+        """Drop the oldest entries until the held blocks fit the capacity (one stays)."""
+        dropped = 0
+        while self.held > self.capacity and len(self.entries) > 1:
+            self.remove(next(iter(self.entries)))
+            dropped += 1
+        self.stats.blocks = self.held
+        return dropped
 
 
 class PrefixIndex:
@@ -195,36 +248,64 @@ class PrefixIndex:
         """The upstreams the index holds anything for."""
         return list(self._upstreams)
 
+    def _lookup(self, entry: _Upstream, blocks: Sequence[int]) -> tuple[int, int | None]:
+        """The leading blocks the upstream would restore for C{blocks}, and the entry they come from."""
+        if not blocks or not entry.held:
+            return 0, None
+        owner = entry.owner
+        if blocks[-1] in owner:
+            matched = len(blocks)
+        else:
+            low, high = 0, len(blocks) - 1  # blocks[high] is absent
+            while low < high:
+                middle = (low + high) // 2
+                if blocks[middle] in owner:
+                    low = middle + 1
+                else:
+                    high = middle
+            matched = low
+        if not matched:
+            return 0, None
+        last = blocks[matched - 1]
+        if last in entry.entries:
+            return matched, last  # an entry that is exactly this prefix: all of it kept
+        most = int(matched / MIN_ENTRY_F_KEEP)
+        key = entry.holder(last, matched - 1)
+        if key is not None and len(entry.entries[key]) > most:
+            key = entry.holder(last, matched - 1, most)  # a shorter entry may still qualify
+        if key is None:
+            return 0, None
+        return matched, key
+
     def match(self, upstream_id: Hashable, blocks: Sequence[int]) -> int:
-        """How many leading C{blocks} the upstream has served (does not touch the LRU)."""
+        """How many leading C{blocks} the upstream would restore (changes nothing)."""
         entry = self._upstreams.get(upstream_id)
-        if entry is None or not blocks or not len(entry):
+        if entry is None:
             return 0
-        lru = entry
-        if blocks[-1] in lru:
-            return len(blocks)
-        low, high = 0, len(blocks) - 1  # blocks[high] is absent
-        while low < high:
-            middle = (low + high) // 2
-            if blocks[middle] in lru:
-                low = middle + 1
-            else:
-                high = middle
-        return low
+        return self._lookup(entry, blocks)[0]
 
     def match_all(self, upstream_ids: Sequence[Hashable], blocks: Sequence[int]) -> dict[Hashable, int]:
         """L{match} for several upstreams."""
         return {upstream_id: self.match(upstream_id, blocks) for upstream_id in upstream_ids}
 
     def record(self, upstream_id: Hashable, blocks: Sequence[int]) -> None:
-        """The upstream is about to hold these blocks (call it when dispatching there)."""
+        """The upstream is about to evaluate this prompt (call it when dispatching there):
+        the entry it restores leaves the cache, entries the prompt contains are dropped,
+        the prompt goes last, and the oldest entries beyond the capacity go."""
         entry = self._get(upstream_id)
         entry.stats.recorded += 1
-        touch = entry.touch
-        # At most half the capacity (one generation), so a long prompt keeps its head.
-        for block in reversed(blocks[: max(1, entry.capacity // 2)]):
-            touch(block)
-        entry.stats.blocks = len(entry)
+        if not blocks:
+            return
+        prompt = tuple(blocks[: max(1, entry.capacity)])  # a long prompt keeps its head
+        matched, key = self._lookup(entry, prompt)
+        if key is not None and MOVE_ON_LOAD:
+            entry.remove(key)
+        entries = entry.entries
+        for block in prompt[:-1]:
+            if block in entries:  # an entry that is a prefix of the prompt
+                entry.remove(block)
+        entry.add(prompt)
+        entry.fit()
 
     def verify(
         self, upstream_id: Hashable, blocks: Sequence[int], predicted_blocks: int, cache_n: int
@@ -235,9 +316,9 @@ class PrefixIndex:
         @param predicted_blocks: what L{match} said before dispatching.
         @param cache_n: the prompt tokens the server reported reused.
         @return: True when the prediction held (or there was none), False
-            when the server reused much less: then the blocks of this prefix
-            from the first one it did not reuse are dropped for the upstream,
-            and its capacity shrinks.
+            when the server reused much less: then the upstream's capacity
+            shrinks and the oldest entries beyond it go (the prompt itself,
+            just evaluated there, stays).
         """
         entry = self._upstreams.get(upstream_id)
         if entry is None:
@@ -253,8 +334,6 @@ class PrefixIndex:
             stats.capacity = entry.capacity
             return True
         stats.verified_misses += 1
-        for block in blocks[reused:]:
-            entry.discard(block)
         floor = max(1, int(self.max_blocks * MIN_CAPACITY_SHARE))
         entry.capacity = max(floor, int(entry.capacity * SHRINK))
         stats.capacity = entry.capacity
@@ -273,7 +352,7 @@ class PrefixIndex:
             return PrefixStats(capacity=self.max_blocks)
         stats = entry.stats
         return PrefixStats(
-            blocks=len(entry), capacity=entry.capacity, recorded=stats.recorded,
+            blocks=entry.held, capacity=entry.capacity, recorded=stats.recorded,
             verified_hits=stats.verified_hits, verified_misses=stats.verified_misses,
             tokens_saved=stats.tokens_saved,
         )

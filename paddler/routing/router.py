@@ -44,6 +44,9 @@ _TICKETS = itertools.count(1)
 
 #: Conversations remembered (least recently used dropped first).
 DEFAULT_MAX_CONVERSATIONS = 100_000
+#: A request is warm when an upstream holds at least this share of its prompt:
+#: then the cache decides and generation speed only breaks ties.
+WARM_SHARE = 0.25
 #: A running request past its expected end is taken to need this share of
 #: its expected duration again.
 OVERRUN_SHARE = 0.1
@@ -92,6 +95,7 @@ class Router:
         max_wait: float = DEFAULT_MAX_WAIT,
         min_gain: float = DEFAULT_MIN_GAIN,
         max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
+        weigh_output: bool = False,
     ) -> None:
         self.clock = clock
         self.index = PrefixIndex(max_blocks)
@@ -99,6 +103,7 @@ class Router:
         self.max_wait = max_wait
         self.min_gain = min_gain
         self.max_conversations = max_conversations
+        self.weigh_output = weigh_output
         self._conversations: OrderedDict[str, Hashable] = OrderedDict()
         self._last_chosen: dict[Hashable, float] = {}
         #: Per upstream, the requests sent there and not finished: ticket -> (start, expected end).
@@ -166,9 +171,12 @@ class Router:
         C{waiting}: requests waiting in the buffer besides this one."""
         candidates = self.candidates(request, views)
         slots = sum(max(0, view.slots_total) for view in views)
+        output = 0.0
+        if self.weigh_output and not self.warm_somewhere(request, candidates):
+            output = self.speeds.expected_output(None, request.info.max_tokens)
         decision = rank(
-            candidates, request.info.tokens, max_wait=self.max_wait, min_gain=self.min_gain,
-            pressure=waiting / slots if slots and waiting > 0 else 0.0,
+            candidates, request.info.tokens, output_tokens=output, max_wait=self.max_wait,
+            min_gain=self.min_gain, pressure=waiting / slots if slots and waiting > 0 else 0.0,
         )
         pinned = self.conversation_upstream(request)
         if pinned is None:
@@ -182,6 +190,11 @@ class Router:
         if mine.wait <= self.max_wait and decision.best is not None:
             return Decision(decision.ranked, pinned, self.max_wait, 0.0)
         return decision
+
+    def warm_somewhere(self, request: RoutedRequest, candidates: Sequence[Candidate]) -> bool:
+        """Whether some candidate holds at least L{WARM_SHARE} of the request's prompt."""
+        need = max(1, int(request.info.tokens * WARM_SHARE))
+        return any(c.cached_tokens >= need for c in candidates)
 
     def conversation_upstream(self, request: RoutedRequest) -> Hashable | None:
         """The upstream a request's conversation is pinned to, if any."""

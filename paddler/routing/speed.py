@@ -309,10 +309,15 @@ class SpeedTracker:
         )
 
     def mean_generated(self, upstream_id: Hashable) -> float:
-        """Tokens a request generates on this upstream, on average (the prior until measured)."""
+        """Tokens a request generates on this upstream, on average (None: on the fleet's
+        upstreams; the prior until measured)."""
         entry = self._upstreams.get(upstream_id)
         if entry is not None and entry.generated_tokens.value is not None:
             return entry.generated_tokens.value
+        if upstream_id is None:
+            fleet = self._fleet_mean("generated_tokens")
+            if fleet is not None:
+                return fleet
         return PRIOR_GENERATED_TOKENS
 
     def expected_output(self, upstream_id: Hashable, max_tokens: int | None) -> float:

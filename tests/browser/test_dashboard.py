@@ -97,7 +97,7 @@ def test_dashboard_shows_the_fleet_and_follows_requests_live(
     assert page.text_content("#t-requests").startswith("0 total")
     assert page.text_content("#t-buffer-limit") == " / 30"
     assert page.text_content("#t-not-served") == "0 / 0 / 0"
-    assert page.text_content("#policy") == "policy slots"
+    assert page.text_content("#policy") == "policy cache-aware"
     texts = event_texts(page)
     assert "simulated-0 unknown → healthy" in texts and "simulated-1 added (unknown)" in texts
 

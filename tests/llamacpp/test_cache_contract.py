@@ -260,3 +260,18 @@ def test_a_second_chat_turn_reuses_the_first_turns_prompt(server: StartServer) -
     cached = second["timings"]["cache_n"]
     assert first["usage"]["prompt_tokens"] - 3 <= cached < second["usage"]["prompt_tokens"]
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+
+
+def test_a_prompt_cached_on_a_server_is_warm_for_its_other_slot(server: StartServer) -> None:
+    """-np 2: A and B take the two slots and come back to them; C then overwrites A's slot
+    (A goes to RAM); A again lands on B's slot (LRU) and is restored there in full: a prompt
+    cached on a server is warm for every slot of it (what paddler's prefix index assumes)."""
+    s = server(slots=2)
+    first = s.run(A)
+    s.run(B)
+    assert s.run(A)["id_slot"] == first["id_slot"]
+    s.run(B)
+    assert s.run(C)["id_slot"] == first["id_slot"]
+    again = s.run(A)
+    assert again["id_slot"] != first["id_slot"]
+    assert (again["cache_n"], again["prompt_n"]) == (first["evaluated"] - 1, 1)
