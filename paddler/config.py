@@ -430,6 +430,18 @@ def build_agent_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Agen
 _PORT_RUN = re.compile(r"(?:tcp6?):(\d+)")
 
 
+def _model_list(text: str) -> str:
+    from paddler.simulator.router import parse_models
+
+    return ",".join(parse_models(text))
+
+
+def _failing_list(text: str) -> str:
+    from paddler.simulator.router import parse_failing
+
+    return ",".join(f"{name}={code}" for name, code in parse_failing(text).items())
+
+
 @dataclass(frozen=True)
 class SimulateConfig:
     """Settings of ``paddler simulate``."""
@@ -483,6 +495,28 @@ class SimulateConfig:
     )
     slots_endpoint: bool = setting(True, "Answer /slots (off: 501, like llama-server --no-slots).", Flag())
     metrics: bool = setting(True, "Answer /metrics (off: 501, like llama-server without --metrics).", Flag())
+    models: str | None = setting(
+        None,
+        "Router mode, like llama-server --models-dir: serve these models (comma-separated names) "
+        "on one port, each loaded on demand with its own --slots.",
+        Converted(_model_list, "name,name,..."),
+    )
+    models_max: int = setting(
+        4, "Router mode: models loaded at once, like llama-server --models-max (0 = no limit).", count(0, 1000)
+    )
+    models_autoload: bool = setting(
+        True,
+        "Router mode: load a model when a request names it, like llama-server --models-autoload.",
+        Flag(),
+    )
+    model_load_seconds: float = setting(
+        0.1, "Router mode: how long loading one model takes.", seconds(zero_allowed=True)
+    )
+    models_fail_load: str | None = setting(
+        None,
+        "Router mode: these models fail to load, with the child's exit code (MODEL=CODE,...).",
+        Converted(_failing_list, "model=code,..."),
+    )
 
 
 SIMULATE_SETTINGS = settings_of(SimulateConfig)

@@ -144,10 +144,18 @@ def _build_simulate(options: usage.Options, given: dict[str, Any]) -> None:
             raise ConfigError(f"--listen: {e}") from None
         if last > 65535:
             raise ConfigError(f"--fleet {config.fleet} from --listen {config.listen!r} runs past port 65535")
+    if config.models_fail_load and config.models:
+        from paddler.simulator.router import parse_failing, parse_models
+
+        unknown = set(parse_failing(config.models_fail_load)) - set(parse_models(config.models))
+        if unknown:
+            raise ConfigError(f"--models-fail-load names models not in --models: {', '.join(sorted(unknown))}")
+    elif config.models_fail_load:
+        raise ConfigError("--models-fail-load needs --models (router mode)")
     _store(options, SIMULATE_SETTINGS, config)
 
 
-SimulateOptions = _with_synopsis(
+_SimulateBase = _with_synopsis(
     options_class(
         SIMULATE_SETTINGS,
         "[options]",
@@ -157,6 +165,16 @@ SimulateOptions = _with_synopsis(
     ),
     "paddler simulate [options]",
 )
+
+
+class SimulateOptions(_SimulateBase):  # type: ignore[misc, valid-type]
+    """``paddler simulate``: simulated llama-servers (router mode with ``--models``)."""
+
+    def opt_models_autoload(self) -> None:
+        """Router mode: load models on demand (the default; llama-server's flag)."""
+        self["no-models-autoload"] = False
+
+    opt_models_autoload.__doc__ = "Router mode: load a model when a request names it (the default)."
 
 
 class Options(_with_synopsis(usage.Options, "paddler balancer|agent|simulate [options]")):  # type: ignore[misc]
