@@ -85,6 +85,12 @@ def _statsd(text: str) -> str:
     return f"udp:[{host}]:{port}" if ":" in host else f"udp:{host}:{port}"
 
 
+def _model_aliases(text: str) -> str:
+    from paddler.fleet.models import parse_model_aliases
+
+    return ",".join(f"{k}={v}" for k, v in parse_model_aliases(text.split(",")).items())
+
+
 def _url(text: str) -> str:
     try:
         return normalise_url(text)
@@ -241,6 +247,18 @@ class BalancerConfig:
     )
     simulated_fleet: int = setting(
         0, "Start N simulated llama.cpp servers in-process as upstreams (demo).", count(0, 64)
+    )
+    model_alias: str | None = setting(
+        None,
+        "Model names that stand for others, NAME=TARGET[,NAME=TARGET...]: a request naming NAME "
+        "goes to TARGET (its body says TARGET upstream).",
+        Converted(_model_aliases, "name=target,..."),
+    )
+    default_model: str | None = setting(
+        None,
+        "The model of a request that names none, when the fleet serves several (router-mode "
+        "upstreams); without it such a request is answered 400.",
+        Text(1024),
     )
 
 

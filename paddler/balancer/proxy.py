@@ -9,7 +9,8 @@ C{/health} and C{/slots} are answered here for the whole fleet.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from paddler.errors import (
     error_response,
     json_response as _json,
 )
+from paddler.fleet.models import fleet_models, is_multi_model, parse_model_aliases, resolve_model
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
@@ -102,6 +104,10 @@ class ProxyConfig:
     max_request_body: int = 10 * 1024 * 1024
     max_retries: int = 3
     relay_passthrough: bool = True
+    #: ``--model-alias NAME=TARGET``: a request naming NAME is for TARGET.
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
+    #: ``--default-model``: the model of a request that names none (multi-model fleets).
+    default_model: str | None = None
 
     @classmethod
     def from_balancer(cls, config: Any) -> ProxyConfig:
@@ -115,6 +121,8 @@ class ProxyConfig:
             max_request_body=config.max_request_body,
             max_retries=config.max_retries,
             relay_passthrough=getattr(config, "relay_passthrough", True),
+            model_aliases=parse_model_aliases((getattr(config, "model_alias", None) or "").split(",")) if getattr(config, "model_alias", None) else {},
+            default_model=getattr(config, "default_model", None),
         )
 
 
@@ -278,6 +286,10 @@ class ProxyResource(Resource):
             return self._render_slots(request)
         if self.stopping:
             return self._shutting_down(request, started)
+        if path in (b"/v1/models", b"/models") and request.method in (b"GET", b"HEAD"):
+            if is_multi_model(self._pool.upstreams.values()):
+                self.stats.record(200, 0.0, path=path.decode("latin-1"))
+                return _json(request, 200, fleet_models(self._pool.upstreams.values(), int(self._clock.seconds())))
         content: Any = request.content
         content.seek(0)
         exchange = Exchange(request, content.read(), started)
@@ -290,9 +302,11 @@ class ProxyResource(Resource):
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
                 exchange.takes_slot = True
-                exchange.model = request_model(parsed)
+                self._route_model(exchange, parsed)
                 exchange.streaming = parsed.get("stream") is True
                 exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
+            elif is_multi_model(self._pool.upstreams.values()):
+                self._route_other(exchange)
         except PaddlerHTTPError as error:
             self.stats.record(error.status, 0.0, path=exchange.path)
             return error_response(request, error)
@@ -306,6 +320,36 @@ class ProxyResource(Resource):
         request.notifyFinish().addErrback(client_left)
         d.addErrback(self._failed, exchange)
         return server.NOT_DONE_YET
+
+    def _route_model(self, exchange: Exchange, parsed: dict[str, Any]) -> None:
+        """The model a slot-taking request is for (aliases and the default applied); the body
+        is rewritten when that is not the name it gave. Raises ModelNotFound / ModelRequired."""
+        given = request_model(parsed)
+        model = resolve_model(
+            self._pool.upstreams.values(), given, self.config.model_aliases, self.config.default_model
+        )
+        if model is not None and model != given:
+            parsed["model"] = model
+            exchange.body = json.dumps(parsed).encode("utf-8")
+        exchange.model = model
+
+    def _route_other(self, exchange: Exchange) -> None:
+        """A request that takes no slot, in a multi-model fleet: the model of its ``?model=``
+        (or its JSON body's ``model``) picks the upstream; none is fine (the router answers)."""
+        request = exchange.request
+        given: str | None = None
+        values = (request.args or {}).get(b"model")
+        if values:
+            given = values[0].decode("utf-8", "replace") or None
+        elif exchange.body and request.method == b"POST":
+            try:
+                parsed = json.loads(exchange.body)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                given = request_model(parsed)
+        if given is not None:
+            exchange.model = resolve_model(self._pool.upstreams.values(), given, self.config.model_aliases)
 
     def _shutting_down(self, request: server.Request, started: float) -> bytes:
         error = ShuttingDown(
@@ -352,7 +396,7 @@ class ProxyResource(Resource):
                 lease = await self._pool.acquire(exchange.model, exclude=tried, demand=exchange.demand)
                 upstream = lease.upstream
             else:
-                picked = self._pool.pick_any(exclude=tried)
+                picked = self._pool.pick_any(exclude=tried, model=exchange.model)
                 if picked is None:
                     if tried:
                         break

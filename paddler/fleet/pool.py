@@ -14,7 +14,8 @@ from twisted.python.failure import Failure
 
 from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
 from paddler.interfaces import ISlotChooser
-from paddler.fleet.upstream import Observation, Upstream
+from paddler.fleet.routers import children_of, prefer_loaded
+from paddler.fleet.upstream import Observation, SlotsSeen, Upstream
 from paddler.routing.speed import DecayingRate
 
 #: The longest Retry-After the balancer advises, in seconds.
@@ -189,6 +190,8 @@ class UpstreamPool:
             )
             self.chooser.forget(upstream)
             self.notify("removed", upstream)
+            for child in children_of(list(self.upstreams.values()), upstream):
+                self.remove(child.id)  # a router's models go with it
         for waiting in self._removals.pop(upstream_id, []):
             waiting.callback(upstream)
         return upstream
@@ -216,6 +219,9 @@ class UpstreamPool:
                 observer(upstream, observation, changed)
             except Exception:
                 self.log.failure("pool observer failed")
+        if upstream.role == "router" and not isinstance(observation, SlotsSeen):
+            for child in children_of(list(self.upstreams.values()), upstream):
+                self.observe(child, observation)  # a router that fails fails for all its models
         self.notify("changed", upstream)
         self.capacity_changed()
 
@@ -322,7 +328,7 @@ class UpstreamPool:
             u for u in self.upstreams.values() if u.accepts_requests and u.id not in excluded
         ]
         if model is not None and any(u.serves(model) for u in self.upstreams.values()):
-            candidates = [u for u in candidates if u.serves(model)]
+            candidates = prefer_loaded([u for u in candidates if u.serves(model)])
         if self.shared is not None and not self.shared.up:
             # The shared store is down: this process takes only its share of each upstream.
             candidates = [u for u in candidates if u.slots_held < self.shared.local_share(u)]
@@ -349,9 +355,10 @@ class UpstreamPool:
         self.notify("changed", upstream)
         return lease
 
-    def pick_any(self, exclude: Iterable[str] = ()) -> Upstream | None:
-        """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...)."""
-        candidates = self.eligible(None, exclude)
+    def pick_any(self, exclude: Iterable[str] = (), model: str | None = None) -> Upstream | None:
+        """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...), one
+        serving C{model} when it names one."""
+        candidates = self.eligible(model, exclude)
         if not candidates:
             return None
         upstream = max(candidates, key=lambda u: (u.slots_idle, -u.last_chosen))

@@ -181,6 +181,17 @@ class Upstream:
         self.slots_total = 0
         self.external_processing = 0
         self.models: tuple[str, ...] = ()
+        #: ``single`` (one model) or ``router`` (llama-server's router mode: it takes no
+        #: request itself; each of its models is a child upstream with C{parent_id}).
+        self.role = "single"
+        #: For a router's child: the router's id, the model it serves and its state.
+        self.parent_id: str | None = None
+        self.router_model: str | None = None
+        self.model_state: str | None = None
+        self.exit_code = 0
+        #: For a router: C{max_instances} and C{models_autoload} from its /props.
+        self.max_instances = 0
+        self.autoload = True
         self.raw_slots: list[Any] = []
         self.probe_method = "slots"
         self.last_probe_at: float | None = None
@@ -277,7 +288,18 @@ class Upstream:
 
     @property
     def accepts_requests(self) -> bool:
+        if self.role == "router":
+            return False  # its models' child upstreams take the requests
+        if self.model_state is not None and self.model_state not in ("loaded", "sleeping"):
+            # a router's model that is not loaded takes requests only when the router autoloads
+            if self.model_state == "failed" or not self.autoload:
+                return False
         return self.state is UpstreamState.HEALTHY and not self.draining
+
+    @property
+    def loaded(self) -> bool:
+        """Serves its model now: a single-model server, or a router's loaded (or sleeping) model."""
+        return self.model_state is None or self.model_state in ("loaded", "sleeping")
 
     @property
     def status(self) -> str:
@@ -363,6 +385,9 @@ class Upstream:
             "requests_in_flight": self.in_flight,
             "model": self.model,
             "models": list(self.models),
+            "role": self.role,
+            "parent_id": self.parent_id,
+            "model_state": self.model_state,
             "probe_method": self.probe_method,
             "last_update_age": None
             if self.last_update_at is None

@@ -1,0 +1,130 @@
+"""End to end: a balancer in front of router-mode llama-servers (simulated, real processes on 127.0.0.1).
+
+Two router-mode simulators (alpha, beta, gamma; --models-max 2), and a mixed
+fleet of one router-mode and one single-model simulator: requests are routed
+by model, unknown and missing models get clear errors, ``/v1/models`` is the
+fleet's, and the OpenAI SDK lists it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.llamacpp.clients import Background, get, get_json, post, wait_for
+
+from .processes import Processes
+
+pytestmark = pytest.mark.integration
+
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture
+def procs(tmp_path) -> Iterator[Processes]:
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def router_sim(procs: Processes, *extra: str) -> str:
+    _, url = procs.simulator(
+        2, 400.0, "--models", "alpha,beta,gamma", "--models-max", "2", "--model-load-seconds", "0.2", *extra
+    )
+    return url
+
+
+def chat(url: str, model: str | None, n: int = 4, **extra: Any) -> Any:
+    body: dict[str, Any] = {"messages": CHAT, "max_tokens": n, **extra}
+    if model is not None:
+        body["model"] = model
+    return post(url, "/v1/chat/completions", body)
+
+
+def model_states(upstream: str) -> dict[str, str]:
+    return {m["id"]: m["status"]["value"] for m in get_json(upstream, "/models")["data"]}
+
+
+def test_two_router_mode_upstreams_route_by_model(procs: Processes) -> None:
+    """Two router-mode simulators behind one balancer: the balancer finds them healthy (no
+    longer "unreachable"), two concurrent clients per model for two models are all answered
+    by their model, a request without model is 400, an unknown model 404 model_not_found,
+    and a probe never loads a model (every model stays unloaded until a request)."""
+    first, second = router_sim(procs), router_sim(procs)
+    _, proxy, management = procs.balancer(
+        "--upstream", first, "--upstream", second, "--probe-interval", "0.2")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 6, 20,
+             "6 model upstreams healthy")
+    assert set(model_states(first).values()) == {"unloaded"}
+    assert set(model_states(second).values()) == {"unloaded"}
+    calls = [Background(lambda m=m: chat(proxy, m)) for m in ("alpha", "beta", "alpha", "beta")]
+    for call, model in zip(calls, ("alpha", "beta", "alpha", "beta")):
+        reply = call.result(30)
+        assert reply.status == 200, reply
+        assert reply.json()["model"] == model
+    missing = chat(proxy, None)
+    assert missing.status == 400, missing
+    assert missing.json()["error"]["param"] == "model"
+    unknown = chat(proxy, "nope")
+    assert unknown.status == 404, unknown
+    error = unknown.json()["error"]
+    assert (error["code"], error["type"]) == ("model_not_found", "invalid_request_error")
+    assert "alpha" not in error["message"]
+    assert "gamma" in model_states(first) and model_states(first)["gamma"] == "unloaded"
+    assert model_states(second)["gamma"] == "unloaded"
+
+
+def test_fleet_models_list_is_the_union_and_the_openai_sdk_reads_it(procs: Processes) -> None:
+    """A mixed fleet (one router-mode simulator with alpha, beta, gamma; one single-model
+    simulator serving delta): /v1/models lists alpha, beta, gamma, delta once each with a
+    fleet-wide status; client.models.list() of the openai SDK reads it; requests for delta
+    go to the single-model server and requests for beta to the router."""
+    openai = pytest.importorskip("openai")
+    router = router_sim(procs)
+    _, single = procs.simulator(2, 400.0, "--model", "delta")
+    _, proxy, _ = procs.balancer("--upstream", router, "--upstream", single, "--probe-interval", "0.2")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 4, 20, "4 upstreams healthy")
+    body = get_json(proxy, "/v1/models")
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["alpha", "beta", "delta", "gamma"]
+    statuses = {m["id"]: m["status"]["value"] for m in body["data"]}
+    assert statuses == {"alpha": "unloaded", "beta": "unloaded", "delta": "loaded", "gamma": "unloaded"}
+    assert chat(proxy, "beta").json()["model"] == "beta"
+    wait_for(lambda: {m["id"]: m["status"]["value"] for m in get_json(proxy, "/models")["data"]}["beta"]
+             == "loaded", 10, "the fleet sees beta loaded")
+    for _ in range(2):
+        reply = chat(proxy, "delta")
+        assert reply.status == 200 and reply.json()["model"] == "delta"
+    client = openai.OpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0)
+    listed = client.models.list()
+    assert sorted(m.id for m in listed.data) == ["alpha", "beta", "delta", "gamma"]
+    loaded = [m for m in body["data"] if m["id"] == "delta"][0]["status"]["loaded"]
+    assert loaded == 1
+
+
+def test_model_alias_and_default_model(procs: Processes) -> None:
+    """--model-alias fast=beta: a request for "fast" is served by beta (the body upstream says
+    beta); --default-model alpha: a request without model goes to alpha."""
+    router = router_sim(procs)
+    _, proxy, _ = procs.balancer(
+        "--upstream", router, "--probe-interval", "0.2", "--model-alias", "fast=beta",
+        "--default-model", "alpha")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 3, 20, "3 upstreams healthy")
+    assert chat(proxy, "fast").json()["model"] == "beta"
+    assert chat(proxy, None).json()["model"] == "alpha"
+
+
+def test_slots_and_props_with_a_model_query_reach_that_model(procs: Processes) -> None:
+    """GET /props?model=gamma through the balancer is gamma's own /props (it has total_slots)."""
+    router = router_sim(procs)
+    _, proxy, _ = procs.balancer("--upstream", router, "--probe-interval", "0.2")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 3, 20, "3 upstreams healthy")
+    reply = get(proxy, "/props?model=gamma")
+    assert reply.status == 200, reply
+    assert json.loads(reply.body)["total_slots"] == 2
+    assert get(proxy, "/props?model=nope").status == 404
