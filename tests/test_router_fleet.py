@@ -1,0 +1,267 @@
+"""Router-mode upstreams in the fleet, on a fake clock: reading a router (``read_router``
+against the simulated router), one child upstream per (router, model), routing by model
+(loaded copies with a free slot first), model resolution and the fleet's model list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+
+from paddler.fleet.models import (
+    ModelNotFound,
+    ModelRequired,
+    fleet_models,
+    parse_model_aliases,
+    resolve_model,
+)
+from paddler.fleet.routers import child_id, children_of, observe_router
+from paddler.fleet.upstream import FailureSeen, Upstream, UpstreamState
+from paddler.llamacpp.slots import RouterMode, read_router, read_slots
+from paddler.simulator.engine import SimulatorConfig
+from paddler.simulator.router import RouterConfig
+from paddler.simulator.service import RouterSite, router_site
+from paddler.simulator.testing import MemoryHTTPClient
+
+from .helpers import healthy_upstream, make_pool
+
+
+class SimulatedRouterHost:
+    """A simulated router-mode server in memory, with a Getter that records the paths asked."""
+
+    def __init__(self, clock: Clock, url: str, **settings: Any) -> None:
+        settings.setdefault("load_seconds", 0.5)
+        site = router_site(clock, RouterConfig(models=("alpha", "beta", "gamma"), **settings),
+                           SimulatorConfig(slots=2, n_ctx=512, tokens_per_second=10.0))
+        self.client = MemoryHTTPClient(site)
+        assert isinstance(site, RouterSite)
+        self.router = site.router
+        self.clock = clock
+        self.url = url
+        self.paths: list[str] = []
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        self.paths.append(path)
+        response = self.client.get(path).response
+        return response.status, response.body
+
+    def read(self, mark: Any = lambda: 0, model_mark: Any = lambda _: 0) -> Any:
+        d = ensureDeferred(read_router(self.get, mark, model_mark))
+        return d.result if d.called else pytest.fail("read_router did not answer at once")
+
+    def load(self, name: str) -> None:
+        assert self.client.post("/models/load", {"model": name}).response.status == 200
+        self.clock.advance(0.5)
+
+    def close(self) -> None:
+        self.client.close()
+        self.router.stop()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def hosts(clock: Clock):
+    made: list[SimulatedRouterHost] = []
+
+    def make(url: str = "http://10.0.0.1:8080", **settings: Any) -> SimulatedRouterHost:
+        host = SimulatedRouterHost(clock, url, **settings)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        host.close()
+    assert clock.getDelayedCalls() == []
+
+
+def run(coroutine: Any) -> Any:
+    d = ensureDeferred(coroutine)
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    if failures:
+        failures[0].raiseException()
+    return d.result
+
+
+# reading a router
+
+
+def test_read_router_never_loads_a_model(hosts) -> None:
+    """A reading of a fresh router lists every model unloaded and asks no /slots; once alpha
+    is loaded, only alpha's /slots is asked, with autoload=false, and nothing else loads."""
+    host = hosts()
+    reading = host.read()
+    assert (reading.max_instances, reading.autoload) == (4, True)
+    assert [(m.id, m.state) for m in reading.models] == [
+        ("alpha", "unloaded"), ("beta", "unloaded"), ("gamma", "unloaded")]
+    assert host.paths == ["/props", "/models"]
+    host.load("alpha")
+    host.paths.clear()
+    reading = host.read()
+    assert host.paths == ["/props", "/models", "/slots?model=alpha&autoload=false"]
+    assert [(m.id, m.state, m.total, m.processing) for m in reading.models] == [
+        ("alpha", "loaded", 2, 0), ("beta", "unloaded", 0, 0), ("gamma", "unloaded", 0, 0)]
+    assert {m.name: m.state.value for m in host.router.models.values()} == {
+        "alpha": "loaded", "beta": "unloaded", "gamma": "unloaded"}
+
+
+def test_read_router_sees_busy_slots_and_failed_loads(hosts, clock: Clock) -> None:
+    """A request running on alpha shows as 1 of 2 slots processing; a failed load of beta is
+    state failed with its exit code."""
+    host = hosts(failing={"beta": 7})
+    host.load("alpha")
+    running = host.client.post("/completion", {"model": "alpha", "prompt": "hi", "n_predict": 50})
+    host.load("beta")
+    [alpha, beta, _] = host.read().models
+    assert (alpha.state, alpha.total, alpha.processing) == ("loaded", 2, 1)
+    assert (beta.state, beta.exit_code) == ("failed", 7)
+    clock.advance(6)
+    running.pump()
+    assert running.response.status == 200
+
+
+def test_the_single_model_reader_hands_a_router_over(hosts) -> None:
+    """read_slots raises RouterMode for a router: /slots' 400 "model name is missing" in slots
+    mode, /props' role router in health mode (instead of "unreachable")."""
+    host = hosts()
+    for mode in ("slots", "health"):
+        with pytest.raises(RouterMode):
+            run(read_slots(host.get, mode=mode))
+
+
+# the fleet picture
+
+
+def two_routers(hosts, clock: Clock):
+    pool = make_pool(clock)
+    first, second = hosts("http://10.0.0.1:8080"), hosts("http://10.0.0.2:8080")
+    parents = []
+    for host in (first, second):
+        parent = pool.add(Upstream(host.url, clock=clock))
+        observe_router(pool, parent, host.read())
+        parents.append(parent)
+    return pool, (first, second), parents
+
+
+def test_each_model_of_each_router_is_a_child_upstream(hosts, clock: Clock) -> None:
+    """Two routers of three models: six children (one per router and model) plus the two
+    routers, which take no request themselves; children of unloaded models take requests
+    (the routers autoload) with the slot count they would have."""
+    pool, _, parents = two_routers(hosts, clock)
+    assert len(pool.upstreams) == 8
+    for parent in parents:
+        assert parent.role == "router" and parent.state is UpstreamState.HEALTHY
+        assert not parent.accepts_requests
+        children = children_of(pool.upstreams.values(), parent)
+        assert sorted(c.router_model for c in children) == ["alpha", "beta", "gamma"]
+        for child in children:
+            assert child.id == child_id(parent.url, child.router_model)
+            assert child.model_state == "unloaded" and child.accepts_requests
+    assert sorted(u.name for u in pool.eligible("beta")) == ["10.0.0.1:8080/beta", "10.0.0.2:8080/beta"]
+
+
+def test_a_loaded_copy_with_a_free_slot_is_chosen_before_a_router_that_must_load(
+    hosts, clock: Clock
+) -> None:
+    """alpha loaded on the second router only: two concurrent requests for alpha both go to
+    it (its 2 free slots); a third, with both busy, may go where alpha must be loaded."""
+    pool, (first, second), parents = two_routers(hosts, clock)
+    second.load("alpha")
+    observe_router(pool, parents[1], second.read())
+    loaded = pool.upstreams[child_id(second.url, "alpha")]
+    assert loaded.model_state == "loaded" and loaded.slots_idle == 2
+    leases = [pool.acquire("alpha").result for _ in range(2)]
+    assert [lease.upstream for lease in leases] == [loaded, loaded]
+    third = pool.acquire("alpha").result
+    assert third.upstream is pool.upstreams[child_id(first.url, "alpha")]
+    for lease in (*leases, third):
+        lease.release()
+
+
+def test_without_autoload_an_unloaded_model_takes_no_request(hosts, clock: Clock) -> None:
+    """A router started with --no-models-autoload: its unloaded models' children are not
+    eligible (the router would answer 400); a failed model is never eligible."""
+    pool = make_pool(clock)
+    host = hosts(autoload=False, failing={"gamma": 1})
+    parent = pool.add(Upstream(host.url, clock=clock))
+    host.load("alpha")
+    host.client.post("/models/load", {"model": "gamma"})
+    clock.advance(0.5)
+    observe_router(pool, parent, host.read())
+    states = {c.router_model: (c.model_state, c.accepts_requests)
+              for c in children_of(pool.upstreams.values(), parent)}
+    assert states == {"alpha": ("loaded", True), "beta": ("unloaded", False), "gamma": ("failed", False)}
+
+
+def test_a_router_that_fails_fails_for_its_models_and_takes_them_when_removed(
+    hosts, clock: Clock
+) -> None:
+    """Probe failures of a router reach its children (unreachable together); removing the
+    router removes its children; the other router's children stay."""
+    pool, _, parents = two_routers(hosts, clock)
+    pool.observe(parents[0], FailureSeen("connection refused", unreachable_after=1))
+    for child in children_of(pool.upstreams.values(), parents[0]):
+        assert child.state is UpstreamState.UNREACHABLE
+    assert [u.name for u in pool.eligible("alpha")] == ["10.0.0.2:8080/alpha"]
+    pool.remove(parents[0].id)
+    assert len(pool.upstreams) == 4
+    assert children_of(pool.upstreams.values(), parents[0]) == []
+
+
+# model resolution and the fleet's models
+
+
+def test_resolve_model_in_a_multi_model_fleet(hosts, clock: Clock) -> None:
+    """Known model: itself; alias: its target; unknown: ModelNotFound (404, OpenAI's
+    model_not_found, naming only the model asked for); none: ModelRequired unless a default."""
+    pool, _, _ = two_routers(hosts, clock)
+    upstreams = list(pool.upstreams.values())
+    assert resolve_model(upstreams, "beta") == "beta"
+    assert resolve_model(upstreams, "fast", {"fast": "beta"}) == "beta"
+    with pytest.raises(ModelNotFound) as unknown:
+        resolve_model(upstreams, "nope")
+    assert unknown.value.status == 404
+    assert b'"code": "model_not_found"' in unknown.value.body()
+    assert b"alpha" not in unknown.value.body()
+    with pytest.raises(ModelRequired):
+        resolve_model(upstreams, None)
+    assert resolve_model(upstreams, None, default="gamma") == "gamma"
+
+
+def test_a_single_model_fleet_keeps_ignoring_model_names() -> None:
+    """Without a router upstream any model name (or none) passes, as llama-server ignores it."""
+    upstreams = [healthy_upstream("http://10.0.0.9:8080", models=("tiny.gguf",))]
+    assert resolve_model(upstreams, "gpt-4o") == "gpt-4o"
+    assert resolve_model(upstreams, None) is None
+
+
+def test_fleet_models_is_the_union_with_fleet_wide_status(hosts, clock: Clock) -> None:
+    """Two routers (alpha loaded on one) and a single-model server (delta): one entry per id,
+    alpha loaded on 1 upstream, beta unloaded, delta loaded; OpenAI list shape."""
+    pool, (first, _), parents = two_routers(hosts, clock)
+    first.load("alpha")
+    observe_router(pool, parents[0], first.read())
+    pool.add(healthy_upstream("http://10.0.0.3:8080", models=("delta",), clock=clock))
+    body = fleet_models(pool.upstreams.values(), 1234)
+    assert body["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"], m["created"]) for m in body["data"]] == [
+        ("alpha", "model", "llamacpp", 1234), ("beta", "model", "llamacpp", 1234),
+        ("delta", "model", "llamacpp", 1234), ("gamma", "model", "llamacpp", 1234)]
+    status = {m["id"]: (m["status"]["value"], m["status"]["loaded"], len(m["status"]["upstreams"]))
+              for m in body["data"]}
+    assert status == {"alpha": ("loaded", 1, 2), "beta": ("unloaded", 0, 2),
+                      "delta": ("loaded", 1, 1), "gamma": ("unloaded", 0, 2)}
+
+
+def test_parse_model_aliases_refuses_bad_entries() -> None:
+    """NAME=TARGET, each name once."""
+    assert parse_model_aliases(["fast=alpha", " big = gamma "]) == {"fast": "alpha", "big": "gamma"}
+    for bad in (["fast"], ["=alpha"], ["fast="], ["a=b", "a=c"]):
+        with pytest.raises(ValueError):
+            parse_model_aliases(bad)
