@@ -144,7 +144,7 @@ def test_a_get_with_autoload_loads_the_model_then_answers(router: MakeRouter, cl
 
 def test_load_and_unload_answers_and_errors(router: MakeRouter, clock: Clock) -> None:
     """/models/load: 200 success then loading -> loaded; again 400 "already running";
-    unknown 404 "model is not found". /models/unload: 200 then unloaded; again 400
+    unknown 404 "File Not Found". /models/unload: 200 then unloaded; again 400
     "model is not running"; unknown 400 "model is not found"."""
     client = router()
     response = client.post("/models/load", {"model": "alpha"}).response
@@ -155,7 +155,7 @@ def test_load_and_unload_answers_and_errors(router: MakeRouter, clock: Clock) ->
     clock.advance(0.5)
     assert statuses(client)["alpha"] == "loaded"
     assert error(client.post("/models/load", {"model": "nope"})) == (
-        404, "not_found_error", "model is not found")
+        404, "not_found_error", "File Not Found")
     response = client.post("/models/unload", {"model": "alpha"}).response
     assert (response.status, response.json()) == (200, {"success": True})
     assert statuses(client)["alpha"] == "unloaded"

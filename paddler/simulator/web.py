@@ -476,7 +476,9 @@ class RouterResource(Resource):
         model = self.router.get(name) if isinstance(name, str) else None
         if path == "/models/load":
             if model is None:
-                raise SimulatorError(404, "model is not found", "not_found_error")
+                # llama.cpp answers "model is not found", but its HTTP layer puts its own
+                # 404 body in place of every 404's (seen on the real server)
+                return self._json(request, 404, NOT_FOUND_BODY)
             self.router.load(model)
         else:
             if model is None:
