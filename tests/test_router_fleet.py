@@ -10,6 +10,7 @@ import pytest
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
+from paddler.errors import BufferFull
 from paddler.fleet.models import (
     ModelNotFound,
     ModelRequired,
@@ -265,3 +266,84 @@ def test_parse_model_aliases_refuses_bad_entries() -> None:
     for bad in (["fast"], ["=alpha"], ["fast="], ["a=b", "a=c"]):
         with pytest.raises(ValueError):
             parse_model_aliases(bad)
+
+
+# the buffer per model, and its metrics
+
+
+def busy_router_pool(hosts, clock: Clock, max_buffered: int = 4):
+    """One router with alpha and beta loaded (2 slots each), every slot leased."""
+    pool = make_pool(clock, max_buffered=max_buffered)
+    host = hosts()
+    parent = pool.add(Upstream(host.url, clock=clock))
+    host.load("alpha")
+    host.load("beta")
+    observe_router(pool, parent, host.read())
+    leases = {m: [pool.acquire(m).result for _ in range(2)] for m in ("alpha", "beta")}
+    return pool, leases
+
+
+def test_a_cold_models_burst_cannot_keep_a_hot_model_out_of_the_full_buffer(hosts, clock: Clock) -> None:
+    """Buffer of 4 full of beta requests: each of two alpha clients takes the place of the
+    newest beta waiter (which gets 503 buffer full, naming beta), and both are served first
+    as alpha's slots free, before the older beta waiters; one more beta is then refused."""
+    pool, leases = busy_router_pool(hosts, clock)
+    betas = [pool.acquire("beta") for _ in range(4)]
+    refused: list[Any] = []
+    for d in betas[2:]:
+        d.addErrback(refused.append)
+    alphas = [pool.acquire("alpha") for _ in range(2)]
+    assert len(refused) == 2 and all(f.check(BufferFull) for f in refused)
+    assert "for model beta" in refused[0].getErrorMessage()
+    assert pool.buffered_by_model() == {"beta": 2, "alpha": 2}
+    more: list[Any] = []
+    pool.acquire("beta").addErrback(more.append)
+    assert more and more[0].check(BufferFull)  # beta is no longer the crowded one
+    for lease in leases["alpha"]:
+        lease.release()
+    served = [d.result for d in alphas]
+    assert [lease.upstream.router_model for lease in served] == ["alpha", "alpha"]
+    assert not any(d.called for d in betas[:2])
+    for lease in (*served, *leases["beta"]):
+        lease.release()
+    for d in betas[:2]:
+        d.result.release()
+
+
+def test_a_single_model_fleet_full_buffer_refuses_the_newcomer_as_before(clock: Clock) -> None:
+    """Without router-mode upstreams a full buffer refuses the new request, whatever model it names."""
+    pool = make_pool(clock, max_buffered=2)
+    pool.add(healthy_upstream("http://10.0.0.9:8080", total=1, models=("tiny.gguf",), clock=clock))
+    lease = pool.acquire("tiny.gguf").result
+    waiting = [pool.acquire("a"), pool.acquire("a")]
+    refused: list[Any] = []
+    pool.acquire("b").addErrback(refused.append)
+    assert refused and refused[0].check(BufferFull)
+    assert not any(d.called for d in waiting)
+    lease.release()
+    waiting[0].result.release()
+    waiting[1].result.release()
+
+
+def test_metrics_per_model(hosts, clock: Clock) -> None:
+    """paddler_requests_buffered{model} counts each model's waiters (0 for gamma, which nobody
+    waits for) and paddler_slots{model,state} each model's idle and busy slots."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from paddler.observability.prometheus import PrometheusMetrics
+    from paddler.observability.requests import RequestStats
+
+    pool, leases = busy_router_pool(hosts, clock, max_buffered=10)
+    waiting = [pool.acquire("beta"), pool.acquire("beta"), pool.acquire("alpha")]
+    leases["alpha"][0].release()
+    text = PrometheusMetrics(pool, RequestStats(clock)).render().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    buffered = {s.labels["model"]: s.value for s in families["paddler_requests_buffered"].samples}
+    assert buffered == {"": 0, "alpha": 0, "beta": 2, "gamma": 0}
+    slots = {(s.labels["model"], s.labels["state"]): s.value for s in families["paddler_slots"].samples}
+    assert slots[("alpha", "busy")] == 2 and slots[("beta", "busy")] == 2
+    assert slots[("alpha", "idle")] == 0
+    for lease in (leases["alpha"][1], *leases["beta"]):
+        lease.release()
+    for d in waiting:
+        d.result.release()

@@ -388,7 +388,7 @@ class UpstreamPool:
                 return succeed(lease)
         if self.max_buffered == 0:
             return fail(BufferingDisabled("no free slot on any upstream and buffering is disabled"))
-        if len(self._waiters) >= self.max_buffered:
+        if len(self._waiters) >= self.max_buffered and not self._make_room_for(model):
             return fail(self.buffer_full_error())
         remaining = self.buffer_timeout - (now - started)
         if remaining <= 0:
@@ -399,6 +399,41 @@ class UpstreamPool:
         self.notify("changed")
         self.capacity_changed()
         return waiter.deferred
+
+    def _make_room_for(self, model: str | None) -> bool:
+        """
+        The buffer is full: in a multi-model fleet each model has its own FIFO inside the
+        shared limit, so a request for a model with fewer waiters than the most-waited-for
+        model takes the place of that model's newest waiter (answered 503 "buffer full"):
+        a cold model's burst cannot keep a hot model's requests out. Return whether room
+        was made.
+        """
+        if not any(u.role == "router" for u in self.upstreams.values()):
+            return False
+        counts = self.buffered_by_model(local_only=True)
+        mine = counts.get(model or "", 0)
+        crowded = max(counts, key=lambda m: counts[m])
+        if counts[crowded] <= mine + 1:
+            return False
+        victim = next(w for w in reversed(self._waiters) if (w.model or "") == crowded)
+        self._leave(victim)
+        self.log.info(
+            "buffer full: a request for {model} takes the place of the newest of {count} waiting for {crowded}",
+            model=model, count=counts[crowded], crowded=crowded,
+        )
+        victim.deferred.errback(self.buffer_full_error(f", {counts[crowded]} of them for model {crowded}"))
+        return True
+
+    def buffered_by_model(self, local_only: bool = False) -> dict[str, int]:
+        """Requests waiting for a slot per model ("" for those naming none, and for the
+        shared buffer's, which are not told apart)."""
+        counts: dict[str, int] = {}
+        for waiter in self._waiters:
+            key = waiter.model or ""
+            counts[key] = counts.get(key, 0) + 1
+        if not local_only and self.shared is not None and self.shared.requests_waiting:
+            counts[""] = counts.get("", 0) + self.shared.requests_waiting
+        return counts
 
     def hand_waiters_over(self, acquire: Callable[[str | None, frozenset[str], Any, float], Deferred[Lease]]) -> int:
         """
