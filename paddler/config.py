@@ -254,6 +254,22 @@ class BalancerConfig:
         "goes to TARGET (its body says TARGET upstream).",
         Converted(_model_aliases, "name=target,..."),
     )
+    model_placement: bool = setting(
+        False,
+        "Load models on router-mode upstreams where requests wait for them (POST /models/load, "
+        "evicting the least valuable idle model), instead of letting each router autoload them.",
+        Flag(),
+    )
+    model_min_residency: float = setting(
+        30.0, "With --model-placement: a loaded model is not evicted before this many seconds.",
+        seconds(zero_allowed=True),
+    )
+    model_load_timeout: float = setting(
+        300.0, "With --model-placement: a load not finished in this many seconds has failed.", seconds()
+    )
+    model_replicas_max: int = setting(
+        1, "With --model-placement: copies of one model loaded while all its slots are busy.", count(1, 1000)
+    )
     default_model: str | None = setting(
         None,
         "The model of a request that names none, when the fleet serves several (router-mode "

@@ -426,6 +426,16 @@ def makeBalancerService(
     metrics = PrometheusMetrics(pool, stats)
     if pool.shared is not None:
         metrics.collector.extra.append(pool.shared.metrics)
+    if config.model_placement:
+        from paddler.fleet.placement import ModelPlacement, json_poster
+
+        placement = ModelPlacement(
+            pool, reactor, json_poster(upstream_client, config.llamacpp_api_key), top.probes.probe_now,
+            events, interval=min(0.5, config.probe_interval), min_residency=config.model_min_residency,
+            load_timeout=config.model_load_timeout, replicas_max=config.model_replicas_max,
+        )
+        placement.setServiceParent(top)
+        metrics.collector.extra.append(placement.metrics)
     observability = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()
     if config.statsd is not None:
         from paddler.config import parse_statsd_address

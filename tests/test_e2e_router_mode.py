@@ -128,3 +128,26 @@ def test_slots_and_props_with_a_model_query_reach_that_model(procs: Processes) -
     assert reply.status == 200, reply
     assert json.loads(reply.body)["total_slots"] == 2
     assert get(proxy, "/props?model=nope").status == 404
+
+
+def test_placement_loads_a_waiting_model_on_one_router(procs: Processes) -> None:
+    """--model-placement with two routers that do not autoload: two concurrent clients for
+    beta wait while paddler loads beta on one router (POST /models/load), then both are served
+    there; the event log says "loaded beta on ..." and paddler_model_loads_total counts it."""
+    first = router_sim(procs, "--no-models-autoload")
+    second = router_sim(procs, "--no-models-autoload")
+    _, proxy, management = procs.balancer(
+        "--upstream", first, "--upstream", second, "--probe-interval", "0.2", "--model-placement")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["total"] >= 8, 20, "8 upstreams known")
+    calls = [Background(lambda: chat(proxy, "beta")) for _ in range(2)]
+    for call in calls:
+        reply = call.result(30)
+        assert reply.status == 200, reply
+        assert reply.json()["model"] == "beta"
+    where = [url for url in (first, second) if model_states(url)["beta"] == "loaded"]
+    assert len(where) == 1
+    events = get_json(management, "/api/v1/state")["events"]
+    [load] = [e for e in events if e["kind"] == "model_load"]
+    assert load["outcome"] == "loaded" and load["text"].startswith("loaded beta on ")
+    metrics = get(management, "/metrics").body.decode()
+    assert 'paddler_model_loads_total{model="beta"' in metrics

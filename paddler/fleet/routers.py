@@ -79,7 +79,10 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
         previous = child.model_state
         child.model_state = model.state
         child.exit_code = model.exit_code
-        child.autoload = reading.autoload
+        if previous != model.state:
+            child.model_since = child._clock.seconds() if child._clock is not None else 0.0
+        # with --model-placement paddler loads models itself: requests wait for its loads
+        child.autoload = reading.autoload and not getattr(pool, "model_placement", False)
         child.draining = parent.draining
         if previous is not None and previous != model.state:
             log.info("model {model} on {name}: {previous} -> {state}", model=model.id,

@@ -189,6 +189,9 @@ class Upstream:
         self.router_model: str | None = None
         self.model_state: str | None = None
         self.exit_code = 0
+        #: When C{model_state} last changed, and when a request of ours last started or ended here.
+        self.model_since = clock.seconds() if clock is not None else 0.0
+        self.last_used_at = self.model_since
         #: For a router: C{max_instances} and C{models_autoload} from its /props.
         self.max_instances = 0
         self.autoload = True
@@ -241,11 +244,17 @@ class Upstream:
         lease = self._next_lease
         self._next_lease += 1
         self._leases.add(lease)
+        self._used()
         return lease
 
     def return_lease(self, lease: int) -> None:
         """Count the request with lease number C{lease} as finished (once)."""
         self._leases.remove(lease)
+        self._used()
+
+    def _used(self) -> None:
+        if self._clock is not None:
+            self.last_used_at = self._clock.seconds()
 
     def ghost_lease(self, lease: int) -> None:
         """
