@@ -414,8 +414,11 @@ def makeBalancerService(
         report_age=pool.shared.report_age if pool.shared is not None else None,
     )
     top.registry.setServiceParent(top)
+    from paddler.fleet.placement import json_poster
+
     management = ManagementAPI(
-        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls
+        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls,
+        post=json_poster(upstream_client, config.llamacpp_api_key),
     )
 
     history = StateHistory()
@@ -427,7 +430,7 @@ def makeBalancerService(
     if pool.shared is not None:
         metrics.collector.extra.append(pool.shared.metrics)
     if config.model_placement:
-        from paddler.fleet.placement import ModelPlacement, json_poster
+        from paddler.fleet.placement import ModelPlacement
 
         placement = ModelPlacement(
             pool, reactor, json_poster(upstream_client, config.llamacpp_api_key), top.probes.probe_now,

@@ -151,3 +151,28 @@ def test_placement_loads_a_waiting_model_on_one_router(procs: Processes) -> None
     assert load["outcome"] == "loaded" and load["text"].startswith("loaded beta on ")
     metrics = get(management, "/metrics").body.decode()
     assert 'paddler_model_loads_total{model="beta"' in metrics
+
+
+def test_management_api_lists_loads_and_unloads_models(procs: Processes) -> None:
+    """GET /api/v1/models is the fleet's model list; POST /api/v1/upstreams/{router}/models/load
+    loads a model on that router (and the answer's upstream shows it), unload unloads it;
+    a second load is 409 with the router's reason, an unknown model 404, a single-model
+    upstream 400."""
+    router = router_sim(procs)
+    _, single = procs.simulator(2, 400.0, "--model", "delta")
+    _, proxy, management = procs.balancer(
+        "--upstream", f"gpu-1={router}", "--upstream", f"solo={single}", "--probe-interval", "0.2")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 4, 20, "4 upstreams healthy")
+    assert [m["id"] for m in get_json(management, "/api/v1/models")["data"]] == ["alpha", "beta", "delta", "gamma"]
+    reply = post(management, "/api/v1/upstreams/gpu-1/models/load", {"model": "gamma"})
+    assert reply.status == 200, reply
+    assert reply.json()["success"] is True and reply.json()["upstream"]["role"] == "router"
+    wait_for(lambda: model_states(router)["gamma"] == "loaded", 10, "gamma loaded")
+    again = post(management, "/api/v1/upstreams/gpu-1/models/load", {"model": "gamma"})
+    assert again.status == 409 and "already running" in again.json()["error"]["message"]
+    assert post(management, "/api/v1/upstreams/gpu-1/models/load", {"model": "nope"}).status == 404
+    assert post(management, "/api/v1/upstreams/solo/models/load", {"model": "delta"}).status == 400
+    assert post(management, "/api/v1/upstreams/gpu-1/models/load", {"modle": "gamma"}).status == 400
+    reply = post(management, "/api/v1/upstreams/gpu-1/models/unload", {"model": "gamma"})
+    assert reply.status == 200, reply
+    assert model_states(router)["gamma"] == "unloaded"
