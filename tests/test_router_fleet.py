@@ -347,3 +347,99 @@ def test_metrics_per_model(hosts, clock: Clock) -> None:
         lease.release()
     for d in waiting:
         d.result.release()
+
+
+# hostile routers and clients
+
+
+@pytest.mark.parametrize(
+    "models, reason",
+    [
+        (b"not json", "no data list"),
+        (b'{"data": "x"}', "no data list"),
+        (b'{"data": [{"id": 7, "status": {"value": "loaded"}}]}', "entries must be objects with an id"),
+        (b'{"data": [{"id": "a\\u0000b", "status": {"value": "loaded"}}]}', "printable"),
+        (b'{"data": [{"id": "a", "status": {"value": "exploded"}}]}', "no known status.value"),
+        (b'{"data": [{"id": "a", "status": {"value": "unloaded"}}, {"id": "a", "status": {"value": "unloaded"}}]}',
+         "twice"),
+        (b'{"data": [' + b",".join(b'{"id": "m%d", "status": {"value": "unloaded"}}' % i for i in range(300)) + b"]}",
+         "more than 256"),
+    ],
+)
+def test_a_hostile_routers_models_are_a_probe_error_not_a_crash(models: bytes, reason: str) -> None:
+    """A /models answer that is not what a router sends fails the probe with a reason (the
+    upstream becomes unreachable), and never creates hundreds of upstreams."""
+    from paddler.llamacpp.errors import ProbeError
+
+    answers = {"/props": b'{"role": "router", "max_instances": 2}', "/models": models}
+
+    async def get(path: str) -> tuple[int, bytes]:
+        return 200, answers[path]
+
+    with pytest.raises(ProbeError, match=reason):
+        run(read_router(get))
+
+
+def test_an_unknown_model_message_is_bounded() -> None:
+    """A client naming a 100 kB model gets a 404 whose message shows 200 characters of it."""
+    error = ModelNotFound("x" * 100_000)
+    assert len(error.message) < 300
+
+
+# the prober, through HTTP (StubTreq against the simulated servers' resources)
+
+
+class Swappable:
+    """A web resource that is whichever simulated server is plugged in now (a restart)."""
+
+    isLeaf = True
+
+    def __init__(self, resource: Any) -> None:
+        self.resource = resource
+
+    def render(self, request: Any) -> Any:
+        return self.resource.render(request)
+
+    def getChildWithDefault(self, path: Any, request: Any) -> Any:
+        return self
+
+    def putChild(self, path: Any, child: Any) -> None:
+        raise NotImplementedError
+
+
+def test_the_prober_reads_a_router_and_follows_a_restart_as_a_single_model_server(
+    clock: Clock, hosts
+) -> None:
+    """HTTPProber on a router-mode server: the router and its 3 models become upstreams, probes
+    ask only autoload=false /slots; the same URL restarted as a single-model server is read as
+    one again (its model upstreams removed), and back as a router again."""
+    from treq.testing import StubTreq
+
+    from paddler.fleet.probe import HTTPProber
+    from paddler.simulator.service import simulator_site
+
+    host = hosts()
+    single = simulator_site(clock, SimulatorConfig(slots=3, model="solo"))
+    resource = Swappable(host.client.site.resource)
+    stub = StubTreq(resource)
+    pool = make_pool(clock)
+    prober = HTTPProber(stub, clock, pool, timeout=2)
+    upstream = pool.add(Upstream(host.url, name="gpu-1", clock=clock))
+
+    def probe() -> None:
+        d = prober.probe(upstream)
+        stub.flush()
+        assert d.called
+
+    probe()
+    assert upstream.role == "router"
+    assert sorted(u.name for u in pool.upstreams.values()) == [
+        "gpu-1", "gpu-1/alpha", "gpu-1/beta", "gpu-1/gamma"]
+    assert set(m.state.value for m in host.router.models.values()) == {"unloaded"}
+    resource.resource = single.resource
+    probe()
+    assert upstream.role == "single" and list(pool.upstreams) == [upstream.id]
+    assert (upstream.slots_total, upstream.model, upstream.accepts_requests) == (3, "solo", True)
+    resource.resource = host.client.site.resource
+    probe()
+    assert upstream.role == "router" and len(pool.upstreams) == 4

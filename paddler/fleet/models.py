@@ -36,7 +36,8 @@ class ModelNotFound(NotFound):
     error_type = "invalid_request_error"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist", param="model")
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        super().__init__(f"The model '{shown}' does not exist", param="model")
         self.extra["code"] = "model_not_found"
 
 

@@ -32,8 +32,9 @@ from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream
 from paddler.interfaces import IUpstreamProber
 from paddler.llamacpp.errors import Loading
 from paddler.interfaces import IUpstreamClient
-from paddler.fleet.routers import child_id, observe_router
+from paddler.fleet.routers import child_id, forget_router, observe_router
 from paddler.llamacpp.slots import (
+    NotRouterMode,
     RouterMode,
     RouterReading,
     SlotReading,
@@ -108,7 +109,13 @@ class HTTPProber:
                 )
             except RouterMode:
                 pass  # /props says role router, or /slots wants a model: read it as a router
-        return await read_router(get, upstream.probe_mark, lambda model: self._child_mark(upstream, model))
+        try:
+            return await read_router(get, upstream.probe_mark, lambda model: self._child_mark(upstream, model))
+        except NotRouterMode:
+            self.log.info("upstream {name} ({url}) is no longer a router-mode llama-server",
+                          name=upstream.name, url=upstream.url)
+            forget_router(self._pool, upstream)
+            return await read_slots(get, mode=self.mode, want_models=True, mark=upstream.probe_mark, cache=cache)
 
     def _child_mark(self, parent: Upstream, model: str) -> int:
         child = self._pool.upstreams.get(child_id(parent.url, model))

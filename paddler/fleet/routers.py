@@ -29,7 +29,7 @@ from paddler.llamacpp.slots import RouterReading
 
 log = Logger()
 
-__all__ = ["child_id", "children_of", "observe_router", "prefer_loaded"]
+__all__ = ["child_id", "children_of", "forget_router", "observe_router", "prefer_loaded"]
 
 
 def child_id(router_url: str, model: str) -> str:
@@ -98,6 +98,15 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
     for name, child in known.items():
         if name not in listed:
             pool.remove(child.id)
+
+
+def forget_router(pool: Any, parent: Upstream) -> None:
+    """C{parent} is no longer a router (restarted as a single-model server): its model
+    upstreams go, and it is read and routed as one server again."""
+    parent.role = "single"
+    parent.set_models(())
+    for child in children_of(pool.upstreams.values(), parent):
+        pool.remove(child.id)
 
 
 def prefer_loaded(candidates: list[Upstream]) -> list[Upstream]:

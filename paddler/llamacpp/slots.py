@@ -134,6 +134,10 @@ class RouterMode(Exception):
     """The server runs in router mode (``/props`` says ``role: router``): read it with L{read_router}."""
 
 
+class NotRouterMode(Exception):
+    """A server read as a router no longer is one (restarted with ``-m``): read it with L{read_slots}."""
+
+
 #: What a router-mode llama-server answers to ``/slots`` without ``?model=``.
 MODEL_MISSING_MESSAGE = "model name is missing from the request"
 
@@ -265,9 +269,24 @@ async def read_slots(
     return SlotReading(total, processing, "props", models, mark=taken)
 
 
+#: Models one router may list (each becomes an upstream of the fleet): a bound against a hostile server.
+MAX_ROUTER_MODELS = 256
+#: The longest model id (or alias) taken from a router.
+MAX_MODEL_NAME = 512
+
+
+def _model_name(value: Any) -> bool:
+    return (
+        isinstance(value, str) and 0 < len(value) <= MAX_MODEL_NAME
+        and not any(ord(c) < 32 or ord(c) == 127 for c in value)
+    )
+
+
 def _model_entry(entry: Any) -> ModelReading:
-    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
-        raise ProbeError("/models entries must be objects with an id")
+    if not isinstance(entry, dict) or not _model_name(entry.get("id")):
+        raise ProbeError(
+            f"/models entries must be objects with an id of 1 to {MAX_MODEL_NAME} printable characters"
+        )
     status = entry.get("status")
     value = status.get("value") if isinstance(status, dict) else None
     if value not in MODEL_STATES:
@@ -280,7 +299,7 @@ def _model_entry(entry: Any) -> ModelReading:
         except (TypeError, ValueError):
             exit_code = 1
     aliases = entry.get("aliases")
-    names = tuple(str(a) for a in aliases if isinstance(a, str) and a) if isinstance(aliases, list) else ()
+    names = tuple(a for a in aliases if _model_name(a))[:16] if isinstance(aliases, list) else ()
     return ModelReading(entry["id"], names, str(value), exit_code)
 
 
@@ -302,7 +321,7 @@ async def read_router(
     except ValueError:
         raise ProbeError("/props answered invalid JSON")
     if not _is_router(props):
-        raise ProbeError("/props no longer says role router")
+        raise NotRouterMode()
     try:
         max_instances = int(props.get("max_instances", 0))
     except (TypeError, ValueError):
@@ -316,7 +335,11 @@ async def read_router(
         raise ProbeError("/models has no data list")
     if not isinstance(data, list):
         raise ProbeError("/models has no data list")
+    if len(data) > MAX_ROUTER_MODELS:
+        raise ProbeError(f"/models lists {len(data)} models, more than {MAX_ROUTER_MODELS}")
     models = [_model_entry(entry) for entry in data]
+    if len({m.id for m in models}) != len(models):
+        raise ProbeError("/models lists a model id twice")
     taken = mark()
     for model in models:
         if model.state != "loaded":
