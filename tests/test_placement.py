@@ -202,3 +202,33 @@ def test_a_busy_model_gets_a_second_copy_up_to_replicas_max(fleets, clock: Clock
     busy[0].release()
     for lease in (busy[1], *served, waiting[2].result):
         lease.release()
+
+
+def test_a_request_that_times_out_waiting_for_a_load_gets_its_expected_time(fleets, clock: Clock) -> None:
+    """beta takes 4 s to load, learned from a first load; after an unload a request that waits
+    2 s (--buffered-request-timeout) for beta's next load gets 504 with Retry-After the rest of
+    the expected load time and x-should-retry true; the model upstream shows load_seconds."""
+    from paddler.errors import BufferTimeout
+
+    fleet = fleets(count=1, load_seconds=4.0)
+    first = fleet.pool.acquire("beta")
+    for _ in range(24):
+        clock.advance(0.25)
+    released(first)
+    learned = fleet.child(0, "beta").load_seconds
+    assert learned is not None and 4.0 <= learned <= 4.5
+    fleet.hosts[0].client.post("/models/unload", {"model": "beta"})
+    fleet.probe_now(fleet.routers[0])
+    fleet.pool.buffer_timeout = 2.0
+    timed_out: list[Any] = []
+    fleet.pool.acquire("beta").addErrback(timed_out.append)
+    for _ in range(8):
+        clock.advance(0.25)
+    [failure] = timed_out
+    assert failure.check(BufferTimeout)
+    error = failure.value
+    assert error.headers[b"x-should-retry"] == b"true"
+    assert 1 <= int(error.headers[b"retry-after"]) <= 3
+    assert "beta is loading" in error.message
+    for _ in range(16):
+        clock.advance(0.25)

@@ -109,6 +109,7 @@ class ModelPlacement(Service):
         self._loop: LoopingCall | None = None
         self._unplaceable: set[str] = set()
         pool.model_placement = True  # children of unloaded models wait for our loads
+        pool.load_eta = self.load_eta
 
     # -- lifetime ---------------------------------------------------------
 
@@ -223,13 +224,16 @@ class ModelPlacement(Service):
                            if c.router_model == load.victim), None)
             if victim is not None:
                 victim.model_state = "unloaded"  # no new request for it meanwhile
+                victim.model_since = self.clock.seconds()
             code, body = await self.post(load.router, "/models/unload", {"model": load.victim})
             if code != 200 and error_message(body) != "model is not running":
                 raise PlacementError(f"unloading {load.victim} answered {code}: {error_message(body)}")
         code, body = await self.post(load.router, "/models/load", {"model": load.model})
         if code != 200 and error_message(body) != "model is already running":
             raise PlacementError(f"/models/load answered {code}: {error_message(body)}")
-        load.child.model_state = "loading"  # until the next reading says more
+        if load.child.model_state != "loading":
+            load.child.model_state = "loading"  # until the next reading says more
+            load.child.model_since = self.clock.seconds()
         unloaded_readings = 0
         while True:
             await self.probe_now(load.router)
@@ -281,6 +285,19 @@ class ModelPlacement(Service):
                 text=f"loaded {load.model} on {load.router.name}{evicted}" if outcome == "loaded"
                 else f"loading {load.model} on {load.router.name}{evicted}: {outcome}",
             )
+
+    def load_eta(self, model: str) -> float | None:
+        """Seconds until the load of C{model} under way should be done (from the load times
+        learned for it), or None when none is under way or nothing was learned."""
+        load = self.loading.get(model)
+        if load is None:
+            return None
+        learned = [u.load_seconds for u in self.pool.upstreams.values()
+                   if u.router_model == model and u.load_seconds is not None]
+        if not learned:
+            return None
+        expected = load.child.load_seconds if load.child.load_seconds is not None else max(learned)
+        return max(1.0, load.started + expected - self.clock.seconds())
 
     # -- figures ----------------------------------------------------------
 

@@ -143,6 +143,11 @@ class UpstreamPool:
         self._observers: list[Callable[[Upstream, Observation, bool], None]] = []
         #: The shared slot store's side (L{paddler.shared.fleet.SharedFleet}) with --state, else None.
         self.shared: Any = None
+        #: C{load_eta(model)}: seconds until a load of C{model} under way is expected done, else
+        #: None (set by L{paddler.fleet.placement.ModelPlacement}); a timed-out waiter's Retry-After.
+        self.load_eta: Callable[[str], float | None] | None = None
+        #: True with --model-placement: routers' unloaded models wait for paddler's loads.
+        self.model_placement = False
 
     # -- membership -------------------------------------------------------
 
@@ -466,7 +471,14 @@ class UpstreamPool:
     def _expire(self, waiter: _Waiter) -> None:
         waiter.timeout_call = None
         self._leave(waiter)
-        waiter.deferred.errback(self.buffer_timeout_error())
+        error = self.buffer_timeout_error()
+        eta = self.load_eta(waiter.model) if waiter.model and self.load_eta is not None else None
+        if eta is not None:
+            # its model is being loaded: retry once the load is expected to be done
+            error.headers[b"retry-after"] = _retry_after(eta)
+            error.headers[b"x-should-retry"] = b"true"
+            error.message += f"; model {waiter.model} is loading, expected in about {eta:.0f} s"
+        waiter.deferred.errback(error)
 
     def buffer_full_error(self, where: str = "") -> BufferFull:
         """The 503 for a full buffer, with a Retry-After from the rate at which slots free."""

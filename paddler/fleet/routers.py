@@ -80,7 +80,10 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
         child.model_state = model.state
         child.exit_code = model.exit_code
         if previous != model.state:
-            child.model_since = child._clock.seconds() if child._clock is not None else 0.0
+            now = child._clock.seconds() if child._clock is not None else 0.0
+            if previous == "loading" and model.state == "loaded":
+                child.load_seconds = max(0.0, now - child.model_since)  # learned: the next ETA
+            child.model_since = now
         # with --model-placement paddler loads models itself: requests wait for its loads
         child.autoload = reading.autoload and not getattr(pool, "model_placement", False)
         child.draining = parent.draining

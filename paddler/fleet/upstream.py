@@ -192,6 +192,8 @@ class Upstream:
         #: When C{model_state} last changed, and when a request of ours last started or ended here.
         self.model_since = clock.seconds() if clock is not None else 0.0
         self.last_used_at = self.model_since
+        #: How long the last load of its model took, seen from loading to loaded (None: not seen).
+        self.load_seconds: float | None = None
         #: For a router: C{max_instances} and C{models_autoload} from its /props.
         self.max_instances = 0
         self.autoload = True
@@ -397,6 +399,7 @@ class Upstream:
             "role": self.role,
             "parent_id": self.parent_id,
             "model_state": self.model_state,
+            "load_seconds": self.load_seconds,
             "probe_method": self.probe_method,
             "last_update_age": None
             if self.last_update_at is None
