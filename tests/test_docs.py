@@ -148,8 +148,18 @@ def statsd_names() -> set[str]:
     pool.remove(upstream.id)  # a removed upstream's gauges are zeroed once
     service.report()
     names = {u.name for u in pool.upstreams.values()} | {upstream.name}
+    # a router-mode upstream with one model: the per-model gauges
+    router = pool.add(Upstream("http://10.0.0.7:8080", "router", clock=clock))
+    router.role = "router"
+    child = Upstream("http://10.0.0.7:8080", "router/m", source="router", clock=clock)
+    child.id, child.parent_id, child.router_model, child.model_state = "c", router.id, "m", "loaded"
+    pool.add(child)
+    pool.observe(child, SlotsSeen(2, 0, child.probe_mark(), models=("m",)))
+    service.report()
+    names |= {"router", "router/m"}
     components = "|".join(re.escape(graphite_name(n)) for n in names)
-    return {re.sub(rf"^upstream\.({components})\.", "upstream.NAME.", name) for name in sent}
+    renamed = {re.sub(rf"^upstream\.({components})\.", "upstream.NAME.", name) for name in sent}
+    return {re.sub(r"^model\.m\.", "model.MODEL.", name) for name in renamed}
 
 
 def test_metrics_page_lists_every_statsd_name_the_balancer_sends() -> None:

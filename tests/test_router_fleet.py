@@ -443,3 +443,44 @@ def test_the_prober_reads_a_router_and_follows_a_restart_as_a_single_model_serve
     resource.resource = host.client.site.resource
     probe()
     assert upstream.role == "router" and len(pool.upstreams) == 4
+
+
+def test_statsd_reports_each_model_and_zeroes_a_model_that_left(hosts, clock: Clock) -> None:
+    """With a router: model.NAME.requests_buffered, .slots_idle and .slots_busy per model;
+    a model the fleet no longer serves is sent as 0 once."""
+    from paddler.observability.requests import RequestStats
+    from paddler.observability.statsd import StatsDService
+
+    class Client:
+        prefix = "paddler"
+
+        def __init__(self) -> None:
+            self.gauges: dict[str, float] = {}
+
+        def gauge(self, name: str, value: float) -> None:
+            self.gauges[name] = value
+
+        def increment(self, name: str, value: int = 1) -> None:
+            pass
+
+        def timing(self, name: str, value: float) -> None:
+            pass
+
+        def flush(self) -> None:
+            pass
+
+    pool, leases = busy_router_pool(hosts, clock, max_buffered=10)
+    waiting = pool.acquire("beta")
+    client = Client()
+    service = StatsDService(client, pool, RequestStats(clock), clock)  # type: ignore[arg-type]
+    service.report()
+    assert client.gauges["model.beta.requests_buffered"] == 1
+    assert (client.gauges["model.alpha.slots_busy"], client.gauges["model.alpha.slots_idle"]) == (2, 0)
+    assert client.gauges["model.gamma.requests_buffered"] == 0
+    [router] = [u for u in pool.upstreams.values() if u.role == "router"]
+    pool.remove(router.id)
+    client.gauges.clear()
+    service.report()
+    assert client.gauges["model.beta.requests_buffered"] == 0 and client.gauges["model.alpha.slots_busy"] == 0
+    waiting.cancel()
+    waiting.addErrback(lambda _: None)
