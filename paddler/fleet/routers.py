@@ -62,6 +62,9 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
     if parent.role != "router":
         log.info("upstream {name} ({url}) is a router-mode llama-server: {count} models",
                  name=parent.name, url=parent.url, count=len(reading.models))
+        if getattr(pool, "shared", None) is not None:
+            log.warn("upstream {name}: router-mode upstreams are not shared through --state yet; "
+                     "other balancers see only the router, not its models", name=parent.name)
     parent.role = "router"
     parent.max_instances = reading.max_instances
     parent.autoload = reading.autoload
