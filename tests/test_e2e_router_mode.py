@@ -50,14 +50,15 @@ def model_states(upstream: str) -> dict[str, str]:
     return {m["id"]: m["status"]["value"] for m in get_json(upstream, "/models")["data"]}
 
 
-def test_two_router_mode_upstreams_route_by_model(procs: Processes) -> None:
-    """Two router-mode simulators behind one balancer: the balancer finds them healthy (no
-    longer "unreachable"), two concurrent clients per model for two models are all answered
-    by their model, a request without model is 400, an unknown model 404 model_not_found,
-    and a probe never loads a model (every model stays unloaded until a request)."""
+@pytest.mark.parametrize("policy", ["slots", "cost"])
+def test_two_router_mode_upstreams_route_by_model(procs: Processes, policy: str) -> None:
+    """Two router-mode simulators behind one balancer (both policies): the balancer finds them
+    healthy (no longer "unreachable"), two concurrent clients per model for two models are all
+    answered by their model, a request without model is 400, an unknown model 404
+    model_not_found, and a probe never loads a model (gamma stays unloaded everywhere)."""
     first, second = router_sim(procs), router_sim(procs)
     _, proxy, management = procs.balancer(
-        "--upstream", first, "--upstream", second, "--probe-interval", "0.2")
+        "--upstream", first, "--upstream", second, "--probe-interval", "0.2", "--policy", policy)
     wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 6, 20,
              "6 model upstreams healthy")
     assert set(model_states(first).values()) == {"unloaded"}
