@@ -484,3 +484,25 @@ def test_statsd_reports_each_model_and_zeroes_a_model_that_left(hosts, clock: Cl
     assert client.gauges["model.beta.requests_buffered"] == 0 and client.gauges["model.alpha.slots_busy"] == 0
     waiting.cancel()
     waiting.addErrback(lambda _: None)
+
+
+def test_health_reports_each_model(hosts, clock: Clock) -> None:
+    """/health of a multi-model fleet has "models": idle slots and copies where each model is
+    loaded, and requests waiting for it; a single-model fleet's /health has no "models"."""
+    pool, leases = busy_router_pool(hosts, clock, max_buffered=10)
+    waiting = pool.acquire("beta")
+    leases["alpha"][0].release()
+    status, body = pool.health()
+    assert status == 200
+    assert body["models"] == {
+        "alpha": {"slots_idle": 1, "loaded_on": 1, "requests_buffered": 0},
+        "beta": {"slots_idle": 0, "loaded_on": 1, "requests_buffered": 1},
+        "gamma": {"slots_idle": 0, "loaded_on": 0, "requests_buffered": 0},
+    }
+    single = make_pool(clock)
+    single.add(healthy_upstream("http://10.0.0.9:8080", models=("tiny.gguf",), clock=clock))
+    assert "models" not in single.health()[1]
+    waiting.cancel()
+    waiting.addErrback(lambda _: None)
+    for lease in (leases["alpha"][1], *leases["beta"]):
+        lease.release()

@@ -613,6 +613,8 @@ class UpstreamPool:
         }
         if self.shared is not None:
             body["shared_state"] = self.shared.describe()
+        if any(u.role == "router" for u in self.upstreams.values()):
+            body["models"] = self._health_by_model()
         if totals["upstreams"]["healthy"]:
             return 200, body
         if self.max_buffered and self.requests_buffered < self.max_buffered:
@@ -623,6 +625,24 @@ class UpstreamPool:
             + ("disabled" if not self.max_buffered else "full")
         )
         return 503, body
+
+    def _health_by_model(self) -> dict[str, dict[str, Any]]:
+        """Per model served (multi-model fleets): idle slots where it is loaded, upstreams where
+        it is loaded, and requests waiting for it."""
+        buffered = self.buffered_by_model()
+        models: dict[str, dict[str, Any]] = {}
+        for upstream in self.upstreams.values():
+            if upstream.role == "router" or not upstream.models:
+                continue
+            model = upstream.router_model or upstream.models[0]
+            entry = models.setdefault(model, {"slots_idle": 0, "loaded_on": 0, "requests_buffered": 0})
+            if upstream.accepts_requests and upstream.loaded:
+                entry["slots_idle"] += upstream.slots_idle
+                entry["loaded_on"] += 1
+        for model, count in buffered.items():
+            if model in models:
+                models[model]["requests_buffered"] = count
+        return dict(sorted(models.items()))
 
     def stop(self) -> None:
         """Fail every waiter (the balancer is stopping)."""
