@@ -177,3 +177,28 @@ def test_management_api_lists_loads_and_unloads_models(procs: Processes) -> None
     reply = post(management, "/api/v1/upstreams/gpu-1/models/unload", {"model": "gamma"})
     assert reply.status == 200, reply
     assert model_states(router)["gamma"] == "unloaded"
+
+
+def test_a_model_that_fails_to_load_on_one_router_is_served_by_the_other(procs: Processes) -> None:
+    """beta fails to load on the first router (exit code 3) and loads on the second: every
+    request for beta is answered 200 (a "failed to load" answer is retried on the other copy),
+    and the first router's beta is then failed and takes no request."""
+    broken = router_sim(procs, "--models-fail-load", "beta=3", "--slots", "4")
+    good = router_sim(procs)
+    _, proxy, management = procs.balancer(
+        "--upstream", f"broken={broken}", "--upstream", f"good={good}", "--probe-interval", "0.2")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 6, 20, "6 upstreams healthy")
+    # gamma loaded on the broken router: its unloaded models count 4 slots, the good one's 1,
+    # so the first request for beta goes to the broken router
+    assert post(broken, "/models/load", {"model": "gamma"}).status == 200
+    wait_for(lambda: get_json(proxy, "/health")["models"]["gamma"]["slots_idle"] == 4, 10, "gamma seen loaded")
+    for _ in range(4):
+        reply = chat(proxy, "beta")
+        assert reply.status == 200, reply
+    def beta_states() -> tuple[str, str]:
+        upstreams = {u["name"]: u for u in get_json(management, "/api/v1/upstreams")["upstreams"]}
+        return upstreams["good/beta"]["model_state"], upstreams["broken/beta"]["model_state"]
+
+    wait_for(lambda: beta_states() == ("loaded", "failed"), 10, "beta loaded on good, failed on broken")
+    [entry] = [m for m in get_json(broken, "/models")["data"] if m["id"] == "beta"]
+    assert entry["status"]["exit_code"] == 3

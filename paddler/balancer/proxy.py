@@ -417,6 +417,16 @@ class ProxyResource(Resource):
                     tried.append(upstream.id)
                     last_error = f"{upstream.name} answered 503: {reason}"
                     continue
+                if response.code == 500 and exchange.takes_slot and upstream.parent_id is not None:
+                    # a router's model that failed to load for this request: another copy may serve it
+                    reason = await self._refused(upstream, response)
+                    if reason.endswith(" failed to load"):
+                        upstream.model_state = "failed"
+                        self._pool.notify("changed", upstream)
+                        tried.append(upstream.id)
+                        last_error = f"{upstream.name} answered 500: {reason}"
+                        continue
+                    raise UpstreamFailed(f"{upstream.name} answered 500: {reason}")
                 timings = await self._relay(exchange, response, upstream)
                 return
             except (*RETRYABLE, BodyLost) as e:
