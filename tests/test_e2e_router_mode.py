@@ -202,3 +202,39 @@ def test_a_model_that_fails_to_load_on_one_router_is_served_by_the_other(procs: 
     wait_for(lambda: beta_states() == ("loaded", "failed"), 10, "beta loaded on good, failed on broken")
     [entry] = [m for m in get_json(broken, "/models")["data"] if m["id"] == "beta"]
     assert entry["status"]["exit_code"] == 3
+
+
+def test_a_router_killed_mid_load_the_request_is_served_by_the_other_and_it_comes_back(
+    procs: Processes,
+) -> None:
+    """beta takes 2 s to load; the first router (chosen: more slots) is killed (SIGKILL) while
+    it loads beta for a request: the request is answered 200 by the second router; the first,
+    started again on its port, is a router again with its models unloaded."""
+    import signal
+    from urllib.parse import urlsplit
+
+    first_process, first = procs.simulator(
+        4, 400.0, "--models", "alpha,beta,gamma", "--models-max", "2", "--model-load-seconds", "2")
+    _, second = procs.simulator(
+        2, 400.0, "--models", "alpha,beta,gamma", "--models-max", "2", "--model-load-seconds", "2")
+    _, proxy, management = procs.balancer(
+        "--upstream", f"first={first}", "--upstream", f"second={second}", "--probe-interval", "0.2")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 6, 20, "6 upstreams healthy")
+    assert post(first, "/models/load", {"model": "gamma"}).status == 200
+    wait_for(lambda: get_json(proxy, "/health")["models"]["gamma"]["slots_idle"] == 4, 10, "gamma seen loaded")
+    waiting = Background(lambda: chat(proxy, "beta"))
+    wait_for(lambda: model_states(first)["beta"] == "loading", 10, "beta loading on the first router")
+    first_process.stop(signal.SIGKILL)
+    reply = waiting.result(30)
+    assert reply.status == 200, reply
+    assert model_states(second)["beta"] == "loaded"
+    port = urlsplit(first).port
+    procs.start("simulate", "--listen", f"tcp:{port}:interface=127.0.0.1", "--slots", "4",
+                "--models", "alpha,beta,gamma", "--models-max", "2", name="simulate")
+
+    def first_back() -> bool:
+        upstreams = {u["name"]: u for u in get_json(management, "/api/v1/upstreams")["upstreams"]}
+        return (upstreams["first"]["state"] == "healthy" and upstreams["first"]["role"] == "router"
+                and upstreams["first/beta"]["model_state"] == "unloaded")
+
+    wait_for(first_back, 20, "the first router back, beta unloaded there")
