@@ -280,6 +280,7 @@ def busy_router_pool(hosts, clock: Clock, max_buffered: int = 4):
     host.load("beta")
     observe_router(pool, parent, host.read())
     leases = {m: [pool.acquire(m).result for _ in range(2)] for m in ("alpha", "beta")}
+    pool.router_host = host  # type: ignore[attr-defined]  # for a test that reads it again
     return pool, leases
 
 
@@ -506,3 +507,30 @@ def test_health_reports_each_model(hosts, clock: Clock) -> None:
     waiting.addErrback(lambda _: None)
     for lease in (leases["alpha"][1], *leases["beta"]):
         lease.release()
+
+
+def test_draining_a_router_drains_its_models_and_removal_waits_for_their_requests(
+    hosts, clock: Clock
+) -> None:
+    """Draining a router drains all its model upstreams (undrain undoes it); draining one model
+    leaves the others and survives the next reading; removing a router when idle waits for
+    the requests running on its models."""
+    pool, leases = busy_router_pool(hosts, clock, max_buffered=10)
+    [router] = [u for u in pool.upstreams.values() if u.role == "router"]
+    children = children_of(pool.upstreams.values(), router)
+    pool.drain(router.id, requested=True)
+    assert all(c.draining for c in children)
+    pool.undrain(router.id)
+    assert not any(c.draining for c in children)
+    gamma = pool.upstreams[child_id(router.url, "gamma")]
+    pool.drain(gamma.id, requested=True)
+    observe_router(pool, router, pool.router_host.read())  # type: ignore[attr-defined]
+    assert gamma.draining and not pool.upstreams[child_id(router.url, "alpha")].draining
+    removed = pool.remove_when_idle(router.id)
+    assert removed is not None and not removed.called and router.id in pool.upstreams
+    leases["alpha"][0].release()
+    leases["alpha"][1].release()
+    leases["beta"][0].release()
+    assert not removed.called
+    leases["beta"][1].release()
+    assert removed.called and pool.upstreams == {}

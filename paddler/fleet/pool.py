@@ -249,6 +249,8 @@ class UpstreamPool:
             return None
         if requested:
             upstream.drain_requested = True
+        for child in children_of(list(self.upstreams.values()), upstream):
+            self.drain(child.id, requested)  # a router drains with all its models
         if not upstream.draining:
             upstream.draining = True
             self.log.info(
@@ -266,6 +268,8 @@ class UpstreamPool:
         if upstream is None:
             return None
         self.cancel_removal(upstream_id)
+        for child in children_of(list(self.upstreams.values()), upstream):
+            self.undrain(child.id)
         upstream.drain_requested = False
         if upstream.draining:
             upstream.draining = False
@@ -303,12 +307,17 @@ class UpstreamPool:
 
     def _remove_if_idle(self, upstream: Upstream) -> None:
         if upstream.id in self._removals and upstream.in_flight == 0:
+            if any(c.in_flight for c in children_of(list(self.upstreams.values()), upstream)):
+                return  # a router: when its models' requests are done
             if self.upstreams.get(upstream.id) is upstream:
                 self.remove(upstream.id)
 
     def lease_returned(self, upstream: Upstream) -> None:
         """A request on C{upstream} ended: finish a pending removal, hand the slot on."""
         self._remove_if_idle(upstream)
+        parent = self.upstreams.get(upstream.parent_id) if upstream.parent_id is not None else None
+        if parent is not None:
+            self._remove_if_idle(parent)
         self.capacity_changed()
 
     def find(self, key: str) -> Upstream | None:

@@ -78,7 +78,9 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
         listed.add(model.id)
         child = known.get(model.id)
         if child is None:
-            child = pool.add(_new_child(parent, model.id))
+            fresh = _new_child(parent, model.id)
+            fresh.draining = parent.draining  # a draining router's new model drains too
+            child = pool.add(fresh)
         previous = child.model_state
         child.model_state = model.state
         child.exit_code = model.exit_code
@@ -89,7 +91,6 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
             child.model_since = now
         # with --model-placement paddler loads models itself: requests wait for its loads
         child.autoload = reading.autoload and not getattr(pool, "model_placement", False)
-        child.draining = parent.draining
         if previous is not None and previous != model.state:
             log.info("model {model} on {name}: {previous} -> {state}", model=model.id,
                      name=parent.name, previous=previous, state=model.state)
