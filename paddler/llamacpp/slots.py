@@ -133,6 +133,10 @@ def _require_ok(path: str, code: int, body: bytes) -> None:
 class RouterMode(Exception):
     """The server runs in router mode (``/props`` says ``role: router``): read it with L{read_router}."""
 
+    def __init__(self, message: str = "the server runs in router mode (several models): the balancer "
+                 "reads it directly (--upstream); paddler agent does not report router-mode servers yet") -> None:
+        super().__init__(message)
+
 
 class NotRouterMode(Exception):
     """A server read as a router no longer is one (restarted with ``-m``): read it with L{read_slots}."""
