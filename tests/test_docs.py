@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from paddler.agent.service import AGENT_TRANSITIONS
 from paddler.fleet.upstream import TRANSITIONS, SlotsSeen, Upstream
 from paddler.fleet.placement import ModelPlacement
-from paddler.observability.prometheus import PrometheusMetrics
+from paddler.observability.prometheus import Histogram, PrometheusMetrics
 from paddler.observability.requests import OUTCOMES, RequestStats
 from paddler.observability.statsd import StatsDService, graphite_name
 from paddler.routing.policies import CostChooser
@@ -88,7 +88,8 @@ def exported_prometheus_names() -> set[str]:
     pool, stats, _ = _a_busy_fleet()
     metrics = PrometheusMetrics(pool, stats)
     metrics.collector.extra.append(lambda: SharedFleet.metrics(SimpleNamespace(up=True, snapshot=None)))
-    metrics.collector.extra.append(lambda: ModelPlacement.metrics(SimpleNamespace(loads_total={})))  # type: ignore[arg-type]
+    placement = SimpleNamespace(loads_total={}, load_seconds=Histogram("paddler_model_load_seconds", "", (1.0,)))
+    metrics.collector.extra.append(lambda: ModelPlacement.metrics(placement))  # type: ignore[arg-type]
     text = metrics.render().decode()
     metrics.close()
     names = set(re.findall(r"^# TYPE (\S+) \S+$", text, re.M))

@@ -98,7 +98,8 @@ def released(d: Any) -> Any:
 def test_requests_for_an_unloaded_model_wait_for_one_load_then_get_its_slots(fleets, clock: Clock) -> None:
     """Placement on: two clients for beta wait in the buffer (no router autoloads for them);
     placement loads beta once, on one router, and both get beta's slots there; the event log
-    says "loaded beta on gpu-N" and paddler_model_loads_total counts one load."""
+    says "loaded beta on gpu-N", paddler_model_loads_total counts one load and
+    paddler_model_load_seconds times it."""
     fleet = fleets()
     waiting = [fleet.pool.acquire("beta"), fleet.pool.acquire("beta")]
     assert not any(d.called for d in waiting)
@@ -117,6 +118,9 @@ def test_requests_for_an_unloaded_model_wait_for_one_load_then_get_its_slots(fle
     [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
     assert entry["text"] == f"loaded beta on gpu-{index + 1}" and entry["outcome"] == "loaded"
     assert fleet.placement.loads_total == {("beta", f"gpu-{index + 1}", "loaded"): 1}
+    histogram = fleet.placement.load_seconds
+    assert sum(histogram.counts) == 1 and 0.5 <= histogram.sum <= 1.0  # a 0.5 s load, seen within 0.25 s
+
     for lease in leases:
         lease.release()
 

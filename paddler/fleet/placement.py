@@ -51,6 +51,8 @@ Poster = Callable[[Upstream, str, dict[str, Any]], "Deferred[tuple[int, bytes]]"
 ProbeNow = Callable[[Upstream], "Deferred[Any]"]
 
 _RUNNING = ("loaded", "loading", "sleeping")
+#: Buckets of paddler_model_load_seconds: a tiny model loads in well under a second, a big one in minutes.
+LOAD_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class PlacementError(Exception):
@@ -106,6 +108,13 @@ class ModelPlacement(Service):
         self.loading: dict[str, _Load] = {}
         #: (model, upstream name, outcome) -> loads: ``loaded``, ``failed``, ``refused``, ``timeout``.
         self.loads_total: dict[tuple[str, str, str], int] = {}
+        from paddler.observability.prometheus import Histogram
+
+        #: How long the loads that went through took.
+        self.load_seconds = Histogram(
+            "paddler_model_load_seconds", "Seconds from placing a model to the router saying loaded.",
+            LOAD_SECONDS_BUCKETS,
+        )
         self._loop: LoopingCall | None = None
         self._unplaceable: set[str] = set()
         pool.model_placement = True  # children of unloaded models wait for our loads
@@ -272,6 +281,7 @@ class ModelPlacement(Service):
             "" if load.victim is None else f", evicted {load.victim} (idle {load.victim_idle or 0:.0f} s)"
         )
         if outcome == "loaded":
+            self.load_seconds.observe(seconds)
             self.log.info("loaded {model} on {upstream}{evicted} in {seconds:.1f} s",
                           model=load.model, upstream=load.router.name, evicted=evicted, seconds=seconds)
         else:
@@ -312,6 +322,7 @@ class ModelPlacement(Service):
         for (model, upstream, outcome), count in sorted(self.loads_total.items()):
             family.add_metric([model, upstream, outcome], count)
         yield family
+        yield self.load_seconds.family()
 
 
 def json_poster(client: Any, api_key: str | None = None) -> Poster:
