@@ -69,3 +69,26 @@ def test_two_real_routers_behind_the_balancer(start_llama_router, procs: Process
     assert missing.status == 400, missing
     unknown = chat(proxy, "nope")
     assert unknown.status == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_placement_on_real_routers_without_autoload(start_llama_router, procs: Processes) -> None:
+    """Two real routers with --no-models-autoload and --models-max 1, the balancer with
+    --model-placement: two concurrent clients for beta wait while paddler loads beta on one
+    router, then both are answered; a request for gamma then loads gamma (on the router with
+    room, or evicting beta once idle past the residency); the loads are in the event log."""
+    first = start_llama_router(models_max=1, extra_args=["--no-models-autoload"])
+    second = start_llama_router(models_max=1, extra_args=["--no-models-autoload"])
+    _, proxy, management = procs.balancer(
+        "--upstream", first, "--upstream", second, "--probe-interval", "0.2", "--model-placement",
+        "--model-min-residency", "0")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["total"] >= 8, 30, "8 upstreams known")
+    calls = [Background(lambda: chat(proxy, "beta")) for _ in range(2)]
+    for call in calls:
+        reply = call.result(90)
+        assert reply.status == 200, reply
+    assert sum(states(url)["beta"] == "loaded" for url in (first, second)) == 1
+    reply = chat(proxy, "gamma")
+    assert reply.status == 200, reply
+    assert sum(states(url)["gamma"] == "loaded" for url in (first, second)) == 1
+    loads = [e for e in get_json(management, "/api/v1/state")["events"] if e["kind"] == "model_load"]
+    assert [(e["model"], e["outcome"]) for e in loads] == [("beta", "loaded"), ("gamma", "loaded")]
