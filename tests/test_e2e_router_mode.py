@@ -158,7 +158,7 @@ def test_management_api_lists_loads_and_unloads_models(procs: Processes) -> None
     """GET /api/v1/models is the fleet's model list; POST /api/v1/upstreams/{router}/models/load
     loads a model on that router (and the answer's upstream shows it), unload unloads it;
     a second load is 409 with the router's reason, an unknown model 404, a single-model
-    upstream 400."""
+    upstream 400; pin and unpin mark a model on a router (by the router or the model upstream)."""
     router = router_sim(procs)
     _, single = procs.simulator(2, 400.0, "--model", "delta")
     _, proxy, management = procs.balancer(
@@ -177,6 +177,10 @@ def test_management_api_lists_loads_and_unloads_models(procs: Processes) -> None
     reply = post(management, "/api/v1/upstreams/gpu-1/models/unload", {"model": "gamma"})
     assert reply.status == 200, reply
     assert model_states(router)["gamma"] == "unloaded"
+    pinned = post(management, "/api/v1/upstreams/gpu-1/models/pin", {"model": "alpha"})
+    assert pinned.status == 200 and pinned.json()["pinned"] is True and pinned.json()["name"] == "gpu-1/alpha"
+    unpinned = post(management, "/api/v1/upstreams/gpu-1%2Falpha/models/unpin", {"model": "alpha"})
+    assert unpinned.status == 200 and unpinned.json()["pinned"] is False
 
 
 def test_a_model_that_fails_to_load_on_one_router_is_served_by_the_other(procs: Processes) -> None:

@@ -181,6 +181,7 @@ def test_state_describes_every_field_of_every_upstream(fleet: Fleet) -> None:
         "parent_id": None,
         "model_state": None,
         "load_seconds": None,
+        "pinned": False,
         "probe_method": "slots",
         "last_update_age": 1.5,
         "last_probe_age": 1.5,

@@ -236,3 +236,22 @@ def test_a_request_that_times_out_waiting_for_a_load_gets_its_expected_time(flee
     assert "beta is loading" in error.message
     for _ in range(16):
         clock.advance(0.25)
+
+
+def test_a_pinned_model_is_never_evicted(fleets, clock: Clock) -> None:
+    """models_max 1, alpha loaded long ago, idle, pinned: a request for beta waits (nothing may
+    be evicted); unpinned, alpha is evicted and beta loaded."""
+    fleet = fleets(count=1, models_max=1)
+    fleet.hosts[0].load("alpha")
+    fleet.probe_now(fleet.routers[0])
+    fleet.child(0, "alpha").pinned = True
+    clock.advance(60)
+    waiting = fleet.pool.acquire("beta")
+    for _ in range(8):
+        clock.advance(0.5)
+    assert not waiting.called and fleet.states(0)["alpha"] == "loaded"
+    fleet.child(0, "alpha").pinned = False
+    for _ in range(8):
+        clock.advance(0.5)
+    assert fleet.states(0)["beta"] == "loaded"
+    released(waiting)

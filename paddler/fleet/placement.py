@@ -194,7 +194,7 @@ class ModelPlacement(Service):
             if router.max_instances > 0 and len(running) >= router.max_instances:
                 victims = [
                     s for s in running
-                    if s.model_state in ("loaded", "sleeping")
+                    if s.model_state in ("loaded", "sleeping") and not s.pinned
                     and s.slots_held == 0 and s.slots_processing == 0
                     and not waiting.get(s.router_model or "", 0)
                     and (s.router_model or "") not in self.loading

@@ -194,6 +194,8 @@ class Upstream:
         self.last_used_at = self.model_since
         #: How long the last load of its model took, seen from loading to loaded (None: not seen).
         self.load_seconds: float | None = None
+        #: A router's model that --model-placement never evicts (management API pin).
+        self.pinned = False
         #: For a router: C{max_instances} and C{models_autoload} from its /props.
         self.max_instances = 0
         self.autoload = True
@@ -400,6 +402,7 @@ class Upstream:
             "parent_id": self.parent_id,
             "model_state": self.model_state,
             "load_seconds": self.load_seconds,
+            "pinned": self.pinned,
             "probe_method": self.probe_method,
             "last_update_age": None
             if self.last_update_at is None

@@ -14,6 +14,8 @@ Routes (JSON in and out, documented in docs/management.md)::
     GET    /api/v1/models                         the fleet's models (router-mode upstreams)
     POST   /api/v1/upstreams/{id}/models/load     {model}: POST /models/load on a router
     POST   /api/v1/upstreams/{id}/models/unload   {model}: POST /models/unload on a router
+    POST   /api/v1/upstreams/{id}/models/pin      {model}: placement never evicts it there
+    POST   /api/v1/upstreams/{id}/models/unpin    {model}
 
 ``{id}`` is an upstream's id, name or URL. POST and DELETE need
 ``Authorization: Bearer TOKEN`` when a token is configured.
@@ -281,8 +283,26 @@ class ManagementAPI:
     def unload_model(self, request: Any, key: str) -> Any:
         return self._model_command(request, key, "unload")
 
-    def _model_command(self, request: Any, key: str, command: str) -> Any:
+    @app.route("/api/v1/upstreams/<path:key>/models/pin", methods=["POST"])
+    def pin_model(self, request: Any, key: str) -> bytes:
+        return self._pin(request, key, True)
+
+    @app.route("/api/v1/upstreams/<path:key>/models/unpin", methods=["POST"])
+    def unpin_model(self, request: Any, key: str) -> bytes:
+        return self._pin(request, key, False)
+
+    def _pin(self, request: Any, key: str, pinned: bool) -> bytes:
         self._authorize(request)
+        router, model = self._router_and_model(request, key)
+        [child] = [c for c in children_of(self.pool.upstreams.values(), router) if c.router_model == model]
+        child.pinned = pinned
+        self.log.info("model {model} on {name} {what} through the management API",
+                      model=model, name=router.name, what="pinned" if pinned else "unpinned")
+        self.pool.notify("changed", child)
+        return self._json(request, 200, self._describe(child))
+
+    def _router_and_model(self, request: Any, key: str) -> tuple[Upstream, str]:
+        """The router named by C{key} (or the router of the model upstream C{key}) and the body's model."""
         router = self._upstream(key)
         if router.parent_id is not None:  # a model's child upstream: its router
             router = self._upstream(router.parent_id)
@@ -296,6 +316,11 @@ class ManagementAPI:
         assert model is not None
         if model not in {c.router_model for c in children_of(self.pool.upstreams.values(), router)}:
             raise NotFound(f"upstream {router.name!r} has no model {model[:200]!r}", param="model")
+        return router, model
+
+    def _model_command(self, request: Any, key: str, command: str) -> Any:
+        self._authorize(request)
+        router, model = self._router_and_model(request, key)
         if self.post is None:
             raise Conflict("this balancer cannot send model commands (no upstream client)")
         sent: Deferred[tuple[int, bytes]] = self.post(router, f"/models/{command}", {"model": model})
