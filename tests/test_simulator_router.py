@@ -384,3 +384,20 @@ def test_option_parsers_refuse_bad_lists() -> None:
     for bad in ("beta", "beta=0", "=1", "beta=x"):
         with pytest.raises(ValueError):
             parse_failing(bad)
+
+
+def test_stopping_answers_waiting_requests_and_ends_sse_streams(router: MakeRouter, clock: Clock) -> None:
+    """A router that stops answers the requests waiting for a load 503 and ends /models/sse."""
+    client = router(models_max=1)
+    load(client, clock, "alpha")
+    busy = chat(client, "alpha", n=50)
+    waiting = chat(client, "beta")  # queued: alpha is busy
+    events = client.get("/models/sse")
+    site = client.site
+    assert isinstance(site, RouterSite)
+    site.router.stop()
+    waiting.pump()
+    assert error(waiting) == (503, "unavailable_error", "Server is shutting down")
+    events.pump()
+    assert events.response.complete
+    assert busy.transport.disconnecting  # its model was unloaded: the connection is dropped

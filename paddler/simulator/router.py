@@ -107,7 +107,8 @@ class SimulatedModel:
         return status
 
 
-Listener = Callable[[dict[str, Any]], None]
+#: Called with each SSE event, and with None when the server stops.
+Listener = Callable[[dict[str, Any] | None], None]
 
 
 class SimulatedRouter:
@@ -137,12 +138,19 @@ class SimulatedRouter:
         self._stopping = False
 
     def stop(self) -> None:
-        """Unload every model (cancelling their jobs and loads); later requests are refused."""
+        """Unload every model (cancelling their jobs and loads), answer every request waiting
+        for a load 503, end the SSE streams; later requests are refused."""
         self._stopping = True
         for model in self.models.values():
             if model.running:
                 self._unload(model)
         self.queue.clear()
+        stopping = SimulatorError(503, "Server is shutting down", "unavailable_error")
+        for model in self.models.values():
+            self._fail_waiters(model, stopping)
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener(None)
 
     # lookups
 

@@ -490,7 +490,12 @@ class RouterResource(Resource):
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream")
 
-        def listener(event: dict[str, Any]) -> None:
+        def listener(event: dict[str, Any] | None) -> None:
+            if request.finished or request._disconnected:
+                return
+            if event is None:  # the server stops
+                request.finish()
+                return
             request.write(b"data: " + dumps(event) + b"\n\n")
 
         self.router.subscribe(listener)
