@@ -255,3 +255,22 @@ def test_a_pinned_model_is_never_evicted(fleets, clock: Clock) -> None:
         clock.advance(0.5)
     assert fleet.states(0)["beta"] == "loaded"
     released(waiting)
+
+
+def test_requests_naming_a_routers_alias_are_counted_for_its_model(fleets, clock: Clock) -> None:
+    """A router lists beta with the alias "b": requests for "b" wait, placement loads beta."""
+    fleet = fleets(count=1)
+    fleet.child(0, "beta").set_models(("beta", "b"))
+    original = fleet.probe_now
+
+    def probe_with_alias(router: Upstream) -> Any:
+        result = original(router)
+        fleet.child(0, "beta").set_models(("beta", "b"))  # the simulator lists no aliases
+        return result
+
+    fleet.placement.probe_now = probe_with_alias
+    waiting = fleet.pool.acquire("b")
+    for _ in range(6):
+        clock.advance(0.25)
+    assert fleet.states(0)["beta"] == "loaded"
+    assert released(waiting).upstream.router_model == "beta"

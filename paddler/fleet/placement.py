@@ -151,13 +151,17 @@ class ModelPlacement(Service):
             self.log.failure("model placement check failed")
 
     def _place(self) -> None:
-        waiting = self.pool.buffered_by_model(local_only=True)
+        waiting: dict[str, int] = {}
+        for name, count in self.pool.buffered_by_model(local_only=True).items():
+            # a request may name a model by one of its router's aliases: count it for the model
+            served = next((u.router_model for u in self.pool.upstreams.values()
+                           if u.router_model is not None and name and u.serves(name)), None)
+            if served is not None:
+                waiting[served] = waiting.get(served, 0) + count
         for model in sorted(waiting, key=lambda m: -waiting[m]):
-            if not model or model in self.loading:
+            if model in self.loading:
                 continue
             copies = [u for u in self.pool.upstreams.values() if u.router_model == model]
-            if not copies:
-                continue
             if any(c.model_state == "loading" for c in copies):
                 continue  # a router is loading it already (its own autoload, or an operator)
             loaded = [c for c in copies if c.model_state in ("loaded", "sleeping") and c.accepts_requests]
