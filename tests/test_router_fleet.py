@@ -387,7 +387,7 @@ def test_an_unknown_model_message_is_bounded() -> None:
     assert len(error.message) < 300
 
 
-# the prober, through HTTP (StubTreq against the simulated servers' resources)
+# the prober, through HTTP (the production upstream client over the in-memory network)
 
 
 class Swappable:
@@ -408,42 +408,45 @@ class Swappable:
         raise NotImplementedError
 
 
-def test_the_prober_reads_a_router_and_follows_a_restart_as_a_single_model_server(
-    clock: Clock, hosts
-) -> None:
-    """HTTPProber on a router-mode server: the router and its 3 models become upstreams, probes
-    ask only autoload=false /slots; the same URL restarted as a single-model server is read as
-    one again (its model upstreams removed), and back as a router again."""
-    from treq.testing import StubTreq
-
+def test_the_prober_reads_a_router_and_follows_a_restart_as_a_single_model_server() -> None:
+    """HTTPProber on a router-mode server: the router and its 3 models become upstreams, and
+    the probe loads nothing; the same URL restarted as a single-model server is read as one
+    again (its model upstreams removed), and back as a router again."""
     from paddler.fleet.probe import HTTPProber
     from paddler.simulator.service import simulator_site
 
-    host = hosts()
+    from .helpers import MemoryUpstreams
+
+    upstreams = MemoryUpstreams(connect_timeout=2, max_idle_per_host=1)
+    clock = upstreams.clock
+    router = router_site(clock, RouterConfig(models=("alpha", "beta", "gamma")), SimulatorConfig(slots=2))
     single = simulator_site(clock, SimulatorConfig(slots=3, model="solo"))
-    resource = Swappable(host.client.site.resource)
-    stub = StubTreq(resource)
+    resource = Swappable(router.resource)
+    upstreams.serve(resource, "http://gpu-1:8080")
     pool = make_pool(clock)
-    prober = HTTPProber(stub, clock, pool, timeout=2)
-    upstream = pool.add(Upstream(host.url, name="gpu-1", clock=clock))
+    prober = HTTPProber(upstreams.client, clock, pool, timeout=2)
+    upstream = pool.add(Upstream("http://gpu-1:8080", name="gpu-1", clock=clock))
 
     def probe() -> None:
         d = prober.probe(upstream)
-        stub.flush()
+        upstreams.flush()
         assert d.called
 
     probe()
     assert upstream.role == "router"
     assert sorted(u.name for u in pool.upstreams.values()) == [
         "gpu-1", "gpu-1/alpha", "gpu-1/beta", "gpu-1/gamma"]
-    assert set(m.state.value for m in host.router.models.values()) == {"unloaded"}
+    assert {m.state.value for m in router.router.models.values()} == {"unloaded"}
     resource.resource = single.resource
     probe()
     assert upstream.role == "single" and list(pool.upstreams) == [upstream.id]
     assert (upstream.slots_total, upstream.model, upstream.accepts_requests) == (3, "solo", True)
-    resource.resource = host.client.site.resource
+    resource.resource = router.resource
     probe()
     assert upstream.role == "router" and len(pool.upstreams) == 4
+    router.router.stop()
+    upstreams.client.close()
+    upstreams.flush()
 
 
 def test_statsd_reports_each_model_and_zeroes_a_model_that_left(hosts, clock: Clock) -> None:

@@ -26,46 +26,30 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
-from paddler.balancer.relay import AgentClient, Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.balancer.relay import Relay, ResponseHead, UpstreamIdleTimeout, timings_in
 from paddler.errors import (
     BadRequest,
     InternalError,
     NoUpstreamAvailable,
     PaddlerHTTPError,
-    RequestTooLarge,
     ShuttingDown,
     UpstreamFailed,
     UpstreamTimeout,
+    body_too_large,
     error_body,
     error_response,
     json_response as _json,
+    outcome_of,
 )
 from paddler.fleet.models import fleet_models, is_multi_model, parse_model_aliases, resolve_model
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
+from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
 from paddler.web.body import BodyTooLarge, read_body
 from paddler.web.failures import describe_failure
-
-SLOT_PATHS = frozenset(
-    {
-        b"/completion",
-        b"/completions",
-        b"/v1/completions",
-        b"/chat/completions",
-        b"/v1/chat/completions",
-        b"/infill",
-        b"/embedding",
-        b"/embeddings",
-        b"/v1/embeddings",
-        b"/rerank",
-        b"/reranking",
-        b"/v1/rerank",
-        b"/v1/reranking",
-    }
-)
 
 HOP_BY_HOP = frozenset(
     {
@@ -137,17 +121,6 @@ def _was_cancelled(error: Exception) -> bool:
     return any(reason.check(CancelledError) for reason in reasons)
 
 
-def upstream_uri(upstream: Upstream, target: bytes) -> bytes:
-    """The URL of C{target} (an origin-form request target) on C{upstream}.
-
-    Only a target that starts with C{/} is joined to the upstream's
-    C{scheme://host:port}: anything else could extend the port or the host.
-    """
-    if not target.startswith(b"/"):
-        raise BadRequest("the request target must be a path starting with /")
-    return upstream.url.encode("ascii") + target
-
-
 def parse_body(body: bytes) -> dict[str, Any]:
     """A slot-taking request's body as a JSON object, or L{BadRequest}."""
     try:
@@ -161,9 +134,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def request_model(parsed: dict[str, Any]) -> str | None:
-    """The C{model} a request names, if it names one."""
-    model = parsed.get("model")
+def request_model(parsed: dict[str, Any], field: str = "model") -> str | None:
+    """The model a request names in C{field}, if it names one."""
+    model = parsed.get(field)
     return model if isinstance(model, str) and model else None
 
 
@@ -209,30 +182,21 @@ class ProxyResource(Resource):
     def __init__(
         self,
         pool: UpstreamPool,
-        agent: Any,
+        client: IUpstreamClient,
         clock: IReactorTime,
         config: ProxyConfig,
         stats: RequestStats | None = None,
     ) -> None:
         super().__init__()
         self._pool = pool
-        self._agent = agent
+        #: the L{IUpstreamClient} requests go out with
+        self._client = client
         self._clock = clock
         self.config = config
         self.stats = stats or RequestStats(clock)
         self.stopping = False
         self.active: set[server.Request] = set()
         self._drained: list[Deferred[None]] = []
-
-    @property
-    def _agent(self) -> Any:
-        """The L{IUpstreamClient} requests go out with."""
-        return self._client
-
-    @_agent.setter
-    def _agent(self, agent: Any) -> None:
-        # a plain Twisted IAgent is adapted: its bodies arrive decoded, never raw
-        self._client = agent if IUpstreamClient.providedBy(agent) else AgentClient(agent)
 
     # -- shutting down ----------------------------------------------------
 
@@ -295,14 +259,11 @@ class ProxyResource(Resource):
         exchange = Exchange(request, content.read(), started)
         try:
             if getattr(request, "body_too_large", False):
-                raise RequestTooLarge(
-                    f"request body is larger than {self.config.max_request_body} bytes "
-                    "(--max-request-body)"
-                )
+                raise body_too_large(self.config.max_request_body, "--max-request-body")
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
                 exchange.takes_slot = True
-                self._route_model(exchange, parsed)
+                self._route_model(exchange, parsed, ENDPOINTS[path.decode("ascii")].model_field)
                 exchange.streaming = parsed.get("stream") is True
                 exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
             elif is_multi_model(self._pool.upstreams.values()):
@@ -321,15 +282,16 @@ class ProxyResource(Resource):
         d.addErrback(self._failed, exchange)
         return server.NOT_DONE_YET
 
-    def _route_model(self, exchange: Exchange, parsed: dict[str, Any]) -> None:
-        """The model a slot-taking request is for (aliases and the default applied); the body
-        is rewritten when that is not the name it gave. Raises ModelNotFound / ModelRequired."""
-        given = request_model(parsed)
+    def _route_model(self, exchange: Exchange, parsed: dict[str, Any], field: str = "model") -> None:
+        """The model a slot-taking request is for (its C{field}, aliases and the default
+        applied); the body is rewritten when that is not the name it gave. Raises
+        ModelNotFound / ModelRequired."""
+        given = request_model(parsed, field)
         model = resolve_model(
             self._pool.upstreams.values(), given, self.config.model_aliases, self.config.default_model
         )
         if model is not None and model != given:
-            parsed["model"] = model
+            parsed[field] = model
             exchange.body = json.dumps(parsed).encode("utf-8")
         exchange.model = model
 
@@ -538,8 +500,7 @@ class ProxyResource(Resource):
         request = exchange.request
         framing = response.framing
         head = _response_head(response)
-        take_body = getattr(response, "take_body", None)
-        body = take_body() if take_body is not None else None
+        body = response.take_body()
         if body is not None:
             # the whole (small) answer came with its head: write it, no relay needed
             first_byte_at = self._clock.seconds()
@@ -550,7 +511,6 @@ class ProxyResource(Resource):
             if not request.finished and not _client_gone(request):
                 request.finish()
             return timings_in(response.tail())
-        del take_body
         # the request body is needed again only if this answer breaks before its first byte
         relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body)
         raw = (
@@ -625,7 +585,7 @@ class ProxyResource(Resource):
         else:
             self.log.failure("proxying {path} failed", failure, path=request.path)
             error = InternalError("internal error in the balancer")
-        self._record(exchange, error.status, outcome=_outcome(error))
+        self._record(exchange, error.status, outcome=outcome_of(error))
         if request.finished or _client_gone(request):
             return
         if request.startedWriting:
@@ -655,12 +615,3 @@ def _response_head(response: Any) -> ResponseHead:
         else:
             entry[1].append(value)
     return ResponseHead(response.code, response.phrase, list(grouped.values()))
-
-
-def _outcome(error: PaddlerHTTPError) -> tuple[str, str] | None:
-    """How a refusal or a timeout is counted (L{paddler.observability.requests.OUTCOMES})."""
-    if isinstance(error, NoUpstreamAvailable):
-        return ("refused", error.reason)
-    if isinstance(error, UpstreamTimeout):
-        return ("timed_out", error.reason)
-    return None

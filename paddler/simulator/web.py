@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from paddler.llamacpp.endpoints import ENDPOINTS
 from paddler.simulator.engine import (
     CompletionResult,
     GenerationRequest,
@@ -182,11 +183,16 @@ class SimulatorResource(Resource):
         self._routes[(b"GET", "/metrics")] = self._metrics
         self._routes[(b"POST", "/tokenize")] = self._tokenize
         self._routes[(b"POST", "/detokenize")] = self._detokenize
-        for path in ("/completion", "/completions"):
-            self._routes[(b"POST", path)] = self._completion
-        self._routes[(b"POST", "/v1/completions")] = self._oai_completion
-        for path in ("/chat/completions", "/v1/chat/completions"):
-            self._routes[(b"POST", path)] = self._chat
+        # the slot-taking endpoints of the one table whose shape and format the simulator speaks
+        speaks: dict[tuple[str, str], Handler] = {
+            ("completion", "llama"): self._completion,
+            ("completion", "openai"): self._oai_completion,
+            ("chat", "openai"): self._chat,
+        }
+        for endpoint in ENDPOINTS.values():
+            handler = speaks.get((endpoint.prompt, endpoint.api))
+            if endpoint.takes_slot and handler is not None:
+                self._routes[(b"POST", endpoint.path)] = handler
 
     # plumbing
 
@@ -300,11 +306,14 @@ class SimulatorResource(Resource):
 
 
 
-#: POST paths the router forwards to a model's child server by the body's ``model``.
-ROUTER_POST_PATHS = frozenset({
-    "/completion", "/completions", "/v1/completions", "/chat/completions",
-    "/v1/chat/completions", "/tokenize", "/detokenize",
-})
+#: The (prompt shape, API) pairs whose slot-taking endpoints the simulator answers.
+_SPOKEN = frozenset({("completion", "llama"), ("completion", "openai"), ("chat", "openai")})
+#: POST paths the router forwards to a model's child server by the body's model field
+#: (the endpoints of the one table that a child answers, and the tokenizer's).
+ROUTER_POST_PATHS = frozenset(
+    {"/tokenize", "/detokenize"}
+    | {e.path for e in ENDPOINTS.values() if e.takes_slot and (e.prompt, e.api) in _SPOKEN}
+)
 #: GET paths the router forwards by ``?model=`` (``/props`` too, when it names a model).
 ROUTER_GET_PATHS = frozenset({"/slots", "/metrics", "/props"})
 
@@ -374,7 +383,8 @@ class RouterResource(Resource):
                     body = {}
                 if request.content is not None:
                     request.content.seek(0)
-                name = body.get("model")
+                endpoint = ENDPOINTS.get(path)
+                name = body.get(endpoint.model_field if endpoint is not None else "model")
                 return self._forward(request, name if isinstance(name, str) else "", post=True)
         return self._json(request, 404, NOT_FOUND_BODY)
 
