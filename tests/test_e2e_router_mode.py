@@ -147,8 +147,11 @@ def test_placement_loads_a_waiting_model_on_one_router(procs: Processes) -> None
         assert reply.json()["model"] == "beta"
     where = [url for url in (first, second) if model_states(url)["beta"] == "loaded"]
     assert len(where) == 1
-    events = get_json(management, "/api/v1/state")["events"]
-    [load] = [e for e in events if e["kind"] == "model_load"]
+    def loads() -> list[dict[str, Any]]:
+        return [e for e in get_json(management, "/api/v1/state")["events"] if e["kind"] == "model_load"]
+
+    # the requests may be served by the probe that saw beta loaded, just before placement's own check
+    [load] = wait_for(loads, 10, "the load in the event log")
     assert load["outcome"] == "loaded" and load["text"].startswith("loaded beta on ")
     metrics = get(management, "/metrics").body.decode()
     assert 'paddler_model_loads_total{model="beta"' in metrics
