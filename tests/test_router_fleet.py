@@ -537,3 +537,20 @@ def test_draining_a_router_drains_its_models_and_removal_waits_for_their_request
     assert not removed.called
     leases["beta"][1].release()
     assert removed.called and pool.upstreams == {}
+
+
+def test_an_unloaded_model_counts_the_slots_it_had_or_the_routers_largest(hosts, clock: Clock) -> None:
+    """Before any load every unloaded model counts 1 slot; once alpha was loaded (2 slots) the
+    other unloaded models count 2 (the router's largest), and alpha, unloaded again, its own 2."""
+    pool = make_pool(clock)
+    host = hosts()
+    parent = pool.add(Upstream(host.url, clock=clock))
+    observe_router(pool, parent, host.read())
+    assert {c.router_model: c.slots_total for c in children_of(pool.upstreams.values(), parent)} == {
+        "alpha": 1, "beta": 1, "gamma": 1}
+    host.load("alpha")
+    observe_router(pool, parent, host.read())
+    host.client.post("/models/unload", {"model": "alpha"})
+    observe_router(pool, parent, host.read())
+    assert {c.router_model: c.slots_total for c in children_of(pool.upstreams.values(), parent)} == {
+        "alpha": 2, "beta": 2, "gamma": 2}

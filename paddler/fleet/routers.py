@@ -72,7 +72,7 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
     pool.observe(parent, SlotsSeen(0, 0, reading.mark, models=names, raw_slots=[], method="router"))
     known = {c.router_model: c for c in children_of(pool.upstreams.values(), parent)}
     largest = max((m.total for m in reading.models if m.state == "loaded"), default=0)
-    largest = max([largest, *(c.slots_total for c in known.values())]) or 1
+    largest = max([largest, *(c.slots_when_loaded for c in known.values())]) or 1
     listed = set()
     for model in reading.models:
         listed.add(model.id)
@@ -96,9 +96,11 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
                      name=parent.name, previous=previous, state=model.state)
         if model.state == "loaded":
             total, processing, mark, raw = model.total, model.processing, model.mark, model.raw_slots
+            child.slots_when_loaded = model.total
         else:
-            # not loaded: what it had when last loaded (the router loads it for a request)
-            total = child.slots_total or largest if model.state != "failed" else 0
+            # not loaded: what it had when last loaded, else the router's largest model's
+            # (the router loads it for a request)
+            total = (child.slots_when_loaded or largest) if model.state != "failed" else 0
             processing, mark, raw = 0, child.probe_mark(), []
         pool.observe(child, SlotsSeen(total, processing, mark, models=(model.id, *model.aliases),
                                       raw_slots=raw or [], method="router"))

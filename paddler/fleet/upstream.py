@@ -196,6 +196,8 @@ class Upstream:
         self.load_seconds: float | None = None
         #: A router's model that --model-placement never evicts (management API pin).
         self.pinned = False
+        #: A router's model: its slot count the last time it was seen loaded (0: never).
+        self.slots_when_loaded = 0
         #: For a router: C{max_instances} and C{models_autoload} from its /props.
         self.max_instances = 0
         self.autoload = True
