@@ -90,6 +90,11 @@ def exported_prometheus_names() -> set[str]:
     metrics.collector.extra.append(lambda: SharedFleet.metrics(SimpleNamespace(up=True, snapshot=None)))
     placement = SimpleNamespace(loads_total={}, load_seconds=Histogram("paddler_model_load_seconds", "", (1.0,)))
     metrics.collector.extra.append(lambda: ModelPlacement.metrics(placement))  # type: ignore[arg-type]
+    from paddler.fleet.registry import AgentRegistry
+
+    registry = AgentRegistry(pool, Clock())
+    registry.contradicted["gpu-1"] = 2
+    metrics.collector.extra.append(registry.metrics)
     text = metrics.render().decode()
     metrics.close()
     names = set(re.findall(r"^# TYPE (\S+) \S+$", text, re.M))
