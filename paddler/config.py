@@ -88,6 +88,12 @@ def _statsd(text: str) -> str:
     return f"udp:[{host}]:{port}" if ":" in host else f"udp:{host}:{port}"
 
 
+def _model_aliases(text: str) -> str:
+    from paddler.fleet.models import parse_model_aliases
+
+    return ",".join(f"{k}={v}" for k, v in parse_model_aliases(text.split(",")).items())
+
+
 def _url(text: str) -> str:
     try:
         return normalise_url(text)
@@ -299,6 +305,34 @@ class BalancerConfig:
     )
     simulated_fleet: int = setting(
         0, "Start N simulated llama.cpp servers in-process as upstreams (demo).", count(0, 64)
+    )
+    model_alias: str | None = setting(
+        None,
+        "Model names that stand for others, NAME=TARGET[,NAME=TARGET...]: a request naming NAME "
+        "goes to TARGET (its body says TARGET upstream).",
+        Converted(_model_aliases, "name=target,..."),
+    )
+    model_placement: bool = setting(
+        False,
+        "Load models on router-mode upstreams where requests wait for them (POST /models/load, "
+        "evicting the least valuable idle model), instead of letting each router autoload them.",
+        Flag(),
+    )
+    model_min_residency: float = setting(
+        30.0, "With --model-placement: a loaded model is not evicted before this many seconds.",
+        seconds(zero_allowed=True),
+    )
+    model_load_timeout: float = setting(
+        300.0, "With --model-placement: a load not finished in this many seconds has failed.", seconds()
+    )
+    model_replicas_max: int = setting(
+        1, "With --model-placement: copies of one model loaded while all its slots are busy.", count(1, 1000)
+    )
+    default_model: str | None = setting(
+        None,
+        "The model of a request that names none, when the fleet serves several (router-mode "
+        "upstreams); without it such a request is answered 400.",
+        Text(1024),
     )
 
 
@@ -556,6 +590,18 @@ def build_agent_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Agen
 _PORT_RUN = re.compile(r"(?:tcp6?):(\d+)")
 
 
+def _model_list(text: str) -> str:
+    from paddler.simulator.router import parse_models
+
+    return ",".join(parse_models(text))
+
+
+def _failing_list(text: str) -> str:
+    from paddler.simulator.router import parse_failing
+
+    return ",".join(f"{name}={code}" for name, code in parse_failing(text).items())
+
+
 @dataclass(frozen=True)
 class SimulateConfig:
     """Settings of ``paddler simulate``."""
@@ -609,6 +655,28 @@ class SimulateConfig:
     )
     slots_endpoint: bool = setting(True, "Answer /slots (off: 501, like llama-server --no-slots).", Flag())
     metrics: bool = setting(True, "Answer /metrics (off: 501, like llama-server without --metrics).", Flag())
+    models: str | None = setting(
+        None,
+        "Router mode, like llama-server --models-dir: serve these models (comma-separated names) "
+        "on one port, each loaded on demand with its own --slots.",
+        Converted(_model_list, "name,name,..."),
+    )
+    models_max: int = setting(
+        4, "Router mode: models loaded at once, like llama-server --models-max (0 = no limit).", count(0, 1000)
+    )
+    models_autoload: bool = setting(
+        True,
+        "Router mode: load a model when a request names it, like llama-server --models-autoload.",
+        Flag(),
+    )
+    model_load_seconds: float = setting(
+        0.1, "Router mode: how long loading one model takes.", seconds(zero_allowed=True)
+    )
+    models_fail_load: str | None = setting(
+        None,
+        "Router mode: these models fail to load, with the child's exit code (MODEL=CODE,...).",
+        Converted(_failing_list, "model=code,..."),
+    )
 
 
 SIMULATE_SETTINGS = settings_of(SimulateConfig)

@@ -148,10 +148,18 @@ def _build_simulate(options: usage.Options, given: dict[str, Any]) -> None:
             raise ConfigError(f"--listen: {e}") from None
         if last > 65535:
             raise ConfigError(f"--fleet {config.fleet} from --listen {config.listen!r} runs past port 65535")
+    if config.models_fail_load and config.models:
+        from paddler.simulator.router import parse_failing, parse_models
+
+        unknown = set(parse_failing(config.models_fail_load)) - set(parse_models(config.models))
+        if unknown:
+            raise ConfigError(f"--models-fail-load names models not in --models: {', '.join(sorted(unknown))}")
+    elif config.models_fail_load:
+        raise ConfigError("--models-fail-load needs --models (router mode)")
     _store(options, SIMULATE_SETTINGS, config)
 
 
-SimulateOptions = _with_synopsis(
+_SimulateBase = _with_synopsis(
     options_class(
         SIMULATE_SETTINGS,
         "[options]",
@@ -161,6 +169,16 @@ SimulateOptions = _with_synopsis(
     ),
     "paddler simulate [options]",
 )
+
+
+class SimulateOptions(_SimulateBase):  # type: ignore[misc, valid-type]
+    """``paddler simulate``: simulated llama-servers (router mode with ``--models``)."""
+
+    def opt_models_autoload(self) -> None:
+        """Router mode: load models on demand (the default; llama-server's flag)."""
+        self["no-models-autoload"] = False
+
+    opt_models_autoload.__doc__ = "Router mode: load a model when a request names it (the default)."
 
 
 class Options(_with_synopsis(usage.Options, "paddler balancer|agent|simulate [options]")):  # type: ignore[misc]
@@ -429,9 +447,11 @@ def makeBalancerService(
     top.vetter = AddressVetter(
         reactor, resolve=reactor_resolver(reactor), own=top.own_listeners, allowed=config.allow_upstream_network
     )
+    from paddler.fleet.placement import json_poster
+
     management = ManagementAPI(
         pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls,
-        vetter=top.vetter,
+        vetter=top.vetter, post=json_poster(upstream_client, config.llamacpp_api_key),
     )
 
     history = StateHistory()
@@ -443,6 +463,16 @@ def makeBalancerService(
     metrics.collector.extra.append(top.registry.metrics)
     if pool.shared is not None:
         metrics.collector.extra.append(pool.shared.metrics)
+    if config.model_placement:
+        from paddler.fleet.placement import ModelPlacement
+
+        placement = ModelPlacement(
+            pool, reactor, json_poster(upstream_client, config.llamacpp_api_key), top.probes.probe_now,
+            events, interval=min(0.5, config.probe_interval), min_residency=config.model_min_residency,
+            load_timeout=config.model_load_timeout, replicas_max=config.model_replicas_max,
+        )
+        placement.setServiceParent(top)
+        metrics.collector.extra.append(placement.metrics)
     observability = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()
     if config.statsd is not None:
         from paddler.config import parse_statsd_address

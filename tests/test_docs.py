@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 
 from paddler.agent.service import AGENT_TRANSITIONS
 from paddler.fleet.upstream import TRANSITIONS, SlotsSeen, Upstream
-from paddler.observability.prometheus import PrometheusMetrics
+from paddler.fleet.placement import ModelPlacement
+from paddler.observability.prometheus import Histogram, PrometheusMetrics
 from paddler.observability.requests import OUTCOMES, RequestStats
 from paddler.observability.statsd import StatsDService, graphite_name
 from paddler.routing.policies import CostChooser
@@ -87,6 +88,8 @@ def exported_prometheus_names() -> set[str]:
     pool, stats, _ = _a_busy_fleet()
     metrics = PrometheusMetrics(pool, stats)
     metrics.collector.extra.append(lambda: SharedFleet.metrics(SimpleNamespace(up=True, snapshot=None)))
+    placement = SimpleNamespace(loads_total={}, load_seconds=Histogram("paddler_model_load_seconds", "", (1.0,)))
+    metrics.collector.extra.append(lambda: ModelPlacement.metrics(placement))  # type: ignore[arg-type]
     from paddler.fleet.registry import AgentRegistry
 
     registry = AgentRegistry(pool, Clock())
@@ -151,8 +154,18 @@ def statsd_names() -> set[str]:
     pool.remove(upstream.id)  # a removed upstream's gauges are zeroed once
     service.report()
     names = {u.name for u in pool.upstreams.values()} | {upstream.name}
+    # a router-mode upstream with one model: the per-model gauges
+    router = pool.add(Upstream("http://10.0.0.7:8080", "router", clock=clock))
+    router.role = "router"
+    child = Upstream("http://10.0.0.7:8080", "router/m", source="router", clock=clock)
+    child.id, child.parent_id, child.router_model, child.model_state = "c", router.id, "m", "loaded"
+    pool.add(child)
+    pool.observe(child, SlotsSeen(2, 0, child.probe_mark(), models=("m",)))
+    service.report()
+    names |= {"router", "router/m"}
     components = "|".join(re.escape(graphite_name(n)) for n in names)
-    return {re.sub(rf"^upstream\.({components})\.", "upstream.NAME.", name) for name in sent}
+    renamed = {re.sub(rf"^upstream\.({components})\.", "upstream.NAME.", name) for name in sent}
+    return {re.sub(r"^model\.m\.", "model.MODEL.", name) for name in renamed}
 
 
 def test_metrics_page_lists_every_statsd_name_the_balancer_sends() -> None:

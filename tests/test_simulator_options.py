@@ -25,6 +25,11 @@ DEFAULTS = {
     "cache-bytes-per-token": 131072,
     "no-cache-idle-slots": False,
     "kv-unified": False,
+    "models": None,
+    "models-max": 4,
+    "no-models-autoload": False,
+    "model-load-seconds": 0.1,
+    "models-fail-load": None,
 }
 
 
@@ -59,6 +64,11 @@ def test_every_flag_is_parsed_and_typed() -> None:
         "--cache-bytes-per-token", "1024",
         "--no-cache-idle-slots",
         "--kv-unified",
+        "--models", "a,b",
+        "--models-max", "1",
+        "--no-models-autoload",
+        "--model-load-seconds", "2",
+        "--models-fail-load", "b=9",
     )
     assert parsed == {
         "listen": "tcp:port=9000:interface=0.0.0.0",
@@ -78,6 +88,11 @@ def test_every_flag_is_parsed_and_typed() -> None:
         "cache-bytes-per-token": 1024,
         "no-cache-idle-slots": True,
         "kv-unified": True,
+        "models": "a,b",
+        "models-max": 1,
+        "no-models-autoload": True,
+        "model-load-seconds": 2.0,
+        "models-fail-load": "b=9",
     }
 
 
@@ -121,3 +136,29 @@ def test_bad_values_raise_usage_error_naming_the_flag(argv: list[str], flag: str
     with pytest.raises(UsageError) as raised:
         parse(*argv)
     assert flag in str(raised.value)
+
+
+def test_router_mode_flags_are_parsed() -> None:
+    """--models, --models-max, --no-models-autoload / --models-autoload, --model-load-seconds
+    and --models-fail-load land typed; --models-autoload after --no-models-autoload wins."""
+    parsed = parse("--models", "alpha, beta,gamma", "--models-max", "2", "--no-models-autoload",
+                   "--model-load-seconds", "1.5", "--models-fail-load", "beta=3")
+    assert (parsed["models"], parsed["models-max"], parsed["no-models-autoload"]) == ("alpha,beta,gamma", 2, True)
+    assert (parsed["model-load-seconds"], parsed["models-fail-load"]) == (1.5, "beta=3")
+    assert parse("--models", "a", "--no-models-autoload", "--models-autoload")["no-models-autoload"] is False
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "a,,b"], "empty model name"),
+        (["--models", "a,a"], "named twice"),
+        (["--models", "a", "--models-fail-load", "a=0"], "non-zero"),
+        (["--models", "a", "--models-fail-load", "b=1"], "not in --models"),
+        (["--models-fail-load", "a=1"], "needs --models"),
+    ],
+)
+def test_bad_router_mode_flags_say_what_is_wrong(argv: list[str], message: str) -> None:
+    """Bad router-mode values are usage errors naming the problem."""
+    with pytest.raises(UsageError, match=message):
+        parse(*argv)

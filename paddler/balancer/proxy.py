@@ -9,7 +9,8 @@ C{/health} and C{/slots} are answered here for the whole fleet.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from paddler.errors import (
     json_response as _json,
     outcome_of,
 )
+from paddler.fleet.models import fleet_models, is_multi_model, parse_model_aliases, resolve_model
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
@@ -94,6 +96,10 @@ class ProxyConfig:
     relay_passthrough: bool = True
     #: "replace": the client's X-Forwarded-*/Forwarded/X-Real-IP are dropped; "append": kept, extended
     forwarded_headers: str = "replace"
+    #: ``--model-alias NAME=TARGET``: a request naming NAME is for TARGET.
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
+    #: ``--default-model``: the model of a request that names none (multi-model fleets).
+    default_model: str | None = None
 
     @classmethod
     def from_balancer(cls, config: Any) -> ProxyConfig:
@@ -108,7 +114,14 @@ class ProxyConfig:
             max_retries=config.max_retries,
             relay_passthrough=getattr(config, "relay_passthrough", True),
             forwarded_headers=getattr(config, "forwarded_headers", "replace"),
+            model_aliases=_model_aliases(getattr(config, "model_alias", None)),
+            default_model=getattr(config, "default_model", None),
         )
+
+
+def _model_aliases(text: str | None) -> dict[str, str]:
+    """``--model-alias fast=alpha,big=gamma`` as a mapping (empty without it)."""
+    return parse_model_aliases(text.split(",")) if text else {}
 
 
 def _client_gone(request: server.Request) -> bool:
@@ -251,6 +264,10 @@ class ProxyResource(Resource):
             return self._render_slots(request)
         if self.stopping:
             return self._shutting_down(request, started)
+        if path in (b"/v1/models", b"/models") and request.method in (b"GET", b"HEAD"):
+            if is_multi_model(self._pool.upstreams.values()):
+                self.stats.record(200, 0.0, path=path.decode("latin-1"))
+                return _json(request, 200, fleet_models(self._pool.upstreams.values(), int(self._clock.seconds())))
         content: Any = request.content
         content.seek(0)
         exchange = Exchange(request, content.read(), started)
@@ -260,9 +277,11 @@ class ProxyResource(Resource):
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
                 exchange.takes_slot = True
-                exchange.model = request_model(parsed, ENDPOINTS[path.decode("ascii")].model_field)
+                self._route_model(exchange, parsed, ENDPOINTS[path.decode("ascii")].model_field)
                 exchange.streaming = parsed.get("stream") is True
                 exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
+            elif is_multi_model(self._pool.upstreams.values()):
+                self._route_other(exchange)
         except PaddlerHTTPError as error:
             self.stats.record(error.status, 0.0, path=exchange.path)
             return error_response(request, error)
@@ -276,6 +295,37 @@ class ProxyResource(Resource):
         request.notifyFinish().addErrback(client_left)
         d.addErrback(self._failed, exchange)
         return server.NOT_DONE_YET
+
+    def _route_model(self, exchange: Exchange, parsed: dict[str, Any], field: str = "model") -> None:
+        """The model a slot-taking request is for (its C{field}, aliases and the default
+        applied); the body is rewritten when that is not the name it gave. Raises
+        ModelNotFound / ModelRequired."""
+        given = request_model(parsed, field)
+        model = resolve_model(
+            self._pool.upstreams.values(), given, self.config.model_aliases, self.config.default_model
+        )
+        if model is not None and model != given:
+            parsed[field] = model
+            exchange.body = json.dumps(parsed).encode("utf-8")
+        exchange.model = model
+
+    def _route_other(self, exchange: Exchange) -> None:
+        """A request that takes no slot, in a multi-model fleet: the model of its ``?model=``
+        (or its JSON body's ``model``) picks the upstream; none is fine (the router answers)."""
+        request = exchange.request
+        given: str | None = None
+        values = (request.args or {}).get(b"model")
+        if values:
+            given = values[0].decode("utf-8", "replace") or None
+        elif exchange.body and request.method == b"POST":
+            try:
+                parsed = json.loads(exchange.body)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                given = request_model(parsed)
+        if given is not None:
+            exchange.model = resolve_model(self._pool.upstreams.values(), given, self.config.model_aliases)
 
     def _shutting_down(self, request: server.Request, started: float) -> bytes:
         error = ShuttingDown(
@@ -322,7 +372,7 @@ class ProxyResource(Resource):
                 lease = await self._pool.acquire(exchange.model, exclude=tried, demand=exchange.demand)
                 upstream = lease.upstream
             else:
-                picked = self._pool.pick_any(exclude=tried)
+                picked = self._pool.pick_any(exclude=tried, model=exchange.model)
                 if picked is None:
                     if tried:
                         break
@@ -343,6 +393,16 @@ class ProxyResource(Resource):
                     tried.append(upstream.id)
                     last_error = f"{upstream.name} answered 503: {reason}"
                     continue
+                if response.code == 500 and exchange.takes_slot and upstream.parent_id is not None:
+                    # a router's model that failed to load for this request: another copy may serve it
+                    reason = await self._refused(upstream, response)
+                    if reason.endswith(" failed to load"):
+                        upstream.model_state = "failed"
+                        self._pool.notify("changed", upstream)
+                        tried.append(upstream.id)
+                        last_error = f"{upstream.name} answered 500: {reason}"
+                        continue
+                    raise UpstreamFailed(f"{upstream.name} answered 500: {reason}")
                 timings = await self._relay(exchange, response, upstream)
                 return
             except (*RETRYABLE, BodyLost) as e:

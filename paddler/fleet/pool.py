@@ -14,7 +14,8 @@ from twisted.python.failure import Failure
 
 from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
 from paddler.interfaces import ISlotChooser
-from paddler.fleet.upstream import Observation, Upstream
+from paddler.fleet.routers import children_of, prefer_loaded
+from paddler.fleet.upstream import Observation, SlotsSeen, Upstream
 from paddler.routing.speed import DecayingRate
 
 #: The longest Retry-After the balancer advises, in seconds.
@@ -150,6 +151,11 @@ class UpstreamPool:
         self._observers: list[Callable[[Upstream, Observation, bool], None]] = []
         #: The shared slot store's side (L{paddler.shared.fleet.SharedFleet}) with --state, else None.
         self.shared: Any = None
+        #: C{load_eta(model)}: seconds until a load of C{model} under way is expected done, else
+        #: None (set by L{paddler.fleet.placement.ModelPlacement}); a timed-out waiter's Retry-After.
+        self.load_eta: Callable[[str], float | None] | None = None
+        #: True with --model-placement: routers' unloaded models wait for paddler's loads.
+        self.model_placement = False
 
     # -- membership -------------------------------------------------------
 
@@ -197,6 +203,8 @@ class UpstreamPool:
             )
             self.chooser.forget(upstream)
             self.notify("removed", upstream)
+            for child in children_of(list(self.upstreams.values()), upstream):
+                self.remove(child.id)  # a router's models go with it
             if self._waiters:
                 self._cut_waits_short()
         for waiting in self._removals.pop(upstream_id, []):
@@ -226,6 +234,9 @@ class UpstreamPool:
                 observer(upstream, observation, changed)
             except Exception:
                 self.log.failure("pool observer failed")
+        if upstream.role == "router" and not isinstance(observation, SlotsSeen):
+            for child in children_of(list(self.upstreams.values()), upstream):
+                self.observe(child, observation)  # a router that fails fails for all its models
         self.notify("changed", upstream)
         self.capacity_changed()
         if changed and self._waiters:
@@ -250,6 +261,8 @@ class UpstreamPool:
             return None
         if requested:
             upstream.drain_requested = True
+        for child in children_of(list(self.upstreams.values()), upstream):
+            self.drain(child.id, requested)  # a router drains with all its models
         if not upstream.draining:
             upstream.draining = True
             self.log.info(
@@ -267,6 +280,8 @@ class UpstreamPool:
         if upstream is None:
             return None
         self.cancel_removal(upstream_id)
+        for child in children_of(list(self.upstreams.values()), upstream):
+            self.undrain(child.id)
         upstream.drain_requested = False
         if upstream.draining:
             upstream.draining = False
@@ -304,12 +319,17 @@ class UpstreamPool:
 
     def _remove_if_idle(self, upstream: Upstream) -> None:
         if upstream.id in self._removals and upstream.in_flight == 0:
+            if any(c.in_flight for c in children_of(list(self.upstreams.values()), upstream)):
+                return  # a router: when its models' requests are done
             if self.upstreams.get(upstream.id) is upstream:
                 self.remove(upstream.id)
 
     def lease_returned(self, upstream: Upstream) -> None:
         """A request on C{upstream} ended: finish a pending removal, hand the slot on."""
         self._remove_if_idle(upstream)
+        parent = self.upstreams.get(upstream.parent_id) if upstream.parent_id is not None else None
+        if parent is not None:
+            self._remove_if_idle(parent)
         self.capacity_changed()
 
     def find(self, key: str) -> Upstream | None:
@@ -334,7 +354,7 @@ class UpstreamPool:
             u for u in self.upstreams.values() if u.accepts_requests and u.id not in excluded
         ]
         if model is not None and any(u.serves(model) for u in self.upstreams.values()):
-            candidates = [u for u in candidates if u.serves(model)]
+            candidates = prefer_loaded([u for u in candidates if u.serves(model)])
         if self.shared is not None and not self.shared.up:
             # The shared store is down: this process takes only its share of each upstream.
             candidates = [u for u in candidates if u.slots_held < self.shared.local_share(u)]
@@ -361,9 +381,10 @@ class UpstreamPool:
         self.notify("changed", upstream)
         return lease
 
-    def pick_any(self, exclude: Iterable[str] = ()) -> Upstream | None:
-        """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...)."""
-        candidates = self.eligible(None, exclude)
+    def pick_any(self, exclude: Iterable[str] = (), model: str | None = None) -> Upstream | None:
+        """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...), one
+        serving C{model} when it names one."""
+        candidates = self.eligible(model, exclude)
         if not candidates:
             return None
         upstream = max(candidates, key=lambda u: (u.slots_idle, -u.last_chosen))
@@ -393,7 +414,7 @@ class UpstreamPool:
                 return succeed(lease)
         if self.max_buffered == 0:
             return fail(BufferingDisabled("no free slot on any upstream and buffering is disabled"))
-        if len(self._waiters) >= self.max_buffered:
+        if len(self._waiters) >= self.max_buffered and not self._make_room_for(model):
             return fail(self.buffer_full_error())
         remaining = self.buffer_timeout - (now - started)
         if remaining <= 0:
@@ -408,6 +429,41 @@ class UpstreamPool:
         self.notify("changed")
         self.capacity_changed()
         return waiter.deferred
+
+    def _make_room_for(self, model: str | None) -> bool:
+        """
+        The buffer is full: in a multi-model fleet each model has its own FIFO inside the
+        shared limit, so a request for a model with fewer waiters than the most-waited-for
+        model takes the place of that model's newest waiter (answered 503 "buffer full"):
+        a cold model's burst cannot keep a hot model's requests out. Return whether room
+        was made.
+        """
+        if not any(u.role == "router" for u in self.upstreams.values()):
+            return False
+        counts = self.buffered_by_model(local_only=True)
+        mine = counts.get(model or "", 0)
+        crowded = max(counts, key=lambda m: counts[m])
+        if counts[crowded] <= mine + 1:
+            return False
+        victim = next(w for w in reversed(self._waiters) if (w.model or "") == crowded)
+        self._leave(victim)
+        self.log.info(
+            "buffer full: a request for {model} takes the place of the newest of {count} waiting for {crowded}",
+            model=model, count=counts[crowded], crowded=crowded,
+        )
+        victim.deferred.errback(self.buffer_full_error(f", {counts[crowded]} of them for model {crowded}"))
+        return True
+
+    def buffered_by_model(self, local_only: bool = False) -> dict[str, int]:
+        """Requests waiting for a slot per model ("" for those naming none, and for the
+        shared buffer's, which are not told apart)."""
+        counts: dict[str, int] = {}
+        for waiter in self._waiters:
+            key = waiter.model or ""
+            counts[key] = counts.get(key, 0) + 1
+        if not local_only and self.shared is not None and self.shared.requests_waiting:
+            counts[""] = counts.get("", 0) + self.shared.requests_waiting
+        return counts
 
     def hand_waiters_over(self, acquire: Callable[[str | None, frozenset[str], Any, float], Deferred[Lease]]) -> int:
         """
@@ -449,7 +505,14 @@ class UpstreamPool:
             waiter.timeout_call = self.clock.callLater(left, self._expire, waiter)
             return
         self._leave(waiter)
-        waiter.deferred.errback(self.buffer_timeout_error())
+        error = self.buffer_timeout_error()
+        eta = self.load_eta(waiter.model) if waiter.model and self.load_eta is not None else None
+        if eta is not None:
+            # its model is being loaded: retry once the load is expected to be done
+            error.headers[b"retry-after"] = _retry_after(eta)
+            error.headers[b"x-should-retry"] = b"true"
+            error.message += f"; model {waiter.model} is loading, expected in about {eta:.0f} s"
+        waiter.deferred.errback(error)
 
     def nothing_can_serve(self) -> bool:
         """No upstream healthy, loading or just added, and no agent registering (L{paddler.fleet.unserved})."""
@@ -608,6 +671,8 @@ class UpstreamPool:
         }
         if self.shared is not None:
             body["shared_state"] = self.shared.describe()
+        if any(u.role == "router" for u in self.upstreams.values()):
+            body["models"] = self._health_by_model()
         if totals["upstreams"]["healthy"]:
             return 200, body
         if self.max_buffered and self.requests_buffered < self.max_buffered:
@@ -618,6 +683,24 @@ class UpstreamPool:
             + ("disabled" if not self.max_buffered else "full")
         )
         return 503, body
+
+    def _health_by_model(self) -> dict[str, dict[str, Any]]:
+        """Per model served (multi-model fleets): idle slots where it is loaded, upstreams where
+        it is loaded, and requests waiting for it."""
+        buffered = self.buffered_by_model()
+        models: dict[str, dict[str, Any]] = {}
+        for upstream in self.upstreams.values():
+            if upstream.role == "router" or not upstream.models:
+                continue
+            model = upstream.router_model or upstream.models[0]
+            entry = models.setdefault(model, {"slots_idle": 0, "loaded_on": 0, "requests_buffered": 0})
+            if upstream.accepts_requests and upstream.loaded:
+                entry["slots_idle"] += upstream.slots_idle
+                entry["loaded_on"] += 1
+        for model, count in buffered.items():
+            if model in models:
+                models[model]["requests_buffered"] = count
+        return dict(sorted(models.items()))
 
     def stop(self) -> None:
         """Fail every waiter (the balancer is stopping)."""

@@ -31,7 +31,17 @@ from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, UpstreamState
 from paddler.interfaces import IUpstreamProber
 from paddler.llamacpp.errors import Loading
-from paddler.llamacpp.slots import SlotReading, SlotsCache, client_getter, read_slots
+from paddler.fleet.routers import child_id, forget_router, observe_router
+from paddler.llamacpp.slots import (
+    NotRouterMode,
+    RouterMode,
+    RouterReading,
+    SlotReading,
+    SlotsCache,
+    client_getter,
+    read_router,
+    read_slots,
+)
 from paddler.web.failures import describe_failure
 from paddler.web.instance import THIS_BALANCER, ThisBalancer
 
@@ -92,23 +102,41 @@ class HTTPProber:
         reading.addTimeout(self.timeout, self._clock, onTimeoutCancel=_timed_out)
         return reading
 
-    async def _probe(self, upstream: Upstream) -> SlotReading:
+    async def _probe(self, upstream: Upstream) -> SlotReading | RouterReading:
         get = client_getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
         cache = self._caches.get(upstream.id)
         if cache is None:
             if len(self._caches) > 2 * len(self._pool.upstreams) + 16:
                 self._caches = {uid: c for uid, c in self._caches.items() if uid in self._pool.upstreams}
             cache = self._caches[upstream.id] = SlotsCache()
-        return await read_slots(
-            get,
-            method=upstream.probe_method,
-            mode=self.mode,
-            want_models=not upstream.models,
-            mark=upstream.probe_mark,
-            cache=cache,
-        )
+        if upstream.role != "router":
+            try:
+                return await read_slots(
+                    get,
+                    method=upstream.probe_method,
+                    mode=self.mode,
+                    want_models=not upstream.models,
+                    mark=upstream.probe_mark,
+                    cache=cache,
+                )
+            except RouterMode:
+                pass  # /props says role router, or /slots wants a model: read it as a router
+        try:
+            return await read_router(get, upstream.probe_mark, lambda model: self._child_mark(upstream, model))
+        except NotRouterMode:
+            self.log.info("upstream {name} ({url}) is no longer a router-mode llama-server",
+                          name=upstream.name, url=upstream.url)
+            forget_router(self._pool, upstream)
+            return await read_slots(get, mode=self.mode, want_models=True, mark=upstream.probe_mark, cache=cache)
 
-    def _succeeded(self, upstream: Upstream, reading: SlotReading) -> bool:
+    def _child_mark(self, parent: Upstream, model: str) -> int:
+        child = self._pool.upstreams.get(child_id(parent.url, model))
+        return child.probe_mark() if child is not None else 0
+
+    def _succeeded(self, upstream: Upstream, reading: SlotReading | RouterReading) -> bool:
+        if isinstance(reading, RouterReading):
+            observe_router(self._pool, upstream, reading)
+            return True
         if self.on_reading is not None:
             self.on_reading(upstream, reading)
         if reading.method == "props" and upstream.probe_method != "props":
@@ -230,7 +258,7 @@ class ProbeService(Service):
     # -- scheduling --------------------------------------------------------------
 
     def _start(self, upstream: Upstream) -> None:
-        if not self.running or upstream.source == "agent" or upstream.id in self._schedules:
+        if not self.running or upstream.source in ("agent", "router") or upstream.id in self._schedules:
             return
         now = self._clock.seconds()
         if now != self._burst_at:
@@ -287,6 +315,7 @@ class ProbeService(Service):
             schedule.quiet >= self.QUIET_AFTER
             and now - schedule.last_probe < self.idle_every * self.interval - 1e-9
             and upstream.state is UpstreamState.HEALTHY
+            and upstream.role != "router"  # its models' slots are on its children
             and upstream.slots_held == 0
             and upstream.probe_mark() == schedule.mark
             and not self._pool.requests_buffered

@@ -181,6 +181,26 @@ class Upstream:
         self.slots_total = 0
         self.external_processing = 0
         self.models: tuple[str, ...] = ()
+        #: ``single`` (one model) or ``router`` (llama-server's router mode: it takes no
+        #: request itself; each of its models is a child upstream with C{parent_id}).
+        self.role = "single"
+        #: For a router's child: the router's id, the model it serves and its state.
+        self.parent_id: str | None = None
+        self.router_model: str | None = None
+        self.model_state: str | None = None
+        self.exit_code = 0
+        #: When C{model_state} last changed, and when a request of ours last started or ended here.
+        self.model_since = clock.seconds() if clock is not None else 0.0
+        self.last_used_at = self.model_since
+        #: How long the last load of its model took, seen from loading to loaded (None: not seen).
+        self.load_seconds: float | None = None
+        #: A router's model that --model-placement never evicts (management API pin).
+        self.pinned = False
+        #: A router's model: its slot count the last time it was seen loaded (0: never).
+        self.slots_when_loaded = 0
+        #: For a router: C{max_instances} and C{models_autoload} from its /props.
+        self.max_instances = 0
+        self.autoload = True
         self.raw_slots: list[Any] = []
         self.probe_method = "slots"
         self.last_probe_at: float | None = None
@@ -232,11 +252,17 @@ class Upstream:
         lease = self._next_lease
         self._next_lease += 1
         self._leases.add(lease)
+        self._used()
         return lease
 
     def return_lease(self, lease: int) -> None:
         """Count the request with lease number C{lease} as finished (once)."""
         self._leases.remove(lease)
+        self._used()
+
+    def _used(self) -> None:
+        if self._clock is not None:
+            self.last_used_at = self._clock.seconds()
 
     def ghost_lease(self, lease: int) -> None:
         """
@@ -279,7 +305,18 @@ class Upstream:
 
     @property
     def accepts_requests(self) -> bool:
+        if self.role == "router":
+            return False  # its models' child upstreams take the requests
+        if self.model_state is not None and self.model_state not in ("loaded", "sleeping"):
+            # a router's model that is not loaded takes requests only when the router autoloads
+            if self.model_state == "failed" or not self.autoload:
+                return False
         return self.state is UpstreamState.HEALTHY and not self.draining
+
+    @property
+    def loaded(self) -> bool:
+        """Serves its model now: a single-model server, or a router's loaded (or sleeping) model."""
+        return self.model_state is None or self.model_state in ("loaded", "sleeping")
 
     @property
     def status(self) -> str:
@@ -365,6 +402,11 @@ class Upstream:
             "requests_in_flight": self.in_flight,
             "model": self.model,
             "models": list(self.models),
+            "role": self.role,
+            "parent_id": self.parent_id,
+            "model_state": self.model_state,
+            "load_seconds": self.load_seconds,
+            "pinned": self.pinned,
             "probe_method": self.probe_method,
             "last_update_age": None
             if self.last_update_at is None

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,11 +130,70 @@ def _require_ok(path: str, code: int, body: bytes) -> None:
         raise ProbeError(f"{path} answered {code}: {error_message(body)}")
 
 
+class RouterMode(Exception):
+    """The server runs in router mode (``/props`` says ``role: router``): read it with L{read_router}."""
+
+    def __init__(self, message: str = "the server runs in router mode (several models): the balancer "
+                 "reads it directly (--upstream); paddler agent does not report router-mode servers yet") -> None:
+        super().__init__(message)
+
+
+class NotRouterMode(Exception):
+    """A server read as a router no longer is one (restarted with ``-m``): read it with L{read_slots}."""
+
+
+#: What a router-mode llama-server answers to ``/slots`` without ``?model=``.
+MODEL_MISSING_MESSAGE = "model name is missing from the request"
+
+#: The model states a router reports (``status.value``), plus ``failed``.
+MODEL_STATES = ("unloaded", "loading", "loaded", "sleeping", "failed")
+
+
+@dataclass
+class ModelReading:
+    """One model of a router-mode server, as ``/models`` (and its ``/slots``) showed it.
+
+    C{state} is ``status.value``, or ``failed`` for a load that failed
+    (``unloaded`` with ``failed``/``exit_code``); C{total}, C{processing} and
+    C{raw_slots} come from ``/slots?model=ID&autoload=false`` and are read for
+    loaded models only.
+    """
+
+    id: str
+    aliases: tuple[str, ...] = ()
+    state: str = "unloaded"
+    exit_code: int = 0
+    total: int = 0
+    processing: int = 0
+    raw_slots: list[Any] | None = None
+    #: The child upstream's probe mark taken just before its /slots was asked.
+    mark: int = 0
+
+
+@dataclass
+class RouterReading:
+    """One look at a router-mode server: its limits and every model's state and slots."""
+
+    max_instances: int
+    autoload: bool
+    models: list[ModelReading]
+    mark: int = 0
+
+
+def _is_router(props: Any) -> bool:
+    return isinstance(props, dict) and props.get("role") == "router"
+
+
 async def _read_props(get: Getter) -> tuple[int, tuple[str, ...]]:
     code, body = await get("/props")
     _require_ok("/props", code, body)
     try:
         props = json.loads(body)
+    except ValueError:
+        raise ProbeError("/props answered invalid JSON")
+    if _is_router(props):
+        raise RouterMode()
+    try:
         total = int(props["total_slots"])
     except (ValueError, KeyError, TypeError):
         raise ProbeError("/props has no total_slots")
@@ -186,6 +246,8 @@ async def read_slots(
     if method != "props":
         taken = mark()
         code, body = await get("/slots")
+        if code == 400 and error_message(body) == MODEL_MISSING_MESSAGE:
+            raise RouterMode()
         if code not in (404, 501):
             _require_ok("/slots", code, body)
             names = await _read_models(get) if want_models else None
@@ -209,3 +271,93 @@ async def read_slots(
         value = metric_value(body.decode("utf-8", "replace"), "llamacpp:requests_processing")
         processing = None if value is None else int(value)
     return SlotReading(total, processing, "props", models, mark=taken)
+
+
+#: Models one router may list (each becomes an upstream of the fleet): a bound against a hostile server.
+MAX_ROUTER_MODELS = 256
+#: The longest model id (or alias) taken from a router.
+MAX_MODEL_NAME = 512
+
+
+def _model_name(value: Any) -> bool:
+    return (
+        isinstance(value, str) and 0 < len(value) <= MAX_MODEL_NAME
+        and not any(ord(c) < 32 or ord(c) == 127 for c in value)
+    )
+
+
+def _model_entry(entry: Any) -> ModelReading:
+    if not isinstance(entry, dict) or not _model_name(entry.get("id")):
+        raise ProbeError(
+            f"/models entries must be objects with an id of 1 to {MAX_MODEL_NAME} printable characters"
+        )
+    status = entry.get("status")
+    value = status.get("value") if isinstance(status, dict) else None
+    if value not in MODEL_STATES:
+        raise ProbeError(f"/models: model {entry['id']!r} has no known status.value")
+    exit_code = 0
+    if isinstance(status, dict) and status.get("failed"):
+        value = "failed"
+        try:
+            exit_code = int(status.get("exit_code", 1))
+        except (TypeError, ValueError):
+            exit_code = 1
+    aliases = entry.get("aliases")
+    names = tuple(a for a in aliases if _model_name(a))[:16] if isinstance(aliases, list) else ()
+    return ModelReading(entry["id"], names, str(value), exit_code)
+
+
+async def read_router(
+    get: Getter, mark: Callable[[], int] = lambda: 0, model_mark: Callable[[str], int] = lambda _: 0
+) -> RouterReading:
+    """
+    Read a router-mode server: C{/props} (C{max_instances}, C{models_autoload}),
+    C{/models} (every model's state), and C{/slots?model=ID&autoload=false} for
+    each loaded model (C{autoload=false}: a probe must never load or evict a
+    model). C{model_mark(id)} is taken just before a model's C{/slots} is
+    asked (the child upstream's L{probe_mark}). A loaded model whose C{/slots} fails (it was just unloaded) is
+    reported C{unloaded}. Raises L{ProbeError} or L{Loading}.
+    """
+    code, body = await get("/props")
+    _require_ok("/props", code, body)
+    try:
+        props = json.loads(body)
+    except ValueError:
+        raise ProbeError("/props answered invalid JSON")
+    if not _is_router(props):
+        raise NotRouterMode()
+    try:
+        max_instances = int(props.get("max_instances", 0))
+    except (TypeError, ValueError):
+        max_instances = 0
+    autoload = props.get("models_autoload", True) is not False
+    code, body = await get("/models")
+    _require_ok("/models", code, body)
+    try:
+        data = json.loads(body)["data"]
+    except (ValueError, KeyError, TypeError):
+        raise ProbeError("/models has no data list")
+    if not isinstance(data, list):
+        raise ProbeError("/models has no data list")
+    if len(data) > MAX_ROUTER_MODELS:
+        raise ProbeError(f"/models lists {len(data)} models, more than {MAX_ROUTER_MODELS}")
+    models = [_model_entry(entry) for entry in data]
+    if len({m.id for m in models}) != len(models):
+        raise ProbeError("/models lists a model id twice")
+    taken = mark()
+    for model in models:
+        if model.state != "loaded":
+            continue
+        model.mark = model_mark(model.id)
+        code, body = await get("/slots?model=" + quote(model.id, safe="") + "&autoload=false")
+        if code != 200:
+            model.state = "unloaded"  # unloaded between the two answers: the next probe will say
+            continue
+        try:
+            slots = json.loads(body)
+        except ValueError:
+            raise ProbeError(f"/slots?model={model.id} answered invalid JSON")
+        if not isinstance(slots, list):
+            raise ProbeError(f"/slots?model={model.id} answer is not a list")
+        model.total, model.processing, model.raw_slots = len(slots), count_processing(slots), slots
+    return RouterReading(max_instances, autoload, models, taken)

@@ -12,6 +12,11 @@ Routes (JSON in and out, documented in docs/management.md)::
     GET    /api/v1/agents
     POST   /api/v1/agents                         register {agent_id, url, name}: 201 with its token
     POST   /api/v1/agents/{agent_id}/report       Authorization: Bearer AGENT_TOKEN
+    GET    /api/v1/models                         the fleet's models (router-mode upstreams)
+    POST   /api/v1/upstreams/{id}/models/load     {model}: POST /models/load on a router
+    POST   /api/v1/upstreams/{id}/models/unload   {model}: POST /models/unload on a router
+    POST   /api/v1/upstreams/{id}/models/pin      {model}: placement never evicts it there
+    POST   /api/v1/upstreams/{id}/models/unpin    {model}
 
 ``{id}`` is an upstream's id, name or URL. POST and DELETE need
 ``Authorization: Bearer TOKEN`` when a management token is configured; a
@@ -33,8 +38,21 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from paddler.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, error_response, json_response
+from paddler.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    UpstreamFailed,
+    error_response,
+    json_response,
+)
 from paddler.fleet.addresses import AddressVetter, UpstreamRefused, Vetted, canonical_url
+from paddler.fleet.models import fleet_models
+from paddler.fleet.routers import children_of
+from paddler.llamacpp.errors import error_message
+from paddler.web.failures import describe_failure
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.registry import AgentCredential, AgentRegistry, RegistrationRefused, RegistryConflict
 from paddler.fleet.upstream import Upstream, upstream_id
@@ -74,6 +92,8 @@ class ManagementAPI:
         token: str | None = None,
         register_wait: float = REGISTER_WAIT,
         own_urls: Callable[[], set[str]] | None = None,
+        post: Any = None,
+        post_timeout: float = 30.0,
         vetter: AddressVetter | None = None,
     ) -> None:
         self.pool = pool
@@ -83,6 +103,9 @@ class ManagementAPI:
         self._token = token.encode("utf-8") if token else None
         self.register_wait = register_wait
         self.own_urls = own_urls or set
+        #: C{post(router, path, body)} -> Deferred (status, body): sends model commands to routers.
+        self.post = post
+        self.post_timeout = post_timeout
         #: vets every URL before it becomes an upstream (no resolver: names are taken as given)
         self.vetter = vetter if vetter is not None else AddressVetter(clock)
 
@@ -329,6 +352,86 @@ class ManagementAPI:
         upstream = self._upstream(key)
         self.pool.undrain(upstream.id)
         return self._json(request, 200, self._describe(upstream))
+
+    # -- routes: models (router-mode upstreams) ----------------------------
+
+    @app.route("/api/v1/models", methods=["GET"])
+    def list_models(self, request: Any) -> bytes:
+        return self._json(request, 200, fleet_models(self.pool.upstreams.values(), int(self.clock.seconds())))
+
+    @app.route("/api/v1/upstreams/<path:key>/models/load", methods=["POST"])
+    def load_model(self, request: Any, key: str) -> Any:
+        return self._model_command(request, key, "load")
+
+    @app.route("/api/v1/upstreams/<path:key>/models/unload", methods=["POST"])
+    def unload_model(self, request: Any, key: str) -> Any:
+        return self._model_command(request, key, "unload")
+
+    @app.route("/api/v1/upstreams/<path:key>/models/pin", methods=["POST"])
+    def pin_model(self, request: Any, key: str) -> bytes:
+        return self._pin(request, key, True)
+
+    @app.route("/api/v1/upstreams/<path:key>/models/unpin", methods=["POST"])
+    def unpin_model(self, request: Any, key: str) -> bytes:
+        return self._pin(request, key, False)
+
+    def _pin(self, request: Any, key: str, pinned: bool) -> bytes:
+        self._authorize(request)
+        router, model = self._router_and_model(request, key)
+        [child] = [c for c in children_of(self.pool.upstreams.values(), router) if c.router_model == model]
+        child.pinned = pinned
+        self.log.info("model {model} on {name} {what} through the management API",
+                      model=model, name=router.name, what="pinned" if pinned else "unpinned")
+        self.pool.notify("changed", child)
+        return self._json(request, 200, self._describe(child))
+
+    def _router_and_model(self, request: Any, key: str) -> tuple[Upstream, str]:
+        """The router named by C{key} (or the router of the model upstream C{key}) and the body's model."""
+        router = self._upstream(key)
+        if router.parent_id is not None:  # a model's child upstream: its router
+            router = self._upstream(router.parent_id)
+        if router.role != "router":
+            raise BadRequest(f"upstream {router.name!r} is not a router-mode llama-server", param="id")
+        body = json_object(request)
+        unknown = sorted(set(body) - {"model"})
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0][:100]!r} (allowed: model)", param=unknown[0][:100])
+        model = string_field(body, "model", required=True)
+        assert model is not None
+        if model not in {c.router_model for c in children_of(self.pool.upstreams.values(), router)}:
+            raise NotFound(f"upstream {router.name!r} has no model {model[:200]!r}", param="model")
+        return router, model
+
+    def _model_command(self, request: Any, key: str, command: str) -> Any:
+        self._authorize(request)
+        router, model = self._router_and_model(request, key)
+        if self.post is None:
+            raise Conflict("this balancer cannot send model commands (no upstream client)")
+        sent: Deferred[tuple[int, bytes]] = self.post(router, f"/models/{command}", {"model": model})
+        sent.addTimeout(self.post_timeout, self.clock)
+
+        def answered(result: tuple[int, bytes]) -> Any:
+            code, raw = result
+            if code != 200:
+                raise Conflict(f"{router.name} answered {code}: {error_message(raw)}", param="model")
+            self.log.info("{command} of model {model} on {name} through the management API",
+                          command=command, model=model, name=router.name)
+            done = self.probes.probe_now(router) if self.probes is not None else None
+            if done is None:
+                return self._json(request, 200, {"success": True, "upstream": self._describe(router)})
+            done.addTimeout(self.register_wait, self.clock)
+            done.addErrback(lambda f: f.trap(DeferredTimeout))
+            return done.addCallback(
+                lambda _: self._json(request, 200, {"success": True, "upstream": self._describe(router)})
+            )
+
+        def failed(failure: Any) -> bytes:
+            if isinstance(failure.value, (Conflict, BadRequest)):
+                return error_response(request, failure.value)
+            reason = describe_failure(failure, self.post_timeout)
+            return error_response(request, UpstreamFailed(f"{router.name}: {reason}"))
+
+        return sent.addCallback(answered).addErrback(failed)
 
     @app.route("/api/v1/agents", methods=["POST"])
     def register_agent(self, request: Any) -> Any:

@@ -76,6 +76,10 @@ class FleetEvents:
         """When the upstream started draining (as this log saw it), or C{None}."""
         return self._draining_since.get(upstream_id)
 
+    def record(self, kind: str, upstream: Upstream, **fields: Any) -> None:
+        """Add an entry of C{kind} about C{upstream} with C{fields} (e.g. C{model_load} from placement)."""
+        self._add(kind, upstream, **fields)
+
     def _add(self, kind: str, upstream: Upstream, **fields: Any) -> None:
         self.seq += 1
         entry = {"seq": self.seq, "time": self.clock.seconds(), "kind": kind, "upstream": upstream.name,

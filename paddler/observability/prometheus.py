@@ -24,6 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from paddler.fleet.models import fleet_models, is_multi_model
 from paddler.fleet.pool import UpstreamPool
 from paddler.observability.requests import RequestStats
 
@@ -98,7 +99,6 @@ class FleetCollector(Collector):
             ("paddler_slots_idle", totals["slots_idle"], "Idle slots on upstreams that take requests."),
             ("paddler_slots_processing", totals["slots_processing"], "Busy slots on all upstreams."),
             ("paddler_slots_capacity", totals["slots_total"], "Slots on upstreams that take requests."),
-            ("paddler_requests_buffered", totals["requests_buffered"], "Requests waiting for a free slot."),
             ("paddler_buffer_capacity", self.pool.max_buffered, "Requests the buffer may hold (--max-buffered-requests)."),
             ("paddler_requests_in_flight", totals["requests_in_flight"], "Requests being served by an upstream."),
             (
@@ -114,6 +114,42 @@ class FleetCollector(Collector):
             ("paddler_upstreams", totals["upstreams"]["total"], "Upstreams the balancer knows."),
         ):
             yield GaugeMetricFamily(name, text, value=value)
+        yield from self._models(totals["requests_buffered"])
+
+    def _models(self, buffered_total: int) -> Iterator[Metric]:
+        """paddler_requests_buffered{model} and paddler_slots{model,state}: per model served
+        (router-mode upstreams' models; a single-model fleet's buffered total is model="")."""
+        upstreams = list(self.pool.upstreams.values())
+        buffered = GaugeMetricFamily(
+            "paddler_requests_buffered",
+            "Requests waiting for a free slot, per model (\"\": naming none, or a single-model fleet).",
+            labels=["model"],
+        )
+        if is_multi_model(upstreams):
+            counts = {m["id"]: 0 for m in fleet_models(upstreams, 0)["data"]}
+            counts.update(self.pool.buffered_by_model())
+            counts.setdefault("", 0)
+            for model in sorted(counts):
+                buffered.add_metric([model], counts[model])
+        else:
+            buffered.add_metric([""], buffered_total)
+        yield buffered
+        slots = GaugeMetricFamily(
+            "paddler_slots", "Slots of upstreams that take requests, per model and state (idle, busy).",
+            labels=["model", "state"],
+        )
+        per_model: dict[str, list[int]] = {}
+        for upstream in upstreams:
+            if upstream.role == "router" or not upstream.accepts_requests or not upstream.loaded:
+                continue
+            model = upstream.router_model or upstream.model or ""
+            figures = per_model.setdefault(model, [0, 0])
+            figures[0] += upstream.slots_idle
+            figures[1] += upstream.slots_processing
+        for model in sorted(per_model):
+            slots.add_metric([model, "idle"], per_model[model][0])
+            slots.add_metric([model, "busy"], per_model[model][1])
+        yield slots
 
     def _requests(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from paddler.fleet.models import fleet_models, is_multi_model
 from paddler.fleet.pool import UpstreamPool
 from paddler.observability.requests import RequestStats
 
@@ -254,6 +255,7 @@ class StatsDService(Service):
         self._counters: dict[str, int] = {}
         self._timers: deque[tuple[str, float]] = deque(maxlen=MAX_TIMERS_PER_INTERVAL)
         self._reported_upstreams: set[str] = set()
+        self._reported_models: set[str] = set()
         self._loop = LoopingCall(self._report)
         self._loop.clock = clock
         self._unsubscribe: Callable[[], None] | None = None
@@ -307,6 +309,31 @@ class StatsDService(Service):
         except Exception:
             self.log.failure("StatsD report failed; trying again next time")
 
+    def _report_models(self, client: Any) -> None:
+        """With router-mode upstreams: ``model.NAME.requests_buffered``, ``.slots_idle``, ``.slots_busy``."""
+        upstreams = list(self.pool.upstreams.values())
+        reported: set[str] = set()
+        if is_multi_model(upstreams):
+            buffered = self.pool.buffered_by_model()
+            figures: dict[str, list[int]] = {m["id"]: [0, 0] for m in fleet_models(upstreams, 0)["data"]}
+            for upstream in upstreams:
+                if upstream.role == "router" or not upstream.accepts_requests or not upstream.loaded:
+                    continue
+                model = upstream.router_model or upstream.model or ""
+                if model in figures:
+                    figures[model][0] += upstream.slots_idle
+                    figures[model][1] += upstream.slots_processing
+            for model, (idle, busy) in sorted(figures.items()):
+                name = "model." + graphite_name(model)
+                reported.add(name)
+                client.gauge(name + ".requests_buffered", buffered.get(model, 0))
+                client.gauge(name + ".slots_idle", idle)
+                client.gauge(name + ".slots_busy", busy)
+        for name in sorted(self._reported_models - reported):
+            for gauge in ("requests_buffered", "slots_idle", "slots_busy"):
+                client.gauge(f"{name}.{gauge}", 0)
+        self._reported_models = reported
+
     def report(self) -> None:
         """Queue every gauge, counter and timer and send them."""
         client = self.client
@@ -334,6 +361,7 @@ class StatsDService(Service):
                 client.gauge(name + ".generation_tokens_per_second", routing["generation_tokens_per_second"])
                 client.gauge(name + ".prefix_hits", routing["prefix_hits"])
                 client.gauge(name + ".prompt_tokens_saved", routing["tokens_saved"])
+        self._report_models(client)
         # An upstream that left: its gauges go to zero once, instead of staying at their last value in Graphite.
         for name in sorted(self._reported_upstreams - reported):
             for gauge in ("slots_idle", "slots_processing", "slots_total", "requests_in_flight", "healthy"):

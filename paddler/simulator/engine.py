@@ -384,6 +384,9 @@ class SimulatedServerEngine:
         self._next_id_task = 0
         self._started_at = clock.seconds()
         self._stopping = False
+        #: Called whenever a job leaves its slot or the queue (router mode
+        #: loads a waiting model when a busy one goes idle).
+        self.on_idle: Callable[[], None] | None = None
 
     # lifecycle
 
@@ -671,6 +674,11 @@ class SimulatedServerEngine:
         )
         self._dispatch()
         job._fire()
+        self._notify_idle()
+
+    def _notify_idle(self) -> None:
+        if self.on_idle is not None:
+            self.on_idle()
 
     def _cancel(self, job: Job) -> None:
         if not job.active:
@@ -695,6 +703,7 @@ class SimulatedServerEngine:
         )
         self._dispatch()
         job._fire()
+        self._notify_idle()
 
     def _result(self, job: Job) -> CompletionResult:
         assert job.slot is not None and job.t_start is not None

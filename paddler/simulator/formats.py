@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from paddler.simulator.engine import SimulatedServerEngine
+    from paddler.simulator.router import SimulatedRouter
 
 BUILD_INFO = "b1-paddler-simulator"
 
@@ -407,4 +408,19 @@ def models_json(engine: SimulatedServerEngine, created: int) -> dict[str, Any]:
                 "ftype": "simulated",
             },
         }],
+    }
+
+
+def router_props_json(router: SimulatedRouter) -> dict[str, Any]:
+    """The ``/props`` body of a router-mode server (no ``model``): no ``total_slots``."""
+    return {
+        "role": "router",
+        "max_instances": router.config.models_max,
+        "models_autoload": router.config.autoload,
+        "model_alias": "llama-server",
+        "model_path": "none",
+        "default_generation_settings": {"params": None, "n_ctx": 0},
+        "ui_settings": {},
+        "build_info": BUILD_INFO,
+        "cors_proxy_enabled": False,
     }

@@ -22,7 +22,8 @@ from twisted.web.server import Site
 
 from paddler.simulator.engine import SimulatedServerEngine, SimulatorConfig
 from paddler.web.listeners import ListeningService
-from paddler.simulator.web import SimulatorResource
+from paddler.simulator.router import RouterConfig, SimulatedRouter, parse_failing, parse_models
+from paddler.simulator.web import RouterResource, SimulatorResource
 
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
@@ -39,6 +40,29 @@ class SimulatorSite(Site):
 
     def log(self, request: Any) -> None:
         """No access log: a balancer probes a simulator every second."""
+
+
+class RouterSite(Site):
+    """A L{Site} serving one simulated router-mode llama-server; C{router} is its state."""
+
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, router: SimulatedRouter, clock: IReactorTime, api_key: str | None = None) -> None:
+        super().__init__(RouterResource(router, clock, api_key), reactor=clock)
+        self.router = router
+
+    def log(self, request: Any) -> None:
+        """No access log: a balancer probes a simulator every second."""
+
+
+def router_site(clock: IReactorTime, router: RouterConfig, child: SimulatorConfig) -> RouterSite:
+    """A web site serving a new simulated router-mode llama-server.
+
+    @param router: the router settings (models, C{models_max}, autoload, load time).
+    @param child: the settings of every model's child server (slots, speed, context).
+    """
+    return RouterSite(SimulatedRouter(clock, router, child), clock, child.api_key)
 
 
 def simulator_site(clock: IReactorTime, config: SimulatorConfig) -> SimulatorSite:
@@ -118,34 +142,63 @@ class SimulatedServerService(MultiService):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, description: str, config: SimulatorConfig, index: int = 0
+        self,
+        reactor: Any,
+        description: str,
+        config: SimulatorConfig,
+        index: int = 0,
+        router: RouterConfig | None = None,
     ) -> None:
         super().__init__()
         self.description = description
         self.config = config
         self.index = index
-        self.site = simulator_site(reactor, config)
-        self.engine = self.site.engine
+        self.router_config = router
+        site: Site
+        if router is None:
+            self.site = simulator_site(reactor, config)
+            self.engine = self.site.engine
+            self.router: SimulatedRouter | None = None
+            site = self.site
+        else:
+            # Router mode: each model has its own engine; C{engine} is a
+            # placeholder that never takes a request.
+            self.router_site = router_site(reactor, router, config)
+            self.router = self.router_site.router
+            self.engine = SimulatedServerEngine(reactor, config)
+            site = self.router_site
         self.url: str | None = None
         self.port: IListeningPort | None = None
         self._waiting: list[Deferred[str]] = []
         ListeningService(
-            reactor, description, self.site, f"simulated llama-server {index}", on_listening=self._listening
+            reactor, description, site, f"simulated llama-server {index}", on_listening=self._listening
         ).setServiceParent(self)
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
         self.url = _url_of(port)
-        self.log.info(
-            "simulated llama-server {index} listening on {url}: {slots} slots, model {model}, "
-            "{tokens_per_second} tokens/s, seed {seed}",
-            index=self.index,
-            url=self.url,
-            slots=self.config.slots,
-            model=self.config.model,
-            tokens_per_second=self.config.tokens_per_second,
-            seed=self.config.seed,
-        )
+        if self.router_config is not None:
+            self.log.info(
+                "simulated router-mode llama-server {index} listening on {url}: models {models}, "
+                "models_max {models_max}, autoload {autoload}, {slots} slots per model",
+                index=self.index,
+                url=self.url,
+                models=",".join(self.router_config.models),
+                models_max=self.router_config.models_max,
+                autoload=self.router_config.autoload,
+                slots=self.config.slots,
+            )
+        else:
+            self.log.info(
+                "simulated llama-server {index} listening on {url}: {slots} slots, model {model}, "
+                "{tokens_per_second} tokens/s, seed {seed}",
+                index=self.index,
+                url=self.url,
+                slots=self.config.slots,
+                model=self.config.model,
+                tokens_per_second=self.config.tokens_per_second,
+                seed=self.config.seed,
+            )
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(self.url)
@@ -160,11 +213,15 @@ class SimulatedServerService(MultiService):
 
     def startService(self) -> None:
         self.engine.start()
+        if self.router is not None:
+            self.router.start()
         super().startService()
 
     def stopService(self) -> Deferred[None]:
         d = super().stopService()
         self.engine.stop()
+        if self.router is not None:
+            self.router.stop()
         self.url = None
         self.port = None
         return d
@@ -245,12 +302,29 @@ def config_from_options(options: Mapping[str, Any], index: int = 0) -> Simulator
     )
 
 
+def router_config_from_options(options: Mapping[str, Any]) -> RouterConfig | None:
+    """The L{RouterConfig} of parsed L{SimulateOptions}, or None without ``--models``."""
+    models = options.get("models")
+    if not models:
+        return None
+    failing = options.get("models-fail-load")
+    return RouterConfig(
+        models=parse_models(models),
+        models_max=int(options.get("models-max", 4)),
+        autoload=not options.get("no-models-autoload", False),
+        load_seconds=float(options.get("model-load-seconds", 0.1)),
+        failing=parse_failing(failing) if failing else {},
+    )
+
+
 def makeSimulatorService(options: Mapping[str, Any], reactor: Any) -> MultiService:
-    """The services for ``paddler simulate``: C{--fleet} servers, one per port."""
+    """The services for ``paddler simulate``: C{--fleet} servers, one per port
+    (router-mode servers with C{--models})."""
     parent = MultiService()
+    router = router_config_from_options(options)
     for index in range(options["fleet"]):
         description = endpoint_with_port_offset(options["listen"], index)
         SimulatedServerService(
-            reactor, description, config_from_options(options, index), index
+            reactor, description, config_from_options(options, index), index, router
         ).setServiceParent(parent)
     return parent

@@ -43,9 +43,11 @@ from paddler.simulator.formats import (
     dumps,
     models_json,
     props_json,
+    router_props_json,
     slot_json,
 )
 from paddler.simulator.metrics import render_metrics
+from paddler.simulator.router import ModelState, SimulatedModel, SimulatedRouter
 from paddler.simulator.tokenizer import BOS_TEXT, piece_text, split_pieces, tokenize
 from paddler.simulator.validation import (
     BadRequest,
@@ -302,4 +304,214 @@ class SimulatorResource(Resource):
         return NOT_DONE_YET
 
 
-__all__ = ["SimulatorResource"]
+
+
+#: The (prompt shape, API) pairs whose slot-taking endpoints the simulator answers.
+_SPOKEN = frozenset({("completion", "llama"), ("completion", "openai"), ("chat", "openai")})
+#: POST paths the router forwards to a model's child server by the body's model field
+#: (the endpoints of the one table that a child answers, and the tokenizer's).
+ROUTER_POST_PATHS = frozenset(
+    {"/tokenize", "/detokenize"}
+    | {e.path for e in ENDPOINTS.values() if e.takes_slot and (e.prompt, e.api) in _SPOKEN}
+)
+#: GET paths the router forwards by ``?model=`` (``/props`` too, when it names a model).
+ROUTER_GET_PATHS = frozenset({"/slots", "/metrics", "/props"})
+
+
+class RouterResource(Resource):
+    """The HTTP API of one simulated router-mode llama-server.
+
+    Requests that name a model are forwarded to that model's own
+    L{SimulatorResource} once it is loaded; the router answers ``/health``,
+    ``/props`` (without ``model``), ``/models``, ``/v1/models``,
+    ``/models/load``, ``/models/unload`` and ``/models/sse`` itself, with
+    llama.cpp's bodies and errors (``tools/server/server-models.cpp``).
+
+    @param router: the models and their states.
+    @param clock: the router's clock.
+    @param api_key: like ``--api-key``: required everywhere but ``/health``.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, router: SimulatedRouter, clock: IReactorTime, api_key: str | None = None) -> None:
+        super().__init__()
+        self.router = router
+        self.clock = clock
+        self.api_key = api_key
+        self._children: dict[str, tuple[SimulatedServerEngine, SimulatorResource]] = {}
+
+    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+        request.setHeader(b"server", b"llama.cpp")
+        request.setHeader(b"access-control-allow-origin", b"")
+        path = request.path.decode("utf-8", "replace")
+        if self.api_key is not None and path not in PUBLIC_PATHS and not self._authorized(request):
+            return self._json(request, 401, UNAUTHORIZED_BODY)
+        try:
+            return self._route(request, path)
+        except BadRequest as e:
+            return self._error(request, SimulatorError(400, str(e), "invalid_request_error"))
+        except SimulatorError as e:
+            return self._error(request, e)
+        except Exception:
+            self.log.failure("simulated router failed to answer {method} {path}",
+                             method=request.method.decode("ascii", "replace"), path=path)
+            return self._json(request, 500, INTERNAL_ERROR_BODY)
+
+    def _route(self, request: Request, path: str) -> bytes | int:
+        method = request.method
+        if method == b"GET":
+            if path in PUBLIC_PATHS:
+                return self._json(request, 200, {"status": "ok"})
+            if path in ("/models", "/v1/models"):
+                return self._json(request, 200, self.router.models_json(int(self.clock.seconds())))
+            if path == "/models/sse":
+                return self._sse(request)
+            if path == "/props" and not self._arg(request, b"model"):
+                return self._json(request, 200, router_props_json(self.router))
+            if path in ROUTER_GET_PATHS:
+                return self._forward(request, self._arg(request, b"model"), post=False)
+        elif method == b"POST":
+            if path in ("/models/load", "/models/unload"):
+                return self._load_or_unload(request, path)
+            if path in ROUTER_POST_PATHS:
+                raw = request.content.read() if request.content is not None else b""
+                try:
+                    body = parse_body(raw)
+                except BadRequest:
+                    body = {}
+                if request.content is not None:
+                    request.content.seek(0)
+                endpoint = ENDPOINTS.get(path)
+                name = body.get(endpoint.model_field if endpoint is not None else "model")
+                return self._forward(request, name if isinstance(name, str) else "", post=True)
+        return self._json(request, 404, NOT_FOUND_BODY)
+
+    # plumbing
+
+    def _authorized(self, request: Request) -> bool:
+        header = request.getHeader(b"authorization")
+        if header is not None and header.decode("latin-1") == "Bearer " + str(self.api_key):
+            return True
+        x_api_key = request.getHeader(b"x-api-key")
+        return x_api_key is not None and x_api_key.decode("latin-1") == self.api_key
+
+    def _arg(self, request: Request, name: bytes) -> str:
+        values = (request.args or {}).get(name) or [b""]
+        return values[0].decode("utf-8", "replace")
+
+    def _json(self, request: Request, code: int, body: Any) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return dumps(body)
+
+    def _error(self, request: Request, error: SimulatorError) -> bytes:
+        return self._json(request, error.code, error.body())
+
+    def _autoload(self, request: Request) -> bool:
+        given = self._arg(request, b"autoload")
+        if not given:
+            return self.router.config.autoload
+        return given in ("true", "1")
+
+    # forwarding
+
+    def _forward(self, request: Request, name: str, post: bool) -> bytes | int:
+        """llama.cpp's ``router_validate_model``, then the model's child answers."""
+        if not name:
+            raise SimulatorError(400, "model name is missing from the request", "invalid_request_error")
+        model = self.router.get(name)
+        if model is None:
+            raise SimulatorError(400, f"model '{name}' not found", "invalid_request_error")
+        autoload = self._autoload(request)
+        if not autoload and not model.running:
+            raise SimulatorError(400, "model is not loaded", "invalid_request_error")
+        if post:
+            self.router.touch(model)
+        if model.state is ModelState.LOADED or not autoload:
+            return self._child_render(request, model)
+        waiting = self.router.ensure_ready(model)
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: waiting.cancel())
+        waiting.addCallbacks(
+            lambda ready: self._answer_later(request, ready, post),
+            lambda failure: self._fail_later(request, failure),
+        )
+        return NOT_DONE_YET
+
+    def _child_render(self, request: Request, model: SimulatedModel) -> bytes | int:
+        engine = model.engine
+        if engine is None:  # loading, and the request does not wait for it
+            return self._json(request, 503, LOADING_BODY)
+        known = self._children.get(model.name)
+        if known is None or known[0] is not engine:
+            known = (engine, SimulatorResource(engine, self.clock))
+            self._children[model.name] = known
+        return known[1].render(request)
+
+    def _answer_later(self, request: Request, model: SimulatedModel, post: bool) -> None:
+        if request._disconnected or request.finished:
+            return
+        if post:
+            self.router.touch(model)
+        try:
+            result = self._child_render(request, model)
+        except Exception:
+            self.log.failure("simulated router failed to forward to {model}", model=model.name)
+            result = self._json(request, 500, INTERNAL_ERROR_BODY)
+        if result is not NOT_DONE_YET:
+            assert isinstance(result, bytes)
+            request.write(result)
+            request.finish()
+
+    def _fail_later(self, request: Request, failure: Failure) -> None:
+        if failure.check(CancelledError) or request._disconnected or request.finished:
+            return
+        error = failure.value
+        if isinstance(error, SimulatorError):
+            payload = self._error(request, error)
+        else:
+            self.log.failure("simulated router failed while loading", failure)
+            payload = self._json(request, 500, INTERNAL_ERROR_BODY)
+        request.write(payload)
+        request.finish()
+
+    # router endpoints
+
+    def _load_or_unload(self, request: Request, path: str) -> bytes:
+        raw = request.content.read() if request.content is not None else b""
+        body = parse_body(raw)
+        name = body.get("model")
+        model = self.router.get(name) if isinstance(name, str) else None
+        if path == "/models/load":
+            if model is None:
+                # llama.cpp answers "model is not found", but its HTTP layer puts its own
+                # 404 body in place of every 404's (seen on the real server)
+                return self._json(request, 404, NOT_FOUND_BODY)
+            self.router.load(model)
+        else:
+            if model is None:
+                raise SimulatorError(400, "model is not found", "invalid_request_error")
+            self.router.unload(model)
+        return self._json(request, 200, {"success": True})
+
+    def _sse(self, request: Request) -> int:
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream")
+
+        def listener(event: dict[str, Any] | None) -> None:
+            if request.finished or request._disconnected:
+                return
+            if event is None:  # the server stops
+                request.finish()
+                return
+            request.write(b"data: " + dumps(event) + b"\n\n")
+
+        self.router.subscribe(listener)
+        request.notifyFinish().addBoth(lambda _: self.router.unsubscribe(listener))
+        request.write(b"")
+        return NOT_DONE_YET
+
+
+__all__ = ["RouterResource", "SimulatorResource"]

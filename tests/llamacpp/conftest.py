@@ -216,6 +216,55 @@ class LlamaServers(_ServerProcesses):
         return self._spawn(argv, port)
 
 
+class LlamaRouters(_ServerProcesses):
+    """Starts real llama-servers in router mode for one test and stops them (and their
+    model children, which share the process group) afterwards.
+
+    ``url = start_llama_router(models=("alpha", "beta"), models_max=2, slots=2, ctx=2048,
+    broken=("broken",), extra_args=())``: a ``--models-dir`` holding one copy (symlink) of
+    the tiny model per name, and for each ``broken`` name a file that is not a GGUF, whose
+    load fails.
+    """
+
+    kind = "llama-router"
+
+    def __init__(self, binary: Path, model: Path, log_dir: Path) -> None:
+        super().__init__(log_dir)
+        self.binary = binary
+        self.model = model
+
+    def __call__(
+        self,
+        models: Sequence[str] = ("alpha", "beta", "gamma"),
+        models_max: int = 2,
+        slots: int = 2,
+        ctx: int = 2048,
+        broken: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+    ) -> str:
+        port = free_port()
+        models_dir = self.log_dir / f"models-{port}"
+        models_dir.mkdir()
+        for name in models:
+            (models_dir / f"{name}.gguf").symlink_to(self.model)
+        for name in broken:
+            (models_dir / f"{name}.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+        argv = [
+            str(self.binary),
+            "--models-dir", str(models_dir),
+            "--models-max", str(models_max),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "-np", str(slots),
+            "-c", str(ctx),
+            "-t", "1",
+            "--slots",
+            "--metrics",
+            *extra_args,
+        ]
+        return self._spawn(argv, port)
+
+
 class Simulators(_ServerProcesses):
     """Starts ``python -m paddler simulate`` processes for one test; stops them all afterwards.
 
@@ -256,6 +305,19 @@ def start_llama_server(
         yield servers
     finally:
         servers.stop_all()
+
+
+@pytest.fixture
+def start_llama_router(
+    llama_server_binary: Path, llama_tiny_model: Path, tmp_path: Path
+) -> Iterator[LlamaRouters]:
+    """Factory: ``start_llama_router(models=..., models_max=2, slots=2, ...)`` -> base URL of
+    a real llama-server in router mode, stopped with its model children at teardown."""
+    routers = LlamaRouters(llama_server_binary, llama_tiny_model, tmp_path)
+    try:
+        yield routers
+    finally:
+        routers.stop_all()
 
 
 @pytest.fixture

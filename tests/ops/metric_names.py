@@ -10,6 +10,7 @@ GAUGES = (
     "paddler_slots_processing",
     "paddler_slots_capacity",
     "paddler_requests_buffered",
+    "paddler_slots",
     "paddler_buffer_capacity",
     "paddler_requests_in_flight",
     "paddler_oldest_buffered_wait_seconds",

@@ -322,7 +322,10 @@
     row.errors.classList.toggle("bad", !!(recent.responses_5xx));
     setText(row.served, u.requests_served);
     setText(row.failed, u.requests_failed);
-    setText(row.model, u.model === null || u.model === undefined ? "–" : u.model);
+    var model = u.model === null || u.model === undefined ? "–" : u.model;
+    if (u.model_state) model += " (" + u.model_state + ")";
+    if (u.role === "router") model = "router";
+    setText(row.model, model);
     row.model.title = (u.models || []).join(", ");
     var routing = routingText(u.routing);
     setText(row.cache, routing[0]);
@@ -347,7 +350,10 @@
     setText(row.since, since === undefined || since === null ? "" : fmtDuration(now - since));
   }
 
-  function sortKey(u) { return [u.name, u.url]; }
+  // Router-mode models (children of a router) come after the other upstreams, grouped by model.
+  function sortKey(u) {
+    return u.parent_id ? ["\uffff" + (u.model || ""), u.name] : [u.name, u.url];
+  }
 
   function sortOrder() {
     order = Array.from(upstreams.keys());
@@ -412,6 +418,7 @@
     if (e.kind === "added") return "added" + (e.state ? " (" + e.state + ")" : "");
     if (e.kind === "undrained") return "undrained: takes requests again";
     if (e.kind === "draining") return "draining: no new requests";
+    if (e.kind === "model_load") return e.text + (e.reason ? ": " + e.reason : "");
     return e.kind;
   }
 

@@ -1,0 +1,27 @@
+"""The multi-model replay of bench/multimodel.py on a short trace: every configuration serves
+every request, static pools load nothing, and a trace's shape is what the docstring says."""
+
+from __future__ import annotations
+
+from bench.multimodel import CONFIGS, MODELS, make_trace, replay, static_assignment
+
+
+def test_the_trace_shifts_popularity_halfway() -> None:
+    """The most requested model of the first half (m0) is the least requested of the second."""
+    trace = make_trace(5, 200.0, 0.7)
+    first = [m for t, m in trace if t < 100]
+    second = [m for t, m in trace if t >= 100]
+    assert first.count("m0") > first.count("m5") and second.count("m5") > second.count("m0")
+    assert {m for _, m in trace} <= set(MODELS)
+
+
+def test_every_configuration_serves_the_whole_trace() -> None:
+    """A 40 s trace through static pools, the routers' autoload and placement: all served;
+    static loads nothing, the two others load the models the shift made popular."""
+    trace = make_trace(7, 40.0, 0.5)
+    results = {config: replay(trace, config, 40.0) for config in CONFIGS}
+    for result in results.values():
+        assert result["served"] == result["requests"] == len(trace)
+    assert results["static"]["loads"] == 0
+    assert results["placement"]["loads"] >= 1
+    assert sorted(m for pair in static_assignment() for m in pair) == sorted([*MODELS, "m0", "m1"])
