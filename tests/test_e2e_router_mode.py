@@ -50,10 +50,10 @@ def model_states(upstream: str) -> dict[str, str]:
     return {m["id"]: m["status"]["value"] for m in get_json(upstream, "/models")["data"]}
 
 
-@pytest.mark.parametrize("policy", ["slots", "cost"])
+@pytest.mark.parametrize("policy", ["cache-aware", "slots", "cost"])
 def test_two_router_mode_upstreams_route_by_model(procs: Processes, policy: str) -> None:
-    """Two router-mode simulators behind one balancer (both policies): the balancer finds them
-    healthy (no longer "unreachable"), two concurrent clients per model for two models are all
+    """Two router-mode simulators behind one balancer (every policy, the default cache-aware
+    too): the balancer finds them healthy (no longer "unreachable"), two concurrent clients per model for two models are all
     answered by their model, a request without model is 400, an unknown model 404
     model_not_found, and a probe never loads a model (gamma stays unloaded everywhere)."""
     first, second = router_sim(procs), router_sim(procs)
