@@ -30,7 +30,7 @@ from zope.interface import implementer
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, UpstreamState
 from paddler.interfaces import IUpstreamProber
-from paddler.llamacpp.errors import Loading
+from paddler.llamacpp.errors import Loading, NeedsKey
 from paddler.interfaces import IUpstreamClient
 from paddler.llamacpp.slots import SlotReading, SlotsCache, client_getter, http_getter, read_slots
 from paddler.web.failures import describe_failure
@@ -130,6 +130,13 @@ class HTTPProber:
                     url=upstream.url,
                 )
             self._pool.observe(upstream, FailureSeen(THIS_BALANCER, unreachable_after=1))
+            return
+        if failure.check(NeedsKey):
+            # the server answers, but not to us: waiting for more failures tells nothing new
+            reason = str(failure.value)
+            if upstream.last_error != reason:
+                self.log.warn("upstream {name} ({url}): {reason}", name=upstream.name, url=upstream.url, reason=reason)
+            self._pool.observe(upstream, FailureSeen(reason, unreachable_after=1))
             return
         reason = describe_failure(failure, self.timeout)
         self._pool.observe(upstream, FailureSeen(reason, unreachable_after=self.unhealthy_after))
