@@ -100,7 +100,7 @@ class HTTPProber:
             self.on_reading(upstream, reading)
         if reading.method == "props" and upstream.probe_method != "props":
             self.log.info(
-                "upstream {name}: /slots not available, probing /props and /metrics instead",
+                "upstream {name}: /slots not available, probing /props instead",
                 name=upstream.name,
             )
         self._pool.observe(

@@ -153,6 +153,7 @@ def run_mode(
     pytest_args: Sequence[str] = (),
     python: str = sys.executable,
     timeout: float = 120.0,
+    paddler_root: Path = ROOT,
 ) -> Run:
     """Run the suite in a fresh copy under C{out}/C{mode}; return what each test did."""
     work = out / mode
@@ -170,7 +171,7 @@ def run_mode(
         PADDLER_DIFF_MODE=mode,
         PADDLER_DIFF_MODEL=str(binary.with_name("tiny.gguf")),
         PADDLER_DIFF_REPORT=str(report),
-        PADDLER_DIFF_ROOT=str(ROOT),
+        PADDLER_DIFF_ROOT=str(paddler_root),
         PADDLER_DIFF_PYTHON=python,
         PADDLER_DIFF_LOGS=str(out / f"{mode}-paddler-logs"),
     )
@@ -321,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="work and report directory (default: a temporary one)")
     parser.add_argument("--allowed", type=Path, default=ALLOWED_FILE)
     parser.add_argument("--python", default=sys.executable, help="interpreter for pytest and paddler")
+    parser.add_argument("--paddler", type=Path, default=ROOT,
+                        help="the paddler checkout to put in front (default: this one)")
     parser.add_argument("pytest_args", nargs="*", help="tests to run (default: unit), e.g. unit/test_basic.py")
     options = parser.parse_args(argv)
     modes = [m.strip() for m in options.modes.split(",") if m.strip()]
@@ -334,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeout = float(os.environ.get("PADDLER_DIFF_TIMEOUT", "120"))
     runs = {}
     for mode in modes:
-        runs[mode] = run_mode(mode, suite, binary, out, options.pytest_args, options.python, timeout)
+        runs[mode] = run_mode(
+            mode, suite, binary, out, options.pytest_args, options.python, timeout, options.paddler.resolve()
+        )
         print(f"{mode}: {runs[mode].counts()} in {runs[mode].seconds:.0f} s", file=sys.stderr, flush=True)
     comparison = compare(runs, allowed)
     (out / "results.json").write_text(json.dumps(
