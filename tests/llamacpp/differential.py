@@ -5,13 +5,15 @@
 
 The suite (``tools/server/tests`` of the llama.cpp that ``build-llama-server``
 builds: the one vendored in the pinned llama-cpp-python sdist) is unpacked
-once into the cache beside the server (``.../llama-server/server-tests-<version>``:
+once into the cache beside the server (``.../llama-server/server-suite-<version>``:
 not inside the version's entry, which a rebuild replaces whole),
 copied afresh for each mode, and run by pytest with L{differential_plugin}:
 ``direct`` against llama-server itself, ``paddler1`` through a paddler
 balancer in front of it, ``paddler2`` through a balancer in front of two
-servers started alike. Then each test's outcome through paddler is compared
-with its outcome directly: a test whose outcome differs must be in the
+servers started alike. Through paddler only the tests that passed directly
+are run (a test that fails or is skipped directly counts as the same through
+paddler: its outcome there is not what the balancer is judged on). Then each
+test's outcome through paddler is compared with its outcome directly: a test whose outcome differs must be in the
 allowed list (``differential-allowed.txt`` beside this file) for that mode;
 any other difference fails the run (exit 1). The table and the differences
 are printed, and written with every outcome to ``DIR/results.json``.
@@ -34,6 +36,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +49,11 @@ MODES = ("direct", "paddler1", "paddler2")
 THROUGH = ("paddler1", "paddler2")
 #: The reason prefix of the entries that wait for router mode (issue #21); not counted in the limit.
 ROUTER_MODE = "router-mode (#21)"
-#: Where the suite lies in the sdist.
-SUITE_IN_SDIST = "vendor/llama.cpp/tools/server/tests/"
+#: Where llama.cpp lies in the sdist, and what of it the suite needs: itself, the chat templates
+#: and the test image its tests reach by relative paths (``../../../models/templates/...``).
+LLAMA_IN_SDIST = "vendor/llama.cpp/"
+SUITE = "tools/server/tests"
+SUITE_NEEDS = (SUITE + "/", "models/templates/", "tools/mtmd/test-1.jpeg")
 OUTCOMES = ("passed", "failed", "skipped")
 
 
@@ -65,16 +71,17 @@ def cache_root() -> Path:
 
 
 def unpack_suite(sdist: Path, dest: Path) -> Path:
-    """Extract the server tests from C{sdist} into C{dest} (made whole, then renamed into place)."""
+    """Extract the server tests (and what they reach of the llama.cpp tree) from C{sdist} into
+    C{dest}, laid out as in llama.cpp (made whole, then renamed into place)."""
     stage = Path(tempfile.mkdtemp(prefix=".server-tests.", dir=dest.parent))
     try:
         with tarfile.open(sdist) as tar:
             for member in tar:
                 top, _, inner = member.name.partition("/")
-                if not inner.startswith(SUITE_IN_SDIST) or not (member.isfile() or member.isdir()):
+                if not inner.startswith(LLAMA_IN_SDIST) or not (member.isfile() or member.isdir()):
                     continue
-                relative = inner[len(SUITE_IN_SDIST):]
-                if not relative or ".." in Path(relative).parts:
+                relative = inner[len(LLAMA_IN_SDIST):]
+                if not relative.startswith(SUITE_NEEDS) or ".." in Path(relative).parts:
                     continue
                 target = stage / relative
                 if member.isdir():
@@ -85,8 +92,8 @@ def unpack_suite(sdist: Path, dest: Path) -> Path:
                 assert source is not None
                 with source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out)
-        if not (stage / "utils.py").is_file() or not (stage / "unit").is_dir():
-            raise ValueError(f"no {SUITE_IN_SDIST}utils.py and unit/ in {sdist}")
+        if not (stage / SUITE / "utils.py").is_file() or not (stage / SUITE / "unit").is_dir():
+            raise ValueError(f"no {LLAMA_IN_SDIST}{SUITE}/utils.py and unit/ in {sdist}")
         if dest.exists():
             shutil.rmtree(dest)
         stage.rename(dest)
@@ -96,9 +103,10 @@ def unpack_suite(sdist: Path, dest: Path) -> Path:
 
 
 def server_suite(version: str, python: str = sys.executable) -> Path:
-    """The unpacked server tests of C{version}, downloaded (pip, from PyPI) and unpacked on first use."""
-    dest = cache_root() / f"server-tests-{version}"
-    if (dest / "utils.py").is_file():
+    """The unpacked server tests of C{version} (a partial llama.cpp tree, see L{unpack_suite}),
+    downloaded (pip, from PyPI) and unpacked on first use."""
+    dest = cache_root() / f"server-suite-{version}"
+    if (dest / SUITE / "utils.py").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="paddler-suite-") as download:
@@ -133,6 +141,8 @@ class Run:
     mode: str
     tests: dict[str, dict[str, Any]]
     seconds: float = 0.0
+    #: tests not run in this mode, whose outcome is taken from the direct run
+    carried: int = 0
 
     def outcome(self, test_id: str) -> str | None:
         entry = self.tests.get(test_id)
@@ -154,12 +164,18 @@ def run_mode(
     python: str = sys.executable,
     timeout: float = 120.0,
     paddler_root: Path = ROOT,
+    only: Run | None = None,
 ) -> Run:
-    """Run the suite in a fresh copy under C{out}/C{mode}; return what each test did."""
-    work = out / mode
-    if work.exists():
-        shutil.rmtree(work)
-    shutil.copytree(suite, work)
+    """Run the suite in a fresh copy under C{out}/C{mode}; return what each test did.
+
+    With C{only} (the direct run), just the tests that passed there run; the
+    others are given their outcome there (L{Run.carried} counts them).
+    """
+    tree = out / mode
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(suite, tree)
+    work = tree / SUITE
     report = out / f"{mode}.json"
     report.unlink(missing_ok=True)
     env = dict(
@@ -177,6 +193,10 @@ def run_mode(
     )
     for variable in ("PORT", "DEBUG", "DEBUG_EXTERNAL", "SLOW_TESTS", "PYTEST_ADDOPTS"):
         env.pop(variable, None)
+    if only is not None:
+        selected = out / f"{mode}-selected.txt"
+        selected.write_text("".join(f"{t}\n" for t, e in sorted(only.tests.items()) if e["outcome"] == "passed"))
+        env["PADDLER_DIFF_ONLY"] = str(selected)
     (work / "tmp").mkdir(exist_ok=True)
     argv = [
         python, "-m", "pytest",
@@ -196,7 +216,13 @@ def run_mode(
     if not report.is_file():
         raise RuntimeError(f"the {mode} run wrote no report; see {out / (mode + '.log')}")
     tests = json.loads(report.read_text())["tests"]
-    return Run(mode, tests, seconds)
+    carried = 0
+    if only is not None:
+        for test_id, entry in only.tests.items():
+            if entry["outcome"] != "passed" and test_id not in tests:
+                tests[test_id] = dict(entry, carried=True)
+                carried += 1
+    return Run(mode, tests, seconds, carried)
 
 
 # -- comparing -------------------------------------------------------------------------------
@@ -289,13 +315,14 @@ def compare(runs: Mapping[str, Run], allowed: Sequence[Allowed]) -> Comparison:
 
 def table(runs: Mapping[str, Run], comparison: Comparison) -> str:
     """The table of outcomes per mode, and the differences allowed and not."""
-    rows = [("mode", "passed", "failed", "skipped", "total", "differ", "allowed", "unexpected", "seconds")]
+    rows = [("mode", "passed", "failed", "skipped", "total", "run", "differ", "allowed", "unexpected", "seconds")]
     for mode, run in runs.items():
         counts = run.counts()
         mine = [d for d in comparison.differences if d.mode == mode]
         allowed = sum(d.allowed_by is not None for d in mine)
         rows.append((
             mode, str(counts["passed"]), str(counts["failed"]), str(counts["skipped"]), str(len(run.tests)),
+            str(len(run.tests) - run.carried),
             "-" if mode == "direct" else str(len(mine)),
             "-" if mode == "direct" else str(allowed),
             "-" if mode == "direct" else str(len(mine) - allowed),
@@ -304,6 +331,8 @@ def table(runs: Mapping[str, Run], comparison: Comparison) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
+    if any(run.carried for run in runs.values()):
+        lines.append("(run: tests run in that mode; through paddler only those that pass directly)")
     for title, chosen in (
         ("unexpected differences", comparison.unexpected),
         ("allowed differences", [d for d in comparison.differences if d.allowed_by is not None]),
@@ -324,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter for pytest and paddler")
     parser.add_argument("--paddler", type=Path, default=ROOT,
                         help="the paddler checkout to put in front (default: this one)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the through-paddler modes at the same time (after direct)")
     parser.add_argument("pytest_args", nargs="*", help="tests to run (default: unit), e.g. unit/test_basic.py")
     options = parser.parse_args(argv)
     modes = [m.strip() for m in options.modes.split(",") if m.strip()]
@@ -335,12 +366,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = options.out or Path(tempfile.mkdtemp(prefix="paddler-differential-"))
     out.mkdir(parents=True, exist_ok=True)
     timeout = float(os.environ.get("PADDLER_DIFF_TIMEOUT", "120"))
-    runs = {}
-    for mode in modes:
-        runs[mode] = run_mode(
-            mode, suite, binary, out, options.pytest_args, options.python, timeout, options.paddler.resolve()
+    def run(mode: str, only: Run | None = None) -> Run:
+        done = run_mode(
+            mode, suite, binary, out, options.pytest_args, options.python, timeout, options.paddler.resolve(), only
         )
-        print(f"{mode}: {runs[mode].counts()} in {runs[mode].seconds:.0f} s", file=sys.stderr, flush=True)
+        print(f"{mode}: {done.counts()} in {done.seconds:.0f} s", file=sys.stderr, flush=True)
+        return done
+
+    runs = {"direct": run("direct")}
+    through = [m for m in modes if m != "direct"]
+    if options.parallel and len(through) > 1:
+        with ThreadPoolExecutor(len(through)) as pool:
+            futures = {m: pool.submit(run, m, runs["direct"]) for m in through}
+            runs.update((m, f.result()) for m, f in futures.items())
+    else:
+        runs.update((m, run(m, runs["direct"])) for m in through)
     comparison = compare(runs, allowed)
     (out / "results.json").write_text(json.dumps(
         {mode: {"seconds": run.seconds, "tests": run.tests} for mode, run in runs.items()}, indent=1

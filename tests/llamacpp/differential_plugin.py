@@ -8,13 +8,22 @@ It patches ``utils.ServerProcess``, the one place those tests start and reach a 
   (``PADDLER_DIFF_MODEL``): nothing can be downloaded here;
 - each server gets a free port (the tests default to 8080 for all);
 - in mode ``paddler1`` / ``paddler2`` (``PADDLER_DIFF_MODE``) the llama-server
-  (one, or two started alike) listens on a hidden port and a ``paddler
-  balancer`` listens on the port and address(es) the test asked for, with the
-  server(s) as its upstream(s): every request of the test, its ``requests``,
-  ``OpenAI`` clients and raw sockets alike, goes through paddler. With the
-  server's ``--api-key`` the balancer gets it as ``--llamacpp-api-key``, as an
-  operator would configure it. ``PADDLER_DIFF_PADDLER_ARGS`` adds flags.
+  (one, or two started alike) listens on a hidden port, and the test's
+  ``server_port`` becomes the proxy port of a ``paddler balancer`` that has
+  the server(s) as its upstream(s): every request of the test, its
+  ``requests``, ``OpenAI`` clients and raw sockets alike, goes through
+  paddler. Balancers are kept for the session (a Python process start costs
+  seconds on a loaded machine) and the servers are registered and removed
+  through the management API, as an operator's tooling would; a test that
+  asks for other addresses than 127.0.0.1 gets balancers of its own on them
+  (started with ``--upstream``). With the server's ``--api-key`` the
+  balancer gets it as the upstream's ``api_key`` (or ``--llamacpp-api-key``),
+  the key of its probes, as an operator would configure it.
+  ``PADDLER_DIFF_PADDLER_ARGS`` adds flags.
 - ``ServerPreset.load_all`` (the model download of the session) does nothing.
+
+With ``PADDLER_DIFF_ONLY`` (a file of node ids, one a line) only those tests run: the
+runner passes the ones that passed directly.
 
 What every test did is written as JSON to ``PADDLER_DIFF_REPORT``:
 ``{node id: {"outcome": passed|failed|skipped, "duration": s, "message": ...}}``.
@@ -100,10 +109,12 @@ def _install_stand_ins() -> None:
 # -- paddler in front ----------------------------------------------------------------------
 
 
-def _get(url: str, headers: dict[str, str]) -> tuple[int | None, Any]:
-    request = urllib.request.Request(url, headers=headers)
+def _request(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int | None, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=2.0) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         try:
@@ -114,16 +125,13 @@ def _get(url: str, headers: dict[str, str]) -> tuple[int | None, Any]:
         return None, None
 
 
-class Front:
-    """The balancer process(es) in front of one test server, and the second server of ``paddler2``."""
+class Balancer:
+    """One ``paddler balancer`` process: its proxy port, its management API."""
 
-    def __init__(self) -> None:
-        self.balancers: list[subprocess.Popen] = []
-        self.logs: list[Any] = []
-        self.twins: list[Any] = []
-
-    def start_balancer(self, host: str, port: int, upstreams: list[str], api_key: str | None) -> None:
+    def __init__(self, host: str, port: int, upstreams: list[str] = (), api_key: str | None = None) -> None:
+        self.host, self.port = host, port
         management = _free_port()
+        self.management = f"http://127.0.0.1:{management}"
         listen = f"tcp6:{port}:interface=" + host.replace(":", "\\:") if ":" in host else f"tcp:{port}:interface={host}"
         argv = [
             PADDLER_PYTHON, "-m", "paddler", "balancer",
@@ -138,53 +146,111 @@ class Front:
             argv += ["--llamacpp-api-key", api_key]
         argv += shlex.split(os.environ.get("PADDLER_DIFF_PADDLER_ARGS", ""))
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        test = os.environ.get("PYTEST_CURRENT_TEST", "session").split(" ")[0]
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in test)[-120:]
-        log = open(LOG_DIR / f"{name}-{port}-{len(self.balancers)}.log", "ab")
+        self.log = open(LOG_DIR / f"balancer-{port}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(PADDLER_ROOT), PYTHONUNBUFFERED="1")
         for variable in ("PADDLER_CONFIG", "PADDLER_UPSTREAMS", "PADDLER_LLAMACPP_API_KEY"):
             env.pop(variable, None)
-        process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=str(PADDLER_ROOT), start_new_session=True,
         )
-        self.balancers.append(process)
-        self.logs.append(log)
-        self._wait_ready(process, f"http://127.0.0.1:{management}", len(upstreams))
-
-    def _wait_ready(self, process: subprocess.Popen, management: str, count: int) -> None:
-        """Until the balancer listens and has probed every upstream (healthy, or a failed probe)."""
         deadline = time.monotonic() + BALANCER_READY
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"paddler balancer exited with {process.returncode} at start")
-            status, body = _get(management + "/api/v1/upstreams", {})
-            if status == 200:
-                break
+        while _request("GET", self.management + "/api/v1/upstreams", timeout=2.0)[0] != 200:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"paddler balancer exited with {self.process.returncode} at start")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"paddler balancer not listening within {BALANCER_READY:.0f} s")
             time.sleep(0.02)
-        else:
-            raise TimeoutError(f"paddler balancer not listening within {BALANCER_READY:.0f} s")
+
+    def note(self, text: str) -> None:
+        """A line in the balancer's log saying which test comes now."""
+        self.log.write(f"==== {text}\n".encode())
+        self.log.flush()
+
+    def register(self, url: str, api_key: str | None) -> None:
+        body = {"url": url, "name": url.rsplit(":", 1)[1]}
+        if api_key:
+            body["api_key"] = api_key
+        status, answer = _request("POST", self.management + "/api/v1/upstreams", body)
+        if status not in (200, 201):
+            raise RuntimeError(f"paddler refused to register {url}: {status} {answer}")
+
+    def remove(self, url: str) -> None:
+        _request("DELETE", self.management + "/api/v1/upstreams/" + url.rsplit(":", 1)[1] + "?force=1")
+
+    def wait_probed(self, count: int) -> None:
+        """Until each of the C{count} upstreams is healthy or a probe of it failed (what a client meets)."""
         deadline = time.monotonic() + PROBED
         while time.monotonic() < deadline:
-            status, body = _get(management + "/api/v1/upstreams", {})
-            upstreams = body.get("upstreams", body) if isinstance(body, dict) else body
-            if isinstance(upstreams, list) and len(upstreams) == count:
-                # healthy, or a probe answered with a failure: what a client meets from now on
-                if all(
-                    isinstance(u, dict) and (u.get("state") == "healthy" or u.get("consecutive_failures"))
-                    for u in upstreams
-                ):
-                    return
+            _, body = _request("GET", self.management + "/api/v1/upstreams", timeout=2.0)
+            upstreams = body.get("upstreams") if isinstance(body, dict) else None
+            if isinstance(upstreams, list) and len(upstreams) == count and all(
+                isinstance(u, dict) and (u.get("state") == "healthy" or u.get("consecutive_failures"))
+                for u in upstreams
+            ):
+                return
             time.sleep(0.02)
 
+    def stop(self) -> None:
+        _stop(self.process)
+        self.log.close()
+
+
+#: Balancers on 127.0.0.1 with no upstream, ready for the next server (last released first, so
+#: that a test that stops and starts its server again gets the same port).
+_idle: list[Balancer] = []
+_all: list[Balancer] = []
+
+
+class Front:
+    """What is in front of one test server: a balancer (one of the idle ones, with the server(s)
+    registered through its management API; one started for the test when the test asks for
+    other addresses than 127.0.0.1), and the second server of ``paddler2``."""
+
+    def __init__(self) -> None:
+        self.shared: Balancer | None = None
+        self.own: list[Balancer] = []
+        self.upstreams: list[str] = []
+        self.twins: list[Any] = []
+
+    def start(self, hosts: list[str], preferred_port: int, upstreams: list[str], api_key: str | None) -> int:
+        """Put a balancer in front of C{upstreams}; return the port the test's client uses."""
+        self.upstreams = upstreams
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        if hosts == ["127.0.0.1"]:
+            reused = next((b for b in _idle if b.port == preferred_port), None) or (_idle[-1] if _idle else None)
+            if reused is not None and reused.process.poll() is None:
+                _idle.remove(reused)
+                self.shared = reused
+            else:
+                if reused is not None:
+                    _idle.remove(reused)
+                self.shared = Balancer("127.0.0.1", _free_port())
+                _all.append(self.shared)
+            self.shared.note(test)
+            for url in upstreams:
+                self.shared.register(url, api_key)
+            self.shared.wait_probed(len(upstreams))
+            return self.shared.port
+        port = preferred_port
+        for host in hosts:
+            balancer = Balancer(host, port, upstreams, api_key)
+            balancer.note(test)
+            self.own.append(balancer)
+            balancer.wait_probed(len(upstreams))
+        return port
+
     def stop(self, stop_server: Any) -> None:
-        for process in self.balancers:
-            _stop(process)
-        for log in self.logs:
-            log.close()
+        for balancer in self.own:
+            balancer.stop()
+        if self.shared is not None:
+            for url in self.upstreams:
+                self.shared.remove(url)
+            _idle.append(self.shared)
         for twin in self.twins:
             stop_server(twin)
-        self.balancers, self.logs, self.twins = [], [], []
+        self.shared, self.own, self.upstreams, self.twins = None, [], [], []
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -246,8 +312,7 @@ def _patch(utils: Any) -> None:
                 upstreams.append(f"http://127.0.0.1:{twin.server_port}")
         finally:
             self.server_host, self.server_port = public
-        for host in hosts:
-            front.start_balancer(host, self.server_port, upstreams, self.api_key)
+        self.server_port = front.start(hosts, self.server_port, upstreams, self.api_key)
 
     def stop(self: Any) -> None:
         front, self._paddler_front = getattr(self, "_paddler_front", None), None
@@ -277,6 +342,18 @@ def pytest_configure(config: Any) -> None:
     _patch(utils)
 
 
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    only = os.environ.get("PADDLER_DIFF_ONLY")
+    if not only:
+        return
+    wanted = set(Path(only).read_text().splitlines())
+    kept = [item for item in items if item.nodeid in wanted]
+    dropped = [item for item in items if item.nodeid not in wanted]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def pytest_runtest_logreport(report: Any) -> None:
     entry = _results.setdefault(report.nodeid, {"outcome": "passed", "duration": 0.0, "message": ""})
     entry["duration"] = round(entry["duration"] + report.duration, 3)
@@ -294,6 +371,8 @@ def pytest_runtest_logreport(report: Any) -> None:
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    for balancer in _all:
+        balancer.stop()
     path = os.environ.get("PADDLER_DIFF_REPORT")
     if path:
         Path(path).write_text(json.dumps({"mode": MODE, "tests": _results}, indent=1, sort_keys=True))

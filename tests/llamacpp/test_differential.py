@@ -1,5 +1,8 @@
 """The differential run of llama.cpp's server suite (tests/llamacpp/differential.py).
 
+This module runs in paddler's suite; tests/llamacpp/differential_plugin.py is the pytest plugin
+loaded into llama.cpp's suite, not collected here.
+
 The comparison and the allowed list are checked here on made-up outcomes
 (fast, always). The run itself, llama.cpp's suite direct and through
 paddler with one and two upstreams, takes minutes: it runs here only with
@@ -118,6 +121,9 @@ def test_unpack_takes_only_the_server_tests(tmp_path: Path) -> None:
     members = {
         "pkg-1/vendor/llama.cpp/tools/server/tests/utils.py": b"utils",
         "pkg-1/vendor/llama.cpp/tools/server/tests/unit/test_a.py": b"a",
+        "pkg-1/vendor/llama.cpp/models/templates/x.jinja": b"template",
+        "pkg-1/vendor/llama.cpp/tools/mtmd/test-1.jpeg": b"image",
+        "pkg-1/vendor/llama.cpp/tools/mtmd/mtmd.cpp": b"not needed",
         "pkg-1/vendor/llama.cpp/tools/server/server.cpp": b"not a test",
         "pkg-1/vendor/llama.cpp/tools/server/tests/../../evil.py": b"outside",
     }
@@ -127,7 +133,12 @@ def test_unpack_takes_only_the_server_tests(tmp_path: Path) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     dest = unpack_suite(sdist, tmp_path / "suite")
-    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == ["unit/test_a.py", "utils.py"]
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "models/templates/x.jinja",
+        "tools/mtmd/test-1.jpeg",
+        "tools/server/tests/unit/test_a.py",
+        "tools/server/tests/utils.py",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["suite", "x.tar.gz"]
 
 
