@@ -355,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the paddler checkout to put in front (default: this one)")
     parser.add_argument("--parallel", action="store_true",
                         help="run the through-paddler modes at the same time (after direct)")
-    parser.add_argument("pytest_args", nargs="*", help="tests to run (default: unit), e.g. unit/test_basic.py")
+    parser.add_argument("pytest_args", nargs="*",
+                        help="tests to run (default: unit), e.g. unit/test_basic.py; after -- also pytest options")
     options = parser.parse_args(argv)
     modes = [m.strip() for m in options.modes.split(",") if m.strip()]
     if "direct" not in modes or not set(modes) <= set(MODES):

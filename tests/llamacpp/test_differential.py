@@ -4,9 +4,11 @@ This module runs in paddler's suite; tests/llamacpp/differential_plugin.py is th
 loaded into llama.cpp's suite, not collected here.
 
 The comparison and the allowed list are checked here on made-up outcomes
-(fast, always). The run itself, llama.cpp's suite direct and through
-paddler with one and two upstreams, takes minutes: it runs here only with
-``PADDLER_LLAMACPP_SUITE=1`` (and ``bench/llamacpp-differential`` prints its table).
+(fast, always). A few files of llama.cpp's suite (the ones about keys, slots
+by id and the server's own answers) run direct and through paddler with one
+and two upstreams wherever llama-server is built (about a minute); the whole
+suite takes much longer and runs here only with ``PADDLER_LLAMACPP_SUITE=1``
+(``contrib/llamacpp-differential.sh`` prints its table).
 """
 
 from __future__ import annotations
@@ -152,9 +154,30 @@ def test_an_sdist_without_the_suite_is_refused_and_leaves_nothing(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tar.gz"]
 
 
+#: The part of llama.cpp's suite run in every test run: keys, /slots and slots by id, CORS preflight.
+SUBSET = [
+    "unit/test_basic.py",
+    "unit/test_slot_save.py",
+    "unit/test_security.py",
+    "-k", "not cors_origins and not local_media",
+]
+
+
 @pytest.mark.llamacpp
 @pytest.mark.integration
-@pytest.mark.timeout(3000)
+@pytest.mark.timeout(900)
+def test_llamacpp_suite_subset_through_paddler_differs_only_where_allowed(
+    llama_server_binary: Path, tmp_path: Path
+) -> None:
+    """test_basic, test_slot_save and test_security (not the router-mode CORS ones) of llama.cpp's
+    suite, direct and through paddler with one and two upstreams: no difference but the allowed."""
+    code = differential.main(["--parallel", "--out", str(tmp_path), "--", *SUBSET])
+    assert code == 0, (tmp_path / "results.json").read_text()[:3000]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.integration
+@pytest.mark.timeout(5400)
 @pytest.mark.skipif(
     os.environ.get("PADDLER_LLAMACPP_SUITE") != "1",
     reason="the differential llama.cpp suite takes minutes: PADDLER_LLAMACPP_SUITE=1 runs it",
