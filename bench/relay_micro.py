@@ -11,7 +11,8 @@ that variants can be compared on a shared machine:
   server re-chunks);
 - ``agent``: the relay as it was before the upstream client (Twisted's
   ``HTTP11ClientProtocol`` decoding, Twisted's server re-chunking), through
-  ``AgentClient``.
+  L{_AgentClient}, an adapter kept here only as this baseline (paddler
+  itself has one upstream path, L{UpstreamClient}).
 
     python -m bench.relay_micro [--chunks N] [--requests N]
 """
@@ -27,7 +28,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from bench.common import log, save
@@ -84,6 +87,84 @@ class _AgentReactor:
         return getattr(self._clock, name)
 
 
+class _AgentBody(Protocol):
+    """A Twisted C{IResponse} as the L{paddler.interfaces.IUpstreamBody} the relay takes (bench baseline only)."""
+
+    framing = "decoded"
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self.code, self.phrase = response.code, response.phrase
+        self.headers = [(n, v) for n, values in response.headers.getAllRawHeaders() for v in values]
+        self._consumer: Any = None
+        self._tail = b""
+
+    def take_body(self) -> None:
+        return None
+
+    def deliver(self, consumer: Any, raw: bool = False) -> None:
+        self._consumer = consumer
+        self._response.deliverBody(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._tail = (self._tail + data)[-8192:]
+        self._consumer.body_data(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        ended = reason is None or reason.check(ResponseDone, PotentialDataLoss)
+        self._consumer.body_done(None if ended else reason)
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        self.transport.stopProducing()
+
+    def tail(self) -> bytes:
+        return self._tail
+
+
+class _AgentClient:
+    """An C{IAgent} as the proxy's upstream client: bodies decoded by Twisted (bench baseline only)."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def send(self, method: bytes, origin: bytes, target: bytes, headers: Any, body: bytes | None) -> Any:
+        twisted_headers = Headers()
+        for name, value in headers:
+            twisted_headers.addRawHeader(name, value)
+        producer = _Bytes(body) if body is not None else None
+        return self._agent.request(method, origin + target, twisted_headers, producer).addCallback(_AgentBody)
+
+    def close(self) -> Any:
+        return succeed(None)
+
+
+class _Bytes:
+    """A request body in memory, written at once."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Any:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def _rig(variant: str) -> tuple[Any, _Connections, Any]:
     clock = Clock()
     pool = UpstreamPool(clock, MostIdleSlotsChooser(), 30, 30.0)
@@ -101,7 +182,8 @@ def _rig(variant: str) -> tuple[Any, _Connections, Any]:
             def endpointForURI(self, uri: Any) -> Any:
                 return connections
 
-        client = Agent.usingEndpointFactory(clock, Endpoints(), pool=HTTPConnectionPool(clock, persistent=True))
+        agent = Agent.usingEndpointFactory(clock, Endpoints(), pool=HTTPConnectionPool(clock, persistent=True))
+        client = _AgentClient(agent)
     else:
         client = UpstreamClient(None, connections, clock=clock)  # type: ignore[arg-type]
     config = ProxyConfig(relay_passthrough=variant == "passthrough", idle_timeout=1e9)

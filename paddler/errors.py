@@ -170,6 +170,20 @@ class BufferTimeout(UpstreamTimeout):
     reason = "buffer"
 
 
+def body_too_large(limit: int, setting: str | None = None) -> RequestTooLarge:
+    """The one 413 for a request body over C{limit} bytes; C{setting} names the flag that sets the limit."""
+    named = f" ({setting})" if setting else ""
+    return RequestTooLarge(f"the request body is larger than {limit} bytes{named}")
+
+
+def body_memory_full() -> BodyMemoryFull:
+    """The one 503 for a body that would pass --max-request-bodies-memory."""
+    return BodyMemoryFull(
+        "the balancer holds as many request bodies as it may (--max-request-bodies-memory); retry shortly",
+        headers={b"retry-after": b"1"},
+    )
+
+
 def json_response(
     request: Any, status: int, payload: Any, headers: dict[bytes, bytes] | None = None
 ) -> bytes:

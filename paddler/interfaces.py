@@ -208,6 +208,12 @@ class IUpstreamBody(Interface):
         framing included; otherwise the decoded payload.
         """
 
+    def take_body():  # type: ignore[no-untyped-def]
+        """
+        The whole body (bytes) if it already arrived with the head, the
+        response then over; C{None} otherwise (then use L{deliver}).
+        """
+
     def pause():  # type: ignore[no-untyped-def]
         """Stop reading the body (the consumer cannot keep up)."""
 

@@ -1,8 +1,9 @@
 """The balancer proxy and fake llama-servers on one in-memory network, for tests.
 
 The client (treq over a real C{Agent}) talks HTTP to the proxy's real C{Site}
-(L{paddler.tap.proxy_site}); the proxy's upstream C{Agent} (built as
-C{paddler/tap.py} builds it) talks HTTP to L{FakeLlama} sites. All of it runs
+(L{paddler.tap.proxy_site}); the proxy's L{UpstreamClient} (built as
+L{paddler.tap.makeBalancerService} builds it, so these tests run the path
+production takes) talks HTTP to L{FakeLlama} sites. All of it runs
 on a L{MemoryNetwork}, which is also the one clock every timeout runs on:
 upstream deadline, idle deadline, buffer timeout, shutdown timeout,
 keep-alive. Bytes move only when the test flushes (L{Harness.flush}, or
@@ -23,13 +24,13 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from paddler.balancer.proxy import ProxyConfig, ProxyResource
-from paddler.balancer.relay import BytesProducer
+from .helpers import BytesProducer
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import SlotsSeen, Upstream
 from paddler.routing.policies import MostIdleSlotsChooser
 from paddler.tap import proxy_site
-from paddler.web.clients import connection_pool
-from paddler.web.endpoints import CachingEndpointFactory
+from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
+from paddler.web.upstream_client import UpstreamClient
 
 from .fake_llama import FakeLlama, HeldRequest
 from .memory_network import BUFFER_SIZE, Connection, MemoryNetwork, RawClient, connect_raw
@@ -82,14 +83,14 @@ class Harness:
         self.clock = self.net
         self.pool = UpstreamPool(self.clock, MostIdleSlotsChooser(), max_buffered, buffer_timeout)
         config = config or ProxyConfig()
-        # The proxy's upstream agent, as paddler.tap.makeBalancerService builds it.
-        self.upstream_connections = connection_pool(self.net, 64)
-        upstream_agent = Agent.usingEndpointFactory(
+        # The proxy's upstream client, as paddler.tap.makeBalancerService builds it.
+        self.upstream_client = UpstreamClient(
             self.net,
-            CachingEndpointFactory(self.net, connect_timeout=min(10.0, config.upstream_timeout)),
-            pool=self.upstream_connections,
+            connect_timeout=min(10.0, config.upstream_timeout),
+            max_idle_per_host=64,
+            idle_timeout=CACHED_CONNECTION_TIMEOUT,
         )
-        self.proxy = ProxyResource(self.pool, upstream_agent, self.clock, config)
+        self.proxy = ProxyResource(self.pool, self.upstream_client, self.clock, config)
         self.site = proxy_site(self.proxy, self.net)
         self._ports = [self.net.listenTCP(PROXY_PORT, self.site, interface=PROXY_HOST)]
         self.url = f"http://{PROXY_HOST}:{PROXY_PORT}"
@@ -238,7 +239,7 @@ class Harness:
                 held.request.finish()
         self.pool.stop()
         self.flush()
-        closing = [self.upstream_connections.closeCachedConnections(), self.client_connections.closeCachedConnections()]
+        closing = [self.upstream_client.close(), self.client_connections.closeCachedConnections()]
         for port in self._ports:
             closing.append(port.stopListening())
         self.flush()

@@ -28,18 +28,20 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
-from paddler.balancer.relay import AgentClient, BytesProducer, Relay
-from paddler.interfaces import ISlotChooser, IUpstreamClient, IUpstreamProber
+from paddler.balancer.relay import Relay
+from paddler.interfaces import ISlotChooser, IUpstreamBody, IUpstreamClient, IUpstreamProber
 from paddler.logs import drop_noise
 from paddler.observability.stream import StateStream, _StreamClient
 from paddler.routing.policies import CHOOSERS
 from paddler.web.endpoints import CachingEndpointFactory
 from paddler.web.upstream_client import UpstreamClient
 
+from .helpers import BytesProducer, FakeUpstreamBody
 from .memory_network import MemoryNetwork, connect_raw
 from .proxy_harness import Chunks
 from .test_probe import RecordingProber
 from .test_probe_now import HeldProber
+from .test_self_upstream import RecordingClient
 
 
 def memory_network_parts() -> list[tuple[Any, Any]]:
@@ -91,7 +93,8 @@ def providers() -> list[tuple[Any, Any]]:
         (IBodyProducer, BytesProducer(b"{}")),
         (IAgentEndpointFactory, CachingEndpointFactory(MemoryReactorClock())),
         (IUpstreamClient, UpstreamClient(MemoryReactorClock())),
-        (IUpstreamClient, AgentClient(None)),
+        (IUpstreamBody, FakeUpstreamBody()),
+        (IUpstreamClient, RecordingClient(None)),
         (ILogFilterPredicate, drop_noise),
         (IUpstreamProber, RecordingProber()),
         (IUpstreamProber, HeldProber()),

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
-from paddler.balancer.relay import BytesProducer
+from .helpers import BytesProducer
 from paddler.config import BalancerConfig, UpstreamSpec
 from paddler.observability.statsd import StatsDService
 from paddler.observability.stream import ObservabilityService

@@ -1,12 +1,13 @@
-"""Probes: /slots parsing, fallbacks, loading, failures, one loop per upstream."""
+"""Probes on the production upstream client: /slots parsing, fallbacks, loading, failures, the probe schedule."""
 
 from __future__ import annotations
 
 import pytest
-from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -18,20 +19,24 @@ from paddler.llamacpp.slots import count_processing
 from paddler.fleet.upstream import Upstream, UpstreamState
 
 from .fake_llama import FakeLlama
-from .helpers import make_pool, mark_healthy
+from .helpers import MemoryUpstreams, make_pool, mark_healthy
 
 
 def setup(fake: FakeLlama, mode: str = "slots", unhealthy_after: int = 2, api_key=None):
-    clock = Clock()
+    """A prober on the production client (as paddler.tap builds it), C{fake} serving at http://llama:8080."""
+    upstreams = MemoryUpstreams(connect_timeout=2, max_idle_per_host=1)
+    upstreams.serve(fake, "http://llama:8080")
+    clock = upstreams.clock
     pool = make_pool(clock)
-    stub = StubTreq(fake)
-    prober = HTTPProber(stub, clock, pool, timeout=2, unhealthy_after=unhealthy_after, mode=mode, api_key=api_key)
+    prober = HTTPProber(
+        upstreams.client, clock, pool, timeout=2, unhealthy_after=unhealthy_after, mode=mode, api_key=api_key
+    )
     upstream = pool.add(Upstream("http://llama:8080", name="llama", clock=clock))
-    return clock, pool, stub, prober, upstream
+    return clock, pool, upstreams, prober, upstream
 
 
-def run(stub, d):
-    stub.flush()
+def run(upstreams, d):
+    upstreams.flush()
     results = []
     d.addBoth(results.append)
     assert results, "probe did not finish"
@@ -46,8 +51,8 @@ def test_prober_provides_the_interface():
 def test_slots_probe_reads_idle_and_busy_slots_and_the_model():
     fake = FakeLlama(slots=4, model="qwen.gguf")
     fake.busy = 3
-    clock, pool, stub, prober, upstream = setup(fake)
-    assert run(stub, prober.probe(upstream)) is True  # a first reading is news
+    clock, pool, upstreams, prober, upstream = setup(fake)
+    assert run(upstreams, prober.probe(upstream)) is True  # a first reading is news
     assert upstream.state is UpstreamState.HEALTHY
     assert (upstream.slots_total, upstream.slots_processing, upstream.slots_idle) == (4, 3, 1)
     assert upstream.models == ("qwen.gguf",)
@@ -73,20 +78,20 @@ def test_slots_disabled_falls_back_to_props_never_metrics():
     fake = FakeLlama(slots=2)
     fake.slots_status = 501
     fake.busy = 1
-    _, _, stub, prober, upstream = setup(fake)
-    run(stub, prober.probe(upstream))
+    _, _, upstreams, prober, upstream = setup(fake)
+    run(upstreams, prober.probe(upstream))
     assert upstream.probe_method == "props"
     assert upstream.state is UpstreamState.HEALTHY
     assert (upstream.slots_total, upstream.slots_processing) == (2, 0)
     fake.seen.clear()
-    run(stub, prober.probe(upstream))
+    run(upstreams, prober.probe(upstream))
     assert [uri for _, uri, _, _ in fake.seen] == [b"/props"]
 
 
 def test_health_mode_never_asks_slots_so_idle_servers_can_sleep():
     fake = FakeLlama(slots=3)
-    _, _, stub, prober, upstream = setup(fake, mode="health")
-    run(stub, prober.probe(upstream))
+    _, _, upstreams, prober, upstream = setup(fake, mode="health")
+    run(upstreams, prober.probe(upstream))
     assert [uri for _, uri, _, _ in fake.seen] == [b"/health", b"/props"]
     assert upstream.state is UpstreamState.HEALTHY and upstream.slots_total == 3
 
@@ -94,9 +99,9 @@ def test_health_mode_never_asks_slots_so_idle_servers_can_sleep():
 def test_loading_model_is_loading_not_a_failure():
     fake = FakeLlama()
     fake.slots_status = 503
-    _, _, stub, prober, upstream = setup(fake)
+    _, _, upstreams, prober, upstream = setup(fake)
     for _ in range(3):
-        run(stub, prober.probe(upstream))
+        run(upstreams, prober.probe(upstream))
     assert upstream.state is UpstreamState.LOADING
     assert upstream.consecutive_failures == 0 and not upstream.accepts_requests
 
@@ -104,48 +109,52 @@ def test_loading_model_is_loading_not_a_failure():
 def test_unreachable_only_after_consecutive_failures_and_one_log_per_change():
     fake = FakeLlama()
     fake.slots_status = 500
-    _, _, stub, prober, upstream = setup(fake, unhealthy_after=2)
+    _, _, upstreams, prober, upstream = setup(fake, unhealthy_after=2)
     mark_healthy(upstream)
     with capturedLogs() as events:
-        run(stub, prober.probe(upstream))
+        run(upstreams, prober.probe(upstream))
         assert upstream.state is UpstreamState.HEALTHY and upstream.consecutive_failures == 1
-        run(stub, prober.probe(upstream))
-        run(stub, prober.probe(upstream))
+        run(upstreams, prober.probe(upstream))
+        run(upstreams, prober.probe(upstream))
     assert upstream.state is UpstreamState.UNREACHABLE
     assert "/slots answered 500" in upstream.last_error
     changes = [e for e in events if e.get("state") == "unreachable"]
     assert len(changes) == 1
     fake.slots_status = 200
-    run(stub, prober.probe(upstream))
+    run(upstreams, prober.probe(upstream))
     assert upstream.state is UpstreamState.HEALTHY and upstream.consecutive_failures == 0
 
 
 def test_api_key_is_sent_as_bearer_on_probes():
     fake = FakeLlama()
-    _, _, stub, prober, upstream = setup(fake, api_key="k1")
-    run(stub, prober.probe(upstream))
+    _, _, upstreams, prober, upstream = setup(fake, api_key="k1")
+    run(upstreams, prober.probe(upstream))
     headers = {k.lower(): v for k, v in fake.seen[0][2].items()}
     assert headers[b"authorization"] == [b"Bearer k1"]
     upstream.api_key = "own"
-    run(stub, prober.probe(upstream))
+    run(upstreams, prober.probe(upstream))
     headers = {k.lower(): v for k, v in fake.seen[-1][2].items()}
     assert headers[b"authorization"] == [b"Bearer own"]
 
 
 def test_probe_that_never_answers_fails_at_its_deadline():
-    class Silent:
-        def get(self, url, headers=None):
-            return Deferred()
+    class Silent(Resource):
+        isLeaf = True
 
-    clock = Clock()
+        def render(self, request):
+            return NOT_DONE_YET
+
+    upstreams = MemoryUpstreams(connect_timeout=2, max_idle_per_host=1)
+    upstreams.serve(Silent(), "http://llama:8080")
+    clock = upstreams.net
     pool = make_pool(clock)
     upstream = pool.add(Upstream("http://llama:8080", clock=clock))
-    prober = HTTPProber(Silent(), clock, pool, timeout=2, unhealthy_after=1)
+    prober = HTTPProber(upstreams.client, clock, pool, timeout=2, unhealthy_after=1)
     results = []
     prober.probe(upstream).addBoth(results.append)
-    clock.advance(1.9)
+    clock.run_for(1.9)
     assert results == []
-    clock.advance(0.1)
+    clock.run_for(0.1)
     assert results == [None]
     assert upstream.state is UpstreamState.UNREACHABLE and "2 s" in upstream.last_error
     assert clock.getDelayedCalls() == []
@@ -222,6 +231,6 @@ def test_probe_loop_survives_an_unexpected_error():
 
 def test_health_mode_is_shown_as_the_probe_method():
     fake = FakeLlama(slots=2)
-    _, _, stub, prober, upstream = setup(fake, mode="health")
-    run(stub, prober.probe(upstream))
+    _, _, upstreams, prober, upstream = setup(fake, mode="health")
+    run(upstreams, prober.probe(upstream))
     assert upstream.probe_method == "health"

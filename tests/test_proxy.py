@@ -9,25 +9,11 @@ import pytest
 from paddler.balancer.proxy import ProxyConfig
 from paddler.fleet.upstream import UpstreamState
 
+from .helpers import FakeUpstreamBody
 from .proxy_harness import Chunks, Harness, make_harness
 
 #: HostnameEndpoint notices a refused attempt at its next attempt tick (0.3 s on the clock).
 REFUSAL_NOTICED = 0.3
-
-
-class FakeUpstreamTransport:
-    """The upstream response's transport as a L{Relay} sees it."""
-
-    paused = stopped = False
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-
-    def stopProducing(self):
-        self.stopped = True
 
 
 class FakeClientRequest:
@@ -323,17 +309,18 @@ def test_idle_timer_is_suspended_while_the_client_applies_backpressure():
     clock = Clock()
     request = FakeClientRequest()
     relay = Relay(request, clock, idle_timeout=10)
-    relay.makeConnection(FakeUpstreamTransport())
-    assert request.producer is relay
+    body = FakeUpstreamBody()
+    relay.start(body)
+    assert request.producer is relay and body.consumer is relay
     relay.pauseProducing()
-    assert relay.transport.paused and clock.getDelayedCalls() == []
+    assert body.paused and clock.getDelayedCalls() == []
     clock.advance(100)
     assert not relay.done.called
     relay.resumeProducing()
     clock.advance(9.9)
     assert not relay.done.called
     clock.advance(0.1)
-    assert relay.done.called and relay.transport.stopped
+    assert relay.done.called and body.stopped
     relay.done.addErrback(lambda _: None)
 
 
@@ -358,15 +345,39 @@ def test_idle_deadline_moves_with_every_chunk_without_rescheduling_the_timer():
 
     clock = Clock()
     relay = Relay(FakeClientRequest(), clock, idle_timeout=10)
-    relay.makeConnection(FakeUpstreamTransport())
+    body = FakeUpstreamBody()
+    relay.start(body)
     [timer] = clock.getDelayedCalls()
     for _ in range(5):
         clock.advance(1)
-        relay.dataReceived(b"data: x\n\n")
+        relay.body_data(b"data: x\n\n")
     assert clock.getDelayedCalls() == [timer]  # same timer, not rescheduled by the chunks
     clock.advance(9.9)  # last chunk at 5 s: the deadline is 15 s
     assert not relay.done.called
     clock.advance(0.1)
-    assert relay.done.called and relay.transport.stopped
+    assert relay.done.called and body.stopped
     relay.done.addErrback(lambda _: None)
     assert clock.getDelayedCalls() == []
+
+
+def test_anthropic_messages_take_a_slot_and_wait_in_the_buffer_like_chat(request):
+    """POST /v1/messages (llama-server's Anthropic API) runs in a slot: with two upstreams of one
+    slot each, two requests take both slots, a third waits in the buffer until one is freed."""
+    h = make_harness(request)
+    first, a = h.add_fake("a", slots=1, hold=True)
+    second, b = h.add_fake("b", slots=1, hold=True)
+    message = {"model": "fake.gguf", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    responses = [h.post("/v1/messages", message) for _ in range(3)]
+    h.flush()
+    assert (a.in_flight, b.in_flight) == (1, 1)
+    assert h.pool.requests_buffered == 1
+    assert len(first.held) + len(second.held) == 2
+    for held in [*first.held, *second.held]:
+        held.request.finish()
+    h.flush()
+    assert h.pool.requests_buffered == 0 and a.in_flight + b.in_flight == 1
+    for held in [*first.held, *second.held]:
+        if not held.request.finished:
+            held.request.finish()
+    assert [h.result(d).code for d in responses] == [200, 200, 200]
+    assert a.in_flight == b.in_flight == 0

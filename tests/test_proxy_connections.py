@@ -9,7 +9,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from paddler.balancer.proxy import ProxyConfig
-from paddler.balancer.relay import BytesProducer
+from .helpers import BytesProducer
 from paddler.fleet.upstream import UpstreamState
 from paddler.tap import CLIENT_IDLE_TIMEOUT
 from paddler.web.clients import CACHED_CONNECTION_TIMEOUT

@@ -10,18 +10,17 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.web import server
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from treq.client import HTTPClient
 
 from paddler.balancer.proxy import ProxyConfig
 from paddler.balancer.relay import Relay
 from paddler.fleet.probe import HTTPProber
 from paddler.fleet.upstream import Upstream, UpstreamState
 from paddler.web.listeners import ListenFailed, ListeningService
+from paddler.web.upstream_client import UpstreamClient
 
-from .helpers import make_pool
+from .helpers import FakeUpstreamBody, make_pool
 from .memory_network import MemoryNetwork
 from .proxy_harness import make_harness
 
@@ -54,21 +53,16 @@ def test_data_arriving_while_paused_does_not_rearm_the_idle_timer():
         def unregisterProducer(self): self.producer = None
         def write(self, data): pass
 
-    class Transport:
-        paused = stopped = False
-        def pauseProducing(self): self.paused = True
-        def resumeProducing(self): self.paused = False
-        def stopProducing(self): self.stopped = True
-
     clock = Clock()
     relay = Relay(Request(), clock, idle_timeout=10)
-    relay.makeConnection(Transport())
-    relay.dataReceived(b"data: 1\n\n")  # this write fills the client's buffer...
-    relay.pauseProducing()              # ...so the channel pauses us, synchronously
-    relay.dataReceived(b"data: 2\n\n")  # rest of the same upstream read still arrives
-    clock.advance(100)                  # the client stays slow; upstream is not at fault
+    body = FakeUpstreamBody()
+    relay.start(body)
+    relay.body_data(b"data: 1\n\n")  # this write fills the client's buffer...
+    relay.pauseProducing()            # ...so the channel pauses us, synchronously
+    relay.body_data(b"data: 2\n\n")  # rest of the same upstream read still arrives
+    clock.advance(100)                # the client stays slow; upstream is not at fault
     try:
-        assert not relay.done.called and not relay.transport.stopped
+        assert not relay.done.called and not body.stopped
     finally:
         relay.done.addErrback(lambda _: None)
 
@@ -171,13 +165,13 @@ class Silent(Resource):
 
 
 def test_a_probe_that_times_out_says_so():
-    """Real Agent: a cancelled request fails with ResponseNeverReceived([CancelledError]), which addTimeout does not convert."""
+    """The production client: a cancelled request fails with ResponseNeverReceived([CancelledError]), which addTimeout does not convert."""
     net = MemoryNetwork()
     silent = Silent()
     net.listenTCP(8080, Site(silent, reactor=net), interface="10.0.0.1")
-    connections = HTTPConnectionPool(net, persistent=False)
     pool = make_pool(net)
-    prober = HTTPProber(HTTPClient(Agent(net, pool=connections)), net, pool, timeout=2, unhealthy_after=1)
+    client = UpstreamClient(net, connect_timeout=2, max_idle_per_host=1)  # as paddler.tap builds the probes' client
+    prober = HTTPProber(client, net, pool, timeout=2, unhealthy_after=1)
     upstream = pool.add(Upstream("http://10.0.0.1:8080", clock=net))
     d = prober.probe(upstream)
     net.flush()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 
 from treq.testing import StubTreq
-from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from paddler.balancer.proxy import ProxyConfig
@@ -17,7 +16,7 @@ from paddler.llamacpp.errors import NeedsKey
 from paddler.llamacpp.slots import http_getter, read_slots
 
 from .fake_llama import FakeLlama
-from .helpers import make_pool
+from .helpers import MemoryUpstreams, make_pool
 from .proxy_harness import make_harness
 
 REFUSED = {"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}}
@@ -119,25 +118,33 @@ def test_a_probe_without_the_key_raises_needs_key_naming_the_setting():
 
 def test_a_probe_told_401_marks_the_upstream_at_once_and_logs_once():
     """The server answers, just not to a key-less probe: no second failure is waited for;
-    one warning per change names the missing setting."""
-    clock = Clock()
+    one warning per change names the missing setting. The keyed upstream is healthy."""
+    upstreams = MemoryUpstreams(connect_timeout=2, max_idle_per_host=1)
+    clock = upstreams.clock
     pool = make_pool(clock)
-    fakes = [FakeLlama("a"), FakeLlama("b")]
-    for fake in fakes:
+    for name in ("a", "b"):
+        fake = FakeLlama(name)
         fake.api_key = "k"
-    prober = HTTPProber(StubTreq(fakes[0]), clock, pool, timeout=2, unhealthy_after=3)
-    upstream = pool.add(Upstream("http://a:8080", name="a", clock=clock))
+        upstreams.serve(fake, f"http://{name}:8080")
+    prober = HTTPProber(upstreams.client, clock, pool, timeout=2, unhealthy_after=3)
+    keyless = pool.add(Upstream("http://a:8080", name="a", clock=clock))
+    keyed = pool.add(Upstream("http://b:8080", name="b", clock=clock))
+    keyed.api_key = "k"
+
+    def probe(upstream):
+        d = prober.probe(upstream)
+        upstreams.flush()
+        return _result(d)
+
     with capturedLogs() as events:
         for _ in range(3):
-            _result(prober.probe(upstream))
-    assert upstream.state is UpstreamState.UNREACHABLE
-    assert "--llamacpp-api-key" in upstream.last_error
+            probe(keyless)
+    assert keyless.state is UpstreamState.UNREACHABLE
+    assert "401" in keyless.last_error and "--llamacpp-api-key" in keyless.last_error
     warnings = [e for e in events if "401" in e.get("reason", "") and "state" not in e]
     assert len(warnings) == 1
-    keyed = HTTPProber(StubTreq(fakes[1]), clock, pool, timeout=2, api_key="k")
-    other = pool.add(Upstream("http://b:8080", name="b", clock=clock))
-    _result(keyed.probe(other))
-    assert other.state is UpstreamState.HEALTHY
+    probe(keyed)
+    assert keyed.state is UpstreamState.HEALTHY
 
 
 def test_probes_of_a_no_slots_server_never_scrape_metrics():

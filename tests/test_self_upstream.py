@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
+from zope.interface import implementer
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.web.resource import Resource
 
@@ -22,37 +22,43 @@ from paddler.config import build_config, url_reaches_endpoint
 from paddler.fleet.probe import HTTPProber, ProbeService
 from paddler.fleet.registry import AgentRegistry
 from paddler.fleet.upstream import Upstream, UpstreamState
+from paddler.interfaces import IUpstreamClient
 from paddler.management.api import ManagementAPI
 from paddler.settings import ConfigError
 from paddler.web.instance import INSTANCE_HEADER, THIS_BALANCER, came_through, via_token
 from paddler.web.listeners import urls_of
 
 from .fake_llama import FakeLlama
-from .helpers import healthy_upstream, make_pool
+from .helpers import MemoryUpstreams, healthy_upstream, make_pool
 from .test_client_limits import Transport, responses
 
 
-class RecordingAgent:
-    """Routes requests to an in-memory fake llama-server and records every URI asked for."""
+@implementer(IUpstreamClient)
+class RecordingClient:
+    """The production upstream client, recording the URI and the headers of every request sent."""
 
-    def __init__(self, resource: Any) -> None:
-        from treq.testing import RequestTraversalAgent
-
+    def __init__(self, client: Any) -> None:
+        self._client = client
         self.uris: list[bytes] = []
-        self._agent = RequestTraversalAgent(resource)
+        self.headers: list[list[tuple[bytes, bytes]]] = []
 
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
-        self.uris.append(uri)
-        return self._agent.request(method, uri, headers, bodyProducer)
+    def send(self, method: bytes, origin: bytes, target: bytes, headers: Any, body: bytes | None = None) -> Any:
+        self.uris.append(origin + target)
+        self.headers.append(list(headers))
+        return self._client.send(method, origin, target, headers, body)
+
+    def close(self) -> Any:
+        return self._client.close()
 
 
-def exchange(site: Any, raw: bytes) -> bytes:
-    """Feed C{raw} to a new connection of C{site}; return what it wrote back."""
+def exchange(site: Any, raw: bytes, flush: Any) -> bytes:
+    """Feed C{raw} to a new connection of C{site}; return what it wrote back once C{flush} moved the upstream's bytes."""
     transport = Transport()
     protocol = site.buildProtocol(transport.getPeer())
     transport.protocol = protocol
     protocol.makeConnection(transport)
     protocol.dataReceived(raw)
+    flush()
     written = transport.value()
     transport.close()
     return written
@@ -122,11 +128,13 @@ def test_the_listen_addresses_give_the_urls_that_reach_them():
 # -- the probe -------------------------------------------------------------------
 
 
-def probe_setup(answer: Resource) -> tuple[Clock, Any, StubTreq, HTTPProber, Upstream]:
-    clock = Clock()
+def probe_setup(answer: Resource) -> tuple[Any, Any, MemoryUpstreams, HTTPProber, Upstream]:
+    """A prober on the production client; C{answer} serves at http://balancer.example:8086."""
+    stub = MemoryUpstreams(connect_timeout=2, max_idle_per_host=1)
+    stub.serve(answer, "http://balancer.example:8086")
+    clock = stub.clock
     pool = make_pool(clock)
-    stub = StubTreq(answer)
-    prober = HTTPProber(stub, clock, pool, timeout=2, instance_id=OWN)
+    prober = HTTPProber(stub.client, clock, pool, timeout=2, instance_id=OWN)
     upstream = pool.add(Upstream("http://balancer.example:8086", name="me", clock=clock))
     return clock, pool, stub, prober, upstream
 
@@ -221,50 +229,49 @@ async def test_registering_or_reporting_one_of_the_balancers_own_addresses_is_re
 # -- the request loop guard --------------------------------------------------------
 
 
-def loop_rig() -> tuple[Any, RecordingAgent]:
+def loop_rig() -> tuple[Any, RecordingClient, MemoryUpstreams]:
     from paddler.web.channel import ClientLimits, GuardedSite
     from paddler.web.request import bounded_request_factory
 
-    clock = Clock()
+    upstreams = MemoryUpstreams()
+    clock = upstreams.clock
     pool = make_pool(clock)
+    fake = FakeLlama()
     for port in (371, 372):
+        upstreams.serve(fake, f"http://127.0.0.1:{port}")
         pool.add(healthy_upstream(f"http://127.0.0.1:{port}", clock=clock))
-    agent = RecordingAgent(FakeLlama())
-    proxy = ProxyResource(pool, agent, clock, ProxyConfig())
+    client = RecordingClient(upstreams.client)
+    proxy = ProxyResource(pool, client, clock, ProxyConfig())
     site = GuardedSite(
         proxy, ClientLimits(), clock, "proxy",
         request_factory=bounded_request_factory(1024, instance_id=OWN, loop_token=LOOP), instance_id=OWN,
     )
-    return site, agent
+    return site, client, upstreams
 
 
 def test_forwarded_requests_carry_the_balancers_via_and_answers_its_instance_id():
-    site, agent = loop_rig()
-    sent: list[Any] = []
-    forward = agent.request
-    agent.request = lambda method, uri, headers=None, body=None: sent.append(headers) or forward(  # type: ignore
-        method, uri, headers, body
-    )
-    answer = exchange(site, b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: 1.1 corporate-proxy\r\n\r\n")
+    site, client, upstreams = loop_rig()
+    raw = b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: 1.1 corporate-proxy\r\n\r\n"
+    answer = exchange(site, raw, upstreams.flush)
     ((status, headers, _),) = responses(answer)
     assert status == 200 and headers[INSTANCE_HEADER] == OWN.encode()
-    assert len(agent.uris) == 1
-    assert sent[0].getRawHeaders(b"via") == [b"1.1 corporate-proxy", via_token(LOOP)]
+    assert len(client.uris) == 1
+    assert [v for n, v in client.headers[0] if n.lower() == b"via"] == [b"1.1 corporate-proxy", via_token(LOOP)]
 
 
 def test_a_request_that_comes_back_through_its_own_via_is_answered_508_and_not_forwarded():
-    site, agent = loop_rig()
+    site, agent, upstreams = loop_rig()
     raw = b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: 1.1 x, " + via_token(LOOP) + b"\r\n\r\n"
-    ((status, _, body),) = responses(exchange(site, raw))
+    ((status, _, body),) = responses(exchange(site, raw, upstreams.flush))
     assert status == 508 and "balancer itself" in json.loads(body)["error"]["message"]
     assert agent.uris == []
 
 
 def test_a_client_copying_the_public_instance_id_into_via_gets_no_508():
     """The Via token is not the id every answer shows: a client cannot forge a loop."""
-    site, agent = loop_rig()
+    site, agent, upstreams = loop_rig()
     raw = b"GET /v1/models HTTP/1.1\r\nHost: h\r\nVia: " + via_token(OWN) + b"\r\n\r\n"
-    ((status, _, _),) = responses(exchange(site, raw))
+    ((status, _, _),) = responses(exchange(site, raw, upstreams.flush))
     assert status == 200 and len(agent.uris) == 1
 
 

@@ -31,44 +31,28 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
-from paddler.balancer.relay import AgentClient, Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.balancer.relay import Relay, ResponseHead, UpstreamIdleTimeout, timings_in
 from paddler.errors import (
     BadRequest,
     InternalError,
     NoUpstreamAvailable,
     PaddlerHTTPError,
-    RequestTooLarge,
     ShuttingDown,
     UpstreamFailed,
     UpstreamTimeout,
+    body_too_large,
     error_response,
     json_response as _json,
+    outcome_of,
 )
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
+from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS, addresses_slots
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
 from paddler.web.body import BodyTooLarge, read_body
 from paddler.web.failures import describe_failure
-
-SLOT_PATHS = frozenset(
-    {
-        b"/completion",
-        b"/completions",
-        b"/v1/completions",
-        b"/chat/completions",
-        b"/v1/chat/completions",
-        b"/infill",
-        b"/embedding",
-        b"/embeddings",
-        b"/v1/embeddings",
-        b"/rerank",
-        b"/reranking",
-        b"/v1/rerank",
-        b"/v1/reranking",
-    }
-)
 
 HOP_BY_HOP = frozenset(
     {
@@ -136,17 +120,6 @@ def _was_cancelled(error: Exception) -> bool:
     return any(reason.check(CancelledError) for reason in reasons)
 
 
-def upstream_uri(upstream: Upstream, target: bytes) -> bytes:
-    """The URL of C{target} (an origin-form request target) on C{upstream}.
-
-    Only a target that starts with C{/} is joined to the upstream's
-    C{scheme://host:port}: anything else could extend the port or the host.
-    """
-    if not target.startswith(b"/"):
-        raise BadRequest("the request target must be a path starting with /")
-    return upstream.url.encode("ascii") + target
-
-
 def parse_body(body: bytes) -> dict[str, Any]:
     """A slot-taking request's body as a JSON object, or L{BadRequest}."""
     try:
@@ -166,9 +139,9 @@ def _names_a_slot(parsed: dict[str, Any]) -> bool:
     return isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0
 
 
-def request_model(parsed: dict[str, Any]) -> str | None:
-    """The C{model} a request names, if it names one."""
-    model = parsed.get("model")
+def request_model(parsed: dict[str, Any], field: str = "model") -> str | None:
+    """The model a request names in C{field}, if it names one."""
+    model = parsed.get(field)
     return model if isinstance(model, str) and model else None
 
 
@@ -216,30 +189,21 @@ class ProxyResource(Resource):
     def __init__(
         self,
         pool: UpstreamPool,
-        agent: Any,
+        client: IUpstreamClient,
         clock: IReactorTime,
         config: ProxyConfig,
         stats: RequestStats | None = None,
     ) -> None:
         super().__init__()
         self._pool = pool
-        self._agent = agent
+        #: the L{IUpstreamClient} requests go out with
+        self._client = client
         self._clock = clock
         self.config = config
         self.stats = stats or RequestStats(clock)
         self.stopping = False
         self.active: set[server.Request] = set()
         self._drained: list[Deferred[None]] = []
-
-    @property
-    def _agent(self) -> Any:
-        """The L{IUpstreamClient} requests go out with."""
-        return self._client
-
-    @_agent.setter
-    def _agent(self, agent: Any) -> None:
-        # a plain Twisted IAgent is adapted: its bodies arrive decoded, never raw
-        self._client = agent if IUpstreamClient.providedBy(agent) else AgentClient(agent)
 
     # -- shutting down ----------------------------------------------------
 
@@ -296,17 +260,14 @@ class ProxyResource(Resource):
         content: Any = request.content
         content.seek(0)
         exchange = Exchange(request, content.read(), started)
-        exchange.pinned = path == b"/slots" or path.startswith(b"/slots/")
+        exchange.pinned = addresses_slots(path)
         try:
             if getattr(request, "body_too_large", False):
-                raise RequestTooLarge(
-                    f"request body is larger than {self.config.max_request_body} bytes "
-                    "(--max-request-body)"
-                )
+                raise body_too_large(self.config.max_request_body, "--max-request-body")
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
                 exchange.takes_slot = True
-                exchange.model = request_model(parsed)
+                exchange.model = request_model(parsed, ENDPOINTS[path.decode("ascii")].model_field)
                 exchange.streaming = parsed.get("stream") is True
                 exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
                 exchange.pinned = _names_a_slot(parsed)
@@ -509,8 +470,7 @@ class ProxyResource(Resource):
         request = exchange.request
         framing = response.framing
         head = _response_head(response)
-        take_body = getattr(response, "take_body", None)
-        body = take_body() if take_body is not None else None
+        body = response.take_body()
         if body is not None:
             # the whole (small) answer came with its head: write it, no relay needed
             first_byte_at = self._clock.seconds()
@@ -521,7 +481,6 @@ class ProxyResource(Resource):
             if not request.finished and not _client_gone(request):
                 request.finish()
             return timings_in(response.tail())
-        del take_body
         # the request body is needed again only if this answer breaks before its first byte
         relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body)
         raw = (
@@ -596,7 +555,7 @@ class ProxyResource(Resource):
         else:
             self.log.failure("proxying {path} failed", failure, path=request.path)
             error = InternalError("internal error in the balancer")
-        self._record(exchange, error.status, outcome=_outcome(error))
+        self._record(exchange, error.status, outcome=outcome_of(error))
         if request.finished or _client_gone(request):
             return
         if request.startedWriting:
@@ -626,12 +585,3 @@ def _response_head(response: Any) -> ResponseHead:
         else:
             entry[1].append(value)
     return ResponseHead(response.code, response.phrase, list(grouped.values()))
-
-
-def _outcome(error: PaddlerHTTPError) -> tuple[str, str] | None:
-    """How a refusal or a timeout is counted (L{paddler.observability.requests.OUTCOMES})."""
-    if isinstance(error, NoUpstreamAvailable):
-        return ("refused", error.reason)
-    if isinstance(error, UpstreamTimeout):
-        return ("timed_out", error.reason)
-    return None

@@ -1,4 +1,4 @@
-"""Health and slot probes: one ``LoopingCall`` per upstream, each probe with a deadline.
+"""Health and slot probes: every upstream probed from one timer (L{ProbeService}), each probe with a deadline.
 
 A probe reads the upstream's slots (L{paddler.llamacpp.slots.read_slots}:
 ``/slots``, or ``/props`` + ``/metrics``, or ``/health`` + ``/props`` in
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -31,17 +31,19 @@ from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, UpstreamState
 from paddler.interfaces import IUpstreamProber
 from paddler.llamacpp.errors import Loading, NeedsKey
-from paddler.interfaces import IUpstreamClient
-from paddler.llamacpp.slots import SlotReading, SlotsCache, client_getter, http_getter, read_slots
+from paddler.llamacpp.slots import SlotReading, SlotsCache, client_getter, read_slots
 from paddler.web.failures import describe_failure
 from paddler.web.instance import THIS_BALANCER, ThisBalancer
+
+if TYPE_CHECKING:
+    from paddler.web.upstream_client import UpstreamClient
 
 
 @implementer(IUpstreamProber)
 class HTTPProber:
     """
-    Probes one upstream over HTTP with C{http_client}: an L{IUpstreamClient}
-    (kept-alive connections, the production wiring) or a treq C{HTTPClient}.
+    Probes one upstream over HTTP with C{http_client}, a
+    L{paddler.web.upstream_client.UpstreamClient} (kept-alive connections).
     An unchanged C{/slots} answer is not parsed again; the probe's Deferred
     then fires with C{False} (nothing new), else with C{True}.
     """
@@ -50,7 +52,7 @@ class HTTPProber:
 
     def __init__(
         self,
-        http_client: Any,
+        http_client: UpstreamClient,
         clock: IReactorTime,
         pool: UpstreamPool,
         timeout: float = 2.0,
@@ -69,7 +71,6 @@ class HTTPProber:
         self.api_key = api_key
         #: Called with (upstream, reading) after each successful read (the shared fleet sends it on).
         self.on_reading: Callable[[Upstream, SlotReading], None] | None = None
-        self._getter = client_getter if IUpstreamClient.providedBy(http_client) else http_getter
         self._caches: dict[str, SlotsCache] = {}
 
     def probe(self, upstream: Upstream) -> Deferred[Any]:
@@ -80,7 +81,7 @@ class HTTPProber:
         )
 
     async def _probe(self, upstream: Upstream) -> SlotReading:
-        get = self._getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
+        get = client_getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
         cache = self._caches.get(upstream.id)
         if cache is None:
             if len(self._caches) > 2 * len(self._pool.upstreams) + 16:

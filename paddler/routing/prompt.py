@@ -6,7 +6,8 @@ into a L{PromptInfo}: the text llama-server will put in front of the model
 would evaluate the same leading tokens, as far as text can tell), an
 estimate of its length in tokens, and the conversation key.
 
-The stable form, by endpoint:
+The stable form, by prompt shape (each endpoint's shape is in
+L{paddler.llamacpp.endpoints.ENDPOINTS}):
 
 * ``/completion``, ``/completions``, ``/v1/completions``: ``prompt``. A
   string is itself; a token id ``t`` is ``U+E000 t U+E001`` (so token lists
@@ -59,6 +60,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from paddler.llamacpp.endpoints import prompt_shape
+
 #: Characters per token assumed by every estimate here.
 CHARS_PER_TOKEN = 4
 #: Characters of the stable form kept for prefix matching.
@@ -81,9 +84,6 @@ FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "\ue030", "\ue031", "\ue032"
 
 _MEDIA_SAMPLE = 64 * 1024
 
-COMPLETION_PATHS = frozenset({"/completion", "/completions", "/v1/completions"})
-CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions", "/v1/messages"})
-INFILL_PATHS = frozenset({"/infill"})
 
 
 @dataclass(frozen=True)
@@ -364,14 +364,14 @@ def prompt_info(
         conversation = conversation_key(body, headers)
         if not isinstance(body, Mapping):
             return NO_PROMPT
-        route = normalise_path(path)
+        kind = prompt_shape(normalise_path(path))
         builder = _Builder(max_chars)
-        if route in COMPLETION_PATHS:
-            kind, ok = "completion", _completion(builder, body)
-        elif route in CHAT_PATHS:
-            kind, ok = "chat", _chat(builder, body)
-        elif route in INFILL_PATHS:
-            kind, ok = "infill", _infill(builder, body)
+        if kind == "completion":
+            ok = _completion(builder, body)
+        elif kind == "chat":
+            ok = _chat(builder, body)
+        elif kind == "infill":
+            ok = _infill(builder, body)
         else:
             return PromptInfo("", 0, conversation, "none")
         if not ok:

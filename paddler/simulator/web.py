@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from paddler.llamacpp.endpoints import ENDPOINTS
 from paddler.simulator.engine import (
     CompletionResult,
     GenerationRequest,
@@ -180,11 +181,16 @@ class SimulatorResource(Resource):
         self._routes[(b"GET", "/metrics")] = self._metrics
         self._routes[(b"POST", "/tokenize")] = self._tokenize
         self._routes[(b"POST", "/detokenize")] = self._detokenize
-        for path in ("/completion", "/completions"):
-            self._routes[(b"POST", path)] = self._completion
-        self._routes[(b"POST", "/v1/completions")] = self._oai_completion
-        for path in ("/chat/completions", "/v1/chat/completions"):
-            self._routes[(b"POST", path)] = self._chat
+        # the slot-taking endpoints of the one table whose shape and format the simulator speaks
+        speaks: dict[tuple[str, str], Handler] = {
+            ("completion", "llama"): self._completion,
+            ("completion", "openai"): self._oai_completion,
+            ("chat", "openai"): self._chat,
+        }
+        for endpoint in ENDPOINTS.values():
+            handler = speaks.get((endpoint.prompt, endpoint.api))
+            if endpoint.takes_slot and handler is not None:
+                self._routes[(b"POST", endpoint.path)] = handler
 
     # plumbing
 

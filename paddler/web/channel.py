@@ -56,15 +56,15 @@ from twisted.web.server import Site
 
 from paddler.errors import (
     BadRequest,
-    BodyMemoryFull,
     BodyTimeout,
     HeadersTooLarge,
     PaddlerHTTPError,
     RequestTimeout,
-    RequestTooLarge,
     TooManyClientConnections,
     TooManyConnections,
     URITooLong,
+    body_memory_full,
+    body_too_large,
 )
 from paddler.web.http1 import ChunkedScanner, FramingError
 from paddler.web.instance import INSTANCE_HEADER
@@ -303,20 +303,11 @@ class GuardedChannel(HTTPChannel):
         max_body = getattr(request, "max_body", None)
         if length is not None and max_body is not None and length > max_body:
             too_large = getattr(request, "too_large", None)
-            self.refuse(
-                too_large() if too_large is not None
-                else RequestTooLarge(f"the request body is larger than {max_body} bytes")
-            )
+            self.refuse(too_large() if too_large is not None else body_too_large(max_body))
             return
         claim = getattr(request, "claim_body", None)
         if length and claim is not None and not claim(length):
-            self.refuse(
-                BodyMemoryFull(
-                    "the balancer holds as many request bodies as it may (--max-request-bodies-memory); "
-                    "retry shortly",
-                    headers={b"retry-after": b"1"},
-                )
-            )
+            self.refuse(body_memory_full())
             return
         self._cancel_deadline()
         super().allHeadersReceived()

@@ -30,10 +30,11 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from paddler.errors import (
-    BodyMemoryFull,
     LoopDetected,
     PaddlerHTTPError,
     RequestTooLarge,
+    body_memory_full,
+    body_too_large,
     error_body,
     error_response,
     json_response,
@@ -69,8 +70,7 @@ class BoundedRequest(server.Request):
 
     def too_large(self) -> RequestTooLarge:
         """The error for a body over C{max_body}."""
-        named = f" ({self.max_body_setting})" if self.max_body_setting else ""
-        return RequestTooLarge(f"the request body is larger than {self.max_body} bytes{named}")
+        return body_too_large(self.max_body, self.max_body_setting)
 
     def claim_body(self, size: int) -> bool:
         """Claim C{size} bytes of body memory for this request; C{False} when they are not there."""
@@ -102,13 +102,7 @@ class BoundedRequest(server.Request):
             return
         missing = self._body_received - self._claimed
         if self.memory is not None and missing > 0 and not self.claim_body(missing):
-            self._refuse(
-                BodyMemoryFull(
-                    "the balancer holds as many request bodies as it may (--max-request-bodies-memory); "
-                    "retry shortly",
-                    headers={b"retry-after": b"1"},
-                )
-            )
+            self._refuse(body_memory_full())
             return
         self._chunks.append(data)
 
