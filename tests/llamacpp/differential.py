@@ -353,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter for pytest and paddler")
     parser.add_argument("--paddler", type=Path, default=ROOT,
                         help="the paddler checkout to put in front (default: this one)")
+    parser.add_argument("--direct-from", type=Path, default=None,
+                        help="take the direct outcomes from this earlier run's directory (its direct.json)")
     parser.add_argument("--parallel", action="store_true",
                         help="run the through-paddler modes at the same time (after direct)")
     parser.add_argument("pytest_args", nargs="*",
@@ -374,7 +376,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{mode}: {done.counts()} in {done.seconds:.0f} s", file=sys.stderr, flush=True)
         return done
 
-    runs = {"direct": run("direct")}
+    if options.direct_from is not None:
+        earlier = json.loads((options.direct_from / "direct.json").read_text())["tests"]
+        if options.pytest_args:
+            files = [a.split("::")[0] for a in options.pytest_args if not a.startswith("-")]
+            earlier = {t: e for t, e in earlier.items() if any(t.startswith(f) for f in files)}
+        runs = {"direct": Run("direct", earlier)}
+    else:
+        runs = {"direct": run("direct")}
     through = [m for m in modes if m != "direct"]
     if options.parallel and len(through) > 1:
         with ThreadPoolExecutor(len(through)) as pool:

@@ -370,9 +370,19 @@ def pytest_runtest_logreport(report: Any) -> None:
         entry["message"] = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)[:300]
 
 
+def _write_report(finished: bool) -> None:
+    path = os.environ.get("PADDLER_DIFF_REPORT")
+    if path:
+        partial = Path(path + ".partial")
+        partial.write_text(json.dumps({"mode": MODE, "finished": finished, "tests": _results}, indent=1))
+        partial.replace(path)
+
+
+def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
+    _write_report(False)  # so that an interrupted run still says what ran (in order)
+
+
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     for balancer in _all:
         balancer.stop()
-    path = os.environ.get("PADDLER_DIFF_REPORT")
-    if path:
-        Path(path).write_text(json.dumps({"mode": MODE, "tests": _results}, indent=1, sort_keys=True))
+    _write_report(True)
