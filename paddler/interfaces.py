@@ -225,3 +225,14 @@ class IUpstreamBody(Interface):
 
     def tail():  # type: ignore[no-untyped-def]
         """The last few KiB of the decoded payload (llama.cpp's C{timings} come there)."""
+
+
+class IReactorBeforePoll(Interface):
+    """A reactor that runs callables once just before it next waits for I/O (L{paddler.lean_reactor})."""
+
+    def callBeforePoll(f):  # type: ignore[no-untyped-def]
+        """
+        Call C{f()} once, after this turn's events and timed calls and before
+        the reactor next waits; a callable added while these run is called
+        before the following wait, which then does not block.
+        """

@@ -208,6 +208,7 @@ class Info:
     secret: bool = False  # not shown in the reference's defaults
     cli: bool = True  # a flag exists (False: file and environment only)
     placeholder: str | None = None  # the default as the reference shows it, when computed
+    repeatable: bool = False  # the flag may be given several times (its values are joined by commas)
 
 
 def setting(default: Any, help: str, kind: Kind, **info: Any) -> Any:
@@ -322,13 +323,25 @@ def options_class(
     opt_parameters = [
         [s.option, s.info.short, None, _flag_help(s)]
         for s in settings
-        if s.info.cli and not s.is_flag
+        if s.info.cli and not s.is_flag and not s.info.repeatable
     ]
+    repeated = [s for s in settings if s.info.cli and s.info.repeatable]
+
+    def repeat(s: Setting) -> Callable[[usage.Options, str], None]:
+        def opt(self: usage.Options, value: str) -> None:
+            self.setdefault("_repeated", {}).setdefault(s.name, []).append(value)
+
+        opt.__doc__ = _flag_help(s) + " (repeatable)"
+        return opt
 
     def postOptions(self: usage.Options) -> None:
         given: dict[str, Any] = {}
         for s in settings:
             if not s.info.cli:
+                continue
+            if s.info.repeatable:
+                values = self.get("_repeated", {}).get(s.name)
+                given[s.name] = ",".join(values) if values else None
                 continue
             raw = self[s.option]
             if s.is_flag:
@@ -349,6 +362,7 @@ def options_class(
             "optFlags": opt_flags,
             "optParameters": [*opt_parameters, *extra_parameters],
             "postOptions": postOptions,
+            **{"opt_" + s.option.replace("-", "_"): repeat(s) for s in repeated},
         },
     )
 
@@ -381,7 +395,7 @@ def reference(settings: Sequence[Setting], file_keys_too: bool = True) -> Iterat
     yield "| flag | environment | file key | value | default | what it does |"
     yield "|---|---|---|---|---|---|"
     for s in settings:
-        flag = f"`--{s.option}`" if s.info.cli else ""
+        flag = (f"`--{s.option}`" + (" (repeatable)" if s.info.repeatable else "")) if s.info.cli else ""
         env = f"`{s.env}`" if s.env else ""
         key = f"`{s.name}`" if file_keys_too else ""
         default = s.info.placeholder or ("" if s.default is None or s.info.secret else f"`{_shown(s.default)}`")

@@ -35,7 +35,10 @@ def test_every_balancer_field_but_the_upstream_list_is_a_setting():
 def test_every_setting_is_a_flag_of_its_command(options_class, settings):
     options = options_class()
     declared = {long for long, *_ in options.optParameters} | {long for long, *_ in options.optFlags}
-    assert {s.option for s in settings} <= declared
+    repeatable = {s.option for s in settings if s.info.repeatable}
+    assert {s.option for s in settings} - repeatable <= declared
+    for option in repeatable:  # given several times: an opt_ method that collects them
+        assert callable(getattr(options, "opt_" + option.replace("-", "_")))
 
 
 @pytest.mark.parametrize("setting", BALANCER_SETTINGS, ids=lambda s: s.name)

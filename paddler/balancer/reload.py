@@ -100,12 +100,19 @@ class Reloader:
             pool.max_buffered = new.max_buffered_requests
         elif name == "buffered_request_timeout":
             pool.buffer_timeout = new.buffered_request_timeout
+        elif name == "no_upstream_timeout":
+            pool.no_upstream_timeout = new.no_upstream_timeout
+        elif name == "allow_upstream_network" and getattr(service, "vetter", None) is not None:
+            service.vetter.allowed = tuple(new.allow_upstream_network)
         elif name == "shutdown_timeout":
             service.shutdown_timeout = new.shutdown_timeout
         elif name == "agent_expiry" and service.registry is not None:
             service.registry.expiry = new.agent_expiry
         elif name == "probe_interval" and service.probes is not None:
             service.probes.set_interval(new.probe_interval)
+            pool.recheck_interval = new.probe_interval
+            if service.registry is not None:
+                service.registry.check_every = new.probe_interval
         elif name == "probe_timeout":
             self.prober.timeout = new.probe_timeout
         elif name == "probe_mode":

@@ -66,6 +66,7 @@ from paddler.errors import (
     body_memory_full,
     body_too_large,
 )
+from paddler.web import flush
 from paddler.web.http1 import ChunkedScanner, FramingError
 from paddler.web.instance import INSTANCE_HEADER
 
@@ -179,6 +180,7 @@ class GuardedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        flush.hook(self.transport)  # a turn's writes in one send (plain TCP only)
         self._client = client_address(self.transport.getPeer()) if self.transport is not None else None
         self.site.connection_opened(self._client)
 
