@@ -145,10 +145,23 @@ class BalancerConfig:
     )
     unhealthy_after: int = setting(2, "Consecutive probe failures before unreachable.", count(1, 1000))
     llamacpp_api_key: str | None = setting(
-        None, "API key sent to upstreams as Authorization: Bearer.", SECRET, secret=True
+        None,
+        "API key the balancer's probes send to upstreams (Authorization: Bearer); "
+        "an upstream's own api_key comes first. Clients' requests do not get it (see --lend-api-key).",
+        SECRET,
+        secret=True,
+    )
+    lend_api_key: bool = setting(
+        False,
+        "Add the upstream's key (its api_key, else --llamacpp-api-key) to client requests that carry "
+        "no Authorization or X-Api-Key: the balancer then grants the servers' access to every client.",
+        Flag(),
     )
     slots_endpoint_enable: bool = setting(
-        False, "Answer /slots on the proxy port with the fleet's slots.", Flag()
+        False,
+        "Answer GET /slots on the proxy port with the fleet's slots as last probed (all upstreams, "
+        "tagged), instead of passing it to an upstream.",
+        Flag(),
     )
     rewrite_host_header: bool = setting(
         False, "Send the upstream's host:port as Host instead of the client's.", Flag()

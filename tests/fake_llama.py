@@ -60,6 +60,8 @@ class FakeLlama(Resource):
         self.hold = hold
         self.slots_status = 200
         self.answer_status = 200
+        #: like llama-server --api-key: every path but /health answers 401 without it
+        self.api_key: str | None = None
         self.held: list[HeldRequest] = []
         self.waiting: list[Deferred[HeldRequest]] = []
         self.seen: list[tuple[bytes, bytes, dict[bytes, list[bytes]], bytes]] = []
@@ -78,6 +80,10 @@ class FakeLlama(Resource):
             held.claimed = True  # type: ignore[attr-defined]
             self.waiting.pop(0).callback(held)
 
+    def _key_given(self, request: server.Request) -> bool:
+        given = request.getHeader(b"authorization") or request.getHeader(b"x-api-key") or b""
+        return given.removeprefix(b"Bearer ") == (self.api_key or "").encode()
+
     def render(self, request: server.Request) -> Any:
         request.content.seek(0)
         body = request.content.read()
@@ -86,6 +92,9 @@ class FakeLlama(Resource):
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         if path == b"/health":
             return b'{"status":"ok"}'
+        if self.api_key is not None and not self._key_given(request):
+            request.setResponseCode(401)
+            return b'{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}'
         if path == b"/slots":
             request.setResponseCode(self.slots_status)
             if self.slots_status == 501:

@@ -147,14 +147,15 @@ def test_loading_llamacpp_is_reported_as_loading(world):
 
 
 def test_slots_disabled_falls_back_like_the_probes(world):
-    """A llama.cpp without /slots is read through /props and /metrics, remembered for next time."""
+    """A llama.cpp without /slots is read through /props (never /metrics), remembered for next time."""
     world.llama.slots_status = 501
     world.llama.busy = 2
     world.agent.startService()
-    assert (world.upstream.slots_total, world.upstream.slots_processing) == (4, 2)
+    assert (world.upstream.slots_total, world.upstream.slots_processing) == (4, 0)
     world.clock.advance(1)
     llama_paths = [p for h, _, p in world.net.requests if h == "llama"]
     assert llama_paths.count("/slots") == 1
+    assert "/metrics" not in llama_paths
 
 
 def test_hanging_llamacpp_hits_the_deadline(world):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS, endpoint_for, prompt_shape
+from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS, addresses_slots, endpoint_for, prompt_shape
 from paddler.routing.prompt import prompt_info
 from paddler.simulator.engine import SimulatedServerEngine, SimulatorConfig
 from paddler.simulator.web import SimulatorResource
@@ -23,6 +23,13 @@ def test_the_table_names_each_path_once_exactly_as_requested():
     assert endpoint_for(b"/v1/messages") is ENDPOINTS["/v1/messages"]
     assert endpoint_for("/v1/messages/count_tokens") is None and endpoint_for("/tokenize") is None
     assert prompt_shape("/v1/messages") == "chat" and prompt_shape("/v1/embeddings") == "none"
+    assert {b"/v1/responses", b"/responses"} <= SLOT_PATHS  # OpenAI's Responses API too
+    assert endpoint_for("/v1/audio/transcriptions") is None  # multipart: passed through, not parsed
+
+
+def test_the_slots_subtree_names_one_servers_slots():
+    assert addresses_slots(b"/slots") and addresses_slots(b"/slots/0") and addresses_slots(b"/slots/1/x")
+    assert not addresses_slots(b"/slotsx") and not addresses_slots(b"/v1/slots") and not addresses_slots(b"/")
 
 
 @pytest.mark.parametrize("path", SLOT_TAKING)

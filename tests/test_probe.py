@@ -73,7 +73,8 @@ def test_metrics_parsing():
     assert parse_metric(text, "llamacpp:missing") is None
 
 
-def test_slots_disabled_falls_back_to_props_and_metrics():
+def test_slots_disabled_falls_back_to_props_never_metrics():
+    """/props for the slot count; /metrics is never scraped (its windows belong to its owner)."""
     fake = FakeLlama(slots=2)
     fake.slots_status = 501
     fake.busy = 1
@@ -81,10 +82,10 @@ def test_slots_disabled_falls_back_to_props_and_metrics():
     run(upstreams, prober.probe(upstream))
     assert upstream.probe_method == "props"
     assert upstream.state is UpstreamState.HEALTHY
-    assert (upstream.slots_total, upstream.slots_processing) == (2, 1)
+    assert (upstream.slots_total, upstream.slots_processing) == (2, 0)
     fake.seen.clear()
     run(upstreams, prober.probe(upstream))
-    assert [uri for _, uri, _, _ in fake.seen] == [b"/props", b"/metrics"]
+    assert [uri for _, uri, _, _ in fake.seen] == [b"/props"]
 
 
 def test_health_mode_never_asks_slots_so_idle_servers_can_sleep():

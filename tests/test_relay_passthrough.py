@@ -343,9 +343,11 @@ def test_the_request_body_is_let_go_once_the_answer_began(rig):
 
 def test_the_upstream_gets_end_to_end_headers_only_and_forwarding_headers():
     """Hop-by-hop headers, those the client's Connection names, Expect and the client's length are not
-    sent on; X-Forwarded-* are added, Host kept, the upstream's key added when the client sent none."""
+    sent on; X-Forwarded-* are added, Host kept, the upstream's key added when the client sent none
+    and the operator lends it (--lend-api-key)."""
     rig = Rig(upstreams=1)
     rig.proxy.config.api_key = "secret"
+    rig.proxy.config.lend_api_key = True
     client = rig.connect()
     body = b'{"prompt": "hi"}'
     client.channel.dataReceived(

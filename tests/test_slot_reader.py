@@ -51,12 +51,12 @@ async def test_http_getter_sends_the_api_key():
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_slots_in_props_method_uses_props_and_metrics():
-    """method="props" (remembered after a 501) skips /slots and reads /props + /metrics."""
+async def test_read_slots_in_props_method_uses_props_only():
+    """method="props" (remembered after a 501) skips /slots and reads /props: busy slots unknown."""
     fake = FakeLlama(slots=3)
     fake.busy = 2
     marks = iter([7])
     reading = await read_slots(http_getter(StubTreq(fake), "http://fake:1"), method="props",
                                mark=lambda: next(marks))
-    assert (reading.total, reading.processing, reading.method, reading.mark) == (3, 2, "props", 7)
-    assert b"/slots" not in [uri for _, uri, _, _ in fake.seen]
+    assert (reading.total, reading.processing, reading.method, reading.mark) == (3, None, "props", 7)
+    assert [uri for _, uri, _, _ in fake.seen] == [b"/props"]

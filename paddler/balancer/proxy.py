@@ -3,7 +3,13 @@
 Retries: a refused or reset connection before any response byte, and a 503
 to a slot-taking request, go to another upstream (at most
 ``--max-retries``); nothing is retried once a byte reached the client.
-C{/health} and C{/slots} are answered here for the whole fleet.
+C{/health} is answered here for the whole fleet. C{/slots}, C{/slots/{id}}
+and slot-taking requests that name an C{id_slot} address the slots of one
+server: they go to the slot home (L{ProxyResource.slot_home}), the first
+serving upstream in configuration order, so that the ids a client reads are
+the ids it names (``--slots-endpoint-enable`` answers C{GET /slots} here
+instead, with every upstream's slots as last probed). Every other path
+goes to an upstream untouched.
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ from paddler.errors import (
     UpstreamFailed,
     UpstreamTimeout,
     body_too_large,
-    error_body,
     error_response,
     json_response as _json,
     outcome_of,
@@ -45,7 +50,7 @@ from paddler.fleet.models import fleet_models, is_multi_model, parse_model_alias
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
-from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS
+from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS, addresses_slots
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
 from paddler.web.body import BodyTooLarge, read_body
@@ -87,6 +92,7 @@ class ProxyConfig:
     """How the proxy talks to upstreams (see ``paddler balancer --help``)."""
 
     api_key: str | None = None
+    lend_api_key: bool = False
     rewrite_host_header: bool = False
     slots_endpoint_enable: bool = False
     upstream_timeout: float = 300.0
@@ -106,6 +112,7 @@ class ProxyConfig:
         """The proxy's part of a L{paddler.config.BalancerConfig}."""
         return cls(
             api_key=config.llamacpp_api_key,
+            lend_api_key=getattr(config, "lend_api_key", False),
             rewrite_host_header=config.rewrite_host_header,
             slots_endpoint_enable=config.slots_endpoint_enable,
             upstream_timeout=config.upstream_timeout,
@@ -148,6 +155,12 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return parsed
 
 
+def _names_a_slot(parsed: dict[str, Any]) -> bool:
+    """Whether a slot-taking request asks for one slot by id (C{id_slot} >= 0; -1 is any slot)."""
+    slot = parsed.get("id_slot")
+    return isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0
+
+
 def request_model(parsed: dict[str, Any], field: str = "model") -> str | None:
     """The model a request names in C{field}, if it names one."""
     model = parsed.get(field)
@@ -163,7 +176,7 @@ class Exchange:
 
     __slots__ = (
         "request", "body", "started", "takes_slot", "model", "streaming", "demand",
-        "stage", "client_gone", "recorded",
+        "stage", "client_gone", "recorded", "pinned",
     )
 
     def __init__(self, request: server.Request, body: bytes, started: float) -> None:
@@ -177,6 +190,8 @@ class Exchange:
         self.stage = "buffered"
         self.client_gone = False
         self.recorded = False
+        #: it names one server's slots (C{/slots...}, C{id_slot}): only the slot home serves it
+        self.pinned = False
 
     @property
     def path(self) -> str:
@@ -260,7 +275,7 @@ class ProxyResource(Resource):
                 return self._shutting_down(request, started)
             status, payload = self._pool.health()
             return _json(request, status, payload)
-        if path == b"/slots":
+        if path == b"/slots" and request.method == b"GET" and self.config.slots_endpoint_enable:
             return self._render_slots(request)
         if self.stopping:
             return self._shutting_down(request, started)
@@ -271,6 +286,7 @@ class ProxyResource(Resource):
         content: Any = request.content
         content.seek(0)
         exchange = Exchange(request, content.read(), started)
+        exchange.pinned = addresses_slots(path)
         try:
             if getattr(request, "body_too_large", False):
                 raise body_too_large(self.config.max_request_body, "--max-request-body")
@@ -280,6 +296,7 @@ class ProxyResource(Resource):
                 self._route_model(exchange, parsed, ENDPOINTS[path.decode("ascii")].model_field)
                 exchange.streaming = parsed.get("stream") is True
                 exchange.demand = self._pool.chooser.prepare(parsed, path, request.requestHeaders)
+                exchange.pinned = _names_a_slot(parsed)
             elif is_multi_model(self._pool.upstreams.values()):
                 self._route_other(exchange)
         except PaddlerHTTPError as error:
@@ -342,13 +359,16 @@ class ProxyResource(Resource):
         )
         return error_response(request, error)
 
+    def slot_home(self) -> Upstream | None:
+        """The upstream whose slots C{/slots}, C{/slots/{id}} and C{id_slot} address: the first
+        serving one in configuration order (the same one for every such request while it serves)."""
+        for upstream in self._pool.upstreams.values():
+            if upstream.accepts_requests:
+                return upstream
+        return None
+
     def _render_slots(self, request: server.Request) -> bytes:
-        if not self.config.slots_endpoint_enable:
-            return _json(
-                request,
-                404,
-                error_body(404, "/slots is disabled on the balancer (--slots-endpoint-enable)", "not_found_error"),
-            )
+        """C{GET /slots} with --slots-endpoint-enable: every upstream's slots as last probed, tagged."""
         slots = []
         for upstream in self._pool.upstreams.values():
             for slot in upstream.raw_slots:
@@ -364,15 +384,19 @@ class ProxyResource(Resource):
         only_refused = True
         request = exchange.request
         for _ in range(self.config.max_retries + 1):
-            if tried and not any(uid not in tried for uid in self._pool.upstreams):
-                break
+            if tried and (exchange.pinned or not any(uid not in tried for uid in self._pool.upstreams)):
+                break  # a slot id means one server: no other is tried
             lease: Lease | None = None
+            home = self.slot_home() if exchange.pinned else None
+            if exchange.pinned and home is None:
+                raise NoUpstreamAvailable("no healthy upstream")
             if exchange.takes_slot:
                 exchange.stage = "buffered"
-                lease = await self._pool.acquire(exchange.model, exclude=tried, demand=exchange.demand)
+                exclude = tried if home is None else [uid for uid in self._pool.upstreams if uid != home.id]
+                lease = await self._pool.acquire(exchange.model, exclude=exclude, demand=exchange.demand)
                 upstream = lease.upstream
             else:
-                picked = self._pool.pick_any(exclude=tried, model=exchange.model)
+                picked = home or self._pool.pick_any(exclude=tried, model=exchange.model)
                 if picked is None:
                     if tried:
                         break
@@ -388,7 +412,7 @@ class ProxyResource(Resource):
                     reached = isinstance(e, (ResponseNeverReceived, ResponseFailed))
                     raise
                 reached = True
-                if response.code == 503 and exchange.takes_slot:
+                if response.code == 503 and exchange.takes_slot and not exchange.pinned:
                     reason = await self._refused(upstream, response)
                     tried.append(upstream.id)
                     last_error = f"{upstream.name} answered 503: {reason}"
@@ -466,7 +490,7 @@ class ProxyResource(Resource):
         return reason
 
     def _upstream_headers(self, request: server.Request, upstream: Upstream) -> list[tuple[bytes, bytes]]:
-        """The client's end-to-end headers, X-Forwarded-*, Host and the upstream's key."""
+        """The client's end-to-end headers, X-Forwarded-*, Host, and the upstream's key if lent (--lend-api-key)."""
         raw = request.requestHeaders
         connection = raw.getRawHeaders(b"connection")
         skip: Any = _NOT_FORWARDED
@@ -493,7 +517,7 @@ class ProxyResource(Resource):
                 else:
                     claimed[lower] = values
                 continue
-            if lower == b"authorization":
+            if lower in (b"authorization", b"x-api-key"):
                 has_authorization = True
             for value in values:
                 headers.append((name, value))
@@ -515,8 +539,9 @@ class ProxyResource(Resource):
         if self.config.rewrite_host_header or not host:
             host = upstream.url.split("://", 1)[1].encode("ascii")
         headers.append((b"Host", host))
+        # the probes' key is lent to key-less clients only when the operator says so
         key = upstream.api_key or self.config.api_key
-        if key and not has_authorization:
+        if key and not has_authorization and self.config.lend_api_key:
             headers.append((b"Authorization", b"Bearer " + key.encode("utf-8")))
         return headers
 

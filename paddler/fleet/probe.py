@@ -30,7 +30,7 @@ from zope.interface import implementer
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, UpstreamState
 from paddler.interfaces import IUpstreamProber
-from paddler.llamacpp.errors import Loading
+from paddler.llamacpp.errors import Loading, NeedsKey
 from paddler.fleet.routers import child_id, forget_router, observe_router
 from paddler.llamacpp.slots import (
     NotRouterMode,
@@ -141,7 +141,7 @@ class HTTPProber:
             self.on_reading(upstream, reading)
         if reading.method == "props" and upstream.probe_method != "props":
             self.log.info(
-                "upstream {name}: /slots not available, probing /props and /metrics instead",
+                "upstream {name}: /slots not available, probing /props instead",
                 name=upstream.name,
             )
         self._pool.observe(
@@ -171,6 +171,13 @@ class HTTPProber:
                     url=upstream.url,
                 )
             self._pool.observe(upstream, FailureSeen(THIS_BALANCER, unreachable_after=1))
+            return
+        if failure.check(NeedsKey):
+            # the server answers, but not to us: waiting for more failures tells nothing new
+            reason = str(failure.value)
+            if upstream.last_error != reason:
+                self.log.warn("upstream {name} ({url}): {reason}", name=upstream.name, url=upstream.url, reason=reason)
+            self._pool.observe(upstream, FailureSeen(reason, unreachable_after=1))
             return
         reason = describe_failure(failure, self.timeout)
         self._pool.observe(upstream, FailureSeen(reason, unreachable_after=self.unhealthy_after))

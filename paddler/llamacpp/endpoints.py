@@ -8,10 +8,18 @@ body field names the model (the pool picks an upstream serving it), and
 which API's wire format it speaks (the simulator answers those it
 implements).
 
-Every other path is proxied as it is, to any healthy upstream, without a
-slot: C{/health}, C{/props}, C{/v1/models}, C{/tokenize}, C{/detokenize},
-C{/apply-template}, C{/v1/messages/count_tokens} (it only tokenizes) and
-whatever a newer server adds.
+The paths under C{/slots} (L{addresses_slots}) name one server's slots by
+id: C{GET /slots}, C{/slots/{id}?action=save|restore|erase}. The proxy sends
+them, and slot-taking requests that name an C{id_slot}, to one upstream (the
+slot home), so that the ids a client reads are the ids it names.
+
+Every other path is proxied as it is (method, target, headers, body; the
+answer likewise), to any healthy upstream, without a slot: C{/health} of an
+upstream, C{/props}, C{/metrics}, C{/v1/models}, C{/tokenize},
+C{/detokenize}, C{/apply-template}, C{/v1/messages/count_tokens} (it only
+tokenizes), C{/tools} and the MCP paths, C{/cors-proxy},
+C{/v1/audio/transcriptions} (a multipart body, not JSON), C{OPTIONS} (CORS
+preflights) and whatever a newer server adds.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ ENDPOINTS: MappingProxyType[str, Endpoint] = MappingProxyType(
             Endpoint("/chat/completions", True, "chat", "openai"),
             Endpoint("/v1/chat/completions", True, "chat", "openai"),
             Endpoint("/v1/messages", True, "chat", "anthropic"),
+            Endpoint("/v1/responses", True, "none", "openai"),
+            Endpoint("/responses", True, "none", "openai"),
             Endpoint("/infill", True, "infill", "llama"),
             Endpoint("/embedding", True, "none", "llama"),
             Endpoint("/embeddings", True, "none", "llama"),
@@ -69,6 +79,15 @@ ENDPOINTS: MappingProxyType[str, Endpoint] = MappingProxyType(
 
 #: The paths whose C{POST} takes a slot, as bytes (the proxy compares C{request.path}).
 SLOT_PATHS: frozenset[bytes] = frozenset(e.path.encode("ascii") for e in ENDPOINTS.values() if e.takes_slot)
+
+
+#: The path whose subtree names one server's slots by id.
+SLOTS_PATH = b"/slots"
+
+
+def addresses_slots(path: bytes) -> bool:
+    """Whether C{path} (no query) is C{/slots} or under it: it names one server's slots."""
+    return path == SLOTS_PATH or path.startswith(SLOTS_PATH + b"/")
 
 
 def endpoint_for(path: str | bytes) -> Endpoint | None:

@@ -12,6 +12,10 @@ class ProbeError(Exception):
     """An answer that says the server cannot serve (a bad status or an unreadable body)."""
 
 
+class NeedsKey(ProbeError):
+    """The server answered 401: it wants an API key the prober was not given."""
+
+
 class Loading(Exception):
     """The server answered 503 "Loading model"."""
 

@@ -2,10 +2,16 @@
 
 - ``GET /slots`` (``is_processing`` in new servers, ``state`` 0/1 in old ones);
   a server answering 501 (``--no-slots``) or 404 falls back to
-- ``GET /props`` for ``total_slots`` and ``GET /metrics`` for
-  ``llamacpp:requests_processing`` where metrics are on;
+- ``GET /props`` for ``total_slots``; how many are busy is then not known
+  (every busy slot is taken to be one of the balancer's requests).
+  ``/metrics`` is never read: llama-server resets its "since last scrape"
+  figures at every scrape, so a probe's scrape would empty its owner's;
 - in ``health`` mode, ``GET /health`` plus ``GET /props``: neither wakes a
   server started with ``--sleep-idle-seconds``.
+
+A server started with ``--api-key`` answers 401 to everything but
+``/health`` without the key: the probe then fails with L{NeedsKey}, which
+says which setting gives it the key (a client's key is never borrowed).
 """
 
 from __future__ import annotations
@@ -16,8 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from paddler.llamacpp.errors import LOADING_MESSAGE, Loading, ProbeError, error_message
-from paddler.llamacpp.metrics import metric_value
+from paddler.llamacpp.errors import LOADING_MESSAGE, Loading, NeedsKey, ProbeError, error_message
 from paddler.web.body import read_body
 from paddler.web.instance import ThisBalancer, answered_by
 
@@ -126,6 +131,11 @@ class SlotReading:
 
 
 def _require_ok(path: str, code: int, body: bytes) -> None:
+    if code == 401:
+        raise NeedsKey(
+            f"{path} answered 401 ({error_message(body)}): the server wants an API key; give it to "
+            "the balancer with --llamacpp-api-key or the upstream's api_key"
+        )
     if code != 200:
         raise ProbeError(f"{path} answered {code}: {error_message(body)}")
 
@@ -232,9 +242,9 @@ async def read_slots(
 ) -> SlotReading:
     """
     Read the slots of the server behind C{get}: C{/slots}, falling back to
-    C{/props} + C{/metrics} on 404/501 (or directly when C{method} is
-    ``props``); in C{mode} ``health``, C{/health} + C{/props}. Raises
-    L{Loading} or L{ProbeError}. With a C{cache}, a C{/slots} answer equal
+    C{/props} on 404/501 (or directly when C{method} is ``props``); in
+    C{mode} ``health``, C{/health} + C{/props}. Raises L{Loading},
+    L{NeedsKey} (a 401) or L{ProbeError}. With a C{cache}, a C{/slots} answer equal
     to the last one is not parsed again (C{changed} is then C{False}).
     """
     if mode == "health":
@@ -265,12 +275,7 @@ async def read_slots(
             return SlotReading(len(slots), busy, "slots", names, slots, taken)
     taken = mark()
     total, models = await _read_props(get)
-    code, body = await get("/metrics")
-    processing: int | None = None
-    if code == 200:
-        value = metric_value(body.decode("utf-8", "replace"), "llamacpp:requests_processing")
-        processing = None if value is None else int(value)
-    return SlotReading(total, processing, "props", models, mark=taken)
+    return SlotReading(total, None, "props", models, mark=taken)
 
 
 #: Models one router may list (each becomes an upstream of the fleet): a bound against a hostile server.
