@@ -346,6 +346,9 @@ class ProxyResource(Resource):
                 self._upstream_failed(upstream, reason)
                 tried.append(upstream.id)
                 last_error = f"{upstream.name}: {reason}"
+            except UpstreamTimeout:  # no headers, or no body byte, in time
+                self.stats.upstream_failed(upstream)
+                raise
             finally:
                 if lease is not None:
                     # A client that left a non-streaming request does not stop llama.cpp.
@@ -358,7 +361,7 @@ class ProxyResource(Resource):
         raise UpstreamFailed(f"every upstream tried failed; last: {last_error}")
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        upstream.requests_failed += 1
+        self.stats.upstream_failed(upstream)
         self._pool.observe(upstream, FailureSeen(reason, source="proxy"))
 
     async def _refused(self, upstream: Upstream, response: IResponse) -> str:
@@ -429,7 +432,6 @@ class ProxyResource(Resource):
         timeout = self.config.upstream_timeout
 
         def timed_out(result: Any, _timeout: float) -> Any:
-            upstream.requests_failed += 1
             raise UpstreamTimeout(
                 f"{upstream.name} sent no response within {timeout:g} s (--upstream-timeout)"
             )
@@ -469,7 +471,6 @@ class ProxyResource(Resource):
             await relay.done
         except UpstreamIdleTimeout as e:
             if relay.first_byte_at is None:
-                upstream.requests_failed += 1
                 raise UpstreamTimeout(f"{upstream.name}: {e} before the body began") from None
             self.log.warn(
                 "upstream {name}: {error}; closing the client stream", name=upstream.name, error=str(e)
