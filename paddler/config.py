@@ -34,7 +34,9 @@ from paddler.settings import (
     settings_of,
 )
 
-__all__ = ["AgentConfig", "BalancerConfig", "ConfigError", "SimulateConfig", "UpstreamSpec", "build_config"]
+__all__ = [
+    "AgentConfig", "BalancerConfig", "ConfigError", "LoggingConfig", "SimulateConfig", "UpstreamSpec", "build_config",
+]
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,14 @@ class BalancerConfig:
         "Share the fleet's slots, leases and buffer with other balancers through Redis: "
         "redis://[:password@]host:port/db or rediss:// (password also from PADDLER_STATE_PASSWORD).",
         Converted(_state_url, "redis://host:port/db"),
+    )
+    state_password: str | None = setting(
+        None,
+        "Password of the --state Redis when its URL has none.",
+        SECRET,
+        secret=True,
+        cli=False,
+        env="PADDLER_STATE_PASSWORD",
     )
     state_prefix: str = setting(
         "{pd}",
@@ -488,6 +498,40 @@ class SimulateConfig:
 SIMULATE_SETTINGS = settings_of(SimulateConfig)
 
 
+# -- every command --------------------------------------------------------------
+
+#: The levels C{PADDLER_LOG_LEVEL} may name, lowest first.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def _log_level(text: str) -> str:
+    name = text.strip().lower()
+    if name not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Settings of every command's log output (environment only: they apply before any flag is read)."""
+
+    log_level: str = setting(
+        "info",
+        "Lowest level of the log lines written to stdout (every command, and twistd --logger=paddler.logs.observer).",
+        Converted(_log_level, " | ".join(LOG_LEVELS)),
+        cli=False,
+    )
+
+
+LOGGING_SETTINGS = settings_of(LoggingConfig, env_prefix="PADDLER_")
+
+
+def build_logging_config(env: Mapping[str, str]) -> LoggingConfig:
+    """The log settings from the environment; an unknown level is a L{ConfigError} naming the variable."""
+    values = from_sources(LOGGING_SETTINGS, {}, env, {})
+    return LoggingConfig(**values)
+
+
 def configuration_reference() -> str:
     """docs/configuration.md, generated from the settings tables (``python -m paddler.config``)."""
     from paddler.settings import reference
@@ -519,6 +563,12 @@ def configuration_reference() -> str:
         "Flags only.",
         "",
         *reference(SIMULATE_SETTINGS, file_keys_too=False),
+        "",
+        "## Every command",
+        "",
+        "Environment only; an unknown value stops the command with an error naming the variable.",
+        "",
+        *reference(LOGGING_SETTINGS, file_keys_too=False),
         "",
     ]
     return "\n".join(lines)

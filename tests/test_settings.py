@@ -12,6 +12,7 @@ from twisted.python.usage import UsageError
 from paddler.config import (
     AGENT_SETTINGS,
     BALANCER_SETTINGS,
+    LOGGING_SETTINGS,
     SIMULATE_SETTINGS,
     BalancerConfig,
     build_config,
@@ -33,9 +34,11 @@ def test_every_balancer_field_but_the_upstream_list_is_a_setting():
     [(BalancerOptions, BALANCER_SETTINGS), (AgentOptions, AGENT_SETTINGS), (SimulateOptions, SIMULATE_SETTINGS)],
 )
 def test_every_setting_is_a_flag_of_its_command(options_class, settings):
+    """Every setting but the environment-only ones (a password: not on a command line) is a flag."""
     options = options_class()
     declared = {long for long, *_ in options.optParameters} | {long for long, *_ in options.optFlags}
-    assert {s.option for s in settings} <= declared
+    assert {s.option for s in settings if s.info.cli} <= declared
+    assert all(s.env for s in settings if not s.info.cli)
 
 
 @pytest.mark.parametrize("setting", BALANCER_SETTINGS, ids=lambda s: s.name)
@@ -109,5 +112,5 @@ def test_the_configuration_reference_in_docs_is_generated_from_the_tables():
     assert (ROOT / "docs" / "configuration.md").read_text() == generated, (
         "docs/configuration.md is stale: run `python -m paddler.config > docs/configuration.md`"
     )
-    for s in [*BALANCER_SETTINGS, *AGENT_SETTINGS, *SIMULATE_SETTINGS]:
-        assert f"`--{s.option}`" in generated
+    for s in [*BALANCER_SETTINGS, *AGENT_SETTINGS, *SIMULATE_SETTINGS, *LOGGING_SETTINGS]:
+        assert f"`--{s.option}`" in generated if s.info.cli else f"`{s.env}`" in generated
