@@ -114,3 +114,54 @@ def test_the_configuration_reference_in_docs_is_generated_from_the_tables():
     )
     for s in [*BALANCER_SETTINGS, *AGENT_SETTINGS, *SIMULATE_SETTINGS, *LOGGING_SETTINGS]:
         assert f"`--{s.option}`" in generated if s.info.cli else f"`{s.env}`" in generated
+
+
+def test_every_balancer_setting_says_how_a_reload_applies_it():
+    """Each entry of the balancer's table carries its reload field, and it names a way reload.py knows:
+    restart, one of the ways, or PART.ATTRIBUTE of a part a reload sets (which has that attribute)."""
+    from paddler.settings import RELOAD_PARTS, RELOAD_WAYS, RESTART
+
+    for s in BALANCER_SETTINGS:
+        how = s.info.reload
+        assert how is not None, f"{s.name} does not say whether a reload applies it"
+        if how == RESTART or how in RELOAD_WAYS:
+            continue
+        part, _, attribute = how.partition(".")
+        assert part in RELOAD_PARTS and attribute, f"{s.name}: unknown reload {how!r}"
+
+
+def test_reload_has_no_table_of_its_own_and_sets_the_attributes_the_table_names():
+    """reload.py reads the table: no NEEDS_RESTART list; each PART.ATTRIBUTE exists on a built balancer."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    import paddler.balancer.reload as reload
+    from paddler.balancer.reload import RELOAD, Reloader
+    from paddler.tap import makeBalancerService
+
+    assert not hasattr(reload, "NEEDS_RESTART") and not hasattr(reload, "CLIENT_LIMITS")
+    assert RELOAD == {s.name: s.info.reload for s in BALANCER_SETTINGS}
+    service = makeBalancerService(BalancerConfig(), MemoryReactorClock(), reload_config=BalancerConfig)
+    reloader = service.reloader.__self__  # the Reloader makeBalancerService built, with its HTTPProber
+    prober = reloader.prober
+    assert isinstance(reloader, Reloader)
+    parts = {"pool": service.pool, "service": service, "prober": prober,
+             "registry": service.registry, "body_memory": service.body_memory}
+    for name, how in RELOAD.items():
+        part, _, attribute = how.partition(".")
+        if attribute and parts[part] is not None:
+            assert hasattr(parts[part], attribute), f"{name}: {how} is not an attribute of the running {part}"
+    assert reloader.reload() == []
+
+
+def test_a_reload_leaves_the_shared_state_settings_for_the_restart():
+    """--state-lease-ttl (like --state, --state-prefix and --workers) is read once at start: a reload says so
+    and keeps the running value (it used to report 'is now' and apply nothing)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler.tap import makeBalancerService
+
+    service = makeBalancerService(
+        BalancerConfig(), MemoryReactorClock(), reload_config=lambda: BalancerConfig(state_lease_ttl=5.0)
+    )
+    assert service.reloader() == ["state_lease_ttl changed to 5.0; it takes effect at the next restart"]
+    assert service.config.state_lease_ttl == 10.0
