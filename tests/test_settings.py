@@ -139,7 +139,7 @@ def test_reload_has_no_table_of_its_own_and_sets_the_attributes_the_table_names(
     from paddler.tap import makeBalancerService
 
     assert not hasattr(reload, "NEEDS_RESTART") and not hasattr(reload, "CLIENT_LIMITS")
-    assert RELOAD == {s.name: s.info.reload for s in BALANCER_SETTINGS}
+    assert RELOAD == {s.name: s.info.reload for s in BALANCER_SETTINGS}  # every entry says (test above)
     service = makeBalancerService(BalancerConfig(), MemoryReactorClock(), reload_config=BalancerConfig)
     reloader = service.reloader.__self__  # the Reloader makeBalancerService built, with its HTTPProber
     prober = reloader.prober
@@ -165,3 +165,27 @@ def test_a_reload_leaves_the_shared_state_settings_for_the_restart():
     )
     assert service.reloader() == ["state_lease_ttl changed to 5.0; it takes effect at the next restart"]
     assert service.config.state_lease_ttl == 10.0
+
+
+def test_the_defaults_of_the_parts_are_the_settings_tables():
+    """ProxyConfig, UpstreamPool, BoundedRequest, ClientLimits and BalancerService take their defaults from
+    the balancer's settings table (BalancerConfig): built without arguments they equal a part built from
+    BalancerConfig(); a literal default that drifted fails here."""
+    import inspect
+
+    from paddler.balancer.proxy import ProxyConfig
+    from paddler.balancer.service import BalancerService
+    from paddler.fleet.pool import UpstreamPool
+    from paddler.web.channel import ClientLimits
+    from paddler.web.descriptors import limits_for
+    from paddler.web.request import BoundedRequest
+
+    table = BalancerConfig()
+    assert ProxyConfig() == ProxyConfig.from_balancer(table)
+    assert ClientLimits() == limits_for(table, None)
+    assert BoundedRequest.max_body == table.max_request_body
+    pool = inspect.signature(UpstreamPool).parameters
+    assert (pool["max_buffered"].default, pool["buffer_timeout"].default) == (
+        table.max_buffered_requests, table.buffered_request_timeout
+    )
+    assert inspect.signature(BalancerService).parameters["shutdown_timeout"].default == table.shutdown_timeout

@@ -26,6 +26,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
 from paddler.balancer.relay import Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.config import BalancerConfig
 from paddler.errors import (
     BadRequest,
     InternalError,
@@ -76,19 +77,19 @@ class BodyLost(Exception):
 
 @dataclass
 class ProxyConfig:
-    """How the proxy talks to upstreams (see ``paddler balancer --help``)."""
+    """How the proxy talks to upstreams (see ``paddler balancer --help``); the defaults are the settings table's."""
 
-    api_key: str | None = None
-    rewrite_host_header: bool = False
-    slots_endpoint_enable: bool = False
-    upstream_timeout: float = 300.0
-    idle_timeout: float = 60.0
-    max_request_body: int = 10 * 1024 * 1024
-    max_retries: int = 3
-    relay_passthrough: bool = True
+    api_key: str | None = BalancerConfig.llamacpp_api_key
+    rewrite_host_header: bool = BalancerConfig.rewrite_host_header
+    slots_endpoint_enable: bool = BalancerConfig.slots_endpoint_enable
+    upstream_timeout: float = BalancerConfig.upstream_timeout
+    idle_timeout: float = BalancerConfig.idle_timeout
+    max_request_body: int = BalancerConfig.max_request_body
+    max_retries: int = BalancerConfig.max_retries
+    relay_passthrough: bool = BalancerConfig.relay_passthrough
 
     @classmethod
-    def from_balancer(cls, config: Any) -> ProxyConfig:
+    def from_balancer(cls, config: BalancerConfig) -> ProxyConfig:
         """The proxy's part of a L{paddler.config.BalancerConfig}."""
         return cls(
             api_key=config.llamacpp_api_key,
@@ -98,7 +99,7 @@ class ProxyConfig:
             idle_timeout=config.idle_timeout,
             max_request_body=config.max_request_body,
             max_retries=config.max_retries,
-            relay_passthrough=getattr(config, "relay_passthrough", True),
+            relay_passthrough=config.relay_passthrough,
         )
 
 

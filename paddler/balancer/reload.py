@@ -29,8 +29,9 @@ from paddler.settings import RESTART, ConfigError
 if TYPE_CHECKING:
     from paddler.balancer.service import BalancerService
 
-#: How a reload applies each balancer setting, as its entry in the settings table says.
-RELOAD = {s.name: s.info.reload for s in BALANCER_SETTINGS}
+#: How a reload applies each balancer setting, as its entry in the settings table says
+#: (an entry without one is a restart setting; tests/test_settings.py makes every entry say).
+RELOAD = {s.name: s.info.reload or RESTART for s in BALANCER_SETTINGS}
 
 
 class Reloader:

@@ -54,6 +54,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Site
 
+from paddler.config import BalancerConfig
 from paddler.errors import (
     BadRequest,
     BodyTimeout,
@@ -85,14 +86,14 @@ CAP_LOG_INTERVAL = 60.0
 
 @dataclass(frozen=True)
 class ClientLimits:
-    """What a listener tolerates from its clients (see ``paddler balancer --help``)."""
+    """What a listener tolerates from its clients (see ``paddler balancer --help``); defaults from the settings table."""
 
-    header_timeout: float = 10.0
-    min_body_rate: float = 8192.0
-    idle_timeout: float = 120.0
-    max_connections: int = 1024
-    linger: float = 2.0
-    max_connections_per_client: int = 0  # 0: no limit
+    header_timeout: float = BalancerConfig.header_timeout
+    min_body_rate: float = float(BalancerConfig.min_request_body_rate)
+    idle_timeout: float = BalancerConfig.client_idle_timeout
+    max_connections: int = BalancerConfig.max_connections
+    linger: float = 2.0  # not a setting: how long an early answer's connection stays for the client to read it
+    max_connections_per_client: int = BalancerConfig.max_connections_per_client  # 0: no limit
 
 
 def request_line_error(line: bytes) -> PaddlerHTTPError | None:

@@ -29,6 +29,7 @@ from typing import Any
 from twisted.python.failure import Failure
 from twisted.web import server
 
+from paddler.config import BalancerConfig
 from paddler.errors import (
     LoopDetected,
     PaddlerHTTPError,
@@ -50,7 +51,7 @@ ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 class BoundedRequest(server.Request):
     """A request that keeps at most C{max_body} bytes of body and refuses targets that are not paths."""
 
-    max_body = 10 * 1024 * 1024
+    max_body = BalancerConfig.max_request_body
     memory: BodyMemory | None = None
     instance_id: str | None = None
     loop_token: str | None = None
