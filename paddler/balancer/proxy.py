@@ -49,6 +49,7 @@ from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
 from paddler.web.body import BodyTooLarge, read_body
 from paddler.web.failures import describe_failure
+from paddler.web.target import TargetRejected, origin_form
 
 HOP_BY_HOP = frozenset(
     {
@@ -420,9 +421,10 @@ class ProxyResource(Resource):
 
     async def _send(self, upstream: Upstream, request: server.Request, body: bytes) -> Any:
         method = request.method
-        target = request.uri
-        if not target.startswith(b"/"):
-            raise BadRequest("the request target must be a path starting with /")
+        try:
+            target = origin_form(request.uri)  # a BoundedRequest's is already; a plain Request's may not be
+        except TargetRejected as e:
+            raise BadRequest(e.message) from None
         d = self._client.send(
             method,
             upstream.url.encode("ascii"),

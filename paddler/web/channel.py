@@ -69,9 +69,9 @@ from paddler.errors import (
 )
 from paddler.web.http1 import ChunkedScanner, FramingError
 from paddler.web.instance import INSTANCE_HEADER
+from paddler.web.target import TargetRejected, check_visible
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_TARGET = re.compile(rb"[\x21-\x7e]+")
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _HEAD_END = b"\r\n\r\n"
@@ -104,8 +104,10 @@ def request_line_error(line: bytes) -> PaddlerHTTPError | None:
     method, target, version = parts
     if not _TOKEN.fullmatch(method):
         return BadRequest("the request method must be a token (letters, digits and !#$%&'*+-.^_`|~)")
-    if not _TARGET.fullmatch(target):
-        return BadRequest("the request target must be visible ASCII characters (percent-encode the rest)")
+    try:
+        check_visible(target)
+    except TargetRejected as e:
+        return BadRequest(e.message)
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         # Another HTTP version is a client's choice, not a server failure: 400, not 505.
         if _VERSION.fullmatch(version):
