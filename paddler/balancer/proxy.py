@@ -42,7 +42,7 @@ from paddler.errors import (
     outcome_of,
 )
 from paddler.fleet.pool import Lease, UpstreamPool
-from paddler.interfaces import IUpstreamClient
+from paddler.interfaces import IBoundedRequest, IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
 from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
@@ -106,12 +106,12 @@ class ProxyConfig:
 
 def _client_gone(request: server.Request) -> bool:
     """Whether the client's connection closed (L{paddler.web.request.BoundedRequest} flags it)."""
-    return bool(getattr(request, "client_gone", False)) or request.channel is None
+    return (IBoundedRequest.providedBy(request) and request.client_gone) or request.channel is None
 
 
 def _was_cancelled(error: Exception) -> bool:
     """Twisted's HTTP client reports a cancelled request as ResponseNeverReceived([CancelledError])."""
-    reasons = getattr(error, "reasons", None) or []
+    reasons = error.reasons if isinstance(error, (ResponseNeverReceived, ResponseFailed)) else []
     return any(reason.check(CancelledError) for reason in reasons)
 
 
@@ -248,7 +248,7 @@ class ProxyResource(Resource):
         content.seek(0)
         exchange = Exchange(request, content.read(), started)
         try:
-            if getattr(request, "body_too_large", False):
+            if IBoundedRequest.providedBy(request) and request.body_too_large:
                 raise body_too_large(self.config.max_request_body, "--max-request-body")
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)

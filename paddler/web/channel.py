@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from paddler.config import BalancerConfig
 from paddler.errors import (
@@ -65,8 +66,8 @@ from paddler.errors import (
     TooManyConnections,
     URITooLong,
     body_memory_full,
-    body_too_large,
 )
+from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
 from paddler.web.http1 import ChunkedScanner, FramingError
 from paddler.web.instance import INSTANCE_HEADER
 from paddler.web.target import TargetRejected, check_visible
@@ -148,6 +149,7 @@ def _close_after_answer(transport: Any, call_later: Callable[..., IDelayedCall],
     return call_later(linger, transport.abortConnection)
 
 
+@implementer(IGuardedChannel)
 class GuardedChannel(HTTPChannel):
     """
     An C{HTTPChannel} with a head deadline, a body rate, answers before the
@@ -303,13 +305,11 @@ class GuardedChannel(HTTPChannel):
             return
         request = self.requests[-1]
         length = self.length
-        max_body = getattr(request, "max_body", None)
-        if length is not None and max_body is not None and length > max_body:
-            too_large = getattr(request, "too_large", None)
-            self.refuse(too_large() if too_large is not None else body_too_large(max_body))
+        bounded = IBoundedRequest.providedBy(request)  # a plain Request has no limit to check here
+        if length is not None and bounded and length > request.max_body:
+            self.refuse(request.too_large())
             return
-        claim = getattr(request, "claim_body", None)
-        if length and claim is not None and not claim(length):
+        if length and bounded and not request.claim_body(length):
             self.refuse(body_memory_full())
             return
         self._cancel_deadline()
@@ -382,9 +382,8 @@ class GuardedChannel(HTTPChannel):
         self.setTimeout(None)
         self.clearLineBuffer()
         for request in self.requests:
-            release = getattr(request, "release_body", None)
-            if release is not None:
-                release()
+            if IBoundedRequest.providedBy(request):
+                request.release_body()
         self.transport.write(early_response(error, self.site.instance_id))
         self.site.answered_early(error)
         self._linger = _close_after_answer(self.transport, self.callLater, self.site.limits.linger)
@@ -436,6 +435,7 @@ class OverCapacity(Protocol):
         self._linger = None
 
 
+@implementer(IGuardedSite)
 class GuardedSite(Site):
     """
     A C{Site} whose connections are L{GuardedChannel}s, at most
