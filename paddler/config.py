@@ -129,6 +129,14 @@ class BalancerConfig:
     rewrite_host_header: bool = setting(
         False, "Send the upstream's host:port as Host instead of the client's.", Flag(), reload="proxy"
     )
+    forwarded_headers: str = setting(
+        "replace",
+        "X-Forwarded-For/-Proto/-Host, Forwarded and X-Real-IP from the client: replace drops them and "
+        "paddler writes its own; append (behind a trusted proxy) keeps them and appends the client's "
+        "address to X-Forwarded-For (docs/reliability.md#headers-that-reach-the-upstream).",
+        Choice(("replace", "append")),
+        reload="proxy",
+    )
     max_request_body: int = setting(
         10 * 1024 * 1024, "Largest request body, in bytes.", count(1, 1 << 31), reload="proxy"
     )
@@ -143,7 +151,11 @@ class BalancerConfig:
         Flag(), reload="proxy",
     )
     max_retries: int = setting(
-        3, "Other upstreams to try when one fails before answering.", count(0, 100), reload="proxy"
+        3,
+        "Other upstreams to try when one could not have started the request (connection refused, "
+        "503); a written request is tried again only if it is a GET or HEAD.",
+        count(0, 100),
+        reload="proxy",
     )
     max_buffered_requests: int = setting(
         30, "Requests that may wait for a slot; 0 disables the buffer.", count(0, 1_000_000), reload="pool.max_buffered"

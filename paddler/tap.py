@@ -304,6 +304,8 @@ def makeBalancerService(
         ProxyConfig.from_balancer(config),
         stats,
     )
+    # a connection dropped for unexpected bytes is counted on its upstream and logged with its name
+    upstream_client.on_dropped = proxy.connection_dropped
     top = BalancerService(config, reactor, pool, stats, proxy, shutdown_timeout=config.shutdown_timeout)
     # In every answer: the balancer knows itself (paddler.web.instance). The
     # workers of --workers share one id and one Via token (worker 0 passes
@@ -341,6 +343,7 @@ def makeBalancerService(
         max_idle_per_host=1,
         idle_timeout=CACHED_CONNECTION_TIMEOUT,
     )
+    probe_client.on_dropped = proxy.connection_dropped
     UpstreamClientService(probe_client).setServiceParent(top)
     prober = HTTPProber(
         probe_client,

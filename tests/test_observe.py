@@ -149,7 +149,7 @@ def test_state_totals_count_slots_buffer_and_flight(fleet: Fleet) -> None:
 
 def test_state_describes_every_field_of_every_upstream(fleet: Fleet) -> None:
     """upstreams[]: name, URL, state and status, slots, model, ages of the last probe and
-    report, last error, requests served and failed; sorted by name."""
+    report, last error, requests served and failed, connections dropped for unexpected bytes; sorted by name."""
     b = fleet.add("http://10.0.0.2:8080", total=2, name="beta")
     a = fleet.add("http://10.0.0.1:8080", total=4, processing=1, name="alpha")
     a.state_since = 990.0
@@ -185,6 +185,7 @@ def test_state_describes_every_field_of_every_upstream(fleet: Fleet) -> None:
         "consecutive_failures": 0,
         "requests_served": 7,
         "requests_failed": 2,
+        "connections_dropped": 0,
         "has_api_key": False,
         "last_update_at": 1000.0,
         "last_probe_at": 1000.0,

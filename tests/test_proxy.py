@@ -150,7 +150,7 @@ def test_forwarding_headers_and_hop_by_hop_handling(request):
     assert response.code == 200
     method, uri, headers, body = fake.seen[-1]
     lower = {k.lower(): v for k, v in headers.items()}
-    assert lower[b"x-forwarded-for"] == [b"10.1.1.1, 127.0.0.1"]
+    assert lower[b"x-forwarded-for"] == [b"127.0.0.1"]  # --forwarded-headers replace (the default)
     assert lower[b"x-forwarded-proto"] == [b"http"]
     assert lower[b"x-forwarded-host"] == [b"llm.example"]
     assert lower[b"host"] == [b"llm.example"]

@@ -81,20 +81,21 @@ def test_an_upstream_reset_mid_stream_cuts_the_client_and_frees_the_slot(request
     assert other.seen == []
 
 
-def test_an_upstream_reset_before_the_first_body_byte_is_retried_elsewhere(request):
-    """The response head came but no body byte: the client has seen nothing, so another upstream answers."""
+def test_an_upstream_reset_before_the_first_body_byte_is_a_502_not_a_second_run_elsewhere(request):
+    """The response head came but no body byte: the client has seen nothing, yet the upstream had the
+    request and may be running it, so it is not sent to another upstream: a 502, the failure counted."""
     h = make_harness(request)
     fake, first = h.add_fake("a", slots=8, hold=True)
-    h.add_fake("b", slots=2)
+    other, _ = h.add_fake("b", slots=2)
     response_d = h.post("/completion", {"prompt": "hi", "stream": True})
     held = h.held(fake)
     held.start_stream()
     h.flush()
     held.reset()
     response = h.result(response_d)
-    assert response.code == 200 and h.json(response)["upstream"] == "b"
+    assert response.code == 502 and "not tried elsewhere" in h.json(response)["error"]["message"]
     assert first.requests_failed == 1 and first.state is UpstreamState.UNREACHABLE
-    assert first.in_flight == 0
+    assert first.in_flight == 0 and [seen for seen in other.seen if seen[1] == b"/completion"] == []
 
 
 def test_an_upstream_that_never_accepts_the_connection_times_out_and_another_answers(request):

@@ -239,19 +239,20 @@ def test_the_client_leaving_aborts_the_upstream_request(rig):
     assert rig.proxy.stats.by_status == {"cancelled": 1}
 
 
-def test_an_answer_breaking_before_its_body_is_retried_on_the_other_upstream(rig):
-    """Head received, then the connection dropped before any body byte: nothing reached the client,
-    so the request goes to the other upstream."""
+def test_an_answer_breaking_before_its_body_is_a_502_and_never_sent_to_the_other_upstream(rig):
+    """Head received, then the connection dropped before any body byte: nothing reached the client, but
+    the upstream had the request (it may be generating), so it is not run a second time elsewhere: a
+    JSON 502 naming the upstream, its failure counted."""
     client = rig.connect()
     rig.request(client, {"prompt": "hi", "stream": True})
     protocol, upstream = rig.upstream()
     protocol.dataReceived(SSE_HEAD)
     upstream.abortConnection()
-    assert len(rig.endpoints.connections) == 2
-    second, _ = rig.upstream()
-    second.dataReceived(SSE_HEAD + b"2\r\nok\r\n0\r\n\r\n")
+    assert len(rig.endpoints.connections) == 1
     head, body = split_response(client.value())
-    assert head.startswith(b"HTTP/1.1 200") and b"ok" in body
+    assert head.startswith(b"HTTP/1.1 502")
+    assert b"u1" in body and b"not tried elsewhere" in body
+    assert [u.requests_failed for u in rig.upstreams] == [1, 0]
     assert rig.in_flight() == 0
 
 
@@ -362,7 +363,7 @@ def test_the_upstream_gets_end_to_end_headers_only_and_forwarding_headers():
         assert gone not in names
     assert names.count(b"x-custom") == 2 and names.count(b"content-length") == 1
     assert headers[b"host"] == b"proxy.example"
-    assert headers[b"x-forwarded-for"] == b"1.2.3.4, 10.9.8.7"
+    assert headers[b"x-forwarded-for"] == b"10.9.8.7"  # --forwarded-headers replace: the client's is dropped
     assert headers[b"x-forwarded-host"] == b"proxy.example" and headers[b"x-forwarded-proto"] == b"http"
     assert headers[b"authorization"] == b"Bearer secret"
     assert headers[b"content-length"] == str(len(body)).encode() and sent_body == body

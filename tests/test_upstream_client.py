@@ -297,23 +297,43 @@ def test_malformed_head_fails_the_request():
     assert failure[0].check(ResponseFailed) and transport.aborted
 
 
-def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on_a_new_one():
-    """The server closed an idle connection just as a request went out on it: sent again, once."""
+def test_a_post_written_on_a_kept_alive_connection_that_closes_is_never_sent_again():
+    """The server closed a kept-alive connection right after a POST went out on it, before any answer
+    byte: it may have read it and started the completion, so the POST is not written again anywhere
+    (ResponseNeverReceived: the proxy answers 502)."""
     client, endpoints, _ = make_client()
     first = send(client)
     protocol, transport = endpoints.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     first.result.deliver(Consumer())
     second = send(client)
+    assert transport.value().count(b"POST /completion") == 2
     transport.loseConnection()  # closed before any byte of the answer
+    failure = []
+    second.addErrback(failure.append)
+    assert failure and failure[0].check(ResponseNeverReceived)
+    assert len(endpoints.connections) == 1
+
+
+def test_a_get_on_a_kept_alive_connection_closed_under_it_is_sent_once_more_on_a_new_one():
+    """A GET (no body) whose kept-alive connection closed before any answer byte is idempotent: sent
+    again on a new connection, once."""
+    client, endpoints, _ = make_client()
+    first = send(client, None, b"GET")
+    protocol, transport = endpoints.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    first.result.deliver(Consumer())
+    second = send(client, None, b"GET")
+    transport.loseConnection()
     assert len(endpoints.connections) == 2
     new_protocol, new_transport = endpoints.connections[1]
-    assert new_transport.value().startswith(b"POST /completion")
+    assert new_transport.value().startswith(b"GET /completion")
     new_protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert second.result.code == 200
-    third = send(client)
+    second.result.deliver(Consumer())
+    third = send(client, None, b"GET")
     new_transport.loseConnection()
-    fourth_protocol, fourth_transport = endpoints.connections[2]
+    _, fourth_transport = endpoints.connections[2]
     fourth_transport.loseConnection()  # the retry failed too: no second retry
     failure = []
     third.addErrback(failure.append)
@@ -501,17 +521,48 @@ def test_fetch_refuses_bodies_over_its_limit():
     assert failure[0].check(BodyTooLarge) and transport.aborted
 
 
-def test_a_kept_alive_connection_lost_long_after_sending_is_not_retried():
-    """A kept-alive connection lost after the request had been out for a while: the server may have
-    been running it, so it is not sent again (the proxy decides what to do)."""
+def test_a_kept_alive_connection_lost_after_sending_a_post_is_not_retried_however_soon():
+    """Whatever the time since it was written (there was a 1 s window before), a POST is not sent again."""
     client, endpoints, clock = make_client()
     first = send(client)
     protocol, transport = endpoints.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     first.result.deliver(Consumer())
     second = send(client)
-    clock.advance(2.0)
-    transport.loseConnection()
+    clock.advance(0.001)
+    transport.abortConnection()
     failure = []
     second.addErrback(failure.append)
     assert failure[0].check(ResponseNeverReceived) and len(endpoints.connections) == 1
+
+
+def test_in_raw_relay_the_last_chunk_waits_for_the_end_of_the_trailers():
+    """Pass-through: the last chunk and the trailers go to the consumer only once the trailers' empty
+    line came; the chunks before it go at once."""
+    client, endpoints, _ = make_client()
+    d = send(client)
+    protocol, _ = endpoints.connections[0]
+    protocol.dataReceived(CHUNKED + b"2\r\nok\r\n")
+    consumer = Consumer()
+    d.result.deliver(consumer, raw=True)
+    assert consumer.data == [b"2\r\nok\r\n"]
+    protocol.dataReceived(b"2\r\nhi\r\n0\r\n")
+    protocol.dataReceived(b"X-Sum: 1\r\n")
+    assert consumer.data == [b"2\r\nok\r\n"] and consumer.done == []
+    protocol.dataReceived(b"\r\n")
+    assert b"".join(consumer.data) == b"2\r\nok\r\n2\r\nhi\r\n0\r\nX-Sum: 1\r\n\r\n" and consumer.done == [None]
+
+
+def test_in_raw_relay_a_broken_trailer_section_never_hands_over_the_last_chunk():
+    """A last chunk followed by something that is no trailer (another answer's status line): the body
+    fails and the consumer never got the last chunk, so its client cannot take the answer as complete."""
+    client, endpoints, _ = make_client()
+    d = send(client)
+    protocol, transport = endpoints.connections[0]
+    protocol.dataReceived(CHUNKED + b"2\r\nok\r\n")
+    consumer = Consumer()
+    d.result.deliver(consumer, raw=True)
+    protocol.dataReceived(b"0\r\n")
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+    assert consumer.data == [b"2\r\nok\r\n"]
+    assert consumer.done[0] is not None and consumer.done[0].check(ResponseFailed) and transport.aborted

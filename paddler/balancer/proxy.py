@@ -68,8 +68,14 @@ HOP_BY_HOP = frozenset(
 #: Request headers not forwarded besides the hop-by-hop ones: the body's length is set again,
 #: and C{Expect: 100-continue} was answered by the balancer (the body is sent whole).
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
+#: What a client says about where a request came from: an upstream can trust only what paddler wrote.
+#: C{Via} is not among them: every hop appends to it, and loop detection reads it (paddler.web.instance).
+_FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
 
 RETRYABLE = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed)
+#: Methods tried on another upstream after their request was written (nothing else is: the first
+#: upstream may be running a completion that a second try would run again).
+IDEMPOTENT = frozenset({b"GET", b"HEAD"})
 
 
 class BodyLost(Exception):
@@ -88,6 +94,8 @@ class ProxyConfig:
     max_request_body: int = BalancerConfig.max_request_body
     max_retries: int = BalancerConfig.max_retries
     relay_passthrough: bool = BalancerConfig.relay_passthrough
+    #: "replace": the client's X-Forwarded-*/Forwarded/X-Real-IP are dropped; "append": kept, extended
+    forwarded_headers: str = BalancerConfig.forwarded_headers
 
     @classmethod
     def from_balancer(cls, config: BalancerConfig) -> ProxyConfig:
@@ -101,6 +109,7 @@ class ProxyConfig:
             max_request_body=config.max_request_body,
             max_retries=config.max_retries,
             relay_passthrough=config.relay_passthrough,
+            forwarded_headers=config.forwarded_headers,
         )
 
 
@@ -348,6 +357,11 @@ class ProxyResource(Resource):
                 self._upstream_failed(upstream, reason)
                 tried.append(upstream.id)
                 last_error = f"{upstream.name}: {reason}"
+                if reached and request.method not in IDEMPOTENT:
+                    # written: the upstream may have started it, a second try could run it twice
+                    raise UpstreamFailed(
+                        f"{last_error} (the request had been sent to it, so it is not tried elsewhere)"
+                    ) from None
             except UpstreamTimeout:  # no headers, or no body byte, in time
                 self.stats.upstream_failed(upstream)
                 raise
@@ -361,6 +375,23 @@ class ProxyResource(Resource):
                 f"every upstream tried is unavailable; last: {last_error}", headers={b"retry-after": b"1"}
             )
         raise UpstreamFailed(f"every upstream tried failed; last: {last_error}")
+
+    def connection_dropped(self, origin: bytes, what: str) -> None:
+        """The upstream client closed a connection to C{origin} for unexpected bytes: count it, warn."""
+        url = origin.decode("ascii", "replace")
+        for upstream in self._pool.upstreams.values():
+            if upstream.url.rstrip("/") == url:
+                upstream.connections_dropped += 1
+                name = upstream.name
+                break
+        else:
+            name = url
+        self.log.warn(
+            "upstream {name}: kept-alive connection dropped ({what}); "
+            "its next requests get new connections (docs/reliability.md)",
+            name=name,
+            what=what,
+        )
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
         self.stats.upstream_failed(upstream)
@@ -385,19 +416,27 @@ class ProxyResource(Resource):
         connection = raw.getRawHeaders(b"connection")
         skip: Any = _NOT_FORWARDED
         if connection:
+            # hop-by-hop: Connection and every header it names (RFC 9110 7.6.1)
             skip = _NOT_FORWARDED | {t.strip().lower() for v in connection for t in v.split(b",")}
+        append = self.config.forwarded_headers == "append"
         headers: list[tuple[bytes, bytes]] = []
         forwarded_for: Sequence[bytes] = ()
+        claimed: dict[bytes, Sequence[bytes]] = {}  # the client's X-Forwarded-Proto/-Host, Forwarded, X-Real-IP
         host: bytes | None = None
         has_authorization = False
         for name, values in raw.getAllRawHeaders():
             lower = name.lower()
-            if lower in skip:
+            if lower in skip or lower.startswith(b"proxy-"):
                 if lower == b"host":
                     host = values[-1]
                 continue
-            if lower == b"x-forwarded-for":
-                forwarded_for = values
+            if lower in _FORWARDING:
+                if not append:
+                    continue  # replace: not passed on as if paddler had written them
+                if lower == b"x-forwarded-for":
+                    forwarded_for = values
+                else:
+                    claimed[lower] = values
                 continue
             if lower == b"authorization":
                 has_authorization = True
@@ -408,8 +447,15 @@ class ProxyResource(Resource):
             headers.append((b"X-Forwarded-For", b", ".join([*forwarded_for, client_host.encode("ascii")])))
         elif forwarded_for:
             headers.extend((b"X-Forwarded-For", value) for value in forwarded_for)
-        headers.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
-        if host:
+        # append: what the trusted proxy in front said about the original request wins
+        headers.extend((b"Forwarded", value) for value in claimed.get(b"forwarded", ()))
+        headers.extend((b"X-Real-IP", value) for value in claimed.get(b"x-real-ip", ())[-1:])
+        proto = claimed.get(b"x-forwarded-proto", ())
+        headers.append((b"X-Forwarded-Proto", proto[-1] if proto else b"https" if request.isSecure() else b"http"))
+        forwarded_host = claimed.get(b"x-forwarded-host", ())
+        if forwarded_host:
+            headers.append((b"X-Forwarded-Host", forwarded_host[-1]))
+        elif host:
             headers.append((b"X-Forwarded-Host", host))
         if self.config.rewrite_host_header or not host:
             host = upstream.url.split("://", 1)[1].encode("ascii")

@@ -190,6 +190,8 @@ class Upstream:
         self.last_chosen = 0
         self.requests_served = 0
         self.requests_failed = 0
+        #: kept-alive connections closed for bytes HTTP/1.1 does not allow there (docs/reliability.md)
+        self.connections_dropped = 0
         self.added_at = clock.seconds() if clock is not None else 0.0
         self.state_since = self.added_at
         self._next_lease = 0
@@ -371,6 +373,7 @@ class Upstream:
             "consecutive_failures": self.consecutive_failures,
             "requests_served": self.requests_served,
             "requests_failed": self.requests_failed,
+            "connections_dropped": self.connections_dropped,
             "has_api_key": self.api_key is not None,
         }
 

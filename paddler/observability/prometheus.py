@@ -165,6 +165,11 @@ class FleetCollector(Collector):
             for key, name, text in (
                 ("served", "paddler_upstream_requests_served", "Requests an upstream answered (status below 500)."),
                 ("failed", "paddler_upstream_requests_failed", "Requests that failed on an upstream."),
+                (
+                    "dropped",
+                    "paddler_upstream_connections_dropped",
+                    "Kept-alive connections to an upstream closed for unexpected bytes (a framing disagreement).",
+                ),
                 ("prefix_hits", "paddler_upstream_prefix_hits", "Requests whose predicted prompt prefix the upstream had cached."),
                 (
                     "tokens_saved",
@@ -190,6 +195,7 @@ class FleetCollector(Collector):
                 gauges["generation_speed"].add_metric(labels, routing["generation_tokens_per_second"])
             counters["served"].add_metric(labels[:2], upstream.requests_served)
             counters["failed"].add_metric(labels[:2], upstream.requests_failed)
+            counters["dropped"].add_metric(labels[:2], upstream.connections_dropped)
             counters["prefix_hits"].add_metric(labels[:2], routing.get("prefix_hits", 0))
             counters["tokens_saved"].add_metric(labels[:2], routing.get("tokens_saved", 0))
         yield from gauges.values()

@@ -75,6 +75,11 @@ class BodyScanner:
         """The connection closed: whether that ends the body cleanly (only for read-until-close bodies)."""
         return self.done
 
+    @property
+    def in_trailers(self) -> bool:
+        """Past the last chunk, before the empty line that ends the trailers (chunked bodies only)."""
+        return False
+
 
 class LengthScanner(BodyScanner):
     """A body of C{Content-Length} bytes."""
@@ -154,6 +159,10 @@ class ChunkedScanner(BodyScanner):
         self._line = b""  # the start of a line cut by the end of a read
         self._crlf = 2  # bytes of the CRLF after chunk data still expected
         self._trailer_bytes = 0
+
+    @property
+    def in_trailers(self) -> bool:
+        return self._state == _TRAILER
 
     def tail(self) -> bytes:
         if not self._kept:
@@ -340,10 +349,21 @@ class ResponseHead:
 
 
 _FRAMING_HEADERS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
+#: A header name: an RFC 9110 token.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Bytes no header value may hold (RFC 9110 5.5): controls but HTAB, and DEL.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def parse_head(raw: bytes) -> ResponseHead:
-    """Parse a response head (C{raw} ends before its empty line). L{FramingError} if malformed."""
+    """
+    Parse a response head (C{raw} ends before its empty line). L{FramingError}
+    if it is malformed or its framing is ambiguous: a bare CR or LF, an
+    obs-folded line, a name that is not a token, a control byte in a value,
+    conflicting C{Content-Length}s, C{Content-Length} together with
+    C{Transfer-Encoding} (RFC 9112 6.3 lets a recipient guess; an upstream
+    client that guesses can hand one answer's bytes to the next request).
+    """
     crlf = raw.count(b"\r\n")
     if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
         raise FramingError("bare CR or LF in the response head")
@@ -364,10 +384,14 @@ def parse_head(raw: bytes) -> ResponseHead:
     te_seen = False
     length: int | None = None
     for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise FramingError("obsolete line folding in the response head")
         name, colon, value = line.partition(b":")
-        if not colon or not name or name[0] in b" \t" or name[-1] in b" \t":
+        if not colon or _TOKEN.fullmatch(name) is None:
             raise FramingError("malformed header line")
         value = value.strip(b" \t")
+        if _CONTROL.search(value) is not None:
+            raise FramingError("control byte in a header value")
         append((name, value))
         lower = name.lower()
         if lower not in _FRAMING_HEADERS:
@@ -395,9 +419,10 @@ def parse_head(raw: bytes) -> ResponseHead:
             elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                 close = False
     if te_seen:
+        if length is not None:
+            raise FramingError("both Content-Length and Transfer-Encoding in the response head")
         if not chunked:
             raise FramingError("Transfer-Encoding without chunked as the last coding")
-        length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
         if version == b"HTTP/1.0":
             raise FramingError("chunked transfer coding in an HTTP/1.0 response")
     return ResponseHead(version, code, phrase, headers, close, chunked, length)

@@ -14,12 +14,33 @@ Errors follow Twisted's client: C{ResponseNeverReceived} when the
 connection broke before any response byte, C{ResponseFailed} after that,
 C{ConnectError}s from connecting; cancelling a request (or a body) aborts
 its connection, which is how llama.cpp learns to stop generating.
+
+Reuse and retries (docs/reliability.md, "Upstream framing"):
+
+ - a connection goes back to the pool only when its answer ended exactly
+   (its length, or the last chunk and the trailers' empty line), with no
+   byte behind it, on a head whose framing was unambiguous
+   (L{paddler.web.http1.parse_head} refuses the rest);
+ - a pooled connection is always reading: a byte that arrives while it is
+   idle closes it, and before a request is written on a kept-alive
+   connection its socket is peeked, so bytes (or a close) that arrived but
+   were not read yet close it too, and the request goes on another;
+ - each such drop is counted (L{UpstreamClient.dropped}), logged at warning
+   and reported to C{on_dropped}; the origin then loses keep-alive for
+   L{SUSPECT_SECONDS}: bytes an upstream writes after the next request went
+   out cannot be told from that request's answer in HTTP/1.1, so a server
+   caught once is not given another request on a used connection;
+ - a request that was written is never written again, except a C{GET} or
+   C{HEAD} without a body whose kept-alive connection closed before any
+   byte of the answer (once, on a new connection).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import socket
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -75,22 +96,24 @@ def encode_request(method: bytes, target: bytes, headers: HeaderList, body: byte
 class _Exchange:
     """One request on one connection, from sending to the end of its response body."""
 
-    __slots__ = ("method", "data", "d", "response", "reused_retry", "sent_at")
+    __slots__ = ("method", "data", "d", "response", "idempotent_retry")
 
-    def __init__(self, method: bytes, data: bytes, d: Deferred[Any], reused_retry: Callable[[], None] | None):
+    def __init__(
+        self, method: bytes, data: bytes, d: Deferred[Any], idempotent_retry: Callable[[], None] | None
+    ) -> None:
         self.method = method
         self.data = data
         self.d = d
         self.response: UpstreamResponse | None = None
-        #: sends the request again on a new connection (a kept-alive one that the server had closed)
-        self.reused_retry = reused_retry
-        self.sent_at = 0.0
+        #: sends a GET/HEAD again on a new connection (its kept-alive one closed before any answer byte)
+        self.idempotent_retry = idempotent_retry
 
 
-#: A kept-alive connection lost this soon after a request went out on it, before any byte of the
-#: answer, was closed by the server as it went idle: the request is sent again on a new connection.
-#: Later, the server may have been running it (llama.cpp does not close a connection it answers on).
-RETRY_WINDOW = 1.0
+#: Methods sent again (once, on a new connection) when a kept-alive connection closed under them
+#: before any answer byte: nothing else is ever written twice (a completion would run twice).
+IDEMPOTENT = frozenset({b"GET", b"HEAD"})
+#: How long an origin caught sending unexpected bytes gets a new connection for every request.
+SUSPECT_SECONDS = 600.0
 
 # connection states
 _IDLE, _HEAD, _BODY, _CLOSED = range(4)
@@ -125,8 +148,32 @@ class UpstreamConnection(Protocol):
         self._received = False
         self._buffer = b""
         self.requests += 1
-        exchange.sent_at = self._pool.client.clock.seconds()
         self.transport.write(exchange.data)
+
+    def unread(self) -> str | None:
+        """
+        Why this idle connection must not carry a request, if it must not: the
+        server closed it, or bytes wait in its socket that the reactor has not
+        read yet (plain TCP; a TLS socket holds records of its own).
+        """
+        if self.lost or self._state != _IDLE or getattr(self.transport, "disconnecting", False):
+            return "closed"
+        sock = getattr(self.transport, "socket", None)
+        if sock is None or getattr(self.transport, "TLS", False):
+            return None
+        try:
+            peeked = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return "closed"
+        return "unexpected" if peeked else "closed"
+
+    def _unexpected(self, what: str) -> None:
+        """The server sent what HTTP/1.1 does not allow here: drop the connection, count and say so."""
+        self._state = _CLOSED
+        self.transport.abortConnection()
+        self._pool.dropped(what)
 
     # -- receiving ---------------------------------------------------------
 
@@ -137,8 +184,9 @@ class UpstreamConnection(Protocol):
             response._body_bytes(data)  # type: ignore[union-attr]
             return
         if state != _HEAD:
-            # bytes while idle: the server has nothing to say between answers
-            self.transport.abortConnection()
+            if state == _IDLE:
+                # the server has nothing to say between answers: what it says now would be the next one's
+                self._unexpected("bytes on an idle connection")
             return
         self._received = True
         self._buffer += data
@@ -156,9 +204,13 @@ class UpstreamConnection(Protocol):
             rest = self._buffer[end + 4:]
             if 100 <= head.code < 200:
                 if head.code == 101:
+                    # paddler never asks for an upgrade: what follows is not HTTP on this connection
                     self._fail_head(FramingError("unexpected 101 Switching Protocols"))
                     return
-                self._buffer = rest  # 100 Continue and other interim answers: skip
+                if head.chunked or head.length:
+                    self._fail_head(FramingError(f"a {head.code} interim answer with a body"))
+                    return
+                self._buffer = rest  # 100 Continue, 102 Processing, 103 Early Hints: skip
                 continue
             self._buffer = b""
             self._got_head(head, rest)
@@ -169,6 +221,7 @@ class UpstreamConnection(Protocol):
         self._exchange = None
         self._state = _CLOSED
         self.transport.abortConnection()
+        self._pool.malformed(str(error))
         if exchange is not None and not exchange.d.called:
             exchange.d.errback(ResponseFailed([Failure(error)]))
 
@@ -200,12 +253,25 @@ class UpstreamConnection(Protocol):
     def body_finished(self, response: UpstreamResponse, excess: bool) -> None:
         """The body of C{response} ended at its last byte: keep the connection if it may be reused."""
         self._exchange = None
-        if excess or response.head.connection_close or self.lost:
+        if excess:
+            # more bytes than the answer: the server frames its answers otherwise than we do
+            self._unexpected("bytes after the end of an answer")
+            return
+        if response.head.connection_close or self.lost:
             self._state = _CLOSED
             self.transport.loseConnection()
             return
         self._state = _IDLE
-        self.transport.resumeProducing()  # paused from the head until the body was taken
+        why = self.unread()
+        if why is not None:
+            # already behind the answer in the socket (a read not taken yet): never pooled
+            if why == "unexpected":
+                self._unexpected("bytes right after the end of an answer")
+            else:
+                self._state = _CLOSED
+                self.transport.loseConnection()
+            return
+        self.transport.resumeProducing()  # paused from the head until the body was taken: idle ones read
         self._pool.release(self)
 
     def abort(self) -> None:
@@ -222,12 +288,10 @@ class UpstreamConnection(Protocol):
         if state == _HEAD:
             if exchange.d.called:
                 return
-            quickly = self._pool.client.clock.seconds() - exchange.sent_at < RETRY_WINDOW
-            if quickly and not self._received and exchange.reused_retry is not None and reason.check(
-                ConnectionDone, ConnectionLost
-            ):
-                # a kept-alive connection the server closed just as we sent: try once on a new one
-                exchange.reused_retry()
+            retry = exchange.idempotent_retry
+            if retry is not None and not self._received and reason.check(ConnectionDone, ConnectionLost):
+                # a GET/HEAD on a kept-alive connection the server closed as we sent: once on a new one
+                retry()
                 return
             error = (ResponseFailed if self._received else ResponseNeverReceived)([reason])
             exchange.d.errback(error)
@@ -284,7 +348,7 @@ class UpstreamResponse:
     __slots__ = (
         "head", "code", "phrase", "version", "headers", "framing", "length",
         "_conn", "_scanner", "_consumer", "_raw", "_pending", "_finished", "_paused", "_early", "_lost",
-        "_kept",
+        "_kept", "_held",
     )
 
     def __init__(self, conn: UpstreamConnection, head: ResponseHead, framing: str) -> None:
@@ -305,6 +369,8 @@ class UpstreamResponse:
         self._early = False
         self._lost: Failure | None = None
         self._kept = b""  # a body taken whole (take_body), for tail()
+        #: raw bytes from the last chunk on, held until the trailers end (never relayed if they do not)
+        self._held = b""
 
     # -- taking the body -----------------------------------------------------
 
@@ -392,7 +458,17 @@ class UpstreamResponse:
             self._fail(Failure(ResponseFailed([Failure(e)])))
             return
         if self._raw and used:
-            self._consumer.body_data(data if used == len(data) else data[:used])
+            piece = data if used == len(data) else data[:used]
+            if scanner.done:
+                if self._held:
+                    piece, self._held = self._held + piece, b""
+                self._consumer.body_data(piece)
+            elif scanner.in_trailers or self._held:
+                # the last chunk came: the client gets it only with the end of the trailers, so a
+                # broken trailer section breaks the client's stream instead of looking complete
+                self._held += piece
+            else:
+                self._consumer.body_data(piece)
         if scanner.done:
             self._end(excess=used < len(data))
 
@@ -555,6 +631,8 @@ class _HostPool:
         self.idle: list[UpstreamConnection] = []
         self.connections = 0
         self.factory = _ConnectionFactory(self)
+        #: until when every request gets a new connection (unexpected bytes were seen)
+        self.suspect_until = 0.0
 
     def connect(self) -> Deferred[Any]:
         if self.address is not None:
@@ -567,18 +645,43 @@ class _HostPool:
         expiry = self.client.idle_timeout
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < expiry and not conn.lost:
-                return conn
+            if now - conn.idle_since < expiry:
+                why = conn.unread()
+                if why is None:
+                    return conn
+                if why == "unexpected":
+                    conn._unexpected("unread bytes on an idle connection")
+                    continue
             conn.transport.loseConnection()
         return None
 
     def release(self, conn: UpstreamConnection) -> None:
-        if len(self.idle) >= self.client.max_idle_per_host or self.client.closing:
+        client = self.client
+        if len(self.idle) >= client.max_idle_per_host or client.closing or client.clock.seconds() < self.suspect_until:
             conn.transport.loseConnection()
             return
         conn.idle_since = self.client.clock.seconds()
         self.idle.append(conn)
         self.client._idle_added()
+
+    def dropped(self, what: str) -> None:
+        """A connection was closed for bytes HTTP/1.1 does not allow: count, warn, stop keeping connections."""
+        self._suspect()
+        self.client._dropped(self.origin, what)
+
+    def malformed(self, what: str) -> None:
+        """An answer's head could not be framed: its connection was closed, its request fails (502)."""
+        client = self.client
+        client.malformed[self.origin] = client.malformed.get(self.origin, 0) + 1
+        self._suspect()
+
+    def _suspect(self) -> None:
+        # the server frames its answers otherwise than we do: no connection of it is clean any more
+        client = self.client
+        self.suspect_until = client.clock.seconds() + client.suspect_seconds
+        for conn in list(self.idle):
+            conn._state = _CLOSED
+            conn.transport.loseConnection()
 
     def lost(self, conn: UpstreamConnection) -> None:
         if conn in self.idle:
@@ -613,6 +716,8 @@ class UpstreamClient:
         idle_timeout: float = 4.0,
         clock: IReactorTime | None = None,
         connect_timeout: float = 10.0,
+        on_dropped: Callable[[bytes, str], None] | None = None,
+        suspect_seconds: float = SUSPECT_SECONDS,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
@@ -626,6 +731,14 @@ class UpstreamClient:
         self._hosts: dict[bytes, _HostPool] = {}
         self._sweep: Any = None
         self._closed: list[Deferred[None]] = []
+        #: connections dropped for unexpected bytes, per origin (L{SUSPECT_SECONDS})
+        self.dropped: dict[bytes, int] = {}
+        #: answers refused for a malformed or ambiguous head, per origin
+        self.malformed: dict[bytes, int] = {}
+        #: told (origin, what) when a connection is dropped: the proxy counts it on the upstream
+        self.on_dropped = on_dropped
+        #: how long an origin that sent unexpected bytes or a malformed head gets no kept-alive connection
+        self.suspect_seconds = suspect_seconds
 
     # -- IUpstreamClient -------------------------------------------------------
 
@@ -650,7 +763,7 @@ class UpstreamClient:
             except ValueError as e:
                 return fail(e)
         data = encode_request(method, target, headers, body)
-        return self._dispatch(host, method, data, retry=True)
+        return self._dispatch(host, method, data, retry=method in IDEMPOTENT and body is None)
 
     def get(self, url: bytes, headers: HeaderList | None = None) -> Deferred[UpstreamResponse]:
         """C{GET url} (the caller's C{headers} plus C{Host})."""
@@ -712,6 +825,18 @@ class UpstreamClient:
     def _dispatch(self, host: _HostPool, method: bytes, data: bytes, retry: bool) -> Deferred[UpstreamResponse]:
         return _Request(self, host, method, data, retry).d
 
+    def _dropped(self, origin: bytes, what: str) -> None:
+        self.dropped[origin] = self.dropped.get(origin, 0) + 1
+        if self.on_dropped is not None:
+            self.on_dropped(origin, what)
+        else:
+            self.log.warn(
+                "upstream {origin}: connection dropped ({what}); new connections only for {seconds:g} s",
+                origin=origin.decode("ascii", "replace"),
+                what=what,
+                seconds=self.suspect_seconds,
+            )
+
     def _idle_added(self) -> None:
         if self._sweep is None or not self._sweep.active():
             self._sweep = self.clock.callLater(self.idle_timeout, self._expire)
@@ -772,7 +897,7 @@ class _Request:
             self.d.errback(failure)
 
     def _again(self) -> None:
-        # the kept-alive connection was closed under us: once more on a new one
+        # the kept-alive connection was closed under a GET/HEAD: once more on a new one
         self._retried = self._client._dispatch(self._host, self._method, self._data, retry=False)
         self._retried.chainDeferred(self.d)
 

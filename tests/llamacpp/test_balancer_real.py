@@ -241,8 +241,9 @@ def test_a_server_killed_mid_run_is_routed_around(
     fleet: StartFleet, open_stream: Streams
 ) -> None:
     """SIGKILL one of two servers while requests run on it: a stream on it ends instead of
-    hanging, every whole-response request still completes with 200 (the one in flight on
-    the dead server is retried on the other), and /health shows one healthy upstream."""
+    hanging, the whole-response request in flight on the dead server is a 502 (it had been
+    written: sent again elsewhere it could run twice), every other one completes with 200 on
+    the other server, and /health shows one healthy upstream."""
     f = fleet(2, 2)
     victim_stream = hold(open_stream, f.proxy, read=True)
     victim_stream.wait_first_event()
@@ -262,7 +263,7 @@ def test_a_server_killed_mid_run_is_routed_around(
     workers = [Background(lambda n=n: worker(n)) for n in range(3)]
     wait_for(lambda: statuses and len(busy_slots(victim)) == 2, 20,
              "a short request running on the victim")
-    f.llama.process(victim).kill()  # that request never gets its answer: retried elsewhere
+    f.llama.process(victim).kill()  # that request never gets its answer: a 502, not a second run
     at_kill = len(statuses)
 
     victim_stream.wait_closed(10)
@@ -270,7 +271,7 @@ def test_a_server_killed_mid_run_is_routed_around(
     stop.set()
     for w in workers:
         w.result(60)
-    assert statuses == [200] * len(statuses)
+    assert set(statuses) <= {200, 502} and statuses.count(502) <= 1, statuses
     wait_for(lambda: f.health()["upstreams"] == {"healthy": 1, "total": 2}, 10, "one healthy")
     after = post(f.proxy, "/completion", {"prompt": "after", "n_predict": 4})
     assert after.status == 200
