@@ -229,6 +229,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores since boot (/proc/stat): the difference of two readings
+    gives how busy the whole machine was in between (what other work on a shared machine took)."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_between(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Percent of all cores busy between two L{machine_busy} readings."""
+    total = after[1] - before[1]
+    return 100 * (after[0] - before[0]) / total if total else float("nan")
+
+
 def tool_version(args: Sequence[str]) -> str:
     try:
         out = subprocess.run(list(args), capture_output=True, text=True, timeout=10)

@@ -15,6 +15,7 @@ hits them all alike; medians over the repetitions are reported, as ratios to
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import time
@@ -27,9 +28,11 @@ from bench.common import (
     RESULTS,
     LOOPBACK,
     Processes,
+    busy_between,
     cpu_seconds,
     log,
     machine,
+    machine_busy,
     median,
     pinned,
     raise_fd_limit,
@@ -107,12 +110,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base", default=None,
                         help="a directory holding another paddler package: measured too, as paddler-base")
     parser.add_argument("--out", default="overhead", help="results name (bench/results/NAME.json)")
+    parser.add_argument("--concurrencies", default="1,16,128", help="wrk connections, comma-separated")
+    parser.add_argument("--targets", default=None, help="targets besides direct, comma-separated (default all)")
     args = parser.parse_args(argv)
     raise_fd_limit()
     reps = args.reps or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
-    concurrencies = (1, 16, 128)
-    names = [t for t in TARGETS if t != "sglang-router" or sglang_router_command() is not None]
+    concurrencies = tuple(int(c) for c in args.concurrencies.split(","))
+    wanted = set(args.targets.split(",")) | {"direct"} if args.targets else set(TARGETS)
+    names = [t for t in TARGETS if t in wanted and (t != "sglang-router" or sglang_router_command() is not None)]
     if args.base:
         names.insert(2, "paddler-base")
     runs: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in concurrencies} for t in names}
@@ -120,14 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         upstream, ports = start_static_upstream(procs, 2, "s1-upstream", core=LOAD_CORE)
         urls = [f"http://{LOOPBACK}:{p}" for p in ports]
         paddler, paddler_port = start_paddler(procs, urls, "s1-paddler", core=PROXY_CORE)
-        haproxy, haproxy_port = start_haproxy(procs, ports, "s1-haproxy", core=PROXY_CORE)
-        nginx, nginx_port = start_nginx(procs, ports, "s1-nginx", core=PROXY_CORE)
-        targets = {
-            "direct": (ports[0], None),
-            "paddler": (paddler_port, paddler.pid),
-            "haproxy": (haproxy_port, haproxy.pid),
-            "nginx": (nginx_port, nginx.pid),
-        }
+        targets = {"direct": (ports[0], None), "paddler": (paddler_port, paddler.pid)}
+        if "haproxy" in names:
+            haproxy, haproxy_port = start_haproxy(procs, ports, "s1-haproxy", core=PROXY_CORE)
+            targets["haproxy"] = (haproxy_port, haproxy.pid)
+        if "nginx" in names:
+            nginx, nginx_port = start_nginx(procs, ports, "s1-nginx", core=PROXY_CORE)
+            targets["nginx"] = (nginx_port, nginx.pid)
         if "sglang-router" in names:
             sglang, sglang_port = start_sglang_router(procs, ports, "s1-sglang-router", core=PROXY_CORE)
             targets["sglang-router"] = (sglang_port, sglang.pid)
@@ -140,10 +145,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for c in concurrencies:
                 for target in names:
                     port, pid = targets[target]
+                    busy0 = machine_busy()
                     result = run_wrk(port, c, seconds, pid)
+                    result["machine_busy_pct"] = busy_between(busy0, machine_busy())
+                    result["load_1min"] = os.getloadavg()[0]
                     runs[target][c].append(result)
                     log(f"overhead rep {rep + 1}/{reps} c={c} {target}: {result['rps']:.0f} req/s "
-                        f"p50 {result['p50_ms']:.3f} ms p99 {result['p99_ms']:.3f} ms errors {result['errors']:.0f}")
+                        f"p50 {result['p50_ms']:.3f} ms p99 {result['p99_ms']:.3f} ms errors {result['errors']:.0f} "
+                        f"cpu {result.get('cpu_s_per_1000', 0):.4f} s/1000 "
+                        f"machine {result['machine_busy_pct']:.0f}% busy, load {result['load_1min']:.1f}")
         if args.profile:
             procs.stop(paddler)
             profile = RESULTS / "tmp" / "paddler-s1.prof"
@@ -177,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           for p, g in zip(runs["paddler"][c], runs[other][c]) if g.get("cpu_s_per_1000")]
                 row["paddler"][key] = median(ratios)
                 row["paddler"][key + "_spread"] = spread(ratios)
+                row["paddler"][key + "_per_repetition"] = ratios
         summary[str(c)] = row
     data = {
         "scenario": "overhead",

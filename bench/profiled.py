@@ -15,6 +15,9 @@ import sys
 def main() -> None:
     out, args = sys.argv[1], sys.argv[2:]
     profiler = cProfile.Profile()
+    from paddler.cli import install_reactor, parse
+
+    install_reactor(parse(args, sys.stderr))  # the reactor paddler would run on
     from twisted.internet import reactor
 
     def dump() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from typing import Any
 
 from bench.common import RESULTS, machine
@@ -367,14 +368,32 @@ def micro_md(data: dict[str, Any], charts: list[str]) -> list[str]:
     return out
 
 
-def before_after_md(stream: dict[str, Any] | None, over: dict[str, Any] | None) -> list[str]:
+def _busy(data: dict[str, Any]) -> str:
+    """How busy the whole machine was during a run's cells (median, min–max of machine_busy_pct), if recorded."""
+    values: list[float] = []
+    runs = data.get("runs", {})
+    for cells in runs.values():
+        for cell in (cells.values() if isinstance(cells, dict) else [cells]):
+            for r in (cell if isinstance(cell, list) else [cell]):
+                if isinstance(r, dict) and "machine_busy_pct" in r:
+                    values.append(r["machine_busy_pct"])
+    if not values:
+        return "(not recorded)"
+    values.sort()
+    return f"{values[len(values) // 2]:.0f} % ({values[0]:.0f}–{values[-1]:.0f} %)"
+
+
+def before_after_md(
+    stream: dict[str, Any] | None, over: dict[str, Any] | None, title: str = "## 9. Before and after, side by side"
+) -> list[str]:
     """Same-run comparisons with another checkout of paddler (``--base``: the code before this work)."""
-    out = ["## 9. Before and after, side by side", ""]
+    out = [title, ""]
     if over is not None:
         out += [
-            f"Scenario 1 with `--base {over.get('base', '?')}` (paddler before the upstream client, as "
+            f"Scenario 1 with `--base {over.get('base', '?')}` (paddler before this work, as "
             "`paddler-base`), the same run, targets interleaved; CPU per request ratios per repetition, then "
-            "the median (min–max):",
+            "the median (min–max); the whole machine was "
+            f"{_busy(over)} busy during the runs:",
             "",
             "| concurrency | paddler CPU ms / req | paddler-base CPU ms / req | paddler / paddler-base "
             "| sglang-router CPU ms / req | paddler / sglang-router | paddler req/s | paddler-base req/s |",
@@ -394,7 +413,9 @@ def before_after_md(stream: dict[str, Any] | None, over: dict[str, Any] | None) 
         out += [
             f"Scenario 2 with `--base {stream.get('base', '?')}`, {stream['repetitions']} repetitions, "
             "the targets interleaved; `twisted-floor` is a plain TCP forwarder on Twisted's reactor "
-            "(bench/twisted_forward.py, no HTTP at all): no relay on that reactor can use less CPU per chunk.",
+            "(bench/twisted_forward.py, no HTTP at all): no relay on that reactor can use less CPU per chunk; "
+            "`twisted-floor-lean` the same on paddler's lean reactor with the write flush. The whole machine "
+            f"was {_busy(stream)} busy during the cells.",
             "",
             "| streams | target | added p50 ms | added p99 ms | added p99 min–max | CPU s / 1000 chunks "
             "| CPU / chunk vs paddler-base (min–max) |",
@@ -410,7 +431,7 @@ def before_after_md(stream: dict[str, Any] | None, over: dict[str, Any] | None) 
                           for a, b in zip(stream["runs"][f"{target}/{n}"], base_runs)
                           if b.get("cpu_s_per_1000_chunks")]
                 ratio = "–" if not ratios or target == "paddler-base" else (
-                    f"{f(sorted(ratios)[len(ratios) // 2])} ({f(min(ratios))}–{f(max(ratios))})")
+                    f"{f(statistics.median(ratios))} ({f(min(ratios))}–{f(max(ratios))})")
                 out.append(
                     f"| {n} | {target} | {f(r.get('added_p50_ms'))} | {f(r.get('added_p99_ms'))} "
                     f"| {span(r.get('added_p99_ms_spread'))} | {f(r.get('cpu_s_per_1000_chunks'), 4)} | {ratio} |"
@@ -512,6 +533,21 @@ def main(argv: list[str] | None = None) -> None:
     workers = _load("streaming-workers")
     if workers is not None:
         sections += [line.replace("\n", " ") for line in workers_md(workers)] + [""]
+    if _load("streaming-lean") is not None or _load("overhead-lean") is not None:
+        sections += before_after_md(
+            _load("streaming-lean"), _load("overhead-lean"),
+            "## 13. The lean reactor and the write flush (issue 26), side by side",
+        ) + [""]
+    if _load("streaming-lean-2") is not None or _load("overhead-lean-2") is not None:
+        sections += before_after_md(
+            _load("streaming-lean-2"), _load("overhead-lean-2"), "### 13c. A second run of section 13, later"
+        ) + [""]
+    toggles = _load("streaming-toggles")
+    if toggles is not None:
+        sections += before_after_md(
+            toggles, None,
+            "### 13b. The same code with both off (`paddler-twisted`: --no-lean-reactor --no-flush-before-poll)",
+        ) + [""]
     m = machine_info or machine()
     tools = (_load("overhead") or {}).get("tools", {})
     head = [

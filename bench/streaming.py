@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from typing import Any
@@ -37,6 +38,8 @@ from bench.common import (
     PYTHON,
     TMP,
     Processes,
+    busy_between,
+    machine_busy,
     cpu_seconds,
     free_port,
     log,
@@ -60,7 +63,8 @@ from bench.common import (
 TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
 #: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted
 #: relay; paddler from another checkout (--base DIR, e.g. an older commit unpacked with git archive)
-EXTRA_TARGETS = ("twisted-floor", "twisted-floor-asyncio", "twisted-floor-uvloop", "paddler-base", "paddler-workers2")
+EXTRA_TARGETS = ("twisted-floor", "twisted-floor-lean", "twisted-floor-asyncio", "twisted-floor-uvloop", "paddler-base", "paddler-twisted",
+                 "paddler-workers2")
 BASE: list[str] = [""]
 RATE = 50.0
 
@@ -68,11 +72,13 @@ RATE = 50.0
 def start_target(procs: Processes, target: str, upstream_port: int, name: str) -> tuple[Any, int]:
     if target == "direct":
         return None, upstream_port
-    if target in ("paddler", "paddler-decode", "paddler-base"):
+    if target in ("paddler", "paddler-decode", "paddler-base", "paddler-twisted"):
         # idle streams must not hit --idle-timeout; every stream takes a slot
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
+        if target == "paddler-twisted":  # this code on Twisted's own reactor and write buffering
+            extra += ["--no-lean-reactor", "--no-flush-before-poll"]
         source = BASE[0] if target == "paddler-base" else None
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE,
                              source=source)
@@ -130,6 +136,7 @@ def run_cell(procs: Processes, upstream: Any, target: str, n: int, seconds: floa
     pid = proc.pid if proc is not None else None
     up0 = cpu_seconds(upstream.pid)
     before = cpu_seconds(pid) if pid else 0.0
+    busy0 = machine_busy()
     t0 = time.monotonic()
     result = run_client(procs, "streams", port, f"{name}-client", streams=n,
                         events=int(seconds * RATE), rate=RATE, ramp=min(1.0, n / 256))
@@ -145,6 +152,9 @@ def run_cell(procs: Processes, upstream: Any, target: str, n: int, seconds: floa
         "p99_ms": percentile(delays, 99) * 1000,
         "client_cpu_pct": 100 * result["client_cpu"] / wall,
         "upstream_cpu_pct": 100 * (cpu_seconds(upstream.pid) - up0) / wall,
+        # the shared machine: both cores' use during the cell (this cell's processes included), load
+        "machine_busy_pct": busy_between(busy0, machine_busy()),
+        "load_1min": os.getloadavg()[0],
     }
     if pid:
         cpu = cpu_seconds(pid) - before
@@ -165,7 +175,7 @@ def summarise(runs: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict[
         "errors": sum(r["errors"] for r in runs),
     }
     for key in ("p50_ms", "p99_ms", "client_cpu_pct", "upstream_cpu_pct", "balancer_cpu_pct",
-                "cpu_s_per_1000_chunks", "peak_rss_mib"):
+                "cpu_s_per_1000_chunks", "peak_rss_mib", "machine_busy_pct", "load_1min"):
         if key in runs[0]:
             row[key] = median(r[key] for r in runs)
     if "balancer_cpu_pct" in runs[0]:
@@ -188,13 +198,14 @@ def against(runs: dict[str, list[dict[str, Any]]], sizes: tuple[int, ...], targe
     """Paddler against sglang-router, per repetition then the median: CPU per chunk and added p99."""
     out: dict[str, Any] = {}
     for n in sizes:
-        for other in ("sglang-router", "haproxy", "nginx"):
+        for other in ("sglang-router", "haproxy", "nginx", "paddler-base", "twisted-floor", "twisted-floor-lean"):
             if other not in targets or "paddler" not in targets:
                 continue
             mine, theirs = runs[f"paddler/{n}"], runs[f"{other}/{n}"]
             cpu = [m["cpu_s_per_1000_chunks"] / t["cpu_s_per_1000_chunks"]
                    for m, t in zip(mine, theirs) if t.get("cpu_s_per_1000_chunks")]
-            out[f"{n}/{other}"] = {"cpu_per_chunk_ratio": median(cpu), "cpu_per_chunk_ratio_spread": spread(cpu)}
+            out[f"{n}/{other}"] = {"cpu_per_chunk_ratio": median(cpu), "cpu_per_chunk_ratio_spread": spread(cpu),
+                                   "cpu_per_chunk_ratios": cpu}
     return out
 
 
@@ -237,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"p99 {row['p99_ms']:.2f} ms events {row['events']}/{row['expected_events']} "
                         f"errors {row['errors']} cpu {row.get('balancer_cpu_pct', 0):.0f}% "
                         f"({row.get('cpu_s_per_1000_chunks', 0):.4f} s/1000 chunks) "
-                        f"client {row['client_cpu_pct']:.0f}% upstream {row['upstream_cpu_pct']:.0f}%"
+                        f"client {row['client_cpu_pct']:.0f}% upstream {row['upstream_cpu_pct']:.0f}% "
+                        f"machine {row['machine_busy_pct']:.0f}% busy, load {row['load_1min']:.1f}"
                         + (f" errors by kind {row['errors_by_kind']}" if row["errors_by_kind"] else ""))
         rows = {key: summarise(rs, runs[f"direct/{key.split('/')[1]}"]) for key, rs in runs.items()}
         idle_rows: dict[str, Any] = {}

@@ -9,7 +9,9 @@ paddler cannot relay a chunk for less CPU than this.
 
 C{--loop} runs it on Twisted's asyncio reactor (on asyncio's own loop or on
 uvloop's) instead of the epoll reactor: is the reactor's per-event cost
-the loop's or Twisted's?
+the loop's or Twisted's? C{--loop lean} runs it on paddler's lean epoll
+reactor with both transports flushed before poll (paddler/web/flush.py):
+the floor paddler now stands on (target ``twisted-floor-lean``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 
 from twisted.internet import protocol
 
+from paddler.web import flush
+
 reactor: Any = None
 
 
@@ -29,6 +33,7 @@ class Upstream(protocol.Protocol):
         self.client = client
 
     def connectionMade(self) -> None:
+        flush.hook(self.transport)
         self.client.upstream = self
         self.transport.registerProducer(self.client.transport, True)
         self.client.transport.registerProducer(self.transport, True)
@@ -51,6 +56,7 @@ class Client(protocol.Protocol):
         self.pending: list[bytes] = []
 
     def connectionMade(self) -> None:
+        flush.hook(self.transport)
         self.transport.setTcpNoDelay(True)
         self.transport.pauseProducing()
         factory = protocol.ClientFactory()
@@ -73,10 +79,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-port", type=int, required=True)
-    parser.add_argument("--loop", choices=("epoll", "asyncio", "uvloop"), default="epoll")
+    parser.add_argument("--loop", choices=("epoll", "lean", "asyncio", "uvloop"), default="epoll")
     args = parser.parse_args()
     global reactor
-    if args.loop != "epoll":
+    if args.loop == "lean":
+        from paddler.lean_reactor import install
+
+        flush.enable(install())
+    elif args.loop != "epoll":
         import asyncio
 
         from twisted.internet import asyncioreactor

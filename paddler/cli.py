@@ -6,7 +6,9 @@ flag, value or configuration file prints one line and a hint on stderr and
 exits with status 2; a listener that cannot bind prints one line naming its
 endpoint and exits with status 1. The service then runs in the foreground
 until SIGTERM or SIGINT, which stop it gracefully (a second one stops it at
-once); SIGHUP reloads the balancer's configuration.
+once); SIGHUP reloads the balancer's configuration. A balancer runs on
+paddler's lean epoll reactor (L{paddler.lean_reactor}) unless
+C{--no-lean-reactor}; ``twistd`` keeps its own reactor choice.
 """
 
 from __future__ import annotations
@@ -45,6 +47,21 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         options = parse(sys.argv[1:] if argv is None else argv, sys.stderr)
     except BrokenPipeError:  # --help into a pager or head that stopped reading
         raise SystemExit(0) from None
+    install_reactor(options)
     from paddler.tap import run
 
     raise SystemExit(run(options, sys.stderr))
+
+
+def install_reactor(options: Any) -> None:
+    """
+    Install paddler's lean epoll reactor (L{paddler.lean_reactor}) for a
+    balancer unless C{--no-lean-reactor}; otherwise, and for the other
+    subcommands, Twisted's default is installed on first use.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        return  # one is installed already (a profiler or a test harness that imported it first)
+    if options.subCommand == "balancer" and options.subOptions.config.lean_reactor:
+        from paddler.lean_reactor import install
+
+        install()

@@ -23,6 +23,7 @@ from paddler.settings import (
     Converted,
     Endpoint,
     Flag,
+    Kind,
     Number,
     Text,
     count,
@@ -54,8 +55,10 @@ def parse_upstream(text: str, where: str) -> UpstreamSpec:
     if "=" in text and not text.split("=", 1)[0].startswith(("http://", "https://")):
         name, text = text.split("=", 1)
         name = name.strip() or None
+    from paddler.fleet.addresses import canonical_url
+
     try:
-        return UpstreamSpec(url=normalise_url(text.strip()), name=name)
+        return UpstreamSpec(url=canonical_url(text.strip()), name=name)
     except InvalidUpstreamURL as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -92,6 +95,23 @@ def _url(text: str) -> str:
         return normalise_url(text)
     except InvalidUpstreamURL as e:
         raise ValueError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Networks(Kind):
+    """Networks in CIDR form: a comma-separated string (flags, environment) or a TOML array."""
+
+    text = "CIDR[,CIDR...]"
+
+    def parse(self, value: Any, where: str) -> tuple[Any, ...]:
+        from paddler.fleet.addresses import parse_networks
+
+        if not isinstance(value, (list, tuple)):
+            value = Text(max_length=65536).parse(value, where)
+        try:
+            return parse_networks(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _state_url(text: str) -> str:
@@ -150,6 +170,18 @@ class BalancerConfig:
         "re-encoding the chunks.",
         Flag(), reload="proxy",
     )
+    flush_before_poll: bool = setting(
+        True,
+        "Send what a client or upstream connection buffered in one reactor turn in one send, just "
+        "before the reactor waits (docs/performance.md); off: Twisted's own write buffering.",
+        Flag(), reload="restart",
+    )
+    lean_reactor: bool = setting(
+        True,
+        "Run on paddler's epoll reactor, without Twisted's logging context per I/O event "
+        "(docs/performance.md, which also says how to choose it under another launcher).",
+        Flag(), reload="restart",
+    )
     max_retries: int = setting(
         3,
         "Other upstreams to try when one could not have started the request (connection refused, "
@@ -163,6 +195,13 @@ class BalancerConfig:
     buffered_request_timeout: float = setting(
         30.0, "Seconds a request may wait for a slot.", seconds(), reload="pool.buffer_timeout"
     )
+    no_upstream_timeout: float = setting(
+        3.0,
+        "Seconds a request may wait while no upstream is healthy, loading or registering (then "
+        "503 saying why); raise it to the time a server takes to start when scaling from zero. "
+        "Busy but healthy upstreams get the whole --buffered-request-timeout.",
+        seconds(zero_allowed=True), reload="pool.no_upstream_timeout",
+    )
     management_listen: str = setting(
         "tcp:8085:interface=127.0.0.1", "Management API and dashboard endpoint string.", Endpoint(), reload="restart"
     )
@@ -171,6 +210,15 @@ class BalancerConfig:
     )
     management_insecure: bool = setting(
         False, "Allow a non-loopback management listener without a token.", Flag(), reload="restart"
+    )
+    allow_upstream_network: tuple[Any, ...] = setting(
+        (),
+        "Networks (CIDR) upstreams may be in although they are refused by default: link-local "
+        "169.254.0.0/16 and fe80::/10, cloud metadata addresses (docs/management.md#vetting). "
+        "Comma-separated in the environment and file.",
+        Networks(),
+        repeatable=True,
+        placeholder="none", reload="vetter.allowed",
     )
     agent_expiry: float = setting(
         3.0, "Seconds without an agent report before its upstream is dropped.", seconds(), reload="registry.expiry"
@@ -350,7 +398,75 @@ def build_config(
                     f"upstream {spec.url} is this balancer's own {flag} address ({endpoint}), "
                     "not a llama.cpp server"
                 )
+    vet_upstreams(config)
     return config
+
+
+def vet_upstreams(config: BalancerConfig, resolve: Any = None) -> None:
+    """
+    Refuse configured upstreams in refused networks (L{paddler.fleet.addresses}):
+    addresses always; names too when C{resolve(host) -> list of addresses}
+    is given (at start, before the reactor runs).
+    """
+    from urllib.parse import urlsplit
+
+    from paddler.fleet.addresses import AddressVetter, UpstreamRefused, literal_address
+
+    own = own_listeners(config)
+    vetter = AddressVetter(None, own=lambda: own, allowed=config.allow_upstream_network)  # type: ignore[arg-type]
+    for spec in config.upstreams:
+        try:
+            if vetter.vet_literal(spec.url) is not None or resolve is None:
+                continue
+            parts = urlsplit(spec.url)
+            host = parts.hostname or ""
+            for text in resolve(host):
+                address = literal_address(text)
+                if address is not None:
+                    vetter.check_address(spec.url, address, parts.port or 0, name=host)
+        except UpstreamRefused as e:
+            raise ConfigError(f"upstream {spec.url}: {e.message}") from None
+
+
+def own_listeners(config: BalancerConfig) -> list[Any]:
+    """The L{paddler.fleet.addresses.OwnListener}s of the configured tcp listen endpoints."""
+    from paddler.fleet.addresses import own_listener
+    from paddler.web.listeners import endpoint_fields
+
+    found = []
+    for endpoint in (config.listen, config.management_listen):
+        fields = endpoint_fields(endpoint.strip())
+        if fields[0].lower() not in ("tcp", "tcp6") or len(fields) < 2:
+            continue
+        port_text = fields[1][len("port="):] if fields[1].startswith("port=") else fields[1]
+        interface = ""
+        for part in fields[2:]:
+            if part.startswith("interface="):
+                interface = part[len("interface="):].replace("\\:", ":").strip("[]")
+        try:
+            port = int(port_text)
+        except ValueError:
+            continue
+        if port:
+            found.append(own_listener(interface or "0.0.0.0", port))
+    return found
+
+
+def resolve_at_start(host: str, timeout: float = 2.0) -> list[str]:
+    """C{host}'s addresses by getaddrinfo, within C{timeout} (none when it fails or is late: the probes tell)."""
+    import concurrent.futures
+    import socket
+
+    if host == "localhost" or host.endswith(".localhost"):
+        return ["127.0.0.1", "::1"]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        future = pool.submit(socket.getaddrinfo, host, None, 0, socket.SOCK_STREAM)
+        return [str(info[4][0]) for info in future.result(timeout=timeout)]
+    except (OSError, UnicodeError, concurrent.futures.TimeoutError):
+        return []
+    finally:
+        pool.shutdown(wait=False)
 
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}

@@ -127,6 +127,10 @@ class NoUpstreamAvailable(PaddlerHTTPError):
     reason = "no_upstream"
 
 
+class NoHealthyUpstream(NoUpstreamAvailable):
+    """No upstream is healthy, loading or registering: the request waited --no-upstream-timeout at most."""
+
+
 class BufferingDisabled(NoUpstreamAvailable):
     reason = "buffering_disabled"
 

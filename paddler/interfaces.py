@@ -263,3 +263,14 @@ class IGuardedSite(Interface):
 
     def answered_early(error):  # type: ignore[no-untyped-def]
         """Count (and log) one request answered with C{error} before any resource saw it."""
+
+
+class IReactorBeforePoll(Interface):
+    """A reactor that runs callables once just before it next waits for I/O (L{paddler.lean_reactor})."""
+
+    def callBeforePoll(f):  # type: ignore[no-untyped-def]
+        """
+        Call C{f()} once, after this turn's events and timed calls and before
+        the reactor next waits; a callable added while these run is called
+        before the following wait, which then does not block.
+        """

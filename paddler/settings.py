@@ -213,17 +213,19 @@ class Info:
     #: C{prober}, C{registry}, C{body_memory}), or one of L{RELOAD_WAYS}. C{None}: the command
     #: has no reload. The proxy's settings are read again at every reload whatever this says.
     reload: str | None = None
+    repeatable: bool = False  # the flag may be given several times (its values are joined by commas)
 
 
 #: A reload does not apply the setting; the balancer logs that it needs a restart.
 RESTART = "restart"
 #: The ways of applying a setting at a reload that are not one attribute of one part:
 #: C{proxy} (only the proxy's L{paddler.balancer.proxy.ProxyConfig}, rebuilt at every reload),
-#: C{chooser} (a new chooser of the policy), C{probe_interval} (the probes' schedule),
+#: C{chooser} (a new chooser of the policy), C{probe_interval} (the probes' schedule, the
+#: pool's recheck and the registry's check interval),
 #: C{client_limits} (the listeners' L{paddler.web.channel.ClientLimits}).
 RELOAD_WAYS = ("proxy", "chooser", "probe_interval", "client_limits")
 #: The parts of a running balancer a C{"PART.ATTRIBUTE"} reload sets.
-RELOAD_PARTS = ("pool", "service", "prober", "registry", "body_memory")
+RELOAD_PARTS = ("pool", "service", "prober", "registry", "body_memory", "vetter")
 
 
 def setting(default: Any, help: str, kind: Kind, **info: Any) -> Any:
@@ -338,13 +340,25 @@ def options_class(
     opt_parameters = [
         [s.option, s.info.short, None, _flag_help(s)]
         for s in settings
-        if s.info.cli and not s.is_flag
+        if s.info.cli and not s.is_flag and not s.info.repeatable
     ]
+    repeated = [s for s in settings if s.info.cli and s.info.repeatable]
+
+    def repeat(s: Setting) -> Callable[[usage.Options, str], None]:
+        def opt(self: usage.Options, value: str) -> None:
+            self.setdefault("_repeated", {}).setdefault(s.name, []).append(value)
+
+        opt.__doc__ = _flag_help(s) + " (repeatable)"
+        return opt
 
     def postOptions(self: usage.Options) -> None:
         given: dict[str, Any] = {}
         for s in settings:
             if not s.info.cli:
+                continue
+            if s.info.repeatable:
+                values = self.get("_repeated", {}).get(s.name)
+                given[s.name] = ",".join(values) if values else None
                 continue
             raw = self[s.option]
             if s.is_flag:
@@ -365,6 +379,7 @@ def options_class(
             "optFlags": opt_flags,
             "optParameters": [*opt_parameters, *extra_parameters],
             "postOptions": postOptions,
+            **{"opt_" + s.option.replace("-", "_"): repeat(s) for s in repeated},
         },
     )
 
@@ -397,7 +412,7 @@ def reference(settings: Sequence[Setting], file_keys_too: bool = True) -> Iterat
     yield "| flag | environment | file key | value | default | what it does |"
     yield "|---|---|---|---|---|---|"
     for s in settings:
-        flag = f"`--{s.option}`" if s.info.cli else ""
+        flag = (f"`--{s.option}`" + (" (repeatable)" if s.info.repeatable else "")) if s.info.cli else ""
         env = f"`{s.env}`" if s.env else ""
         key = f"`{s.name}`" if file_keys_too else ""
         default = s.info.placeholder or ("" if s.default is None or s.info.secret else f"`{_shown(s.default)}`")

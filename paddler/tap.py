@@ -22,6 +22,8 @@ from paddler.config import (
     SimulateConfig,
     build_agent_config,
     build_config,
+    resolve_at_start,
+    vet_upstreams,
 )
 from paddler.settings import ConfigError, Setting, from_sources, options_class
 from paddler.web.listeners import endpoint_is_local
@@ -61,6 +63,8 @@ def _build_balancer(options: usage.Options, given: dict[str, Any]) -> None:
     options.given = given  # type: ignore[attr-defined]  # kept for reloads
     config = build_config(given, options.upstreams, os.environ, options["config"])  # type: ignore[attr-defined]
     _check_management_exposure(config)
+    # Names of configured upstreams are resolved once here, before the reactor runs (bounded).
+    vet_upstreams(config, resolve_at_start)
     _store(options, BALANCER_SETTINGS, config)
 
 
@@ -257,6 +261,7 @@ def makeBalancerService(
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
     from paddler.balancer.reload import Reloader
+    from paddler.fleet.addresses import AddressVetter, reactor_resolver
     from paddler.fleet.pool import UpstreamPool
     from paddler.fleet.probe import HTTPProber, ProbeService
     from paddler.fleet.registry import AgentRegistry
@@ -274,7 +279,7 @@ def makeBalancerService(
     from paddler.shared.fleet import SharedProber
     from paddler.web.channel import GuardedSite
     from paddler.web.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
-    from paddler.web.descriptors import limits_for, open_files_limit
+    from paddler.web.descriptors import cap_explained, limits_for, open_files_limit
     from paddler.web.instance import new_instance_id
     from paddler.web.listeners import ListeningService
     from paddler.web.memory import BodyMemory
@@ -284,12 +289,27 @@ def makeBalancerService(
 
     from paddler.balancer.service import BalancerService
 
+    from twisted.logger import Logger
+
+    from paddler.web import flush
+
+    if config.flush_before_poll:
+        # client and upstream connections hook themselves (paddler/web/flush.py)
+        flushing = flush.enable(reactor) is not None
+    else:
+        flush.disable(reactor)
+        flushing = False
+    Logger(namespace="paddler").info(
+        "reactor {reactor}, write flush {flush}", reactor=type(reactor).__name__, flush="on" if flushing else "off"
+    )
     pool = UpstreamPool(
         reactor,
         CHOOSERS[config.policy](reactor),
         max_buffered=config.max_buffered_requests,
         buffer_timeout=config.buffered_request_timeout,
+        no_upstream_timeout=config.no_upstream_timeout,
     )
+    pool.recheck_interval = config.probe_interval
     stats = RequestStats(reactor)
     upstream_client = UpstreamClient(
         reactor,
@@ -371,10 +391,15 @@ def makeBalancerService(
     if limits.max_connections < config.max_connections:
         Logger(namespace="paddler").warn(
             "--max-connections {wanted} lowered to {cap}: the process may open {files} files "
-            "(RLIMIT_NOFILE); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) for more",
+            "(RLIMIT_NOFILE); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) for more ({why})",
             wanted=config.max_connections,
             cap=limits.max_connections,
             files=open_files_limit(),
+            why=cap_explained(config.max_connections, open_files_limit()),
+        )
+    else:
+        Logger(namespace="paddler").info(
+            "{why}", why=cap_explained(config.max_connections, open_files_limit()), cap=limits.max_connections
         )
 
     def answered_early(error: PaddlerHTTPError) -> None:
@@ -403,10 +428,16 @@ def makeBalancerService(
     top.registry = AgentRegistry(
         pool, reactor, expiry=config.agent_expiry,
         report_age=pool.shared.report_age if pool.shared is not None else None,
+        reader=prober.read, check_every=config.probe_interval,
     )
     top.registry.setServiceParent(top)
+    pool.registering = top.registry.registering
+    top.vetter = AddressVetter(
+        reactor, resolve=reactor_resolver(reactor), own=top.own_listeners, allowed=config.allow_upstream_network
+    )
     management = ManagementAPI(
-        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls
+        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls,
+        vetter=top.vetter,
     )
 
     history = StateHistory()
@@ -415,6 +446,7 @@ def makeBalancerService(
     state_stream = StateStream(reactor, view)
     ObservabilityService(pool, stats, reactor, history, state_stream, events).setServiceParent(top)
     metrics = PrometheusMetrics(pool, stats)
+    metrics.collector.extra.append(top.registry.metrics)
     if pool.shared is not None:
         metrics.collector.extra.append(pool.shared.metrics)
     observability = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()
@@ -457,6 +489,17 @@ def makeBalancerService(
         if argv is None:
             raise ConfigError("--workers needs the paddler command (twistd paddler runs one process)")
         _supervise_workers(top, config, reactor, argv)
+    elif config.worker_index:
+        import signal
+
+        from paddler.balancer.workers import forward_reload_to_supervisor
+
+        def hup_on_worker() -> None:
+            if not forward_reload_to_supervisor():
+                top.reload()  # no supervisor any more: reload this process alone
+
+        # SIGHUP goes to worker 0, which reloads every worker; SIGUSR1 comes from it.
+        top.signal_handlers = {signal.SIGHUP: hup_on_worker, signal.SIGUSR1: top.reload}
     if reload_config is not None:
         top.reloader = Reloader(top, reload_config, prober, open_files=open_files_limit).reload
     top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
@@ -465,6 +508,8 @@ def makeBalancerService(
 
 def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: Any, argv: list[str]) -> None:
     """Worker 0 starts the others once its proxy port is bound (port 0 is resolved by then)."""
+    import signal
+
     from twisted.application.service import Service
 
     from paddler.balancer.workers import WorkerSupervisor, with_port
@@ -479,6 +524,12 @@ def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: An
     supervisor = WorkerSupervisor(reactor, argv, config.workers, config.shutdown_timeout)
     Start().setServiceParent(top)
     top.on_stopping.append(supervisor.stopService)
+
+    def reload_all() -> None:
+        top.reload()
+        supervisor.reload_workers()
+
+    top.signal_handlers = {signal.SIGHUP: reload_all}
 
 
 def proxy_site(

@@ -303,3 +303,60 @@ def test_status_app_reports_llamacpp_and_balancer(world):
     assert response.code == 200 and status["status"] == "ok"
     assert status["llamacpp"]["state"] == "healthy" and status["llamacpp"]["slots_total"] == 4
     assert status["balancer"]["state"] == "reporting" and status["balancer"]["last_report_age"] == 0.5
+
+
+def test_the_agent_registers_once_then_reports_with_its_own_token():
+    """One registration (with the management token), then every report carries the agent's token."""
+    w = World(token="t", agent_token="t")
+    seen: list[tuple[str, bytes]] = []
+    original = w.net.request
+
+    def recording(method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        header = (kwargs.get("headers") or {}).get(b"authorization", [b""])[0]
+        seen.append((urlsplit(url).path, header))
+        return original(method, url, **kwargs)
+
+    w.net.request = recording  # type: ignore[method-assign]
+    w.agent.startService()
+    w.clock.advance(1)
+    w.clock.advance(1)
+    balancer = [(path, header) for path, header in seen if path.startswith("/api/v1/agents")]
+    assert [path for path, _ in balancer] == ["/api/v1/agents"] + [f"/api/v1/agents/{w.agent.agent_id}/report"] * 3
+    assert balancer[0][1] == b"Bearer t"
+    assert all(header == b"Bearer " + w.agent.agent_token.encode() for _, header in balancer[1:])
+    assert w.registry.credentials[w.agent.agent_id].url == EXTERNAL
+    w.agent.stopService()
+    w.registry.stopService()
+
+
+def test_a_balancer_that_forgot_the_agent_answers_401_and_the_agent_registers_again(world):
+    """The balancer restarted (its registrations are gone): the next report is 401, the agent
+    registers again at once and the report goes through in the same tick."""
+    world.agent.startService()
+    first = world.agent.agent_token
+    world.registry.credentials.clear()  # what a restart forgets
+    world.clock.advance(1)
+    assert world.agent.balancer_state == "reporting" and world.agent.failures == 0
+    assert world.agent.agent_token != first and world.agent.agent_token is not None
+    assert world.registry.authenticate(world.agent.agent_id, world.agent.agent_token.encode()) is not None
+
+
+def test_a_restarted_agent_waits_until_its_old_registration_expired():
+    """Without a management token, a new agent process for a live id gets 409 and retries with
+    backoff; once the old registration expired it registers and reports."""
+    w = World()
+    w.agent.startService()
+    w.agent.stopService()  # the drain removes the host: a clean stop frees the id at once
+    again = AgentService(w.config, w.net, w.clock)
+    again.startService()
+    assert again.balancer_state == "reporting"
+    again._loop.stop()  # a crash: no drain, the registration stays alive
+    third = AgentService(w.config, w.net, w.clock)
+    third.startService()
+    assert third.balancer_state == "rejected" and "409" in third.balancer_error
+    for _ in range(20):
+        w.clock.advance(1)
+    assert third.balancer_state == "reporting" and w.upstream is not None
+    third.stopService()
+    w.clock.advance(5)
+    w.registry.stopService()

@@ -579,7 +579,7 @@ def test_the_connection_cap_is_fitted_under_the_open_files_limit():
     assert fit_connection_cap(1024, 20000) == 1024
     assert fit_connection_cap(1024, 1024) == (1024 - 256) // 3 == 256
     assert fit_connection_cap(1024, None) == 1024
-    assert fit_connection_cap(1024, 100) == 1
+    assert fit_connection_cap(1024, 100) == (100 - 25) // 3 == 25
 
 
 def test_starting_a_balancer_logs_the_open_files_limit_and_a_lowered_cap(monkeypatch):
@@ -600,6 +600,33 @@ def test_starting_a_balancer_logs_the_open_files_limit_and_a_lowered_cap(monkeyp
     assert any("raised from 1024 to 4096" in line for line in lines), lines
     assert any("--max-connections 1024 lowered to 256" in line for line in lines), lines
     assert all(site.limits.max_connections == 256 for site in service.sites)
+
+
+def test_the_reserve_scales_with_a_low_limit_and_the_start_up_log_says_why(monkeypatch):
+    """Open-files limit 256: the reserve is 64 (a quarter), not 256, so the cap is 64, not 1; the log says so."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import capturedLogs
+
+    import paddler.web.descriptors as descriptors
+    from paddler.config import BalancerConfig
+    from paddler.tap import makeBalancerService
+
+    assert [descriptors.reserved_descriptors(n) for n in (256, 1024, 4096, 3)] == [64, 256, 256, 0]
+    assert descriptors.fit_connection_cap(1024, 256) == (256 - 64) // 3 == 64
+    monkeypatch.setattr(descriptors, "open_files_limit", lambda: 256)
+    with capturedLogs() as events:
+        service = makeBalancerService(BalancerConfig(), MemoryReactorClock())
+    lines = [e["log_format"].format(**{k: v for k, v in e.items() if isinstance(k, str)}) for e in events
+             if "log_format" in e and "lowered to" in e["log_format"]]
+    assert len(lines) == 1 and "lowered to 64" in lines[0], lines
+    assert "64 are kept" in lines[0] and "min(256, limit/4)" in lines[0], lines
+    assert all(site.limits.max_connections == 64 for site in service.sites)
+    monkeypatch.setattr(descriptors, "open_files_limit", lambda: 20000)
+    with capturedLogs() as events:
+        makeBalancerService(BalancerConfig(), MemoryReactorClock())
+    said = [e.get("why") for e in events if e.get("why")]
+    assert said == ["connection cap 1024 per listener (--max-connections); the open-files limit 20000 "
+                    "allows 6581 after keeping 256 for the rest"], said
 
 
 def test_a_reload_applies_new_client_limits_and_body_memory_to_both_listeners():

@@ -87,6 +87,11 @@ def exported_prometheus_names() -> set[str]:
     pool, stats, _ = _a_busy_fleet()
     metrics = PrometheusMetrics(pool, stats)
     metrics.collector.extra.append(lambda: SharedFleet.metrics(SimpleNamespace(up=True, snapshot=None)))
+    from paddler.fleet.registry import AgentRegistry
+
+    registry = AgentRegistry(pool, Clock())
+    registry.contradicted["gpu-1"] = 2
+    metrics.collector.extra.append(registry.metrics)
     text = metrics.render().decode()
     metrics.close()
     names = set(re.findall(r"^# TYPE (\S+) \S+$", text, re.M))

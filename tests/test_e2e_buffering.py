@@ -44,12 +44,14 @@ def test_requests_wait_with_zero_upstreams_and_complete_once_one_registers(procs
     assert get_json(proxy + "/health")[1]["requests_buffered"] == 0
 
 
-def test_buffer_timeout_answers_504_when_nothing_joins(procs):
+def test_an_empty_fleet_answers_503_saying_so_when_nothing_joins(procs):
+    """No upstream at all: nothing to wait for; the request waits the shorter of
+    --buffered-request-timeout and --no-upstream-timeout, then 503 says why (it was a 504 "no slot")."""
     _, proxy, _ = procs.balancer("--buffered-request-timeout", "0.5")
     status, body = post(proxy, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
-    assert status == 504
-    assert body["error"]["type"] == "timeout_error"
-    assert "no slot became free within 0.5 s" in body["error"]["message"]
+    assert status == 503
+    assert body["error"]["type"] == "unavailable_error"
+    assert body["error"]["message"].startswith("no healthy upstream: no upstream is registered")
 
 
 def test_buffering_disabled_answers_503_at_once(procs):

@@ -52,14 +52,51 @@ class Harness:
         self.api = ManagementAPI(self.pool, self.registry, self.clock, probes=self.probes, token=token)
         self.http = StubTreq(self.api.app.resource())
         self.token = token
+        self.agent_tokens: dict[str, tuple[str, str]] = {}
 
     def headers(self, auth: bool = True) -> dict[str, str]:
         if auth and self.token:
             return {"Authorization": f"Bearer {self.token}"}
         return {}
 
+    async def register_agent(self, agent_id: str, url: str, name: str) -> tuple[int, Any, Any]:
+        """Register C{agent_id} for C{url} (with its previous token, or the management token)."""
+        headers = self.headers()
+        if not self.token and agent_id in self.agent_tokens:
+            headers = {"Authorization": f"Bearer {self.agent_tokens[agent_id][0]}"}
+        code, body, response = await self.call(
+            "POST", "/api/v1/agents", {"agent_id": agent_id, "url": url, "name": name}, headers=headers
+        )
+        if code == 201:
+            self.agent_tokens[agent_id] = (body["agent_token"], body["url"])
+        return code, body, response
+
+    async def report(self, agent_id: str, body: Any) -> tuple[int, Any, Any]:
+        """POST a report as the agent would: registered first (again when its URL changes), with its token."""
+        url = body.get("url") if isinstance(body, dict) and isinstance(body.get("url"), str) else None
+        name = body.get("name") if isinstance(body, dict) and isinstance(body.get("name"), str) else agent_id
+        from paddler.fleet.addresses import canonical_url
+
+        try:
+            wanted = canonical_url(url) if url else None
+        except ValueError:
+            wanted = None
+        held = self.agent_tokens.get(agent_id)
+        if wanted is None and held is None:  # a report with a bad url: registered as the default one
+            url, wanted = REPORT["url"], canonical_url(REPORT["url"])
+        if wanted is not None and (held is None or held[1] != wanted):
+            registered = await self.register_agent(agent_id, url, name or agent_id)
+            if registered[0] != 201:
+                return registered  # the agent is refused at its registration
+            held = self.agent_tokens.get(agent_id)
+        headers = {"Authorization": f"Bearer {held[0]}"} if held else {}
+        return await self.call("POST", f"/api/v1/agents/{agent_id}/report", body, headers=headers)
+
     async def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
                    auth: bool = True, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+        if (method == "POST" and headers is None and raw is None and path.startswith("/api/v1/agents/")
+                and path.endswith("/report") and auth):
+            return await self.report(path[len("/api/v1/agents/"):-len("/report")], body)
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         response = await self.http.request(method, BASE + path, data=data,
                                            headers=headers if headers is not None else self.headers(auth))
@@ -448,8 +485,10 @@ async def test_agent_report_conflicts_are_409(h):
     h.pool.add(Upstream("http://static:1", "static-1", clock=h.clock))
     code, body, _ = await h.call("POST", "/api/v1/agents/a1/report", {**REPORT, "name": "static-1"})
     assert_error(code, body, 409, "name")
-    code, body, _ = await h.call("POST", "/api/v1/agents/a1/report", {**REPORT, "url": "http://static:1"})
+    code, body, _ = await h.register_agent("a2", "http://static:1", "s")
     assert_error(code, body, 409, "url")
+    code, body, _ = await h.call("POST", "/api/v1/agents/a1/report", {**REPORT, "url": "http://static:1"})
+    assert_error(code, body, 409, "url")  # its registration is refused
     assert len(h.pool.upstreams) == 1
 
 
@@ -493,7 +532,8 @@ async def test_mutating_calls_need_the_token(authed, method, path, body):
     before = a.describe(0)
     code, answer, response = await authed.call(method, path, body, auth=False)
     assert_error(code, answer, 401, "authorization")
-    assert response.headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="paddler"']
+    realm = b"paddler-agent" if path.endswith("/report") else b"paddler"
+    assert response.headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="' + realm + b'"']
     for header in ("Bearer wrong", "Basic czNjcmV0LXRva2Vu", f"Bearer {TOKEN}x"):
         code, answer, _ = await authed.call(method, path, body, headers={"Authorization": header})
         assert code in (401, 403), header

@@ -76,9 +76,15 @@ async def test_a_non_ascii_token_sent_utf8_encoded_is_accepted():
     token = "pässwörd-✓"
     h = Harness(token=token)
     code, body, _ = await h.call(
+        "POST", "/api/v1/agents",
+        {"agent_id": "a1", "name": "g", "url": "http://10.0.0.9:1"},
+        headers={b"Authorization": [b"Bearer " + token.encode("utf-8")]},
+    )
+    assert code == 201, body
+    code, body, _ = await h.call(
         "POST", "/api/v1/agents/a1/report",
         {"name": "g", "url": "http://10.0.0.9:1", "slots_idle": 1, "slots_processing": 0},
-        headers={b"Authorization": [b"Bearer " + token.encode("utf-8")]},
+        headers={b"Authorization": [b"Bearer " + body["agent_token"].encode("ascii")]},
     )
     assert code == 200, body
     code, body, _ = await h.call("POST", "/api/v1/upstreams/g/drain",

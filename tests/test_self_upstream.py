@@ -216,10 +216,7 @@ async def test_registering_or_reporting_one_of_the_balancers_own_addresses_is_re
     try:
         status, body = await m.post("/api/v1/upstreams", {"url": "http://localhost:8086", "name": "me"})
         assert status == 400 and "this balancer itself" in body["error"]["message"]
-        status, body = await m.post(
-            "/api/v1/agents/a1/report",
-            {"name": "me", "url": "http://127.0.0.1:8086", "slots_idle": 4, "slots_processing": 0},
-        )
+        status, body = await m.post("/api/v1/agents", {"agent_id": "a1", "name": "me", "url": "http://127.0.0.1:8086"})
         assert status == 400 and body["error"]["param"] == "url"
         assert m.pool.upstreams == {} and m.registry.agents == {}
     finally:

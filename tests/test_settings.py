@@ -37,8 +37,11 @@ def test_every_setting_is_a_flag_of_its_command(options_class, settings):
     """Every setting but the environment-only ones (a password: not on a command line) is a flag."""
     options = options_class()
     declared = {long for long, *_ in options.optParameters} | {long for long, *_ in options.optFlags}
-    assert {s.option for s in settings if s.info.cli} <= declared
+    repeatable = {s.option for s in settings if s.info.repeatable}
+    assert {s.option for s in settings if s.info.cli} - repeatable <= declared
     assert all(s.env for s in settings if not s.info.cli)
+    for option in repeatable:  # given several times: an opt_ method that collects them
+        assert callable(getattr(options, "opt_" + option.replace("-", "_")))
 
 
 @pytest.mark.parametrize("setting", BALANCER_SETTINGS, ids=lambda s: s.name)
@@ -145,7 +148,7 @@ def test_reload_has_no_table_of_its_own_and_sets_the_attributes_the_table_names(
     prober = reloader.prober
     assert isinstance(reloader, Reloader)
     parts = {"pool": service.pool, "service": service, "prober": prober,
-             "registry": service.registry, "body_memory": service.body_memory}
+             "registry": service.registry, "body_memory": service.body_memory, "vetter": service.vetter}
     for name, how in RELOAD.items():
         part, _, attribute = how.partition(".")
         if attribute and parts[part] is not None:

@@ -12,6 +12,12 @@ L{AGENT_TRANSITIONS}, drawn in docs/states.md), each change logged once::
                          \\--4xx--> rejected --ok--> reporting
     (any) --stop--> draining --drained--> stopped
 
+Before its first report the agent registers (``POST /api/v1/agents``, with
+the management token when one is configured) and keeps the token the
+balancer issues, in memory only; every report carries it as
+``Authorization: Bearer``. A report answered 401 (the balancer restarted and
+forgot it) registers again at once.
+
 While the balancer fails, reports back off exponentially (interval, 2x, 4x
 ... up to ``max_backoff``); the agent never gives up.
 
@@ -113,6 +119,8 @@ class AgentService(Service):
         self._retry_at = 0.0
         self._loop: LoopingCall | None = None
         self._current: Deferred[None] | None = None
+        #: the token the balancer issued at registration (in memory only; a restart registers again)
+        self.agent_token: str | None = None
 
     # -- lifetime ---------------------------------------------------------
 
@@ -183,11 +191,39 @@ class AgentService(Service):
         self._current = d
         return d
 
+    async def _register(self) -> None:
+        """Register with the balancer: its answer holds this agent's token, shown once."""
+        answer = await self._request(
+            "POST", "/api/v1/agents",
+            {"agent_id": self.agent_id, "url": self.external_url, "name": self.config.name},
+            token=self.config.management_token,
+        )
+        token = answer.get("agent_token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token:
+            raise BalancerRejected(502, "the registration answer carries no agent_token")
+        self.agent_token = token
+        self.log.info("agent {agent_id}: registered; the balancer at {balancer} issued its token",
+                      agent_id=self.agent_id, balancer=self._balancer)
+
+    async def _send_report(self, report: dict[str, Any]) -> Any:
+        if self.agent_token is None:
+            await self._register()
+        path = f"/api/v1/agents/{self.agent_id}/report"
+        try:
+            return await self._request("POST", path, report, token=self.agent_token)
+        except BalancerRejected as e:
+            if e.code != 401:
+                raise
+        # The balancer does not know the token (it restarted, or this agent expired): register again.
+        self.agent_token = None
+        await self._register()
+        return await self._request("POST", path, report, token=self.agent_token)
+
     async def _report_once(self) -> None:
         report = await self._read_llamacpp()
         self.last_report = report
         try:
-            answer = await self._request("POST", f"/api/v1/agents/{self.agent_id}/report", report)
+            answer = await self._send_report(report)
         except Exception as e:
             if not self.running:
                 raise CancelledError() from e  # cancelled by stopService: not a balancer failure
@@ -284,11 +320,16 @@ class AgentService(Service):
                 max_backoff=self.config.max_backoff,
             )
 
-    async def _request(self, method: str, path: str, body: Any = None) -> Any:
-        """One management API call with a deadline; the parsed JSON answer, or BalancerRejected."""
+    async def _request(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        """
+        One management API call with a deadline; the parsed JSON answer, or
+        BalancerRejected. C{token}: the bearer token (by default this agent's
+        own, else the management token: either may drain the agent's upstream).
+        """
         headers = {b"content-type": [b"application/json"]}
-        if self.config.management_token:
-            headers[b"authorization"] = [b"Bearer " + self.config.management_token.encode("utf-8")]
+        bearer = token or self.agent_token or self.config.management_token
+        if bearer:
+            headers[b"authorization"] = [b"Bearer " + bearer.encode("utf-8")]
         data = None if body is None else json.dumps(body).encode("utf-8")
 
         async def call() -> Any:

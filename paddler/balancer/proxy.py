@@ -328,7 +328,7 @@ class ProxyResource(Resource):
                 if picked is None:
                     if tried:
                         break
-                    raise NoUpstreamAvailable("no healthy upstream")
+                    raise self._pool.no_healthy_upstream_error()
                 upstream = picked
             exchange.stage = "upstream"
             timings = None

@@ -90,6 +90,9 @@ class Reloader:
         elif how == "probe_interval":
             if service.probes is not None:
                 service.probes.set_interval(value)
+                pool.recheck_interval = value
+                if service.registry is not None:
+                    service.registry.check_every = value
         elif how == "client_limits":
             from paddler.web.descriptors import limits_for
 
@@ -102,10 +105,11 @@ class Reloader:
             parts = {
                 "pool": pool, "service": service, "prober": self.prober,
                 "registry": service.registry, "body_memory": service.body_memory,
+                "vetter": service.vetter,
             }
             part = parts[part_name]
             if part is not None:  # no registry or body budget in this balancer: nothing to set
-                setattr(part, attribute, value)
+                setattr(part, attribute, tuple(value) if isinstance(value, list) else value)
         service.proxy.config = ProxyConfig.from_balancer(new)
 
     def _upstreams(self, old: BalancerConfig, new: BalancerConfig) -> list[str]:

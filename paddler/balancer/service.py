@@ -67,6 +67,10 @@ class BalancerService(MultiService):
         self.instance_id: str | None = None
         self.body_memory: Any = None
         self.sites: list[Any] = []
+        #: Signal handlers to install at start (default: SIGHUP reloads); --workers sets its own.
+        self.signal_handlers: dict[int, Callable[[], object]] = {}
+        #: vets upstream URLs (paddler.fleet.addresses), set by the composition root
+        self.vetter: Any = None
 
     def own_urls(self) -> set[str]:
         """The URLs this balancer's listeners answer at on this host (an upstream there would be itself)."""
@@ -78,10 +82,24 @@ class BalancerService(MultiService):
                 urls |= urls_of(listener.address)
         return urls
 
+    def own_listeners(self) -> list[Any]:
+        """This balancer's bound TCP listeners as L{paddler.fleet.addresses.OwnListener}s."""
+        from paddler.fleet.addresses import own_listener
+
+        found = []
+        for listener in (self.proxy_listener, self.management_listener):
+            address = listener.address if listener is not None else None
+            host, port = getattr(address, "host", None), getattr(address, "port", None)
+            if host is not None and port:
+                found.append(own_listener(host, port))
+        return found
+
     def startService(self) -> None:
         super().startService()
         if self.on_signal is not None:
-            self.on_signal(signal.SIGHUP, self.reload)
+            handlers = self.signal_handlers or {signal.SIGHUP: self.reload}
+            for signum, handler in handlers.items():
+                self.on_signal(signum, handler)
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())

@@ -9,8 +9,15 @@ buffer stays one FIFO. Worker i serves the management API on the management
 port + i (scrape each of them; the fleet figures are the same on all).
 
 Worker 0 supervises the others: one that exits unexpectedly is started
-again (after 1 s, doubling up to 30 s while it keeps failing); stopping
-worker 0 (SIGTERM) stops every worker gracefully and waits for them.
+again (after 1 s, doubling up to 30 s while it keeps failing; a worker that
+ran for L{STEADY} seconds or more before it ended starts the count afresh
+at 1 s); stopping worker 0 (SIGTERM) stops every worker gracefully and
+waits for them.
+
+Reloads act on every worker: SIGHUP on worker 0 reloads it and sends
+SIGUSR1 to every other worker, which reloads on it; SIGHUP on any other
+worker is passed to worker 0 (its parent, named in C{PADDLER_SUPERVISOR_PID}),
+so every worker reloads whichever process got the signal.
 """
 
 from __future__ import annotations
@@ -89,6 +96,28 @@ class ReusePortListeningService(ListeningService):
         self._listening(listening)
 
 
+#: Seconds a worker must run for its restart backoff to start again from 1 s.
+STEADY = 60.0
+#: The environment variable that tells a worker its supervisor's pid.
+SUPERVISOR_PID = "PADDLER_SUPERVISOR_PID"
+
+
+def forward_reload_to_supervisor(environ: Any = os.environ) -> bool:
+    """
+    On a worker: pass a SIGHUP on to worker 0 (which reloads every worker);
+    return whether it was passed (False when this process is not a worker of
+    a living supervisor: then it reloads on its own).
+    """
+    pid = environ.get(SUPERVISOR_PID, "")
+    if not pid.isdigit() or int(pid) != os.getppid():
+        return False
+    try:
+        os.kill(int(pid), signal.SIGHUP)
+    except OSError:
+        return False
+    return True
+
+
 class _WorkerProtocol(ProcessProtocol):
     def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
         self.supervisor = supervisor
@@ -113,6 +142,7 @@ class WorkerSupervisor(Service):
         self.processes: dict[int, tuple[Any, _WorkerProtocol]] = {}
         self._backoff: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
+        self._started_at: dict[int, float] = {}
         self.stopping = False
 
     def startService(self) -> None:
@@ -124,25 +154,43 @@ class WorkerSupervisor(Service):
         self._restarts.pop(index, None)
         protocol = _WorkerProtocol(self, index)
         args = [sys.executable, "-m", "paddler", *self.argv, "--worker-index", str(index)]
+        env = {**os.environ, SUPERVISOR_PID: str(os.getpid())}
         transport = self.reactor.spawnProcess(
-            protocol, sys.executable, args, env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2}
+            protocol, sys.executable, args, env=env, childFDs={0: "w", 1: 1, 2: 2}
         )
         self.processes[index] = (transport, protocol)
+        self._started_at[index] = self.reactor.seconds()
         self.log.info("worker {index} started (pid {pid})", index=index, pid=transport.pid)
 
     def worker_ended(self, index: int, reason: Failure) -> None:
         self.processes.pop(index, None)
         if self.stopping or not self.running:
             return
+        ran = self.reactor.seconds() - self._started_at.pop(index, self.reactor.seconds())
+        if ran >= STEADY:
+            self._backoff.pop(index, None)  # it ran steadily: this is a new failure, not a crash loop
         delay = self._backoff.get(index, 1.0)
         self._backoff[index] = min(30.0, delay * 2)
         self.log.warn(
-            "worker {index} ended unexpectedly ({reason}); starting it again in {delay:g}s",
+            "worker {index} ended unexpectedly after {ran:.1f}s ({reason}); starting it again in {delay:g}s",
             index=index,
             reason=reason.getErrorMessage(),
             delay=delay,
+            ran=ran,
         )
         self._restarts[index] = self.reactor.callLater(delay, self._start, index)
+
+    def reload_workers(self) -> int:
+        """Ask every running worker to reload (SIGUSR1); return how many were asked."""
+        asked = 0
+        for index, (transport, _) in sorted(self.processes.items()):
+            try:
+                transport.signalProcess(signal.SIGUSR1)
+            except Exception:  # already gone: it reads the configuration anew when it starts again
+                continue
+            asked += 1
+        self.log.info("reload: asked {asked} workers to reload too", asked=asked)
+        return asked
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

@@ -125,11 +125,19 @@ class UpstreamPool:
         chooser: ISlotChooser,
         max_buffered: int = BalancerConfig.max_buffered_requests,
         buffer_timeout: float = BalancerConfig.buffered_request_timeout,
+        no_upstream_timeout: float | None = None,
     ) -> None:
         self.clock = clock
         self.chooser = chooser
         self.max_buffered = max_buffered
         self.buffer_timeout = buffer_timeout
+        #: How long a request waits while nothing can serve (paddler.fleet.unserved); None: no
+        #: such limit (the buffer timeout, answered 504 like a busy fleet).
+        self.no_upstream_timeout = no_upstream_timeout
+        #: Agents registered that have not reported yet (they count as "registering").
+        self.registering: Callable[[], int] = lambda: 0
+        #: Seconds until the balancer can learn that an upstream came back (the probe interval).
+        self.recheck_interval = 1.0
         self.upstreams: dict[str, Upstream] = {}
         self._waiters: deque[_Waiter] = deque()
         self._choices = 0
@@ -190,6 +198,8 @@ class UpstreamPool:
             )
             self.chooser.forget(upstream)
             self.notify("removed", upstream)
+            if self._waiters:
+                self._cut_waits_short()
         for waiting in self._removals.pop(upstream_id, []):
             waiting.callback(upstream)
         return upstream
@@ -219,6 +229,8 @@ class UpstreamPool:
                 self.log.failure("pool observer failed")
         self.notify("changed", upstream)
         self.capacity_changed()
+        if changed and self._waiters:
+            self._cut_waits_short()
 
     # -- draining ---------------------------------------------------------
     #
@@ -387,6 +399,10 @@ class UpstreamPool:
         remaining = self.buffer_timeout - (now - started)
         if remaining <= 0:
             return fail(self.buffer_timeout_error())
+        if self.no_upstream_timeout is not None and self.nothing_can_serve():
+            remaining = min(remaining, self.no_upstream_timeout - (now - started))
+            if remaining <= 0:
+                return fail(self.no_healthy_upstream_error(now - started))
         waiter = _Waiter(model, excluded, demand, started, self._leave)
         waiter.timeout_call = self.clock.callLater(remaining, self._expire, waiter)
         self._waiters.append(waiter)
@@ -424,8 +440,41 @@ class UpstreamPool:
 
     def _expire(self, waiter: _Waiter) -> None:
         waiter.timeout_call = None
+        waited = self.clock.seconds() - waiter.enqueued_at
+        if self.no_upstream_timeout is not None and self.nothing_can_serve():
+            self._leave(waiter)
+            waiter.deferred.errback(self.no_healthy_upstream_error(waited))
+            return
+        left = self.buffer_timeout - waited
+        if left > 1e-9:  # cut short while nothing could serve; something can now
+            waiter.timeout_call = self.clock.callLater(left, self._expire, waiter)
+            return
         self._leave(waiter)
         waiter.deferred.errback(self.buffer_timeout_error())
+
+    def nothing_can_serve(self) -> bool:
+        """No upstream healthy, loading or just added, and no agent registering (L{paddler.fleet.unserved})."""
+        from paddler.fleet.unserved import nothing_can_serve
+
+        return nothing_can_serve(self.upstreams.values(), self.registering())
+
+    def no_healthy_upstream_error(self, waited: float = 0.0) -> Any:
+        """The 503 saying why nothing can serve."""
+        from paddler.fleet.unserved import no_healthy_upstream
+
+        return no_healthy_upstream(
+            list(self.upstreams.values()), waited, self.no_upstream_timeout or 0.0, self.recheck_interval
+        )
+
+    def _cut_waits_short(self) -> None:
+        """Nothing can serve any more: the waiters wait at most --no-upstream-timeout from now."""
+        if self.no_upstream_timeout is None or not self.nothing_can_serve():
+            return
+        latest = self.clock.seconds() + self.no_upstream_timeout
+        for waiter in self._waiters:
+            call = waiter.timeout_call
+            if call is not None and call.active() and call.getTime() > latest:
+                call.reset(max(0.0, self.no_upstream_timeout))
 
     def buffer_full_error(self, where: str = "") -> BufferFull:
         """The 503 for a full buffer, with a Retry-After from the rate at which slots free."""

@@ -80,6 +80,18 @@ class HTTPProber:
             lambda seen: self._succeeded(upstream, seen), lambda f: self._failed(upstream, f)
         )
 
+    def read(self, upstream: Upstream) -> Deferred[SlotReading]:
+        """
+        Read C{upstream}'s slots with the probe's deadline and report nothing
+        to the pool: the check of an agent's report (L{paddler.fleet.registry}).
+        Fails with L{ThisBalancer} when the balancer answers itself.
+        """
+        get = client_getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
+        reading = ensureDeferred(read_slots(get, method=upstream.probe_method, mode="slots",
+                                            want_models=False, mark=upstream.probe_mark))
+        reading.addTimeout(self.timeout, self._clock, onTimeoutCancel=_timed_out)
+        return reading
+
     async def _probe(self, upstream: Upstream) -> SlotReading:
         get = client_getter(self._http, upstream.url, upstream.api_key or self.api_key, self.instance_id)
         cache = self._caches.get(upstream.id)

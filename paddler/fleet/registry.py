@@ -11,20 +11,40 @@ request, and it leaves the pool when its last in-flight request finishes.
 A silent agent does not prove its server is down, so a request still running
 there is left to finish (or to fail on its own deadline). If the agent
 reports again before that, the expiry is undone.
+
+Credentials: an agent registers first (L{AgentRegistry.register}, ``POST
+/api/v1/agents``) and gets a token, once; the registry keeps only its
+SHA-256 and compares in constant time (L{AgentRegistry.authenticate}). A
+registration binds the agent id to one upstream URL: the agent may report
+and drain that upstream only. An id stays bound while its agent is alive;
+registering it again needs its token or the management token, or waits
+until the agent's upstream expired (so a restarted agent gets in again
+within one expiry).
+
+Slot checks: an agent upstream is probed by the balancer too (when it can
+reach it). A report whose slots disagree with a fresh probe reading (another
+slot count, or more idle slots than the server's own ``/slots`` showed)
+loses to the probe: the probe's figures are applied, the report is counted
+in L{AgentRegistry.contradicted} and logged at warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from paddler.fleet.pool import UpstreamPool
+from paddler.web.instance import ThisBalancer
 from paddler.fleet.upstream import (
     FailureSeen,
     LoadingSeen,
@@ -39,6 +59,23 @@ from paddler.fleet.upstream import (
 #: An agent may report a longer interval than the balancer's expiry assumes;
 #: it then gets this many of its own intervals.
 MISSED_REPORTS = 3
+
+
+def _contradicts(total: int, processing: int | None, seen_total: int, seen_processing: int | None) -> bool:
+    """
+    Whether claimed slots disagree with the server's own: another slot count,
+    or more idle slots than it showed, beyond what the time between the two
+    readings explains (a quarter of the slots, at least one).
+    """
+    if total != seen_total:
+        return True
+    if processing is None or seen_processing is None:
+        return False
+    return (seen_processing - processing) > max(1, total // 4)
+
+
+#: Seconds at least a registration waits for its first report before it is forgotten.
+PENDING_REGISTRATION = 10.0
 
 
 class RegistryConflict(Exception):
@@ -64,6 +101,32 @@ class AgentReport:
     interval: float | None = None
 
 
+def _digest(token: str | bytes) -> bytes:
+    raw = token.encode("utf-8") if isinstance(token, str) else token
+    return hashlib.sha256(raw).digest()
+
+
+@dataclass
+class AgentCredential:
+    """An agent's registration: the upstream URL it may report and the SHA-256 of its token."""
+
+    agent_id: str
+    url: str
+    name: str
+    digest: bytes
+    registered_at: float
+
+
+class RegistrationRefused(Exception):
+    """A registration that cannot be granted now: C{status} 409 (the id is held) or 403."""
+
+    def __init__(self, status: int, message: str, field: str = "agent_id") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
 @dataclass
 class AgentRecord:
     """One agent the balancer hears from."""
@@ -76,6 +139,15 @@ class AgentRecord:
     error: str | None = None
     expiring: bool = False
     was_draining: bool = False
+    #: the last reading of the server's own /slots (L{AgentRegistry.reader}) and when it came
+    check: Any = None
+    check_at: float = 0.0
+    check_started: float | None = None
+    checking: Any = None
+    claimed_processing: int | None = None
+    check_failures: int = 0
+    claim_applied: bool = False  # the last report's own figures were applied (not the check's)
+    lying: bool = False
 
     def describe(self, now: float) -> dict[str, Any]:
         return {
@@ -100,6 +172,8 @@ class AgentRegistry(Service):
         clock: IReactorTime,
         expiry: float = 3.0,
         report_age: Callable[[str], float | None] | None = None,
+        reader: Callable[[Upstream], Any] | None = None,
+        check_every: float = 1.0,
     ) -> None:
         self.pool = pool
         self.clock = clock
@@ -109,6 +183,20 @@ class AgentRegistry(Service):
         self.report_age = report_age
         self.sweep_interval = max(0.05, min(1.0, expiry / 4))
         self.agents: dict[str, AgentRecord] = {}
+        self.credentials: dict[str, AgentCredential] = {}
+        #: Reports whose slots a fresh probe contradicted, per agent id (and in all).
+        self.contradicted: dict[str, int] = {}
+        self.contradicted_total = 0
+        #: Seconds a probe reading stays fresh enough to check a report against.
+        self.check_age = 3.0
+        #: C{reader(upstream)}: a Deferred of the server's own slot reading (L{HTTPProber.read}), or None.
+        self.reader = reader
+        self.check_every = check_every
+        #: Checks in flight at most, whatever the number of agents (the others wait for a later report).
+        self.max_checks = 32
+        self._checks_running = 0
+        #: URLs found to answer as this balancer: never registered again.
+        self.refused_urls: set[str] = set()
         self._loop: LoopingCall | None = None
         self._unsubscribe: Any = None
 
@@ -131,6 +219,10 @@ class AgentRegistry(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        for record in self.agents.values():
+            if record.checking is not None:
+                checking, record.checking = record.checking, None
+                checking.cancel()
 
     def _on_pool_event(self, event: str, upstream: Upstream | None) -> None:
         if event != "removed" or upstream is None:
@@ -138,6 +230,79 @@ class AgentRegistry(Service):
         for record in list(self.agents.values()):
             if record.upstream_id == upstream.id:
                 del self.agents[record.agent_id]
+                self.credentials.pop(record.agent_id, None)
+                self.contradicted.pop(record.agent_id, None)
+
+    # -- credentials ------------------------------------------------------
+
+    def register(self, agent_id: str, url: str, name: str, proof: str | bytes | None = None,
+                 admin: bool = False) -> str:
+        """
+        Bind C{agent_id} to C{url} and return its new token (shown once).
+        An id already held by a live agent is given again only with its
+        current token (C{proof}) or by an operator (C{admin}); otherwise
+        L{RegistrationRefused} (409).
+        """
+        url = normalise_url(url)
+        held = self.credentials.get(agent_id)
+        if held is not None and not admin and self._alive_or_pending(held):
+            if proof is None or not hmac.compare_digest(_digest(proof), held.digest):
+                raise RegistrationRefused(
+                    409,
+                    f"agent id {agent_id!r} is registered and its agent is alive; register again with "
+                    "its token, with the management token, or once its upstream expired",
+                )
+        for other in self.credentials.values():
+            if other.agent_id != agent_id and other.url == url and self._alive_or_pending(other):
+                raise RegistrationRefused(409, f"url {url} is registered by agent {other.agent_id!r}", "url")
+        token = secrets.token_urlsafe(32)
+        previous = self.credentials.get(agent_id)
+        self.credentials[agent_id] = AgentCredential(agent_id, url, name, _digest(token), self.clock.seconds())
+        record = self.agents.get(agent_id)
+        if previous is not None and record is not None and previous.url != url:
+            self.log.info("agent {agent_id} registered {url} instead; retiring its previous upstream",
+                          agent_id=agent_id, url=url)
+            del self.agents[agent_id]
+            self.pool.remove_when_idle(record.upstream_id)
+        self.log.info("agent {agent_id} registered for {name} at {url}", agent_id=agent_id, name=name, url=url)
+        return token
+
+    def _alive_or_pending(self, credential: AgentCredential) -> bool:
+        """Whether a registration still holds its id: its agent reports, or registered lately."""
+        record = self.agents.get(credential.agent_id)
+        if record is not None:
+            return not record.expiring
+        return self.clock.seconds() - credential.registered_at <= self.pending_for
+
+    @property
+    def pending_for(self) -> float:
+        """Seconds a registration without a report holds its id (the agent's first report is on its way)."""
+        return max(self.expiry, PENDING_REGISTRATION)
+
+    def registering(self) -> int:
+        """Agents registered lately that have not reported yet (their upstream is on its way)."""
+        now = self.clock.seconds()
+        return sum(
+            1 for c in self.credentials.values()
+            if c.agent_id not in self.agents and now - c.registered_at <= self.pending_for
+        )
+
+    def authenticate(self, agent_id: str, token: bytes) -> AgentCredential | None:
+        """The registration C{token} belongs to if it is C{agent_id}'s; C{None} otherwise (constant time)."""
+        digest = _digest(token)
+        credential = self.credentials.get(agent_id)
+        if credential is not None and hmac.compare_digest(digest, credential.digest):
+            return credential
+        return None
+
+    def token_owner(self, token: bytes) -> AgentCredential | None:
+        """The registration whose token C{token} is, if any (to tell "another agent's id" from "no token")."""
+        digest = _digest(token)
+        found = None
+        for credential in self.credentials.values():
+            if hmac.compare_digest(digest, credential.digest):
+                found = credential
+        return found
 
     # -- reports ----------------------------------------------------------
 
@@ -185,6 +350,7 @@ class AgentRegistry(Service):
                 "agent {agent_id} reports {name} at {url}", agent_id=agent_id, name=report.name, url=url
             )
         record.name = report.name
+        record.claimed_processing = report.slots_processing
         record.last_report_at = now
         record.interval = report.interval
         record.error = report.error
@@ -198,8 +364,121 @@ class AgentRegistry(Service):
 
         if existing is None:
             self.pool.add(upstream)
-        self.pool.observe(upstream, self._observation(report, upstream))
+        observation = self._observation(report, upstream)
+        if isinstance(observation, SlotsSeen):
+            observation = self._checked(record, report, upstream, observation)
+        self.pool.observe(upstream, observation)
+        self._check_soon(record, upstream)
         return upstream
+
+    def metrics(self) -> Any:
+        """The Prometheus families of the registry (scraped with the rest)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        contradicted = CounterMetricFamily(
+            "paddler_agent_reports_contradicted",
+            "Agent reports whose slots the server's own /slots contradicted (the balancer's reading was used).",
+            labels=["agent_id"],
+        )
+        for agent_id, count in sorted(self.contradicted.items()):
+            contradicted.add_metric([agent_id], count)
+        yield contradicted
+        yield CounterMetricFamily(
+            "paddler_agent_reports_contradicted_all",
+            "Agent reports contradicted by the server's own /slots, all agents (also those gone).",
+            value=self.contradicted_total,
+        )
+        yield GaugeMetricFamily(
+            "paddler_agents_registered", "Agents holding a registration (token).", value=len(self.credentials)
+        )
+
+    # -- checking reports against the server's own /slots -------------------
+
+    def _checked(self, record: AgentRecord, report: AgentReport, upstream: Upstream,
+                 claimed: SlotsSeen) -> SlotsSeen:
+        """The report's slots, or the fresh probe reading's when they disagree (counted and logged)."""
+        reading = record.check
+        record.claim_applied = True
+        if reading is None or self.clock.seconds() - record.check_at > self.check_age:
+            return claimed
+        if not _contradicts(report.slots_total, report.slots_processing, reading.total, reading.processing):
+            record.lying = False
+            return claimed
+        record.claim_applied = False
+        self._contradicted(record, upstream, report.slots_total, report.slots_processing, reading)
+        return SlotsSeen(reading.total, reading.processing, reading.mark, source="agent",
+                         models=report.models or None)
+
+    def _contradicted(self, record: AgentRecord, upstream: Upstream, total: int, processing: int,
+                      reading: Any) -> None:
+        self.contradicted[record.agent_id] = self.contradicted.get(record.agent_id, 0) + 1
+        self.contradicted_total += 1
+        if not record.lying:
+            record.lying = True
+            self.log.warn(
+                "agent {agent_id} reports {idle} of {total} slots idle on {name} ({url}), but its "
+                "/slots shows {seen_idle} of {seen_total}: the balancer's own reading is used",
+                agent_id=record.agent_id, idle=total - processing, total=total, name=upstream.name,
+                url=upstream.url, seen_idle=reading.total - min(reading.total, reading.processing or 0),
+                seen_total=reading.total,
+            )
+
+    def _check_soon(self, record: AgentRecord, upstream: Upstream) -> None:
+        """Read the server's /slots in the background (one read at a time, at most every check_every s)."""
+        if self.reader is None or record.checking is not None or self._checks_running >= self.max_checks:
+            return
+        now = self.clock.seconds()
+        # a server the balancer cannot read is asked less and less often (up to 64 intervals)
+        every = self.check_every * 2 ** min(record.check_failures, 6)
+        if record.check_started is not None and now - record.check_started < every:
+            return
+        record.check_started = now
+        self._checks_running += 1
+        d = self.reader(upstream)
+        record.checking = d
+        d.addBoth(self._check_done)
+
+        def read(reading: Any) -> None:
+            record.checking = None
+            record.check_failures = 0
+            record.check, record.check_at = reading, self.clock.seconds()
+            if self.agents.get(record.agent_id) is not record or self.pool.upstreams.get(upstream.id) is not upstream:
+                return
+            # A lie already applied (no fresh reading when it came) loses at once, not at the next
+            # report; it is counted once, here.
+            if record.claim_applied and upstream.state is UpstreamState.HEALTHY and _contradicts(
+                upstream.slots_total, record.claimed_processing, reading.total, reading.processing
+            ):
+                record.claim_applied = False
+                self._contradicted(record, upstream, upstream.slots_total, record.claimed_processing or 0, reading)
+                self.pool.observe(upstream, SlotsSeen(reading.total, reading.processing, reading.mark,
+                                                      source="agent"))
+
+        def failed(failure: Any) -> None:
+            record.checking = None
+            record.check = None
+            if not failure.check(CancelledError):
+                record.check_failures += 1
+            if failure.check(ThisBalancer):
+                self._this_balancer(record, upstream)
+            # otherwise: the balancer cannot read it itself; the agent's word stands
+
+        d.addCallbacks(read, failed)
+        d.addErrback(lambda f: self.log.failure("check of agent {agent_id} failed", f, agent_id=record.agent_id))
+
+    def _check_done(self, result: Any) -> Any:
+        self._checks_running -= 1
+        return result
+
+    def _this_balancer(self, record: AgentRecord, upstream: Upstream) -> None:
+        self.log.warn(
+            "agent {agent_id} reports {url}, which answers as this balancer itself: removed, and "
+            "its registration is refused from now on", agent_id=record.agent_id, url=upstream.url,
+        )
+        self.refused_urls.add(upstream.url)
+        self.credentials.pop(record.agent_id, None)
+        self.agents.pop(record.agent_id, None)
+        self.pool.remove(upstream.id)
 
     @staticmethod
     def _observation(report: AgentReport, upstream: Upstream) -> Observation:
@@ -235,8 +514,11 @@ class AgentRegistry(Service):
             self.log.failure("agent expiry sweep failed")
 
     def sweep(self) -> None:
-        """Retire the upstreams of agents silent for longer than their expiry."""
+        """Retire the upstreams of agents silent for longer than their expiry (and unused registrations)."""
         now = self.clock.seconds()
+        for credential in list(self.credentials.values()):
+            if credential.agent_id not in self.agents and now - credential.registered_at > self.pending_for:
+                del self.credentials[credential.agent_id]  # registered, never reported
         for record in list(self.agents.values()):
             if record.expiring:
                 if self.pool.removal_pending(record.upstream_id):

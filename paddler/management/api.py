@@ -10,14 +10,20 @@ Routes (JSON in and out, documented in docs/management.md)::
     POST   /api/v1/upstreams/{id}/drain
     POST   /api/v1/upstreams/{id}/undrain
     GET    /api/v1/agents
-    POST   /api/v1/agents/{agent_id}/report
+    POST   /api/v1/agents                         register {agent_id, url, name}: 201 with its token
+    POST   /api/v1/agents/{agent_id}/report       Authorization: Bearer AGENT_TOKEN
 
 ``{id}`` is an upstream's id, name or URL. POST and DELETE need
-``Authorization: Bearer TOKEN`` when a token is configured.
+``Authorization: Bearer TOKEN`` when a management token is configured; a
+report always needs its agent's own token (issued once by the registration),
+and that token may also drain, undrain and delete the agent's own upstream.
+Every URL is vetted first (L{paddler.fleet.addresses}): the balancer itself,
+link-local and metadata addresses are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +34,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from paddler.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, error_response, json_response
+from paddler.fleet.addresses import AddressVetter, UpstreamRefused, Vetted, canonical_url
 from paddler.fleet.pool import UpstreamPool
-from paddler.fleet.registry import AgentRegistry, RegistryConflict
+from paddler.fleet.registry import AgentCredential, AgentRegistry, RegistrationRefused, RegistryConflict
 from paddler.fleet.upstream import Upstream, upstream_id
 from paddler.management.validation import (
     MAX_NAME,
@@ -67,6 +74,7 @@ class ManagementAPI:
         token: str | None = None,
         register_wait: float = REGISTER_WAIT,
         own_urls: Callable[[], set[str]] | None = None,
+        vetter: AddressVetter | None = None,
     ) -> None:
         self.pool = pool
         self.registry = registry
@@ -75,6 +83,29 @@ class ManagementAPI:
         self._token = token.encode("utf-8") if token else None
         self.register_wait = register_wait
         self.own_urls = own_urls or set
+        #: vets every URL before it becomes an upstream (no resolver: names are taken as given)
+        self.vetter = vetter if vetter is not None else AddressVetter(clock)
+
+    def _vetted(self, url: str) -> Deferred[Vetted]:
+        """C{url} vetted (canonical form), or failing with the 400/403 that says why."""
+        self._not_this_balancer(url)
+
+        def refused(failure: Any) -> None:
+            failure.trap(UpstreamRefused)
+            error = failure.value
+            self.log.warn("refused upstream url {url}: {reason}", url=url, reason=error.message)
+            if error.status == 403:
+                raise Forbidden(error.message, param="url")
+            raise BadRequest(error.message, param="url")
+
+        def canonical_not_itself(vetted: Vetted) -> Vetted:
+            self._not_this_balancer(vetted.url)
+            return vetted
+
+        d = self.vetter.vet(url)
+        d.addErrback(refused)
+        d.addCallback(canonical_not_itself)
+        return d
 
     def _not_this_balancer(self, url: str) -> None:
         """Refuse C{url} when it is one of this balancer's own listeners."""
@@ -91,21 +122,67 @@ class ManagementAPI:
             request, status, body, {b"content-type": b"application/json", b"cache-control": b"no-store"}
         )
 
-    def _authorize(self, request: Any) -> None:
-        self._refuse_cross_site(request)
-        if self._token is None:
-            return
+    @staticmethod
+    def _bearer(request: Any) -> bytes | None:
         # Bytes throughout: the agent sends the token UTF-8 encoded.
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
         if scheme.lower() != b"bearer" or not given.strip():
+            return None
+        return given.strip()[:4096]
+
+    def _is_admin(self, given: bytes | None) -> bool:
+        return self._token is not None and given is not None and hmac.compare_digest(given, self._token)
+
+    def _authorize(self, request: Any, upstream: Upstream | None = None) -> None:
+        """
+        The management token (when one is configured), or, for C{upstream},
+        the token of the agent that registered it.
+        """
+        self._refuse_cross_site(request)
+        if self._token is None:
+            return
+        given = self._bearer(request)
+        if given is None:
             raise Unauthorized(
                 "this call needs Authorization: Bearer <management token>",
                 headers={b"www-authenticate": b'Bearer realm="paddler"'},
                 param="authorization",
             )
-        if not hmac.compare_digest(given.strip(), self._token):
-            raise Forbidden("the management token is not valid", param="authorization")
+        if self._is_admin(given):
+            return
+        if upstream is not None:
+            owner = self.registry.token_owner(given)
+            if owner is not None and upstream_id(owner.url) == upstream.id:
+                return
+        raise Forbidden("the management token is not valid", param="authorization")
+
+    def _agent(self, request: Any, agent_id: str) -> AgentCredential:
+        """The registration of C{agent_id}, if the request carries its token (else 401/403)."""
+        self._refuse_cross_site(request)
+        given = self._bearer(request)
+        if given is None:
+            raise Unauthorized(
+                "an agent report needs Authorization: Bearer <agent token>; an agent gets its token "
+                "from POST /api/v1/agents (registration)",
+                headers={b"www-authenticate": b'Bearer realm="paddler-agent"'},
+                param="authorization",
+            )
+        credential = self.registry.authenticate(agent_id, given)
+        if credential is not None:
+            return credential
+        owner = self.registry.token_owner(given)
+        if owner is not None:
+            raise Forbidden(
+                f"this token belongs to agent {owner.agent_id!r}: an agent may report only for itself",
+                param="agent_id",
+            )
+        raise Unauthorized(
+            f"no agent {agent_id!r} is registered with this token (the balancer may have restarted, "
+            "or the agent expired): register again with POST /api/v1/agents",
+            headers={b"www-authenticate": b'Bearer realm="paddler-agent", error="invalid_token"'},
+            param="authorization",
+        )
 
     @staticmethod
     def _refuse_cross_site(request: Any) -> None:
@@ -177,7 +254,14 @@ class ManagementAPI:
         name = string_field(body, "name", required=True, max_length=MAX_NAME)
         api_key = string_field(body, "api_key", required=False)
         assert name is not None
-        self._not_this_balancer(url)
+        d = self._vetted(url)
+        d.addCallback(lambda vetted: self._register_vetted(request, body, vetted.url, name, api_key))
+        return d
+
+    def _register_vetted(self, request: Any, body: dict[str, Any], url: str, name: str,
+                         api_key: str | None) -> Any:
+        if url in self.registry.refused_urls:
+            raise BadRequest(f"url {url} answered as this balancer itself, not a llama.cpp server", param="url")
         existing = self.pool.upstreams.get(upstream_id(url))
         if existing is not None:
             if existing.source == "agent":
@@ -220,7 +304,7 @@ class ManagementAPI:
 
     @app.route("/api/v1/upstreams/<path:key>", methods=["DELETE"])
     def delete(self, request: Any, key: str) -> bytes:
-        self._authorize(request)
+        self._authorize(request, self.pool.find(key))
         force = flag_argument(request, b"force")
         upstream = self._upstream(key)
         if force:
@@ -234,23 +318,78 @@ class ManagementAPI:
 
     @app.route("/api/v1/upstreams/<path:key>/drain", methods=["POST"])
     def drain(self, request: Any, key: str) -> bytes:
-        self._authorize(request)
+        self._authorize(request, self.pool.find(key))
         upstream = self._upstream(key)
         self.pool.drain(upstream.id, requested=True)
         return self._json(request, 200, self._describe(upstream))
 
     @app.route("/api/v1/upstreams/<path:key>/undrain", methods=["POST"])
     def undrain(self, request: Any, key: str) -> bytes:
-        self._authorize(request)
+        self._authorize(request, self.pool.find(key))
         upstream = self._upstream(key)
         self.pool.undrain(upstream.id)
         return self._json(request, 200, self._describe(upstream))
 
+    @app.route("/api/v1/agents", methods=["POST"])
+    def register_agent(self, request: Any) -> Any:
+        """
+        Register an agent: C{{agent_id, url, name}}. Needs the management token
+        when one is configured; without one, an id held by a live agent is
+        given again only to a request carrying that agent's current token.
+        Answers 201 with C{agent_token}, shown this once.
+        """
+        self._authorize(request)
+        body = json_object(request)
+        unknown = sorted(set(body) - {"agent_id", "url", "name"})
+        if unknown:
+            raise BadRequest(
+                f"unknown field {unknown[0][:100]!r} (allowed: agent_id, url, name)", param=unknown[0][:100]
+            )
+        raw_id = string_field(body, "agent_id", required=True, max_length=64)
+        assert raw_id is not None
+        agent_id = checked_agent_id(raw_id)
+        url = url_field(body, "url")
+        name = string_field(body, "name", required=True, max_length=MAX_NAME)
+        assert name is not None
+        admin = self._is_admin(self._bearer(request))
+        proof = None if admin else self._bearer(request)
+        d = self._vetted(url)
+        d.addCallback(lambda vetted: self._agent_registered(request, agent_id, vetted.url, name, proof, admin))
+        return d
+
+    def _agent_registered(self, request: Any, agent_id: str, url: str, name: str,
+                          proof: bytes | None, admin: bool) -> bytes:
+        if url in self.registry.refused_urls:
+            raise BadRequest(f"url {url} answered as this balancer itself, not a llama.cpp server", param="url")
+        existing = self.pool.upstreams.get(upstream_id(url))
+        if existing is not None and existing.source != "agent":
+            raise Conflict(f"url {url} is already registered as {existing.name!r} (source {existing.source})",
+                           param="url")
+        try:
+            token = self.registry.register(agent_id, url, name, proof=proof, admin=admin)
+        except RegistrationRefused as e:
+            raise Conflict(e.message, param=e.field) from None
+        return self._json(request, 201, {
+            "agent_id": agent_id,
+            "agent_token": token,
+            "upstream_id": upstream_id(url),
+            "url": url,
+            "expiry": self.registry.expiry,
+        })
+
     @app.route("/api/v1/agents/<agent_id>/report", methods=["POST"])
     def report(self, request: Any, agent_id: str) -> bytes:
-        self._authorize(request)
         checked_agent_id(agent_id)
+        credential = self._agent(request, agent_id)
         report = agent_report(json_object(request))
+        url = canonical_url(report.url)
+        if url != credential.url:
+            raise Forbidden(
+                f"agent {agent_id!r} registered {credential.url} and may report only that upstream "
+                "(register again to change it)",
+                param="url",
+            )
+        report = dataclasses.replace(report, url=url)
         self._not_this_balancer(report.url)
         try:
             upstream = self.registry.report(agent_id, report)

@@ -68,6 +68,7 @@ from paddler.errors import (
     body_memory_full,
 )
 from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
+from paddler.web import flush
 from paddler.web.http1 import ChunkedScanner, FramingError
 from paddler.web.instance import INSTANCE_HEADER
 from paddler.web.target import TargetRejected, check_visible
@@ -184,6 +185,7 @@ class GuardedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        flush.hook(self.transport)  # a turn's writes in one send (plain TCP only)
         self._client = client_address(self.transport.getPeer()) if self.transport is not None else None
         self.site.connection_opened(self._client)
 

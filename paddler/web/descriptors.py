@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Descriptors kept for everything but client connections: logs, listeners,
-#: probes, idle upstream connections, the body of a reload...
+#: Most descriptors kept for everything but client connections: logs, listeners,
+#: probes, idle upstream connections, the body of a reload... A low limit keeps a
+#: quarter of itself (L{reserved_descriptors}): 256 of 256 left one connection.
 RESERVED_DESCRIPTORS = 256
+
+
+def reserved_descriptors(limit: int) -> int:
+    """The descriptors kept for the rest under an open-files C{limit}: min(256, limit // 4)."""
+    return min(RESERVED_DESCRIPTORS, max(0, limit) // 4)
 
 
 def open_files_limit() -> int | None:
@@ -54,11 +60,29 @@ def fit_connection_cap(cap: int, limit: int | None, per_connection: int = 3) -> 
     The largest cap at most C{cap} that fits under C{limit} open files: each
     connection of the proxy listener may take two descriptors (client and
     upstream) and one of the management listener one, so C{per_connection}
-    descriptors per unit of the cap, after L{RESERVED_DESCRIPTORS}.
+    descriptors per unit of the cap, after L{reserved_descriptors}.
     """
     if limit is None:
         return cap
-    return max(1, min(cap, (limit - RESERVED_DESCRIPTORS) // per_connection))
+    return max(1, min(cap, (limit - reserved_descriptors(limit)) // per_connection))
+
+
+def cap_explained(cap: int, limit: int | None, per_connection: int = 3) -> str:
+    """Why the connection cap is what it is, for the start-up log."""
+    fitted = fit_connection_cap(cap, limit, per_connection)
+    if limit is None:
+        return f"connection cap {fitted} per listener (--max-connections; no open-files limit)"
+    reserve = reserved_descriptors(limit)
+    if fitted < cap:
+        return (
+            f"connection cap {fitted} per listener, lowered from --max-connections {cap}: the open-files "
+            f"limit is {limit}, {reserve} are kept for listeners, probes and logs (min(256, limit/4)), "
+            f"and each connection may take {per_connection}"
+        )
+    return (
+        f"connection cap {fitted} per listener (--max-connections); the open-files limit {limit} "
+        f"allows {(limit - reserve) // per_connection} after keeping {reserve} for the rest"
+    )
 
 
 def limits_for(config: Any, open_files: int | None) -> Any:

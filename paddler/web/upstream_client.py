@@ -53,6 +53,7 @@ from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, 
 from zope.interface import implementer
 
 from paddler.interfaces import IUpstreamBody, IUpstreamClient
+from paddler.web import flush
 from paddler.web.endpoints import CachingEndpointFactory
 from paddler.web.http1 import (
     MAX_HEAD,
@@ -136,6 +137,7 @@ class UpstreamConnection(Protocol):
         self.lost = False
 
     def connectionMade(self) -> None:
+        flush.hook(self.transport)
         connected, self._connected = self._connected, None
         if connected is not None:
             connected.callback(self)

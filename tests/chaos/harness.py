@@ -465,3 +465,80 @@ __all__ = [
     "parse_response", "raw_exchange", "report", "rss_mib", "scaled", "start_balancer", "summary", "threads_of",
     "upstreams", "wait_for", "free_port", "get_json",
 ]
+
+
+class LyingAgent:
+    """
+    A script with a real agent token that lies: it registers one simulator and reports it with
+    C{claimed} idle slots out of C{claimed}, every C{every} seconds, in a thread. Meanwhile it
+    tries to register the balancer's own proxy port under other spellings (each must be 400).
+    """
+
+    def __init__(self, management: str, sim: Simulated, proxy_port: int, claimed: int = 50,
+                 every: float = 0.05) -> None:
+        self.management = management
+        self.sim = sim
+        self.proxy_port = proxy_port
+        self.claimed = claimed
+        self.every = every
+        self.statuses: Counter[int] = Counter()
+        self.alias_statuses: Counter[int] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.token: str | None = None
+
+    def register(self) -> None:
+        answer = call(self.management, "POST", "/api/v1/agents",
+                      {"agent_id": "liar", "name": "liar", "url": self.sim.url})
+        assert answer.status == 201, answer
+        self.token = answer.body["agent_token"]
+
+    def __enter__(self) -> LyingAgent:
+        self.register()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        aliases = [f"http://127.1:{self.proxy_port}", f"http://[::ffff:127.0.0.1]:{self.proxy_port}",
+                   f"http://2130706433:{self.proxy_port}", f"http://0x7f.0.0.1:{self.proxy_port}"]
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            lie = {"name": "liar", "url": self.sim.url, "slots_idle": self.claimed, "slots_processing": 0}
+            answer = _authorized(self.management, "/api/v1/agents/liar/report", lie, self.token)
+            self.statuses[answer] += 1
+            if answer == 401:  # expired meanwhile (its server was killed): register again
+                try:
+                    self.register()
+                except AssertionError:
+                    pass
+            if n % 10 == 0:
+                alias = aliases[(n // 10) % len(aliases)]
+                got = call(self.management, "POST", "/api/v1/agents",
+                           {"agent_id": f"alias-{n}", "name": f"alias-{n}", "url": alias})
+                self.alias_statuses[got.status] += 1
+            self._stop.wait(self.every)
+
+
+def _authorized(base: str, path: str, payload: Any, token: str | None) -> int:
+    """POST C{payload} with a bearer token; the status (0 when nothing came back)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        base + path, data=json.dumps(payload).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        e.read()
+        return int(e.code)
+    except OSError:
+        return 0

@@ -39,20 +39,44 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
     fds_before, rss_before = open_fds(pid), rss_mib(pid)
     port = int(management.rsplit(":", 1)[1])
     statuses: dict[int, int] = {}
+    reregistered = [0]
     lock = threading.Lock()
 
     def agent_range(first: int, last: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # kept alive, like an agent's
+        tokens = {}
+
+        def register(i: int) -> None:
+            conn.request("POST", "/api/v1/agents", json.dumps({
+                "agent_id": f"agent-{i}", "name": f"gpu-{i}", "url": f"http://10.{i // 250}.{i % 250}.1:8080",
+            }), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            tokens[i] = json.loads(response.read())["agent_token"]
+            with lock:
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        for i in range(first, last):  # each agent registers first and gets its token
+            register(i)
         for _ in range(rounds):
             for i in range(first, last):
                 report_body = {
                     "name": f"gpu-{i}", "url": f"http://10.{i // 250}.{i % 250}.1:8080",
-                    "slots_idle": 3, "slots_processing": 1, "model": "m.gguf", "interval": 1,
+                    "slots_idle": 3, "slots_processing": 1, "model": "m.gguf", "interval": 2,
                 }
                 conn.request("POST", f"/api/v1/agents/agent-{i}/report", json.dumps(report_body),
-                             {"Content-Type": "application/json"})
+                             {"Content-Type": "application/json", "Authorization": f"Bearer {tokens[i]}"})
                 response = conn.getresponse()
                 response.read()
+                if response.status == 401:
+                    # its host expired between two reports on a busy machine (and with it the
+                    # token): register again and report, as paddler agent does
+                    with lock:
+                        reregistered[0] += 1
+                    register(i)
+                    conn.request("POST", f"/api/v1/agents/agent-{i}/report", json.dumps(report_body),
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {tokens[i]}"})
+                    response = conn.getresponse()
+                    response.read()
                 with lock:
                     statuses[response.status] = statuses.get(response.status, 0) + 1
         conn.close()
@@ -64,7 +88,7 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
     for thread in threads:
         thread.join(120)
     seconds = time.monotonic() - started
-    assert statuses == {200: count * rounds}, statuses
+    assert statuses == {201: count + reregistered[0], 200: count * rounds}, statuses
     fleet = upstreams(management)
     assert len(fleet) == count and all(u["state"] == "healthy" and u["slots_total"] == 4 for u in fleet)
     _, health = get_json(proxy + "/health")
@@ -78,11 +102,12 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
     assert call(management, "GET", "/api/v1/state").kind == "completed"
     rss_registered = rss_mib(pid)
     expiry_started = time.monotonic()
-    wait_for(lambda: upstreams(management) == [], 15, "every silent agent's host removed")
+    wait_for(lambda: upstreams(management) == [], 25, "every silent agent's host removed")
     expiry = time.monotonic() - expiry_started
     report(
         "registration_500", agents=count, reports=count * rounds, seconds=round(seconds, 2),
         reports_per_second=round(count * rounds / seconds), expired_in_seconds=round(expiry, 2),
+        registered_again=reregistered[0],
         fds_before=fds_before, rss_before_mib=round(rss_before, 1), rss_with_500_mib=round(rss_registered, 1),
         rss_after_mib=round(rss_mib(pid), 1), metrics_scrape_bytes=len(scrape),
     )
@@ -94,9 +119,13 @@ def test_five_hundred_agents_register_report_and_expire_and_the_balancer_refuses
     for url in (proxy, proxy.replace("127.0.0.1", "localhost"), management):
         answer = call(management, "POST", "/api/v1/upstreams", {"url": url, "name": "me"})
         assert answer.status == 400 and "this balancer itself" in answer.detail, answer
-    agent_report = {"name": "me", "url": proxy, "slots_idle": 4, "slots_processing": 0}
-    answer = call(management, "POST", "/api/v1/agents/a1/report", agent_report)
-    assert answer.status == 400 and answer.body["error"]["param"] == "url"
+    proxy_port = proxy.rsplit(":", 1)[1]
+    for url in (proxy, f"http://127.1:{proxy_port}", f"http://[::ffff:127.0.0.1]:{proxy_port}",
+                f"http://2130706433:{proxy_port}"):
+        answer = call(management, "POST", "/api/v1/agents", {"agent_id": "a1", "name": "me", "url": url})
+        assert answer.status == 400 and answer.body["error"]["param"] == "url", answer
+    answer = call(management, "POST", "/api/v1/upstreams", {"url": "http://169.254.169.254", "name": "meta"})
+    assert answer.status == 403 and "--allow-upstream-network" in answer.detail, answer
     assert upstreams(management) == []
 
     port = free_port()

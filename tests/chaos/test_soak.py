@@ -2,7 +2,10 @@
 
 Four simulated servers (two configured, two behind their own agents), a
 balancer, and clients sending streams, whole completions, model lists and
-health checks; both agents' hosts register (no 500 for the second one).
+health checks; both agents' hosts register (no 500 for the second one). A fifth server is
+reported by a lying agent (a real token, 50 idle slots every 50 ms): its
+slots stay the server's own, and its tries to register the balancer's own
+port under other spellings are all refused.
 Meanwhile, at random (seeded): a server is killed with
 SIGKILL and restarted on its port (at another speed, so some are slow), a
 server is frozen with SIGSTOP and thawed, an agent is killed and restarted
@@ -27,6 +30,7 @@ import pytest
 from .harness import (
     AgentProc,
     Load,
+    LyingAgent,
     Sampler,
     Simulated,
     free_port,
@@ -71,6 +75,13 @@ def test_soak_with_kills_freezes_and_agent_restarts_loses_no_request(procs):
     assert sorted(u["name"] for u in upstreams(management) if u["source"] == "agent") == ["a2", "a3"]
     pid = balancer.process.pid
 
+    # a lying agent (a real token, 50 of 50 slots idle every 50 ms) for a fifth server with 2 slots,
+    # which also tries to register the balancer's own port under other spellings
+    liar_sim = Simulated(procs, free_port(), 2, 40)
+    liar_sim.start()
+    liar_sim.wait_up()
+    liar = LyingAgent(management, liar_sim, int(proxy.rsplit(":", 1)[1]))
+
     time.sleep(0.5)
     ports = {int(proxy.rsplit(":", 1)[1])}
     fds_before, rss_before, held_before = open_fds(pid), rss_mib(pid), held(pid, ports)
@@ -78,7 +89,7 @@ def test_soak_with_kills_freezes_and_agent_restarts_loses_no_request(procs):
     events: list[tuple[float, str]] = []
     kills = freezes = agent_kills = agent_terms = 0
     started = time.monotonic()
-    with Sampler(pid) as sampled, Load(proxy, CLIENTS, seed=2) as load:
+    with Sampler(pid) as sampled, Load(proxy, CLIENTS, seed=2) as load, liar:
         while time.monotonic() - started < DURATION:
             time.sleep(rng.uniform(0.3, 1.2))
             action = rng.choice(["kill", "kill", "freeze", "agent_kill", "agent_term"])
@@ -115,7 +126,20 @@ def test_soak_with_kills_freezes_and_agent_restarts_loses_no_request(procs):
         for sim in sims:
             if sim.stopped:
                 sim.signal(signal.SIGCONT)
+        lied_about = [u for u in upstreams(management) if u["url"] == liar_sim.url]
     outcomes = load.outcomes
+    # the lie lost to the server's own /slots: 2 slots, never 50; counted; every alias refused
+    assert lied_about and lied_about[0]["slots_total"] == 2, lied_about
+    assert liar.statuses[200] > 0 and set(liar.statuses) <= {200, 401}, liar.statuses
+    assert liar.alias_statuses and set(liar.alias_statuses) == {400}, liar.alias_statuses
+    import urllib.request
+
+    with urllib.request.urlopen(management + "/metrics", timeout=5) as response:
+        scrape = response.read().decode()
+    contradicted = [line for line in scrape.splitlines()
+                    if line.startswith('paddler_agent_reports_contradicted_total{agent_id="liar"}')]
+    assert contradicted and float(contradicted[0].split()[-1]) > 0, contradicted
+    wait_for(lambda: all(u["url"] != liar_sim.url for u in upstreams(management)), 10, "the liar's host expired")
 
     # the fleet settles: every server up and healthy, nothing held anywhere
     for sim in sims:
@@ -143,7 +167,7 @@ def test_soak_with_kills_freezes_and_agent_restarts_loses_no_request(procs):
     figures = summary(outcomes)
     report(
         "soak", seconds=round(DURATION), kills=kills, freezes=freezes, agent_kills=agent_kills,
-        agent_terms=agent_terms, **figures, fds_before=fds_before, fds_after=fds_after,
+        agent_terms=agent_terms, lies=liar.statuses[200], aliases_refused=liar.alias_statuses[400], **figures, fds_before=fds_before, fds_after=fds_after,
         fds_peak=max(sampled.fds, default=0), rss_before_mib=round(rss_before, 1),
         rss_after_mib=round(rss_after, 1), rss_peak_mib=round(max(sampled.rss, default=0), 1),
         settle_seconds=round(settle_seconds, 2),
