@@ -35,7 +35,9 @@ from paddler.settings import (
     settings_of,
 )
 
-__all__ = ["AgentConfig", "BalancerConfig", "ConfigError", "SimulateConfig", "UpstreamSpec", "build_config"]
+__all__ = [
+    "AgentConfig", "BalancerConfig", "ConfigError", "LoggingConfig", "SimulateConfig", "UpstreamSpec", "build_config",
+]
 
 
 @dataclass(frozen=True)
@@ -133,38 +135,42 @@ SECRET = Text(max_length=4096)
 class BalancerConfig:
     """Every balancer setting, with its safe default."""
 
-    listen: str = setting("tcp:8086:interface=127.0.0.1", "Proxy endpoint string.", Endpoint(), short="l")
+    listen: str = setting("tcp:8086:interface=127.0.0.1", "Proxy endpoint string.", Endpoint(), short="l", reload="restart")
     upstreams: list[UpstreamSpec] = field(default_factory=list)
     policy: str = setting(
-        "cache-aware", "How an upstream is chosen (docs/concepts.md#policies, docs/routing.md).", Choice(tuple(CHOOSERS))
+        "cache-aware", "How an upstream is chosen (docs/concepts.md#policies, docs/routing.md).", Choice(tuple(CHOOSERS)),
+        reload="chooser",
     )
-    probe_interval: float = setting(1.0, "Seconds between probes of each upstream.", seconds())
-    probe_timeout: float = setting(2.0, "Deadline of one probe, in seconds.", seconds())
+    probe_interval: float = setting(1.0, "Seconds between probes of each upstream.", seconds(), reload="probe_interval")
+    probe_timeout: float = setting(2.0, "Deadline of one probe, in seconds.", seconds(), reload="prober.timeout")
     probe_mode: str = setting(
-        "slots", "slots (GET /slots) or health (lets idle servers sleep).", Choice(PROBE_MODES)
+        "slots", "slots (GET /slots) or health (lets idle servers sleep).", Choice(PROBE_MODES), reload="prober.mode"
     )
-    unhealthy_after: int = setting(2, "Consecutive probe failures before unreachable.", count(1, 1000))
+    unhealthy_after: int = setting(2, "Consecutive probe failures before unreachable.", count(1, 1000), reload="prober.unhealthy_after")
     llamacpp_api_key: str | None = setting(
         None,
         "API key the balancer's probes send to upstreams (Authorization: Bearer); "
         "an upstream's own api_key comes first. Clients' requests do not get it (see --lend-api-key).",
         SECRET,
         secret=True,
+        reload="prober.api_key",
     )
     lend_api_key: bool = setting(
         False,
         "Add the upstream's key (its api_key, else --llamacpp-api-key) to client requests that carry "
         "no Authorization or X-Api-Key: the balancer then grants the servers' access to every client.",
         Flag(),
+        reload="proxy",
     )
     slots_endpoint_enable: bool = setting(
         False,
         "Answer GET /slots on the proxy port with the fleet's slots as last probed (all upstreams, "
         "tagged), instead of passing it to an upstream.",
         Flag(),
+        reload="proxy",
     )
     rewrite_host_header: bool = setting(
-        False, "Send the upstream's host:port as Host instead of the client's.", Flag()
+        False, "Send the upstream's host:port as Host instead of the client's.", Flag(), reload="proxy"
     )
     forwarded_headers: str = setting(
         "replace",
@@ -172,59 +178,61 @@ class BalancerConfig:
         "paddler writes its own; append (behind a trusted proxy) keeps them and appends the client's "
         "address to X-Forwarded-For (docs/reliability.md#headers-that-reach-the-upstream).",
         Choice(("replace", "append")),
+        reload="proxy",
     )
     max_request_body: int = setting(
-        10 * 1024 * 1024, "Largest request body, in bytes.", count(1, 1 << 31)
+        10 * 1024 * 1024, "Largest request body, in bytes.", count(1, 1 << 31), reload="proxy"
     )
     upstream_timeout: float = setting(
-        300.0, "Seconds to wait for an upstream's response headers.", seconds()
+        300.0, "Seconds to wait for an upstream's response headers.", seconds(), reload="proxy"
     )
-    idle_timeout: float = setting(60.0, "Seconds a response may stay silent mid-body.", seconds())
+    idle_timeout: float = setting(60.0, "Seconds a response may stay silent mid-body.", seconds(), reload="proxy")
     relay_passthrough: bool = setting(
         True,
         "Relay chunked answers to HTTP/1.1 clients as received, without decoding and "
         "re-encoding the chunks.",
-        Flag(),
+        Flag(), reload="proxy",
     )
     flush_before_poll: bool = setting(
         True,
         "Send what a client or upstream connection buffered in one reactor turn in one send, just "
         "before the reactor waits (docs/performance.md); off: Twisted's own write buffering.",
-        Flag(),
+        Flag(), reload="restart",
     )
     lean_reactor: bool = setting(
         True,
         "Run on paddler's epoll reactor, without Twisted's logging context per I/O event "
         "(docs/performance.md, which also says how to choose it under another launcher).",
-        Flag(),
+        Flag(), reload="restart",
     )
     max_retries: int = setting(
         3,
         "Other upstreams to try when one could not have started the request (connection refused, "
         "503); a written request is tried again only if it is a GET or HEAD.",
         count(0, 100),
+        reload="proxy",
     )
     max_buffered_requests: int = setting(
-        30, "Requests that may wait for a slot; 0 disables the buffer.", count(0, 1_000_000)
+        30, "Requests that may wait for a slot; 0 disables the buffer.", count(0, 1_000_000), reload="pool.max_buffered"
     )
     buffered_request_timeout: float = setting(
-        30.0, "Seconds a request may wait for a slot.", seconds()
+        30.0, "Seconds a request may wait for a slot.", seconds(), reload="pool.buffer_timeout"
     )
     no_upstream_timeout: float = setting(
         3.0,
         "Seconds a request may wait while no upstream is healthy, loading or registering (then "
         "503 saying why); raise it to the time a server takes to start when scaling from zero. "
         "Busy but healthy upstreams get the whole --buffered-request-timeout.",
-        seconds(zero_allowed=True),
+        seconds(zero_allowed=True), reload="pool.no_upstream_timeout",
     )
     management_listen: str = setting(
-        "tcp:8085:interface=127.0.0.1", "Management API and dashboard endpoint string.", Endpoint()
+        "tcp:8085:interface=127.0.0.1", "Management API and dashboard endpoint string.", Endpoint(), reload="restart"
     )
     management_token: str | None = setting(
-        None, "Bearer token for mutating management calls.", SECRET, secret=True
+        None, "Bearer token for mutating management calls.", SECRET, secret=True, reload="restart"
     )
     management_insecure: bool = setting(
-        False, "Allow a non-loopback management listener without a token.", Flag()
+        False, "Allow a non-loopback management listener without a token.", Flag(), reload="restart"
     )
     allow_upstream_network: tuple[Any, ...] = setting(
         (),
@@ -233,119 +241,132 @@ class BalancerConfig:
         "Comma-separated in the environment and file.",
         Networks(),
         repeatable=True,
-        placeholder="none",
+        placeholder="none", reload="vetter.allowed",
     )
     agent_expiry: float = setting(
-        3.0, "Seconds without an agent report before its upstream is dropped.", seconds()
+        3.0, "Seconds without an agent report before its upstream is dropped.", seconds(), reload="registry.expiry"
     )
-    dashboard: bool = setting(True, "Serve the dashboard on the management port.", Flag())
+    dashboard: bool = setting(True, "Serve the dashboard on the management port.", Flag(), reload="restart")
     access_log: bool = setting(
-        False, "Log a line per proxied request (costs ~8% of proxy CPU).", Flag()
+        False, "Log a line per proxied request (costs ~8% of proxy CPU).", Flag(), reload="restart"
     )
     statsd: str | None = setting(
-        None, "StatsD address: udp:HOST:PORT or HOST:PORT.", Converted(_statsd, "udp:HOST:PORT")
+        None, "StatsD address: udp:HOST:PORT or HOST:PORT.", Converted(_statsd, "udp:HOST:PORT"), reload="restart"
     )
     statsd_prefix: str = setting(
         "paddler",
         "StatsD metric prefix.",
-        Text(128, r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", "dot-separated names of letters, digits, _ and -"),
+        Text(128, r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", "dot-separated names of letters, digits, _ and -"), reload="restart",
     )
-    statsd_interval: float = setting(1.0, "Seconds between StatsD reports.", seconds())
+    statsd_interval: float = setting(1.0, "Seconds between StatsD reports.", seconds(), reload="restart")
     state: str | None = setting(
         None,
         "Share the fleet's slots, leases and buffer with other balancers through Redis: "
         "redis://[:password@]host:port/db or rediss:// (password also from PADDLER_STATE_PASSWORD).",
-        Converted(_state_url, "redis://host:port/db"),
+        Converted(_state_url, "redis://host:port/db"), reload="restart",
+    )
+    state_password: str | None = setting(
+        None,
+        "Password of the --state Redis when its URL has none.",
+        SECRET,
+        secret=True,
+        cli=False,
+        env="PADDLER_STATE_PASSWORD", reload="restart",
     )
     state_prefix: str = setting(
         "{pd}",
         "Prefix of the shared-state keys in Redis; holds one hash tag, like {pd}.",
-        Text(64, r"[A-Za-z0-9_.:-]*\{[A-Za-z0-9_.:-]+\}[A-Za-z0-9_.:-]*", "a key prefix with one {hash tag}"),
+        Text(64, r"[A-Za-z0-9_.:-]*\{[A-Za-z0-9_.:-]+\}[A-Za-z0-9_.:-]*", "a key prefix with one {hash tag}"), reload="restart",
     )
     state_lease_ttl: float = setting(
         10.0,
         "Seconds a shared lease lives unless its balancer renews it (a balancer that dies gives "
         "its slots back after this).",
-        seconds(maximum=3600),
+        seconds(maximum=3600), reload="restart",
     )
     workers: int = setting(
         1,
         "Balancer processes sharing the proxy port (SO_REUSEPORT) and the fleet; above 1 needs "
         "--state and a tcp: --listen endpoint. Worker i serves management on its port + i.",
-        count(1, 64),
+        count(1, 64), reload="restart",
     )
     worker_index: int = setting(
-        0, "Set by worker 0 on the workers it starts; do not set it yourself.", count(0, 63)
+        0, "Set by worker 0 on the workers it starts; do not set it yourself.", count(0, 63), reload="restart"
     )
     shutdown_timeout: float = setting(
         30.0,
         "Seconds running requests may take to finish when the balancer stops (SIGTERM).",
-        seconds(zero_allowed=True),
+        seconds(zero_allowed=True), reload="service.shutdown_timeout",
     )
     header_timeout: float = setting(
         10.0,
         "Seconds a client may take to send a request's line and headers, from its first byte "
         "(slower: 408 and closed).",
-        seconds(),
+        seconds(), reload="client_limits",
     )
     min_request_body_rate: int = setting(
         8192,
         "Bytes per second a request body must average once its headers are in, after "
         "--header-timeout seconds of grace (slower: 408 and closed).",
-        count(1, 1 << 30),
+        count(1, 1 << 30), reload="client_limits",
     )
     client_idle_timeout: float = setting(
-        120.0, "Seconds a client connection may stay idle between requests.", seconds()
+        120.0, "Seconds a client connection may stay idle between requests.", seconds(), reload="client_limits"
     )
     max_connections: int = setting(
         1024,
         "Open client connections per listener (proxy, management); more are answered 503 and "
         "closed. Lowered at start to what the open-files limit allows.",
-        count(1, 1_000_000),
+        count(1, 1_000_000), reload="client_limits",
     )
     max_connections_per_client: int = setting(
         0,
         "Open connections one client address may hold per listener (0: no limit); more are "
         "answered 429 and closed. Leave 0 behind a proxy or load balancer that hides client "
         "addresses: every connection would come from its address.",
-        count(0, 1_000_000),
+        count(0, 1_000_000), reload="client_limits",
     )
     max_request_bodies_memory: int = setting(
         256 * 1024 * 1024,
         "Bytes all request bodies held at once may take; a body that would pass it is "
         "answered 503 before it is read. At least --max-request-body.",
-        count(1, 1 << 40),
+        count(1, 1 << 40), reload="body_memory.limit",
     )
     simulated_fleet: int = setting(
-        0, "Start N simulated llama.cpp servers in-process as upstreams (demo).", count(0, 64)
+        0, "Start N simulated llama.cpp servers in-process as upstreams (demo).", count(0, 64), reload="restart"
     )
     model_alias: str | None = setting(
         None,
         "Model names that stand for others, NAME=TARGET[,NAME=TARGET...]: a request naming NAME "
         "goes to TARGET (its body says TARGET upstream).",
         Converted(_model_aliases, "name=target,..."),
+        reload="proxy",
     )
     model_placement: bool = setting(
         False,
         "Load models on router-mode upstreams where requests wait for them (POST /models/load, "
         "evicting the least valuable idle model), instead of letting each router autoload them.",
         Flag(),
+        reload="restart",
     )
     model_min_residency: float = setting(
         30.0, "With --model-placement: a loaded model is not evicted before this many seconds.",
-        seconds(zero_allowed=True),
+        seconds(zero_allowed=True), reload="restart",
     )
     model_load_timeout: float = setting(
-        300.0, "With --model-placement: a load not finished in this many seconds has failed.", seconds()
+        300.0, "With --model-placement: a load not finished in this many seconds has failed.", seconds(),
+        reload="restart",
     )
     model_replicas_max: int = setting(
-        1, "With --model-placement: copies of one model loaded while all its slots are busy.", count(1, 1000)
+        1, "With --model-placement: copies of one model loaded while all its slots are busy.", count(1, 1000),
+        reload="restart",
     )
     default_model: str | None = setting(
         None,
         "The model of a request that names none, when the fleet serves several (router-mode "
         "upstreams); without it such a request is answered 400.",
         Text(1024),
+        reload="proxy",
     )
 
 
@@ -695,6 +716,40 @@ class SimulateConfig:
 SIMULATE_SETTINGS = settings_of(SimulateConfig)
 
 
+# -- every command --------------------------------------------------------------
+
+#: The levels C{PADDLER_LOG_LEVEL} may name, lowest first.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def _log_level(text: str) -> str:
+    name = text.strip().lower()
+    if name not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Settings of every command's log output (environment only: they apply before any flag is read)."""
+
+    log_level: str = setting(
+        "info",
+        "Lowest level of the log lines written to stdout (every command, and twistd --logger=paddler.logs.observer).",
+        Converted(_log_level, " | ".join(LOG_LEVELS)),
+        cli=False,
+    )
+
+
+LOGGING_SETTINGS = settings_of(LoggingConfig, env_prefix="PADDLER_")
+
+
+def build_logging_config(env: Mapping[str, str]) -> LoggingConfig:
+    """The log settings from the environment; an unknown level is a L{ConfigError} naming the variable."""
+    values = from_sources(LOGGING_SETTINGS, {}, env, {})
+    return LoggingConfig(**values)
+
+
 def configuration_reference() -> str:
     """docs/configuration.md, generated from the settings tables (``python -m paddler.config``)."""
     from paddler.settings import reference
@@ -726,6 +781,12 @@ def configuration_reference() -> str:
         "Flags only.",
         "",
         *reference(SIMULATE_SETTINGS, file_keys_too=False),
+        "",
+        "## Every command",
+        "",
+        "Environment only; an unknown value stops the command with an error naming the variable.",
+        "",
+        *reference(LOGGING_SETTINGS, file_keys_too=False),
         "",
     ]
     return "\n".join(lines)

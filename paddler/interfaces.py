@@ -227,6 +227,44 @@ class IUpstreamBody(Interface):
         """The last few KiB of the decoded payload (llama.cpp's C{timings} come there)."""
 
 
+# -- what the listener's channel, its requests and the proxy tell each other ----------
+
+
+class IBoundedRequest(Interface):
+    """
+    A request that holds a bounded body (L{paddler.web.request.BoundedRequest}).
+    The channel (L{IGuardedChannel}) asks it for its limit and memory before
+    the body is read; the proxy reads its flags.
+    """
+
+    max_body = Attribute("The largest body, in bytes, the request keeps.")
+    body_too_large = Attribute("True once the body was found over max_body (or refused for memory).")
+    client_gone = Attribute("True once the client's connection closed.")
+
+    def too_large():  # type: ignore[no-untyped-def]
+        """The L{paddler.errors.RequestTooLarge} for a body over C{max_body}."""
+
+    def claim_body(size):  # type: ignore[no-untyped-def]
+        """Claim C{size} bytes of body memory; C{False} when they are not there."""
+
+    def release_body():  # type: ignore[no-untyped-def]
+        """Give the request's body memory back (idempotent)."""
+
+
+class IGuardedChannel(Interface):
+    """A connection that can answer a request itself, before any resource sees it (L{paddler.web.channel.GuardedChannel})."""
+
+    def refuse(error):  # type: ignore[no-untyped-def]
+        """Answer the L{paddler.errors.PaddlerHTTPError} C{error} now and close the connection."""
+
+
+class IGuardedSite(Interface):
+    """The site of guarded channels (L{paddler.web.channel.GuardedSite}): it counts early answers."""
+
+    def answered_early(error):  # type: ignore[no-untyped-def]
+        """Count (and log) one request answered with C{error} before any resource saw it."""
+
+
 class IReactorBeforePoll(Interface):
     """A reactor that runs callables once just before it next waits for I/O (L{paddler.lean_reactor})."""
 

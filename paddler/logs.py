@@ -1,13 +1,16 @@
 """The log observer of the ``paddler`` console script (and of ``twistd --logger=paddler.logs.observer``).
 
 Text lines on stdout, filtered by level; the level comes from
-``PADDLER_LOG_LEVEL`` (debug, info, warn, error; default info).
+``PADDLER_LOG_LEVEL`` (debug, info, warn, error, critical; default info), read
+through the settings table (L{paddler.config.LoggingConfig}): an unknown level
+is a L{paddler.settings.ConfigError} naming the variable, not a silent info.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.logger import (
@@ -22,12 +25,12 @@ from twisted.logger import (
 from zope.interface import provider
 
 
-def level_from_env(environ: dict[str, str] | None = None) -> LogLevel:
-    name = (environ if environ is not None else os.environ).get("PADDLER_LOG_LEVEL", "info")
-    try:
-        return LogLevel.levelWithName(name.strip().lower())
-    except Exception:
-        return LogLevel.info
+def level_from_env(environ: Mapping[str, str] | None = None) -> LogLevel:
+    """The level C{PADDLER_LOG_LEVEL} names (info when unset); L{ConfigError} when it names none."""
+    from paddler.config import build_logging_config
+
+    config = build_logging_config(os.environ if environ is None else environ)
+    return LogLevel.levelWithName(config.log_level)
 
 
 #: Twisted's lines for every outbound connection pool factory: noise at any level.

@@ -208,7 +208,24 @@ class Info:
     secret: bool = False  # not shown in the reference's defaults
     cli: bool = True  # a flag exists (False: file and environment only)
     placeholder: str | None = None  # the default as the reference shows it, when computed
+    #: How a reload (SIGHUP) applies a new value: L{RESTART} (not at all: at the next start),
+    #: C{"PART.ATTRIBUTE"} (set on that part of the running balancer: C{pool}, C{service},
+    #: C{prober}, C{registry}, C{body_memory}), or one of L{RELOAD_WAYS}. C{None}: the command
+    #: has no reload. The proxy's settings are read again at every reload whatever this says.
+    reload: str | None = None
     repeatable: bool = False  # the flag may be given several times (its values are joined by commas)
+
+
+#: A reload does not apply the setting; the balancer logs that it needs a restart.
+RESTART = "restart"
+#: The ways of applying a setting at a reload that are not one attribute of one part:
+#: C{proxy} (only the proxy's L{paddler.balancer.proxy.ProxyConfig}, rebuilt at every reload),
+#: C{chooser} (a new chooser of the policy), C{probe_interval} (the probes' schedule, the
+#: pool's recheck and the registry's check interval),
+#: C{client_limits} (the listeners' L{paddler.web.channel.ClientLimits}).
+RELOAD_WAYS = ("proxy", "chooser", "probe_interval", "client_limits")
+#: The parts of a running balancer a C{"PART.ATTRIBUTE"} reload sets.
+RELOAD_PARTS = ("pool", "service", "prober", "registry", "body_memory", "vetter")
 
 
 def setting(default: Any, help: str, kind: Kind, **info: Any) -> Any:

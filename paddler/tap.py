@@ -193,6 +193,12 @@ class Options(_with_synopsis(usage.Options, "paddler balancer|agent|simulate [op
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("choose a subcommand: balancer, agent or simulate")
+        from paddler.config import build_logging_config
+
+        try:
+            build_logging_config(os.environ)  # PADDLER_LOG_LEVEL: a typo stops here, not at the first line
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 # -- services -----------------------------------------------------------------
@@ -610,9 +616,11 @@ def _shared_fleet(config: BalancerConfig, reactor: Any, pool: Any) -> Any:
     from paddler.shared.redisstore import RedisSlotStore
 
     owner = f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    from paddler.shared.client import parse_state_url
+
     store = RedisSlotStore(
         reactor,
-        config.state,  # type: ignore[arg-type]
+        parse_state_url(config.state, config.state_password),  # type: ignore[arg-type]
         owner,
         prefix=config.state_prefix,
         lease_ttl=config.state_lease_ttl,

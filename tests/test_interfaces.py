@@ -98,10 +98,51 @@ def providers() -> list[tuple[Any, Any]]:
         (ILogFilterPredicate, drop_noise),
         (IUpstreamProber, RecordingProber()),
         (IUpstreamProber, HeldProber()),
+        *guarded_listener_parts(),
         *memory_network_parts(),
+    ]
+
+
+def guarded_listener_parts() -> list[tuple[Any, Any]]:
+    """The channel, request and site of a listener: what they tell each other is typed (no getattr probes)."""
+    from twisted.web.resource import Resource
+
+    from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
+    from paddler.web.channel import ClientLimits, GuardedSite
+    from paddler.web.request import bounded_request_factory
+
+    site = GuardedSite(
+        Resource(), ClientLimits(), MemoryReactorClock(), request_factory=bounded_request_factory(1024)
+    )
+    from twisted.internet.address import IPv4Address
+
+    from twisted.internet.testing import StringTransport
+
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(StringTransport())
+    return [
+        (IGuardedSite, site),
+        (IGuardedChannel, channel),
+        (IBoundedRequest, site.requestFactory(channel, True)),
     ]
 
 
 @pytest.mark.parametrize("interface, provider", providers(), ids=lambda p: type(p).__name__)
 def test_each_implementation_and_fake_provides_its_interface(interface: Any, provider: Any) -> None:
     assert verifyObject(interface, provider)
+
+
+def test_the_channel_the_request_and_the_proxy_probe_no_attributes():
+    """What the channel, the request and the proxy tell each other goes through IBoundedRequest, IGuardedChannel
+    and IGuardedSite: no getattr/hasattr probe is left in the three files but those on Twisted's own objects
+    (a transport that may half-close, an address that may have a host)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "paddler"
+    allowed = {("loseWriteConnection",), ("host",)}
+    for name in ("web/channel.py", "web/request.py", "balancer/proxy.py"):
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr"):
+                probed = tuple(a.value for a in node.args[1:2] if isinstance(a, ast.Constant))
+                assert probed in allowed, f"{name}:{node.lineno} probes {probed}"

@@ -173,3 +173,42 @@ def test_check_target_refuses_the_rest(target):
         return
     with pytest.raises(TargetRejected):
         check_target(b"GET", target, [b"h"], b"HTTP/1.1")
+
+
+TARGETS = [b"/", b"/completion?a=1", b"//", b"69/api", b"I", b"*", b"h:1", b"/a#b", b"/v1/\x7f", b"http://h/p", b""]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_what_goes_upstream_is_decided_by_one_function(target):
+    """origin_form is the one rule: check_target keeps a path exactly when origin_form does, and the proxy's
+    send refuses with origin_form's own message (the proxy used to keep a copy of the rule)."""
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import Clock
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from paddler.balancer.proxy import ProxyConfig, ProxyResource
+    from paddler.errors import BadRequest
+    from paddler.web.target import origin_form
+
+    try:
+        kept: bytes | None = origin_form(target)
+        refusal = None
+    except TargetRejected as e:
+        kept, refusal = None, e.message
+    if target.startswith(b"/"):
+        try:
+            checked: bytes | None = check_target(b"GET", target, [b"h"], b"HTTP/1.1").uri
+        except TargetRejected:
+            checked = None
+        assert checked == kept
+    request = DummyRequest([b""])
+    request.uri = target
+    sent = ensureDeferred(ProxyResource(None, None, Clock(), ProxyConfig())._send(None, request, b""))
+    failures: list[Any] = []
+    sent.addErrback(failures.append)
+    if refusal is not None:
+        assert failures and failures[0].check(BadRequest) and failures[0].value.message == refusal
+    else:
+        assert kept == target
+        # past the check: the send goes on and trips over the absent upstream
+        assert len(failures) == 1 and failures[0].check(AttributeError)

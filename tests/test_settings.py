@@ -12,6 +12,7 @@ from twisted.python.usage import UsageError
 from paddler.config import (
     AGENT_SETTINGS,
     BALANCER_SETTINGS,
+    LOGGING_SETTINGS,
     SIMULATE_SETTINGS,
     BalancerConfig,
     build_config,
@@ -33,10 +34,12 @@ def test_every_balancer_field_but_the_upstream_list_is_a_setting():
     [(BalancerOptions, BALANCER_SETTINGS), (AgentOptions, AGENT_SETTINGS), (SimulateOptions, SIMULATE_SETTINGS)],
 )
 def test_every_setting_is_a_flag_of_its_command(options_class, settings):
+    """Every setting but the environment-only ones (a password: not on a command line) is a flag."""
     options = options_class()
     declared = {long for long, *_ in options.optParameters} | {long for long, *_ in options.optFlags}
     repeatable = {s.option for s in settings if s.info.repeatable}
-    assert {s.option for s in settings} - repeatable <= declared
+    assert {s.option for s in settings if s.info.cli} - repeatable <= declared
+    assert all(s.env for s in settings if not s.info.cli)
     for option in repeatable:  # given several times: an opt_ method that collects them
         assert callable(getattr(options, "opt_" + option.replace("-", "_")))
 
@@ -112,5 +115,80 @@ def test_the_configuration_reference_in_docs_is_generated_from_the_tables():
     assert (ROOT / "docs" / "configuration.md").read_text() == generated, (
         "docs/configuration.md is stale: run `python -m paddler.config > docs/configuration.md`"
     )
-    for s in [*BALANCER_SETTINGS, *AGENT_SETTINGS, *SIMULATE_SETTINGS]:
-        assert f"`--{s.option}`" in generated
+    for s in [*BALANCER_SETTINGS, *AGENT_SETTINGS, *SIMULATE_SETTINGS, *LOGGING_SETTINGS]:
+        assert f"`--{s.option}`" in generated if s.info.cli else f"`{s.env}`" in generated
+
+
+def test_every_balancer_setting_says_how_a_reload_applies_it():
+    """Each entry of the balancer's table carries its reload field, and it names a way reload.py knows:
+    restart, one of the ways, or PART.ATTRIBUTE of a part a reload sets (which has that attribute)."""
+    from paddler.settings import RELOAD_PARTS, RELOAD_WAYS, RESTART
+
+    for s in BALANCER_SETTINGS:
+        how = s.info.reload
+        assert how is not None, f"{s.name} does not say whether a reload applies it"
+        if how == RESTART or how in RELOAD_WAYS:
+            continue
+        part, _, attribute = how.partition(".")
+        assert part in RELOAD_PARTS and attribute, f"{s.name}: unknown reload {how!r}"
+
+
+def test_reload_has_no_table_of_its_own_and_sets_the_attributes_the_table_names():
+    """reload.py reads the table: no NEEDS_RESTART list; each PART.ATTRIBUTE exists on a built balancer."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    import paddler.balancer.reload as reload
+    from paddler.balancer.reload import RELOAD, Reloader
+    from paddler.tap import makeBalancerService
+
+    assert not hasattr(reload, "NEEDS_RESTART") and not hasattr(reload, "CLIENT_LIMITS")
+    assert RELOAD == {s.name: s.info.reload for s in BALANCER_SETTINGS}  # every entry says (test above)
+    service = makeBalancerService(BalancerConfig(), MemoryReactorClock(), reload_config=BalancerConfig)
+    reloader = service.reloader.__self__  # the Reloader makeBalancerService built, with its HTTPProber
+    prober = reloader.prober
+    assert isinstance(reloader, Reloader)
+    parts = {"pool": service.pool, "service": service, "prober": prober,
+             "registry": service.registry, "body_memory": service.body_memory, "vetter": service.vetter}
+    for name, how in RELOAD.items():
+        part, _, attribute = how.partition(".")
+        if attribute and parts[part] is not None:
+            assert hasattr(parts[part], attribute), f"{name}: {how} is not an attribute of the running {part}"
+    assert reloader.reload() == []
+
+
+def test_a_reload_leaves_the_shared_state_settings_for_the_restart():
+    """--state-lease-ttl (like --state, --state-prefix and --workers) is read once at start: a reload says so
+    and keeps the running value (it used to report 'is now' and apply nothing)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler.tap import makeBalancerService
+
+    service = makeBalancerService(
+        BalancerConfig(), MemoryReactorClock(), reload_config=lambda: BalancerConfig(state_lease_ttl=5.0)
+    )
+    assert service.reloader() == ["state_lease_ttl changed to 5.0; it takes effect at the next restart"]
+    assert service.config.state_lease_ttl == 10.0
+
+
+def test_the_defaults_of_the_parts_are_the_settings_tables():
+    """ProxyConfig, UpstreamPool, BoundedRequest, ClientLimits and BalancerService take their defaults from
+    the balancer's settings table (BalancerConfig): built without arguments they equal a part built from
+    BalancerConfig(); a literal default that drifted fails here."""
+    import inspect
+
+    from paddler.balancer.proxy import ProxyConfig
+    from paddler.balancer.service import BalancerService
+    from paddler.fleet.pool import UpstreamPool
+    from paddler.web.channel import ClientLimits
+    from paddler.web.descriptors import limits_for
+    from paddler.web.request import BoundedRequest
+
+    table = BalancerConfig()
+    assert ProxyConfig() == ProxyConfig.from_balancer(table)
+    assert ClientLimits() == limits_for(table, None)
+    assert BoundedRequest.max_body == table.max_request_body
+    pool = inspect.signature(UpstreamPool).parameters
+    assert (pool["max_buffered"].default, pool["buffer_timeout"].default) == (
+        table.max_buffered_requests, table.buffered_request_timeout
+    )
+    assert inspect.signature(BalancerService).parameters["shutdown_timeout"].default == table.shutdown_timeout

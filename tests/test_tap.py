@@ -12,6 +12,7 @@ import pytest
 from twisted.python.usage import UsageError
 
 from paddler.config import BalancerConfig, UpstreamSpec
+from paddler.settings import ConfigError
 from paddler.tap import Options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,14 +174,29 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
         balancer()
 
 
-def test_log_level_comes_from_the_environment():
+def test_log_level_comes_from_the_environment_through_the_settings_table():
+    """PADDLER_LOG_LEVEL is a setting (LoggingConfig): unset means info, case does not matter, a typo is an error."""
     from twisted.logger import LogLevel
 
+    from paddler.config import LOGGING_SETTINGS
     from paddler.logs import level_from_env
 
+    assert [s.env for s in LOGGING_SETTINGS] == ["PADDLER_LOG_LEVEL"]
     assert level_from_env({}) is LogLevel.info
-    assert level_from_env({"PADDLER_LOG_LEVEL": "DEBUG"}) is LogLevel.debug
-    assert level_from_env({"PADDLER_LOG_LEVEL": "nonsense"}) is LogLevel.info
+    assert level_from_env({"PADDLER_LOG_LEVEL": " DEBUG"}) is LogLevel.debug
+    assert level_from_env({"PADDLER_LOG_LEVEL": "warn"}) is LogLevel.warn
+    with pytest.raises(ConfigError, match="PADDLER_LOG_LEVEL: must be one of debug, info, warn, error, critical, got 'inf'"):
+        level_from_env({"PADDLER_LOG_LEVEL": "inf"})
+
+
+@pytest.mark.parametrize("command", [["balancer"], ["agent", "--llamacpp", "http://127.0.0.1:1", "--balancer", "http://127.0.0.1:2"], ["simulate"]])
+def test_a_misspelt_log_level_stops_every_command_with_a_clear_error(monkeypatch, command):
+    """A typo in PADDLER_LOG_LEVEL is a usage error naming the variable (it used to mean info, silently)."""
+    from paddler.tap import Options
+
+    monkeypatch.setenv("PADDLER_LOG_LEVEL", "debgu")
+    with pytest.raises(UsageError, match="PADDLER_LOG_LEVEL: must be one of"):
+        Options().parseOptions(command)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
 from paddler.balancer.relay import Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.config import BalancerConfig
 from paddler.errors import (
     BadRequest,
     InternalError,
@@ -48,13 +49,14 @@ from paddler.errors import (
 )
 from paddler.fleet.models import fleet_models, is_multi_model, parse_model_aliases, resolve_model
 from paddler.fleet.pool import Lease, UpstreamPool
-from paddler.interfaces import IUpstreamClient
+from paddler.interfaces import IBoundedRequest, IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
 from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS, addresses_slots
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
 from paddler.web.body import BodyTooLarge, read_body
 from paddler.web.failures import describe_failure
+from paddler.web.target import TargetRejected, origin_form
 
 HOP_BY_HOP = frozenset(
     {
@@ -89,40 +91,40 @@ class BodyLost(Exception):
 
 @dataclass
 class ProxyConfig:
-    """How the proxy talks to upstreams (see ``paddler balancer --help``)."""
+    """How the proxy talks to upstreams (see ``paddler balancer --help``); the defaults are the settings table's."""
 
-    api_key: str | None = None
-    lend_api_key: bool = False
-    rewrite_host_header: bool = False
-    slots_endpoint_enable: bool = False
-    upstream_timeout: float = 300.0
-    idle_timeout: float = 60.0
-    max_request_body: int = 10 * 1024 * 1024
-    max_retries: int = 3
-    relay_passthrough: bool = True
+    api_key: str | None = BalancerConfig.llamacpp_api_key
+    lend_api_key: bool = BalancerConfig.lend_api_key
+    rewrite_host_header: bool = BalancerConfig.rewrite_host_header
+    slots_endpoint_enable: bool = BalancerConfig.slots_endpoint_enable
+    upstream_timeout: float = BalancerConfig.upstream_timeout
+    idle_timeout: float = BalancerConfig.idle_timeout
+    max_request_body: int = BalancerConfig.max_request_body
+    max_retries: int = BalancerConfig.max_retries
+    relay_passthrough: bool = BalancerConfig.relay_passthrough
     #: "replace": the client's X-Forwarded-*/Forwarded/X-Real-IP are dropped; "append": kept, extended
-    forwarded_headers: str = "replace"
+    forwarded_headers: str = BalancerConfig.forwarded_headers
     #: ``--model-alias NAME=TARGET``: a request naming NAME is for TARGET.
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     #: ``--default-model``: the model of a request that names none (multi-model fleets).
-    default_model: str | None = None
+    default_model: str | None = BalancerConfig.default_model
 
     @classmethod
-    def from_balancer(cls, config: Any) -> ProxyConfig:
+    def from_balancer(cls, config: BalancerConfig) -> ProxyConfig:
         """The proxy's part of a L{paddler.config.BalancerConfig}."""
         return cls(
             api_key=config.llamacpp_api_key,
-            lend_api_key=getattr(config, "lend_api_key", False),
+            lend_api_key=config.lend_api_key,
             rewrite_host_header=config.rewrite_host_header,
             slots_endpoint_enable=config.slots_endpoint_enable,
             upstream_timeout=config.upstream_timeout,
             idle_timeout=config.idle_timeout,
             max_request_body=config.max_request_body,
             max_retries=config.max_retries,
-            relay_passthrough=getattr(config, "relay_passthrough", True),
-            forwarded_headers=getattr(config, "forwarded_headers", "replace"),
-            model_aliases=_model_aliases(getattr(config, "model_alias", None)),
-            default_model=getattr(config, "default_model", None),
+            relay_passthrough=config.relay_passthrough,
+            forwarded_headers=config.forwarded_headers,
+            model_aliases=_model_aliases(config.model_alias),
+            default_model=config.default_model,
         )
 
 
@@ -133,12 +135,12 @@ def _model_aliases(text: str | None) -> dict[str, str]:
 
 def _client_gone(request: server.Request) -> bool:
     """Whether the client's connection closed (L{paddler.web.request.BoundedRequest} flags it)."""
-    return bool(getattr(request, "client_gone", False)) or request.channel is None
+    return (IBoundedRequest.providedBy(request) and request.client_gone) or request.channel is None
 
 
 def _was_cancelled(error: Exception) -> bool:
     """Twisted's HTTP client reports a cancelled request as ResponseNeverReceived([CancelledError])."""
-    reasons = getattr(error, "reasons", None) or []
+    reasons = error.reasons if isinstance(error, (ResponseNeverReceived, ResponseFailed)) else []
     return any(reason.check(CancelledError) for reason in reasons)
 
 
@@ -288,7 +290,7 @@ class ProxyResource(Resource):
         exchange = Exchange(request, content.read(), started)
         exchange.pinned = addresses_slots(path)
         try:
-            if getattr(request, "body_too_large", False):
+            if IBoundedRequest.providedBy(request) and request.body_too_large:
                 raise body_too_large(self.config.max_request_body, "--max-request-body")
             if request.method == b"POST" and path in SLOT_PATHS:
                 parsed = parse_body(exchange.body)
@@ -444,6 +446,9 @@ class ProxyResource(Resource):
                     raise UpstreamFailed(
                         f"{last_error} (the request had been sent to it, so it is not tried elsewhere)"
                     ) from None
+            except UpstreamTimeout:  # no headers, or no body byte, in time
+                self.stats.upstream_failed(upstream)
+                raise
             finally:
                 if lease is not None:
                     # A client that left a non-streaming request does not stop llama.cpp.
@@ -473,7 +478,7 @@ class ProxyResource(Resource):
         )
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        upstream.requests_failed += 1
+        self.stats.upstream_failed(upstream)
         self._pool.observe(upstream, FailureSeen(reason, source="proxy"))
 
     async def _refused(self, upstream: Upstream, response: IResponse) -> str:
@@ -547,9 +552,10 @@ class ProxyResource(Resource):
 
     async def _send(self, upstream: Upstream, request: server.Request, body: bytes) -> Any:
         method = request.method
-        target = request.uri
-        if not target.startswith(b"/"):
-            raise BadRequest("the request target must be a path starting with /")
+        try:
+            target = origin_form(request.uri)  # a BoundedRequest's is already; a plain Request's may not be
+        except TargetRejected as e:
+            raise BadRequest(e.message) from None
         d = self._client.send(
             method,
             upstream.url.encode("ascii"),
@@ -560,7 +566,6 @@ class ProxyResource(Resource):
         timeout = self.config.upstream_timeout
 
         def timed_out(result: Any, _timeout: float) -> Any:
-            upstream.requests_failed += 1
             raise UpstreamTimeout(
                 f"{upstream.name} sent no response within {timeout:g} s (--upstream-timeout)"
             )
@@ -600,7 +605,6 @@ class ProxyResource(Resource):
             await relay.done
         except UpstreamIdleTimeout as e:
             if relay.first_byte_at is None:
-                upstream.requests_failed += 1
                 raise UpstreamTimeout(f"{upstream.name}: {e} before the body began") from None
             self.log.warn(
                 "upstream {name}: {error}; closing the client stream", name=upstream.name, error=str(e)

@@ -1,10 +1,13 @@
 """Reloading the configuration while running (SIGHUP): what changed, applied without a dropped stream.
 
-Applied at once: the static upstreams (new ones added; removed ones drained
-and removed once idle), the policy, buffer limits, retries, timeouts, probe
-settings, the upstream API key, the agents' expiry, the client limits
-(head deadline, body rate, idle timeout, connection cap, body memory). Listeners, the
-management token, StatsD and the dashboard need a restart: a change to them
+Each setting's entry in the settings table (L{paddler.config.BalancerConfig})
+says whether a reload applies it and how (L{paddler.settings.Info.reload});
+this module has no list of its own. Applied at once: the static upstreams
+(new ones added; removed ones drained and removed once idle), the policy,
+buffer limits, retries, timeouts, probe settings, the upstream API key, the
+agents' expiry, the client limits (head deadline, body rate, idle timeout,
+connection cap, body memory). Listeners, the management token, StatsD, the
+dashboard, the shared state and the workers need a restart: a change to them
 is logged as such and not applied. A configuration that no longer parses
 changes nothing (the error is logged).
 """
@@ -18,33 +21,17 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from paddler.balancer.proxy import ProxyConfig
-from paddler.config import BalancerConfig
+from paddler.config import BALANCER_SETTINGS, BalancerConfig
 from paddler.fleet.upstream import Upstream, upstream_id
 from paddler.routing.policies import CHOOSERS
-from paddler.settings import ConfigError
+from paddler.settings import RESTART, ConfigError
 
 if TYPE_CHECKING:
     from paddler.balancer.service import BalancerService
 
-#: Settings that take effect only when the balancer restarts.
-NEEDS_RESTART = (
-    "listen",
-    "management_listen",
-    "management_token",
-    "management_insecure",
-    "dashboard",
-    "access_log",
-    "statsd",
-    "statsd_prefix",
-    "statsd_interval",
-    "simulated_fleet",
-)
-
-
-#: Settings of the listeners' client limits (applied to connections from their next request on).
-CLIENT_LIMITS = (
-    "header_timeout", "min_request_body_rate", "client_idle_timeout", "max_connections", "max_connections_per_client",
-)
+#: How a reload applies each balancer setting, as its entry in the settings table says
+#: (an entry without one is a restart setting; tests/test_settings.py makes every entry say).
+RELOAD = {s.name: s.info.reload or RESTART for s in BALANCER_SETTINGS}
 
 
 class Reloader:
@@ -73,17 +60,18 @@ class Reloader:
             return []
         old = self.service.config
         changes = self._upstreams(old, new)
+        secret = {s.name for s in BALANCER_SETTINGS if s.info.secret}
         for f in dataclasses.fields(BalancerConfig):
             name = f.name
             if name == "upstreams" or getattr(old, name) == getattr(new, name):
                 continue
-            shown = "(hidden)" if name in ("management_token", "llamacpp_api_key") else getattr(new, name)
-            if name in NEEDS_RESTART:
+            shown = "(hidden)" if name in secret else getattr(new, name)
+            if RELOAD[name] == RESTART:
                 changes.append(f"{name} changed to {shown}; it takes effect at the next restart")
                 continue
             self._apply(name, new)
             changes.append(f"{name} is now {shown}")
-        kept = {name: getattr(old, name) for name in NEEDS_RESTART}
+        kept = {name: getattr(old, name) for name, how in RELOAD.items() if how == RESTART}
         self.service.config = dataclasses.replace(new, **kept)
         for line in changes:
             self.log.info("reload: {change}", change=line)
@@ -92,44 +80,36 @@ class Reloader:
         return changes
 
     def _apply(self, name: str, new: BalancerConfig) -> None:
+        """Apply the new value of setting C{name} the way its table entry says (L{RELOAD})."""
         service = self.service
         pool = service.pool
-        if name == "policy":
-            pool.chooser = CHOOSERS[new.policy](pool.clock)
-        elif name == "max_buffered_requests":
-            pool.max_buffered = new.max_buffered_requests
-        elif name == "buffered_request_timeout":
-            pool.buffer_timeout = new.buffered_request_timeout
-        elif name == "no_upstream_timeout":
-            pool.no_upstream_timeout = new.no_upstream_timeout
-        elif name == "allow_upstream_network" and getattr(service, "vetter", None) is not None:
-            service.vetter.allowed = tuple(new.allow_upstream_network)
-        elif name == "shutdown_timeout":
-            service.shutdown_timeout = new.shutdown_timeout
-        elif name == "agent_expiry" and service.registry is not None:
-            service.registry.expiry = new.agent_expiry
-        elif name == "probe_interval" and service.probes is not None:
-            service.probes.set_interval(new.probe_interval)
-            pool.recheck_interval = new.probe_interval
-            if service.registry is not None:
-                service.registry.check_every = new.probe_interval
-        elif name == "probe_timeout":
-            self.prober.timeout = new.probe_timeout
-        elif name == "probe_mode":
-            self.prober.mode = new.probe_mode
-        elif name == "unhealthy_after":
-            self.prober.unhealthy_after = new.unhealthy_after
-        elif name in CLIENT_LIMITS:
+        how = RELOAD[name]
+        value = getattr(new, name)
+        if how == "chooser":
+            pool.chooser = CHOOSERS[value](pool.clock)
+        elif how == "probe_interval":
+            if service.probes is not None:
+                service.probes.set_interval(value)
+                pool.recheck_interval = value
+                if service.registry is not None:
+                    service.registry.check_every = value
+        elif how == "client_limits":
             from paddler.web.descriptors import limits_for
 
             limits = limits_for(new, self.open_files())
             for site in service.sites:
                 site.limits = limits
                 site.timeOut = limits.idle_timeout
-        elif name == "max_request_bodies_memory" and service.body_memory is not None:
-            service.body_memory.limit = new.max_request_bodies_memory
-        if name == "llamacpp_api_key":
-            self.prober.api_key = new.llamacpp_api_key
+        elif how != "proxy":
+            part_name, _, attribute = how.partition(".")
+            parts = {
+                "pool": pool, "service": service, "prober": self.prober,
+                "registry": service.registry, "body_memory": service.body_memory,
+                "vetter": service.vetter,
+            }
+            part = parts[part_name]
+            if part is not None:  # no registry or body budget in this balancer: nothing to set
+                setattr(part, attribute, tuple(value) if isinstance(value, list) else value)
         service.proxy.config = ProxyConfig.from_balancer(new)
 
     def _upstreams(self, old: BalancerConfig, new: BalancerConfig) -> list[str]:

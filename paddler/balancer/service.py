@@ -46,7 +46,7 @@ class BalancerService(MultiService):
         pool: UpstreamPool,
         stats: RequestStats,
         proxy: ProxyResource,
-        shutdown_timeout: float = 30.0,
+        shutdown_timeout: float = BalancerConfig.shutdown_timeout,
     ) -> None:
         super().__init__()
         self.config = config

@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from paddler.config import BalancerConfig
 from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
 from paddler.interfaces import ISlotChooser
 from paddler.fleet.routers import children_of, prefer_loaded
@@ -123,8 +124,8 @@ class UpstreamPool:
         self,
         clock: IReactorTime,
         chooser: ISlotChooser,
-        max_buffered: int = 30,
-        buffer_timeout: float = 30.0,
+        max_buffered: int = BalancerConfig.max_buffered_requests,
+        buffer_timeout: float = BalancerConfig.buffered_request_timeout,
         no_upstream_timeout: float | None = None,
     ) -> None:
         self.clock = clock

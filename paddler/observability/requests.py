@@ -178,7 +178,7 @@ class RequestStats:
             if 200 <= status < 500:
                 upstream.requests_served += 1
             else:
-                upstream.requests_failed += 1
+                self.upstream_failed(upstream)
         record = {
             "status": status,
             "duration": duration,
@@ -192,6 +192,15 @@ class RequestStats:
                 listener(record)
             except Exception:
                 self.log.failure("request stats listener failed")
+
+    def upstream_failed(self, upstream: Any) -> None:
+        """
+        Count one failure of C{upstream}: the one place per-upstream failures
+        are counted. L{record} calls it for an answer relayed with a 5xx; the
+        proxy for an attempt that failed before answering (refused, reset,
+        no headers or no body byte in time), retried or not.
+        """
+        upstream.requests_failed += 1
 
     def _recent(self) -> list[tuple[float, float | None, float]]:
         horizon = self._clock.seconds() - self.window

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import os
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -49,7 +48,8 @@ from paddler.shared.resp import (
     SubscriberProtocol,
 )
 
-#: Environment variable holding the Redis password when the URL has none.
+#: Environment variable holding the Redis password when the URL has none (the
+#: C{state_password} setting of L{paddler.config.BalancerConfig} reads it).
 PASSWORD_ENV = "PADDLER_STATE_PASSWORD"
 DEFAULT_PORT = 6379
 
@@ -78,14 +78,13 @@ class RedisAddress:
         return f"{scheme}://{host}:{self.port}/{self.db}"
 
 
-def parse_state_url(url: str, environ: Mapping[str, str] | None = None) -> RedisAddress:
+def parse_state_url(url: str, password: str | None = None) -> RedisAddress:
     """
     Parse C{redis://[[user]:password@]host[:port][/db]} or C{rediss://...}
     (TLS; query C{ssl_ca_certs=PATH} for a private CA, C{ssl_cert_reqs=none}
-    to skip verification). The password comes from the URL, else from the
-    environment variable C{PADDLER_STATE_PASSWORD}.
+    to skip verification). The password comes from the URL, else from
+    C{password} (the C{--state} password setting, C{PADDLER_STATE_PASSWORD}).
     """
-    env: Mapping[str, str] = os.environ if environ is None else environ
     if not isinstance(url, str) or len(url) > 2048:
         raise InvalidStateURL("the state URL must be a string of at most 2048 characters")
     try:
@@ -118,10 +117,8 @@ def parse_state_url(url: str, environ: Mapping[str, str] | None = None) -> Redis
     reqs = query.get("ssl_cert_reqs", ["required"])[-1].lower()
     if reqs not in ("required", "none"):
         raise InvalidStateURL("ssl_cert_reqs must be 'required' or 'none'")
-    password = unquote(parts.password) if parts.password else None
     username = unquote(parts.username) if parts.username else None
-    if password is None:
-        password = env.get(PASSWORD_ENV) or None
+    password = unquote(parts.password) if parts.password else (password or None)
     return RedisAddress(
         host=parts.hostname,
         port=port,

@@ -233,6 +233,8 @@ class MemorySlotState:
                     self._handoff(c, channel, now)
                     if rid in self.lease:
                         return self._lease_reply(rid)
+            if rid not in self.w:  # the hand-off dropped it (past its deadline): the script's ZRANK is nil
+                return [2, w[1], None]
             return [2, w[1], self._position(rid)]
         self._heartbeat(owner, now + ttl)
         for c in cands:
@@ -443,16 +445,17 @@ class MemorySlotState:
             raise _bad("limit")
         now = self._now()
         released = stale = expired = orphaned = gone = swept = 0
-        for rid in sorted((r for r, e in self.leases.items() if e <= now), key=lambda r: self.leases[r])[:limit]:
+        # in a ZSET's order: by score, equal scores by member (the script's ZRANGEBYSCORE ... LIMIT)
+        for rid in sorted((r for r, e in self.leases.items() if e <= now), key=lambda r: (self.leases[r], r))[:limit]:
             if self._release_lease(rid, channel, now) == 1:
                 released += 1
             else:
                 stale += 1
-        for rid in sorted((r for r, w in self.w.items() if w[2] <= now), key=lambda r: self.w[r][2])[:limit]:
+        for rid in sorted((r for r, w in self.w.items() if w[2] <= now), key=lambda r: (self.w[r][2], r))[:limit]:
             if rid in self.w:
                 self._drop_waiter(rid)
                 expired += 1
-        for owner in sorted((o for o, e in self.owners.items() if e < now), key=lambda o: self.owners[o])[:limit]:
+        for owner in sorted((o for o, e in self.owners.items() if e < now), key=lambda o: (self.owners[o], o))[:limit]:
             mine = sorted(rid for rid, w in self.w.items() if w[0] == owner)
             for rid in mine[:limit]:
                 self._drop_waiter(rid)
@@ -470,7 +473,7 @@ class MemorySlotState:
         oldest = min(self.w.values(), key=lambda w: w[1])[4] if self.w else -1
         out: list[Any] = [
             [now, self.seq, len(self.w), oldest, len(self.leases), sum(1 for e in self.owners.values() if e >= now), self.epoch or "",
-             sorted(o for o, e in self.owners.items() if e >= now)[:1024]]
+             sorted((o for o, e in self.owners.items() if e >= now), key=lambda o: (self.owners[o], o))[:1024]]
         ]
         for s in self.total:
             g = self.gen.get(s, 0)

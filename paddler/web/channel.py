@@ -53,7 +53,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Site
+from zope.interface import implementer
 
+from paddler.config import BalancerConfig
 from paddler.errors import (
     BadRequest,
     BodyTimeout,
@@ -64,14 +66,14 @@ from paddler.errors import (
     TooManyConnections,
     URITooLong,
     body_memory_full,
-    body_too_large,
 )
+from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
 from paddler.web import flush
 from paddler.web.http1 import ChunkedScanner, FramingError
 from paddler.web.instance import INSTANCE_HEADER
+from paddler.web.target import TargetRejected, check_visible
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_TARGET = re.compile(rb"[\x21-\x7e]+")
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _HEAD_END = b"\r\n\r\n"
@@ -86,14 +88,14 @@ CAP_LOG_INTERVAL = 60.0
 
 @dataclass(frozen=True)
 class ClientLimits:
-    """What a listener tolerates from its clients (see ``paddler balancer --help``)."""
+    """What a listener tolerates from its clients (see ``paddler balancer --help``); defaults from the settings table."""
 
-    header_timeout: float = 10.0
-    min_body_rate: float = 8192.0
-    idle_timeout: float = 120.0
-    max_connections: int = 1024
-    linger: float = 2.0
-    max_connections_per_client: int = 0  # 0: no limit
+    header_timeout: float = BalancerConfig.header_timeout
+    min_body_rate: float = float(BalancerConfig.min_request_body_rate)
+    idle_timeout: float = BalancerConfig.client_idle_timeout
+    max_connections: int = BalancerConfig.max_connections
+    linger: float = 2.0  # not a setting: how long an early answer's connection stays for the client to read it
+    max_connections_per_client: int = BalancerConfig.max_connections_per_client  # 0: no limit
 
 
 def request_line_error(line: bytes) -> PaddlerHTTPError | None:
@@ -104,8 +106,10 @@ def request_line_error(line: bytes) -> PaddlerHTTPError | None:
     method, target, version = parts
     if not _TOKEN.fullmatch(method):
         return BadRequest("the request method must be a token (letters, digits and !#$%&'*+-.^_`|~)")
-    if not _TARGET.fullmatch(target):
-        return BadRequest("the request target must be visible ASCII characters (percent-encode the rest)")
+    try:
+        check_visible(target)
+    except TargetRejected as e:
+        return BadRequest(e.message)
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         # Another HTTP version is a client's choice, not a server failure: 400, not 505.
         if _VERSION.fullmatch(version):
@@ -146,6 +150,7 @@ def _close_after_answer(transport: Any, call_later: Callable[..., IDelayedCall],
     return call_later(linger, transport.abortConnection)
 
 
+@implementer(IGuardedChannel)
 class GuardedChannel(HTTPChannel):
     """
     An C{HTTPChannel} with a head deadline, a body rate, answers before the
@@ -302,13 +307,11 @@ class GuardedChannel(HTTPChannel):
             return
         request = self.requests[-1]
         length = self.length
-        max_body = getattr(request, "max_body", None)
-        if length is not None and max_body is not None and length > max_body:
-            too_large = getattr(request, "too_large", None)
-            self.refuse(too_large() if too_large is not None else body_too_large(max_body))
+        bounded = IBoundedRequest.providedBy(request)  # a plain Request has no limit to check here
+        if length is not None and bounded and length > request.max_body:
+            self.refuse(request.too_large())
             return
-        claim = getattr(request, "claim_body", None)
-        if length and claim is not None and not claim(length):
+        if length and bounded and not request.claim_body(length):
             self.refuse(body_memory_full())
             return
         self._cancel_deadline()
@@ -381,9 +384,8 @@ class GuardedChannel(HTTPChannel):
         self.setTimeout(None)
         self.clearLineBuffer()
         for request in self.requests:
-            release = getattr(request, "release_body", None)
-            if release is not None:
-                release()
+            if IBoundedRequest.providedBy(request):
+                request.release_body()
         self.transport.write(early_response(error, self.site.instance_id))
         self.site.answered_early(error)
         self._linger = _close_after_answer(self.transport, self.callLater, self.site.limits.linger)
@@ -435,6 +437,7 @@ class OverCapacity(Protocol):
         self._linger = None
 
 
+@implementer(IGuardedSite)
 class GuardedSite(Site):
     """
     A C{Site} whose connections are L{GuardedChannel}s, at most

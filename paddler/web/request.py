@@ -28,7 +28,9 @@ from typing import Any
 
 from twisted.python.failure import Failure
 from twisted.web import server
+from zope.interface import implementer
 
+from paddler.config import BalancerConfig
 from paddler.errors import (
     LoopDetected,
     PaddlerHTTPError,
@@ -39,6 +41,7 @@ from paddler.errors import (
     error_response,
     json_response,
 )
+from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
 from paddler.web.instance import INSTANCE_HEADER, came_through, via_token
 from paddler.web.memory import BodyMemory
 from paddler.web.target import TargetRejected, check_target
@@ -47,10 +50,11 @@ from paddler.web.target import TargetRejected, check_target
 ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
+@implementer(IBoundedRequest)
 class BoundedRequest(server.Request):
     """A request that keeps at most C{max_body} bytes of body and refuses targets that are not paths."""
 
-    max_body = 10 * 1024 * 1024
+    max_body = BalancerConfig.max_request_body
     memory: BodyMemory | None = None
     instance_id: str | None = None
     loop_token: str | None = None
@@ -110,9 +114,8 @@ class BoundedRequest(server.Request):
         """The body cannot be kept: answer at once on a guarded channel, else flag it (413 later)."""
         self.body_too_large = True
         self.release_body()
-        refuse = getattr(self.channel, "refuse", None)
-        if refuse is not None:
-            refuse(error)
+        if IGuardedChannel.providedBy(self.channel):
+            self.channel.refuse(error)
 
     # -- the request ------------------------------------------------------
 
@@ -158,9 +161,8 @@ class BoundedRequest(server.Request):
 
     def _answer(self, error: PaddlerHTTPError) -> None:
         self.site = self.channel.site  # type: ignore[attr-defined]
-        on_answered = getattr(self.site, "answered_early", None)
-        if on_answered is not None:
-            on_answered(error)
+        if IGuardedSite.providedBy(self.site):
+            self.site.answered_early(error)
         self.write(error_response(self, error))
         self.finish()
 

@@ -59,6 +59,26 @@ def _valid_authority(authority: bytes) -> bool:
     return bool(_AUTHORITY.fullmatch(host)) and (not port or bool(_PORT.fullmatch(port)))
 
 
+def check_visible(target: bytes) -> None:
+    """L{TargetRejected} (400) unless C{target} is visible ASCII: the request line's check (the channel's too)."""
+    if not _TARGET_BYTES.fullmatch(target):
+        raise TargetRejected(400, "the request target must be visible ASCII characters (percent-encode the rest)")
+
+
+def origin_form(target: bytes) -> bytes:
+    """
+    C{target} if it may go upstream as it is: visible ASCII, a path from
+    C{/}, no fragment; else L{TargetRejected} (400). The one rule for what
+    the proxy sends (L{check_target} applies it to every request first).
+    """
+    check_visible(target)
+    if not target.startswith(b"/"):
+        raise TargetRejected(400, "the request target must be a path starting with /")
+    if b"#" in target:
+        raise TargetRejected(400, "the request target must not contain a fragment (#)")
+    return target
+
+
 def check_target(method: bytes, target: bytes, host_headers: Sequence[bytes] | None, version: bytes) -> Target:
     """
     The origin-form of C{target}, or L{TargetRejected}.
@@ -67,16 +87,13 @@ def check_target(method: bytes, target: bytes, host_headers: Sequence[bytes] | N
     """
     if method.upper() == b"CONNECT":
         raise TargetRejected(405, "CONNECT is not supported: paddler is a reverse proxy, not a tunnel")
-    if not _TARGET_BYTES.fullmatch(target):
-        raise TargetRejected(400, "the request target must be visible ASCII characters (percent-encode the rest)")
+    check_visible(target)
     if host_headers is not None and len(host_headers) > 1:
         raise TargetRejected(400, "the request has more than one Host header")
     if host_headers is None and version.upper() == b"HTTP/1.1":
         raise TargetRejected(400, "an HTTP/1.1 request needs a Host header")
     if target.startswith(b"/"):
-        if b"#" in target:
-            raise TargetRejected(400, "the request target must not contain a fragment (#)")
-        return Target(target)
+        return Target(origin_form(target))
     absolute = _ABSOLUTE.fullmatch(target)
     if absolute is not None:
         authority, rest = absolute.group(2), absolute.group(3)

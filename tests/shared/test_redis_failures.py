@@ -51,7 +51,7 @@ def link_lines(events: list[dict], kind: str = "commands") -> list[str]:
     ]
 
 
-def make_store(url: str, prefix: str, owner: str, **kwargs: Any) -> RedisSlotStore:
+def make_store(url: Any, prefix: str, owner: str, **kwargs: Any) -> RedisSlotStore:
     kwargs.setdefault("timeout", 0.5)
     kwargs.setdefault("reap_interval", 3600.0)
     kwargs.setdefault("max_backoff", 0.2)
@@ -257,17 +257,21 @@ async def test_scripts_check_raw_arguments_before_any_write(redis_server: RedisS
 async def test_the_password_comes_from_the_url_or_the_environment(
     redis_binary: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, log_events: list[dict]
 ) -> None:
-    """AUTH with the URL's password or PADDLER_STATE_PASSWORD; a wrong one keeps the link down, loudly."""
+    """AUTH with the URL's password or the state_password setting (PADDLER_STATE_PASSWORD); a wrong one keeps
+    the link down, loudly."""
+    from paddler.config import build_config
+
     server = RedisServer(redis_binary, tmp_path, extra=["--requirepass", "s3cret"])
     stores = []
     try:
         server.start()
         with_url = make_store(f"redis://:s3cret@127.0.0.1:{server.port}/2", "{pw}", "a")
-        monkeypatch.setenv("PADDLER_STATE_PASSWORD", "s3cret")
-        with_env = make_store(f"redis://127.0.0.1:{server.port}/2", "{pw}", "b")
-        monkeypatch.setenv("PADDLER_STATE_PASSWORD", "wrong")
-        wrong = make_store(f"redis://127.0.0.1:{server.port}/2", "{pw}", "c")
-        stores = [with_url, with_env, wrong]
+        url = f"redis://127.0.0.1:{server.port}/2"
+        for password, owner in (("s3cret", "b"), ("wrong", "c")):
+            config = build_config({"state": url}, [], {"PADDLER_STATE_PASSWORD": password})
+            stores.append(make_store(parse_state_url(config.state, config.state_password), "{pw}", owner))
+        with_env, wrong = stores
+        stores = [with_url, with_env, wrong]  # all stopped at the end
         await until(lambda: with_url.is_up and with_env.is_up, what="both logged in")
         await until(lambda: wrong.client.state is LinkState.DOWN, what="wrong password: down")
         assert "WRONGPASS" in (wrong.client.last_error or "") or "invalid" in (wrong.client.last_error or "")

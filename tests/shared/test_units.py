@@ -38,16 +38,21 @@ from paddler.shared.store import SharedLease, Waiter
 )
 def test_state_urls_are_parsed(url: str, expected: dict[str, Any]) -> None:
     """redis:// and rediss:// with host, port, db, user, password and TLS options."""
-    address = parse_state_url(url, environ={})
+    address = parse_state_url(url)
     for name, value in expected.items():
         assert getattr(address, name) == value, name
 
 
 def test_the_password_falls_back_to_the_environment_and_is_never_displayed() -> None:
-    """PADDLER_STATE_PASSWORD is used when the URL has none; display() and repr() hide it."""
-    address = parse_state_url("redis://h:1/0", environ={"PADDLER_STATE_PASSWORD": "hunter2"})
+    """The state_password setting (PADDLER_STATE_PASSWORD) is used when the URL has none; display() and repr() hide it."""
+    from paddler.config import build_config
+
+    config = build_config({"state": "redis://h:1/0"}, [], {"PADDLER_STATE_PASSWORD": "hunter2"})
+    assert config.state_password == "hunter2"
+    address = parse_state_url(config.state, config.state_password)
     assert address.password == "hunter2"
-    assert parse_state_url("redis://:url@h:1/0", environ={"PADDLER_STATE_PASSWORD": "env"}).password == "url"
+    assert parse_state_url("redis://:url@h:1/0", "env").password == "url"
+    assert parse_state_url("redis://h:1/0").password is None
     assert "hunter2" not in address.display() and "hunter2" not in repr(address)
 
 
@@ -69,7 +74,7 @@ def test_the_password_falls_back_to_the_environment_and_is_never_displayed() -> 
 def test_bad_state_urls_are_refused(url: str) -> None:
     """Every malformed --state URL raises InvalidStateURL with a reason."""
     with pytest.raises(InvalidStateURL):
-        parse_state_url(url, environ={})
+        parse_state_url(url)
 
 
 # -- RESP -------------------------------------------------------------------
@@ -135,7 +140,7 @@ class FakeEndpoint:
 
 def make_client(clock: Clock, endpoint: FakeEndpoint, **kwargs: Any) -> RedisClient:
     kwargs.setdefault("command_timeout", 0.1)
-    client = RedisClient(None, parse_state_url("redis://h:1/0", environ={}), clock=clock, endpoint=endpoint, **kwargs)
+    client = RedisClient(None, parse_state_url("redis://h:1/0"), clock=clock, endpoint=endpoint, **kwargs)
     client.startService()
     return client
 
