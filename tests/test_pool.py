@@ -219,3 +219,47 @@ def test_oldest_wait_is_reported(max_buffered):
     assert pool.totals()["oldest_buffered_wait"] == 3
     pool.stop()
     assert queued[0].check(NoUpstreamAvailable)
+
+
+def test_a_local_lease_and_a_shared_mirror_are_granted_by_one_rule(monkeypatch):
+    """Both the pool's own leases and the mirrors of shared ones go through C{UpstreamPool.grant}."""
+    from twisted.internet.task import Clock
+
+    from paddler.fleet.pool import UpstreamPool
+    from paddler.fleet.upstream import SlotsSeen, Upstream
+    from paddler.routing.policies import MostIdleSlotsChooser
+    from paddler.shared.fleet import SharedFleet
+
+    clock = Clock()
+    pool = UpstreamPool(clock, MostIdleSlotsChooser(), max_buffered=2, buffer_timeout=5.0)
+    a = pool.add(Upstream("http://10.0.0.1:8080", clock=clock))
+    b = pool.add(Upstream("http://10.0.0.2:8080", clock=clock))
+    for upstream in (a, b):
+        pool.observe(upstream, SlotsSeen(2, 0, upstream.probe_mark()))
+    granted: list[str] = []
+    real = pool.grant
+
+    def counting(upstream, waited, demand, on_release=None):
+        granted.append(upstream.url)
+        return real(upstream, waited, demand, on_release=on_release)
+
+    monkeypatch.setattr(pool, "grant", counting)
+    local = pool._try_lease(None, frozenset(), 0.0, None)
+    released: list[bool] = []
+
+    class Shared:
+        server_id = b.id
+
+        def release(self, running=False):
+            from twisted.internet.defer import succeed
+
+            released.append(running)
+            return succeed(None)
+
+    fleet = SharedFleet(pool, store=None, clock=clock)
+    mirror = fleet._mirror(Shared(), None, 1.5)
+    assert local is not None and mirror is not None
+    assert len(granted) == 2 and granted[1] == b.url
+    assert mirror.upstream is b and mirror.waited == 1.5 and b.slots_held == 1
+    mirror.release()
+    assert released == [False] and b.slots_held == 0

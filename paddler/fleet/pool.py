@@ -374,10 +374,26 @@ class UpstreamPool:
         upstream = self.chooser.choose(self.eligible(model, exclude), model, demand)
         if upstream is None:
             return None
-        self.mark_chosen(upstream)
-        lease = Lease(self, upstream, upstream.take_lease(), waited, demand)
+        lease = self.grant(upstream, waited, demand)
         if self.shared is not None:
             self.shared.taken_locally(lease)
+        return lease
+
+    def grant(
+        self,
+        upstream: Upstream,
+        waited: float,
+        demand: Any,
+        on_release: Callable[[bool], object] | None = None,
+    ) -> Lease:
+        """
+        Give a request a slot on C{upstream}: the one rule for granting, used
+        for a local lease and for the local mirror of a shared one. It notes
+        the choice, takes the slot, tells the policy and the listeners.
+        C{on_release}: the shared store's side of the lease, if any.
+        """
+        self.mark_chosen(upstream)
+        lease = Lease(self, upstream, upstream.take_lease(), waited, demand, on_release=on_release)
         self.chooser.dispatched(upstream, demand)
         self.notify("changed", upstream)
         return lease

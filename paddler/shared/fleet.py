@@ -370,18 +370,9 @@ class SharedFleet(Service):
         if upstream is None:
             self._quietly(shared.release(), "release")
             return None
-        self.pool.mark_chosen(upstream)
-        lease = Lease(
-            self.pool,
-            upstream,
-            upstream.take_lease(),
-            waited,
-            demand,
-            on_release=lambda running: self._quietly(shared.release(running), "release"),
+        return self.pool.grant(
+            upstream, waited, demand, on_release=lambda running: self._quietly(shared.release(running), "release")
         )
-        self.pool.chooser.dispatched(upstream, demand)
-        self.pool.notify("changed", upstream)
-        return lease
 
     async def _wait_for_candidates(self, remaining: float) -> None:
         """No upstream may take the request yet (scale from zero): wait until one may, or the deadline."""
