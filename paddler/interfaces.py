@@ -70,6 +70,39 @@ class IUpstreamProber(Interface):
         """
 
 
+class ISlotSource(Interface):
+    """
+    Where an L{paddler.fleet.pool.UpstreamPool} gets its slots and keeps its
+    waiters: this process alone (L{paddler.fleet.pool.LocalSlotSource}), or a
+    slot store shared with other balancers (L{paddler.shared.fleet.SharedFleet}).
+    The pool asks its source; the source never calls back into the pool's
+    C{acquire}.
+    """
+
+    requests_waiting = Attribute(
+        "Requests of this process waiting in a buffer other than the pool's own (the shared FIFO); 0 for local."
+    )
+
+    def acquire(model, exclude, demand, since):  # type: ignore[no-untyped-def]
+        """
+        A Deferred L{Lease} for a request for C{model} on an upstream whose id
+        is not in C{exclude}, now or when a slot frees; C{since} is when the
+        request began waiting (None: now), so its deadline stays the same.
+        """
+
+    def admits(upstream):  # type: ignore[no-untyped-def]
+        """Whether this process may take one more slot on C{upstream} now (the shared store down: only its share)."""
+
+    def taken_locally(lease):  # type: ignore[no-untyped-def]
+        """The pool granted C{lease} from its own view of the fleet (a shared source adopts it later)."""
+
+    def describe():  # type: ignore[no-untyped-def]
+        """What C{/health} says of the source (a JSON-ready dict), or None when there is nothing to say."""
+
+    def stop_waiting(error):  # type: ignore[no-untyped-def]
+        """The balancer stops: this process's requests waiting in the source's buffer fail with C{error}."""
+
+
 class ISlotStore(Interface):
     """
     Slot leases, server readings and one FIFO of waiting requests, shared by

@@ -100,7 +100,21 @@ def providers() -> list[tuple[Any, Any]]:
         (IUpstreamProber, HeldProber()),
         *guarded_listener_parts(),
         *memory_network_parts(),
+        *slot_source_parts(),
     ]
+
+
+def slot_source_parts() -> list[tuple[Any, Any]]:
+    """The pool's two slot sources: its own (no --state) and the shared store's side."""
+    from paddler.fleet.pool import LocalSlotSource, UpstreamPool
+    from paddler.interfaces import ISlotSource
+    from paddler.shared.fleet import SharedFleet
+    from paddler.shared.memory import MemorySlotState, MemorySlotStore
+
+    clock = Clock()
+    pool = UpstreamPool(clock, CHOOSERS["slots"](clock))
+    store = MemorySlotStore(MemorySlotState(clock), "a")
+    return [(ISlotSource, LocalSlotSource(pool)), (ISlotSource, SharedFleet(pool, store, clock))]
 
 
 def guarded_listener_parts() -> list[tuple[Any, Any]]:

@@ -263,3 +263,39 @@ def test_a_local_lease_and_a_shared_mirror_are_granted_by_one_rule(monkeypatch):
     assert mirror.upstream is b and mirror.waited == 1.5 and b.slots_held == 1
     mirror.release()
     assert released == [False] and b.slots_held == 0
+
+
+def test_the_pool_asks_its_slot_source_and_the_source_never_calls_the_pools_acquire(monkeypatch):
+    """Without --state the pool's slots come from a LocalSlotSource; with a SharedFleet set as its source, a
+    request while the store is down is served from the pool's own buffer without going back through
+    C{UpstreamPool.acquire} (no pool -> shared -> pool loop)."""
+    from twisted.internet.task import Clock
+
+    from paddler.fleet.pool import LocalSlotSource, UpstreamPool
+    from paddler.fleet.upstream import SlotsSeen, Upstream
+    from paddler.routing.policies import MostIdleSlotsChooser
+    from paddler.shared.fleet import SharedFleet
+    from paddler.shared.memory import MemorySlotState, MemorySlotStore
+
+    clock = Clock()
+    pool = UpstreamPool(clock, MostIdleSlotsChooser(), max_buffered=2, buffer_timeout=5.0)
+    assert isinstance(pool.slots, LocalSlotSource) and pool.shared is None
+    for url in ("http://10.0.0.1:8080", "http://10.0.0.2:8080"):
+        upstream = pool.add(Upstream(url, clock=clock))
+        pool.observe(upstream, SlotsSeen(1, 0, upstream.probe_mark()))
+    fleet = SharedFleet(pool, MemorySlotStore(MemorySlotState(clock), "a"), clock)
+    pool.shared = fleet
+    assert pool.slots is fleet and not fleet.up
+    calls: list[object] = []
+    real = pool.acquire
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "acquire", counting)
+    first, second = pool.acquire(), pool.acquire()
+    assert len(calls) == 2  # the two requests, and nothing else re-entered the pool
+    assert {first.result.upstream.url, second.result.upstream.url} == {"http://10.0.0.1:8080", "http://10.0.0.2:8080"}
+    pool.shared = None
+    assert isinstance(pool.slots, LocalSlotSource)

@@ -11,10 +11,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from paddler.config import BalancerConfig
 from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
-from paddler.interfaces import ISlotChooser
+from paddler.interfaces import ISlotChooser, ISlotSource
 from paddler.fleet.routers import children_of, prefer_loaded
 from paddler.fleet.upstream import Observation, SlotsSeen, Upstream
 from paddler.routing.speed import DecayingRate
@@ -110,6 +111,33 @@ def _settle_waiter(result: Any, waiter: _Waiter) -> None:
         result.release()
 
 
+@implementer(ISlotSource)
+class LocalSlotSource:
+    """The slots of a pool that shares them with no other balancer: its own view, its own buffer."""
+
+    requests_waiting = 0
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    def acquire(
+        self, model: str | None, exclude: frozenset[str], demand: Any, since: float | None = None
+    ) -> Deferred[Lease]:
+        return self.pool.acquire_locally(model, exclude, demand, since)
+
+    def admits(self, upstream: Upstream) -> bool:
+        return True
+
+    def taken_locally(self, lease: Lease) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any] | None:
+        return None
+
+    def stop_waiting(self, error: Exception) -> None:
+        pass
+
+
 class UpstreamPool:
     """
     The upstreams the balancer knows, and the FIFO buffer of requests waiting
@@ -150,8 +178,9 @@ class UpstreamPool:
         #: Slots our requests gave back, per second (decaying): how fast the buffer can drain.
         self.slots_freed = DecayingRate(clock, min_window=1.0)
         self._observers: list[Callable[[Upstream, Observation, bool], None]] = []
-        #: The shared slot store's side (L{paddler.shared.fleet.SharedFleet}) with --state, else None.
-        self.shared: Any = None
+        #: Where leases and waiters live: this process (L{LocalSlotSource}), or with --state the
+        #: shared slot store's side (L{paddler.shared.fleet.SharedFleet}).
+        self.slots: ISlotSource = LocalSlotSource(self)
         #: C{load_eta(model)}: seconds until a load of C{model} under way is expected done, else
         #: None (set by L{paddler.fleet.placement.ModelPlacement}); a timed-out waiter's Retry-After.
         self.load_eta: Callable[[str], float | None] | None = None
@@ -342,6 +371,16 @@ class UpstreamPool:
                 return upstream
         return None
 
+    @property
+    def shared(self) -> Any:
+        """The shared slot store's side (L{paddler.shared.fleet.SharedFleet}) with --state, else None.
+        Setting it makes it the pool's slot source (None: back to the local one)."""
+        return None if isinstance(self.slots, LocalSlotSource) else self.slots
+
+    @shared.setter
+    def shared(self, source: ISlotSource | None) -> None:
+        self.slots = LocalSlotSource(self) if source is None else source
+
     # -- choosing ---------------------------------------------------------
 
     def eligible(self, model: str | None, exclude: Iterable[str] = ()) -> list[Upstream]:
@@ -356,10 +395,7 @@ class UpstreamPool:
         ]
         if model is not None and any(u.serves(model) for u in self.upstreams.values()):
             candidates = prefer_loaded([u for u in candidates if u.serves(model)])
-        if self.shared is not None and not self.shared.up:
-            # The shared store is down: this process takes only its share of each upstream.
-            candidates = [u for u in candidates if u.slots_held < self.shared.local_share(u)]
-        return candidates
+        return [u for u in candidates if self.slots.admits(u)]
 
     def ranked(self, model: str | None, exclude: Iterable[str] = (), demand: Any = None) -> list[Upstream]:
         """The upstreams that may take the request, best first by the policy (full ones included)."""
@@ -375,8 +411,7 @@ class UpstreamPool:
         if upstream is None:
             return None
         lease = self.grant(upstream, waited, demand)
-        if self.shared is not None:
-            self.shared.taken_locally(lease)
+        self.slots.taken_locally(lease)
         return lease
 
     def grant(
@@ -420,9 +455,13 @@ class UpstreamPool:
         C{since}, when it already waited elsewhere (the shared buffer), the
         time it began waiting: its deadline stays the same.
         """
-        excluded = frozenset(exclude)
-        if self.shared is not None and self.shared.up:
-            return self.shared.acquire(model, excluded, demand, since)  # type: ignore[no-any-return]
+        return self.slots.acquire(model, frozenset(exclude), demand, since)  # type: ignore[no-any-return]
+
+    def acquire_locally(
+        self, model: str | None, excluded: frozenset[str], demand: Any = None, since: float | None = None
+    ) -> Deferred[Lease]:
+        """L{acquire} from this process's own view of the fleet and its own buffer (what a slot source
+        without a store, or with its store down, does)."""
         now = self.clock.seconds()
         started = now if since is None else since
         if not self._waiters:
@@ -478,8 +517,9 @@ class UpstreamPool:
         for waiter in self._waiters:
             key = waiter.model or ""
             counts[key] = counts.get(key, 0) + 1
-        if not local_only and self.shared is not None and self.shared.requests_waiting:
-            counts[""] = counts.get("", 0) + self.shared.requests_waiting
+        elsewhere = 0 if local_only else self.slots.requests_waiting
+        if elsewhere:
+            counts[""] = counts.get("", 0) + elsewhere
         return counts
 
     def hand_waiters_over(self, acquire: Callable[[str | None, frozenset[str], Any, float], Deferred[Lease]]) -> int:
@@ -656,8 +696,7 @@ class UpstreamPool:
     @property
     def requests_buffered(self) -> int:
         """Requests of this process waiting for a slot (in its own buffer or the shared one)."""
-        shared = self.shared.requests_waiting if self.shared is not None else 0
-        return len(self._waiters) + shared
+        return len(self._waiters) + self.slots.requests_waiting
 
     def oldest_buffered_wait(self) -> float:
         if not self._waiters:
@@ -686,8 +725,9 @@ class UpstreamPool:
             "requests_buffered": totals["requests_buffered"],
             "upstreams": totals["upstreams"],
         }
-        if self.shared is not None:
-            body["shared_state"] = self.shared.describe()
+        shared_state = self.slots.describe()
+        if shared_state is not None:
+            body["shared_state"] = shared_state
         if any(u.role == "router" for u in self.upstreams.values()):
             body["models"] = self._health_by_model()
         if totals["upstreams"]["healthy"]:
@@ -729,5 +769,4 @@ class UpstreamPool:
             waiter = self._waiters[0]
             self._leave(waiter)
             waiter.deferred.errback(shutting_down)
-        if self.shared is not None:
-            self.shared.stop_waiting(shutting_down)
+        self.slots.stop_waiting(shutting_down)

@@ -56,7 +56,7 @@ from paddler.fleet.upstream import (
     Upstream,
     UpstreamState,
 )
-from paddler.interfaces import IUpstreamProber
+from paddler.interfaces import ISlotSource, IUpstreamProber
 from paddler.shared import errors as store_errors
 from paddler.shared.model import StoreSnapshot
 
@@ -88,6 +88,7 @@ def upstream_meta(upstream: Upstream) -> str:
     )
 
 
+@implementer(ISlotSource)
 class SharedFleet(Service):
     """
     Keeps a pool and a shared slot store in step (see the module docstring).
@@ -319,8 +320,11 @@ class SharedFleet(Service):
         A lease granted by the store, now or when the fleet frees a slot for
         this request. Cancelling it (the client left) takes the request out of
         the shared buffer. C{since}: when the request began waiting, if it
-        already waited here (its deadline stays the same).
+        already waited here (its deadline stays the same). While the store
+        is down the pool's own buffer serves it.
         """
+        if not self.up:
+            return self.pool.acquire_locally(model, exclude, demand, since)
         return self._acquire_since(model, exclude, demand, self.clock.seconds() if since is None else since)
 
     def _acquire_since(self, model: str | None, exclude: frozenset[str], demand: Any, since: float) -> Deferred[Lease]:
@@ -405,7 +409,11 @@ class SharedFleet(Service):
                 waiting.errback(error)
 
     async def _local(self, model: str | None, exclude: frozenset[str], demand: Any, started: float) -> Lease:
-        return await self.pool.acquire(model, exclude, demand, since=started)  # type: ignore[no-any-return]
+        return await self.acquire(model, exclude, demand, since=started)
+
+    def admits(self, upstream: Upstream) -> bool:
+        """While the store is down this process takes only its share of each upstream."""
+        return self.up or upstream.slots_held < self.local_share(upstream)
 
     def taken_locally(self, lease: Lease) -> None:
         """A lease the pool granted on its own while the store was down: adopted when it answers again."""
