@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
@@ -30,7 +31,15 @@ from paddler.web.listeners import endpoint_is_local
 
 if TYPE_CHECKING:
     from paddler.agent.service import AgentProcess
+    from paddler.balancer.proxy import ProxyResource
     from paddler.balancer.service import BalancerService
+    from paddler.fleet.pool import UpstreamPool
+    from paddler.fleet.probe import HTTPProber, ProbeService
+    from paddler.observability.requests import RequestStats
+    from paddler.shared.fleet import SharedFleet
+    from paddler.web.channel import ClientLimits
+    from paddler.web.listeners import ListeningService
+    from paddler.web.upstream_client import UpstreamClient
 
 
 def _with_synopsis(base: type[usage.Options], line: str) -> type[usage.Options]:
@@ -262,6 +271,46 @@ def makeAgentService(config: AgentConfig, reactor: Any) -> AgentProcess:
     return top
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who this balancer is in every answer (paddler.web.instance): its instance id and its Via token.
+    The workers of --workers share both (worker 0 passes them down in the environment), as they share
+    one proxy port."""
+
+    instance_id: str
+    loop_token: str
+
+
+@dataclass(frozen=True)
+class Core:
+    """The request path: the pool (and its policy), the request counters, the upstream client, the proxy."""
+
+    pool: UpstreamPool
+    stats: RequestStats
+    upstream_client: UpstreamClient
+    proxy: ProxyResource
+
+
+@dataclass(frozen=True)
+class Probing:
+    """How the fleet is read: the prober, the probe loops, the shared state's side (--state, else None),
+    and the services to start, in order."""
+
+    prober: HTTPProber
+    probes: ProbeService
+    shared: SharedFleet | None
+    services: tuple[IService, ...]
+
+
+@dataclass(frozen=True)
+class Observing:
+    """What the management port shows beside the API (state, dashboard, /metrics) and the services that
+    feed it, in order."""
+
+    resource: Any
+    services: tuple[IService, ...]
+
+
 def makeBalancerService(
     config: BalancerConfig,
     reactor: Any,
@@ -275,44 +324,70 @@ def makeBalancerService(
     is the command line, for the workers of C{--workers} (the ``paddler``
     command passes it; ``twistd paddler`` cannot run workers).
     """
-    from twisted.logger import Logger
-
-    from paddler.balancer.proxy import ProxyConfig, ProxyResource
     from paddler.balancer.reload import Reloader
-    from paddler.fleet.addresses import AddressVetter, reactor_resolver
-    from paddler.fleet.pool import UpstreamPool
-    from paddler.fleet.probe import HTTPProber, ProbeService
-    from paddler.fleet.registry import AgentRegistry
-    from paddler.fleet.static import SimulatedUpstreamsService, StaticUpstreamsService
-    from paddler.management.api import ManagementAPI
-    from paddler.management.validation import MAX_BODY
-    from paddler.observability.dashboard import ObservabilityApp
-    from paddler.observability.prometheus import PrometheusMetrics
-    from paddler.observability.requests import RequestStats
-    from paddler.observability.events import FleetEvents
-    from paddler.observability.snapshot import FleetView, StateHistory
-    from paddler.observability.stream import ObservabilityService, StateStream
-    from paddler.routing.policies import CHOOSERS
-    from paddler.errors import PaddlerHTTPError, outcome_of
-    from paddler.shared.fleet import SharedProber
-    from paddler.web.channel import GuardedSite
-    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
-    from paddler.web.descriptors import cap_explained, limits_for, open_files_limit
-    from paddler.web.instance import new_instance_id
-    from paddler.web.listeners import ListeningService
-    from paddler.web.memory import BodyMemory
-    from paddler.web.upstream_client import UpstreamClient
-    from paddler.web.request import bounded_request_factory
-    from paddler.web.router import PrefixRouter
-
     from paddler.balancer.service import BalancerService
+    from paddler.fleet.addresses import AddressVetter, reactor_resolver
+    from paddler.fleet.registry import AgentRegistry
+    from paddler.web.clients import UpstreamClientService
+    from paddler.web.descriptors import open_files_limit
+    from paddler.web.memory import BodyMemory
 
+    _write_flush(config, reactor)
+    core = _build_core(config, reactor)
+    identity = _identity(config)
+    probing = _build_probing(config, reactor, core, identity.instance_id)
+    memory = BodyMemory(config.max_request_bodies_memory)
+    limits = _client_limits(config)
+    site = _proxy_site_of(config, reactor, core, identity, limits, memory)
+    registry = AgentRegistry(
+        core.pool, reactor, expiry=config.agent_expiry,
+        report_age=probing.shared.report_age if probing.shared is not None else None,
+        reader=probing.prober.read, check_every=config.probe_interval,
+    )
+    core.pool.registering = registry.registering
+    top = BalancerService(
+        config, reactor, core.pool, core.stats, core.proxy, shutdown_timeout=config.shutdown_timeout,
+        instance_id=identity.instance_id, body_memory=memory, probes=probing.probes, registry=registry,
+        sites=[site], proxy_listener=_proxy_listener(config, reactor, site),
+        on_signal=lambda signum, handler: _on_signal(reactor, signum, handler),
+    )
+    for service in _upstream_services(config, reactor, core.pool):
+        service.setServiceParent(top)
+    UpstreamClientService(core.upstream_client).setServiceParent(top)
+    for service in probing.services:
+        service.setServiceParent(top)
+    registry.setServiceParent(top)
+    top.vetter = AddressVetter(  # it must know the balancer's own listeners (an upstream there is itself)
+        reactor, resolve=reactor_resolver(reactor), own=top.own_listeners, allowed=config.allow_upstream_network
+    )
+    observing = _build_observing(config, reactor, core, probing, registry)
+    for service in observing.services:
+        service.setServiceParent(top)
+    management_site = _management_site(config, reactor, top, core, probing, observing, limits)
+    top.sites.append(management_site)
+    top.management_listener = _management_listener(config, reactor, management_site)
+    top.management_listener.setServiceParent(top)
+    # Bound last: a process that cannot start takes no client connection (with SO_REUSEPORT the
+    # kernel would queue some on a worker's socket and reset them when the worker exits).
+    top.proxy_listener.setServiceParent(top)  # type: ignore[union-attr]
+    if config.workers > 1 and not config.worker_index:
+        if argv is None:
+            raise ConfigError("--workers needs the paddler command (twistd paddler runs one process)")
+        _supervise_workers(top, config, reactor, argv)
+    elif config.worker_index:
+        top.signal_handlers = _worker_signal_handlers(top)
+    if reload_config is not None:
+        top.reloader = Reloader(top, reload_config, probing.prober, open_files=open_files_limit).reload
+    return top
+
+
+def _write_flush(config: BalancerConfig, reactor: Any) -> None:
+    """Turn the write flush of client and upstream connections on or off (paddler/web/flush.py), and say so."""
     from twisted.logger import Logger
 
     from paddler.web import flush
 
     if config.flush_before_poll:
-        # client and upstream connections hook themselves (paddler/web/flush.py)
         flushing = flush.enable(reactor) is not None
     else:
         flush.disable(reactor)
@@ -320,6 +395,16 @@ def makeBalancerService(
     Logger(namespace="paddler").info(
         "reactor {reactor}, write flush {flush}", reactor=type(reactor).__name__, flush="on" if flushing else "off"
     )
+
+
+def _build_core(config: BalancerConfig, reactor: Any) -> Core:
+    from paddler.balancer.proxy import ProxyConfig, ProxyResource
+    from paddler.fleet.pool import UpstreamPool
+    from paddler.observability.requests import RequestStats
+    from paddler.routing.policies import CHOOSERS
+    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
+    from paddler.web.upstream_client import UpstreamClient
+
     pool = UpstreamPool(
         reactor,
         CHOOSERS[config.policy](reactor),
@@ -335,28 +420,30 @@ def makeBalancerService(
         max_idle_per_host=64,
         idle_timeout=CACHED_CONNECTION_TIMEOUT,
     )
-    proxy = ProxyResource(
-        pool,
-        upstream_client,
-        reactor,
-        ProxyConfig.from_balancer(config),
-        stats,
-    )
+    proxy = ProxyResource(pool, upstream_client, reactor, ProxyConfig.from_balancer(config), stats)
     # a connection dropped for unexpected bytes is counted on its upstream and logged with its name
     upstream_client.on_dropped = proxy.connection_dropped
-    top = BalancerService(config, reactor, pool, stats, proxy, shutdown_timeout=config.shutdown_timeout)
-    # In every answer: the balancer knows itself (paddler.web.instance). The
-    # workers of --workers share one id and one Via token (worker 0 passes
-    # them down in the environment), as they share one proxy port.
-    inherited = os.environ if config.worker_index else {}
-    top.instance_id = inherited.get("PADDLER_INSTANCE_ID") or new_instance_id()
-    loop_token = inherited.get("PADDLER_LOOP_TOKEN") or new_instance_id()
-    if config.workers > 1 and not config.worker_index:
-        os.environ["PADDLER_INSTANCE_ID"], os.environ["PADDLER_LOOP_TOKEN"] = top.instance_id, loop_token
-    top.body_memory = BodyMemory(config.max_request_bodies_memory)
+    return Core(pool, stats, upstream_client, proxy)
 
-    static = StaticUpstreamsService(pool, config.upstreams, reactor)
-    static.setServiceParent(top)
+
+def _identity(config: BalancerConfig) -> Identity:
+    from paddler.web.instance import new_instance_id
+
+    inherited = os.environ if config.worker_index else {}
+    identity = Identity(
+        inherited.get("PADDLER_INSTANCE_ID") or new_instance_id(),
+        inherited.get("PADDLER_LOOP_TOKEN") or new_instance_id(),
+    )
+    if config.workers > 1 and not config.worker_index:
+        os.environ["PADDLER_INSTANCE_ID"], os.environ["PADDLER_LOOP_TOKEN"] = identity.instance_id, identity.loop_token
+    return identity
+
+
+def _upstream_services(config: BalancerConfig, reactor: Any, pool: UpstreamPool) -> list[IService]:
+    """Where upstreams come from at start: the configuration, and the demo fleet (--simulated-fleet)."""
+    from paddler.fleet.static import SimulatedUpstreamsService, StaticUpstreamsService
+
+    services: list[IService] = [StaticUpstreamsService(pool, config.upstreams, reactor)]
     if config.simulated_fleet:
         from paddler.simulator.engine import SimulatorConfig
         from paddler.simulator.service import SimulatedFleetService
@@ -370,9 +457,15 @@ def makeBalancerService(
                 for i in range(config.simulated_fleet)
             ],
         )
-        fleet.setServiceParent(top)
-        SimulatedUpstreamsService(pool, fleet, reactor).setServiceParent(top)
-    UpstreamClientService(upstream_client).setServiceParent(top)
+        services += [fleet, SimulatedUpstreamsService(pool, fleet, reactor)]
+    return services
+
+
+def _build_probing(config: BalancerConfig, reactor: Any, core: Core, instance_id: str) -> Probing:
+    from paddler.fleet.probe import HTTPProber, ProbeService
+    from paddler.shared.fleet import SharedProber
+    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
+    from paddler.web.upstream_client import UpstreamClient
 
     # probes keep one connection per upstream alive (reads every interval, llama-server closes after 5 s)
     probe_client = UpstreamClient(
@@ -381,30 +474,40 @@ def makeBalancerService(
         max_idle_per_host=1,
         idle_timeout=CACHED_CONNECTION_TIMEOUT,
     )
-    probe_client.on_dropped = proxy.connection_dropped
-    UpstreamClientService(probe_client).setServiceParent(top)
+    probe_client.on_dropped = core.proxy.connection_dropped
+    services: list[IService] = [UpstreamClientService(probe_client)]
     prober = HTTPProber(
         probe_client,
         reactor,
-        pool,
+        core.pool,
         timeout=config.probe_timeout,
         unhealthy_after=config.unhealthy_after,
         mode=config.probe_mode,
         api_key=config.llamacpp_api_key,
-        instance_id=top.instance_id,
+        instance_id=instance_id,
     )
     probing: Any = prober
+    shared = None
     if config.state:
-        shared = _shared_fleet(config, reactor, pool)
-        shared.setServiceParent(top)
+        shared = _shared_fleet(config, reactor, core.pool)
+        services.append(shared)
         probing = SharedProber(prober, shared)
-    top.probes = ProbeService(pool, probing, reactor, interval=config.probe_interval)
-    top.probes.setServiceParent(top)
+    probes = ProbeService(core.pool, probing, reactor, interval=config.probe_interval)
+    services.append(probes)
+    return Probing(prober, probes, shared, tuple(services))
 
-    # Slow clients: a deadline for each request's head, a rate for its body,
-    # an idle timeout between requests, a cap on open connections per
-    # listener that fits the open-files limit, and one budget of memory for
-    # every request body held at once (see paddler.web.channel).
+
+def _client_limits(config: BalancerConfig) -> ClientLimits:
+    """
+    Slow clients: a deadline for each request's head, a rate for its body,
+    an idle timeout between requests, a cap on open connections per
+    listener that fits the open-files limit, and one budget of memory for
+    every request body held at once (see paddler.web.channel).
+    """
+    from twisted.logger import Logger
+
+    from paddler.web.descriptors import cap_explained, limits_for, open_files_limit
+
     limits = limits_for(config, open_files_limit())
     if limits.max_connections < config.max_connections:
         Logger(namespace="paddler").warn(
@@ -419,79 +522,109 @@ def makeBalancerService(
         Logger(namespace="paddler").info(
             "{why}", why=cap_explained(config.max_connections, open_files_limit()), cap=limits.max_connections
         )
+    return limits
+
+
+def _proxy_site_of(
+    config: BalancerConfig, reactor: Any, core: Core, identity: Identity, limits: ClientLimits, memory: Any
+) -> Any:
+    from paddler.errors import PaddlerHTTPError, outcome_of
 
     def answered_early(error: PaddlerHTTPError) -> None:
-        stats.record(error.status, 0.0, outcome=outcome_of(error))
+        core.stats.record(error.status, 0.0, outcome=outcome_of(error))
 
-    site = proxy_site(
-        proxy,
+    return proxy_site(
+        core.proxy,
         reactor,
         access_log=config.access_log,
         limits=limits,
-        memory=top.body_memory,
-        instance_id=top.instance_id,
-        loop_token=loop_token,
+        memory=memory,
+        instance_id=identity.instance_id,
+        loop_token=identity.loop_token,
         on_answered=answered_early,
     )
-    top.sites = [site]
+
+
+def _proxy_listener(config: BalancerConfig, reactor: Any, site: Any) -> ListeningService:
+    from paddler.web.listeners import ListeningService
+
     if config.workers > 1 or config.worker_index:
         from paddler.balancer.workers import ReusePortListeningService
 
-        top.proxy_listener = ReusePortListeningService(
+        return ReusePortListeningService(
             reactor, config.listen, site, f"paddler balancer proxy (worker {config.worker_index})"
         )
-    else:
-        top.proxy_listener = ListeningService(reactor, config.listen, site, "paddler balancer proxy")
+    return ListeningService(reactor, config.listen, site, "paddler balancer proxy")
 
-    top.registry = AgentRegistry(
-        pool, reactor, expiry=config.agent_expiry,
-        report_age=pool.shared.report_age if pool.shared is not None else None,
-        reader=prober.read, check_every=config.probe_interval,
-    )
-    top.registry.setServiceParent(top)
-    pool.registering = top.registry.registering
-    top.vetter = AddressVetter(
-        reactor, resolve=reactor_resolver(reactor), own=top.own_listeners, allowed=config.allow_upstream_network
-    )
-    from paddler.fleet.placement import json_poster
 
-    management = ManagementAPI(
-        pool, top.registry, reactor, probes=top.probes, token=config.management_token, own_urls=top.own_urls,
-        vetter=top.vetter, post=json_poster(upstream_client, config.llamacpp_api_key),
-    )
+def _build_observing(
+    config: BalancerConfig, reactor: Any, core: Core, probing: Probing, registry: Any
+) -> Observing:
+    from paddler.observability.dashboard import ObservabilityApp
+    from paddler.observability.events import FleetEvents
+    from paddler.observability.prometheus import PrometheusMetrics
+    from paddler.observability.snapshot import FleetView, StateHistory
+    from paddler.observability.stream import ObservabilityService, StateStream
 
+    pool, stats = core.pool, core.stats
     history = StateHistory()
     events = FleetEvents(reactor)
     view = FleetView(pool, stats, reactor, history, events, token_required=bool(config.management_token))
     state_stream = StateStream(reactor, view)
-    ObservabilityService(pool, stats, reactor, history, state_stream, events).setServiceParent(top)
+    services: list[IService] = [ObservabilityService(pool, stats, reactor, history, state_stream, events)]
     metrics = PrometheusMetrics(pool, stats)
-    metrics.collector.extra.append(top.registry.metrics)
-    if pool.shared is not None:
-        metrics.collector.extra.append(pool.shared.metrics)
+    metrics.collector.extra.append(registry.metrics)
+    if probing.shared is not None:
+        metrics.collector.extra.append(probing.shared.metrics)
     if config.model_placement:
-        from paddler.fleet.placement import ModelPlacement
+        from paddler.fleet.placement import ModelPlacement, json_poster
 
         placement = ModelPlacement(
-            pool, reactor, json_poster(upstream_client, config.llamacpp_api_key), top.probes.probe_now,
+            pool, reactor, json_poster(core.upstream_client, config.llamacpp_api_key), probing.probes.probe_now,
             events, interval=min(0.5, config.probe_interval), min_residency=config.model_min_residency,
             load_timeout=config.model_load_timeout, replicas_max=config.model_replicas_max,
         )
-        placement.setServiceParent(top)
+        services.append(placement)
         metrics.collector.extra.append(placement.metrics)
-    observability = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()
+    resource = ObservabilityApp(view.state, state_stream, metrics, dashboard=config.dashboard).resource()
     if config.statsd is not None:
         from paddler.config import parse_statsd_address
         from paddler.observability.statsd import StatsDClient, StatsDService
 
         statsd_host, statsd_port = parse_statsd_address(config.statsd)
-        StatsDService(
-            StatsDClient(reactor, statsd_host, statsd_port, config.statsd_prefix),
-            pool, stats, reactor, interval=config.statsd_interval,
-        ).setServiceParent(top)
+        services.append(
+            StatsDService(
+                StatsDClient(reactor, statsd_host, statsd_port, config.statsd_prefix),
+                pool, stats, reactor, interval=config.statsd_interval,
+            )
+        )
+    return Observing(resource, tuple(services))
 
+
+def _management_site(
+    config: BalancerConfig,
+    reactor: Any,
+    top: BalancerService,
+    core: Core,
+    probing: Probing,
+    observing: Observing,
+    limits: ClientLimits,
+) -> Any:
+    """The management port: the API (it must know the balancer's own URLs), the state, the dashboard, /metrics."""
+    from paddler.fleet.placement import json_poster
+    from paddler.management.api import ManagementAPI
+    from paddler.management.validation import MAX_BODY
+    from paddler.web.channel import GuardedSite
+    from paddler.web.request import bounded_request_factory
+    from paddler.web.router import PrefixRouter
+
+    management = ManagementAPI(
+        core.pool, top.registry, reactor, probes=probing.probes, token=config.management_token,
+        own_urls=top.own_urls, vetter=top.vetter, post=json_poster(core.upstream_client, config.llamacpp_api_key),
+    )
+    observability = observing.resource
     # Bodies are stored before any handler (or token check) runs: keep at most MAX_BODY.
-    management_site = GuardedSite(
+    return GuardedSite(
         PrefixRouter(
             [(b"/api/v1/state", observability), (b"/dashboard", observability), (b"/metrics", observability)],
             management.app.resource(),
@@ -502,7 +635,12 @@ def makeBalancerService(
         request_factory=bounded_request_factory(MAX_BODY, top.body_memory, top.instance_id),
         instance_id=top.instance_id,
     )
-    top.sites.append(management_site)
+
+
+def _management_listener(config: BalancerConfig, reactor: Any, site: Any) -> ListeningService:
+    """The management port's listener (each worker of --workers on its own port: the base port + its index)."""
+    from paddler.web.listeners import ListeningService
+
     management_listen = config.management_listen
     if config.worker_index:
         from paddler.balancer.workers import reuse_port_endpoint, with_port
@@ -510,30 +648,20 @@ def makeBalancerService(
         parsed = reuse_port_endpoint(management_listen)
         if parsed is not None and parsed[1]:
             management_listen = with_port(management_listen, parsed[1] + config.worker_index)
-    top.management_listener = ListeningService(reactor, management_listen, management_site, "paddler management")
-    top.management_listener.setServiceParent(top)
-    # Bound last: a process that cannot start takes no client connection (with SO_REUSEPORT the
-    # kernel would queue some on a worker's socket and reset them when the worker exits).
-    top.proxy_listener.setServiceParent(top)
-    if config.workers > 1 and not config.worker_index:
-        if argv is None:
-            raise ConfigError("--workers needs the paddler command (twistd paddler runs one process)")
-        _supervise_workers(top, config, reactor, argv)
-    elif config.worker_index:
-        import signal
+    return ListeningService(reactor, management_listen, site, "paddler management")
 
-        from paddler.balancer.workers import forward_reload_to_supervisor
 
-        def hup_on_worker() -> None:
-            if not forward_reload_to_supervisor():
-                top.reload()  # no supervisor any more: reload this process alone
+def _worker_signal_handlers(top: BalancerService) -> dict[int, Callable[[], object]]:
+    """SIGHUP goes to worker 0, which reloads every worker; SIGUSR1 comes from it."""
+    import signal
 
-        # SIGHUP goes to worker 0, which reloads every worker; SIGUSR1 comes from it.
-        top.signal_handlers = {signal.SIGHUP: hup_on_worker, signal.SIGUSR1: top.reload}
-    if reload_config is not None:
-        top.reloader = Reloader(top, reload_config, prober, open_files=open_files_limit).reload
-    top.on_signal = lambda signum, handler: _on_signal(reactor, signum, handler)
-    return top
+    from paddler.balancer.workers import forward_reload_to_supervisor
+
+    def hup_on_worker() -> None:
+        if not forward_reload_to_supervisor():
+            top.reload()  # no supervisor any more: reload this process alone
+
+    return {signal.SIGHUP: hup_on_worker, signal.SIGUSR1: top.reload}
 
 
 def _supervise_workers(top: BalancerService, config: BalancerConfig, reactor: Any, argv: list[str]) -> None:
@@ -628,7 +756,7 @@ def _shared_fleet(config: BalancerConfig, reactor: Any, pool: Any) -> Any:
         max_waiting=config.max_buffered_requests,
     )
     shared = SharedFleet(pool, store, reactor, static_ids=frozenset(upstream_id(s.url) for s in config.upstreams))
-    pool.shared = shared
+    pool.slots = shared
     return shared
 
 

@@ -212,3 +212,41 @@ def test_the_example_configuration_in_contrib_parses():
     config = balancer("--config", str(ROOT / "contrib" / "paddler.toml"))
     assert [u.name for u in config.upstreams] == ["gpu-1", "gpu-2"]
     assert config.policy == "cache-aware" and config.max_buffered_requests == 30
+
+
+def test_the_composition_root_builds_typed_parts_and_assigns_little_after_building():
+    """makeBalancerService is small builders returning dataclasses (Core, Probing, Observing, Identity); the
+    balancer service gets its parts when it is built: only the assignments a cycle forces are left (the
+    vetter and the management listener need the service's own listeners; the signal handlers and the
+    reloader need the service)."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler import tap
+    from paddler.config import BalancerConfig
+
+    tree = ast.parse(inspect.getsource(tap.makeBalancerService))
+    assigned = sorted(
+        ast.unparse(target)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Attribute)
+    )
+    assert assigned == [
+        "core.pool.registering", "top.management_listener", "top.reloader", "top.signal_handlers", "top.vetter"
+    ]
+    assert len(inspect.getsource(tap.makeBalancerService).splitlines()) < 80
+    for part in (tap.Core, tap.Probing, tap.Observing, tap.Identity):
+        assert dataclasses.is_dataclass(part)
+    reactor = MemoryReactorClock()
+    core = tap._build_core(BalancerConfig(), reactor)
+    assert core.upstream_client.on_dropped == core.proxy.connection_dropped
+    probing = tap._build_probing(BalancerConfig(), reactor, core, "i-1")
+    assert probing.shared is None and probing.services[-1] is probing.probes
+    top = tap.makeBalancerService(BalancerConfig(), reactor)
+    assert top.probes is not None and top.registry is not None and top.body_memory is not None
+    assert top.instance_id and len(top.sites) == 2 and top.proxy_listener is not None

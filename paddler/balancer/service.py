@@ -47,6 +47,14 @@ class BalancerService(MultiService):
         stats: RequestStats,
         proxy: ProxyResource,
         shutdown_timeout: float = BalancerConfig.shutdown_timeout,
+        *,
+        instance_id: str | None = None,
+        body_memory: Any = None,
+        probes: Any = None,
+        registry: Any = None,
+        sites: list[Any] | None = None,
+        proxy_listener: ListeningService | None = None,
+        on_signal: Callable[[int, Callable[[], object]], None] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -55,18 +63,18 @@ class BalancerService(MultiService):
         self.stats = stats
         self.proxy = proxy
         self.shutdown_timeout = shutdown_timeout
-        self.proxy_listener: ListeningService | None = None
+        self.proxy_listener = proxy_listener
         self.management_listener: ListeningService | None = None
-        self.probes: Any = None
-        self.registry: Any = None
+        self.probes = probes
+        self.registry = registry
         self.reloader: Callable[[], list[str]] | None = None
-        self.on_signal: Callable[[int, Callable[[], object]], None] | None = None
+        self.on_signal = on_signal
         #: Run when stopping begins, beside the drain (the workers of --workers stop at once too).
         self.on_stopping: list[Callable[[], Deferred[Any]]] = []
         self.stopping = False
-        self.instance_id: str | None = None
-        self.body_memory: Any = None
-        self.sites: list[Any] = []
+        self.instance_id = instance_id
+        self.body_memory = body_memory
+        self.sites: list[Any] = list(sites or ())
         #: Signal handlers to install at start (default: SIGHUP reloads); --workers sets its own.
         self.signal_handlers: dict[int, Callable[[], object]] = {}
         #: vets upstream URLs (paddler.fleet.addresses), set by the composition root
