@@ -135,8 +135,8 @@ def rules_alone(requests: int, clients: int, suspect: float, seed: int = 1) -> d
     from twisted.internet import defer, reactor
 
     sys.path.insert(0, str(ROOT))
-    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
-    from paddler.web.upstream_client import UpstreamClient
+    from paddler.upstream.clients import CACHED_CONNECTION_TIMEOUT
+    from paddler.upstream.client import UpstreamClient
     from tests.hostile_upstream import _ID, LATE_SHAPES, SHAPES, HostileFactory, verdict
 
     factory = HostileFactory(reactor, "hostile")

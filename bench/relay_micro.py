@@ -38,8 +38,8 @@ from paddler.balancer.proxy import ProxyConfig, ProxyResource
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import SlotsSeen, Upstream
 from paddler.routing.policies import MostIdleSlotsChooser
-from paddler.web.request import bounded_request_factory
-from paddler.web.upstream_client import UpstreamClient
+from paddler.server.request import bounded_request_factory
+from paddler.upstream.client import UpstreamClient
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENT = b'data: {"index":0,"content":" fox","tokens":[1234],"stop":false,"id_slot":-1}\n\n'

@@ -10,7 +10,7 @@ paddler cannot relay a chunk for less CPU than this.
 C{--loop} runs it on Twisted's asyncio reactor (on asyncio's own loop or on
 uvloop's) instead of the epoll reactor: is the reactor's per-event cost
 the loop's or Twisted's? C{--loop lean} runs it on paddler's lean epoll
-reactor with both transports flushed before poll (paddler/web/flush.py):
+reactor with both transports flushed before poll (paddler/flush.py):
 the floor paddler now stands on (target ``twisted-floor-lean``).
 """
 
@@ -23,7 +23,7 @@ import sys
 
 from twisted.internet import protocol
 
-from paddler.web import flush
+from paddler import flush
 
 reactor: Any = None
 

@@ -121,7 +121,7 @@ class Networks(Kind):
 
 
 def _state_url(text: str) -> str:
-    from paddler.shared.client import parse_state_url
+    from paddler.sharedstate.client import parse_state_url
 
     parse_state_url(text)  # InvalidStateURL is a ValueError naming what is wrong
     return text.strip()
@@ -495,7 +495,7 @@ def vet_upstreams(config: BalancerConfig, resolve: Any = None) -> None:
 def own_listeners(config: BalancerConfig) -> list[Any]:
     """The L{paddler.fleet.addresses.OwnListener}s of the configured tcp listen endpoints."""
     from paddler.fleet.addresses import own_listener
-    from paddler.web.listeners import endpoint_fields
+    from paddler.server.listeners import endpoint_fields
 
     found = []
     for endpoint in (config.listen, config.management_listen):
@@ -546,7 +546,7 @@ def url_reaches_endpoint(url: str, endpoint: str) -> bool:
     """
     from urllib.parse import urlsplit
 
-    from paddler.web.listeners import endpoint_fields
+    from paddler.server.listeners import endpoint_fields
 
     fields = endpoint_fields(endpoint.strip())
     if fields[0].lower() not in ("tcp", "tcp6") or len(fields) < 2:

@@ -2,7 +2,7 @@
 the one helper that writes JSON responses.
 
 The proxy port and the management port raise the same classes; Klein apps
-answer them through L{paddler.web.router.json_errors}. An error's C{param}
+answer them through L{paddler.server.router.json_errors}. An error's C{param}
 names the request field at fault (management API validation).
 """
 

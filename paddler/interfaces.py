@@ -74,7 +74,7 @@ class ISlotSource(Interface):
     """
     Where an L{paddler.fleet.pool.UpstreamPool} gets its slots and keeps its
     waiters: this process alone (L{paddler.fleet.pool.LocalSlotSource}), or a
-    slot store shared with other balancers (L{paddler.shared.fleet.SharedFleet}).
+    slot store shared with other balancers (L{paddler.sharedstate.fleet.SharedFleet}).
     The pool asks its source; the source never calls back into the pool's
     C{acquire}.
     """
@@ -108,9 +108,9 @@ class ISlotStore(Interface):
     Slot leases, server readings and one FIFO of waiting requests, shared by
     every balancer process ("owner") that uses the same store. Every method
     returns a Deferred with a deadline: it fails with
-    L{paddler.shared.errors.StoreUnavailable} (or its subclass
-    L{paddler.shared.errors.StoreTimeout}) instead of hanging, and with
-    L{paddler.shared.errors.InvalidArgument} before anything is written
+    L{paddler.sharedstate.errors.StoreUnavailable} (or its subclass
+    L{paddler.sharedstate.errors.StoreTimeout}) instead of hanging, and with
+    L{paddler.sharedstate.errors.InvalidArgument} before anything is written
     when an argument is out of bounds.
     """
 
@@ -148,14 +148,14 @@ class ISlotStore(Interface):
         C{None} when the server does not say), probe sent at C{mark}. Leases
         taken up to the mark and still open count as part of C{busy}; the rest
         of C{busy} is external. A freed slot goes to waiters at once. Fires
-        with a L{paddler.shared.model.Reading}.
+        with a L{paddler.sharedstate.model.Reading}.
         """
 
     def acquire(request_id, candidates, model="", wait=None, max_waiting=None):  # type: ignore[no-untyped-def]
         """
         A slot on the first of C{candidates} (server ids, best first) with a
         free slot, unless an older waiter can use it. Fires with a
-        L{paddler.shared.store.SharedLease}, or a L{Waiter} queued in the global FIFO whose
+        L{paddler.sharedstate.store.SharedLease}, or a L{Waiter} queued in the global FIFO whose
         C{deferred} fires with the lease when a slot is handed to it. Fails
         with L{NoFreeSlot} (waiting disabled), L{BufferFull} or L{IdInUse}.
         """
@@ -169,14 +169,14 @@ class ISlotStore(Interface):
         (nobody gets it) until the next reading of the server. Never fails for want of the store:
         while it is down it fires with C{None} and the release is sent when
         the store answers again. Otherwise fires with a
-        L{paddler.shared.model.Release}. C{cancel} is the same call.
+        L{paddler.sharedstate.model.Release}. C{cancel} is the same call.
         """
 
     def adopt(request_id, server_id, model=""):  # type: ignore[no-untyped-def]
         """
         Count a request already running on C{server_id} as a lease of this
         owner (after the store lost it), even past the server's slots. Fires
-        with the L{paddler.shared.store.SharedLease} or C{None} when the server is unknown.
+        with the L{paddler.sharedstate.store.SharedLease} or C{None} when the server is unknown.
         """
 
     def renew():  # type: ignore[no-untyped-def]
@@ -197,7 +197,7 @@ class ISlotStore(Interface):
         """
         Release expired leases, drop waiters past their deadline or of dead
         owners (idempotent: every replica runs it). Fires with a
-        L{paddler.shared.model.ReapResult}.
+        L{paddler.sharedstate.model.ReapResult}.
         """
 
     def drain(server_id):  # type: ignore[no-untyped-def]
@@ -207,7 +207,7 @@ class ISlotStore(Interface):
         """Take requests again; free slots go to waiters at once. Fires with whether it is known."""
 
     def snapshot():  # type: ignore[no-untyped-def]
-        """Fires with a L{paddler.shared.model.StoreSnapshot}: every server's shared figures."""
+        """Fires with a L{paddler.sharedstate.model.StoreSnapshot}: every server's shared figures."""
 class IUpstreamClient(Interface):
     """Sends requests to upstreams over kept-alive HTTP/1.1 connections."""
 
@@ -265,7 +265,7 @@ class IUpstreamBody(Interface):
 
 class IBoundedRequest(Interface):
     """
-    A request that holds a bounded body (L{paddler.web.request.BoundedRequest}).
+    A request that holds a bounded body (L{paddler.server.request.BoundedRequest}).
     The channel (L{IGuardedChannel}) asks it for its limit and memory before
     the body is read; the proxy reads its flags.
     """
@@ -285,14 +285,14 @@ class IBoundedRequest(Interface):
 
 
 class IGuardedChannel(Interface):
-    """A connection that can answer a request itself, before any resource sees it (L{paddler.web.channel.GuardedChannel})."""
+    """A connection that can answer a request itself, before any resource sees it (L{paddler.server.channel.GuardedChannel})."""
 
     def refuse(error):  # type: ignore[no-untyped-def]
         """Answer the L{paddler.errors.PaddlerHTTPError} C{error} now and close the connection."""
 
 
 class IGuardedSite(Interface):
-    """The site of guarded channels (L{paddler.web.channel.GuardedSite}): it counts early answers."""
+    """The site of guarded channels (L{paddler.server.channel.GuardedSite}): it counts early answers."""
 
     def answered_early(error):  # type: ignore[no-untyped-def]
         """Count (and log) one request answered with C{error} before any resource saw it."""

@@ -18,7 +18,7 @@ per 1,000 chunks on the epoll reactor and 0.020-0.023 on this one
   exception escaping the dispatch itself (a C{connectionLost} that raises)
   is logged the same way and the other events of the poll still run;
 - L{callBeforePoll} (L{paddler.interfaces.IReactorBeforePoll}): callables
-  run once just before the next wait, for L{paddler.web.flush}; a timed
+  run once just before the next wait, for L{paddler.flush}; a timed
   call they schedule shortens that wait (C{mainLoop} computed it before
   they ran).
 
@@ -30,7 +30,7 @@ The two methods are copies of Twisted's with those changes, so they are
 pinned: C{tests/test_lean_reactor.py} checks the source of
 C{EPollReactor.doPoll} and C{_PollLikeMixin._doReadOrWrite} against the
 one copied, and L{install} falls back to Twisted's own epoll reactor (and
-says so) on a Twisted outside L{paddler.web.flush.TESTED_TWISTED}.
+says so) on a Twisted outside L{paddler.flush.TESTED_TWISTED}.
 
 Installed by the ``paddler`` command (C{--no-lean-reactor} or
 C{PADDLER_LEAN_REACTOR=false} keep Twisted's default); ``twistd`` keeps
@@ -162,7 +162,7 @@ def install() -> Any:
     """
     from twisted.internet.main import installReactor
 
-    from paddler.web.flush import SUPPORTED, TESTED_TWISTED
+    from paddler.flush import SUPPORTED, TESTED_TWISTED
 
     if SUPPORTED:
         reactor: Any = LeanEPollReactor()

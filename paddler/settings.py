@@ -222,7 +222,7 @@ RESTART = "restart"
 #: C{proxy} (only the proxy's L{paddler.balancer.proxy.ProxyConfig}, rebuilt at every reload),
 #: C{chooser} (a new chooser of the policy), C{probe_interval} (the probes' schedule, the
 #: pool's recheck and the registry's check interval),
-#: C{client_limits} (the listeners' L{paddler.web.channel.ClientLimits}).
+#: C{client_limits} (the listeners' L{paddler.server.channel.ClientLimits}).
 RELOAD_WAYS = ("proxy", "chooser", "probe_interval", "client_limits")
 #: The parts of a running balancer a C{"PART.ATTRIBUTE"} reload sets.
 RELOAD_PARTS = ("pool", "service", "prober", "registry", "body_memory", "vetter")

@@ -27,7 +27,7 @@ from paddler.config import (
     vet_upstreams,
 )
 from paddler.settings import ConfigError, Setting, from_sources, options_class
-from paddler.web.listeners import endpoint_is_local
+from paddler.server.listeners import endpoint_is_local
 
 if TYPE_CHECKING:
     from paddler.agent.service import AgentProcess
@@ -36,10 +36,10 @@ if TYPE_CHECKING:
     from paddler.fleet.pool import UpstreamPool
     from paddler.fleet.probe import HTTPProber, ProbeService
     from paddler.observability.requests import RequestStats
-    from paddler.shared.fleet import SharedFleet
-    from paddler.web.channel import ClientLimits
-    from paddler.web.listeners import ListeningService
-    from paddler.web.upstream_client import UpstreamClient
+    from paddler.sharedstate.fleet import SharedFleet
+    from paddler.server.channel import ClientLimits
+    from paddler.server.listeners import ListeningService
+    from paddler.upstream.client import UpstreamClient
 
 
 def _with_synopsis(base: type[usage.Options], line: str) -> type[usage.Options]:
@@ -232,7 +232,7 @@ def _raise_open_files_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard limit (each client connection takes a descriptor); log it."""
     from twisted.logger import Logger
 
-    from paddler.web.descriptors import raise_open_files_limit
+    from paddler.server.descriptors import raise_open_files_limit
 
     before, after = raise_open_files_limit()
     log = Logger(namespace="paddler")
@@ -252,8 +252,8 @@ def makeAgentService(config: AgentConfig, reactor: Any) -> AgentProcess:
     from treq.client import HTTPClient
 
     from paddler.agent.service import AgentProcess, AgentService, AgentStatusApp
-    from paddler.web.clients import ConnectionPoolService, connection_pool
-    from paddler.web.listeners import ListeningService, QuietSite
+    from paddler.upstream.clients import ConnectionPoolService, connection_pool
+    from paddler.server.listeners import ListeningService, QuietSite
 
     connections = connection_pool(reactor, 2)
     agent = AgentService(config, HTTPClient(Agent(reactor, pool=connections, connectTimeout=config.timeout)), reactor)
@@ -273,7 +273,7 @@ def makeAgentService(config: AgentConfig, reactor: Any) -> AgentProcess:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who this balancer is in every answer (paddler.web.instance): its instance id and its Via token.
+    """Who this balancer is in every answer (paddler.server.instance): its instance id and its Via token.
     The workers of --workers share both (worker 0 passes them down in the environment), as they share
     one proxy port."""
 
@@ -328,9 +328,9 @@ def makeBalancerService(
     from paddler.balancer.service import BalancerService
     from paddler.fleet.addresses import AddressVetter, reactor_resolver
     from paddler.fleet.registry import AgentRegistry
-    from paddler.web.clients import UpstreamClientService
-    from paddler.web.descriptors import open_files_limit
-    from paddler.web.memory import BodyMemory
+    from paddler.upstream.clients import UpstreamClientService
+    from paddler.server.descriptors import open_files_limit
+    from paddler.server.memory import BodyMemory
 
     _write_flush(config, reactor)
     core = _build_core(config, reactor)
@@ -382,10 +382,10 @@ def makeBalancerService(
 
 
 def _write_flush(config: BalancerConfig, reactor: Any) -> None:
-    """Turn the write flush of client and upstream connections on or off (paddler/web/flush.py), and say so."""
+    """Turn the write flush of client and upstream connections on or off (paddler/flush.py), and say so."""
     from twisted.logger import Logger
 
-    from paddler.web import flush
+    from paddler import flush
 
     if config.flush_before_poll:
         flushing = flush.enable(reactor) is not None
@@ -402,8 +402,8 @@ def _build_core(config: BalancerConfig, reactor: Any) -> Core:
     from paddler.fleet.pool import UpstreamPool
     from paddler.observability.requests import RequestStats
     from paddler.routing.policies import CHOOSERS
-    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
-    from paddler.web.upstream_client import UpstreamClient
+    from paddler.upstream.clients import CACHED_CONNECTION_TIMEOUT
+    from paddler.upstream.client import UpstreamClient
 
     pool = UpstreamPool(
         reactor,
@@ -427,7 +427,7 @@ def _build_core(config: BalancerConfig, reactor: Any) -> Core:
 
 
 def _identity(config: BalancerConfig) -> Identity:
-    from paddler.web.instance import new_instance_id
+    from paddler.server.instance import new_instance_id
 
     inherited = os.environ if config.worker_index else {}
     identity = Identity(
@@ -463,9 +463,9 @@ def _upstream_services(config: BalancerConfig, reactor: Any, pool: UpstreamPool)
 
 def _build_probing(config: BalancerConfig, reactor: Any, core: Core, instance_id: str) -> Probing:
     from paddler.fleet.probe import HTTPProber, ProbeService
-    from paddler.shared.fleet import SharedProber
-    from paddler.web.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
-    from paddler.web.upstream_client import UpstreamClient
+    from paddler.sharedstate.fleet import SharedProber
+    from paddler.upstream.clients import CACHED_CONNECTION_TIMEOUT, UpstreamClientService
+    from paddler.upstream.client import UpstreamClient
 
     # probes keep one connection per upstream alive (reads every interval, llama-server closes after 5 s)
     probe_client = UpstreamClient(
@@ -502,11 +502,11 @@ def _client_limits(config: BalancerConfig) -> ClientLimits:
     Slow clients: a deadline for each request's head, a rate for its body,
     an idle timeout between requests, a cap on open connections per
     listener that fits the open-files limit, and one budget of memory for
-    every request body held at once (see paddler.web.channel).
+    every request body held at once (see paddler.server.channel).
     """
     from twisted.logger import Logger
 
-    from paddler.web.descriptors import cap_explained, limits_for, open_files_limit
+    from paddler.server.descriptors import cap_explained, limits_for, open_files_limit
 
     limits = limits_for(config, open_files_limit())
     if limits.max_connections < config.max_connections:
@@ -546,7 +546,7 @@ def _proxy_site_of(
 
 
 def _proxy_listener(config: BalancerConfig, reactor: Any, site: Any) -> ListeningService:
-    from paddler.web.listeners import ListeningService
+    from paddler.server.listeners import ListeningService
 
     if config.workers > 1 or config.worker_index:
         from paddler.balancer.workers import ReusePortListeningService
@@ -614,9 +614,9 @@ def _management_site(
     from paddler.fleet.placement import json_poster
     from paddler.management.api import ManagementAPI
     from paddler.management.validation import MAX_BODY
-    from paddler.web.channel import GuardedSite
-    from paddler.web.request import bounded_request_factory
-    from paddler.web.router import PrefixRouter
+    from paddler.server.channel import GuardedSite
+    from paddler.server.request import bounded_request_factory
+    from paddler.server.router import PrefixRouter
 
     management = ManagementAPI(
         core.pool, top.registry, reactor, probes=probing.probes, token=config.management_token,
@@ -639,7 +639,7 @@ def _management_site(
 
 def _management_listener(config: BalancerConfig, reactor: Any, site: Any) -> ListeningService:
     """The management port's listener (each worker of --workers on its own port: the base port + its index)."""
-    from paddler.web.listeners import ListeningService
+    from paddler.server.listeners import ListeningService
 
     management_listen = config.management_listen
     if config.worker_index:
@@ -701,16 +701,16 @@ def proxy_site(
     on_answered: Callable[[Any], None] | None = None,
 ) -> Any:
     """
-    The proxy port's C{Site} (a L{paddler.web.channel.GuardedSite}): bodies
+    The proxy port's C{Site} (a L{paddler.server.channel.GuardedSite}): bodies
     bounded by C{proxy.config.max_request_body} and claimed from C{memory},
     request targets checked, C{limits} on slow clients and open connections
-    (the defaults of L{paddler.web.channel.ClientLimits} when not given), on
+    (the defaults of L{paddler.server.channel.ClientLimits} when not given), on
     C{reactor}'s clock; answers marked with C{instance_id}, forwarded
     requests with the C{Via} token C{loop_token} (a new one when not given).
     """
-    from paddler.web.channel import ClientLimits, GuardedSite
-    from paddler.web.instance import new_instance_id
-    from paddler.web.request import bounded_request_factory
+    from paddler.server.channel import ClientLimits, GuardedSite
+    from paddler.server.instance import new_instance_id
+    from paddler.server.request import bounded_request_factory
 
     return GuardedSite(
         proxy,
@@ -740,11 +740,11 @@ def _shared_fleet(config: BalancerConfig, reactor: Any, pool: Any) -> Any:
     import uuid
 
     from paddler.fleet.upstream import upstream_id
-    from paddler.shared.fleet import SharedFleet
-    from paddler.shared.redisstore import RedisSlotStore
+    from paddler.sharedstate.fleet import SharedFleet
+    from paddler.sharedstate.redisstore import RedisSlotStore
 
     owner = f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    from paddler.shared.client import parse_state_url
+    from paddler.sharedstate.client import parse_state_url
 
     store = RedisSlotStore(
         reactor,
@@ -777,7 +777,7 @@ def run(options: Any, stderr: Any) -> int:
     from twisted.internet.error import CannotListenError
 
     from paddler.logs import observer
-    from paddler.web.listeners import ListenFailed
+    from paddler.server.listeners import ListenFailed
 
     globalLogBeginner.beginLoggingTo([observer()], redirectStandardIO=False)
     service = makeService(options)

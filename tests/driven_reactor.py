@@ -1,6 +1,6 @@
 """A real reactor instance that is never installed or run: a test turns it by hand over real loopback sockets.
 
-Used by the tests of L{paddler.web.flush} and L{paddler.lean_reactor}, which
+Used by the tests of L{paddler.flush} and L{paddler.lean_reactor}, which
 are about what Twisted's real transports and poll loop do: each test
 creates its own reactor object (any number per process, unlike the global
 one), listens on 127.0.0.1 on a free port, talks to it with plain blocking

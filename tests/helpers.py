@@ -41,14 +41,14 @@ def make_pool(clock: Clock, max_buffered: int = 30, timeout: float = 30.0, choos
 
 class MemoryUpstreams:
     """
-    The production L{paddler.web.upstream_client.UpstreamClient} over a
+    The production L{paddler.upstream.client.UpstreamClient} over a
     L{tests.memory_network.MemoryNetwork}, with resources served at URLs
     (a name in a URL resolves to an address of its own). The network is
     also the clock; bytes move at L{flush}.
     """
 
     def __init__(self, **client_options: Any) -> None:
-        from paddler.web.upstream_client import UpstreamClient
+        from paddler.upstream.client import UpstreamClient
 
         from .memory_network import MemoryNetwork
 

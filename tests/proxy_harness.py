@@ -29,8 +29,8 @@ from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import SlotsSeen, Upstream
 from paddler.routing.policies import MostIdleSlotsChooser
 from paddler.tap import proxy_site
-from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
-from paddler.web.upstream_client import UpstreamClient
+from paddler.upstream.clients import CACHED_CONNECTION_TIMEOUT
+from paddler.upstream.client import UpstreamClient
 
 from .fake_llama import FakeLlama, HeldRequest
 from .memory_network import BUFFER_SIZE, Connection, MemoryNetwork, RawClient, connect_raw

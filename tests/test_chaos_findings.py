@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from paddler.fleet.registry import AgentRegistry
 from paddler.management.api import ManagementAPI
-from paddler.web.router import PrefixRouter
+from paddler.server.router import PrefixRouter
 from tests.simulator_support import MakeServer
 from tests.simulator_support import clock, server  # noqa: F401 - pytest fixtures
 
@@ -54,7 +54,7 @@ def test_listeners_get_a_backlog_large_enough_for_a_burst():
     from twisted.web.server import Site
     from twisted.web.resource import Resource
 
-    from paddler.web.listeners import LISTEN_BACKLOG, ListeningService, with_backlog
+    from paddler.server.listeners import LISTEN_BACKLOG, ListeningService, with_backlog
 
     reactor = MemoryReactor()
     service = ListeningService(reactor, "tcp:0:interface=127.0.0.1", Site(Resource()), "test")

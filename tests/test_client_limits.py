@@ -1,4 +1,4 @@
-"""Slow and hostile clients on the server side (paddler.web.channel), in memory on a Clock.
+"""Slow and hostile clients on the server side (paddler.server.channel), in memory on a Clock.
 
 A head that trickles in is cut at --header-timeout whatever its pace; a body
 must keep --min-request-body-rate; oversized or unaffordable bodies are
@@ -22,9 +22,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from paddler.errors import PaddlerHTTPError, outcome_of
-from paddler.web.channel import MAX_LINGERING_REFUSALS, ClientLimits, GuardedSite, OverCapacity
-from paddler.web.memory import BodyMemory
-from paddler.web.request import bounded_request_factory
+from paddler.server.channel import MAX_LINGERING_REFUSALS, ClientLimits, GuardedSite, OverCapacity
+from paddler.server.memory import BodyMemory
+from paddler.server.request import bounded_request_factory
 
 LIMITS = ClientLimits(header_timeout=10.0, min_body_rate=1000.0, idle_timeout=120.0, max_connections=4, linger=2.0)
 
@@ -550,7 +550,7 @@ def test_a_site_leaves_no_timer_behind_once_its_connections_are_gone():
 def test_the_soft_open_files_limit_is_raised_to_the_hard_one(monkeypatch):
     import resource
 
-    from paddler.web.descriptors import raise_open_files_limit
+    from paddler.server.descriptors import raise_open_files_limit
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 524288))
@@ -562,7 +562,7 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(monkeypatch):
 def test_a_limit_that_cannot_be_raised_is_left_and_reported_as_it_is(monkeypatch):
     import resource
 
-    from paddler.web.descriptors import raise_open_files_limit
+    from paddler.server.descriptors import raise_open_files_limit
 
     def refuse(which, limits):
         raise ValueError("not allowed")
@@ -574,7 +574,7 @@ def test_a_limit_that_cannot_be_raised_is_left_and_reported_as_it_is(monkeypatch
 
 def test_the_connection_cap_is_fitted_under_the_open_files_limit():
     """Two descriptors a proxied connection, one a management connection, 256 kept for the rest."""
-    from paddler.web.descriptors import fit_connection_cap
+    from paddler.server.descriptors import fit_connection_cap
 
     assert fit_connection_cap(1024, 20000) == 1024
     assert fit_connection_cap(1024, 1024) == (1024 - 256) // 3 == 256
@@ -586,7 +586,7 @@ def test_starting_a_balancer_logs_the_open_files_limit_and_a_lowered_cap(monkeyp
     from twisted.internet.testing import MemoryReactorClock
     from twisted.logger import capturedLogs
 
-    import paddler.web.descriptors as descriptors
+    import paddler.server.descriptors as descriptors
     from paddler.config import BalancerConfig
     from paddler.tap import _raise_open_files_limit, makeBalancerService
 
@@ -607,7 +607,7 @@ def test_the_reserve_scales_with_a_low_limit_and_the_start_up_log_says_why(monke
     from twisted.internet.testing import MemoryReactorClock
     from twisted.logger import capturedLogs
 
-    import paddler.web.descriptors as descriptors
+    import paddler.server.descriptors as descriptors
     from paddler.config import BalancerConfig
     from paddler.tap import makeBalancerService
 

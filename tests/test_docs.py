@@ -22,7 +22,7 @@ from paddler.observability.prometheus import Histogram, PrometheusMetrics
 from paddler.observability.requests import OUTCOMES, RequestStats
 from paddler.observability.statsd import StatsDService, graphite_name
 from paddler.routing.policies import CostChooser
-from paddler.shared.fleet import SharedFleet
+from paddler.sharedstate.fleet import SharedFleet
 
 from .helpers import make_pool
 

@@ -6,7 +6,7 @@ from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface.verify import verifyObject
 
-from paddler.web.endpoints import CachingEndpointFactory
+from paddler.upstream.endpoints import CachingEndpointFactory
 
 
 def test_factory_provides_the_interface():

@@ -7,7 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from paddler.agent.service import AgentService
-from paddler.web.listeners import endpoint_is_local
+from paddler.server.listeners import endpoint_is_local
 from paddler.fleet.registry import AgentRegistry
 from paddler.tap import AgentOptions, BalancerOptions, Options, makeAgentService, makeService
 

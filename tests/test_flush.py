@@ -1,4 +1,4 @@
-"""Flush before poll (paddler/web/flush.py) on real TCP transports of a real reactor, turned by the test.
+"""Flush before poll (paddler/flush.py) on real TCP transports of a real reactor, turned by the test.
 
 What a turn's writes become (one send, no write registration), what the
 kernel does not take (left to Twisted, in order, producers paused and
@@ -24,7 +24,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from paddler.lean_reactor import LeanEPollReactor
-from paddler.web import flush
+from paddler import flush
 
 from .driven_reactor import Driven, Recorder, drain
 
@@ -229,7 +229,7 @@ def test_an_error_in_a_producer_resumed_by_the_flush_is_logged_with_the_transpor
         globalLogPublisher.removeObserver(events.append)
     assert producer.calls[:2] == ["pause", "resume"]
     assert server.lost.check(RuntimeError)
-    [event] = [e for e in events if e.get("log_namespace") == "paddler.web.flush"]
+    [event] = [e for e in events if e.get("log_namespace") == "paddler.flush"]
     assert event["log_system"] == server.transport.logPrefix() and event["log_failure"].check(RuntimeError)
 
 
@@ -298,7 +298,7 @@ def test_on_a_twisted_it_was_not_tested_with_the_flush_disables_itself_and_says_
         globalLogPublisher.removeObserver(events.append)
         for d in reactors:
             d.close()
-    said = [e for e in events if e.get("log_namespace") == "paddler.web.flush"]
+    said = [e for e in events if e.get("log_namespace") == "paddler.flush"]
     assert len(said) == 1 and "not one paddler's write flush was tested with" in said[0]["log_format"]
 
 

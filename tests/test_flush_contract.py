@@ -1,4 +1,4 @@
-"""Every behaviour of Twisted that paddler/web/flush.py relies on, one test each, on the installed Twisted.
+"""Every behaviour of Twisted that paddler/flush.py relies on, one test each, on the installed Twisted.
 
 The flush replaces C{startWriting} on a transport and calls its
 C{doWrite()} itself; if an upgrade of Twisted changes where bytes wait,
@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from paddler.web import flush
+from paddler import flush
 
 from .driven_reactor import Driven, Recorder, drain
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paddler.web.http1 import (
+from paddler.upstream.http1 import (
     MAX_LINE,
     ChunkedScanner,
     CloseScanner,

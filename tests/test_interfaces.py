@@ -33,8 +33,8 @@ from paddler.interfaces import ISlotChooser, IUpstreamBody, IUpstreamClient, IUp
 from paddler.logs import drop_noise
 from paddler.observability.stream import StateStream, _StreamClient
 from paddler.routing.policies import CHOOSERS
-from paddler.web.endpoints import CachingEndpointFactory
-from paddler.web.upstream_client import UpstreamClient
+from paddler.upstream.endpoints import CachingEndpointFactory
+from paddler.upstream.client import UpstreamClient
 
 from .helpers import BytesProducer, FakeUpstreamBody
 from .memory_network import MemoryNetwork, connect_raw
@@ -108,8 +108,8 @@ def slot_source_parts() -> list[tuple[Any, Any]]:
     """The pool's two slot sources: its own (no --state) and the shared store's side."""
     from paddler.fleet.pool import LocalSlotSource, UpstreamPool
     from paddler.interfaces import ISlotSource
-    from paddler.shared.fleet import SharedFleet
-    from paddler.shared.memory import MemorySlotState, MemorySlotStore
+    from paddler.sharedstate.fleet import SharedFleet
+    from paddler.sharedstate.memory import MemorySlotState, MemorySlotStore
 
     clock = Clock()
     pool = UpstreamPool(clock, CHOOSERS["slots"](clock))
@@ -122,8 +122,8 @@ def guarded_listener_parts() -> list[tuple[Any, Any]]:
     from twisted.web.resource import Resource
 
     from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
-    from paddler.web.channel import ClientLimits, GuardedSite
-    from paddler.web.request import bounded_request_factory
+    from paddler.server.channel import ClientLimits, GuardedSite
+    from paddler.server.request import bounded_request_factory
 
     site = GuardedSite(
         Resource(), ClientLimits(), MemoryReactorClock(), request_factory=bounded_request_factory(1024)
@@ -155,7 +155,7 @@ def test_the_channel_the_request_and_the_proxy_probe_no_attributes():
 
     root = Path(__file__).resolve().parent.parent / "paddler"
     allowed = {("loseWriteConnection",), ("host",)}
-    for name in ("web/channel.py", "web/request.py", "balancer/proxy.py"):
+    for name in ("server/channel.py", "server/request.py", "balancer/proxy.py"):
         for node in ast.walk(ast.parse((root / name).read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr"):
                 probed = tuple(a.value for a in node.args[1:2] if isinstance(a, ast.Constant))

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from paddler.config import BalancerConfig
 from paddler.tap import makeBalancerService
-from paddler.web.listeners import ListenFailed
+from paddler.server.listeners import ListenFailed
 
 
 class BusyPort(MemoryReactorClock):

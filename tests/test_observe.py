@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
-from paddler.web.router import NotFoundResource, PrefixRouter
+from paddler.server.router import NotFoundResource, PrefixRouter
 from paddler.observability.dashboard import ObservabilityApp
 from paddler.observability.events import FleetEvents
 from paddler.observability.snapshot import HISTORY_WINDOW, FleetView, StateHistory

@@ -17,7 +17,7 @@ from paddler.config import BalancerConfig, UpstreamSpec
 from paddler.observability.statsd import StatsDService
 from paddler.observability.stream import ObservabilityService
 from paddler.tap import makeBalancerService
-from paddler.web.listeners import ListeningService
+from paddler.server.listeners import ListeningService
 
 from .memory_network import MemoryNetwork
 from .test_statsd import Receiver

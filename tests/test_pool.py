@@ -228,7 +228,7 @@ def test_a_local_lease_and_a_shared_mirror_are_granted_by_one_rule(monkeypatch):
     from paddler.fleet.pool import UpstreamPool
     from paddler.fleet.upstream import SlotsSeen, Upstream
     from paddler.routing.policies import MostIdleSlotsChooser
-    from paddler.shared.fleet import SharedFleet
+    from paddler.sharedstate.fleet import SharedFleet
 
     clock = Clock()
     pool = UpstreamPool(clock, MostIdleSlotsChooser(), max_buffered=2, buffer_timeout=5.0)
@@ -274,8 +274,8 @@ def test_the_pool_asks_its_slot_source_and_the_source_never_calls_the_pools_acqu
     from paddler.fleet.pool import LocalSlotSource, UpstreamPool
     from paddler.fleet.upstream import SlotsSeen, Upstream
     from paddler.routing.policies import MostIdleSlotsChooser
-    from paddler.shared.fleet import SharedFleet
-    from paddler.shared.memory import MemorySlotState, MemorySlotStore
+    from paddler.sharedstate.fleet import SharedFleet
+    from paddler.sharedstate.memory import MemorySlotState, MemorySlotStore
 
     clock = Clock()
     pool = UpstreamPool(clock, MostIdleSlotsChooser(), max_buffered=2, buffer_timeout=5.0)

@@ -12,7 +12,7 @@ from paddler.balancer.proxy import ProxyConfig
 from .helpers import BytesProducer
 from paddler.fleet.upstream import UpstreamState
 from paddler.tap import CLIENT_IDLE_TIMEOUT
-from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
+from paddler.upstream.clients import CACHED_CONNECTION_TIMEOUT
 
 from .proxy_harness import Chunks, Harness, make_harness
 

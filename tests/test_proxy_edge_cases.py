@@ -17,8 +17,8 @@ from paddler.balancer.proxy import ProxyConfig
 from paddler.balancer.relay import Relay
 from paddler.fleet.probe import HTTPProber
 from paddler.fleet.upstream import Upstream, UpstreamState
-from paddler.web.listeners import ListenFailed, ListeningService
-from paddler.web.upstream_client import UpstreamClient
+from paddler.server.listeners import ListenFailed, ListeningService
+from paddler.upstream.client import UpstreamClient
 
 from .helpers import FakeUpstreamBody, make_pool
 from .memory_network import MemoryNetwork

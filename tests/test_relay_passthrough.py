@@ -22,8 +22,8 @@ from paddler.balancer.proxy import Exchange, ProxyConfig, ProxyResource
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import SlotsSeen, Upstream
 from paddler.routing.policies import MostIdleSlotsChooser
-from paddler.web.request import bounded_request_factory
-from paddler.web.upstream_client import UpstreamClient
+from paddler.server.request import bounded_request_factory
+from paddler.upstream.client import UpstreamClient
 
 from .test_upstream_client import Endpoints, Transport
 

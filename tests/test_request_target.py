@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from paddler.web.target import Target, TargetRejected, check_target
+from paddler.server.target import Target, TargetRejected, check_target
 
 from .memory_network import connect_raw
 from .proxy_harness import PROXY_HOST, PROXY_PORT, Harness
@@ -188,7 +188,7 @@ def test_what_goes_upstream_is_decided_by_one_function(target):
 
     from paddler.balancer.proxy import ProxyConfig, ProxyResource
     from paddler.errors import BadRequest
-    from paddler.web.target import origin_form
+    from paddler.server.target import origin_form
 
     try:
         kept: bytes | None = origin_form(target)

@@ -25,8 +25,8 @@ from paddler.fleet.upstream import Upstream, UpstreamState
 from paddler.interfaces import IUpstreamClient
 from paddler.management.api import ManagementAPI
 from paddler.settings import ConfigError
-from paddler.web.instance import INSTANCE_HEADER, THIS_BALANCER, came_through, via_token
-from paddler.web.listeners import urls_of
+from paddler.server.instance import INSTANCE_HEADER, THIS_BALANCER, came_through, via_token
+from paddler.server.listeners import urls_of
 
 from .fake_llama import FakeLlama
 from .helpers import MemoryUpstreams, healthy_upstream, make_pool
@@ -227,8 +227,8 @@ async def test_registering_or_reporting_one_of_the_balancers_own_addresses_is_re
 
 
 def loop_rig() -> tuple[Any, RecordingClient, MemoryUpstreams]:
-    from paddler.web.channel import ClientLimits, GuardedSite
-    from paddler.web.request import bounded_request_factory
+    from paddler.server.channel import ClientLimits, GuardedSite
+    from paddler.server.request import bounded_request_factory
 
     upstreams = MemoryUpstreams()
     clock = upstreams.clock

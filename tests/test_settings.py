@@ -179,9 +179,9 @@ def test_the_defaults_of_the_parts_are_the_settings_tables():
     from paddler.balancer.proxy import ProxyConfig
     from paddler.balancer.service import BalancerService
     from paddler.fleet.pool import UpstreamPool
-    from paddler.web.channel import ClientLimits
-    from paddler.web.descriptors import limits_for
-    from paddler.web.request import BoundedRequest
+    from paddler.server.channel import ClientLimits
+    from paddler.server.descriptors import limits_for
+    from paddler.server.request import BoundedRequest
 
     table = BalancerConfig()
     assert ProxyConfig() == ProxyConfig.from_balancer(table)

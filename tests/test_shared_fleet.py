@@ -18,8 +18,8 @@ from paddler.fleet.upstream import SlotsSeen, Upstream, UpstreamState, upstream_
 from paddler.interfaces import IUpstreamProber
 from paddler.llamacpp.slots import SlotReading
 from paddler.routing.policies import MostIdleSlotsChooser
-from paddler.shared.fleet import SharedFleet, SharedProber, rendezvous
-from paddler.shared.memory import MemorySlotState, MemorySlotStore
+from paddler.sharedstate.fleet import SharedFleet, SharedProber, rendezvous
+from paddler.sharedstate.memory import MemorySlotState, MemorySlotStore
 
 A_URL, B_URL = "http://10.0.0.1:8080", "http://10.0.0.2:8080"
 
@@ -324,7 +324,7 @@ def test_leases_taken_before_the_first_snapshot_are_counted_by_the_store(world, 
     first read the store's snapshot is adopted once it has (it was not: the link's "up" came first)."""
     from twisted.internet.defer import fail
 
-    from paddler.shared.errors import StoreTimeout
+    from paddler.sharedstate.errors import StoreTimeout
 
     world.state.set_available(False)
     a = world.add("a", [A_URL])

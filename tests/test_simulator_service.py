@@ -225,7 +225,7 @@ def test_a_fleet_port_already_taken_stops_start_up() -> None:
     import socket as _socket
 
     from twisted.internet import reactor as _reactor
-    from paddler.web.listeners import ListenFailed
+    from paddler.server.listeners import ListenFailed
 
     with _socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -14,8 +14,8 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from zope.interface.verify import verifyObject
 
 from paddler.interfaces import IUpstreamBody, IUpstreamClient
-from paddler.web.body import read_body
-from paddler.web.upstream_client import UpstreamClient, encode_request
+from paddler.upstream.body import read_body
+from paddler.upstream.client import UpstreamClient, encode_request
 
 
 class Transport(StringTransport):
@@ -510,7 +510,7 @@ def test_fetch_reads_a_small_body_whole():
 
 def test_fetch_refuses_bodies_over_its_limit():
     """A body larger than fetch's limit fails it and drops the connection."""
-    from paddler.web.body import BodyTooLarge
+    from paddler.upstream.body import BodyTooLarge
 
     client, endpoints, _ = make_client()
     d = client.fetch(ORIGIN, b"/slots", [], limit=4)

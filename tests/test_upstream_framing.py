@@ -18,8 +18,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from paddler.web.clients import CACHED_CONNECTION_TIMEOUT
-from paddler.web.upstream_client import UpstreamClient
+from paddler.upstream.clients import CACHED_CONNECTION_TIMEOUT
+from paddler.upstream.client import UpstreamClient
 from tests.hostile_upstream import DELAY, HEAD_SHAPES, LATE_SHAPES, SHAPES, HostileFactory, injected, verdict
 
 _ids = itertools.count()

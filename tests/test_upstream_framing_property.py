@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.python.failure import Failure
 
-from paddler.web.upstream_client import UpstreamClient
+from paddler.upstream.client import UpstreamClient
 from tests.hostile_upstream import DELAY, LATE_SHAPES, SHAPES, HostileFactory, verdict
 from tests.memory_network import MemoryNetwork
 

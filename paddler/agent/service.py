@@ -41,12 +41,12 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from paddler.web.body import read_body
+from paddler.upstream.body import read_body
 from paddler.config import AgentConfig
 from paddler.llamacpp.errors import Loading, error_message
 from paddler.llamacpp.slots import http_getter, read_slots
-from paddler.web.failures import describe_failure
-from paddler.web.router import json_errors
+from paddler.upstream.failures import describe_failure
+from paddler.server.router import json_errors
 from paddler.fleet.upstream import UpstreamState, normalise_url, upstream_id
 
 

@@ -32,7 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
-from paddler.balancer.relay import Relay, ResponseHead, UpstreamIdleTimeout, timings_in
+from paddler.balancer.relay import Relay, RelayedHead, UpstreamIdleTimeout, timings_in
 from paddler.config import BalancerConfig
 from paddler.errors import (
     BadRequest,
@@ -54,9 +54,9 @@ from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
 from paddler.llamacpp.endpoints import ENDPOINTS, SLOT_PATHS, addresses_slots
 from paddler.llamacpp.errors import LOADING_MESSAGE, error_message
 from paddler.observability.requests import RequestStats
-from paddler.web.body import BodyTooLarge, read_body
-from paddler.web.failures import describe_failure
-from paddler.web.target import TargetRejected, origin_form
+from paddler.upstream.body import BodyTooLarge, read_body
+from paddler.upstream.failures import describe_failure
+from paddler.server.target import TargetRejected, origin_form
 
 HOP_BY_HOP = frozenset(
     {
@@ -76,7 +76,7 @@ HOP_BY_HOP = frozenset(
 #: and C{Expect: 100-continue} was answered by the balancer (the body is sent whole).
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
 #: What a client says about where a request came from: an upstream can trust only what paddler wrote.
-#: C{Via} is not among them: every hop appends to it, and loop detection reads it (paddler.web.instance).
+#: C{Via} is not among them: every hop appends to it, and loop detection reads it (paddler.server.instance).
 _FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
 
 RETRYABLE = (ConnectError, ConnectionLost, ResponseNeverReceived, ResponseFailed)
@@ -134,7 +134,7 @@ def _model_aliases(text: str | None) -> dict[str, str]:
 
 
 def _client_gone(request: server.Request) -> bool:
-    """Whether the client's connection closed (L{paddler.web.request.BoundedRequest} flags it)."""
+    """Whether the client's connection closed (L{paddler.server.request.BoundedRequest} flags it)."""
     return (IBoundedRequest.providedBy(request) and request.client_gone) or request.channel is None
 
 
@@ -681,7 +681,7 @@ _NOT_RELAYED = HOP_BY_HOP
 _NOT_RELAYED_CHUNKED = HOP_BY_HOP | {b"content-length"}
 
 
-def _response_head(response: Any) -> ResponseHead:
+def _response_head(response: Any) -> RelayedHead:
     """The status and end-to-end headers of an upstream answer, values of one name grouped."""
     drop = _NOT_RELAYED_CHUNKED if response.framing == "chunked" else _NOT_RELAYED
     grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
@@ -694,4 +694,4 @@ def _response_head(response: Any) -> ResponseHead:
             grouped[lower] = (name, [value])
         else:
             entry[1].append(value)
-    return ResponseHead(response.code, response.phrase, list(grouped.values()))
+    return RelayedHead(response.code, response.phrase, list(grouped.values()))

@@ -43,7 +43,7 @@ def timings_in(tail: bytes) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class ResponseHead:
+class RelayedHead:
     """An upstream response's status line and end-to-end headers, written when its body begins."""
 
     code: int
@@ -86,7 +86,7 @@ class Relay:
         request: server.Request,
         clock: IReactorTime,
         idle_timeout: float,
-        head: ResponseHead | None = None,
+        head: RelayedHead | None = None,
         on_first_byte: Callable[[], None] | None = None,
     ) -> None:
         self._request = request

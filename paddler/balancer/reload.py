@@ -94,7 +94,7 @@ class Reloader:
                 if service.registry is not None:
                     service.registry.check_every = value
         elif how == "client_limits":
-            from paddler.web.descriptors import limits_for
+            from paddler.server.descriptors import limits_for
 
             limits = limits_for(new, self.open_files())
             for site in service.sites:

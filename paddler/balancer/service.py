@@ -31,7 +31,7 @@ from paddler.balancer.proxy import ProxyResource
 from paddler.config import BalancerConfig
 from paddler.fleet.pool import UpstreamPool
 from paddler.observability.requests import RequestStats
-from paddler.web.listeners import ListeningService
+from paddler.server.listeners import ListeningService
 
 
 class BalancerService(MultiService):
@@ -82,7 +82,7 @@ class BalancerService(MultiService):
 
     def own_urls(self) -> set[str]:
         """The URLs this balancer's listeners answer at on this host (an upstream there would be itself)."""
-        from paddler.web.listeners import urls_of
+        from paddler.server.listeners import urls_of
 
         urls: set[str] = set()
         for listener in (self.proxy_listener, self.management_listener):

@@ -36,7 +36,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from paddler.web.listeners import LISTEN_BACKLOG, ListenFailed, ListeningService, endpoint_fields
+from paddler.server.listeners import LISTEN_BACKLOG, ListenFailed, ListeningService, endpoint_fields
 
 
 def reuse_port_endpoint(description: str) -> tuple[str, int, int] | None:

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from paddler.fleet.routers import children_of
 from paddler.fleet.upstream import Upstream
 from paddler.llamacpp.errors import error_message
-from paddler.web.failures import describe_failure
+from paddler.upstream.failures import describe_failure
 
 __all__ = ["ModelPlacement", "PlacementError"]
 
@@ -331,7 +331,7 @@ class ModelPlacement(Service):
 
 def json_poster(client: Any, api_key: str | None = None) -> Poster:
     """A L{Poster} over an L{paddler.interfaces.IUpstreamClient} (kept-alive connections)."""
-    from paddler.web.upstream_client import _read_whole
+    from paddler.upstream.client import _read_whole
 
     def post(router: Upstream, path: str, body: dict[str, Any]) -> Deferred[tuple[int, bytes]]:
         origin = router.url.encode("ascii")

@@ -18,7 +18,7 @@ from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, Shuttin
 from paddler.interfaces import ISlotChooser, ISlotSource
 from paddler.fleet.routers import children_of, prefer_loaded
 from paddler.fleet.upstream import Observation, SlotsSeen, Upstream, UpstreamState
-from paddler.routing.speed import DecayingRate
+from paddler.rates import DecayingRate
 
 #: The longest Retry-After the balancer advises, in seconds.
 MAX_RETRY_AFTER = 300
@@ -179,7 +179,7 @@ class UpstreamPool:
         self.slots_freed = DecayingRate(clock, min_window=1.0)
         self._observers: list[Callable[[Upstream, Observation, bool], None]] = []
         #: Where leases and waiters live: this process (L{LocalSlotSource}), or with --state the
-        #: shared slot store's side (L{paddler.shared.fleet.SharedFleet}).
+        #: shared slot store's side (L{paddler.sharedstate.fleet.SharedFleet}).
         self.slots: ISlotSource = LocalSlotSource(self)
         #: C{load_eta(model)}: seconds until a load of C{model} under way is expected done, else
         #: None (set by L{paddler.fleet.placement.ModelPlacement}); a timed-out waiter's Retry-After.
@@ -373,7 +373,7 @@ class UpstreamPool:
 
     @property
     def shared(self) -> Any:
-        """The shared slot store's side (L{paddler.shared.fleet.SharedFleet}) with --state, else None.
+        """The shared slot store's side (L{paddler.sharedstate.fleet.SharedFleet}) with --state, else None.
         Setting it makes it the pool's slot source (None: back to the local one)."""
         return None if isinstance(self.slots, LocalSlotSource) else self.slots
 

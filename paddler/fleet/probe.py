@@ -1,8 +1,8 @@
 """Health and slot probes: every upstream probed from one timer (L{ProbeService}), each probe with a deadline.
 
 A probe reads the upstream's slots (L{paddler.llamacpp.slots.read_slots}:
-``/slots``, or ``/props`` + ``/metrics``, or ``/health`` + ``/props`` in
-``--probe-mode health``) and hands what it saw to the pool
+``/slots``, or ``/props`` when a server has no ``/slots``, or ``/health`` +
+``/props`` in ``--probe-mode health``; never ``/metrics``) and hands what it saw to the pool
 (L{UpstreamPool.observe}). Agent upstreams are not probed: their agent's
 reports play that part.
 """
@@ -42,18 +42,18 @@ from paddler.llamacpp.slots import (
     read_router,
     read_slots,
 )
-from paddler.web.failures import describe_failure
-from paddler.web.instance import THIS_BALANCER, ThisBalancer
+from paddler.upstream.failures import describe_failure
+from paddler.server.instance import THIS_BALANCER, ThisBalancer
 
 if TYPE_CHECKING:
-    from paddler.web.upstream_client import UpstreamClient
+    from paddler.upstream.client import UpstreamClient
 
 
 @implementer(IUpstreamProber)
 class HTTPProber:
     """
     Probes one upstream over HTTP with C{http_client}, a
-    L{paddler.web.upstream_client.UpstreamClient} (kept-alive connections).
+    L{paddler.upstream.client.UpstreamClient} (kept-alive connections).
     An unchanged C{/slots} answer is not parsed again; the probe's Deferred
     then fires with C{False} (nothing new), else with C{True}.
     """

@@ -44,7 +44,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from paddler.fleet.pool import UpstreamPool
-from paddler.web.instance import ThisBalancer
+from paddler.server.instance import ThisBalancer
 from paddler.fleet.upstream import (
     FailureSeen,
     LoadingSeen,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from paddler.llamacpp.errors import LOADING_MESSAGE, Loading, NeedsKey, ProbeError, error_message
-from paddler.web.body import read_body
-from paddler.web.instance import ThisBalancer, answered_by
+from paddler.upstream.body import read_body
+from paddler.server.instance import ThisBalancer, answered_by
 
 #: How the slots can be read (``--probe-mode``).
 PROBE_MODES = ("slots", "health")
@@ -75,7 +75,7 @@ def client_getter(
     client: Any, base_url: str, api_key: str | None = None, own_instance: str | None = None
 ) -> Getter:
     """
-    A L{Getter} over a L{paddler.web.upstream_client.UpstreamClient}
+    A L{Getter} over a L{paddler.upstream.client.UpstreamClient}
     (kept-alive connections); an answer carrying C{own_instance} as its
     C{X-Paddler-Instance} came from the balancer itself: L{ThisBalancer}.
     """

@@ -52,7 +52,7 @@ from paddler.fleet.addresses import AddressVetter, UpstreamRefused, Vetted, cano
 from paddler.fleet.models import fleet_models
 from paddler.fleet.routers import children_of
 from paddler.llamacpp.errors import error_message
-from paddler.web.failures import describe_failure
+from paddler.upstream.failures import describe_failure
 from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.registry import AgentCredential, AgentRegistry, RegistrationRefused, RegistryConflict
 from paddler.fleet.upstream import Upstream, upstream_id
@@ -65,8 +65,8 @@ from paddler.management.validation import (
     string_field,
     url_field,
 )
-from paddler.web.instance import THIS_BALANCER
-from paddler.web.router import json_errors
+from paddler.server.instance import THIS_BALANCER
+from paddler.server.router import json_errors
 
 #: Seconds a registration waits for the new upstream's first probe.
 REGISTER_WAIT = 5.0

@@ -1,7 +1,7 @@
 """The Klein app of the management port's read side: the state API and its stream, the
 dashboard page (package data C{paddler/observability/assets/}) and C{/metrics}.
 
-Routes (the app sees whole paths, see L{paddler.web.router.PrefixRouter}):
+Routes (the app sees whole paths, see L{paddler.server.router.PrefixRouter}):
 
 - C{GET /api/v1/state}: L{paddler.observability.snapshot.FleetView.state} as JSON
   (C{?history=0} leaves the history out);
@@ -21,7 +21,7 @@ from typing import Any
 from klein import Klein
 from paddler.errors import error_body, json_response
 from paddler.observability.stream import StateStream
-from paddler.web.router import json_errors
+from paddler.server.router import json_errors
 
 
 def _asset(name: str) -> bytes:

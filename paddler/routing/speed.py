@@ -27,7 +27,7 @@ the upstream's mean generated tokens for a request without a bound.
 **Drain rate**: slots freed per second, per upstream and fleet-wide, as an
 exponentially decaying event count with a half-life of
 L{DRAIN_HALF_LIFE_SECONDS} = 30 s on the injected clock (bias-corrected
-while younger than that, over at least L{MIN_DRAIN_WINDOW_SECONDS}).
+while younger than that, over at least L{paddler.rates.MIN_DRAIN_WINDOW_SECONDS}).
 L{SpeedTracker.expected_wait} turns it into the expected time until a slot
 frees on a full upstream with C{ahead} requests already waiting for it:
 ``(ahead + 1) / rate``; with no release seen yet, the mean request time
@@ -44,6 +44,8 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from paddler.rates import DRAIN_HALF_LIFE_SECONDS, DecayingRate
+
 PRIOR_PROMPT_SPEED = 1000.0
 PRIOR_GENERATION_SPEED = 30.0
 #: Prior request shape until measured: prompt and generated tokens.
@@ -54,8 +56,6 @@ FULL_WEIGHT_PROMPT_TOKENS = 64
 FULL_WEIGHT_GENERATED_TOKENS = 16
 #: Speeds above this (tokens/s) are taken for garbage.
 MAX_SPEED = 1e7
-DRAIN_HALF_LIFE_SECONDS = 30.0
-MIN_DRAIN_WINDOW_SECONDS = 5.0
 
 
 def _number(value: Any) -> float | None:
@@ -134,45 +134,6 @@ class Ewma:
         mixed = (1.0 - rate) * self.value + rate * sample
         # A convex mix; clamp away rounding at extreme magnitudes.
         self.value = min(max(mixed, min(self.value, sample)), max(self.value, sample))
-
-
-class DecayingRate:
-    """Events per second, from an exponentially decaying count on a clock."""
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        half_life: float = DRAIN_HALF_LIFE_SECONDS,
-        min_window: float = MIN_DRAIN_WINDOW_SECONDS,
-    ) -> None:
-        self.clock = clock
-        self.min_window = min_window
-        self.decay = math.log(2) / half_life
-        self.count = 0.0
-        self.started = clock.seconds()
-        self.updated = self.started
-        self.events = 0
-
-    def _advance(self) -> float:
-        now = self.clock.seconds()
-        if now > self.updated:
-            self.count *= math.exp(-self.decay * (now - self.updated))
-            self.updated = now
-        return now
-
-    def event(self) -> None:
-        """One event now."""
-        self._advance()
-        self.count += 1.0
-        self.events += 1
-
-    def rate(self) -> float:
-        """Events per second (0 before the first event)."""
-        now = self._advance()
-        if not self.events:
-            return 0.0
-        window = max(now - self.started, self.min_window)
-        return self.count * self.decay / (1.0 - math.exp(-self.decay * window))
 
 
 @dataclass(frozen=True)

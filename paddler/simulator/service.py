@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from paddler.simulator.engine import SimulatedServerEngine, SimulatorConfig
-from paddler.web.listeners import ListeningService
+from paddler.server.listeners import ListeningService
 from paddler.simulator.router import RouterConfig, SimulatedRouter, parse_failing, parse_models
 from paddler.simulator.web import RouterResource, SimulatorResource
 

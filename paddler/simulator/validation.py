@@ -1,7 +1,7 @@
 """Request validation: what llama-server accepts, and its exact 400 messages.
 
 Each generation endpoint's JSON body becomes a L{GenerationRequest} here, or
-a L{BadRequest} whose message is the one llama-server (0c1e57098) sends
+a L{InvalidRequest} whose message is the one llama-server (0c1e57098) sends
 (nlohmann::json's type errors prefixed with the field, its own prompt and
 messages errors). Chat messages are templated with the simulated model's
 ChatML template into one prompt, deterministically, so that the turns of a
@@ -33,7 +33,7 @@ _NUMBER_SETTINGS = (
 )
 
 
-class BadRequest(Exception):
+class InvalidRequest(Exception):
     """A request body llama-server would answer with 400 invalid_request_error."""
 
 
@@ -51,10 +51,10 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def _type_error(expected: str, value: Any, key: str | None = None) -> BadRequest:
+def _type_error(expected: str, value: Any, key: str | None = None) -> InvalidRequest:
     """nlohmann::json's type error, prefixed with the field as llama-server does."""
     message = f"[json.exception.type_error.302] type must be {expected}, but is {_json_type(value)}"
-    return BadRequest(message if key is None else f"Field '{key}': {message}")
+    return InvalidRequest(message if key is None else f"Field '{key}': {message}")
 
 
 def _is_number(value: Any) -> bool:
@@ -119,11 +119,11 @@ def prompt_tokens(prompt: Any) -> tuple[list[int], str]:
         if all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
             for token in prompt:
                 if not 0 <= token < N_VOCAB:
-                    raise BadRequest(f"invalid token {token} in the prompt")
+                    raise InvalidRequest(f"invalid token {token} in the prompt")
             return list(prompt), "".join(piece_text(token) for token in prompt)
         if all(isinstance(item, (str, int)) and not isinstance(item, bool) for item in prompt):
             if all(isinstance(item, str) for item in prompt):
-                raise BadRequest("the simulator serves one prompt per request, not a list of prompts")
+                raise InvalidRequest("the simulator serves one prompt per request, not a list of prompts")
             tokens = tokenize("", add_bos=True)
             text = BOS_TEXT
             for item in prompt:
@@ -134,7 +134,7 @@ def prompt_tokens(prompt: Any) -> tuple[list[int], str]:
                     tokens.append(item)
                     text += piece_text(item)
             return tokens, text
-    raise BadRequest(PROMPT_TYPE_MESSAGE)
+    raise InvalidRequest(PROMPT_TYPE_MESSAGE)
 
 
 def render_chat(messages: Any) -> str:
@@ -146,13 +146,13 @@ def render_chat(messages: Any) -> str:
     longer history extends the shorter one's prompt.
     """
     if not isinstance(messages, list):
-        raise BadRequest("Expected 'messages' to be an array")
+        raise InvalidRequest("Expected 'messages' to be an array")
     if not messages:
-        raise BadRequest("'messages' must not be empty")
+        raise InvalidRequest("'messages' must not be empty")
     out = []
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest("Missing 'role' in message")
+            raise InvalidRequest("Missing 'role' in message")
         content = message.get("content")
         if content is None:
             content = ""
@@ -160,14 +160,14 @@ def render_chat(messages: Any) -> str:
             texts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text":
-                    raise BadRequest("unsupported content[].type")
+                    raise InvalidRequest("unsupported content[].type")
                 text = part.get("text")
                 if not isinstance(text, str):
-                    raise BadRequest("Missing 'text' in content part")
+                    raise InvalidRequest("Missing 'text' in content part")
                 texts.append(text)
             content = "\n".join(texts)
         elif not isinstance(content, str):
-            raise BadRequest("Invalid 'content' type")
+            raise InvalidRequest("Invalid 'content' type")
         out.append("<|im_start|>" + message["role"] + "\n" + content + "<|im_end|>\n")
     out.append("<|im_start|>assistant\n")
     return "".join(out)
@@ -178,7 +178,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
     @raise SimulatorError: not JSON at all: llama-server lets nlohmann::json's
         parse error escape as a 500 server_error.
-    @raise BadRequest: JSON but not an object.
+    @raise InvalidRequest: JSON but not an object.
     """
     try:
         body = json.loads(raw.decode("utf-8"))
@@ -198,7 +198,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
             500, "[json.exception.parse_error.101] parse error: nested too deeply", "server_error"
         ) from None
     if not isinstance(body, dict):
-        raise BadRequest(
+        raise InvalidRequest(
             f"[json.exception.type_error.304] cannot use at() with {_json_type(body)}"
         )
     return body
@@ -225,10 +225,10 @@ def _generation(body: dict[str, Any], tokens: list[int], text: str, n_predict: i
 def completion_request(body: dict[str, Any], openai: bool = False) -> GenerationRequest:
     """The request of a ``/completion`` (or, with C{openai}, ``/v1/completions``) body.
 
-    @raise BadRequest: a field llama-server refuses.
+    @raise InvalidRequest: a field llama-server refuses.
     """
     if "prompt" not in body:
-        raise BadRequest(MISSING_PROMPT_MESSAGE)
+        raise InvalidRequest(MISSING_PROMPT_MESSAGE)
     tokens, text = prompt_tokens(body["prompt"])
     if openai:
         n_predict = _get_int(body, "max_tokens", _get_int(body, "n_predict", -1))
@@ -240,10 +240,10 @@ def completion_request(body: dict[str, Any], openai: bool = False) -> Generation
 def chat_request(body: dict[str, Any]) -> GenerationRequest:
     """The request of a ``/v1/chat/completions`` body: its messages templated into one prompt.
 
-    @raise BadRequest: a field llama-server refuses.
+    @raise InvalidRequest: a field llama-server refuses.
     """
     if "messages" not in body:
-        raise BadRequest("'messages' is required")
+        raise InvalidRequest("'messages' is required")
     text = render_chat(body["messages"])
     n_predict = _get_int(
         body, "max_completion_tokens",

@@ -50,7 +50,7 @@ from paddler.simulator.metrics import render_metrics
 from paddler.simulator.router import ModelState, SimulatedModel, SimulatedRouter
 from paddler.simulator.tokenizer import BOS_TEXT, piece_text, split_pieces, tokenize
 from paddler.simulator.validation import (
-    BadRequest,
+    InvalidRequest,
     chat_request,
     completion_request,
     detokenize_tokens,
@@ -210,7 +210,7 @@ class SimulatorResource(Resource):
             return self._json(request, 404, NOT_FOUND_BODY)
         try:
             return handler(request)
-        except BadRequest as e:
+        except InvalidRequest as e:
             return self._error(request, SimulatorError(400, str(e), "invalid_request_error"))
         except SimulatorError as e:
             return self._error(request, e)
@@ -350,7 +350,7 @@ class RouterResource(Resource):
             return self._json(request, 401, UNAUTHORIZED_BODY)
         try:
             return self._route(request, path)
-        except BadRequest as e:
+        except InvalidRequest as e:
             return self._error(request, SimulatorError(400, str(e), "invalid_request_error"))
         except SimulatorError as e:
             return self._error(request, e)
@@ -379,7 +379,7 @@ class RouterResource(Resource):
                 raw = request.content.read() if request.content is not None else b""
                 try:
                     body = parse_body(raw)
-                except BadRequest:
+                except InvalidRequest:
                     body = {}
                 if request.content is not None:
                     request.content.seek(0)

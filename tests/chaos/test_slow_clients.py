@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from paddler.web.channel import MAX_LINGERING_REFUSALS
-from paddler.web.listeners import LISTEN_BACKLOG
+from paddler.server.channel import MAX_LINGERING_REFUSALS
+from paddler.server.listeners import LISTEN_BACKLOG
 
 from .harness import (
     Load,

@@ -20,9 +20,9 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from paddler.shared.errors import StoreError
-from paddler.shared.redisstore import RedisSlotStore
-from paddler.shared.scripts import SCRIPTS
+from paddler.sharedstate.errors import StoreError
+from paddler.sharedstate.redisstore import RedisSlotStore
+from paddler.sharedstate.scripts import SCRIPTS
 
 from .conftest import RedisServer, free_port
 

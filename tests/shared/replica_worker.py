@@ -17,9 +17,9 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from paddler.shared.errors import BufferFull, StoreError, WaitExpired
-from paddler.shared.redisstore import RedisSlotStore
-from paddler.shared.store import SharedLease
+from paddler.sharedstate.errors import SharedBufferFull, StoreError, WaitExpired
+from paddler.sharedstate.redisstore import RedisSlotStore
+from paddler.sharedstate.store import SharedLease
 
 TOTALS = {"s1": 1, "s2": 2, "s3": 3}
 
@@ -44,7 +44,7 @@ async def main(reactor: Any, url: str, prefix: str, owner: str, seconds: float, 
             if not isinstance(result, SharedLease):
                 stats["queued"] += 1
                 result = await result.deferred
-        except (BufferFull, WaitExpired, StoreError):
+        except (SharedBufferFull, WaitExpired, StoreError):
             stats["errors"] += 1
             return
         stats["grants"] += 1

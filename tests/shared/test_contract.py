@@ -12,10 +12,10 @@ import pytest_twisted
 from twisted.internet.defer import CancelledError, gatherResults
 from zope.interface.verify import verifyObject
 
-from paddler.shared.errors import BufferFull, IdInUse, InvalidArgument, NoFreeSlot, WaitExpired
+from paddler.sharedstate.errors import SharedBufferFull, IdInUse, InvalidArgument, NoFreeSlot, WaitExpired
 from paddler.interfaces import ISlotStore
-from paddler.shared.model import Reading, Release
-from paddler.shared.store import SharedLease, Waiter
+from paddler.sharedstate.model import Reading, Release
+from paddler.sharedstate.store import SharedLease, Waiter
 
 from .worlds import LEASE_TTL, OWNERS, MemoryWorld, RedisWorld, World
 
@@ -386,7 +386,7 @@ async def test_the_buffer_limit_is_fleet_wide_and_waiting_can_be_disabled(world:
     await a.acquire("hold", ["s1"])
     await a.acquire("w1", ["s1"], max_waiting=2)
     await b.acquire("w2", ["s1"], max_waiting=2)
-    with pytest.raises(BufferFull):
+    with pytest.raises(SharedBufferFull):
         await c.acquire("w3", ["s1"], max_waiting=2)
     with pytest.raises(NoFreeSlot):
         await c.acquire("w4", ["s1"], wait=0)

@@ -13,12 +13,12 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from paddler.shared.client import LinkState, RedisClient, parse_state_url
-from paddler.shared.errors import StoreTimeout, StoreUnavailable
-from paddler.shared.model import Release
-from paddler.shared.redisstore import RedisSlotStore
-from paddler.shared.scripts import SCRIPTS, key_names
-from paddler.shared.store import SharedLease, Waiter
+from paddler.sharedstate.client import LinkState, RedisClient, parse_state_url
+from paddler.sharedstate.errors import StoreTimeout, StoreUnavailable
+from paddler.sharedstate.model import Release
+from paddler.sharedstate.redisstore import RedisSlotStore
+from paddler.sharedstate.scripts import SCRIPTS, key_names
+from paddler.sharedstate.store import SharedLease, Waiter
 
 from .conftest import RedisServer, free_port
 
@@ -46,7 +46,7 @@ def link_lines(events: list[dict], kind: str = "commands") -> list[str]:
     return [
         ("up" if e["log_format"].endswith(" up") else e.get("state", "?"))
         for e in events
-        if e.get("log_namespace", "").startswith("paddler.shared.client") and e.get("kind") == kind
+        if e.get("log_namespace", "").startswith("paddler.sharedstate.client") and e.get("kind") == kind
         and "connection to" in e.get("log_format", "")
     ]
 

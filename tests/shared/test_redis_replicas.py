@@ -16,8 +16,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from paddler.shared.redisstore import RedisSlotStore
-from paddler.shared.store import SharedLease, Waiter
+from paddler.sharedstate.redisstore import RedisSlotStore
+from paddler.sharedstate.store import SharedLease, Waiter
 
 from .conftest import RedisServer
 from .test_redis_failures import make_store, until

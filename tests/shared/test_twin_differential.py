@@ -4,8 +4,8 @@ Hypothesis draws random sequences of operations (register, reading,
 acquire, release as done or as still running, renew, hello, poll, adopt,
 drain, unregister, reap, snapshot, time passing; two owners, three servers,
 a few request ids, now and then an invalid argument) and replays each one on
-L{paddler.shared.memory.MemorySlotState} and as the production script of
-L{paddler.shared.scripts} on Redis; every reply must be the same, errors
+L{paddler.sharedstate.memory.MemorySlotState} and as the production script of
+L{paddler.sharedstate.scripts} on Redis; every reply must be the same, errors
 included.
 
 The one change to the scripts under test is their clock: Redis ``TIME``
@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from paddler.shared import scripts
-from paddler.shared.memory import MemorySlotState
-from paddler.shared.resp import RedisError, ReplyParser, encode_command
+from paddler.sharedstate import scripts
+from paddler.sharedstate.memory import MemorySlotState
+from paddler.sharedstate.resp import RedisError, ReplyParser, encode_command
 
 _REAL_CLOCK = """local function now_ms()
   local t = redis.call('TIME')

@@ -14,12 +14,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-from paddler.shared.client import InvalidStateURL, LinkState, RedisClient, parse_state_url
-from paddler.shared.errors import NoFreeSlot, StoreTimeout, StoreUnavailable, WaiterLost, WaitExpired
-from paddler.shared.memory import MemorySlotState, MemorySlotStore
-from paddler.shared.model import Release
-from paddler.shared.resp import NoScriptError, ProtocolError, RedisError, ReplyParser, encode_command
-from paddler.shared.store import SharedLease, Waiter
+from paddler.sharedstate.client import InvalidStateURL, LinkState, RedisClient, parse_state_url
+from paddler.sharedstate.errors import NoFreeSlot, StoreTimeout, StoreUnavailable, WaiterLost, WaitExpired
+from paddler.sharedstate.memory import MemorySlotState, MemorySlotStore
+from paddler.sharedstate.model import Release
+from paddler.sharedstate.resp import NoScriptError, ProtocolError, RedisError, ReplyParser, encode_command
+from paddler.sharedstate.store import SharedLease, Waiter
 
 # -- URLs -------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def test_a_command_waiting_for_a_connection_fails_at_its_deadline() -> None:
 def test_the_link_is_up_only_after_the_scripts_are_loaded_and_late_replies_are_dropped() -> None:
     """Up after set-up answers; a reply that comes after its deadline is discarded, not given to the next command."""
     clock, endpoint = Clock(), FakeEndpoint()
-    from paddler.shared.client import Script
+    from paddler.sharedstate.client import Script
 
     client = make_client(clock, endpoint, scripts=[Script("s", "return 1")])
     protocol, transport = endpoint.accept()

@@ -14,9 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
-from paddler.shared.memory import MemorySlotState, MemorySlotStore
-from paddler.shared.redisstore import RedisSlotStore
-from paddler.shared.store import SlotStoreBase
+from paddler.sharedstate.memory import MemorySlotState, MemorySlotStore
+from paddler.sharedstate.redisstore import RedisSlotStore
+from paddler.sharedstate.store import SlotStoreBase
 
 OWNERS = ("replica-a", "replica-b", "replica-c")
 #: Short enough for expiry tests on real time, long enough for 2 shared cores.

@@ -57,8 +57,8 @@ from paddler.fleet.upstream import (
     UpstreamState,
 )
 from paddler.interfaces import ISlotSource, IUpstreamProber
-from paddler.shared import errors as store_errors
-from paddler.shared.model import StoreSnapshot
+from paddler.sharedstate import errors as store_errors
+from paddler.sharedstate.model import StoreSnapshot
 
 #: Seconds between two reads of the store's snapshot.
 SYNC_INTERVAL = 0.25
@@ -357,7 +357,7 @@ class SharedFleet(Service):
                         pool.notify("changed")
             except store_errors.NoFreeSlot:
                 raise BufferingDisabled("no free slot on any upstream and buffering is disabled") from None
-            except store_errors.BufferFull:
+            except store_errors.SharedBufferFull:
                 raise pool.buffer_full_error(" fleet-wide") from None
             except store_errors.WaitExpired:
                 raise pool.buffer_timeout_error() from None

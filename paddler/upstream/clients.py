@@ -36,7 +36,7 @@ class ConnectionPoolService(Service):
 
 
 class UpstreamClientService(Service):
-    """Closes an L{paddler.web.upstream_client.UpstreamClient}'s idle connections when stopped."""
+    """Closes an L{paddler.upstream.client.UpstreamClient}'s idle connections when stopped."""
 
     def __init__(self, client: Any) -> None:
         self.client = client

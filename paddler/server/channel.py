@@ -12,7 +12,7 @@ C{HTTPChannel}) per connection. On top of Twisted's parser the channel adds:
   seconds of grace;
 - B{answers at once}, before the body is read: C{Content-Length} above the
   body limit is 413 (no C{100 Continue} is sent for it), a body that would
-  pass the process's body memory (L{paddler.web.memory.BodyMemory}) is 503;
+  pass the process's body memory (L{paddler.server.memory.BodyMemory}) is 503;
 - B{JSON answers to framing errors} Twisted would close with a bare 400 or
   with nothing: a request line or header that does not parse, or an
   HTTP version other than 1.0/1.1 (400), a request line longer than
@@ -68,10 +68,10 @@ from paddler.errors import (
     body_memory_full,
 )
 from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
-from paddler.web import flush
-from paddler.web.http1 import ChunkedScanner, FramingError
-from paddler.web.instance import INSTANCE_HEADER
-from paddler.web.target import TargetRejected, check_visible
+from paddler import flush
+from paddler.upstream.http1 import ChunkedScanner, FramingError
+from paddler.server.instance import INSTANCE_HEADER
+from paddler.server.target import TargetRejected, check_visible
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")

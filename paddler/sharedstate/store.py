@@ -4,8 +4,8 @@ L{SlotStoreBase} keeps this owner's leases and waiters, turns script replies
 into L{SharedLease} and L{Waiter} objects, renews, polls, reaps, retries
 releases that could not be sent, and re-creates what it knows when the store
 lost its data. Subclasses only say how to run a script
-(L{paddler.shared.redisstore.RedisSlotStore} on Redis,
-L{paddler.shared.memory.MemorySlotStore} in memory).
+(L{paddler.sharedstate.redisstore.RedisSlotStore} on Redis,
+L{paddler.sharedstate.memory.MemorySlotStore} in memory).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from paddler.shared.errors import (
-    BufferFull,
+from paddler.sharedstate.errors import (
+    SharedBufferFull,
     IdInUse,
     InvalidArgument,
     NoFreeSlot,
@@ -35,7 +35,7 @@ from paddler.shared.errors import (
     WaitExpired,
 )
 from paddler.interfaces import ISlotStore
-from paddler.shared.model import (
+from paddler.sharedstate.model import (
     ReapResult,
     Reading,
     Release,
@@ -49,8 +49,8 @@ from paddler.shared.model import (
     check_seconds,
     parse_snapshot,
 )
-from paddler.shared.resp import RedisError
-from paddler.shared.scripts import MAX_BATCH, MAX_REAP, MAX_WAITERS
+from paddler.sharedstate.resp import RedisError
+from paddler.sharedstate.scripts import MAX_BATCH, MAX_REAP, MAX_WAITERS
 
 #: Releases kept for a retry while the store is down; older ones are left to lease expiry.
 MAX_UNSETTLED = 100_000
@@ -428,7 +428,7 @@ class SlotStoreBase(MultiService):
                 return self._queued(request_id, int(reply[1]), int(reply[2] or 0), cands, model, wait_ms / 1000.0)
             if code == 3:
                 raise NoFreeSlot("no candidate has a free slot and waiting is disabled")
-            raise BufferFull(f"the shared request buffer is full ({limit} requests waiting for a slot)")
+            raise SharedBufferFull(f"the shared request buffer is full ({limit} requests waiting for a slot)")
 
         updating = request_id in self.waiters
 

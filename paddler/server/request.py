@@ -4,21 +4,21 @@ Twisted stores a request's whole body before any resource runs, so the
 bounds must hold there:
 
 - C{BoundedRequest} keeps at most C{max_body} bytes of body and flags the
-  rest (the resource answers 413); on a L{paddler.web.channel.GuardedChannel}
+  rest (the resource answers 413); on a L{paddler.server.channel.GuardedChannel}
   a body found too large part-way is answered 413 at once;
 - the bytes it holds are claimed from the process's
-  L{paddler.web.memory.BodyMemory} (C{memory}) and given back when the
+  L{paddler.server.memory.BodyMemory} (C{memory}) and given back when the
   request ends; a body that does not fit is answered 503;
 - the body is collected in memory, never in a temporary file (Twisted's
   default above 100 kB, which costs a descriptor and disk writes for a body
   the proxy reads back whole anyway).
 
-Its request target is checked (L{paddler.web.target}) before any resource
+Its request target is checked (L{paddler.server.target}) before any resource
 sees it; a rejected one is answered here with a JSON error. With an
 C{instance_id}, every answer carries C{X-Paddler-Instance}; with a
 C{loop_token} (the proxy port), the request gets the balancer's C{Via}
 entry, and one that already has it (the balancer is its own upstream) is
-answered 508 (L{paddler.web.instance}).
+answered 508 (L{paddler.server.instance}).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from paddler.errors import (
     json_response,
 )
 from paddler.interfaces import IBoundedRequest, IGuardedChannel, IGuardedSite
-from paddler.web.instance import INSTANCE_HEADER, came_through, via_token
-from paddler.web.memory import BodyMemory
-from paddler.web.target import TargetRejected, check_target
+from paddler.server.instance import INSTANCE_HEADER, came_through, via_token
+from paddler.server.memory import BodyMemory
+from paddler.server.target import TargetRejected, check_target
 
 #: The methods paddler answers (the C{Allow} header of a 405 to CONNECT).
 ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"

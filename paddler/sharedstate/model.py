@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from paddler.shared.errors import InvalidArgument
-from paddler.shared.scripts import (
+from paddler.sharedstate.errors import InvalidArgument
+from paddler.sharedstate.scripts import (
     MAX_BATCH,
     MAX_CANDIDATES,
     MAX_ID,

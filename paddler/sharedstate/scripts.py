@@ -33,7 +33,7 @@ free candidate without overtaking an older compatible waiter.
 
 from __future__ import annotations
 
-from paddler.shared.client import Script
+from paddler.sharedstate.client import Script
 
 KEY_NAMES = (
     "total",

@@ -41,7 +41,7 @@ class ProtocolError(Exception):
     """Redis sent bytes that are not RESP2 (or too large a reply): the connection is dropped."""
 
 
-class ConnectionLost(Exception):
+class RedisConnectionLost(Exception):
     """The connection closed before Redis answered this command."""
 
 
@@ -198,7 +198,7 @@ class RedisProtocol(Protocol):
         if not self.connected_:
             from twisted.internet.defer import fail
 
-            return fail(ConnectionLost("the Redis connection is closed"))
+            return fail(RedisConnectionLost("the Redis connection is closed"))
         pending = _Pending()
         self._pending.append(pending)
         assert self.transport is not None
@@ -234,12 +234,12 @@ class RedisProtocol(Protocol):
         else:
             pending.deferred.callback(reply)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = Failure(RedisConnectionLost())) -> None:  # noqa: B008
         self.connected_ = False
         pending, self._pending = self._pending, deque()
         for entry in pending:
             if not entry.abandoned:
-                entry.deferred.errback(ConnectionLost(f"the Redis connection closed: {reason.getErrorMessage()}"))
+                entry.deferred.errback(RedisConnectionLost(f"the Redis connection closed: {reason.getErrorMessage()}"))
         if self.on_lost is not None:
             self.on_lost(self, reason)
 

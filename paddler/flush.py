@@ -71,7 +71,7 @@ TESTED_TWISTED = ((25, 5), (26, 10))
 #: The transports that are hooked: plain TCP, exactly these classes (no subclass with its own writing).
 PLAIN_TCP = (tcp.Server, tcp.Client)
 
-_log = Logger(namespace="paddler.web.flush")
+_log = Logger(namespace="paddler.flush")
 
 
 def twisted_release(version: str | None = None) -> tuple[int, int]:

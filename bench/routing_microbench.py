@@ -1,4 +1,4 @@
-"""What routing costs per request: ``python -m paddler.routing.microbench``.
+"""What routing costs per request: ``python -m bench.routing_microbench``.
 
 Times, with C{timeit}, the steps the pool runs for one request with a 20 KB
 prompt (a chat with a long system prompt, and a plain completion): deriving

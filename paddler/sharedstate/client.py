@@ -38,9 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from paddler.shared.errors import StoreTimeout, StoreUnavailable
-from paddler.shared.resp import (
-    ConnectionLost,
+from paddler.sharedstate.errors import StoreTimeout, StoreUnavailable
+from paddler.sharedstate.resp import (
+    RedisConnectionLost,
     NoScriptError,
     RedisError,
     RedisProtocol,
@@ -395,7 +395,7 @@ class _Link(Service):
                 raise StoreTimeout(
                     f"Redis did not answer {command} within {timeout * 1000:.0f} ms"
                 )
-            if failure.check(ConnectionLost):
+            if failure.check(RedisConnectionLost):
                 raise StoreUnavailable(str(failure.value))
             return failure
 

@@ -31,7 +31,7 @@ class NoFreeSlot(StoreError):
     """No candidate has a free slot and waiting is disabled (C{max_waiting=0})."""
 
 
-class BufferFull(StoreError):
+class SharedBufferFull(StoreError):
     """No candidate has a free slot and the fleet-wide buffer holds C{max_waiting} waiters."""
 
 

@@ -6,7 +6,7 @@ the chunks again for its client. This client writes a request in one
 C{write}, parses the response head once, and hands the body over either
 as it arrived on the wire (L{UpstreamResponse.deliver} with C{raw=True}:
 chunk framing included, so the proxy forwards it to an HTTP/1.1 client as
-is) or decoded. Either way a L{paddler.web.http1.BodyScanner} finds the
+is) or decoded. Either way a L{paddler.upstream.http1.BodyScanner} finds the
 exact end of the body, so a connection whose answer ended cleanly goes
 back to the pool.
 
@@ -20,7 +20,7 @@ Reuse and retries (docs/reliability.md, "Upstream framing"):
  - a connection goes back to the pool only when its answer ended exactly
    (its length, or the last chunk and the trailers' empty line), with no
    byte behind it, on a head whose framing was unambiguous
-   (L{paddler.web.http1.parse_head} refuses the rest);
+   (L{paddler.upstream.http1.parse_head} refuses the rest);
  - a pooled connection is always reading: a byte that arrives while it is
    idle closes it, and before a request is written on a kept-alive
    connection its socket is peeked, so bytes (or a close) that arrived but
@@ -53,9 +53,9 @@ from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, 
 from zope.interface import implementer
 
 from paddler.interfaces import IUpstreamBody, IUpstreamClient
-from paddler.web import flush
-from paddler.web.endpoints import CachingEndpointFactory
-from paddler.web.http1 import (
+from paddler import flush
+from paddler.upstream.endpoints import CachingEndpointFactory
+from paddler.upstream.http1 import (
     MAX_HEAD,
     BodyScanner,
     ChunkedScanner,
@@ -558,7 +558,7 @@ class _Whole:
         self.size += len(data)
         if self.size > self.limit:
             if not self.d.called:
-                from paddler.web.body import BodyTooLarge
+                from paddler.upstream.body import BodyTooLarge
 
                 self.d.errback(BodyTooLarge(f"body larger than {self.limit} bytes"))
             self.response.abort()

@@ -1,6 +1,6 @@
-"""The shared slot store on Redis: the Lua scripts of L{paddler.shared.scripts}
-run through L{paddler.shared.client.RedisClient}, grant hints through
-L{paddler.shared.client.RedisSubscriber}."""
+"""The shared slot store on Redis: the Lua scripts of L{paddler.sharedstate.scripts}
+run through L{paddler.sharedstate.client.RedisClient}, grant hints through
+L{paddler.sharedstate.client.RedisSubscriber}."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from paddler.shared.client import (
+from paddler.sharedstate.client import (
     LinkState,
     RedisAddress,
     RedisClient,
     RedisSubscriber,
     parse_state_url,
 )
-from paddler.shared.errors import InvalidArgument
+from paddler.sharedstate.errors import InvalidArgument
 from paddler.interfaces import ISlotStore
-from paddler.shared.scripts import KEY_NAMES, SCRIPTS, key_names
-from paddler.shared.store import SlotStoreBase
+from paddler.sharedstate.scripts import KEY_NAMES, SCRIPTS, key_names
+from paddler.sharedstate.store import SlotStoreBase
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]*\{[A-Za-z0-9_.:-]+\}[A-Za-z0-9_.:-]*")
 
@@ -36,7 +36,7 @@ class RedisSlotStore(SlotStoreBase):
     owner's grant channel and runs the renew, poll and reap loops.
 
     Every call has a deadline of C{timeout} seconds. While Redis is down,
-    calls fail at once with L{paddler.shared.errors.StoreUnavailable} and
+    calls fail at once with L{paddler.sharedstate.errors.StoreUnavailable} and
     releases are kept for later; C{is_up} says which.
     """
 

@@ -86,8 +86,8 @@ def cap_explained(cap: int, limit: int | None, per_connection: int = 3) -> str:
 
 
 def limits_for(config: Any, open_files: int | None) -> Any:
-    """The L{paddler.web.channel.ClientLimits} of a balancer configuration, its cap fitted to C{open_files}."""
-    from paddler.web.channel import ClientLimits
+    """The L{paddler.server.channel.ClientLimits} of a balancer configuration, its cap fitted to C{open_files}."""
+    from paddler.server.channel import ClientLimits
 
     return ClientLimits(
         header_timeout=config.header_timeout,

@@ -1,7 +1,7 @@
 """The shared slot store in memory, for tests with a C{Clock} and no Redis.
 
 L{MemorySlotState} plays Redis: it runs the same operations as the Lua
-scripts of L{paddler.shared.scripts}, with the same arguments (as strings),
+scripts of L{paddler.sharedstate.scripts}, with the same arguments (as strings),
 the same checks and the same replies, on Python dicts, with C{clock} as the
 one clock. L{MemorySlotStore} is one balancer process's view of it (the same
 L{SlotStoreBase} as the Redis store). The contract tests run against both.
@@ -17,10 +17,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from paddler.shared.errors import StoreUnavailable
+from paddler.sharedstate.errors import StoreUnavailable
 from paddler.interfaces import ISlotStore
-from paddler.shared.resp import RedisError
-from paddler.shared.scripts import (
+from paddler.sharedstate.resp import RedisError
+from paddler.sharedstate.scripts import (
     DROP_BUDGET,
     MAX_BATCH,
     MAX_CANDIDATES,
@@ -34,7 +34,7 @@ from paddler.shared.scripts import (
     MAX_WAITERS,
     MIN_TTL_MS,
 )
-from paddler.shared.store import SlotStoreBase
+from paddler.sharedstate.store import SlotStoreBase
 
 _ID = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 _INT = re.compile(r"-?[0-9]+")
