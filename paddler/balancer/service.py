@@ -63,18 +63,16 @@ class BalancerService(MultiService):
         self.stats = stats
         self.proxy = proxy
         self.shutdown_timeout = shutdown_timeout
-        self.proxy_listener = proxy_listener
+        self.probes, self.registry = probes, registry
         self.management_listener: ListeningService | None = None
-        self.probes = probes
-        self.registry = registry
+        self.proxy_listener = proxy_listener
         self.reloader: Callable[[], list[str]] | None = None
-        self.on_signal = on_signal
         #: Run when stopping begins, beside the drain (the workers of --workers stop at once too).
         self.on_stopping: list[Callable[[], Deferred[Any]]] = []
+        self.on_signal = on_signal
         self.stopping = False
-        self.instance_id = instance_id
-        self.body_memory = body_memory
         self.sites: list[Any] = list(sites or ())
+        self.instance_id, self.body_memory = instance_id, body_memory
         #: Signal handlers to install at start (default: SIGHUP reloads); --workers sets its own.
         self.signal_handlers: dict[int, Callable[[], object]] = {}
         #: vets upstream URLs (paddler.fleet.addresses), set by the composition root
