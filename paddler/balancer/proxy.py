@@ -600,7 +600,10 @@ class ProxyResource(Resource):
             and request.clientproto == b"HTTP/1.1"
             and request.method != b"HEAD"
         )
-        relay.start(response, raw)
+        # an event stream that takes no slot (/models/sse) may say nothing for long: its client
+        # needs the head now; a generation's stream keeps its head until its first byte (a 502
+        # instead of a broken stream when the upstream fails before it)
+        relay.start(response, raw, head_now=not exchange.takes_slot and _is_event_stream(response.headers))
         try:
             await relay.done
         except UpstreamIdleTimeout as e:
@@ -679,6 +682,14 @@ class ProxyResource(Resource):
 #: Response headers not relayed: hop-by-hop ones, and the length of a chunked answer (RFC 9112 6.3).
 _NOT_RELAYED = HOP_BY_HOP
 _NOT_RELAYED_CHUNKED = HOP_BY_HOP | {b"content-length"}
+
+
+def _is_event_stream(headers: Any) -> bool:
+    """Whether an answer's Content-Type is C{text/event-stream}."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 def _response_head(response: Any) -> ResponseHead:
