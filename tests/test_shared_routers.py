@@ -149,3 +149,46 @@ def test_a_model_loaded_on_one_router_is_seen_loaded_by_both_balancers(world) ->
     for balancer in balancers:
         assert balancer.child(url, "beta").model_state == "loaded"
         assert balancer.child(url, "beta").slots_total == 2
+
+
+def test_requests_waiting_through_the_store_for_a_model_loaded_nowhere_get_it_placed_once(world) -> None:
+    """--model-placement at both balancers, nothing autoloads: two clients ask A and two ask
+    B for gamma, loaded nowhere (their requests wait through the store, with no upstream that
+    may take them yet); gamma is loaded once in the fleet and all four get gamma's slots."""
+    from paddler.fleet.placement import ModelPlacement
+
+    clock, hosts, balancers, step = world
+    placements = []
+    for balancer in balancers:
+        balancer.pool.model_placement = True
+        prober = balancer.prober.prober
+
+        def post(router: Upstream, path: str, body: dict[str, Any]) -> Any:
+            response = hosts[router.url].client.post(path, body).response
+            return succeed((response.status, response.body))
+
+        def probe_now(router: Upstream, prober: Any = prober) -> Any:
+            return prober.probe(router)
+
+        placement = ModelPlacement(balancer.pool, clock, post, probe_now, interval=0.5, min_residency=30.0,
+                                   load_timeout=10.0, claims=balancer.store)
+        placement.startService()
+        placements.append(placement)
+    step(times=2)
+    asked = [balancers[i % 2].pool.acquire("gamma") for i in range(4)]
+    step(times=12)
+    assert sum(h.router.models["gamma"].loads for h in hosts.values()) == 1
+    served = [d for d in asked if d.called]
+    assert len(served) == 2, "gamma's two slots"
+    for d in served:
+        d.result.release()
+    step(times=2)
+    assert all(d.called for d in asked), "the other two get the slots given back"
+    assert {d.result.upstream.router_model for d in asked} == {"gamma"}
+    assert sum(h.router.models["gamma"].loads for h in hosts.values()) == 1
+    assert sum(sum(p.loads_total.values()) for p in placements) == 1
+    for d in asked:
+        if d not in served:
+            d.result.release()
+    for placement in placements:
+        placement.stopService()

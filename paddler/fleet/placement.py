@@ -168,7 +168,7 @@ class ModelPlacement(Service):
 
     def _place(self) -> None:
         waiting: dict[str, int] = {}
-        for name, count in self.pool.buffered_by_model(local_only=True).items():
+        for name, count in self.pool.waiting_here_by_model().items():
             # a request may name a model by one of its router's aliases: count it for the model
             served = next((u.router_model for u in self.pool.upstreams.values()
                            if u.router_model is not None and name and u.serves(name)), None)

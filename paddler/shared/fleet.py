@@ -354,7 +354,7 @@ class SharedFleet(Service):
             if remaining <= 0:
                 raise pool.buffer_timeout_error()
             if not candidates:
-                await self._wait_for_candidates(remaining)
+                await self._wait_for_candidates(remaining, model)
                 continue
             request_id = f"{self.store.owner}.{next(self._ids)}"
             try:
@@ -403,10 +403,20 @@ class SharedFleet(Service):
         self.pool.notify("changed", upstream)
         return lease
 
-    async def _wait_for_candidates(self, remaining: float) -> None:
+    def waiting_by_model(self) -> dict[str, int]:
+        """This process's requests waiting through the store (in its FIFO, or for an upstream
+        that may take them, as for a model loaded nowhere), per model ("" for none)."""
+        counts: dict[str, int] = {}
+        for waiter in self.store.waiters.values():
+            counts[waiter.model or ""] = counts.get(waiter.model or "", 0) + 1
+        for _, model in self._homeless:
+            counts[model or ""] = counts.get(model or "", 0) + 1
+        return counts
+
+    async def _wait_for_candidates(self, remaining: float, model: str | None = None) -> None:
         """No upstream may take the request yet (scale from zero): wait until one may, or the deadline."""
         waiting: Deferred[None] = Deferred()
-        entry = (waiting, None)
+        entry = (waiting, model)
         self._homeless.append(entry)
         timer = self.clock.callLater(remaining, lambda: None if waiting.called else waiting.callback(None))
         try:
