@@ -476,6 +476,7 @@ def makeBalancerService(
             pool, reactor, json_poster(upstream_client, config.llamacpp_api_key), top.probes.probe_now,
             events, interval=min(0.5, config.probe_interval), min_residency=config.model_min_residency,
             load_timeout=config.model_load_timeout, replicas_max=config.model_replicas_max,
+            claims=pool.shared.store if pool.shared is not None else None,
         )
         placement.setServiceParent(top)
         metrics.collector.extra.append(placement.metrics)

@@ -475,6 +475,15 @@ class UpstreamPool:
             counts[""] = counts.get("", 0) + self.shared.requests_waiting
         return counts
 
+    def waiting_here_by_model(self) -> dict[str, int]:
+        """This process's requests waiting for a slot per model: in its buffer and, with
+        shared state, through the store (its FIFO, or for an upstream that may take them)."""
+        counts = self.buffered_by_model(local_only=True)
+        if self.shared is not None:
+            for key, waiting in self.shared.waiting_by_model().items():
+                counts[key] = counts.get(key, 0) + waiting
+        return counts
+
     def hand_waiters_over(self, acquire: Callable[[str | None, frozenset[str], Any, float], Deferred[Lease]]) -> int:
         """
         Give the requests waiting here to C{acquire} (the shared store answers
