@@ -382,10 +382,12 @@ class UpstreamPool:
         self.notify("changed", upstream)
         return lease
 
-    def pick_any(self, exclude: Iterable[str] = (), model: str | None = None) -> Upstream | None:
+    def pick_any(
+        self, exclude: Iterable[str] = (), model: str | None = None, routers_only: bool = False
+    ) -> Upstream | None:
         """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...), one
-        serving C{model} when it names one."""
-        candidates = self.eligible(model, exclude)
+        serving C{model} when it names one; with C{routers_only}, a router-mode server itself."""
+        candidates = [] if routers_only else self.eligible(model, exclude)
         if model is None:
             # A router answers what names no model itself (/props, /models, CORS preflights,
             # /tools): it is a candidate too, and the only one while it lists no model.
