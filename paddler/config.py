@@ -187,6 +187,14 @@ class BalancerConfig:
         300.0, "Seconds to wait for an upstream's response headers.", seconds(), reload="proxy"
     )
     idle_timeout: float = setting(60.0, "Seconds a response may stay silent mid-body.", seconds(), reload="proxy")
+    upstream_keepalive: int = setting(
+        64,
+        "Idle kept-alive connections the proxy keeps per upstream. 0: a new connection for every "
+        "request, so no connection ever carries two clients' requests and an upstream's stray bytes "
+        "can never reach another client (docs/reliability.md#known-limits), at a connect per request.",
+        count(0, 4096),
+        reload="restart",
+    )
     relay_passthrough: bool = setting(
         True,
         "Relay chunked answers to HTTP/1.1 clients as received, without decoding and "

@@ -332,7 +332,7 @@ def makeBalancerService(
     upstream_client = UpstreamClient(
         reactor,
         connect_timeout=min(10.0, config.upstream_timeout),
-        max_idle_per_host=64,
+        max_idle_per_host=config.upstream_keepalive,
         idle_timeout=CACHED_CONNECTION_TIMEOUT,
     )
     proxy = ProxyResource(

@@ -34,7 +34,8 @@ class SimulatedRouterHost:
 
     def __init__(self, clock: Clock, url: str, **settings: Any) -> None:
         settings.setdefault("load_seconds", 0.5)
-        site = router_site(clock, RouterConfig(models=("alpha", "beta", "gamma"), **settings),
+        settings.setdefault("models", ("alpha", "beta", "gamma"))
+        site = router_site(clock, RouterConfig(**settings),
                            SimulatorConfig(slots=2, n_ctx=512, tokens_per_second=10.0))
         self.client = MemoryHTTPClient(site)
         assert isinstance(site, RouterSite)
@@ -554,3 +555,27 @@ def test_an_unloaded_model_counts_the_slots_it_had_or_the_routers_largest(hosts,
     observe_router(pool, parent, host.read())
     assert {c.router_model: c.slots_total for c in children_of(pool.upstreams.values(), parent)} == {
         "alpha": 2, "beta": 2, "gamma": 2}
+
+
+def test_requests_naming_no_model_reach_a_router_even_one_that_lists_no_model(hosts, clock: Clock) -> None:
+    """A request that takes no slot and names no model (/props, CORS preflight, /tools) may go to a
+    router itself, which answers it; with two routers that list no model at all, it still finds
+    one (it got 503 "no healthy upstream" before), and never a draining or unreachable one."""
+    pool = make_pool(clock)
+    parents = []
+    for url in ("http://10.0.0.1:8080", "http://10.0.0.2:8080"):
+        host = hosts(url, models=())
+        parent = pool.add(Upstream(host.url, clock=clock))
+        observe_router(pool, parent, host.read())
+        parents.append(parent)
+    assert all(p.role == "router" for p in parents) and len(pool.upstreams) == 2
+    first, second = pool.pick_any(), pool.pick_any()
+    assert {first.id, second.id} == {p.id for p in parents}  # both routers take turns
+    assert pool.pick_any(model="alpha") is None  # a model nobody serves: no router is guessed
+    pool.drain(parents[0].id)
+    pool.observe(parents[1], FailureSeen("connection refused", unreachable_after=1))
+    assert pool.pick_any() is None
+    # with models, their children (idle slots) come first, in turn, as before
+    pool2, _, parents2 = two_routers(hosts, clock)
+    picked = [pool2.pick_any() for _ in range(6)]
+    assert len({u.id for u in picked}) == 6 and all(u.role != "router" for u in picked)

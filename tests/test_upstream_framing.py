@@ -189,3 +189,45 @@ async def test_a_post_the_upstream_read_and_then_reset_is_not_sent_again(hostile
 def test_the_late_shapes_are_the_ones_with_a_delay():
     """The shapes whose extra bytes come late are listed as such (docs/reliability.md explains them)."""
     assert LATE_SHAPES <= set(SHAPES)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_keep_alive_a_late_write_never_reaches_another_client(hostile, logged):
+    """--upstream-keepalive 0 (max_idle_per_host=0, as paddler.tap builds it then): every request has
+    a connection of its own, so an upstream's late bytes, even its first, reach no other request —
+    two clients at once, each late shape followed at once by a normal request."""
+    client = UpstreamClient(reactor, connect_timeout=5.0, max_idle_per_host=0,
+                            idle_timeout=CACHED_CONNECTION_TIMEOUT)
+    origin = hostile.origin
+    try:
+        for shape in sorted(LATE_SHAPES):
+            before = len(hostile.requests)
+            pairs = await defer.gatherResults([
+                defer.ensureDeferred(ask(client, origin, shape)),
+                defer.ensureDeferred(ask(client, origin, shape)),
+            ])
+            follow = await defer.gatherResults([
+                defer.ensureDeferred(ask(client, origin, "normal")),
+                defer.ensureDeferred(ask(client, origin, "normal")),
+            ])
+            assert [verdict for _, verdict in follow] == ["own", "own"], shape
+            assert all(verdict in ("own", "own_cut", "502") for _, verdict in pairs), (shape, pairs)
+            assert len(hostile.requests) == before + 4  # one connection per request
+            assert client._hosts[origin].idle == []
+        await pause(DELAY * 3)  # the late bytes land on connections already closed
+    finally:
+        await client.close()
+    assert not [e for e in logged if e.get("log_failure") is not None]
+
+
+def test_the_keepalive_setting_reaches_the_proxys_upstream_client():
+    """--upstream-keepalive N is the proxy's upstream client's max_idle_per_host (64 by default)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler.config import BalancerConfig
+    from paddler.tap import makeBalancerService
+
+    for keep, expected in ((None, 64), (0, 0), (7, 7)):
+        config = BalancerConfig() if keep is None else BalancerConfig(upstream_keepalive=keep)
+        service = makeBalancerService(config, MemoryReactorClock())
+        assert service.proxy._client.max_idle_per_host == expected

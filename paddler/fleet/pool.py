@@ -16,7 +16,7 @@ from paddler.config import BalancerConfig
 from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, ShuttingDown
 from paddler.interfaces import ISlotChooser
 from paddler.fleet.routers import children_of, prefer_loaded
-from paddler.fleet.upstream import Observation, SlotsSeen, Upstream
+from paddler.fleet.upstream import Observation, SlotsSeen, Upstream, UpstreamState
 from paddler.routing.speed import DecayingRate
 
 #: The longest Retry-After the balancer advises, in seconds.
@@ -386,6 +386,15 @@ class UpstreamPool:
         """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...), one
         serving C{model} when it names one."""
         candidates = self.eligible(model, exclude)
+        if model is None:
+            # A router answers what names no model itself (/props, /models, CORS preflights,
+            # /tools): it is a candidate too, and the only one while it lists no model.
+            excluded = set(exclude)
+            candidates += [
+                u for u in self.upstreams.values()
+                if u.role == "router" and u.state is UpstreamState.HEALTHY and not u.draining
+                and u.id not in excluded
+            ]
         if not candidates:
             return None
         upstream = max(candidates, key=lambda u: (u.slots_idle, -u.last_chosen))
