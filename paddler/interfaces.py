@@ -142,6 +142,18 @@ class ISlotStore(Interface):
     def probe_mark():  # type: ignore[no-untyped-def]
         """Take before sending a probe; pass to L{reading}. Fires with an int."""
 
+    def claim_placement(model, server_id, victim_id, hold, residency):  # type: ignore[no-untyped-def]
+        """
+        Claim the loading of C{model} on server C{server_id} (a router's child
+        upstream), evicting C{victim_id} or nothing (None). Fires with True when
+        this owner may load it; False when another owner places the model now or
+        the victim was placed less than C{residency} seconds ago. The claim
+        lasts C{hold} seconds unless finished.
+        """
+
+    def finish_placement(model, hold=0.0):  # type: ignore[no-untyped-def]
+        """End this owner's claim on C{model} at once or C{hold} seconds from now. Fires with a bool."""
+
     def reading(server_id, total, busy, mark, generation=None):  # type: ignore[no-untyped-def]
         """
         An absolute slot reading: C{total} slots, C{busy} processing (or

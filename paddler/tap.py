@@ -583,6 +583,7 @@ def _build_observing(
             pool, reactor, json_poster(core.upstream_client, config.llamacpp_api_key), probing.probes.probe_now,
             events, interval=min(0.5, config.probe_interval), min_residency=config.model_min_residency,
             load_timeout=config.model_load_timeout, replicas_max=config.model_replicas_max,
+            claims=pool.shared.store if pool.shared is not None else None,
         )
         services.append(placement)
         metrics.collector.extra.append(placement.metrics)

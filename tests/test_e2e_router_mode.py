@@ -249,3 +249,24 @@ def test_a_router_killed_mid_load_the_request_is_served_by_the_other_and_it_come
                 and upstreams["first/beta"]["model_state"] == "unloaded")
 
     wait_for(first_back, 20, "the first router back, beta unloaded there")
+
+
+def test_router_management_of_models_the_fleet_does_not_list_goes_to_a_router(procs: Processes) -> None:
+    """Two router-mode simulators: ``POST /models/load`` and ``/models/unload`` naming a model no router
+    lists get the router's own answer (llama.cpp's router decides: a download, a file not rescanned
+    yet), not the balancer's OpenAI-style 404; ``GET /models?reload=1`` is the router's own answer
+    too (it rescans its models), while a plain ``/models`` stays the fleet's."""
+    first, second = router_sim(procs), router_sim(procs)
+    _, proxy, _ = procs.balancer("--upstream", first, "--upstream", second, "--probe-interval", "0.2")
+    wait_for(lambda: get_json(proxy, "/health")["upstreams"]["healthy"] >= 6, 20, "6 model upstreams healthy")
+    for path in ("/models/load", "/models/unload"):
+        direct = post(first, path, {"model": "nope"})
+        through = post(proxy, path, {"model": "nope"})
+        assert (through.status, through.body) == (direct.status, direct.body), (path, through)
+    # a chat for an unknown model is still the balancer's 404 model_not_found
+    unknown = chat(proxy, "nope")
+    assert unknown.status == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    reloaded = get_json(proxy, "/models?reload=1")
+    assert reloaded == get_json(first, "/models?reload=1") or reloaded == get_json(second, "/models?reload=1")
+    fleet = get_json(proxy, "/models")
+    assert {m["id"] for m in fleet["data"]} == {"alpha", "beta", "gamma"}

@@ -22,11 +22,15 @@ from .test_router_fleet import SimulatedRouterHost
 class PlacementFleet:
     """Routers simulated in memory, a pool with placement on, and the placement service."""
 
-    def __init__(self, clock: Clock, count: int = 2, replicas_max: int = 1, **settings: Any) -> None:
+    def __init__(self, clock: Clock, count: int = 2, replicas_max: int = 1, hosts: Any = None,
+                 claims: Any = None, **settings: Any) -> None:
         self.clock = clock
         self.pool = make_pool(clock, max_buffered=20, timeout=60.0)
         self.pool.model_placement = True
-        self.hosts = [SimulatedRouterHost(clock, f"http://10.0.0.{i + 1}:8080", **settings) for i in range(count)]
+        self.owns_hosts = hosts is None
+        self.hosts = hosts if hosts is not None else [
+            SimulatedRouterHost(clock, f"http://10.0.0.{i + 1}:8080", **settings) for i in range(count)
+        ]
         self.routers = [self.pool.add(Upstream(h.url, name=f"gpu-{i + 1}", clock=clock))
                         for i, h in enumerate(self.hosts)]
         for router in self.routers:
@@ -35,7 +39,7 @@ class PlacementFleet:
         self.placement = ModelPlacement(
             self.pool, clock, self.post, self.probe_now, self.events,
             interval=0.5, min_residency=30.0, load_timeout=10.0, replicas_max=replicas_max,
-            poll_interval=0.25,
+            poll_interval=0.25, claims=claims,
         )
         self.placement.startService()
 
@@ -65,7 +69,7 @@ class PlacementFleet:
     def close(self) -> None:
         self.placement.stopService()
         self.pool.stop()
-        for host in self.hosts:
+        for host in self.hosts if self.owns_hosts else ():
             host.close()
 
 

@@ -381,3 +381,27 @@ def test_anthropic_messages_take_a_slot_and_wait_in_the_buffer_like_chat(request
             held.request.finish()
     assert [h.result(d).code for d in responses] == [200, 200, 200]
     assert a.in_flight == b.in_flight == 0
+
+
+def test_an_event_stream_that_takes_no_slot_gets_its_head_before_any_event(harness):
+    """GET /models/sse (llama-server's router mode) answers its head and then nothing until a model
+    changes state: two clients through the proxy each get the 200 head at once, then the events as
+    they come; a generation stream still waits for its first byte (tested above)."""
+    fake, upstream = harness.add_fake(hold=True)
+    responses = [harness.get("/models/sse"), harness.get("/models/sse")]
+    helds = [harness.held(fake), harness.held(fake)]
+    for held in helds:
+        held.start_stream()  # the head only
+    answers = [harness.result(d) for d in responses]
+    for response in answers:
+        assert response.code == 200
+        assert response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]
+    chunks = [Chunks(), Chunks()]
+    for response, sink in zip(answers, chunks):
+        response.deliverBody(sink)
+    helds[1].send(b'data: {"event":"model_status"}\n\n')
+    harness.flush()
+    assert chunks[0].chunks == [] and chunks[1].chunks == [b'data: {"event":"model_status"}\n\n']
+    for held in helds:
+        held.finish()
+    assert [harness.result(sink.done) for sink in chunks] == [b"", b'data: {"event":"model_status"}\n\n']

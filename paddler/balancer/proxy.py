@@ -47,7 +47,7 @@ from paddler.errors import (
     json_response as _json,
     outcome_of,
 )
-from paddler.fleet.models import fleet_models, is_multi_model, parse_model_aliases, resolve_model
+from paddler.fleet.models import ModelNotFound, fleet_models, is_multi_model, parse_model_aliases, resolve_model
 from paddler.fleet.pool import Lease, UpstreamPool
 from paddler.interfaces import IBoundedRequest, IUpstreamClient
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, Upstream
@@ -178,7 +178,7 @@ class Exchange:
 
     __slots__ = (
         "request", "body", "started", "takes_slot", "model", "streaming", "demand",
-        "stage", "client_gone", "recorded", "pinned",
+        "stage", "client_gone", "recorded", "pinned", "routers_only",
     )
 
     def __init__(self, request: server.Request, body: bytes, started: float) -> None:
@@ -194,6 +194,8 @@ class Exchange:
         self.recorded = False
         #: it names one server's slots (C{/slots...}, C{id_slot}): only the slot home serves it
         self.pinned = False
+        #: it manages a model the fleet does not list (router-mode paths): only a router serves it
+        self.routers_only = False
 
     @property
     def path(self) -> str:
@@ -281,7 +283,8 @@ class ProxyResource(Resource):
             return self._render_slots(request)
         if self.stopping:
             return self._shutting_down(request, started)
-        if path in (b"/v1/models", b"/models") and request.method in (b"GET", b"HEAD"):
+        if path in (b"/v1/models", b"/models") and request.method in (b"GET", b"HEAD") and not request.args:
+            # with a query (``?reload=1``: a router rescans its models) the router answers itself
             if is_multi_model(self._pool.upstreams.values()):
                 self.stats.record(200, 0.0, path=path.decode("latin-1"))
                 return _json(request, 200, fleet_models(self._pool.upstreams.values(), int(self._clock.seconds())))
@@ -343,8 +346,16 @@ class ProxyResource(Resource):
                 parsed = None
             if isinstance(parsed, dict):
                 given = request_model(parsed)
-        if given is not None:
+        if given is None:
+            return
+        try:
             exchange.model = resolve_model(self._pool.upstreams.values(), given, self.config.model_aliases)
+        except ModelNotFound:
+            if request.path not in ROUTER_MANAGEMENT_PATHS:
+                raise
+            # a model the fleet does not list yet (POST /models downloads one, DELETE /models removes
+            # one): a router decides
+            exchange.routers_only = True
 
     def _shutting_down(self, request: server.Request, started: float) -> bytes:
         error = ShuttingDown(
@@ -398,7 +409,9 @@ class ProxyResource(Resource):
                 lease = await self._pool.acquire(exchange.model, exclude=exclude, demand=exchange.demand)
                 upstream = lease.upstream
             else:
-                picked = home or self._pool.pick_any(exclude=tried, model=exchange.model)
+                picked = home or self._pool.pick_any(
+                    exclude=tried, model=exchange.model, routers_only=exchange.routers_only
+                )
                 if picked is None:
                     if tried:
                         break
@@ -600,7 +613,10 @@ class ProxyResource(Resource):
             and request.clientproto == b"HTTP/1.1"
             and request.method != b"HEAD"
         )
-        relay.start(response, raw)
+        # an event stream that takes no slot (/models/sse) may say nothing for long: its client
+        # needs the head now; a generation's stream keeps its head until its first byte (a 502
+        # instead of a broken stream when the upstream fails before it)
+        relay.start(response, raw, head_now=not exchange.takes_slot and _is_event_stream(response.headers))
         try:
             await relay.done
         except UpstreamIdleTimeout as e:
@@ -679,6 +695,19 @@ class ProxyResource(Resource):
 #: Response headers not relayed: hop-by-hop ones, and the length of a chunked answer (RFC 9112 6.3).
 _NOT_RELAYED = HOP_BY_HOP
 _NOT_RELAYED_CHUNKED = HOP_BY_HOP | {b"content-length"}
+
+
+#: llama-server router-mode paths that manage models: their ``model`` may be one the fleet does
+#: not list (being downloaded, removed, or in a models directory not rescanned yet).
+ROUTER_MANAGEMENT_PATHS = frozenset({b"/models", b"/models/load", b"/models/unload"})
+
+
+def _is_event_stream(headers: Any) -> bool:
+    """Whether an answer's Content-Type is C{text/event-stream}."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 def _response_head(response: Any) -> RelayedHead:

@@ -102,13 +102,17 @@ class Relay:
         self._raw_chunked = False
         self.done: Deferred[None] = Deferred(self._cancel)
 
-    def start(self, body: Any, raw: bool = False) -> None:
-        """Relay C{body} (an L{IUpstreamBody}); C{raw} only where the client takes the upstream's framing as it is."""
+    def start(self, body: Any, raw: bool = False, head_now: bool = False) -> None:
+        """Relay C{body} (an L{IUpstreamBody}); C{raw} only where the client takes the upstream's framing
+        as it is. C{head_now}: write the head at once, not with the first byte of the body (an event
+        stream that may stay silent until something happens, like llama-server's C{/models/sse})."""
         self._body = body
         self._raw_chunked = raw and body.framing == "chunked"
         _no_delay(self._request)
         if self._request.producer is not self:
             self._request.registerProducer(self, True)
+        if head_now:
+            self._write_head()
         self._arm()
         body.deliver(self, raw)
 

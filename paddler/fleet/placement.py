@@ -18,6 +18,15 @@ at the models requests wait for:
   router until its ``/models`` says ``loaded`` (the waiting requests are then
   handed its slots by the pool) or ``failed``, within C{load_timeout}.
 
+With shared state (C{claims}: the L{paddler.interfaces.ISlotStore} of
+``--state``) every load is first claimed in the store: one balancer at a time
+places a model (the claim lasts the load, and C{settle} seconds after it, so
+the others read the model loaded before they could place it again), and the
+store refuses to evict a model placed there, by any balancer, less than
+C{min_residency} seconds ago. A refused claim is the other balancer's load:
+this one waits. A store that does not answer (within C{claim_timeout}) does
+not stop placement: the load goes ahead on this balancer's view alone.
+
 Every decision is logged and goes to the event log (``model_load`` entries:
 model, upstream, evicted model and how long it was idle, outcome, seconds)
 and to ``paddler_model_loads_total{model,upstream,outcome}``.
@@ -68,6 +77,7 @@ class _Load:
     victim_idle: float | None
     started: float
     running: Deferred[Any] | None = None
+    claimed: bool = False
 
 
 class ModelPlacement(Service):
@@ -94,6 +104,9 @@ class ModelPlacement(Service):
         load_timeout: float = 300.0,
         replicas_max: int = 1,
         poll_interval: float = 0.25,
+        claims: Any = None,
+        settle: float = 5.0,
+        claim_timeout: float = 1.0,
     ) -> None:
         self.pool = pool
         self.clock = clock
@@ -105,6 +118,9 @@ class ModelPlacement(Service):
         self.load_timeout = load_timeout
         self.replicas_max = replicas_max
         self.poll_interval = poll_interval
+        self.claims = claims
+        self.settle = settle
+        self.claim_timeout = claim_timeout
         self.loading: dict[str, _Load] = {}
         #: (model, upstream name, outcome) -> loads: ``loaded``, ``failed``, ``refused``, ``timeout``.
         self.loads_total: dict[tuple[str, str, str], int] = {}
@@ -152,7 +168,7 @@ class ModelPlacement(Service):
 
     def _place(self) -> None:
         waiting: dict[str, int] = {}
-        for name, count in self.pool.buffered_by_model(local_only=True).items():
+        for name, count in self.pool.waiting_here_by_model().items():
             # a request may name a model by one of its router's aliases: count it for the model
             served = next((u.router_model for u in self.pool.upstreams.values()
                            if u.router_model is not None and name and u.serves(name)), None)
@@ -178,7 +194,10 @@ class ModelPlacement(Service):
                     )
                 continue
             self._unplaceable.discard(model)
-            self._start(model, *choice)
+            if self.claims is None:
+                self._start(model, *choice)
+            else:
+                self._claim(model, *choice)
 
     def _choose(
         self, copies: list[Upstream], waiting: dict[str, int]
@@ -216,10 +235,48 @@ class ModelPlacement(Service):
 
     # -- loading ----------------------------------------------------------
 
-    def _start(self, model: str, router: Upstream, child: Upstream, victim: Upstream | None) -> None:
+    def _claim(self, model: str, router: Upstream, child: Upstream, victim: Upstream | None) -> None:
+        """Claim the load in the shared store, then start it (or leave it to the other balancer)."""
+        now = self.clock.seconds()
+        pending = _Load(model, router, child, victim.router_model if victim else None, None, now)
+        self.loading[model] = pending  # no second claim from here meanwhile
+        d = self.claims.claim_placement(
+            model, child.id, victim.id if victim is not None else None,
+            self.load_timeout + self.settle, self.min_residency,
+        )
+        d.addTimeout(self.claim_timeout, self.clock)
+        pending.running = d
+
+        def answered(granted: bool) -> None:
+            if self.loading.get(model) is pending:
+                del self.loading[model]
+            if granted:
+                self._start(model, router, child, victim, claimed=True)
+                return
+            self.log.info(
+                "model {model}: not placing it on {upstream}: another balancer places it now{victim}",
+                model=model, upstream=router.name,
+                victim="" if victim is None else
+                f", or {victim.router_model} was placed there less than {self.min_residency:g} s ago",
+            )
+
+        def failed(failure: Failure) -> None:
+            if self.loading.get(model) is pending:
+                del self.loading[model]
+            if failure.check(CancelledError):
+                return  # the service stopped
+            self.log.warn("model {model}: the shared store did not answer the placement claim ({why}); "
+                          "placing it on this balancer's view alone", model=model, why=describe_failure(failure))
+            self._start(model, router, child, victim)
+
+        d.addCallbacks(answered, failed)
+        d.addErrback(lambda f: self.log.failure("model placement claim", f))
+
+    def _start(self, model: str, router: Upstream, child: Upstream, victim: Upstream | None,
+               claimed: bool = False) -> None:
         now = self.clock.seconds()
         idle = None if victim is None else max(0.0, now - victim.last_used_at)
-        load = _Load(model, router, child, victim.router_model if victim else None, idle, now)
+        load = _Load(model, router, child, victim.router_model if victim else None, idle, now, claimed=claimed)
         self.loading[model] = load
         self.log.info(
             "placing model {model} on {upstream}{evicting}",
@@ -268,6 +325,8 @@ class ModelPlacement(Service):
             outcome, reason = "timeout", f"not loaded within {self.load_timeout:g} s"
         elif failure.check(CancelledError):  # the service stopped
             self.loading.pop(load.model, None)
+            if load.claimed and self.claims is not None:
+                self.claims.finish_placement(load.model, 0.0).addErrback(lambda _: None)
             return
         elif failure.check(PlacementError):
             outcome = "failed" if "load failed" in str(failure.value) else "refused"
@@ -278,6 +337,13 @@ class ModelPlacement(Service):
 
     def _done(self, load: _Load, outcome: str, reason: str | None) -> None:
         self.loading.pop(load.model, None)
+        if load.claimed and self.claims is not None:
+            # loaded: held a little longer, so the others read it loaded first; else free at once
+            finished = self.claims.finish_placement(load.model, self.settle if outcome == "loaded" else 0.0)
+            finished.addTimeout(self.claim_timeout, self.clock)
+            finished.addErrback(lambda f: self.log.warn(
+                "model {model}: ending the placement claim failed: {why}", model=load.model,
+                why=describe_failure(f)))
         seconds = self.clock.seconds() - load.started
         key = (load.model, load.router.name, outcome)
         self.loads_total[key] = self.loads_total.get(key, 0) + 1

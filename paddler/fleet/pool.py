@@ -433,10 +433,12 @@ class UpstreamPool:
         self.notify("changed", upstream)
         return lease
 
-    def pick_any(self, exclude: Iterable[str] = (), model: str | None = None) -> Upstream | None:
+    def pick_any(
+        self, exclude: Iterable[str] = (), model: str | None = None, routers_only: bool = False
+    ) -> Upstream | None:
         """An upstream for a request that takes no slot (``/v1/models``, ``/tokenize``...), one
-        serving C{model} when it names one."""
-        candidates = self.eligible(model, exclude)
+        serving C{model} when it names one; with C{routers_only}, a router-mode server itself."""
+        candidates = [] if routers_only else self.eligible(model, exclude)
         if model is None:
             # A router answers what names no model itself (/props, /models, CORS preflights,
             # /tools): it is a candidate too, and the only one while it lists no model.
@@ -529,6 +531,15 @@ class UpstreamPool:
         elsewhere = 0 if local_only else self.slots.requests_waiting
         if elsewhere:
             counts[""] = counts.get("", 0) + elsewhere
+        return counts
+
+    def waiting_here_by_model(self) -> dict[str, int]:
+        """This process's requests waiting for a slot per model: in its buffer and, with
+        shared state, through the store (its FIFO, or for an upstream that may take them)."""
+        counts = self.buffered_by_model(local_only=True)
+        if self.shared is not None:
+            for key, waiting in self.shared.waiting_by_model().items():
+                counts[key] = counts.get(key, 0) + waiting
         return counts
 
     def hand_waiters_over(self, acquire: Callable[[str | None, frozenset[str], Any, float], Deferred[Lease]]) -> int:

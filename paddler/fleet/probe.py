@@ -81,6 +81,8 @@ class HTTPProber:
         self.api_key = api_key
         #: Called with (upstream, reading) after each successful read (the shared fleet sends it on).
         self.on_reading: Callable[[Upstream, SlotReading], None] | None = None
+        #: Called with (router upstream, RouterReading) after each read of a router-mode server.
+        self.on_router_reading: Callable[[Upstream, RouterReading], None] | None = None
         self._caches: dict[str, SlotsCache] = {}
 
     def probe(self, upstream: Upstream) -> Deferred[Any]:
@@ -136,6 +138,8 @@ class HTTPProber:
     def _succeeded(self, upstream: Upstream, reading: SlotReading | RouterReading) -> bool:
         if isinstance(reading, RouterReading):
             observe_router(self._pool, upstream, reading)
+            if self.on_router_reading is not None:
+                self.on_router_reading(upstream, reading)
             return True
         if self.on_reading is not None:
             self.on_reading(upstream, reading)

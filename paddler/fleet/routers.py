@@ -29,7 +29,7 @@ from paddler.llamacpp.slots import RouterReading
 
 log = Logger()
 
-__all__ = ["child_id", "children_of", "forget_router", "observe_router", "prefer_loaded"]
+__all__ = ["child_id", "children_of", "forget_router", "new_child", "observe_router", "prefer_loaded"]
 
 
 def child_id(router_url: str, model: str) -> str:
@@ -42,7 +42,8 @@ def children_of(upstreams: Iterable[Upstream], parent: Upstream) -> list[Upstrea
     return [u for u in upstreams if u.parent_id == parent.id]
 
 
-def _new_child(parent: Upstream, model: str) -> Upstream:
+def new_child(parent: Upstream, model: str) -> Upstream:
+    """A new child upstream of router C{parent} for C{model} (not yet in a pool)."""
     child = Upstream(parent.url, name=f"{parent.name}/{model}", api_key=parent.api_key,
                      source="router", clock=parent._clock)
     child.id = child_id(parent.url, model)
@@ -59,12 +60,13 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
     """
     if pool.upstreams.get(parent.id) is not parent:
         return
+    shared = getattr(pool, "shared", None)
+    republish: list[Upstream] = []  # what the other balancers (--state) must hear of
     if parent.role != "router":
         log.info("upstream {name} ({url}) is a router-mode llama-server: {count} models",
                  name=parent.name, url=parent.url, count=len(reading.models))
-        if getattr(pool, "shared", None) is not None:
-            log.warn("upstream {name}: router-mode upstreams are not shared through --state yet; "
-                     "other balancers see only the router, not its models", name=parent.name)
+    if (parent.role, parent.max_instances, parent.autoload) != ("router", reading.max_instances, reading.autoload):
+        republish.append(parent)
     parent.role = "router"
     parent.max_instances = reading.max_instances
     parent.autoload = reading.autoload
@@ -78,10 +80,12 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
         listed.add(model.id)
         child = known.get(model.id)
         if child is None:
-            fresh = _new_child(parent, model.id)
+            fresh = new_child(parent, model.id)
             fresh.draining = parent.draining  # a draining router's new model drains too
             child = pool.add(fresh)
         previous = child.model_state
+        if previous != model.state or child.exit_code != model.exit_code:
+            republish.append(child)
         child.model_state = model.state
         child.exit_code = model.exit_code
         if previous != model.state:
@@ -107,6 +111,9 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
     for name, child in known.items():
         if name not in listed:
             pool.remove(child.id)
+    if shared is not None:
+        for upstream in republish:
+            shared.republish(upstream)
 
 
 def forget_router(pool: Any, parent: Upstream) -> None:

@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from paddler.errors import BufferingDisabled
 from paddler.fleet.pool import Lease, UpstreamPool
+from paddler.fleet.routers import child_id, new_child
 from paddler.fleet.upstream import (
     FailureSeen,
     LoadingSeen,
@@ -74,18 +75,31 @@ def rendezvous(owners: tuple[str, ...], upstream_id: str) -> str | None:
 
 
 def upstream_meta(upstream: Upstream) -> str:
-    """What other processes need to know of an upstream, as the store's server metadata."""
-    return json.dumps(
-        {
-            "url": upstream.url,
-            "name": upstream.name,
-            "source": upstream.source,
-            "state": upstream.state.value,
-            "error": (upstream.last_error or "")[:500],
-            "models": list(upstream.models)[:16],
-        },
-        separators=(",", ":"),
-    )
+    """What other processes need to know of an upstream, as the store's server metadata
+    (for a router-mode server: its role and limits; for one of its models: the router's
+    id, the model and its state)."""
+    meta: dict[str, Any] = {
+        "url": upstream.url,
+        "name": upstream.name,
+        "source": upstream.source,
+        "state": upstream.state.value,
+        "error": (upstream.last_error or "")[:500],
+        "models": list(upstream.models)[:16],
+    }
+    if upstream.role == "router":
+        meta.update(role="router", max_instances=upstream.max_instances, autoload=upstream.autoload)
+    if upstream.parent_id is not None:
+        meta.update(parent=upstream.parent_id, model=upstream.router_model, model_state=upstream.model_state,
+                    exit_code=upstream.exit_code, slots_when_loaded=upstream.slots_when_loaded)
+    return json.dumps(meta, separators=(",", ":"))
+
+
+def _meta_of(figures: Any) -> dict[str, Any]:
+    try:
+        meta = json.loads(figures.meta) if figures.meta else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 @implementer(ISlotSource)
@@ -261,10 +275,11 @@ class SharedFleet(Service):
         return math.ceil(upstream.slots_total / max(1, self.owners_seen))
 
     def probes(self, upstream: Upstream) -> bool:
-        """Whether this process is the one that probes C{upstream} (all of them while the store is down)."""
+        """Whether this process is the one that probes C{upstream} (all of them while the store is
+        down); a router's model is read with its router."""
         if not self.up or self.snapshot is None:
             return True
-        owner = rendezvous(self.snapshot.owner_ids, upstream.id)
+        owner = rendezvous(self.snapshot.owner_ids, upstream.parent_id or upstream.id)
         return owner is None or owner == self.store.owner
 
     def _pool_event(self, event: str, upstream: Upstream | None) -> None:
@@ -290,6 +305,11 @@ class SharedFleet(Service):
             self._register(upstream)
         if isinstance(observation, SlotsSeen) and observation.source == "agent":
             self.send_reading(upstream, observation.total, observation.processing, None)
+
+    def republish(self, upstream: Upstream) -> None:
+        """C{upstream}'s metadata changed (a router's role or a model's state): tell the store."""
+        if not self._syncing and upstream.id in self.pool.upstreams:
+            self._register(upstream)
 
     def _register(self, upstream: Upstream) -> None:
         self._known_in_store.add(upstream.id)
@@ -338,7 +358,7 @@ class SharedFleet(Service):
             if remaining <= 0:
                 raise pool.buffer_timeout_error()
             if not candidates:
-                await self._wait_for_candidates(remaining)
+                await self._wait_for_candidates(remaining, model)
                 continue
             request_id = f"{self.store.owner}.{next(self._ids)}"
             try:
@@ -378,10 +398,20 @@ class SharedFleet(Service):
             upstream, waited, demand, on_release=lambda running: self._quietly(shared.release(running), "release")
         )
 
-    async def _wait_for_candidates(self, remaining: float) -> None:
+    def waiting_by_model(self) -> dict[str, int]:
+        """This process's requests waiting through the store (in its FIFO, or for an upstream
+        that may take them, as for a model loaded nowhere), per model ("" for none)."""
+        counts: dict[str, int] = {}
+        for waiter in self.store.waiters.values():
+            counts[waiter.model or ""] = counts.get(waiter.model or "", 0) + 1
+        for _, model in self._homeless:
+            counts[model or ""] = counts.get(model or "", 0) + 1
+        return counts
+
+    async def _wait_for_candidates(self, remaining: float, model: str | None = None) -> None:
         """No upstream may take the request yet (scale from zero): wait until one may, or the deadline."""
         waiting: Deferred[None] = Deferred()
-        entry = (waiting, None)
+        entry = (waiting, model)
         self._homeless.append(entry)
         timer = self.clock.callLater(remaining, lambda: None if waiting.called else waiting.callback(None))
         try:
@@ -468,27 +498,16 @@ class SharedFleet(Service):
 
     def _apply_servers(self, snapshot: StoreSnapshot) -> None:
         pool = self.pool
-        for server_id, figures in snapshot.servers.items():
+        metas = {server_id: _meta_of(figures) for server_id, figures in snapshot.servers.items()}
+        # routers before their models: a model's upstream is made from its router's
+        order = sorted(snapshot.servers, key=lambda server_id: "parent" in metas[server_id])
+        for server_id in order:
+            figures, meta = snapshot.servers[server_id], metas[server_id]
             self._known_in_store.add(server_id)
-            try:
-                meta = json.loads(figures.meta) if figures.meta else {}
-            except ValueError:
-                meta = {}
-            if not isinstance(meta, dict):
-                meta = {}
             upstream = pool.upstreams.get(server_id)
             if upstream is None:
-                url = meta.get("url")
-                if not isinstance(url, str):
-                    continue
-                try:
-                    upstream = pool.add(
-                        Upstream(url, str(meta.get("name") or "") or None, source=str(meta.get("source") or "shared"),
-                                 clock=self.clock)
-                    )
-                except ValueError:
-                    continue
-                if upstream.id != server_id:
+                upstream = self._add_from_meta(server_id, meta)
+                if upstream is None:
                     continue
             if figures.draining and not upstream.draining:
                 pool.drain(upstream.id)
@@ -496,6 +515,7 @@ class SharedFleet(Service):
                 pool.undrain(upstream.id)
             if upstream.source != "agent" and self.probes(upstream):
                 continue  # this process reads it itself
+            _apply_router_meta(pool, upstream, meta)
             pool.observe(upstream, self._observation(upstream, figures, meta))
         for upstream_id in list(pool.upstreams):
             if upstream_id in snapshot.servers or upstream_id not in self._known_in_store:
@@ -505,6 +525,29 @@ class SharedFleet(Service):
                 continue
             self._known_in_store.discard(upstream_id)
             pool.remove(upstream_id)
+
+    def _add_from_meta(self, server_id: str, meta: dict[str, Any]) -> Upstream | None:
+        """The upstream another process registered as C{server_id}, added to the pool (or None)."""
+        pool = self.pool
+        url = meta.get("url")
+        if not isinstance(url, str):
+            return None
+        parent_id, model = meta.get("parent"), meta.get("model")
+        if parent_id is not None:
+            parent = pool.upstreams.get(parent_id) if isinstance(parent_id, str) else None
+            if parent is None or not isinstance(model, str) or child_id(parent.url, model) != server_id:
+                return None
+            child = new_child(parent, model)
+            child.draining = parent.draining
+            return pool.add(child)  # type: ignore[no-any-return]
+        try:
+            upstream = pool.add(
+                Upstream(url, str(meta.get("name") or "") or None, source=str(meta.get("source") or "shared"),
+                         clock=self.clock)
+            )
+        except ValueError:
+            return None
+        return upstream if upstream.id == server_id else None
 
     @staticmethod
     def _observation(upstream: Upstream, figures: Any, meta: dict[str, Any]) -> Observation:
@@ -562,6 +605,34 @@ class SharedFleet(Service):
         }
 
 
+def _apply_router_meta(pool: Any, upstream: Upstream, meta: dict[str, Any]) -> None:
+    """A router's role and limits, or a router model's state, as the process that reads it said."""
+    if meta.get("role") == "router":
+        upstream.role = "router"
+        max_instances = meta.get("max_instances")
+        upstream.max_instances = max_instances if isinstance(max_instances, int) else 0
+        upstream.autoload = bool(meta.get("autoload", True))
+        return
+    if upstream.parent_id is None or upstream.parent_id != meta.get("parent"):
+        return
+    state = meta.get("model_state")
+    if isinstance(state, str) and state != upstream.model_state:
+        now = upstream._clock.seconds() if upstream._clock is not None else 0.0
+        if upstream.model_state == "loading" and state == "loaded":
+            upstream.load_seconds = max(0.0, now - upstream.model_since)
+        upstream.model_state = state
+        upstream.model_since = now
+    exit_code = meta.get("exit_code")
+    upstream.exit_code = exit_code if isinstance(exit_code, int) else 0
+    slots = meta.get("slots_when_loaded")
+    if isinstance(slots, int) and slots > 0:
+        upstream.slots_when_loaded = slots
+    parent = pool.upstreams.get(upstream.parent_id)
+    # with --model-placement paddler loads models itself: requests wait for its loads
+    upstream.autoload = (parent.autoload if parent is not None else True) and not getattr(
+        pool, "model_placement", False)
+
+
 @implementer(IUpstreamProber)
 class SharedProber:
     """Probes only the upstreams this process is elected for, and tells the store what it read."""
@@ -571,6 +642,7 @@ class SharedProber:
         self.fleet = fleet
         self._marks: dict[str, int | None] = {}
         prober.on_reading = self._read
+        prober.on_router_reading = self._read_router
 
     def probe(self, upstream: Upstream) -> Deferred[None]:
         if not self.fleet.probes(upstream):
@@ -590,3 +662,19 @@ class SharedProber:
         mark = self._marks.pop(upstream.id, None)
         if mark is not None and self.fleet.reachable:
             self.fleet.send_reading(upstream, reading.total, reading.processing, mark)
+
+    def _read_router(self, router: Upstream, reading: Any) -> None:
+        """A router's reading: each of its models' slots to the store (those of a model not
+        loaded as its child counts them: no request takes them but through a load)."""
+        mark = self._marks.pop(router.id, None)
+        if mark is None or not self.fleet.reachable:
+            return
+        upstreams = self.fleet.pool.upstreams
+        for model in reading.models:
+            child = upstreams.get(child_id(router.url, model.id))
+            if child is None:
+                continue
+            if model.state == "loaded":
+                self.fleet.send_reading(child, model.total, model.processing, mark)
+            else:
+                self.fleet.send_reading(child, child.slots_total, 0, mark)

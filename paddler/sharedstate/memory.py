@@ -84,6 +84,8 @@ class MemorySlotState:
         self.w: dict[str, tuple[str, int, int, int, int, tuple[str, ...], str]] = {}  # id -> owner, seq, deadline, ttl, t, cands, model
         self.owners: dict[str, int] = {}
         self.epoch: str | None = None
+        self.place: dict[str, tuple[str, int]] = {}  # model -> owner, expiry ms
+        self.placed: dict[str, int] = {}  # server -> ms a model was placed on it
 
     def set_available(self, available: bool) -> None:
         """Make every call fail with L{StoreUnavailable} (or answer again), and tell the stores."""
@@ -467,6 +469,51 @@ class MemorySlotState:
             if self._free(s)[0] > 0:
                 swept += self._handoff(s, channel, now)
         return [released, stale, expired, orphaned, gone, swept]
+
+    def op_place(self, channel: str, owner: str, model: str, s: str, victim: str, hold_s: str,
+                 residency_s: str) -> int:
+        if not _valid_id(owner):
+            raise _bad("owner id")
+        if not 1 <= len(model.encode()) <= MAX_MODEL:
+            raise _bad("model")
+        if not _valid_id(s):
+            raise _bad("server id")
+        if victim != "" and not _valid_id(victim):
+            raise _bad("victim server id")
+        hold = _int_arg(hold_s, MIN_TTL_MS, MAX_TTL_MS)
+        if hold is None:
+            raise _bad("hold")
+        residency = _int_arg(residency_s, 0, MAX_TTL_MS)
+        if residency is None:
+            raise _bad("residency")
+        now = self._now()
+        held = self.place.get(model)
+        if held is not None and held[0] != owner and held[1] > now:
+            return 0
+        if victim != "" and victim in self.placed and now - self.placed[victim] < residency:
+            return 0
+        self.place[model] = (owner, now + hold)
+        self.placed[s] = now
+        if victim != "":
+            self.placed.pop(victim, None)
+        return 1
+
+    def op_finish_place(self, channel: str, owner: str, model: str, hold_s: str) -> int:
+        if not _valid_id(owner):
+            raise _bad("owner id")
+        if not 1 <= len(model.encode()) <= MAX_MODEL:
+            raise _bad("model")
+        hold = _int_arg(hold_s, 0, MAX_TTL_MS)
+        if hold is None:
+            raise _bad("hold")
+        held = self.place.get(model)
+        if held is None or held[0] != owner:
+            return 0
+        if hold == 0:
+            del self.place[model]
+        else:
+            self.place[model] = (owner, self._now() + hold)
+        return 1
 
     def op_snapshot(self, channel: str) -> list[Any]:
         now = self._now()

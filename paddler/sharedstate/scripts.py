@@ -24,6 +24,9 @@ Keys (``P`` is the prefix, ``{pd}`` by default):
   ZRANGEBYLEX away), ``P:ox`` (ZSET, lex ``owner|waiter``).
 - ``P:owners`` (ZSET owner -> heartbeat expiry ms), ``P:epoch`` (a token set
   once per Redis dataset: a new one means Redis lost its data).
+- ``P:place`` (HASH model -> ``owner|expiry ms``: the one balancer placing a
+  model of router-mode upstreams now), ``P:placed`` (HASH server -> ms when a
+  model was last placed on it: not evicted before the minimum residency).
 
 Invariant kept by every script: a server with a free slot is listed by no
 live waiter (every event that frees a slot hands it to the oldest waiter
@@ -54,6 +57,8 @@ KEY_NAMES = (
     "owners",
     "ox",
     "epoch",
+    "place",
+    "placed",
 )
 
 # Limits, checked by the Python API and again by the scripts.
@@ -73,7 +78,8 @@ DROP_BUDGET = 64
 
 PRELUDE = r"""
 local K_TOTAL, K_EXT, K_GEN, K_DRAIN, K_META, K_MARK, K_SEEN, K_SEQ,
-      K_LEASES, K_LEASE, K_LX, K_Q, K_W, K_WD, K_WX, K_OWNERS, K_OX, K_EPOCH = unpack(KEYS)
+      K_LEASES, K_LEASE, K_LX, K_Q, K_W, K_WD, K_WX, K_OWNERS, K_OX, K_EPOCH,
+      K_PLACE, K_PLACED = unpack(KEYS)
 local CHANNEL = ARGV[1]
 local MAX_ID, MAX_SLOTS, MAX_SERVERS, MAX_CANDIDATES = %(MAX_ID)d, %(MAX_SLOTS)d, %(MAX_SERVERS)d, %(MAX_CANDIDATES)d
 local MAX_MODEL, MAX_META, MAX_TTL_MS, MIN_TTL_MS = %(MAX_MODEL)d, %(MAX_META)d, %(MAX_TTL_MS)d, %(MIN_TTL_MS)d
@@ -593,6 +599,53 @@ return out
 """
 
 
+PLACE = r"""
+-- ARGV: channel, owner, model, server, victim ('' none), hold ms, residency ms
+-- -> 1 claimed (the caller loads model on server, evicting victim) | 0 refused: another owner
+-- places the model now, or the victim was placed less than the residency ago, or is being placed
+local owner, model, s, victim = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if not valid_id(owner) then return bad('owner id') end
+if type(model) ~= 'string' or #model < 1 or #model > MAX_MODEL then return bad('model') end
+if not valid_id(s) then return bad('server id') end
+if victim ~= '' and not valid_id(victim) then return bad('victim server id') end
+local hold = int_arg(ARGV[6], MIN_TTL_MS, MAX_TTL_MS)
+if hold == nil then return bad('hold') end
+local residency = int_arg(ARGV[7], 0, MAX_TTL_MS)
+if residency == nil then return bad('residency') end
+local now = now_ms()
+local rec = redis.call('HGET', K_PLACE, model)
+if rec then
+  local holder, expiry = string.match(rec, '^(.*)|(%d+)$')
+  if holder ~= owner and tonumber(expiry) > now then return 0 end
+end
+if victim ~= '' then
+  local at = redis.call('HGET', K_PLACED, victim)
+  if at and now - tonumber(at) < residency then return 0 end
+end
+redis.call('HSET', K_PLACE, model, owner .. '|' .. int(now + hold))
+redis.call('HSET', K_PLACED, s, int(now))
+if victim ~= '' then redis.call('HDEL', K_PLACED, victim) end
+return 1
+"""
+
+FINISH_PLACE = r"""
+-- ARGV: channel, owner, model, hold ms (0: at once) -> 1 | 0 not this owner's claim
+local owner, model = ARGV[2], ARGV[3]
+if not valid_id(owner) then return bad('owner id') end
+if type(model) ~= 'string' or #model < 1 or #model > MAX_MODEL then return bad('model') end
+local hold = int_arg(ARGV[4], 0, MAX_TTL_MS)
+if hold == nil then return bad('hold') end
+local rec = redis.call('HGET', K_PLACE, model)
+if not rec or string.match(rec, '^(.*)|%d+$') ~= owner then return 0 end
+if hold == 0 then
+  redis.call('HDEL', K_PLACE, model)
+else
+  redis.call('HSET', K_PLACE, model, owner .. '|' .. int(now_ms() + hold))
+end
+return 1
+"""
+
+
 def _script(name: str, body: str) -> Script:
     return Script(name, PRELUDE + body)
 
@@ -612,6 +665,8 @@ SCRIPTS: dict[str, Script] = {
         ("ADOPT", ADOPT),
         ("REAP", REAP),
         ("SNAPSHOT", SNAPSHOT),
+        ("PLACE", PLACE),
+        ("FINISH_PLACE", FINISH_PLACE),
     )
 }
 

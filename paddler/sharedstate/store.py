@@ -50,7 +50,7 @@ from paddler.sharedstate.model import (
     parse_snapshot,
 )
 from paddler.sharedstate.resp import RedisError
-from paddler.sharedstate.scripts import MAX_BATCH, MAX_REAP, MAX_WAITERS
+from paddler.sharedstate.scripts import MAX_BATCH, MAX_MODEL, MAX_REAP, MAX_WAITERS
 
 #: Releases kept for a retry while the store is down; older ones are left to lease expiry.
 MAX_UNSETTLED = 100_000
@@ -352,6 +352,42 @@ class SlotStoreBase(MultiService):
         else:
             self._drained.discard(server_id)
         return self._script("drain", [server_id, 1 if on else 0]).addCallback(lambda reply: bool(int(reply)))
+
+    # -- placing models on router-mode upstreams ---------------------------
+
+    def claim_placement(
+        self, model: str, server_id: str, victim_id: str | None, hold: float, residency: float
+    ) -> Deferred[bool]:
+        """Claim the placement of C{model} on C{server_id} (the child upstream of a router),
+        evicting C{victim_id} (another child of that router) or nothing: True when this owner
+        may load it, False when another owner places the model now (its claim lasts C{hold}
+        seconds unless renewed or finished) or the victim was placed less than C{residency}
+        seconds ago. A claim also records C{server_id} as placed now."""
+        try:
+            if not isinstance(model, str) or not 1 <= len(model.encode("utf-8")) <= MAX_MODEL:
+                raise InvalidArgument(f"model must be a string of 1 to {MAX_MODEL} bytes")
+            check_id(server_id, "server id")
+            if victim_id is not None:
+                check_id(victim_id, "victim server id")
+            hold_ms = check_seconds(hold, "placement hold")
+            residency_ms = check_seconds(residency, "residency", allow_zero=True)
+        except InvalidArgument:
+            return fail()
+        args = [self.owner, model, server_id, victim_id or "", hold_ms, residency_ms]
+        return self._script("place", args).addCallback(lambda reply: bool(int(reply)))
+
+    def finish_placement(self, model: str, hold: float = 0.0) -> Deferred[bool]:
+        """End this owner's claim on C{model}, at once or C{hold} seconds from now (so the
+        others read the model loaded before they may place it again)."""
+        try:
+            if not isinstance(model, str) or not 1 <= len(model.encode("utf-8")) <= MAX_MODEL:
+                raise InvalidArgument(f"model must be a string of 1 to {MAX_MODEL} bytes")
+            hold_ms = check_seconds(hold, "placement hold", allow_zero=True)
+        except InvalidArgument:
+            return fail()
+        return self._script("finish_place", [self.owner, model, hold_ms]).addCallback(
+            lambda reply: bool(int(reply))
+        )
 
     def probe_mark(self) -> Deferred[int]:
         return self._get_mark().addCallback(lambda reply: int(reply or 0))

@@ -275,3 +275,25 @@ def test_a_server_killed_mid_run_is_routed_around(
     wait_for(lambda: f.health()["upstreams"] == {"healthy": 1, "total": 2}, 10, "one healthy")
     after = post(f.proxy, "/completion", {"prompt": "after", "n_predict": 4})
     assert after.status == 200
+
+
+def test_a_whole_response_client_leaving_does_not_disturb_the_other_client_on_the_other_server(
+    fleet: StartFleet,
+) -> None:
+    """Two servers, two non-streaming clients (issue 24's ``test_cancel_request``): the
+    client that leaves has its upstream connection closed by the balancer, llama-server
+    keeps generating for it all the same (it only notices a closed connection while it
+    streams), and the client that stays is answered by the other server, at once."""
+    f = fleet(1, 1)
+    leaving = send_unread(
+        f.proxy, "/completion", {"prompt": "leaves", "n_predict": HOLD_TOKENS, "ignore_eos": True}
+    )
+    wait_for(lambda: sum(f.busy()) == 1, 10, "one slot busy")
+    generating = f.busy().index(1)
+    drop(leaving)
+    wait_for(lambda: f.health()["slots_idle"] == 1, 5, "probe sees the left request still running")
+    staying = Background(lambda: post(f.proxy, "/completion", {"prompt": "stays", "n_predict": 8}))
+    reply = staying.result(20.0)
+    assert reply.status == 200 and reply.json()["tokens_predicted"] == 8
+    assert f.busy()[generating] == 1  # llama-server did not stop the abandoned generation
+    assert f.busy()[1 - generating] == 0

@@ -22,7 +22,7 @@ from twisted.internet import defer, task
 
 from paddler.sharedstate.errors import StoreError
 from paddler.sharedstate.redisstore import RedisSlotStore
-from paddler.sharedstate.scripts import SCRIPTS
+from paddler.sharedstate.scripts import KEY_NAMES, SCRIPTS
 
 from .conftest import RedisServer, free_port
 
@@ -84,7 +84,7 @@ async def txredis(reactor: Any, server: RedisServer) -> dict[str, Any]:
     conn = await txredisapi.Connection("127.0.0.1", server.port, reconnect=True)
     out: dict[str, Any] = {"ping": await timed(reactor, conn.ping)}
     script = SCRIPTS["snapshot"]
-    keys = [f"{{t}}:{n}" for n in range(18)]
+    keys = [f"{{t}}:{n}" for n in range(len(KEY_NAMES))]
     out["evalsha_snapshot_empty"] = await timed(reactor, lambda: conn.evalsha(script.sha, keys, ["c"]) if False else conn.execute_command("EVAL", script.source, len(keys), *keys, "c"), 500)
     out["ping_pipelined_64_us"] = await pipelined(conn.ping)
     # outage: a command during a kill, with and without a deadline

@@ -472,3 +472,51 @@ async def test_a_lost_lease_is_adopted_again_on_renewal(world: World, trio: list
     figures = (await b.snapshot()).servers["s1"]
     assert figures.leased == 1, "the request still runs there: counted again"
     assert await lease.release() is Release.RELEASED
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_owner_at_a_time_places_a_model_and_a_placed_model_is_not_evicted_early(
+    world: World, trio: list
+) -> None:
+    """Placement through the store: of two balancers claiming the same model at once exactly
+    one wins; a model placed less than the residency ago may not be evicted by anyone; the claim
+    is held a short while after the load so the others see the model loaded first."""
+    a, b, c = trio
+    won = await gatherResults([
+        a.claim_placement("alpha", "r1-alpha", None, 5.0, 30.0),
+        b.claim_placement("alpha", "r2-alpha", None, 5.0, 30.0),
+    ])
+    assert sorted(won) == [False, True], "exactly one balancer places alpha"
+    winner, loser = (a, b) if won[0] else (b, a)
+    assert await winner.claim_placement("alpha", "r1-alpha", None, 5.0, 30.0) is True, "a claim is the owner's"
+    assert await c.claim_placement("beta", "r2-beta", None, 5.0, 30.0) is True, "another model: its own claim"
+    placed = "r1-alpha" if won[0] else "r2-alpha"
+    # evicting alpha on the router it was just placed on: refused to everyone, for the residency
+    assert await c.claim_placement("gamma", "r9-gamma", placed, 5.0, 30.0) is False
+    await winner.finish_placement("alpha", 1.0)
+    assert await loser.claim_placement("alpha", "r3-alpha", None, 5.0, 30.0) is False, "held after the load"
+    await world.wait(1.2)
+    assert await loser.claim_placement("alpha", "r3-alpha", None, 5.0, 30.0) is True, "free after the hold"
+    assert await c.claim_placement("gamma", "r9-gamma", placed, 5.0, 0.5) is True, "past the residency"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_placement_claim_of_a_dead_balancer_expires(world: World, trio: list) -> None:
+    """A balancer that claimed a model and died does not block its placement past the hold."""
+    a, b, _ = trio
+    assert await a.claim_placement("alpha", "r1-alpha", None, 0.5, 30.0) is True
+    assert await b.claim_placement("alpha", "r2-alpha", None, 0.5, 30.0) is False
+    await world.wait(0.7)
+    assert await b.claim_placement("alpha", "r2-alpha", None, 0.5, 30.0) is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_placement_arguments_are_refused(world: World, trio: list) -> None:
+    """A bad model, server or hold is an InvalidArgument, nothing written."""
+    a = trio[0]
+    for args in [("", "s1", None, 5.0, 1.0), ("alpha", "bad id", None, 5.0, 1.0),
+                 ("alpha", "s1", "bad id", 5.0, 1.0), ("alpha", "s1", None, 0.0, 1.0),
+                 ("alpha", "s1", None, 5.0, -1.0)]:
+        with pytest.raises(InvalidArgument):
+            await a.claim_placement(*args)
+    assert await trio[1].claim_placement("alpha", "s1", None, 5.0, 1.0) is True

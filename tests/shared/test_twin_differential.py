@@ -2,7 +2,7 @@
 
 Hypothesis draws random sequences of operations (register, reading,
 acquire, release as done or as still running, renew, hello, poll, adopt,
-drain, unregister, reap, snapshot, time passing; two owners, three servers,
+drain, unregister, reap, snapshot, model placement claims and their end, time passing; two owners, three servers,
 a few request ids, now and then an invalid argument) and replays each one on
 L{paddler.sharedstate.memory.MemorySlotState} and as the production script of
 L{paddler.sharedstate.scripts} on Redis; every reply must be the same, errors
@@ -139,6 +139,11 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("reap"), mostly(("1", "2", "100"), "0")),
     st.tuples(st.just("snapshot")),
     st.tuples(st.just("wait"), st.sampled_from([0, 1, 49, 50, 300, 600, 2500])),
+    st.tuples(
+        st.just("place"), owner, mostly(("m", "n"), ""), mostly(SERVERS, BAD), st.sampled_from(["", *SERVERS]),
+        ttl, st.sampled_from(["0", "300", "2000", "-1"]),
+    ),
+    st.tuples(st.just("finish_place"), owner, mostly(("m", "n"), ""), st.sampled_from(["0", "300", "x"])),
 )
 #: Every sequence starts from a fleet: three servers of 1 or 2 slots, both owners said hello (epoch e1).
 OPENING = st.tuples(*(st.tuples(st.just("register"), st.just(s), st.integers(1, 2).map(str), st.just(""), st.just("0"))
