@@ -47,8 +47,6 @@ BUILD_SCRIPT = HERE / "build-llama-server"
 ALLOWED_FILE = HERE / "differential-allowed.txt"
 MODES = ("direct", "paddler1", "paddler2")
 THROUGH = ("paddler1", "paddler2")
-#: The reason prefix of the entries that wait for router mode (issue #21); not counted in the limit.
-ROUTER_MODE = "router-mode (#21)"
 #: Where llama.cpp lies in the sdist, and what of it the suite needs: itself, the chat templates
 #: and the test image its tests reach by relative paths (``../../../models/templates/...``).
 LLAMA_IN_SDIST = "vendor/llama.cpp/"
@@ -235,10 +233,6 @@ class Allowed:
     pattern: str
     modes: frozenset[str]
     reason: str
-
-    @property
-    def waits_for_router_mode(self) -> bool:
-        return self.reason.startswith(ROUTER_MODE)
 
     def covers(self, test_id: str, mode: str) -> bool:
         return mode in self.modes and fnmatch.fnmatchcase(test_id, self.pattern)
