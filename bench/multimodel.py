@@ -13,19 +13,33 @@ model's, for comparing the configurations side by side:
   popularity (the HAProxy way: one static pool per model), no loading;
 - ``autoload``: the routers' own ``--models-autoload`` (LRU eviction), paddler
   routing by model with its plain slot policy, no placement;
-- ``placement``: ``--model-placement`` (paddler loads and evicts).
+- ``placement``: ``--model-placement`` (paddler loads and evicts);
+- ``oracle``: an offline oracle that knows the whole trace (no paddler
+  placement; it loads and unloads on the routers itself, paddler routes with
+  its slot policy to loaded models only). Every ``ORACLE_STEP`` s it counts
+  each model's requests in the next ``LOAD_SECONDS + ORACLE_WINDOW`` s, d, and
+  the copies that serves: n = ceil(d / what one copy serves in that time at
+  ``ORACLE_FILL`` of its slots), at most one per host. While a model has fewer
+  copies running than its n (the most requests per copy first), it loads one
+  on a host without it: in a free place if there is one, else in place of an
+  idle loaded copy of a model that has more copies than its n, the one whose
+  model is next needed furthest in the future (Belady's rule). Loads thus
+  start a load time ahead of the requests that need them, no model is loaded
+  for requests that will not come, and a copy still needed is never evicted.
 
 Every configuration starts from the static assignment loaded.
 
-    python -m bench.multimodel [--seed S] [--duration 600] [--load 0.7] [--out FILE]
+    python -m bench.multimodel [--seed S] [--seeds 3] [--duration 300] [--load 0.7] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import random
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +53,12 @@ from paddler.fleet.upstream import Upstream
 from paddler.llamacpp.slots import ModelReading, RouterReading
 from paddler.routing.policies import CHOOSERS
 from paddler.simulator.engine import GenerationRequest, SimulatorConfig, SimulatorError
-from paddler.simulator.router import ModelState, RouterConfig, SimulatedRouter
+from paddler.simulator.router import (
+    ModelState,
+    RouterConfig,
+    SimulatedModel,
+    SimulatedRouter,
+)
 
 MODELS = ("m0", "m1", "m2", "m3", "m4", "m5")
 HOSTS = 4
@@ -49,7 +68,11 @@ LOAD_SECONDS = 10.0
 PROMPT_TOKENS = 200
 GENERATE = 64
 TOKENS_PER_SECOND = 20.0
-CONFIGS = ("static", "autoload", "placement")
+CONFIGS = ("static", "autoload", "placement", "oracle")
+ORACLE_STEP = 1.0
+ORACLE_WINDOW = 60.0
+ORACLE_FILL = 0.8
+SERVICE_SECONDS = PROMPT_TOKENS / 2000.0 + GENERATE / TOKENS_PER_SECOND
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -72,7 +95,7 @@ def make_trace(seed: int, duration: float, load: float) -> list[tuple[float, str
     """(arrival time, model): Poisson at C{load} x the fleet's slot capacity, Zipf popularity,
     the order of popularity reversed at C{duration / 2}."""
     rng = random.Random(seed)
-    service = PROMPT_TOKENS / 2000.0 + GENERATE / TOKENS_PER_SECOND
+    service = SERVICE_SECONDS
     rate = load * HOSTS * MODELS_MAX * SLOTS / service
     weights = zipf_weights(len(MODELS))
     trace, t = [], 0.0
@@ -101,6 +124,57 @@ def reading_of(router: SimulatedRouter, pool: UpstreamPool, url: str) -> RouterR
             entry.total, entry.processing = len(model.engine.slots), model.engine.requests_processing
         models.append(entry)
     return RouterReading(router.config.models_max, router.config.autoload, models, 0)
+
+
+class Oracle:
+    """The offline oracle of the module docstring: knows every arrival, loads ahead of need."""
+
+    def __init__(self, clock: Clock, routers: Sequence[SimulatedRouter], arrivals: dict[str, list[float]],
+                 refresh: Any) -> None:
+        self.clock, self.routers, self.arrivals, self.refresh = clock, routers, arrivals, refresh
+
+    def demand(self, model: str, now: float) -> int:
+        times = self.arrivals.get(model, [])
+        return (bisect.bisect_left(times, now + LOAD_SECONDS + ORACLE_WINDOW)
+                - bisect.bisect_left(times, now))
+
+    def next_use(self, model: str, now: float) -> float:
+        times = self.arrivals.get(model, [])
+        i = bisect.bisect_left(times, now)
+        return times[i] if i < len(times) else math.inf
+
+    def step(self) -> None:
+        now = self.clock.seconds()
+        demand = {m: self.demand(m, now) for m in MODELS}
+        per_copy = SLOTS * (LOAD_SECONDS + ORACLE_WINDOW) / SERVICE_SECONDS * ORACLE_FILL
+        needed = {m: min(HOSTS, math.ceil(demand[m] / per_copy)) for m in MODELS}
+        for _ in range(HOSTS * MODELS_MAX):
+            copies = {m: sum(1 for r in self.routers if r.models[m].running) for m in MODELS}
+            short = [m for m in MODELS if copies[m] < needed[m]]
+            if not short:
+                return
+            want = max(short, key=lambda m: demand[m] / (copies[m] + 1e-9))
+            best: tuple[float, int, SimulatedModel | None] | None = None
+            for i, router in enumerate(self.routers):
+                if router.models[want].running:
+                    continue
+                if len(router.running) < MODELS_MAX:
+                    best = (-math.inf, i, None)
+                    break
+                for v in router.running:
+                    if (copies[v.name] <= needed[v.name] or v.state is not ModelState.LOADED
+                            or v.busy or v._waiters):
+                        continue
+                    option = (-self.next_use(v.name, now), i, v)
+                    if best is None or option[0] < best[0]:
+                        best = option
+            if best is None:
+                return
+            router = self.routers[best[1]]
+            if best[2] is not None:
+                router.unload(best[2])
+            router.load(router.models[want])
+            self.refresh(best[1])
 
 
 def replay(trace: Sequence[tuple[float, str]], config: str, duration: float) -> dict[str, Any]:
@@ -147,6 +221,15 @@ def replay(trace: Sequence[tuple[float, str]], config: str, duration: float) -> 
         placement = ModelPlacement(pool, clock, post, probe, interval=0.5, min_residency=30.0,
                                    load_timeout=120.0, replicas_max=2, poll_interval=0.25)
         placement.startService()
+    oracle_loop = None
+    if config == "oracle":
+        arrivals: dict[str, list[float]] = {}
+        for t, model in trace:
+            arrivals.setdefault(model, []).append(clock.seconds() + t)
+        oracle = Oracle(clock, routers, arrivals, lambda i: probe(parents[i]))
+        oracle_loop = LoopingCall(oracle.step)
+        oracle_loop.clock = clock
+        oracle_loop.start(ORACLE_STEP, now=True)
     records: list[dict[str, Any]] = []
 
     def arrive(model: str) -> None:
@@ -188,6 +271,8 @@ def replay(trace: Sequence[tuple[float, str]], config: str, duration: float) -> 
         due = min(call.getTime() for call in clock.getDelayedCalls())
         clock.advance(max(0.0, due - clock.seconds()))
     loop.stop()
+    if oracle_loop is not None:
+        oracle_loop.stop()
     if placement is not None:
         placement.stopService()
     for router in routers:
@@ -207,6 +292,8 @@ def replay(trace: Sequence[tuple[float, str]], config: str, duration: float) -> 
         "ttft_p99_after_shift": percentile(after, 99),
         "cold_requests": sum(1 for r in served if r["cold"]),
         "loads": loads,
+        "loads_by_model": {name: sum(r.models[name].loads for r in routers) - sum(
+            1 for pinned in static_assignment() if name in pinned) for name in MODELS},
     }
 
 
@@ -214,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=600.0)
+    parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--load", type=float, default=0.7)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out")
@@ -224,14 +311,16 @@ def main(argv: list[str] | None = None) -> None:
         seed = args.seed + 100 * i
         trace = make_trace(seed, args.duration, args.load)
         for config in args.configs.split(","):
-            r = replay(trace, config, args.duration) | {"seed": seed}
+            r = replay(trace, config, args.duration) | {"seed": seed, "duration": args.duration,
+                                                         "load": args.load}
             rows.append(r)
             print(f"seed {seed} {config:10} served {r['served']}/{r['requests']} ttft p50 {r['ttft_p50']:.2f} "
                   f"p99 {r['ttft_p99']:.2f} after the shift p50 {r['ttft_p50_after_shift']:.2f} "
                   f"p99 {r['ttft_p99_after_shift']:.2f} loads {r['loads']} cold {r['cold_requests']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            command = "python -m bench.multimodel " + " ".join(argv if argv is not None else sys.argv[1:])
+            json.dump({"command": command, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,14 @@ every request, static pools load nothing, and a trace's shape is what the docstr
 
 from __future__ import annotations
 
-from bench.multimodel import CONFIGS, MODELS, make_trace, replay, static_assignment
+from bench.multimodel import (
+    CONFIGS,
+    HOSTS,
+    MODELS,
+    make_trace,
+    replay,
+    static_assignment,
+)
 
 
 def test_the_trace_shifts_popularity_halfway() -> None:
@@ -25,3 +32,22 @@ def test_every_configuration_serves_the_whole_trace() -> None:
     assert results["static"]["loads"] == 0
     assert results["placement"]["loads"] >= 1
     assert sorted(m for pair in static_assignment() for m in pair) == sorted([*MODELS, "m0", "m1"])
+
+
+def test_the_oracle_loads_nothing_for_models_already_loaded() -> None:
+    """Sparse requests for m2 and m3, each loaded on one host already: the oracle loads nothing."""
+    trace = [(float(t), "m2" if t % 2 else "m3") for t in range(1, 40, 4)]
+    result = replay(trace, "oracle", 40.0)
+    assert result["served"] == len(trace)
+    assert result["loads"] == 0
+
+
+def test_the_oracle_loads_only_the_model_that_will_be_needed() -> None:
+    """A burst for m4 alone (one copy loaded, more demand than its two slots): the oracle adds
+    copies of m4 only, at most one per host, and every request is served."""
+    trace = [(5.0 + 0.25 * i, "m4") for i in range(80)]
+    result = replay(trace, "oracle", 30.0)
+    assert result["served"] == len(trace)
+    others = {m: n for m, n in result["loads_by_model"].items() if m != "m4"}
+    assert set(others.values()) == {0}
+    assert 1 <= result["loads_by_model"]["m4"] <= HOSTS - 1
