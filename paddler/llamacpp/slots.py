@@ -194,13 +194,18 @@ def _is_router(props: Any) -> bool:
     return isinstance(props, dict) and props.get("role") == "router"
 
 
-async def _read_props(get: Getter) -> tuple[int, tuple[str, ...]]:
+async def _props(get: Getter) -> Any:
+    """C{/props}, parsed; raises L{ProbeError} (or L{Loading}) for any other answer."""
     code, body = await get("/props")
     _require_ok("/props", code, body)
     try:
-        props = json.loads(body)
+        return json.loads(body)
     except ValueError:
         raise ProbeError("/props answered invalid JSON")
+
+
+async def _read_props(get: Getter) -> tuple[int, tuple[str, ...]]:
+    props = await _props(get)
     if _is_router(props):
         raise RouterMode()
     try:
@@ -323,12 +328,7 @@ async def read_router(
     asked (the child upstream's L{probe_mark}). A loaded model whose C{/slots} fails (it was just unloaded) is
     reported C{unloaded}. Raises L{ProbeError} or L{Loading}.
     """
-    code, body = await get("/props")
-    _require_ok("/props", code, body)
-    try:
-        props = json.loads(body)
-    except ValueError:
-        raise ProbeError("/props answered invalid JSON")
+    props = await _props(get)
     if not _is_router(props):
         raise NotRouterMode()
     try:
