@@ -77,8 +77,10 @@ def start_target(procs: Processes, target: str, upstream_port: int, name: str) -
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
+        if target in ("paddler", "paddler-decode"):  # the write flush as measured (opt-in now)
+            extra.append("--flush-before-poll")
         if target == "paddler-twisted":  # this code on Twisted's own reactor and write buffering
-            extra += ["--no-lean-reactor", "--no-flush-before-poll"]
+            extra.append("--no-lean-reactor")
         source = BASE[0] if target == "paddler-base" else None
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE,
                              source=source)

@@ -1,4 +1,4 @@
-"""Through a real balancer on the lean reactor with the write flush (the defaults): slow readers, many chunks.
+"""Through a real balancer on the lean reactor (the default; the write flush is off by default): slow readers, many chunks.
 
 A client with a 4 KiB receive buffer that reads 4 KiB at a time makes
 every send the balancer attempts to it partial (the answer is ~1,000
@@ -6,7 +6,7 @@ times what its socket buffers hold), so the bytes wait in Twisted's buffer
 and the upstream is paused and resumed; a second client reads at full
 speed at the same time. Each gets every event once, in order, in a
 well-formed chunked body, in both relay modes; and the balancer says it
-ran on the lean reactor with the flush on. Real processes on 127.0.0.1.
+ran on the lean reactor with the flush off. Real processes on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -127,13 +127,13 @@ def test_a_slow_reader_and_a_fast_one_at_once_get_every_event_once_in_order(bala
         assert headers["content-type"].startswith("text/event-stream")
         assert after == b""
         assert len(payload) == len(expected) and payload == expected, f"{name}: the events differ"
-    assert "reactor LeanEPollReactor, write flush on" in process.log()  # type: ignore[attr-defined]
+    assert "reactor LeanEPollReactor, write flush off" in process.log()  # type: ignore[attr-defined]
 
 
 def test_the_balancer_says_when_it_runs_on_twisteds_reactor_without_the_flush(tmp_path):
     procs = Processes(tmp_path)
     try:
-        process, proxy, _ = procs.balancer("--no-lean-reactor", "--no-flush-before-poll")
+        process, proxy, _ = procs.balancer("--no-lean-reactor")
         wait_for(lambda: "write flush off" in process.log(), 10, "the startup line")
         assert "reactor EPollReactor, write flush off" in process.log()
         assert get_json(proxy + "/health")[1]["upstreams"]["healthy"] == 0
