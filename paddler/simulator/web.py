@@ -208,16 +208,7 @@ class SimulatorResource(Resource):
         handler = self._routes.get((request.method, path))
         if handler is None:
             return self._json(request, 404, NOT_FOUND_BODY)
-        try:
-            return handler(request)
-        except InvalidRequest as e:
-            return self._error(request, SimulatorError(400, str(e), "invalid_request_error"))
-        except SimulatorError as e:
-            return self._error(request, e)
-        except Exception:
-            self.log.failure("simulator failed to answer {method} {path}",
-                             method=request.method.decode("ascii", "replace"), path=path)
-            return self._json(request, 500, INTERNAL_ERROR_BODY)
+        return _answered(self, request, path, handler, "simulator")
 
     def _authorized(self, request: Request) -> bool:
         key = self.engine.config.api_key
@@ -348,16 +339,7 @@ class RouterResource(Resource):
         path = request.path.decode("utf-8", "replace")
         if self.api_key is not None and path not in PUBLIC_PATHS and not self._authorized(request):
             return self._json(request, 401, UNAUTHORIZED_BODY)
-        try:
-            return self._route(request, path)
-        except InvalidRequest as e:
-            return self._error(request, SimulatorError(400, str(e), "invalid_request_error"))
-        except SimulatorError as e:
-            return self._error(request, e)
-        except Exception:
-            self.log.failure("simulated router failed to answer {method} {path}",
-                             method=request.method.decode("ascii", "replace"), path=path)
-            return self._json(request, 500, INTERNAL_ERROR_BODY)
+        return _answered(self, request, path, lambda r: self._route(r, path), "simulated router")
 
     def _route(self, request: Request, path: str) -> bytes | int:
         method = request.method
@@ -515,3 +497,17 @@ class RouterResource(Resource):
 
 
 __all__ = ["RouterResource", "SimulatorResource"]
+
+
+def _answered(resource: Any, request: Request, path: str, handler: Any, what: str) -> bytes | int:
+    """C{handler(request)}, with llama.cpp's error shapes for what it raises (a 500 is logged)."""
+    try:
+        return handler(request)  # type: ignore[no-any-return]
+    except InvalidRequest as e:
+        return resource._error(request, SimulatorError(400, str(e), "invalid_request_error"))  # type: ignore[no-any-return]
+    except SimulatorError as e:
+        return resource._error(request, e)  # type: ignore[no-any-return]
+    except Exception:
+        resource.log.failure("{what} failed to answer {method} {path}", what=what,
+                             method=request.method.decode("ascii", "replace"), path=path)
+        return resource._json(request, 500, INTERNAL_ERROR_BODY)  # type: ignore[no-any-return]
