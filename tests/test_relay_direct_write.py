@@ -186,3 +186,21 @@ def test_the_direct_write_is_refused_where_request_write_still_has_work():
     custom.write(b"")
     custom.chunked = 0  # type: ignore[attr-defined]
     assert _direct(custom) is None
+
+
+def test_a_head_written_early_still_records_the_first_byte():
+    """An event stream whose head goes out at once (head_now: llama-server's /models/sse): its first piece
+    still records the first-byte time and runs on_first_byte, then the rest goes direct."""
+    request, transport = make_request()
+    body = Body()
+    firsts: list[bool] = []
+    relay = Relay(request, Clock(), 60.0, RelayedHead(200, b"OK", [(b"Content-Type", [b"text/event-stream"])]),
+                  on_first_byte=lambda: firsts.append(True))
+    relay.start(body, True, head_now=True)
+    assert relay._direct_write is None and relay.first_byte_at is None
+    body.consumer.body_data(CHUNKS[0])
+    assert relay.first_byte_at is not None and firsts == [True]
+    assert relay._direct_write is not None
+    body.consumer.body_data(CHUNKS[1])
+    assert firsts == [True]
+    assert transport.value().partition(b"\r\n\r\n")[2] == CHUNKS[0] + CHUNKS[1]

@@ -140,7 +140,6 @@ class Relay:
             request.write(b"")  # the head, with Transfer-Encoding: chunked
             # the upstream's chunks go out as they are, the last chunk included
             request.chunked = 0  # type: ignore[attr-defined]
-            self._direct_write = _direct(request)
 
     def _arm(self) -> None:
         # Data only moves the deadline (a float); the timer checks it when it
@@ -199,7 +198,8 @@ class Relay:
         if not self._paused:
             self._last_activity = self._activity()
         self._request.write(data)
-        if self._raw and self._direct_write is None:
+        if self._raw:
+            # from the second piece on (the first byte is recorded, the head is out): the direct write
             self._direct_write = _direct(self._request)
 
     def body_done(self, failure: Failure | None) -> None:
