@@ -2,10 +2,12 @@
 
 Why this module exists. The relay moves a stream's idle deadline with every
 chunk it relays (L{paddler.balancer.relay.Relay}), which took one
-C{reactor.seconds()} per chunk. On the machines paddler was measured on,
-C{time.time()} is a system call, not a vDSO read: ~0.33 us each, a fifth of
-the relay's Python work per chunk in memory (~1.6 us, C{bench/relay_micro.py})
-and 8 % of the proxy's samples under py-spy at 512 streams. A deadline of
+C{reactor.seconds()} (C{time.time()}) per chunk: 0.25-0.37 us each on the
+loaded 2-core machine paddler was measured on (a vDSO read, no system call:
+C{perf} counts none; about what one Python function call costs there), a
+tenth of the relay's Python work per chunk in memory (~2.5 us,
+C{bench/relay_micro_ab.py}); one py-spy sample at 512 streams put 8 % of
+the proxy's samples on that line, a later one far less. A deadline of
 seconds does not need the time to the microsecond: the time when the
 reactor woke for this turn's events is as good, and under load a turn
 dispatches many chunks.
