@@ -63,8 +63,8 @@ from bench.common import (
 TARGETS = ("direct", "paddler", "paddler-decode", "sglang-router", "haproxy", "nginx")
 #: reference targets, only on request (--targets): a plain TCP forwarder on Twisted, the floor of any Twisted
 #: relay; paddler from another checkout (--base DIR, e.g. an older commit unpacked with git archive)
-EXTRA_TARGETS = ("twisted-floor", "twisted-floor-lean", "twisted-floor-asyncio", "twisted-floor-uvloop", "paddler-base", "paddler-twisted",
-                 "paddler-workers2")
+EXTRA_TARGETS = ("twisted-floor", "twisted-floor-lean", "twisted-floor-asyncio", "twisted-floor-uvloop", "paddler-base", "paddler-base-flush",
+                 "paddler-twisted", "paddler-workers2", "paddler-workers2-flush")
 BASE: list[str] = [""]
 RATE = 50.0
 
@@ -72,24 +72,26 @@ RATE = 50.0
 def start_target(procs: Processes, target: str, upstream_port: int, name: str) -> tuple[Any, int]:
     if target == "direct":
         return None, upstream_port
-    if target in ("paddler", "paddler-decode", "paddler-base", "paddler-twisted"):
+    if target in ("paddler", "paddler-decode", "paddler-base", "paddler-base-flush", "paddler-twisted"):
         # idle streams must not hit --idle-timeout; every stream takes a slot
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
-        if target in ("paddler", "paddler-decode"):  # the write flush as measured (opt-in now)
+        if target in ("paddler", "paddler-decode", "paddler-base-flush"):  # the write flush (opt-in now)
             extra.append("--flush-before-poll")
         if target == "paddler-twisted":  # this code on Twisted's own reactor and write buffering
             extra.append("--no-lean-reactor")
-        source = BASE[0] if target == "paddler-base" else None
+        source = BASE[0] if target.startswith("paddler-base") else None
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra, core=PROXY_CORE,
                              source=source)
-    if target == "paddler-workers2":
+    if target.startswith("paddler-workers2"):
         # two balancer processes on one port (SO_REUSEPORT) sharing leases through Redis, on both
         # cores (not pinned): what --workers buys when the proxy is the bottleneck
         state = f"redis://{LOOPBACK}:{_redis(procs)}/0"
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000", "--workers", "2",
                  "--state", state, "--state-prefix", "{" + name + "}"]
+        if target == "paddler-workers2-flush":
+            extra.append("--flush-before-poll")
         return start_paddler(procs, [f"http://{LOOPBACK}:{upstream_port}"], name, extra=extra)
     if target.startswith("twisted-floor"):
         port = free_port()
@@ -200,7 +202,8 @@ def against(runs: dict[str, list[dict[str, Any]]], sizes: tuple[int, ...], targe
     """Paddler against sglang-router, per repetition then the median: CPU per chunk and added p99."""
     out: dict[str, Any] = {}
     for n in sizes:
-        for other in ("sglang-router", "haproxy", "nginx", "paddler-base", "twisted-floor", "twisted-floor-lean"):
+        for other in ("sglang-router", "haproxy", "nginx", "paddler-base", "paddler-base-flush", "twisted-floor",
+                      "twisted-floor-lean", "paddler-workers2-flush"):
             if other not in targets or "paddler" not in targets:
                 continue
             mine, theirs = runs[f"paddler/{n}"], runs[f"{other}/{n}"]

@@ -57,6 +57,7 @@ from paddler.observability.requests import RequestStats
 from paddler.upstream.body import BodyTooLarge, read_body
 from paddler.upstream.failures import describe_failure
 from paddler.server.target import TargetRejected, origin_form
+from paddler.turn_clock import TurnClock
 
 HOP_BY_HOP = frozenset(
     {
@@ -225,6 +226,8 @@ class ProxyResource(Resource):
         #: the L{IUpstreamClient} requests go out with
         self._client = client
         self._clock = clock
+        #: the relays' per-chunk time (the idle deadline), read once per reactor turn
+        self._turn_clock = TurnClock(clock)
         self.config = config
         self.stats = stats or RequestStats(clock)
         self.stopping = False
@@ -606,7 +609,8 @@ class ProxyResource(Resource):
                 request.finish()
             return timings_in(response.tail())
         # the request body is needed again only if this answer breaks before its first byte
-        relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body)
+        relay = Relay(request, self._clock, self.config.idle_timeout, head, exchange.forget_body,
+                      self._turn_clock.seconds)
         raw = (
             self.config.relay_passthrough
             and framing in ("chunked", "length")

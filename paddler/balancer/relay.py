@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from zope.interface import implementer
 
 
@@ -76,8 +76,10 @@ class Relay:
     The response C{head} is written with the first byte of the body (or at
     its end, for an empty one): an upstream that fails before that has sent
     the client nothing, so the request can be tried elsewhere. The idle
-    deadline moves with each piece (a float); its timer checks it when it
-    fires instead of being rescheduled for every piece. The body keeps the
+    deadline moves with each piece (a float, from C{activity_clock}: the
+    time of the reactor turn, L{paddler.turn_clock.TurnClock}, read once per
+    turn instead of once per piece); its timer checks it when it fires
+    instead of being rescheduled for every piece. The body keeps the
     end of its decoded payload (L{IUpstreamBody.tail}) for L{timings_in}.
     """
 
@@ -88,10 +90,13 @@ class Relay:
         idle_timeout: float,
         head: RelayedHead | None = None,
         on_first_byte: Callable[[], None] | None = None,
+        activity_clock: Callable[[], float] | None = None,
     ) -> None:
         self._request = request
         self._on_first_byte = on_first_byte
         self._clock = clock
+        #: the time each piece moves the idle deadline to (L{paddler.turn_clock.TurnClock}: read once per turn)
+        self._activity = activity_clock or clock.seconds
         self._idle_timeout = idle_timeout
         self._head = head
         self._idle_call: IDelayedCall | None = None
@@ -99,7 +104,10 @@ class Relay:
         self.first_byte_at: float | None = None
         self._paused = False
         self._body: Any = None
+        self._raw = False
         self._raw_chunked = False
+        #: the client transport's C{write}, once the head is out and the body goes as it came (see L{_direct})
+        self._direct_write: Callable[[bytes], None] | None = None
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def start(self, body: Any, raw: bool = False, head_now: bool = False) -> None:
@@ -107,6 +115,7 @@ class Relay:
         as it is. C{head_now}: write the head at once, not with the first byte of the body (an event
         stream that may stay silent until something happens, like llama-server's C{/models/sse})."""
         self._body = body
+        self._raw = raw
         self._raw_chunked = raw and body.framing == "chunked"
         _no_delay(self._request)
         if self._request.producer is not self:
@@ -168,6 +177,18 @@ class Relay:
     def body_data(self, data: bytes) -> None:
         if self.done.called:
             return
+        write = self._direct_write
+        if write is not None:
+            # the usual chunk: straight to the client's transport, what Request.write would do
+            if not self._paused:
+                self._last_activity = self._activity()
+            request = self._request
+            if request.finished or request._disconnected:  # type: ignore[attr-defined]
+                request.write(data)  # Twisted's answer: RuntimeError after finish, nothing once gone
+                return
+            request.sentLength += len(data)
+            write(data)
+            return
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
             self._write_head()
@@ -175,8 +196,11 @@ class Relay:
                 self._on_first_byte()
                 self._on_first_byte = None
         if not self._paused:
-            self._last_activity = self._clock.seconds()
+            self._last_activity = self._activity()
         self._request.write(data)
+        if self._raw:
+            # from the second piece on (the first byte is recorded, the head is out): the direct write
+            self._direct_write = _direct(self._request)
 
     def body_done(self, failure: Failure | None) -> None:
         self._disarm()
@@ -211,6 +235,41 @@ class Relay:
     def stopProducing(self) -> None:
         if self._body is not None:
             self._body.abort()
+
+
+def _direct(request: server.Request) -> Callable[[bytes], None] | None:
+    """
+    The client transport's C{write} for the rest of a pass-through body, or
+    C{None} where C{Request.write} must stay in the path. Once the head is
+    out and the body goes as it came (the upstream's chunk framing, or a
+    sized body), C{server.Request.write} -> C{http.Request.write} ->
+    C{HTTPChannel.write} -> C{transport.write} does, per chunk, only checks
+    that no longer change (the default content type, HEAD, an encoder, the
+    head itself) and three calls; what still matters is kept in
+    L{Relay.body_data}: C{sentLength}, nothing written once the client is
+    gone, C{RuntimeError} after C{finish}. Backpressure is untouched: the
+    channel stays the transport's producer and the relay the request's.
+    Only an HTTP/1.1 channel whose C{write} is Twisted's own (a plain
+    C{transport.write}), a request still writing through the class's
+    C{write} (HEAD and bodiless codes replace it), with no encoder and no
+    chunking left to Twisted, qualifies. In memory this saves ~0.3 us of ~1.6
+    per chunk (bench/relay_micro.py).
+    """
+    channel = request.channel
+    if (
+        not request.startedWriting
+        or request.finished
+        or request._disconnected  # type: ignore[attr-defined]
+        or request.chunked  # type: ignore[attr-defined]
+        or "write" in request.__dict__
+        or getattr(request, "_encoder", None) is not None
+        or getattr(request, "_inFakeHead", False)
+        or type(channel).write is not http.HTTPChannel.write
+        or type(request).write is not server.Request.write
+    ):
+        return None
+    transport = getattr(channel, "transport", None)
+    return None if transport is None else transport.write  # type: ignore[no-any-return]
 
 
 def _no_delay(request: server.Request) -> None:

@@ -75,10 +75,9 @@ class BodyScanner:
         """The connection closed: whether that ends the body cleanly (only for read-until-close bodies)."""
         return self.done
 
-    @property
-    def in_trailers(self) -> bool:
-        """Past the last chunk, before the empty line that ends the trailers (chunked bodies only)."""
-        return False
+    #: Past the last chunk, before the empty line that ends the trailers (chunked bodies only; an
+    #: attribute, not a property: the relay reads it for every piece).
+    in_trailers = False
 
 
 class LengthScanner(BodyScanner):
@@ -160,10 +159,6 @@ class ChunkedScanner(BodyScanner):
         self._crlf = 2  # bytes of the CRLF after chunk data still expected
         self._trailer_bytes = 0
 
-    @property
-    def in_trailers(self) -> bool:
-        return self._state == _TRAILER
-
     def tail(self) -> bytes:
         if not self._kept:
             return b""
@@ -175,28 +170,48 @@ class ChunkedScanner(BodyScanner):
         return b"".join(pieces)
 
     def feed(self, data: bytes) -> int:
+        start = 0
         if self._state == _SIZE and not self._line and self._sink is None:
-            # the usual read in pass-through: whole chunks, starting at a chunk boundary
-            found = self._size_line.match(data)
-            if found is not None:
-                size = int(found.group(1), 16)
-                stop = found.end() + size
-                if size and stop + 2 == len(data) and data.endswith(b"\r\n") and found.end() <= self._max_size_line + 2:
-                    if self._tail_limit:
-                        self._keep(_CLEAN, data)
-                    return stop + 2
+            # The usual read in pass-through: whole chunks from a chunk boundary (one, or several
+            # when reads coalesce under load). Skip over them with one regex match each; the
+            # first that is not whole and plain (a last chunk, a chunk cut by the end of the
+            # read, anything odd) is left to _scan, which decides with every check.
+            end = len(data)
+            match = self._size_line.match
+            longest = self._max_size_line + 2
+            while True:
+                found = match(data, start)
+                if found is None:
+                    break
+                line_end = found.end()
+                stop = line_end + int(found.group(1), 16)
+                if (
+                    stop == line_end  # the last chunk
+                    or stop + 2 > end
+                    or data[stop] != 13  # CR
+                    or data[stop + 1] != 10  # LF
+                    or line_end - start > longest
+                ):
+                    break
+                start = stop + 2
+                if start == end:
+                    if self._tail_limit:  # self._keep(_CLEAN, data), inlined
+                        self._kept.append((_CLEAN, data))
+                        self._kept_size += end
+                        if self._kept_size >= self._trim_at:
+                            self._trim()
+                    return end
         snapshot = (
             (self._state, self._remaining, self._line, self._crlf, self._trailer_bytes)
             if self._tail_limit
             else None
         )
-        pos = self._scan(data)
+        pos = self._scan(data, start)
         if snapshot is not None and pos:
             self._keep(snapshot, data if pos == len(data) else data[:pos])
         return pos
 
-    def _scan(self, data: bytes) -> int:
-        pos = 0
+    def _scan(self, data: bytes, pos: int = 0) -> int:
         end = len(data)
         state = self._state
         sink = self._sink
@@ -264,6 +279,7 @@ class ChunkedScanner(BodyScanner):
                     break
         finally:
             self._state = state
+            self.in_trailers = state == _TRAILER
         return pos
 
     def _read_line(self, data: bytes, pos: int, end: int, limit: int = MAX_LINE) -> tuple[bytes | None, int]:
