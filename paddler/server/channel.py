@@ -206,6 +206,23 @@ class GuardedChannel(HTTPChannel):
             self.refuse(BadRequest("request lines must end with CRLF (\\r\\n), not a bare LF"))
             return
         super().dataReceived(data)
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """
+        Start the head or the body deadline if this read left the request in
+        that phase without one. Deadlines are armed only at the end of a read,
+        at the same clock time as the phase began: a head (a body) that came
+        whole in the read that began it needs no timer, and most do (the
+        proxy's requests are a few hundred bytes), so the usual request arms
+        and cancels none.
+        """
+        if self._deadline is not None or self.refused:
+            return
+        if self.phase == "head":
+            self._deadline = self.callLater(self.site.limits.header_timeout, self._head_timed_out)
+        elif self.phase == "body":
+            self._deadline = self.callLater(self._body_allowed(), self._check_body)
 
     # -- head -------------------------------------------------------------
 
@@ -215,7 +232,7 @@ class GuardedChannel(HTTPChannel):
         self._head_size = self._headers = self._framing = 0
         self._chunked = None
         self._request_line_seen = self._empty_line_seen = False
-        self._set_deadline(self.site.limits.header_timeout, self._head_timed_out)
+        self._cancel_deadline()  # the head deadline is armed at the end of the read (_arm_deadline)
 
     def _bare_lf(self, data: bytes) -> bool:
         """Whether the head (the part of it in C{data}) has an LF without its CR."""
@@ -319,8 +336,7 @@ class GuardedChannel(HTTPChannel):
         if length != 0:
             self.phase = "body"
             self._body_started = self.site.reactor.seconds()
-            self._body_received = 0
-            self._set_deadline(self._body_allowed(), self._check_body)
+            self._body_received = 0  # its deadline is armed at the end of the read (_arm_deadline)
 
     # -- body -------------------------------------------------------------
 
