@@ -69,7 +69,6 @@ def rig(parser: str = "twisted") -> tuple[Any, _Connections, _Transport]:
 
 def runner(parser: str = "twisted") -> Any:
     channel, connections, transport = rig(parser)
-    upstreams: dict[int, Any] = {}
 
     def one() -> None:
         channel.dataReceived(REQUEST)

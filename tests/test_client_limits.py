@@ -26,6 +26,9 @@ from paddler.server.channel import MAX_LINGERING_REFUSALS, ClientLimits, Guarded
 from paddler.server.memory import BodyMemory
 from paddler.server.request import bounded_request_factory
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 LIMITS = ClientLimits(header_timeout=10.0, min_body_rate=1000.0, idle_timeout=120.0, max_connections=4, linger=2.0)
 
 
@@ -421,6 +424,29 @@ def test_bare_lf_inside_a_body_is_fine():
     transport = rig.connect()
     rig.send(transport, post(6) + b"a\nb\nc\n")
     assert only_answer(transport)[0] == 200 and rig.resource.seen == [b"a\nb\nc\n"]
+
+
+def test_a_request_pipelined_behind_one_answered_in_the_same_read_is_checked_and_served_when_its_head_is_cut():
+    """Found by tests/test_request_parsers.py: its head began in the read that finished the first request."""
+    rig = Rig()
+    transport = rig.connect()
+    second = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Type: close\r\n\r\n"
+    rig.send(transport, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n" + second[:40])
+    rig.send(transport, second[40:41])
+    rig.send(transport, second[41:])
+    assert [status for status, _, _ in responses(transport.value())] == [200, 200]
+    transport.clear()
+    rig.send(transport, b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET  / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [status for status, _, _ in responses(transport.value())] == [200, 400]
+    transport.clear()
+
+
+def test_a_bare_lf_in_a_head_pipelined_behind_an_answered_request_is_a_json_400():
+    rig = Rig()
+    transport = rig.connect()
+    rig.send(transport, b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\nHost: h\r\n\r\n")
+    statuses = [status for status, _, _ in responses(transport.value())]
+    assert statuses == [200, 400] and b"bare LF" in transport.value()
 
 
 def test_two_pipelined_requests_are_both_answered_in_order():

@@ -171,6 +171,7 @@ class GuardedChannel(HTTPChannel):
         self._deadline: IDelayedCall | None = None
         self._linger: IDelayedCall | None = None
         self._tail = b""
+        self._read_end = b""  # the last byte of the latest read
         self._head_size = 0
         self._headers = 0
         self._framing = 0
@@ -205,6 +206,7 @@ class GuardedChannel(HTTPChannel):
         if self.phase == "head" and self._bare_lf(data):
             self.refuse(BadRequest("request lines must end with CRLF (\\r\\n), not a bare LF"))
             return
+        self._read_end = data[-1:]  # what a head that begins later in this read sees before the next read
         super().dataReceived(data)
         self._arm_deadline()
 
@@ -228,7 +230,8 @@ class GuardedChannel(HTTPChannel):
 
     def _start_head(self) -> None:
         self.phase = "head"
-        self._tail = b""
+        # the byte before the head's first (a CRLF may be cut between two reads)
+        self._tail = self._read_end
         self._head_size = self._headers = self._framing = 0
         self._chunked = None
         self._request_line_seen = self._empty_line_seen = False
@@ -255,6 +258,14 @@ class GuardedChannel(HTTPChannel):
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
+            return
+        if self.phase == "idle":
+            # a request pipelined behind one answered within the same read: LineReceiver goes on
+            # with the lines of that read without a new dataReceived, so its head starts here
+            self._start_head()  # (its bare-LF lookbehind: this read's last byte; a line with one is caught below)
+        if b"\n" in line:
+            # (only such a pipelined head can get here with one: dataReceived checks the others)
+            self.refuse(BadRequest("request lines must end with CRLF (\\r\\n), not a bare LF"))
             return
         self._head_size += len(line) + 2
         if self._head_size > self.totalHeadersSize:
@@ -462,10 +473,14 @@ class GuardedSite(Site):
     @param what: the listener's name in log lines and refusals.
     @param on_answered: called with each error answered early (framing,
         limits, deadlines, the connection cap), e.g. to count it.
+    @param parser: C{"twisted"} (Twisted's C{HTTPChannel} parses heads) or
+        C{"httptools"} (L{paddler.server.httptools_channel.HttptoolsChannel}).
     @ivar connections_refused: connections refused at the cap since start.
     """
 
     protocol = GuardedChannel  # type: ignore[assignment]
+    #: the parser of sites built without one (C{--request-parser}'s default; the tests run both)
+    request_parser = "twisted"
     noisy = False
     displayTracebacks = False
     logger = Logger()  # Site.log is the access log
@@ -480,7 +495,15 @@ class GuardedSite(Site):
         instance_id: str | None = None,
         access_log: bool = False,
         on_answered: Callable[[PaddlerHTTPError], None] | None = None,
+        parser: str | None = None,
     ) -> None:
+        parser = parser or self.request_parser
+        if parser == "httptools":
+            from paddler.server.httptools_channel import HttptoolsChannel
+
+            self.protocol = HttptoolsChannel  # type: ignore[assignment]
+        elif parser != "twisted":
+            raise ValueError(f"unknown request parser {parser!r}")
         super().__init__(
             resource,
             requestFactory=request_factory,
