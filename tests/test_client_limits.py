@@ -679,3 +679,15 @@ def test_a_reload_applies_new_client_limits_and_body_memory_to_both_listeners():
     assert "max_connections_per_client is now 8" in changes
     assert [s.limits.max_connections_per_client for s in service.sites] == [8, 8]
     assert service.body_memory.limit == 64 * 1024 * 1024
+
+
+def test_the_channel_says_whether_its_connection_is_tls_once_per_connection_and_rightly_for_each():
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvides
+
+    rig = Rig()
+    plain, tls = rig.connect(), rig.connect("127.0.0.2")
+    directlyProvides(tls, ISSLTransport)
+    assert [plain.protocol.isSecure(), tls.protocol.isSecure()] == [False, True]
+    directlyProvides(tls)  # asked once: the answer stays the connection's
+    assert [plain.protocol.isSecure(), tls.protocol.isSecure()] == [False, True]

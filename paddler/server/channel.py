@@ -181,6 +181,7 @@ class GuardedChannel(HTTPChannel):
         self._body_started = 0.0
         self._body_received = 0
         self._client: str | None = None
+        self._secure: bool | None = None
 
     # -- connection -------------------------------------------------------
 
@@ -197,6 +198,13 @@ class GuardedChannel(HTTPChannel):
         self._linger = None
         self.site.connection_closed(self._client)
         super().connectionLost(reason)
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS: asked once per connection (every forwarded request asks)."""
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = bool(super().isSecure())
+        return secure
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
