@@ -691,3 +691,27 @@ def test_the_channel_says_whether_its_connection_is_tls_once_per_connection_and_
     assert [plain.protocol.isSecure(), tls.protocol.isSecure()] == [False, True]
     directlyProvides(tls)  # asked once: the answer stays the connection's
     assert [plain.protocol.isSecure(), tls.protocol.isSecure()] == [False, True]
+
+
+def test_a_site_refuses_a_request_parser_it_does_not_know():
+    with pytest.raises(ValueError, match="request parser"):
+        GuardedSite(Echo(), LIMITS, Clock(), parser="h11")
+
+
+@pytest.mark.parametrize("parser", ["twisted", "httptools"])
+def test_the_request_parser_setting_reaches_the_proxy_port_only(parser, monkeypatch):
+    monkeypatch.setattr(GuardedSite, "request_parser", "twisted")  # not both_parsers': the setting alone
+    from dataclasses import replace
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler.config import BalancerConfig
+    from paddler.server.channel import GuardedChannel
+    from paddler.server.httptools_channel import HttptoolsChannel
+    from paddler.tap import makeBalancerService
+
+    assert BalancerConfig.request_parser == "twisted"  # the default: Twisted's parser
+    config = replace(BalancerConfig(), request_parser=parser)
+    proxy_site, management_site = makeBalancerService(config, MemoryReactorClock()).sites
+    assert proxy_site.protocol is (HttptoolsChannel if parser == "httptools" else GuardedChannel)
+    assert management_site.protocol is GuardedChannel
