@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -49,6 +50,10 @@ from bench.common import (
 
 PATH = "/v1/completions"
 TARGETS = ("direct", "paddler", "sglang-router", "haproxy", "nginx")
+#: on request only (--targets): this code with --request-parser httptools
+EXTRA_TARGETS = ("paddler-httptools",)
+#: every paddler target runs the write flush, as the streaming bench's do (it is opt-in)
+PADDLER_FLAGS = ["--flush-before-poll"]
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -118,15 +123,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     concurrencies = tuple(int(c) for c in args.concurrencies.split(","))
     wanted = set(args.targets.split(",")) | {"direct"} if args.targets else set(TARGETS)
-    names = [t for t in TARGETS if t in wanted and (t != "sglang-router" or sglang_router_command() is not None)]
+    names = [t for t in (*TARGETS, *EXTRA_TARGETS)
+             if t in wanted and (t != "sglang-router" or sglang_router_command() is not None)]
     if args.base:
         names.insert(2, "paddler-base")
     runs: dict[str, dict[int, list[dict[str, float]]]] = {t: {c: [] for c in concurrencies} for t in names}
     with Processes() as procs:
         upstream, ports = start_static_upstream(procs, 2, "s1-upstream", core=LOAD_CORE)
         urls = [f"http://{LOOPBACK}:{p}" for p in ports]
-        paddler, paddler_port = start_paddler(procs, urls, "s1-paddler", core=PROXY_CORE)
+        paddler, paddler_port = start_paddler(procs, urls, "s1-paddler", core=PROXY_CORE, extra=PADDLER_FLAGS)
         targets = {"direct": (ports[0], None), "paddler": (paddler_port, paddler.pid)}
+        if "paddler-httptools" in names:
+            fast, fast_port = start_paddler(procs, urls, "s1-paddler-httptools", core=PROXY_CORE,
+                                            extra=[*PADDLER_FLAGS, "--request-parser", "httptools"])
+            targets["paddler-httptools"] = (fast_port, fast.pid)
         if "haproxy" in names:
             haproxy, haproxy_port = start_haproxy(procs, ports, "s1-haproxy", core=PROXY_CORE)
             targets["haproxy"] = (haproxy_port, haproxy.pid)
@@ -137,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sglang, sglang_port = start_sglang_router(procs, ports, "s1-sglang-router", core=PROXY_CORE)
             targets["sglang-router"] = (sglang_port, sglang.pid)
         if args.base:
-            base, base_port = start_paddler(procs, urls, "s1-paddler-base", core=PROXY_CORE, source=args.base)
+            base, base_port = start_paddler(procs, urls, "s1-paddler-base", core=PROXY_CORE, source=args.base,
+                                            extra=PADDLER_FLAGS)
             targets["paddler-base"] = (base_port, base.pid)
         for target, (port, pid) in targets.items():  # warm up connections and code paths
             run_wrk(port, 16, 1, pid)
@@ -180,14 +191,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "added_p99_ms": median(r["p99_ms"] - d["p99_ms"] for r, d in zip(rs, ds)),
                 "cpu_s_per_1000": median(r.get("cpu_s_per_1000", float("nan")) for r in rs),
             }
-        for other, key in (("sglang-router", "cpu_vs_sglang_router"), ("paddler-base", "cpu_vs_base")):
-            if other in names:
-                # paddler's CPU per request against the other's, per repetition, then the median
-                ratios = [p["cpu_s_per_1000"] / g["cpu_s_per_1000"]
-                          for p, g in zip(runs["paddler"][c], runs[other][c]) if g.get("cpu_s_per_1000")]
-                row["paddler"][key] = median(ratios)
-                row["paddler"][key + "_spread"] = spread(ratios)
-                row["paddler"][key + "_per_repetition"] = ratios
+        for mine in ("paddler", "paddler-httptools"):
+            if mine not in names:
+                continue
+            for other, key in (("sglang-router", "cpu_vs_sglang_router"), ("paddler-base", "cpu_vs_base"),
+                               ("haproxy", "cpu_vs_haproxy"), ("paddler", "cpu_vs_paddler")):
+                if other in names and other != mine:
+                    # the CPU per request against the other's, per repetition, then the median
+                    ratios = [p["cpu_s_per_1000"] / g["cpu_s_per_1000"]
+                              for p, g in zip(runs[mine][c], runs[other][c]) if g.get("cpu_s_per_1000")]
+                    row[mine][key] = median(ratios)
+                    row[mine][key + "_spread"] = spread(ratios)
+                    row[mine][key + "_per_repetition"] = ratios
         summary[str(c)] = row
     data = {
         "scenario": "overhead",
@@ -209,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.base:
         data["base"] = args.base
+    data["paddler_flags"] = PADDLER_FLAGS
+    data["command"] = "python -m bench.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     save(args.out, data)
     return data
 

@@ -208,6 +208,14 @@ class BalancerConfig:
         "stream stalled with it in 2 of about 10 suite runs (not found yet); off: Twisted's own write buffering.",
         Flag(), reload="restart",
     )
+    request_parser: str = setting(
+        "twisted",
+        "What parses request heads on the proxy port: twisted (Twisted's HTTPChannel) or httptools "
+        "(llhttp, in C; a prototype, saves per-request CPU, refuses a few heads Twisted accepts: "
+        "docs/performance.md). Every defence of the proxy port applies to both.",
+        Choice(("twisted", "httptools")),
+        reload="restart",
+    )
     lean_reactor: bool = setting(
         True,
         "Run on paddler's epoll reactor, without Twisted's logging context per I/O event "

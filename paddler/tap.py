@@ -542,6 +542,7 @@ def _proxy_site_of(
         instance_id=identity.instance_id,
         loop_token=identity.loop_token,
         on_answered=answered_early,
+        parser=config.request_parser,
     )
 
 
@@ -700,6 +701,7 @@ def proxy_site(
     instance_id: str | None = None,
     loop_token: str | None = None,
     on_answered: Callable[[Any], None] | None = None,
+    parser: str | None = None,
 ) -> Any:
     """
     The proxy port's C{Site} (a L{paddler.server.channel.GuardedSite}): bodies
@@ -707,7 +709,8 @@ def proxy_site(
     request targets checked, C{limits} on slow clients and open connections
     (the defaults of L{paddler.server.channel.ClientLimits} when not given), on
     C{reactor}'s clock; answers marked with C{instance_id}, forwarded
-    requests with the C{Via} token C{loop_token} (a new one when not given).
+    requests with the C{Via} token C{loop_token} (a new one when not given);
+    request heads parsed by C{parser} (C{--request-parser}).
     """
     from paddler.server.channel import ClientLimits, GuardedSite
     from paddler.server.instance import new_instance_id
@@ -725,6 +728,7 @@ def proxy_site(
         instance_id=instance_id,
         access_log=access_log,
         on_answered=on_answered,
+        parser=parser,
     )
 
 

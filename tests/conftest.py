@@ -54,3 +54,12 @@ def procs(tmp_path):
     processes = Processes(tmp_path)
     yield processes
     processes.stop_all()
+
+
+@pytest.fixture(params=["twisted", "httptools"])
+def both_parsers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with each request parser of the proxy port (--request-parser)."""
+    from paddler.server.channel import GuardedSite
+
+    monkeypatch.setattr(GuardedSite, "request_parser", request.param)
+    return str(request.param)

@@ -26,6 +26,9 @@ from paddler.server.channel import MAX_LINGERING_REFUSALS, ClientLimits, Guarded
 from paddler.server.memory import BodyMemory
 from paddler.server.request import bounded_request_factory
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 LIMITS = ClientLimits(header_timeout=10.0, min_body_rate=1000.0, idle_timeout=120.0, max_connections=4, linger=2.0)
 
 
@@ -423,6 +426,29 @@ def test_bare_lf_inside_a_body_is_fine():
     assert only_answer(transport)[0] == 200 and rig.resource.seen == [b"a\nb\nc\n"]
 
 
+def test_a_request_pipelined_behind_one_answered_in_the_same_read_is_checked_and_served_when_its_head_is_cut():
+    """Found by tests/test_request_parsers.py: its head began in the read that finished the first request."""
+    rig = Rig()
+    transport = rig.connect()
+    second = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Type: close\r\n\r\n"
+    rig.send(transport, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n" + second[:40])
+    rig.send(transport, second[40:41])
+    rig.send(transport, second[41:])
+    assert [status for status, _, _ in responses(transport.value())] == [200, 200]
+    transport.clear()
+    rig.send(transport, b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET  / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [status for status, _, _ in responses(transport.value())] == [200, 400]
+    transport.clear()
+
+
+def test_a_bare_lf_in_a_head_pipelined_behind_an_answered_request_is_a_json_400():
+    rig = Rig()
+    transport = rig.connect()
+    rig.send(transport, b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\nHost: h\r\n\r\n")
+    statuses = [status for status, _, _ in responses(transport.value())]
+    assert statuses == [200, 400] and b"bare LF" in transport.value()
+
+
 def test_two_pipelined_requests_are_both_answered_in_order():
     rig = Rig()
     transport = rig.connect()
@@ -653,3 +679,39 @@ def test_a_reload_applies_new_client_limits_and_body_memory_to_both_listeners():
     assert "max_connections_per_client is now 8" in changes
     assert [s.limits.max_connections_per_client for s in service.sites] == [8, 8]
     assert service.body_memory.limit == 64 * 1024 * 1024
+
+
+def test_the_channel_says_whether_its_connection_is_tls_once_per_connection_and_rightly_for_each():
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvides
+
+    rig = Rig()
+    plain, tls = rig.connect(), rig.connect("127.0.0.2")
+    directlyProvides(tls, ISSLTransport)
+    assert [plain.protocol.isSecure(), tls.protocol.isSecure()] == [False, True]
+    directlyProvides(tls)  # asked once: the answer stays the connection's
+    assert [plain.protocol.isSecure(), tls.protocol.isSecure()] == [False, True]
+
+
+def test_a_site_refuses_a_request_parser_it_does_not_know():
+    with pytest.raises(ValueError, match="request parser"):
+        GuardedSite(Echo(), LIMITS, Clock(), parser="h11")
+
+
+@pytest.mark.parametrize("parser", ["twisted", "httptools"])
+def test_the_request_parser_setting_reaches_the_proxy_port_only(parser, monkeypatch):
+    monkeypatch.setattr(GuardedSite, "request_parser", "twisted")  # not both_parsers': the setting alone
+    from dataclasses import replace
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from paddler.config import BalancerConfig
+    from paddler.server.channel import GuardedChannel
+    from paddler.server.httptools_channel import HttptoolsChannel
+    from paddler.tap import makeBalancerService
+
+    assert BalancerConfig.request_parser == "twisted"  # the default: Twisted's parser
+    config = replace(BalancerConfig(), request_parser=parser)
+    proxy_site, management_site = makeBalancerService(config, MemoryReactorClock()).sites
+    assert proxy_site.protocol is (HttptoolsChannel if parser == "httptools" else GuardedChannel)
+    assert management_site.protocol is GuardedChannel

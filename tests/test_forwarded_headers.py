@@ -17,6 +17,9 @@ from paddler.config import BalancerConfig
 from paddler.tap import BalancerOptions
 from tests.proxy_harness import make_harness
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 SPOOFED = {
     b"X-Forwarded-For": [b"10.1.1.1"],
     b"X-Forwarded-Proto": [b"https"],

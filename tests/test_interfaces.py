@@ -134,10 +134,17 @@ def guarded_listener_parts() -> list[tuple[Any, Any]]:
 
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     channel.makeConnection(StringTransport())
+    fast_site = GuardedSite(
+        Resource(), ClientLimits(), MemoryReactorClock(), request_factory=bounded_request_factory(1024),
+        parser="httptools",
+    )
+    fast_channel = fast_site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    fast_channel.makeConnection(StringTransport())
     return [
         (IGuardedSite, site),
         (IGuardedChannel, channel),
         (IBoundedRequest, site.requestFactory(channel, True)),
+        (IGuardedChannel, fast_channel),  # the --request-parser httptools channel
     ]
 
 

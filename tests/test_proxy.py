@@ -12,6 +12,9 @@ from paddler.fleet.upstream import UpstreamState
 from .helpers import FakeUpstreamBody
 from .proxy_harness import Chunks, Harness, make_harness
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 #: HostnameEndpoint notices a refused attempt at its next attempt tick (0.3 s on the clock).
 REFUSAL_NOTICED = 0.3
 

@@ -9,6 +9,9 @@ import pytest
 
 from .proxy_harness import Harness, make_harness
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 
 @pytest.fixture
 def harness(request) -> Harness:

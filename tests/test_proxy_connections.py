@@ -15,6 +15,10 @@ from paddler.tap import CLIENT_IDLE_TIMEOUT
 from paddler.upstream.clients import CACHED_CONNECTION_TIMEOUT
 
 from .proxy_harness import Chunks, Harness, make_harness
+import pytest
+
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
 
 EVENT = b"data: " + b"x" * 1000 + b"\n\n"
 

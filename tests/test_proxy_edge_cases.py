@@ -24,6 +24,9 @@ from .helpers import FakeUpstreamBody, make_pool
 from .memory_network import MemoryNetwork
 from .proxy_harness import make_harness
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 
 # 1 ---------------------------------------------------------------------------
 def test_client_leaving_while_the_upstream_connect_is_pending_is_a_quiet_cancel(request):

@@ -18,6 +18,10 @@ from paddler.llamacpp.slots import http_getter, read_slots
 from .fake_llama import FakeLlama
 from .helpers import MemoryUpstreams, make_pool
 from .proxy_harness import make_harness
+import pytest
+
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
 
 REFUSED = {"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}}
 

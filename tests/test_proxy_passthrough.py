@@ -11,6 +11,9 @@ from twisted.web.resource import Resource
 
 from .proxy_harness import make_harness
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 
 class Echo(Resource):
     """Answers every request with 299, an odd header and what it received."""

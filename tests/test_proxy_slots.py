@@ -12,6 +12,9 @@ from paddler.fleet.upstream import FailureSeen
 
 from .proxy_harness import make_harness
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 
 @pytest.fixture
 def harness(request):

@@ -16,6 +16,9 @@ from paddler.server.target import Target, TargetRejected, check_target
 from .memory_network import connect_raw
 from .proxy_harness import PROXY_HOST, PROXY_PORT, Harness
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 
 def exchange(h: Harness, raw: bytes) -> bytes:
     """Send C{raw} on a new client connection to the proxy; return what it wrote back, then hang up."""

@@ -32,6 +32,9 @@ from .fake_llama import FakeLlama
 from .helpers import MemoryUpstreams, healthy_upstream, make_pool
 from .test_client_limits import Transport, responses
 
+#: every test here runs with each request parser of the proxy port (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("both_parsers")
+
 
 @implementer(IUpstreamClient)
 class RecordingClient:

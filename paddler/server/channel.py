@@ -171,6 +171,7 @@ class GuardedChannel(HTTPChannel):
         self._deadline: IDelayedCall | None = None
         self._linger: IDelayedCall | None = None
         self._tail = b""
+        self._read_end = b""  # the last byte of the latest read
         self._head_size = 0
         self._headers = 0
         self._framing = 0
@@ -180,6 +181,7 @@ class GuardedChannel(HTTPChannel):
         self._body_started = 0.0
         self._body_received = 0
         self._client: str | None = None
+        self._secure: bool | None = None
 
     # -- connection -------------------------------------------------------
 
@@ -197,6 +199,13 @@ class GuardedChannel(HTTPChannel):
         self.site.connection_closed(self._client)
         super().connectionLost(reason)
 
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS: asked once per connection (every forwarded request asks)."""
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = bool(super().isSecure())
+        return secure
+
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return  # answered already: the rest is read and dropped until the connection closes
@@ -205,17 +214,36 @@ class GuardedChannel(HTTPChannel):
         if self.phase == "head" and self._bare_lf(data):
             self.refuse(BadRequest("request lines must end with CRLF (\\r\\n), not a bare LF"))
             return
+        self._read_end = data[-1:]  # what a head that begins later in this read sees before the next read
         super().dataReceived(data)
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """
+        Start the head or the body deadline if this read left the request in
+        that phase without one. Deadlines are armed only at the end of a read,
+        at the same clock time as the phase began: a head (a body) that came
+        whole in the read that began it needs no timer, and most do (the
+        proxy's requests are a few hundred bytes), so the usual request arms
+        and cancels none.
+        """
+        if self._deadline is not None or self.refused:
+            return
+        if self.phase == "head":
+            self._deadline = self.callLater(self.site.limits.header_timeout, self._head_timed_out)
+        elif self.phase == "body":
+            self._deadline = self.callLater(self._body_allowed(), self._check_body)
 
     # -- head -------------------------------------------------------------
 
     def _start_head(self) -> None:
         self.phase = "head"
-        self._tail = b""
+        # the byte before the head's first (a CRLF may be cut between two reads)
+        self._tail = self._read_end
         self._head_size = self._headers = self._framing = 0
         self._chunked = None
         self._request_line_seen = self._empty_line_seen = False
-        self._set_deadline(self.site.limits.header_timeout, self._head_timed_out)
+        self._cancel_deadline()  # the head deadline is armed at the end of the read (_arm_deadline)
 
     def _bare_lf(self, data: bytes) -> bool:
         """Whether the head (the part of it in C{data}) has an LF without its CR."""
@@ -238,6 +266,14 @@ class GuardedChannel(HTTPChannel):
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
+            return
+        if self.phase == "idle":
+            # a request pipelined behind one answered within the same read: LineReceiver goes on
+            # with the lines of that read without a new dataReceived, so its head starts here
+            self._start_head()  # (its bare-LF lookbehind: this read's last byte; a line with one is caught below)
+        if b"\n" in line:
+            # (only such a pipelined head can get here with one: dataReceived checks the others)
+            self.refuse(BadRequest("request lines must end with CRLF (\\r\\n), not a bare LF"))
             return
         self._head_size += len(line) + 2
         if self._head_size > self.totalHeadersSize:
@@ -319,8 +355,7 @@ class GuardedChannel(HTTPChannel):
         if length != 0:
             self.phase = "body"
             self._body_started = self.site.reactor.seconds()
-            self._body_received = 0
-            self._set_deadline(self._body_allowed(), self._check_body)
+            self._body_received = 0  # its deadline is armed at the end of the read (_arm_deadline)
 
     # -- body -------------------------------------------------------------
 
@@ -446,10 +481,14 @@ class GuardedSite(Site):
     @param what: the listener's name in log lines and refusals.
     @param on_answered: called with each error answered early (framing,
         limits, deadlines, the connection cap), e.g. to count it.
+    @param parser: C{"twisted"} (Twisted's C{HTTPChannel} parses heads) or
+        C{"httptools"} (L{paddler.server.httptools_channel.HttptoolsChannel}).
     @ivar connections_refused: connections refused at the cap since start.
     """
 
     protocol = GuardedChannel  # type: ignore[assignment]
+    #: the parser of sites built without one (C{--request-parser}'s default; the tests run both)
+    request_parser = "twisted"
     noisy = False
     displayTracebacks = False
     logger = Logger()  # Site.log is the access log
@@ -464,7 +503,15 @@ class GuardedSite(Site):
         instance_id: str | None = None,
         access_log: bool = False,
         on_answered: Callable[[PaddlerHTTPError], None] | None = None,
+        parser: str | None = None,
     ) -> None:
+        parser = parser or self.request_parser
+        if parser == "httptools":
+            from paddler.server.httptools_channel import HttptoolsChannel
+
+            self.protocol = HttptoolsChannel  # type: ignore[assignment]
+        elif parser != "twisted":
+            raise ValueError(f"unknown request parser {parser!r}")
         super().__init__(
             resource,
             requestFactory=request_factory,
