@@ -204,8 +204,9 @@ class BalancerConfig:
     flush_before_poll: bool = setting(
         False,
         "Send what a client or upstream connection buffered in one reactor turn in one send, just "
-        "before the reactor waits (docs/performance.md). Off by default: a slow reader's decoded "
-        "stream stalled with it in 2 of about 10 suite runs (not found yet); off: Twisted's own write buffering.",
+        "before the reactor waits (docs/performance.md). Off by default until the slow-reader test that "
+        "stalled with it is changed: the stall was TCP's persist timer on a 4 KiB receive buffer, seen "
+        "with the flush off too; off: Twisted's own write buffering.",
         Flag(), reload="restart",
     )
     request_parser: str = setting(
