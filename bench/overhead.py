@@ -52,7 +52,7 @@ PATH = "/v1/completions"
 TARGETS = ("direct", "paddler", "sglang-router", "haproxy", "nginx")
 #: on request only (--targets): this code with --request-parser httptools
 EXTRA_TARGETS = ("paddler-httptools",)
-#: every paddler target runs the write flush, as the streaming bench's do (it is opt-in)
+#: every paddler target runs the write flush, as the streaming bench's do (the default now; the --base checkout may predate that)
 PADDLER_FLAGS = ["--flush-before-poll"]
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}

@@ -77,7 +77,7 @@ def start_target(procs: Processes, target: str, upstream_port: int, name: str) -
         extra = ["--idle-timeout", "300", "--max-buffered-requests", "5000"]
         if target == "paddler-decode":
             extra.append("--no-relay-passthrough")
-        if target in ("paddler", "paddler-decode", "paddler-base-flush"):  # the write flush (opt-in now)
+        if target in ("paddler", "paddler-decode", "paddler-base-flush"):  # the write flush (the default now; a --base checkout may predate that)
             extra.append("--flush-before-poll")
         if target == "paddler-twisted":  # this code on Twisted's own reactor and write buffering
             extra.append("--no-lean-reactor")

@@ -202,11 +202,10 @@ class BalancerConfig:
         Flag(), reload="proxy",
     )
     flush_before_poll: bool = setting(
-        False,
+        True,
         "Send what a client or upstream connection buffered in one reactor turn in one send, just "
-        "before the reactor waits (docs/performance.md). Off by default until the slow-reader test that "
-        "stalled with it is changed: the stall was TCP's persist timer on a 4 KiB receive buffer, seen "
-        "with the flush off too; off: Twisted's own write buffering.",
+        "before the reactor waits, and register for write events only for what the kernel did not "
+        "take (paddler/flush.py, docs/performance.md); off: Twisted's own write buffering.",
         Flag(), reload="restart",
     )
     request_parser: str = setting(

@@ -1,12 +1,19 @@
-"""Through a real balancer on the lean reactor (the default; the write flush is off by default): slow readers, many chunks.
+"""Through a real balancer on the lean reactor: slow readers, many chunks, with the write flush on (the default) and off.
 
-A client with a 4 KiB receive buffer that reads 4 KiB at a time makes
-every send the balancer attempts to it partial (the answer is ~1,000
-times what its socket buffers hold), so the bytes wait in Twisted's buffer
-and the upstream is paused and resumed; a second client reads at full
-speed at the same time. Each gets every event once, in order, in a
-well-formed chunked body, in both relay modes; and the balancer says it
-ran on the lean reactor with the flush off. Real processes on 127.0.0.1.
+A client that reads 4 KiB at a time with pauses, from a 64 KiB receive
+buffer, while the answer is ~5 MB (more than the kernel's socket buffers
+of both ends hold), makes the balancer's sends partial once those buffers
+are full, so the bytes wait in Twisted's buffer and the upstream is paused
+and resumed; a second client reads at full speed at the same time. Each
+gets every event once, in order, in a well-formed chunked body, in both
+relay modes, with the flush on and off; and the balancer says which.
+
+The receive buffer is not smaller on purpose: with 4 KiB (about one TCP
+segment) the client's kernel, avoiding silly windows, sometimes stops
+sending window updates and the balancer's kernel then sends one segment
+per zero-window probe (the persist timer, ~200 ms): ~10 KB/s, with the
+write flush on or off alike (contrib/flushstall/README.md).
+Real processes on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from .relay_checks import MODES, post_raw
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-EVENTS = 100_000  # ~1.9 MB of payload
+EVENTS = 260_000  # ~5 MB of payload
+SLOW_RCVBUF = 64 * 1024
+FLUSH = {"flush-on": (), "flush-off": ("--no-flush-before-poll",)}
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +50,11 @@ def balancers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tu
         wait_for(lambda: get_json(f"http://127.0.0.1:{port}/health")[0] == 200, 20, "the pattern upstream")
         proxies = {}
         for mode, flags in MODES.items():
-            process, proxies[mode], _ = procs.balancer(
-                "--upstream", f"http://127.0.0.1:{port}", "--probe-interval", "0.2", *flags
-            )
-            proxies[mode] = (proxies[mode], process)
+            for flush, flush_flags in FLUSH.items():
+                process, proxy, _ = procs.balancer(
+                    "--upstream", f"http://127.0.0.1:{port}", "--probe-interval", "0.2", *flags, *flush_flags
+                )
+                proxies[f"{mode}-{flush}"] = (proxy, process)
         yield proxies
     finally:
         procs.stop_all()
@@ -98,9 +108,10 @@ def decode_chunked(raw: bytes) -> tuple[bytes, dict[str, str], bytes, bytes]:
         pos = end + 4 + size
 
 
+@pytest.mark.parametrize("flush", list(FLUSH))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_a_slow_reader_and_a_fast_one_at_once_get_every_event_once_in_order(balancers, mode):
-    proxy, process = balancers[mode]
+def test_a_slow_reader_and_a_fast_one_at_once_get_every_event_once_in_order(balancers, mode, flush):
+    proxy, process = balancers[f"{mode}-{flush}"]
     wait_for(lambda: get_json(proxy + "/health")[1]["upstreams"]["healthy"] == 1, 20, "the upstream healthy")
     results: dict[str, bytes] = {}
     errors: list[BaseException] = []
@@ -112,7 +123,7 @@ def test_a_slow_reader_and_a_fast_one_at_once_get_every_event_once_in_order(bala
             errors.append(e)
 
     threads = [
-        threading.Thread(target=run, args=("slow", 4096, 4096, 1)),
+        threading.Thread(target=run, args=("slow", SLOW_RCVBUF, 4096, 1)),
         threading.Thread(target=run, args=("fast", None, None, 7)),
     ]
     for t in threads:
@@ -127,15 +138,16 @@ def test_a_slow_reader_and_a_fast_one_at_once_get_every_event_once_in_order(bala
         assert headers["content-type"].startswith("text/event-stream")
         assert after == b""
         assert len(payload) == len(expected) and payload == expected, f"{name}: the events differ"
-    assert "reactor LeanEPollReactor, write flush off" in process.log()  # type: ignore[attr-defined]
+    said = "on" if flush == "flush-on" else "off"
+    assert f"reactor LeanEPollReactor, write flush {said}" in process.log()  # type: ignore[attr-defined]
 
 
-def test_the_balancer_says_when_it_runs_on_twisteds_reactor_without_the_flush(tmp_path):
+def test_the_balancer_says_when_it_runs_on_twisteds_reactor_with_the_flush(tmp_path):
     procs = Processes(tmp_path)
     try:
         process, proxy, _ = procs.balancer("--no-lean-reactor")
-        wait_for(lambda: "write flush off" in process.log(), 10, "the startup line")
-        assert "reactor EPollReactor, write flush off" in process.log()
+        wait_for(lambda: "write flush" in process.log(), 10, "the startup line")
+        assert "reactor EPollReactor, write flush on" in process.log()
         assert get_json(proxy + "/health")[1]["upstreams"]["healthy"] == 0
     finally:
         procs.stop_all()
