@@ -336,6 +336,34 @@ def test_a_surplus_copy_makes_room_for_a_model_short_of_slots(fleets, clock: Clo
     steady.stop()
 
 
+def test_the_last_copy_of_a_model_in_use_goes_only_for_a_model_with_twice_its_demand(fleets, clock: Clock) -> None:
+    """models_max 1, two routers: alpha on gpu-1 (0.5 slots of steady demand), beta on gpu-2
+    (0.25). One request for gamma, loaded nowhere, waits 20 s: it evicts neither. Then gamma
+    gets 2 slots of demand: beta's copy (the smaller demand, idle) is evicted for it, and
+    the event says so; alpha stays."""
+    fleet = fleets(models_max=1)
+    fleet.hosts[0].load("alpha")
+    fleet.hosts[1].load("beta")
+    for router in fleet.routers:
+        fleet.probe_now(router)
+    clock.advance(60)
+    work = [Workload(fleet, "alpha", every=2.0, hold=1.0), Workload(fleet, "beta", every=4.0, hold=1.0)]
+    run_for(clock, 30.0)
+    lonely = fleet.pool.acquire("gamma")
+    run_for(clock, 20.0)
+    assert not lonely.called
+    assert [e for e in fleet.events.describe() if e["kind"] == "model_load"] == []
+    work.append(Workload(fleet, "gamma", every=0.5, hold=1.0))
+    run_for(clock, 30.0)
+    assert fleet.states(0)["alpha"] == "loaded"
+    assert fleet.states(1) == {"alpha": "unloaded", "beta": "unloaded", "gamma": "loaded"}
+    [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
+    assert entry["evicted"] == "beta" and "at most half of gamma's" in entry["text"], entry["text"]
+    released(lonely)
+    for w in work:
+        w.stop()
+
+
 def test_after_a_popularity_shift_the_hot_model_gets_the_surplus_place(fleets, clock: Clock) -> None:
     """Two routers, models_max 2, replicas_max 2: alpha hot on both (gpu-1 alpha+beta, gpu-2
     alpha+gamma), beta and gamma lukewarm. Then the shift: alpha cools to one request every

@@ -309,6 +309,7 @@ class ModelPlacement(Service):
                     )
                 continue
             self._unplaceable.discard(model)
+            self._short_since.pop(model, None)  # a further copy waits for a shortage of its own
             router, child, victim, victim_why = choice
             if self.claims is None:
                 self._start(model, router, child, victim, why=why, victim_why=victim_why)
@@ -352,7 +353,7 @@ class ModelPlacement(Service):
                                   else "no demand")
                     elif not replica and wanted >= LAST_COPY_MARGIN * has:
                         rank = (1, has)
-                        reason = f"demand {has:.1f} slots, under half of {model}'s {wanted:.1f}"
+                        reason = f"demand {has:.1f} slots, at most half of {model}'s {wanted:.1f}"
                     else:
                         continue
                     options.append(((*rank, s.last_used_at), s, reason))
