@@ -30,6 +30,7 @@ model's, for comparing the configurations side by side:
 Every configuration starts from the static assignment loaded.
 
     python -m bench.multimodel [--seed S] [--seeds 3] [--duration 300] [--load 0.7] [--out FILE]
+        [--demand-window 30] [--replica-after 10]   # placement's settings
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ class Oracle:
             self.refresh(best[1])
 
 
-def replay(trace: Sequence[tuple[float, str]], config: str, duration: float) -> dict[str, Any]:
+def replay(trace: Sequence[tuple[float, str]], config: str, duration: float,
+           demand_window: float = 30.0, replica_after: float = 10.0) -> dict[str, Any]:
     clock = Clock()
     child_config = SimulatorConfig(slots=SLOTS, tokens_per_second=TOKENS_PER_SECOND, n_ctx=4096, cache_ram_mib=0)
     routers = [SimulatedRouter(clock, RouterConfig(MODELS, MODELS_MAX, config == "autoload", LOAD_SECONDS),
@@ -219,7 +221,8 @@ def replay(trace: Sequence[tuple[float, str]], config: str, duration: float) -> 
             return succeed((200, b'{"success":true}'))
 
         placement = ModelPlacement(pool, clock, post, probe, interval=0.5, min_residency=30.0,
-                                   load_timeout=120.0, replicas_max=2, poll_interval=0.25)
+                                   load_timeout=120.0, replicas_max=2, poll_interval=0.25,
+                                   demand_window=demand_window, replica_after=replica_after)
         placement.startService()
     oracle_loop = None
     if config == "oracle":
@@ -304,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--load", type=float, default=0.7)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--demand-window", type=float, default=30.0, help="placement's --model-demand-window")
+    parser.add_argument("--replica-after", type=float, default=10.0, help="placement's --model-replica-after")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     rows = []
@@ -311,8 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         seed = args.seed + 100 * i
         trace = make_trace(seed, args.duration, args.load)
         for config in args.configs.split(","):
-            r = replay(trace, config, args.duration) | {"seed": seed, "duration": args.duration,
-                                                         "load": args.load}
+            r = replay(trace, config, args.duration, args.demand_window, args.replica_after) | {
+                "seed": seed, "duration": args.duration, "load": args.load}
+            if config == "placement":
+                r |= {"demand_window": args.demand_window, "replica_after": args.replica_after}
             rows.append(r)
             print(f"seed {seed} {config:10} served {r['served']}/{r['requests']} ttft p50 {r['ttft_p50']:.2f} "
                   f"p99 {r['ttft_p99']:.2f} after the shift p50 {r['ttft_p50_after_shift']:.2f} "

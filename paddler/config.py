@@ -362,7 +362,8 @@ class BalancerConfig:
     model_placement: bool = setting(
         False,
         "Load models on router-mode upstreams where requests wait for them (POST /models/load, "
-        "evicting the least valuable idle model), instead of letting each router autoload them.",
+        "in a free place, else evicting an idle copy whose model's demand its other copies cover), "
+        "instead of letting each router autoload them.",
         Flag(),
         reload="restart",
     )
@@ -375,8 +376,18 @@ class BalancerConfig:
         reload="restart",
     )
     model_replicas_max: int = setting(
-        1, "With --model-placement: copies of one model loaded while all its slots are busy.", count(1, 1000),
+        1, "With --model-placement: copies of one model at most (one more is loaded only while its "
+        "demand stays above its copies' slots, see --model-replica-after).", count(1, 1000),
         reload="restart",
+    )
+    model_replica_after: float = setting(
+        10.0, "With --model-placement: a model gets one more copy only after its requests have waited, "
+        "every slot of its copies busy and its demand above their slots, for this many seconds.",
+        seconds(zero_allowed=True), reload="restart",
+    )
+    model_demand_window: float = setting(
+        30.0, "With --model-placement: a model's demand (slots its requests keep busy) is counted over "
+        "this many seconds of arrivals.", seconds(), reload="restart",
     )
     default_model: str | None = setting(
         None,

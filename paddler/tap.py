@@ -584,6 +584,7 @@ def _build_observing(
             pool, reactor, json_poster(core.upstream_client, config.llamacpp_api_key), probing.probes.probe_now,
             events, interval=min(0.5, config.probe_interval), min_residency=config.model_min_residency,
             load_timeout=config.model_load_timeout, replicas_max=config.model_replicas_max,
+            demand_window=config.model_demand_window, replica_after=config.model_replica_after,
             claims=pool.shared.store if pool.shared is not None else None,
         )
         services.append(placement)

@@ -51,3 +51,13 @@ def test_the_oracle_loads_only_the_model_that_will_be_needed() -> None:
     others = {m: n for m, n in result["loads_by_model"].items() if m != "m4"}
     assert set(others.values()) == {0}
     assert 1 <= result["loads_by_model"]["m4"] <= HOSTS - 1
+
+
+def test_placement_loads_only_for_the_models_the_shift_made_hot() -> None:
+    """A 120 s trace at 70 % of capacity: placement adds a few copies of the models the shift
+    made popular (m3 to m5) and loads no model the shift made cold (m0, m1, m2): no churn."""
+    trace = make_trace(21, 120.0, 0.7)
+    result = replay(trace, "placement", 120.0)
+    assert result["served"] == len(trace)
+    assert 1 <= result["loads"] <= 3, result["loads_by_model"]
+    assert {m: result["loads_by_model"][m] for m in ("m0", "m1", "m2")} == {"m0": 0, "m1": 0, "m2": 0}

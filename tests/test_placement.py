@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, LoopingCall
 
 from paddler.fleet.placement import ModelPlacement
 from paddler.fleet.routers import child_id, observe_router
@@ -120,7 +120,8 @@ def test_requests_for_an_unloaded_model_wait_for_one_load_then_get_its_slots(fle
     assert fleet.states(1 - index)["beta"] == "unloaded"
     assert sum(h.router.models["beta"].loads for h in fleet.hosts) == 1
     [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
-    assert entry["text"] == f"loaded beta on gpu-{index + 1}" and entry["outcome"] == "loaded"
+    assert entry["text"].startswith(f"loaded beta on gpu-{index + 1} (2 waiting, demand ")
+    assert entry["outcome"] == "loaded"
     assert fleet.placement.loads_total == {("beta", f"gpu-{index + 1}", "loaded"): 1}
     histogram = fleet.placement.load_seconds
     assert sum(histogram.counts) == 1 and 0.5 <= histogram.sum <= 1.0  # a 0.5 s load, seen within 0.25 s
@@ -151,7 +152,8 @@ def test_a_full_router_evicts_its_idle_model_not_its_busy_one(fleets, clock: Clo
     assert fleet.states(0) == {"alpha": "unloaded", "beta": "loaded", "gamma": "loaded"}
     [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
     assert entry["evicted"] == "alpha"
-    assert entry["text"].startswith("loaded beta on gpu-1, evicted alpha (idle 6")
+    assert entry["text"].startswith("loaded beta on gpu-1 (1 waiting, demand ")
+    assert ", evicted alpha (idle 6" in entry["text"] and "no demand)" in entry["text"], entry["text"]
     lease.release()
     busy.release()
 
@@ -190,26 +192,205 @@ def test_a_failed_load_is_logged_and_counted(fleets, clock: Clock) -> None:
     waiting.addErrback(lambda _: None)
 
 
-def test_a_busy_model_gets_a_second_copy_up_to_replicas_max(fleets, clock: Clock) -> None:
-    """replicas_max 2: alpha loaded on gpu-1 with both slots busy and a request waiting: a
-    second copy is loaded on gpu-2, which serves it; no third copy."""
+class Workload:
+    """Requests for C{model} every C{every} seconds on the fake clock, each holding its slot
+    C{hold} seconds once it gets one (a steady demand of C{hold / every} slots)."""
+
+    def __init__(self, fleet: PlacementFleet, model: str, every: float, hold: float) -> None:
+        self.fleet, self.model, self.hold = fleet, model, hold
+        self.waiting: list[Any] = []
+        self.held: list[Any] = []
+        self.served: list[Any] = []
+        self.loop = LoopingCall(self.send)
+        self.loop.clock = fleet.clock
+        self.loop.start(every)
+
+    def send(self) -> None:
+        d = self.fleet.pool.acquire(self.model)
+        self.waiting.append(d)
+        d.addCallback(self._granted, d)
+
+    def _granted(self, lease: Any, d: Any) -> None:
+        self.waiting.remove(d)
+        self.served.append(lease)
+        call = self.fleet.clock.callLater(self.hold, self._done, lease)
+        self.held.append(call)
+
+    def _done(self, lease: Any) -> None:
+        self.held = [c for c in self.held if c.active()]
+        lease.release()
+
+    def stop(self) -> None:
+        """No more requests; the waiting ones leave, the running ones end now."""
+        if self.loop.running:
+            self.loop.stop()
+        for d in list(self.waiting):
+            d.addErrback(lambda _: None)
+            d.cancel()
+        for call in list(self.held):
+            if call.active():
+                lease = call.args[0]
+                call.cancel()
+                lease.release()
+        self.held = []
+
+
+def run_for(clock: Clock, seconds: float, step: float = 0.25) -> None:
+    for _ in range(int(seconds / step)):
+        clock.advance(step)
+
+
+def copies(fleet: PlacementFleet, model: str) -> int:
+    return sum(1 for i in range(len(fleet.hosts)) if fleet.states(i)[model] == "loaded")
+
+
+def test_a_model_whose_requests_wait_momentarily_gets_no_second_copy(fleets, clock: Clock) -> None:
+    """replicas_max 2, two routers, alpha on gpu-1 and beta on gpu-2: alpha's two slots busy
+    and three more requests waiting for 2 s (a burst, then quiet) do not load a second copy
+    of alpha, in the burst or the minute after it."""
     fleet = fleets(replicas_max=2)
     fleet.hosts[0].load("alpha")
-    fleet.probe_now(fleet.routers[0])
+    fleet.hosts[1].load("beta")
+    for router in fleet.routers:
+        fleet.probe_now(router)
     busy = [fleet.pool.acquire("alpha").result for _ in range(2)]
     waiting = [fleet.pool.acquire("alpha") for _ in range(3)]
-    for _ in range(6):
-        clock.advance(0.25)
-    assert fleet.states(1)["alpha"] == "loaded"
-    served = [d.result for d in waiting[:2]]
-    assert {lease.upstream.parent_id for lease in served} == {fleet.routers[1].id}
-    assert not waiting[2].called
-    for _ in range(6):
-        clock.advance(0.25)
-    assert sum(h.router.models["alpha"].loads for h in fleet.hosts) == 2
-    busy[0].release()
-    for lease in (busy[1], *served, waiting[2].result):
+    run_for(clock, 2.0)
+    for lease in busy:
         lease.release()
+    for d in waiting:
+        released(d)
+    run_for(clock, 60.0)
+    assert fleet.states(1) == {"alpha": "unloaded", "beta": "loaded", "gamma": "unloaded"}
+    assert sum(h.router.models["alpha"].loads for h in fleet.hosts) == 1
+    assert [e for e in fleet.events.describe() if e["kind"] == "model_load"] == []
+
+
+def test_sustained_demand_above_capacity_adds_one_copy(fleets, clock: Clock) -> None:
+    """replicas_max 3, three routers: alpha (2 slots) loaded on gpu-1 gets a request every
+    0.5 s holding its slot 1.5 s (3 slots of demand): after its shortage has lasted the
+    replica delay (10 s) a second copy is loaded in a free place, which serves; its demand
+    fits in the 4 slots of two copies, so no third copy, though replicas_max allows it.
+    The event says why: "copy 2: demand 3 slots over 2 for 10 s"."""
+    fleet = fleets(count=3, replicas_max=3)
+    fleet.hosts[0].load("alpha")
+    fleet.probe_now(fleet.routers[0])
+    work = Workload(fleet, "alpha", every=0.5, hold=1.5)
+    run_for(clock, 8.0)
+    assert copies(fleet, "alpha") == 1  # short, but not for long enough yet
+    run_for(clock, 10.0)
+    assert copies(fleet, "alpha") == 2
+    [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
+    assert entry["evicted"] is None and "(copy 2: demand " in entry["text"], entry["text"]
+    assert "slots over 2 for 1" in entry["text"]
+    run_for(clock, 60.0)
+    assert copies(fleet, "alpha") == 2
+    assert not work.waiting  # two copies keep up
+    assert {lease.upstream.parent_id for lease in work.served[-20:]} == {
+        fleet.routers[i].id for i in range(3) if fleet.states(i)["alpha"] == "loaded"}
+    work.stop()
+
+
+def test_a_model_with_steady_demand_is_not_evicted_to_make_room_for_a_replica(fleets, clock: Clock) -> None:
+    """models_max 1, replicas_max 2: alpha on gpu-1 is short of slots for good (3 slots of
+    demand on 2), beta on gpu-2 has a steady small demand (a request every 2 s holding 1 s)
+    and is idle half the time: beta's only copy is not evicted for alpha's second copy."""
+    fleet = fleets(models_max=1, replicas_max=2)
+    fleet.hosts[0].load("alpha")
+    fleet.hosts[1].load("beta")
+    for router in fleet.routers:
+        fleet.probe_now(router)
+    clock.advance(60)  # both long past the minimum residency
+    hot = Workload(fleet, "alpha", every=0.5, hold=1.5)
+    steady = Workload(fleet, "beta", every=2.0, hold=1.0)
+    run_for(clock, 90.0)
+    assert fleet.states(1)["beta"] == "loaded" and fleet.states(1)["alpha"] == "unloaded"
+    assert [e for e in fleet.events.describe() if e["kind"] == "model_load"] == []
+    assert not steady.waiting
+    hot.stop()
+    steady.stop()
+
+
+def test_a_surplus_copy_makes_room_for_a_model_short_of_slots(fleets, clock: Clock) -> None:
+    """models_max 1, three routers: alpha on gpu-1 short of slots for good, beta on gpu-2 and
+    gpu-3 with a small demand one copy covers: one copy of beta is evicted for alpha's second
+    copy (the event names beta, its idle seconds and its demand); beta keeps one copy."""
+    fleet = fleets(count=3, models_max=1, replicas_max=2)
+    fleet.hosts[0].load("alpha")
+    fleet.hosts[1].load("beta")
+    fleet.hosts[2].load("beta")
+    for router in fleet.routers:
+        fleet.probe_now(router)
+    clock.advance(60)
+    hot = Workload(fleet, "alpha", every=0.5, hold=1.5)
+    steady = Workload(fleet, "beta", every=4.0, hold=1.0)
+    run_for(clock, 40.0)
+    assert copies(fleet, "alpha") == 2 and copies(fleet, "beta") == 1
+    [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
+    assert entry["evicted"] == "beta"
+    assert ", evicted beta (idle " in entry["text"] and " s, demand 0." in entry["text"], entry["text"]
+    assert "slots, 2 on its other copies)" in entry["text"]
+    run_for(clock, 60.0)
+    assert len([e for e in fleet.events.describe() if e["kind"] == "model_load"]) == 1
+    hot.stop()
+    steady.stop()
+
+
+def test_the_last_copy_of_a_model_in_use_goes_only_for_a_model_with_twice_its_demand(fleets, clock: Clock) -> None:
+    """models_max 1, two routers: alpha on gpu-1 (0.5 slots of steady demand), beta on gpu-2
+    (0.25). One request for gamma, loaded nowhere, waits 20 s: it evicts neither. Then gamma
+    gets 2 slots of demand: beta's copy (the smaller demand, idle) is evicted for it, and
+    the event says so; alpha stays."""
+    fleet = fleets(models_max=1)
+    fleet.hosts[0].load("alpha")
+    fleet.hosts[1].load("beta")
+    for router in fleet.routers:
+        fleet.probe_now(router)
+    clock.advance(60)
+    work = [Workload(fleet, "alpha", every=2.0, hold=1.0), Workload(fleet, "beta", every=4.0, hold=1.0)]
+    run_for(clock, 30.0)
+    lonely = fleet.pool.acquire("gamma")
+    run_for(clock, 20.0)
+    assert not lonely.called
+    assert [e for e in fleet.events.describe() if e["kind"] == "model_load"] == []
+    work.append(Workload(fleet, "gamma", every=0.5, hold=1.0))
+    run_for(clock, 30.0)
+    assert fleet.states(0)["alpha"] == "loaded"
+    assert fleet.states(1) == {"alpha": "unloaded", "beta": "unloaded", "gamma": "loaded"}
+    [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
+    assert entry["evicted"] == "beta" and "at most half of gamma's" in entry["text"], entry["text"]
+    released(lonely)
+    for w in work:
+        w.stop()
+
+
+def test_after_a_popularity_shift_the_hot_model_gets_the_surplus_place(fleets, clock: Clock) -> None:
+    """Two routers, models_max 2, replicas_max 2: alpha hot on both (gpu-1 alpha+beta, gpu-2
+    alpha+gamma), beta and gamma lukewarm. Then the shift: alpha cools to one request every
+    4 s, beta gets 3 slots of demand. One load only: beta on gpu-2 in place of alpha's
+    surplus copy; gamma (steady) stays, alpha keeps one copy."""
+    fleet = fleets(models_max=2, replicas_max=2)
+    fleet.hosts[0].load("alpha")
+    fleet.hosts[0].load("beta")
+    fleet.hosts[1].load("alpha")
+    fleet.hosts[1].load("gamma")
+    for router in fleet.routers:
+        fleet.probe_now(router)
+    clock.advance(60)
+    work = [Workload(fleet, "alpha", every=0.5, hold=1.5), Workload(fleet, "beta", every=4.0, hold=1.0),
+            Workload(fleet, "gamma", every=4.0, hold=1.0)]
+    run_for(clock, 60.0)
+    assert [e for e in fleet.events.describe() if e["kind"] == "model_load"] == []
+    work[0].stop()
+    work[1].stop()
+    work += [Workload(fleet, "alpha", every=4.0, hold=1.0), Workload(fleet, "beta", every=0.5, hold=1.5)]
+    run_for(clock, 90.0)
+    loads = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
+    assert [(e["model"], e["upstream"], e["evicted"]) for e in loads] == [("beta", "gpu-2", "alpha")]
+    assert fleet.states(1) == {"alpha": "unloaded", "beta": "loaded", "gamma": "loaded"}
+    assert copies(fleet, "alpha") == 1
+    for w in work:
+        w.stop()
 
 
 def test_a_request_that_times_out_waiting_for_a_load_gets_its_expected_time(fleets, clock: Clock) -> None:

@@ -18,6 +18,7 @@ from paddler.errors import BufferFull, BufferingDisabled, BufferTimeout, Shuttin
 from paddler.interfaces import ISlotChooser, ISlotSource
 from paddler.fleet.routers import children_of, prefer_loaded
 from paddler.fleet.upstream import Observation, SlotsSeen, Upstream, UpstreamState
+from paddler.fleet.demand import ModelDemand
 from paddler.rates import DecayingRate
 
 #: The longest Retry-After the balancer advises, in seconds.
@@ -38,7 +39,7 @@ def _expected(wait: float | None) -> str:
 class Lease:
     """One slot held on one upstream for one request; C{release} gives it back once."""
 
-    __slots__ = ("pool", "upstream", "number", "waited", "demand", "released", "on_release")
+    __slots__ = ("pool", "upstream", "number", "waited", "demand", "released", "on_release", "granted")
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class Lease:
         self.demand = demand
         self.released = False
         self.on_release = on_release  # the shared store's side of the lease; called with still_running
+        self.granted = pool.clock.seconds()
 
     def release(self, timings: Any = None, still_running: bool = False) -> None:
         """
@@ -75,6 +77,8 @@ class Lease:
         if self.on_release is not None:
             self.on_release(still_running)
         self.pool.chooser.finished(self.upstream, self.demand, timings)
+        if self.upstream.router_model is not None:
+            self.pool.demand.served(self.upstream.router_model, self.pool.clock.seconds() - self.granted)
         self.pool.lease_returned(self.upstream)
 
 
@@ -186,6 +190,8 @@ class UpstreamPool:
         self.load_eta: Callable[[str], float | None] | None = None
         #: True with --model-placement: routers' unloaded models wait for paddler's loads.
         self.model_placement = False
+        #: Each model's demand in slots (arrivals and lease seconds), read by model placement.
+        self.demand = ModelDemand(clock)
 
     # -- membership -------------------------------------------------------
 
@@ -464,8 +470,11 @@ class UpstreamPool:
         Deferred (the client left) takes the request out of the buffer.
         C{demand} is what the policy's C{prepare} made of the request;
         C{since}, when it already waited elsewhere (the shared buffer), the
-        time it began waiting: its deadline stays the same.
+        time it began waiting: its deadline stays the same. A request that names a model
+        counts as one arrival for it (L{demand}) unless it is a retry (C{exclude} or C{since}).
         """
+        if model and since is None and not exclude:
+            self.demand.arrived(model)
         return self.slots.acquire(model, frozenset(exclude), demand, since)  # type: ignore[no-any-return]
 
     def acquire_locally(
