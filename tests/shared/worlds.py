@@ -16,6 +16,7 @@ from twisted.internet.task import Clock, deferLater
 
 from paddler.sharedstate.memory import MemorySlotState, MemorySlotStore
 from paddler.sharedstate.redisstore import RedisSlotStore
+from paddler.sharedstate.scripts import KEY_NAMES
 from paddler.sharedstate.store import SlotStoreBase
 
 OWNERS = ("replica-a", "replica-b", "replica-c")
@@ -38,6 +39,10 @@ class World:
         raise NotImplementedError
 
     async def settle(self, d: Deferred[Any], deadline: float = 3.0) -> Any:
+        raise NotImplementedError
+
+    async def placement_records(self) -> set[str]:
+        """The servers the shared state holds a placement record for (checks its two keys agree)."""
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -81,6 +86,11 @@ class MemoryWorld(World):
         assert d.called, f"not settled within {deadline} s of the fake clock"
         return await d
 
+    async def placement_records(self) -> set[str]:
+        placed = set(self.state.placed)
+        assert placed == set(self.state.placedx), (self.state.placed, self.state.placedx)
+        return placed
+
 
 class RedisWorld(World):
     kind = "redis"
@@ -112,3 +122,12 @@ class RedisWorld(World):
 
     async def settle(self, d: Deferred[Any], deadline: float = 3.0) -> Any:
         return await d.addTimeout(deadline, reactor)
+
+    async def placement_records(self) -> set[str]:
+        store = self.stores[0]
+        keys = dict(zip(KEY_NAMES, store.keys))
+        placed = await store.client.execute("HKEYS", keys["placed"])
+        lapsing = await store.client.execute("ZRANGE", keys["placedx"], 0, -1)
+        names = {v.decode() for v in placed}
+        assert names == {v.decode() for v in lapsing}, (placed, lapsing)
+        return names
