@@ -720,6 +720,13 @@ class SimulateConfig:
         "Router mode: these models fail to load, with the child's exit code (MODEL=CODE,...).",
         Converted(_failing_list, "model=code,..."),
     )
+    sleep_idle_seconds: float = setting(
+        0.0,
+        "Router mode: a loaded model that got no task for this many seconds sleeps (frees its "
+        "memory and KV cache, keeps its place; the next task wakes it in --model-load-seconds), "
+        "like llama-server --sleep-idle-seconds; /props and /metrics are no task. 0 = never.",
+        seconds(zero_allowed=True),
+    )
 
 
 SIMULATE_SETTINGS = settings_of(SimulateConfig)

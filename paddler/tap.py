@@ -165,6 +165,8 @@ def _build_simulate(options: usage.Options, given: dict[str, Any]) -> None:
             raise ConfigError(f"--models-fail-load names models not in --models: {', '.join(sorted(unknown))}")
     elif config.models_fail_load:
         raise ConfigError("--models-fail-load needs --models (router mode)")
+    if config.sleep_idle_seconds and not config.models:
+        raise ConfigError("--sleep-idle-seconds needs --models (router mode)")
     _store(options, SIMULATE_SETTINGS, config)
 
 

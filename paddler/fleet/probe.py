@@ -124,7 +124,8 @@ class HTTPProber:
             except RouterMode:
                 pass  # /props says role router, or /slots wants a model: read it as a router
         try:
-            return await read_router(get, upstream.probe_mark, lambda model: self._child_mark(upstream, model))
+            return await read_router(get, upstream.probe_mark, lambda model: self._child_mark(upstream, model),
+                                     slots=self.mode != "health")
         except NotRouterMode:
             self.log.info("upstream {name} ({url}) is no longer a router-mode llama-server",
                           name=upstream.name, url=upstream.url)
