@@ -351,6 +351,14 @@ class BalancerConfig:
         Converted(_model_aliases, "name=target,..."),
         reload="proxy",
     )
+    router_events: bool = setting(
+        True,
+        "Follow each router-mode upstream's GET /models/sse: a load, failure or unload is read at "
+        "once instead of at the next probe; polling goes on (every --probe-interval, or every "
+        "third one while the stream is up and the router runs none of our requests).",
+        Flag(),
+        reload="restart",
+    )
     model_placement: bool = setting(
         False,
         "Load models on router-mode upstreams where requests wait for them (POST /models/load, "

@@ -578,6 +578,12 @@ def _build_observing(
     metrics.collector.extra.append(registry.metrics)
     if probing.shared is not None:
         metrics.collector.extra.append(probing.shared.metrics)
+    if config.router_events:
+        from paddler.fleet.router_events import RouterEvents, sse_opener
+
+        services.append(RouterEvents(
+            pool, reactor, sse_opener(core.upstream_client, config.llamacpp_api_key), probing.probes.probe_now,
+        ))
     if config.model_placement:
         from paddler.fleet.placement import ModelPlacement, json_poster
 

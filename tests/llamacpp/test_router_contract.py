@@ -334,3 +334,30 @@ def test_a_chat_or_a_slots_read_wakes_a_sleeping_model(router: StartRouter) -> N
     slots = get(r.url, "/slots?model=alpha&autoload=false")
     assert slots.status == 200 and len(slots.json()) == 2, slots
     assert statuses(r.url)["alpha"] == "loaded"
+
+
+def test_every_models_sse_event_is_one_the_balancer_follows(router: StartRouter) -> None:
+    """The events of a load, an unload and a failed load all have the shape the balancer's
+    follower (L{paddler.fleet.router_events.parse_event}) takes: an object with string
+    ``model`` and ``event``, ``data`` an object whose ``status`` (when given) is a string;
+    and each status change is one of the events that make it read the router."""
+    from paddler.fleet.router_events import _CHANGES, parse_event
+
+    r = router()
+    sse = _SSE(r.url)
+    try:
+        wait_for(lambda: sse.status == 200, 10, "the /models/sse answer head")
+        load(r.url, "alpha")
+        post(r.url, "/models/unload", {"model": "alpha"})
+        wait_status(r.url, "alpha", "unloaded")
+        chat(r.url, "broken")
+        wait_for(lambda: any(e.get("model") == "broken" and e["data"].get("status") == "unloaded"
+                             for e in sse.events), LOAD_DEADLINE, "the failed load's event")
+        assert len(sse.events) >= 5, sse.events
+        for payload in list(sse.events):
+            parsed = parse_event(b"data: " + json.dumps(payload).encode())
+            assert parsed == payload
+            if "status" in payload["data"]:
+                assert payload["event"] in _CHANGES, payload
+    finally:
+        sse.close()
