@@ -583,6 +583,7 @@ def _build_observing(
 
         services.append(RouterEvents(
             pool, reactor, sse_opener(core.upstream_client, config.llamacpp_api_key), probing.probes.probe_now,
+            follows=pool.shared.probes if pool.shared is not None else None,
         ))
     if config.model_placement:
         from paddler.fleet.placement import ModelPlacement, json_poster

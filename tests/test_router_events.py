@@ -282,3 +282,21 @@ def test_sse_opener_asks_the_router_with_its_key() -> None:
     [(method, origin, target, headers, body)] = sent
     assert (method, origin, target, body) == (b"GET", b"http://10.0.0.1:8080", b"/models/sse", None)
     assert (b"Authorization", b"Bearer k") in headers and (b"Accept", b"text/event-stream") in headers
+
+
+def test_only_the_routers_this_balancer_probes_are_followed() -> None:
+    """With --state one balancer probes each router: the others do not open its stream (they
+    hear of its changes through the store); when the probing moves, the stream moves too."""
+    owned: set[str] = set()
+    world = World(follows=lambda u: u.url in owned)
+    a, b = world.add(router("http://10.0.0.1:8080")), world.add(router("http://10.0.0.2:8080"))
+    owned.add(a.url)
+    world.start()
+    assert [u for u, _ in world.attempts] == [a]
+    body = world.connect()
+    world.finish_probes()
+    owned.clear()
+    owned.add(b.url)
+    world.clock.advance(1.0)
+    assert body.stopped and [u for u, _ in world.attempts] == [a, b]
+    world.stop()

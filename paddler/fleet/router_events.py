@@ -33,7 +33,9 @@ Each router gets one L{_Follower}, a small state machine::
   check; with requests running or waiting it probes every interval as before.
 
 An event that arrives while a probe of the router runs asks for one more
-probe after it (the running one may have been sent before the change).
+probe after it (the running one may have been sent before the change). With
+``--state`` a balancer follows only the routers it probes (one balancer per
+router); the others hear of the changes through the shared store.
 """
 
 from __future__ import annotations
@@ -282,6 +284,8 @@ class RouterEvents(Service):
     @param clock: the reactor's clock.
     @param open: opens a router's event stream (L{sse_opener}).
     @param probe_now: probes a router at once (the probe service's C{probe_now}).
+    @param follows: which routers this balancer follows (with ``--state``: those it probes;
+        the others hear of their changes through the shared store); None: every one.
     """
 
     log = Logger()
@@ -298,6 +302,7 @@ class RouterEvents(Service):
         backoff_max: float = 60.0,
         max_event: int = 64 * 1024,
         sync_interval: float = 1.0,
+        follows: Callable[[Upstream], bool] | None = None,
     ) -> None:
         self.pool = pool
         self.clock = clock
@@ -309,6 +314,7 @@ class RouterEvents(Service):
         self.backoff_max = backoff_max
         self.max_event = max_event
         self.sync_interval = sync_interval
+        self.follows = follows
         self.followers: dict[str, _Follower] = {}
         self.events_seen = 0
         self.bad_events = 0
@@ -332,9 +338,10 @@ class RouterEvents(Service):
         self.followers = {}
 
     def sync(self) -> None:
-        """Follow every router of the pool, and no other upstream; never raises."""
+        """Follow every router of the pool this balancer follows, and no other upstream; never raises."""
         try:
-            routers = {u.id: u for u in self.pool.upstreams.values() if u.role == "router"}
+            routers = {u.id: u for u in self.pool.upstreams.values()
+                       if u.role == "router" and (self.follows is None or self.follows(u))}
             for uid in [uid for uid in self.followers if routers.get(uid) is not self.followers[uid].router]:
                 self.followers.pop(uid).stop()
             for uid, router in routers.items():
