@@ -87,6 +87,7 @@ class MemorySlotState:
         self.place: dict[str, tuple[str, int]] = {}  # model -> owner, expiry ms
         self.placed: dict[str, int] = {}  # server -> ms a model was placed on it
         self.placedx: dict[str, int] = {}  # server -> ms its placed record lapses
+        self.placeq: dict[str, int] = {}  # model -> ms its place claim expires
 
     def set_available(self, available: bool) -> None:
         """Make every call fail with L{StoreUnavailable} (or answer again), and tell the stores."""
@@ -496,6 +497,7 @@ class MemorySlotState:
         if victim != "" and victim in self.placed and now - self.placed[victim] < residency:
             return 0
         self.place[model] = (owner, now + hold)
+        self.placeq[model] = now + hold
         if victim != "":
             self._unplace(victim)
         self.placed[s] = now
@@ -507,11 +509,16 @@ class MemorySlotState:
         self.placedx.pop(s, None)
 
     def _prune_placed(self, now: int, limit: int) -> int:
-        """Drop at most C{limit} lapsed placement records, oldest first (ZRANGEBYSCORE's order)."""
+        """Drop at most C{limit} lapsed placement records and as many expired claims, oldest
+        first (ZRANGEBYSCORE's order)."""
         lapsed = sorted((at, s) for s, at in self.placedx.items() if at <= now)[:limit]
         for _, s in lapsed:
             self._unplace(s)
-        return len(lapsed)
+        claims = sorted((at, m) for m, at in self.placeq.items() if at <= now)[:limit]
+        for _, m in claims:
+            self.place.pop(m, None)
+            del self.placeq[m]
+        return len(lapsed) + len(claims)
 
     def op_finish_place(self, channel: str, owner: str, model: str, hold_s: str) -> int:
         if not _valid_id(owner):
@@ -526,8 +533,10 @@ class MemorySlotState:
             return 0
         if hold == 0:
             del self.place[model]
+            self.placeq.pop(model, None)
         else:
             self.place[model] = (owner, self._now() + hold)
+            self.placeq[model] = self._now() + hold
         return 1
 
     def op_snapshot(self, channel: str) -> list[Any]:

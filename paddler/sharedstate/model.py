@@ -153,7 +153,7 @@ class ReapResult:
     orphaned_waiters: int
     owners_removed: int
     handed_on: int
-    #: Lapsed placement records (the time a model was placed on a server) dropped.
+    #: Lapsed placement records (the time a model was placed on a server) and expired claims dropped.
     placements_dropped: int = 0
 
 

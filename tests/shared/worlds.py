@@ -45,6 +45,10 @@ class World:
         """The servers the shared state holds a placement record for (checks its two keys agree)."""
         raise NotImplementedError
 
+    async def placement_claims(self) -> set[str]:
+        """The models the shared state holds a placement claim for (checks its two keys agree)."""
+        raise NotImplementedError
+
     def stop(self) -> None:
         for store in self.stores:
             for waiter in store.waiters.values():
@@ -91,6 +95,11 @@ class MemoryWorld(World):
         assert placed == set(self.state.placedx), (self.state.placed, self.state.placedx)
         return placed
 
+    async def placement_claims(self) -> set[str]:
+        claims = set(self.state.place)
+        assert claims == set(self.state.placeq), (self.state.place, self.state.placeq)
+        return claims
+
 
 class RedisWorld(World):
     kind = "redis"
@@ -131,3 +140,12 @@ class RedisWorld(World):
         names = {v.decode() for v in placed}
         assert names == {v.decode() for v in lapsing}, (placed, lapsing)
         return names
+
+    async def placement_claims(self) -> set[str]:
+        store = self.stores[0]
+        keys = dict(zip(KEY_NAMES, store.keys))
+        claims = await store.client.execute("HKEYS", keys["place"])
+        expiring = await store.client.execute("ZRANGE", keys["placeq"], 0, -1)
+        models = {v.decode() for v in claims}
+        assert models == {v.decode() for v in expiring}, (claims, expiring)
+        return models
