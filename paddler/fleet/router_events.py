@@ -10,11 +10,12 @@ following the stream, the balancer reads the router again (a probe, the one
 source of truth for states and slots) as soon as an event says something
 changed.
 
-Each router gets one L{_Follower}, a small state machine::
+Each router gets one L{_Follower}, a small state machine (L{StreamState},
+moved only through L{STREAM_TRANSITIONS}, drawn in docs/states.md)::
 
-    connecting --200--> streaming --end / idle / bad event--> waiting --backoff--> connecting
-         |                                                      ^
-         +--timeout / refused / not 200-------------------------+
+    waiting --connect--> connecting --answered (200)--> streaming --ended (end / idle / bad event)--> waiting
+                              \\--refused (timeout / error / not 200)--> waiting
+    (any) --stop--> stopped
 
 - connecting has a deadline (C{connect_timeout}); streaming an idle deadline
   (C{idle_timeout} seconds without a byte: the stream is dropped and opened
@@ -40,6 +41,7 @@ router); the others hear of the changes through the shared store.
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +56,7 @@ from twisted.python.failure import Failure
 from paddler.fleet.upstream import Upstream
 from paddler.upstream.failures import describe_failure
 
-__all__ = ["RouterEvents", "StreamOpener", "sse_opener"]
+__all__ = ["STREAM_TRANSITIONS", "RouterEvents", "StreamEvent", "StreamOpener", "StreamState", "sse_opener"]
 
 #: C{open(router)} -> a Deferred firing with the L{paddler.interfaces.IUpstreamBody} of ``GET /models/sse``.
 StreamOpener = Callable[[Upstream], "Deferred[Any]"]
@@ -62,6 +64,36 @@ ProbeNow = Callable[[Upstream], "Deferred[Any]"]
 
 #: The events that say a model's state may have changed (``download_progress`` does not).
 _CHANGES = ("model_status", "status_change", "model_remove", "models_reload")
+
+
+class StreamState(enum.Enum):
+    """Where a router's event stream is."""
+
+    WAITING = "waiting"
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    STOPPED = "stopped"
+
+
+class StreamEvent(enum.Enum):
+    """What happens to a router's event stream."""
+
+    CONNECT = "connect"
+    ANSWERED = "answered"
+    REFUSED = "refused"
+    ENDED = "ended"
+    STOP = "stop"
+
+
+_S, _E = StreamState, StreamEvent
+#: The only moves of a L{_Follower}'s state.
+STREAM_TRANSITIONS: dict[tuple[StreamState, StreamEvent], StreamState] = {
+    (_S.WAITING, _E.CONNECT): _S.CONNECTING,
+    (_S.CONNECTING, _E.ANSWERED): _S.STREAMING,
+    (_S.CONNECTING, _E.REFUSED): _S.WAITING,
+    (_S.STREAMING, _E.ENDED): _S.WAITING,
+    **{(state, _E.STOP): _S.STOPPED for state in (_S.WAITING, _S.CONNECTING, _S.STREAMING)},
+}
 
 
 class BadEvent(Exception):
@@ -105,7 +137,7 @@ class _Follower:
     def __init__(self, owner: RouterEvents, router: Upstream) -> None:
         self.owner = owner
         self.router = router
-        self.state = "waiting"
+        self.state = StreamState.WAITING
         self.backoff = owner.backoff_min
         self.connecting: Deferred[Any] | None = None
         self.body: Any = None
@@ -118,10 +150,16 @@ class _Follower:
 
     # -- lifetime ----------------------------------------------------------
 
+    def _move(self, event: StreamEvent) -> None:
+        target = STREAM_TRANSITIONS.get((self.state, event))
+        if target is None:
+            raise AssertionError(f"router event stream: no move from {self.state.value} on {event.value}")
+        self.state = target
+
     def connect(self) -> None:
         if self.stopped:
             return
-        self.state = "connecting"
+        self._move(StreamEvent.CONNECT)
         self.events = 0
         self.buffer = b""
         d = self.connecting = self.owner.open(self.router)
@@ -130,7 +168,10 @@ class _Follower:
         d.addErrback(lambda f: self.owner.log.failure("router event stream of {name}", f, name=self.router.name))
 
     def stop(self) -> None:
+        if self.stopped:
+            return
         self.stopped = True
+        self._move(StreamEvent.STOP)
         self.router.events_live = False
         self._cancel_timer()
         if self.connecting is not None:
@@ -139,7 +180,6 @@ class _Follower:
         if self.body is not None:
             body, self.body = self.body, None
             body.abort()
-        self.state = "stopped"
 
     def _cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -160,9 +200,10 @@ class _Follower:
                 self.owner.log.warn("router {name}: /models/sse answered {code}; polling /models meanwhile",
                                     name=self.router.name, code=body.code)
             body.abort()
+            self._move(StreamEvent.REFUSED)
             self._retry()
             return
-        self.state = "streaming"
+        self._move(StreamEvent.ANSWERED)
         self.body = body
         self.router.events_live = True
         self._arm_idle()
@@ -176,13 +217,13 @@ class _Follower:
             return
         self.owner.log.info("router {name}: /models/sse not reached ({why}); polling /models meanwhile",
                             name=self.router.name, why=describe_failure(failure))
+        self._move(StreamEvent.REFUSED)
         self._retry()
 
     def _retry(self) -> None:
         self.router.events_live = False
         if self.stopped:
             return
-        self.state = "waiting"
         self._cancel_timer()
         wait = self.backoff
         # an attempt that delivered no event backs off further; one that did starts again low
@@ -207,6 +248,7 @@ class _Follower:
 
     def _drop(self) -> None:
         body, self.body = self.body, None
+        self._move(StreamEvent.ENDED)
         self._retry()
         if body is not None:
             body.abort()
@@ -243,6 +285,7 @@ class _Follower:
         self.owner.log.info("router {name}: /models/sse ended{why}; opening it again",
                             name=self.router.name,
                             why="" if failure is None else f" ({describe_failure(failure)})")
+        self._move(StreamEvent.ENDED)
         self._retry()
 
     def _bad(self, why: str) -> None:
@@ -353,7 +396,7 @@ class RouterEvents(Service):
 
     def state(self) -> dict[str, str]:
         """Each followed router's name -> its stream's state (connecting, streaming, waiting)."""
-        return {f.router.name: f.state for f in self.followers.values()}
+        return {f.router.name: f.state.value for f in self.followers.values()}
 
 
 def sse_opener(client: Any, api_key: str | None = None) -> StreamOpener:
