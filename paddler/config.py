@@ -359,6 +359,14 @@ class BalancerConfig:
         Converted(_model_aliases, "name=target,..."),
         reload="proxy",
     )
+    router_events: bool = setting(
+        True,
+        "Follow each router-mode upstream's GET /models/sse: a load, failure or unload is read at "
+        "once instead of at the next probe; polling goes on (every --probe-interval, or every "
+        "third one while the stream is up and the router runs none of our requests).",
+        Flag(),
+        reload="restart",
+    )
     model_placement: bool = setting(
         False,
         "Load models on router-mode upstreams where requests wait for them (POST /models/load, "
@@ -738,6 +746,13 @@ class SimulateConfig:
         None,
         "Router mode: these models fail to load, with the child's exit code (MODEL=CODE,...).",
         Converted(_failing_list, "model=code,..."),
+    )
+    sleep_idle_seconds: float = setting(
+        0.0,
+        "Router mode: a loaded model that got no task for this many seconds sleeps (frees its "
+        "memory and KV cache, keeps its place; the next task wakes it in --model-load-seconds), "
+        "like llama-server --sleep-idle-seconds; /props and /metrics are no task. 0 = never.",
+        seconds(zero_allowed=True),
     )
 
 

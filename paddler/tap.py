@@ -165,6 +165,8 @@ def _build_simulate(options: usage.Options, given: dict[str, Any]) -> None:
             raise ConfigError(f"--models-fail-load names models not in --models: {', '.join(sorted(unknown))}")
     elif config.models_fail_load:
         raise ConfigError("--models-fail-load needs --models (router mode)")
+    if config.sleep_idle_seconds and not config.models:
+        raise ConfigError("--sleep-idle-seconds needs --models (router mode)")
     _store(options, SIMULATE_SETTINGS, config)
 
 
@@ -577,6 +579,13 @@ def _build_observing(
     metrics.collector.extra.append(registry.metrics)
     if probing.shared is not None:
         metrics.collector.extra.append(probing.shared.metrics)
+    if config.router_events:
+        from paddler.fleet.router_events import RouterEvents, sse_opener
+
+        services.append(RouterEvents(
+            pool, reactor, sse_opener(core.upstream_client, config.llamacpp_api_key), probing.probes.probe_now,
+            follows=pool.shared.probes if pool.shared is not None else None,
+        ))
     if config.model_placement:
         from paddler.fleet.placement import ModelPlacement, json_poster
 

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
 from paddler.agent.service import AGENT_TRANSITIONS
+from paddler.fleet.router_events import STREAM_TRANSITIONS
 from paddler.fleet.upstream import TRANSITIONS, SlotsSeen, Upstream
 from paddler.fleet.placement import ModelPlacement
 from paddler.observability.prometheus import Histogram, PrometheusMetrics
@@ -211,7 +212,8 @@ def documented_tables() -> dict[str, dict[tuple[str, str], str]]:
 @pytest.mark.parametrize(
     "name, transitions",
     [("paddler.fleet.upstream.TRANSITIONS", TRANSITIONS),
-     ("paddler.agent.service.AGENT_TRANSITIONS", AGENT_TRANSITIONS)],
+     ("paddler.agent.service.AGENT_TRANSITIONS", AGENT_TRANSITIONS),
+     ("paddler.fleet.router_events.STREAM_TRANSITIONS", STREAM_TRANSITIONS)],
 )
 def test_state_machine_tables_in_the_docs_are_the_code_s(name: str, transitions: dict[Any, Any]) -> None:
     """docs/states.md has the upstream and agent transition tables exactly as the code has them:

@@ -270,3 +270,28 @@ def test_router_management_of_models_the_fleet_does_not_list_goes_to_a_router(pr
     assert reloaded == get_json(first, "/models?reload=1") or reloaded == get_json(second, "/models?reload=1")
     fleet = get_json(proxy, "/models")
     assert {m["id"] for m in fleet["data"]} == {"alpha", "beta", "gamma"}
+
+
+@pytest.mark.parametrize("events", [True, False])
+def test_a_load_made_on_the_router_is_noticed_from_its_event_stream(procs: Processes, events: bool) -> None:
+    """A router without autoload, read only every 20 s (--probe-interval 20): a request for
+    beta waits in the buffer; beta is then loaded on the router directly (an operator).
+    Following /models/sse the balancer reads the router as the load ends and the request is
+    answered within seconds; with --no-router-events it waits for the next probe (the check
+    that the test can fail: the answer is not there after those seconds)."""
+    router = router_sim(procs, "--no-models-autoload")
+    flags = [] if events else ["--no-router-events"]
+    _, proxy, _ = procs.balancer("--upstream", router, "--probe-interval", "20",
+                                 "--buffered-request-timeout", "60", *flags)
+    wait_for(lambda: get(proxy, "/health").json()["upstreams"]["total"] >= 4, 30, "the router's models")
+    call = Background(lambda: chat(proxy, "beta"))
+    wait_for(lambda: get(proxy, "/health").json()["requests_buffered"] >= 1, 10, "the request buffered")
+    assert post(router, "/models/load", {"model": "beta"}).status == 200
+    if events:
+        reply = call.result(8)
+        assert reply.status == 200 and reply.json()["model"] == "beta", reply
+    else:
+        with pytest.raises(AssertionError, match="not finished"):
+            call.result(8)
+        reply = call.result(40)
+        assert reply.status == 200

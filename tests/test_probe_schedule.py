@@ -141,3 +141,33 @@ def test_the_interval_can_change_while_running(interval):
     assert len(prober.times["u0"]) - start == 4
     service.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_router_with_a_live_event_stream_is_polled_every_third_interval_while_idle():
+    """Two routers: the one whose /models/sse is followed (events_live) and that runs nothing of
+    ours is probed every third interval (a check: its status changes come as events); the other
+    every interval; a request held on a model of the followed router brings it back to every
+    interval, and so does losing its stream."""
+    from paddler.fleet.routers import new_child
+
+    clock, pool, prober, service, [live, polled] = setup(2)
+    for upstream in (live, polled):
+        upstream.role = "router"
+    live.events_live = True
+    child = pool.add(new_child(live, "alpha"))
+    child.model_state = "loaded"
+    pool.observe(child, SlotsSeen(2, 0, child.probe_mark(), models=("alpha",)))
+    advance(clock, 10.0)
+    gaps = {name: [round(b - a, 1) for a, b in zip(t, t[1:])] for name, t in prober.times.items()}
+    assert set(gaps["u1"][1:]) == {1.0}, gaps
+    assert set(gaps["u0"][1:]) == {3.0}, gaps
+    lease = pool.acquire("alpha").result
+    assert lease.upstream is child
+    before = len(prober.times["u0"])
+    advance(clock, 2.0)
+    assert len(prober.times["u0"]) == before + 2
+    lease.release()
+    live.events_live = False
+    advance(clock, 3.0)
+    assert len(prober.times["u0"]) == before + 5
+    service.stopService()

@@ -140,9 +140,9 @@ def test_the_single_model_reader_hands_a_router_over(hosts) -> None:
 # the fleet picture
 
 
-def two_routers(hosts, clock: Clock):
+def two_routers(hosts, clock: Clock, **settings: Any):
     pool = make_pool(clock)
-    first, second = hosts("http://10.0.0.1:8080"), hosts("http://10.0.0.2:8080")
+    first, second = hosts("http://10.0.0.1:8080", **settings), hosts("http://10.0.0.2:8080", **settings)
     parents = []
     for host in (first, second):
         parent = pool.add(Upstream(host.url, clock=clock))
@@ -579,3 +579,83 @@ def test_requests_naming_no_model_reach_a_router_even_one_that_lists_no_model(ho
     pool2, _, parents2 = two_routers(hosts, clock)
     picked = [pool2.pick_any() for _ in range(6)]
     assert len({u.id for u in picked}) == 6 and all(u.role != "router" for u in picked)
+
+
+# sleeping models (llama-server --sleep-idle-seconds)
+
+
+def test_a_sleeping_model_is_read_without_waking_it_and_an_awake_copy_goes_first(
+    hosts, clock: Clock
+) -> None:
+    """alpha loaded on both routers, asleep on the first: the reading asks no /slots of the
+    sleeping alpha (a /slots read is a task that would wake it), its child keeps alpha's 2
+    slots and takes requests (a request wakes it); requests go to the awake copy while it has
+    a free slot (2), then to the sleeping one (it wakes for the third); nothing woke meanwhile."""
+    pool, (first, second), parents = two_routers(hosts, clock, sleep_idle_seconds=5.0)
+    first.load("alpha")
+    second.load("alpha")
+    for parent, host in zip(parents, (first, second)):
+        observe_router(pool, parent, host.read())
+    clock.advance(5.0)  # both idle out; the second is woken by its probe below
+    first.paths.clear()
+    observe_router(pool, parents[0], first.read())
+    assert first.paths == ["/props", "/models"]
+    assert second.client.get("/slots?model=alpha&autoload=false").response.status is None
+    clock.advance(0.5)
+    observe_router(pool, parents[1], second.read())
+    asleep = pool.upstreams[child_id(first.url, "alpha")]
+    awake = pool.upstreams[child_id(second.url, "alpha")]
+    assert (asleep.model_state, asleep.slots_idle, asleep.accepts_requests, asleep.loaded) == (
+        "sleeping", 2, True, True)
+    assert awake.model_state == "loaded" and awake.slots_idle == 2
+    leases = [pool.acquire("alpha").result for _ in range(3)]
+    assert [lease.upstream for lease in leases] == [awake, awake, asleep]
+    for lease in leases:
+        lease.release()
+    assert first.router.models["alpha"].state.value == "sleeping"
+
+
+@pytest.mark.parametrize("slots, asleep", [(True, False), (False, True)])
+def test_a_health_mode_reading_lets_an_idle_model_sleep(hosts, clock: Clock, slots: bool, asleep: bool) -> None:
+    """Read every second for 10 s with --sleep-idle-seconds 5: the /slots reads of the default
+    probe are tasks that keep alpha awake; the health-mode reading (/props?model=alpha: its 2
+    slots, busy unknown) is none, and alpha sleeps after 5 s (then it is asked nothing)."""
+    host = hosts(sleep_idle_seconds=5.0)
+    host.load("alpha")
+    for _ in range(10):
+        clock.advance(1.0)
+        d = ensureDeferred(read_router(host.get, slots=slots))
+        reading = d.result
+    [alpha, _, _] = reading.models
+    assert host.router.models["alpha"].state.value == ("sleeping" if asleep else "loaded")
+    if asleep:
+        assert alpha.state == "sleeping"
+        assert host.paths[-2:] == ["/props", "/models"]
+        assert "/props?model=alpha&autoload=false" in host.paths
+    else:
+        assert (alpha.state, alpha.total, alpha.processing) == ("loaded", 2, 0)
+
+
+def test_a_health_mode_reading_counts_a_loaded_models_slots_from_its_props(hosts, clock: Clock) -> None:
+    """Without /slots reads a loaded model is read by /props?model=: its total_slots, busy
+    unknown (None: the pool counts only its own leases); a bad answer is a probe error."""
+    host = hosts()
+    host.load("alpha")
+    reading = ensureDeferred(read_router(host.get, slots=False)).result
+    assert [(m.id, m.state, m.total, m.processing) for m in reading.models] == [
+        ("alpha", "loaded", 2, None), ("beta", "unloaded", 0, 0), ("gamma", "unloaded", 0, 0)]
+    pool = make_pool(clock)
+    parent = pool.add(Upstream(host.url, clock=clock))
+    observe_router(pool, parent, reading)
+    alpha = pool.upstreams[child_id(host.url, "alpha")]
+    assert (alpha.model_state, alpha.slots_idle) == ("loaded", 2)
+
+    async def bad(path: str) -> tuple[int, bytes]:
+        if path.startswith("/props?model="):
+            return 200, b'{"total_slots": "many"}'
+        return await host.get(path)
+
+    d = ensureDeferred(read_router(bad, slots=False))
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and "no total_slots" in str(failures[0].value)

@@ -30,6 +30,7 @@ DEFAULTS = {
     "no-models-autoload": False,
     "model-load-seconds": 0.1,
     "models-fail-load": None,
+    "sleep-idle-seconds": 0.0,
 }
 
 
@@ -69,6 +70,7 @@ def test_every_flag_is_parsed_and_typed() -> None:
         "--no-models-autoload",
         "--model-load-seconds", "2",
         "--models-fail-load", "b=9",
+        "--sleep-idle-seconds", "30",
     )
     assert parsed == {
         "listen": "tcp:port=9000:interface=0.0.0.0",
@@ -93,6 +95,7 @@ def test_every_flag_is_parsed_and_typed() -> None:
         "no-models-autoload": True,
         "model-load-seconds": 2.0,
         "models-fail-load": "b=9",
+        "sleep-idle-seconds": 30.0,
     }
 
 
@@ -156,9 +159,21 @@ def test_router_mode_flags_are_parsed() -> None:
         (["--models", "a", "--models-fail-load", "a=0"], "non-zero"),
         (["--models", "a", "--models-fail-load", "b=1"], "not in --models"),
         (["--models-fail-load", "a=1"], "needs --models"),
+        (["--sleep-idle-seconds", "5"], "needs --models"),
+        (["--models", "a", "--sleep-idle-seconds", "-1"], "sleep-idle-seconds"),
     ],
 )
 def test_bad_router_mode_flags_say_what_is_wrong(argv: list[str], message: str) -> None:
     """Bad router-mode values are usage errors naming the problem."""
     with pytest.raises(UsageError, match=message):
         parse(*argv)
+
+
+def test_sleep_idle_seconds_reach_the_router_config() -> None:
+    """--sleep-idle-seconds S is the router's sleep_idle_seconds; 0 (the default) is never (-1)."""
+    from paddler.simulator.service import router_config_from_options
+
+    config = router_config_from_options(parse("--models", "a,b", "--sleep-idle-seconds", "2.5"))
+    assert config is not None and config.sleep_idle_seconds == 2.5
+    config = router_config_from_options(parse("--models", "a,b"))
+    assert config is not None and config.sleep_idle_seconds == -1.0

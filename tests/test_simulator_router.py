@@ -401,3 +401,109 @@ def test_stopping_answers_waiting_requests_and_ends_sse_streams(router: MakeRout
     events.pump()
     assert events.response.complete
     assert busy.transport.disconnecting  # its model was unloaded: the connection is dropped
+
+
+# sleeping (--sleep-idle-seconds)
+
+
+def test_an_idle_model_sleeps_and_props_metrics_and_models_neither_wake_it(
+    router: MakeRouter, clock: Clock
+) -> None:
+    """With sleep_idle_seconds 5, alpha loaded and idle for 5 s is ``sleeping`` in /models; it
+    keeps its place (beta, loaded next, is the second of models_max 2); /props?model=alpha
+    says is_sleeping true, and /props, /metrics and /models asked every second for 10 s
+    neither wake it nor (once awake) keep it awake."""
+    client = router(models_max=2, sleep_idle_seconds=5.0)
+    load(client, clock, "alpha")
+    clock.advance(4.9)
+    assert statuses(client)["alpha"] == "loaded"
+    clock.advance(0.1)
+    assert statuses(client)["alpha"] == "sleeping"
+    props = client.get("/props?model=alpha").response
+    assert props.status == 200 and props.json()["is_sleeping"] is True
+    for _ in range(10):
+        clock.advance(1.0)
+        assert client.get("/metrics?model=alpha").response.status == 200
+        assert client.get("/props?model=alpha").response.status == 200
+    assert statuses(client)["alpha"] == "sleeping"
+    load(client, clock, "beta")
+    assert statuses(client) == {"alpha": "sleeping", "beta": "loaded", "gamma": "unloaded"}
+    site = client.site
+    assert isinstance(site, RouterSite)
+    assert site.router.models["alpha"].sleeps == 1 and site.router.models["alpha"].wakes == 0
+
+
+def test_a_request_wakes_a_sleeping_model_in_its_load_time(router: MakeRouter, clock: Clock) -> None:
+    """A chat for sleeping alpha waits the load time (0.5 s), with /models saying sleeping
+    (never loading) meanwhile, then is answered by alpha; alpha is loaded again and sleeps
+    again 5 s after its last task."""
+    client = router(sleep_idle_seconds=5.0)
+    load(client, clock, "alpha")
+    clock.advance(5.0)
+    exchange = chat(client, "alpha")
+    assert exchange.response.status is None
+    clock.advance(0.4)
+    assert statuses(client)["alpha"] == "sleeping"
+    clock.advance(0.1)
+    assert statuses(client)["alpha"] == "loaded"
+    clock.advance(2.0)
+    exchange.pump()
+    assert exchange.response.status == 200 and exchange.response.json()["model"] == "alpha"
+    clock.advance(5.0)
+    assert statuses(client)["alpha"] == "sleeping"
+
+
+def test_a_slots_probe_wakes_a_sleeping_model_and_keeps_it_awake(router: MakeRouter, clock: Clock) -> None:
+    """GET /slots?model=alpha&autoload=false is a task (as in llama.cpp): on a sleeping model it
+    wakes it (answered after the load time); asked every 2 s it never lets alpha sleep."""
+    client = router(sleep_idle_seconds=5.0)
+    load(client, clock, "alpha")
+    clock.advance(5.0)
+    probe = client.get("/slots?model=alpha&autoload=false")
+    assert probe.response.status is None
+    clock.advance(0.5)
+    probe.pump()
+    assert probe.response.status == 200 and len(probe.response.json()) == 2
+    for _ in range(10):
+        clock.advance(2.0)
+        assert client.get("/slots?model=alpha&autoload=false").response.status == 200
+        assert statuses(client)["alpha"] == "loaded"
+
+
+def test_a_sleeping_model_can_be_evicted_or_unloaded_and_a_busy_one_never_sleeps(
+    router: MakeRouter, clock: Clock
+) -> None:
+    """A sleeping model is evicted like a loaded one (LRU past models_max) and unloaded by
+    /models/unload; a model serving a request longer than the idle time does not sleep while
+    it serves (its timer starts again when the request ends). SSE: status_change sleeping,
+    then loaded (with no info) on a wake-up."""
+    client = router(models_max=1, sleep_idle_seconds=1.0)
+    events = client.get("/models/sse")
+    load(client, clock, "alpha")
+    clock.advance(1.0)
+    assert statuses(client)["alpha"] == "sleeping"
+    load(client, clock, "beta")  # evicts the sleeping alpha
+    assert statuses(client) == {"alpha": "unloaded", "beta": "loaded", "gamma": "unloaded"}
+    long = chat(client, "beta", n=30)  # 3 s at 10 tokens/s
+    clock.advance(2.5)
+    assert statuses(client)["beta"] == "loaded"
+    clock.advance(1.0)
+    long.pump()
+    assert long.response.status == 200
+    clock.advance(1.0)
+    assert statuses(client)["beta"] == "sleeping"
+    woke = chat(client, "beta")
+    clock.advance(0.5)
+    clock.advance(1.0)
+    woke.pump()
+    assert woke.response.status == 200
+    assert client.post("/models/unload", {"model": "beta"}).response.status == 200
+    assert statuses(client)["beta"] == "unloaded"
+    events.pump()
+    seen = [(e["model"], e["data"]["status"], "info" in e["data"]) for e in events.response.sse_json()
+            if e["event"] == "status_change"]
+    assert seen == [
+        ("alpha", "loaded", True), ("alpha", "sleeping", False), ("alpha", "unloaded", False),
+        ("beta", "loaded", True), ("beta", "sleeping", False), ("beta", "loaded", False),
+        ("beta", "unloaded", False),
+    ]

@@ -31,7 +31,7 @@ from paddler.fleet.pool import UpstreamPool
 from paddler.fleet.upstream import FailureSeen, LoadingSeen, SlotsSeen, Upstream, UpstreamState
 from paddler.interfaces import IUpstreamProber
 from paddler.llamacpp.errors import Loading, NeedsKey
-from paddler.fleet.routers import child_id, forget_router, observe_router
+from paddler.fleet.routers import child_id, children_of, forget_router, observe_router
 from paddler.llamacpp.slots import (
     NotRouterMode,
     RouterMode,
@@ -124,7 +124,8 @@ class HTTPProber:
             except RouterMode:
                 pass  # /props says role router, or /slots wants a model: read it as a router
         try:
-            return await read_router(get, upstream.probe_mark, lambda model: self._child_mark(upstream, model))
+            return await read_router(get, upstream.probe_mark, lambda model: self._child_mark(upstream, model),
+                                     slots=self.mode != "health")
         except NotRouterMode:
             self.log.info("upstream {name} ({url}) is no longer a router-mode llama-server",
                           name=upstream.name, url=upstream.url)
@@ -330,10 +331,19 @@ class ProbeService(Service):
             and upstream.slots_held == 0
             and upstream.probe_mark() == schedule.mark
             and not self._pool.requests_buffered
-        ):
+        ) or self._router_idle(upstream, schedule, now):
             self.probes_skipped += 1
             return
         self._run(schedule, now)
+
+    def _router_idle(self, upstream: Upstream, schedule: _Schedule, now: float) -> bool:
+        """A router whose event stream is followed (its status changes come as they happen)
+        and that runs nothing of ours: probed only every C{idle_every} intervals, as a check."""
+        if upstream.role != "router" or not upstream.events_live or upstream.state is not UpstreamState.HEALTHY:
+            return False
+        if now - schedule.last_probe >= self.idle_every * self.interval - 1e-9 or self._pool.requests_buffered:
+            return False
+        return not any(c.slots_held for c in children_of(self._pool.upstreams.values(), upstream))
 
     def _run(self, schedule: _Schedule, now: float) -> Deferred[Any]:
         upstream = schedule.upstream

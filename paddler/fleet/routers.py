@@ -10,7 +10,11 @@ from ``/slots?model=M&autoload=false`` while loaded. Leases, the buffer, the
 policies and the shared state then work per (upstream, model) unchanged: a
 request naming a model is only ever given to a child serving that model.
 
-A child of a model that is not loaded takes requests only when its router
+A child of a sleeping model (``--sleep-idle-seconds``: loaded, but its
+memory freed until a request wakes it, which takes about a load) is not asked
+its ``/slots`` (that read is a task for llama.cpp and would wake it), keeps the
+slots it had, takes requests, and comes after awake copies with a free slot
+(L{prefer_loaded}). A child of a model that is not loaded takes requests only when its router
 autoloads (the router loads the model for the request); it counts the slots
 the model had when last loaded (else the router's largest model's), and is
 chosen only when no loaded copy of the model has a free slot
@@ -126,13 +130,21 @@ def forget_router(pool: Any, parent: Upstream) -> None:
 
 
 def prefer_loaded(candidates: list[Upstream]) -> list[Upstream]:
-    """C{candidates} without the children of unloaded models when a loaded copy has a free slot.
+    """C{candidates} narrowed to the copies of the model that answer soonest.
 
-    The model is then served where it is loaded; only when every loaded copy
+    An awake loaded copy with a free slot first (the sleeping and unloaded
+    copies are dropped); else a sleeping one with a free slot (a request
+    wakes it: a reload, about its load time, but no eviction and no place
+    taken) before the routers that must load it; only when every running copy
     is busy (or there is none) may the request go to a router that loads it.
     """
-    if all(c.loaded for c in candidates):
+    def awake(c: Upstream) -> bool:
+        return c.loaded and c.model_state != "sleeping"
+
+    if all(awake(c) for c in candidates):
         return candidates
+    if any(awake(c) and c.slots_idle > 0 for c in candidates):
+        return [c for c in candidates if awake(c)]
     if any(c.loaded and c.slots_idle > 0 for c in candidates):
         return [c for c in candidates if c.loaded]
     return candidates

@@ -194,6 +194,8 @@ class Upstream:
         self.last_used_at = self.model_since
         #: How long the last load of its model took, seen from loading to loaded (None: not seen).
         self.load_seconds: float | None = None
+        #: A router whose ``/models/sse`` is followed now (L{paddler.fleet.router_events}).
+        self.events_live = False
         #: A router's model that --model-placement never evicts (management API pin).
         self.pinned = False
         #: A router's model: its slot count the last time it was seen loaded (0: never).

@@ -174,7 +174,8 @@ class ModelReading:
     state: str = "unloaded"
     exit_code: int = 0
     total: int = 0
-    processing: int = 0
+    #: None when not read (``--probe-mode health``: ``/props?model=`` gives the slots only).
+    processing: int | None = 0
     raw_slots: list[Any] | None = None
     #: The child upstream's probe mark taken just before its /slots was asked.
     mark: int = 0
@@ -318,7 +319,8 @@ def _model_entry(entry: Any) -> ModelReading:
 
 
 async def read_router(
-    get: Getter, mark: Callable[[], int] = lambda: 0, model_mark: Callable[[str], int] = lambda _: 0
+    get: Getter, mark: Callable[[], int] = lambda: 0, model_mark: Callable[[str], int] = lambda _: 0,
+    slots: bool = True,
 ) -> RouterReading:
     """
     Read a router-mode server: C{/props} (C{max_instances}, C{models_autoload}),
@@ -327,6 +329,13 @@ async def read_router(
     model). C{model_mark(id)} is taken just before a model's C{/slots} is
     asked (the child upstream's L{probe_mark}). A loaded model whose C{/slots} fails (it was just unloaded) is
     reported C{unloaded}. Raises L{ProbeError} or L{Loading}.
+
+    Without C{slots} (``--probe-mode health``) a loaded model's
+    C{/props?model=ID} is read instead: its C{total_slots}, and C{processing}
+    None. llama.cpp counts a ``/slots`` read as a task (it restarts the
+    model's ``--sleep-idle-seconds`` timer, and wakes a sleeping model),
+    ``/props`` not: so models can sleep behind the balancer, at the price of
+    not seeing other clients' requests. A sleeping model is asked nothing.
     """
     props = await _props(get)
     if not _is_router(props):
@@ -354,6 +363,9 @@ async def read_router(
         if model.state != "loaded":
             continue
         model.mark = model_mark(model.id)
+        if not slots:
+            await _read_model_props(get, model)
+            continue
         code, body = await get("/slots?model=" + quote(model.id, safe="") + "&autoload=false")
         if code != 200:
             model.state = "unloaded"  # unloaded between the two answers: the next probe will say
@@ -366,3 +378,18 @@ async def read_router(
             raise ProbeError(f"/slots?model={model.id} answer is not a list")
         model.total, model.processing, model.raw_slots = len(slots), count_processing(slots), slots
     return RouterReading(max_instances, autoload, models, taken)
+
+
+async def _read_model_props(get: Getter, model: ModelReading) -> None:
+    """C{model}'s slot count from C{/props?model=ID} (no task for llama.cpp: nothing wakes)."""
+    code, body = await get("/props?model=" + quote(model.id, safe="") + "&autoload=false")
+    if code != 200:
+        model.state = "unloaded"  # unloaded between the two answers: the next probe will say
+        return
+    try:
+        total = int(json.loads(body)["total_slots"])
+    except (ValueError, KeyError, TypeError):
+        raise ProbeError(f"/props?model={model.id} has no total_slots")
+    if not 0 <= total <= 4096:  # the largest count paddler accepts anywhere (the shared store's too)
+        raise ProbeError(f"/props?model={model.id} says {total} slots")
+    model.total, model.processing, model.raw_slots = total, None, None

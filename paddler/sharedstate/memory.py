@@ -86,6 +86,8 @@ class MemorySlotState:
         self.epoch: str | None = None
         self.place: dict[str, tuple[str, int]] = {}  # model -> owner, expiry ms
         self.placed: dict[str, int] = {}  # server -> ms a model was placed on it
+        self.placedx: dict[str, int] = {}  # server -> ms its placed record lapses
+        self.placeq: dict[str, int] = {}  # model -> ms its place claim expires
 
     def set_available(self, available: bool) -> None:
         """Make every call fail with L{StoreUnavailable} (or answer again), and tell the stores."""
@@ -390,6 +392,7 @@ class MemorySlotState:
     def op_unregister(self, channel: str, s: str) -> int:
         if not _valid_id(s):
             raise _bad("server id")
+        self._unplace(s)
         if s not in self.total:
             return 0
         for table in (self.total, self.ext, self.meta, self.mark, self.seen):
@@ -468,7 +471,7 @@ class MemorySlotState:
         for s in sorted({c for w in self.w.values() for c in w[5]})[:MAX_SERVERS]:
             if self._free(s)[0] > 0:
                 swept += self._handoff(s, channel, now)
-        return [released, stale, expired, orphaned, gone, swept]
+        return [released, stale, expired, orphaned, gone, swept, self._prune_placed(now, limit)]
 
     def op_place(self, channel: str, owner: str, model: str, s: str, victim: str, hold_s: str,
                  residency_s: str) -> int:
@@ -487,16 +490,35 @@ class MemorySlotState:
         if residency is None:
             raise _bad("residency")
         now = self._now()
+        self._prune_placed(now, DROP_BUDGET)
         held = self.place.get(model)
         if held is not None and held[0] != owner and held[1] > now:
             return 0
         if victim != "" and victim in self.placed and now - self.placed[victim] < residency:
             return 0
         self.place[model] = (owner, now + hold)
-        self.placed[s] = now
+        self.placeq[model] = now + hold
         if victim != "":
-            self.placed.pop(victim, None)
+            self._unplace(victim)
+        self.placed[s] = now
+        self.placedx[s] = now + max(residency, hold)
         return 1
+
+    def _unplace(self, s: str) -> None:
+        self.placed.pop(s, None)
+        self.placedx.pop(s, None)
+
+    def _prune_placed(self, now: int, limit: int) -> int:
+        """Drop at most C{limit} lapsed placement records and as many expired claims, oldest
+        first (ZRANGEBYSCORE's order)."""
+        lapsed = sorted((at, s) for s, at in self.placedx.items() if at <= now)[:limit]
+        for _, s in lapsed:
+            self._unplace(s)
+        claims = sorted((at, m) for m, at in self.placeq.items() if at <= now)[:limit]
+        for _, m in claims:
+            self.place.pop(m, None)
+            del self.placeq[m]
+        return len(lapsed) + len(claims)
 
     def op_finish_place(self, channel: str, owner: str, model: str, hold_s: str) -> int:
         if not _valid_id(owner):
@@ -511,8 +533,10 @@ class MemorySlotState:
             return 0
         if hold == 0:
             del self.place[model]
+            self.placeq.pop(model, None)
         else:
             self.place[model] = (owner, self._now() + hold)
+            self.placeq[model] = self._now() + hold
         return 1
 
     def op_snapshot(self, channel: str) -> list[Any]:

@@ -153,6 +153,8 @@ class ReapResult:
     orphaned_waiters: int
     owners_removed: int
     handed_on: int
+    #: Lapsed placement records (the time a model was placed on a server) and expired claims dropped.
+    placements_dropped: int = 0
 
 
 def _text(value: Any) -> str:

@@ -26,7 +26,15 @@ Keys (``P`` is the prefix, ``{pd}`` by default):
   once per Redis dataset: a new one means Redis lost its data).
 - ``P:place`` (HASH model -> ``owner|expiry ms``: the one balancer placing a
   model of router-mode upstreams now), ``P:placed`` (HASH server -> ms when a
-  model was last placed on it: not evicted before the minimum residency).
+  model was last placed on it: not evicted before the minimum residency),
+  ``P:placedx`` (ZSET server -> ms when its ``P:placed`` record lapses: the
+  placement time plus the longer of the claim's residency and hold). Lapsed
+  records are dropped by PLACE (at most DROP_BUDGET a call) and REAP (at most
+  its limit), a server's record by UNREGISTER and when it is the victim of a
+  placement: the two keys hold no more entries than servers placed on within
+  a residency. ``P:placeq`` (ZSET model -> expiry ms of its ``P:place``
+  claim): expired claims are dropped the same way (a balancer that died
+  mid-load, or a claim held on after its load, leaves none behind).
 
 Invariant kept by every script: a server with a free slot is listed by no
 live waiter (every event that frees a slot hands it to the oldest waiter
@@ -59,6 +67,8 @@ KEY_NAMES = (
     "epoch",
     "place",
     "placed",
+    "placedx",
+    "placeq",
 )
 
 # Limits, checked by the Python API and again by the scripts.
@@ -79,7 +89,7 @@ DROP_BUDGET = 64
 PRELUDE = r"""
 local K_TOTAL, K_EXT, K_GEN, K_DRAIN, K_META, K_MARK, K_SEEN, K_SEQ,
       K_LEASES, K_LEASE, K_LX, K_Q, K_W, K_WD, K_WX, K_OWNERS, K_OX, K_EPOCH,
-      K_PLACE, K_PLACED = unpack(KEYS)
+      K_PLACE, K_PLACED, K_PLACEDX, K_PLACEQ = unpack(KEYS)
 local CHANNEL = ARGV[1]
 local MAX_ID, MAX_SLOTS, MAX_SERVERS, MAX_CANDIDATES = %(MAX_ID)d, %(MAX_SLOTS)d, %(MAX_SERVERS)d, %(MAX_CANDIDATES)d
 local MAX_MODEL, MAX_META, MAX_TTL_MS, MIN_TTL_MS = %(MAX_MODEL)d, %(MAX_META)d, %(MAX_TTL_MS)d, %(MIN_TTL_MS)d
@@ -117,6 +127,24 @@ local function split(s, n)
   end
   out[n + 1] = string.sub(s, pos)
   return out
+end
+
+-- forget s's placement record (the time a model was placed on it)
+local function unplace(s)
+  redis.call('HDEL', K_PLACED, s)
+  redis.call('ZREM', K_PLACEDX, s)
+end
+
+-- drop at most n placement records that lapsed by now; -> how many
+local function prune_placed(now, n)
+  local lapsed = redis.call('ZRANGEBYSCORE', K_PLACEDX, '-inf', now, 'LIMIT', 0, n)
+  for _, s in ipairs(lapsed) do unplace(s) end
+  local claims = redis.call('ZRANGEBYSCORE', K_PLACEQ, '-inf', now, 'LIMIT', 0, n)
+  for _, m in ipairs(claims) do
+    redis.call('HDEL', K_PLACE, m)
+    redis.call('ZREM', K_PLACEQ, m)
+  end
+  return #lapsed + #claims
 end
 
 local function gen_of(s) return tonumber(redis.call('HGET', K_GEN, s) or '0') end
@@ -472,6 +500,7 @@ UNREGISTER = r"""
 -- ARGV: channel, server -> 1 removed | 0 unknown (its generation is kept: leases on it stay stale)
 local s = ARGV[2]
 if not valid_id(s) then return bad('server id') end
+unplace(s)
 if redis.call('HEXISTS', K_TOTAL, s) == 0 then return 0 end
 for _, k in ipairs({K_TOTAL, K_EXT, K_DRAIN, K_META, K_MARK, K_SEEN}) do redis.call('HDEL', k, s) end
 return 1
@@ -524,7 +553,7 @@ return {1, s, g, n, 0}
 """
 
 REAP = r"""
--- ARGV: channel, limit -> {leases released, stale leases dropped, waiters past deadline, waiters of dead owners, owners removed, slots handed on by the sweep}
+-- ARGV: channel, limit -> {leases released, stale leases dropped, waiters past deadline, waiters of dead owners, owners removed, slots handed on by the sweep, lapsed placement records and expired claims dropped}
 local limit = int_arg(ARGV[2], 1, MAX_REAP)
 if not limit then return bad('limit') end
 local now = now_ms()
@@ -564,7 +593,7 @@ while visits < MAX_SERVERS do
   cursor = '[' .. s .. '}'
   visits = visits + 1
 end
-return {released, stale, expired, orphaned, gone, swept}
+return {released, stale, expired, orphaned, gone, swept, prune_placed(now, limit)}
 """
 
 SNAPSHOT = r"""
@@ -613,6 +642,7 @@ if hold == nil then return bad('hold') end
 local residency = int_arg(ARGV[7], 0, MAX_TTL_MS)
 if residency == nil then return bad('residency') end
 local now = now_ms()
+prune_placed(now, DROP_BUDGET)
 local rec = redis.call('HGET', K_PLACE, model)
 if rec then
   local holder, expiry = string.match(rec, '^(.*)|(%d+)$')
@@ -623,8 +653,10 @@ if victim ~= '' then
   if at and now - tonumber(at) < residency then return 0 end
 end
 redis.call('HSET', K_PLACE, model, owner .. '|' .. int(now + hold))
+redis.call('ZADD', K_PLACEQ, int(now + hold), model)
+if victim ~= '' then unplace(victim) end
 redis.call('HSET', K_PLACED, s, int(now))
-if victim ~= '' then redis.call('HDEL', K_PLACED, victim) end
+redis.call('ZADD', K_PLACEDX, int(now + math.max(residency, hold)), s)
 return 1
 """
 
@@ -639,8 +671,11 @@ local rec = redis.call('HGET', K_PLACE, model)
 if not rec or string.match(rec, '^(.*)|%d+$') ~= owner then return 0 end
 if hold == 0 then
   redis.call('HDEL', K_PLACE, model)
+  redis.call('ZREM', K_PLACEQ, model)
 else
-  redis.call('HSET', K_PLACE, model, owner .. '|' .. int(now_ms() + hold))
+  local expiry = now_ms() + hold
+  redis.call('HSET', K_PLACE, model, owner .. '|' .. int(expiry))
+  redis.call('ZADD', K_PLACEQ, int(expiry), model)
 end
 return 1
 """

@@ -387,6 +387,8 @@ class SimulatedServerEngine:
         #: Called whenever a job leaves its slot or the queue (router mode
         #: loads a waiting model when a busy one goes idle).
         self.on_idle: Callable[[], None] | None = None
+        #: A router's model child asleep (``--sleep-idle-seconds``): ``/props`` says ``is_sleeping``.
+        self.is_sleeping = False
 
     # lifecycle
 

@@ -379,7 +379,7 @@ def props_json(engine: SimulatedServerEngine) -> dict[str, Any]:
         "bos_token": BOS_TEXT,
         "eos_token": EOS_TEXT,
         "build_info": BUILD_INFO,
-        "is_sleeping": False,
+        "is_sleeping": engine.is_sleeping,
         "cors_proxy_enabled": False,
     }
 

@@ -10,8 +10,11 @@ router keeps the models' states and LRU order, as llama.cpp's
 Model states (``status.value`` in ``/models``)::
 
     UNLOADED --load--> LOADING --load_seconds--> LOADED --unload / LRU eviction--> UNLOADED
-                          \\
-                           +--load fails (exit_code)--> UNLOADED, failed, exit_code
+                          \\                       |  ^
+                           \\     sleep_idle_seconds |  | a task: woken in load_seconds
+                            \\     without a task   v  |
+                             \\                  SLEEPING --unload / LRU eviction--> UNLOADED
+                              +--load fails (exit_code)--> UNLOADED, failed, exit_code
 
 A request for an unloaded model (with autoload) joins the router's queue,
 one entry per model however many requests wait for it (llama.cpp
@@ -20,8 +23,18 @@ C{models_max} models run, or when the least recently used loaded model that
 serves nothing and has nobody waiting for it can be evicted; otherwise it
 waits until a running model goes idle. A waiting client that goes away
 leaves the queue, so nothing is evicted for it. Only POST requests count as
-a use for the LRU order, as in llama.cpp. Sleeping (``--sleep-idle-seconds``)
-is not simulated.
+a use for the LRU order, as in llama.cpp.
+
+Sleeping (``--sleep-idle-seconds S``, llama.cpp's ``server_queue``): a loaded
+model whose child got no I{task} for S seconds goes to sleep: it frees its
+memory and KV cache (here: its engine, and so its prompt cache) but keeps its
+place among the C{models_max} and can be evicted like a loaded one. Every
+request the router forwards to the child is a task, ``GET /slots?model=``
+included (even with ``autoload=false``), except ``/props`` and ``/metrics``,
+which a sleeping child answers from what it had (``/props`` with
+``is_sleeping: true``). A task for a sleeping model wakes it: the model
+reloads (C{load_seconds}; ``/models`` says ``sleeping`` until it is
+``loaded`` again, with no ``loading`` in between), then the task is answered.
 """
 
 from __future__ import annotations
@@ -51,6 +64,8 @@ class RouterConfig:
     @ivar autoload: ``--models-autoload`` (off: ``--no-models-autoload``).
     @ivar load_seconds: how long a model takes to load.
     @ivar failing: models whose load fails, with the child's exit code.
+    @ivar sleep_idle_seconds: ``--sleep-idle-seconds``: a loaded model with no
+        task for this long sleeps (negative: never).
     """
 
     models: tuple[str, ...]
@@ -58,6 +73,7 @@ class RouterConfig:
     autoload: bool = True
     load_seconds: float = 0.1
     failing: Mapping[str, int] = field(default_factory=dict)
+    sleep_idle_seconds: float = -1.0
 
 
 class ModelState(enum.Enum):
@@ -66,6 +82,7 @@ class ModelState(enum.Enum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     LOADED = "loaded"
+    SLEEPING = "sleeping"
 
 
 class SimulatedModel:
@@ -79,13 +96,23 @@ class SimulatedModel:
         #: When a POST last went to it (or it was loaded): the LRU order.
         self.last_used = 0.0
         self.loads = 0
+        #: Times it went to sleep, and woke up.
+        self.sleeps = 0
+        self.wakes = 0
         self._load_call: IDelayedCall | None = None
+        self._sleep_call: IDelayedCall | None = None
+        self._wake_call: IDelayedCall | None = None
         self._waiters: list[Deferred[SimulatedModel]] = []
 
     @property
     def running(self) -> bool:
-        """Loading or loaded: it takes one of the C{models_max} places."""
+        """Loading, loaded or sleeping: it takes one of the C{models_max} places."""
         return self.state is not ModelState.UNLOADED
+
+    @property
+    def ready_or_asleep(self) -> bool:
+        """Loaded or sleeping: its child runs (llama.cpp's ``is_ready_or_sleep``)."""
+        return self.state in (ModelState.LOADED, ModelState.SLEEPING)
 
     @property
     def failed(self) -> bool:
@@ -206,10 +233,68 @@ class SimulatedRouter:
 
         d: Deferred[SimulatedModel] = Deferred(cancel)
         model._waiters.append(d)
-        if model.state is ModelState.UNLOADED and model not in self.queue:
+        if model.state is ModelState.SLEEPING:
+            self._wake(model)
+        elif model.state is ModelState.UNLOADED and model not in self.queue:
             self.queue.append(model)
             self._tick()
         return d
+
+    # sleeping
+
+    def task(self, model: SimulatedModel) -> None:
+        """A task reached C{model}'s child (a request the router forwarded to it, but for
+        ``/props`` and ``/metrics``): its idle timer starts again."""
+        self._arm_sleep(model)
+
+    def _arm_sleep(self, model: SimulatedModel) -> None:
+        if model._sleep_call is not None and model._sleep_call.active():
+            model._sleep_call.cancel()
+        model._sleep_call = None
+        idle = self.config.sleep_idle_seconds
+        if idle < 0 or model.state is not ModelState.LOADED or self._stopping:
+            return
+        model._sleep_call = self.clock.callLater(idle, self._idle_out, model)
+
+    def _idle_out(self, model: SimulatedModel) -> None:
+        model._sleep_call = None
+        if model.state is not ModelState.LOADED:
+            return
+        if model.busy or model._waiters:
+            self._arm_sleep(model)  # work under way is no idleness (llama.cpp shifts the timer)
+            return
+        model.state = ModelState.SLEEPING
+        model.sleeps += 1
+        if model.engine is not None:
+            model.engine.is_sleeping = True
+        self.log.info("model {model} is sleeping (no task for {idle:g} s)",
+                      model=model.name, idle=self.config.sleep_idle_seconds)
+        self._notify("status_change", model, {"status": "sleeping"})
+
+    def _wake(self, model: SimulatedModel) -> None:
+        """Reload a sleeping model (C{load_seconds}); its waiters are answered once it is up."""
+        if model._wake_call is not None:
+            return  # waking already
+        self.log.info("waking model {model}", model=model.name)
+        model._wake_call = self.clock.callLater(self.config.load_seconds, self._woken, model)
+
+    def _woken(self, model: SimulatedModel) -> None:
+        model._wake_call = None
+        if model.state is not ModelState.SLEEPING:
+            return
+        old = model.engine
+        if old is not None:
+            old.on_idle = None
+            old.stop()
+        model.engine = self._engine(model)  # the memory and the KV cache were freed
+        model.state = ModelState.LOADED
+        model.wakes += 1
+        self.log.info("model {model} woke up", model=model.name)
+        self._notify("status_change", model, {"status": "loaded"})  # no info on a wake-up
+        self._arm_sleep(model)
+        waiters, model._waiters = model._waiters, []
+        for d in waiters:
+            d.callback(model)
 
     def load(self, model: SimulatedModel) -> None:
         """``POST /models/load``: start loading C{model} now, evicting the LRU idle model if full.
@@ -243,7 +328,7 @@ class SimulatedRouter:
         """The least recently used loaded model that serves nothing and that nobody waits for."""
         candidates = [
             m for m in self.models.values()
-            if m.state is ModelState.LOADED and not m.busy and not m._waiters and m is not exclude
+            if m.ready_or_asleep and not m.busy and not m._waiters and m is not exclude
         ]
         return min(candidates, key=lambda m: m.last_used, default=None)
 
@@ -290,25 +375,30 @@ class SimulatedRouter:
                 500, f"model name={model.name} failed to load", "server_error"))
             self._tick()
             return
-        config = replace(self.child, model=model.name, load_seconds=0.0, api_key=None,
-                         seed=self.child.seed + sorted(self.models).index(model.name))
-        engine = SimulatedServerEngine(self.clock, config)
-        engine.on_idle = self._tick
-        engine.start()
-        model.engine = engine
+        model.engine = self._engine(model)
         model.state = ModelState.LOADED
         self.log.info("model {model} loaded", model=model.name)
         self._notify("status_change", model, {"status": "loaded", "info": self.model_info(model)})
+        self._arm_sleep(model)
         waiters, model._waiters = model._waiters, []
         for d in waiters:
             d.callback(model)
         self._tick()
 
+    def _engine(self, model: SimulatedModel) -> SimulatedServerEngine:
+        config = replace(self.child, model=model.name, load_seconds=0.0, api_key=None,
+                         seed=self.child.seed + sorted(self.models).index(model.name))
+        engine = SimulatedServerEngine(self.clock, config)
+        engine.on_idle = self._tick
+        engine.start()
+        return engine
+
     def _unload(self, model: SimulatedModel) -> None:
-        was_loading = model.state is ModelState.LOADING
-        if model._load_call is not None and model._load_call.active():
-            model._load_call.cancel()
-        model._load_call = None
+        was_loading = model.state is ModelState.LOADING or model._wake_call is not None
+        for call in (model._load_call, model._sleep_call, model._wake_call):
+            if call is not None and call.active():
+                call.cancel()
+        model._load_call = model._sleep_call = model._wake_call = None
         engine, model.engine = model.engine, None
         model.state = ModelState.UNLOADED
         model.exit_code = 0

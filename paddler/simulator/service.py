@@ -314,6 +314,7 @@ def router_config_from_options(options: Mapping[str, Any]) -> RouterConfig | Non
         autoload=not options.get("no-models-autoload", False),
         load_seconds=float(options.get("model-load-seconds", 0.1)),
         failing=parse_failing(failing) if failing else {},
+        sleep_idle_seconds=float(options.get("sleep-idle-seconds") or 0.0) or -1.0,
     )
 
 

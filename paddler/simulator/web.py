@@ -411,7 +411,9 @@ class RouterResource(Resource):
             raise SimulatorError(400, "model is not loaded", "invalid_request_error")
         if post:
             self.router.touch(model)
-        if model.state is ModelState.LOADED or not autoload:
+        if model.state is ModelState.SLEEPING and not _is_task(request):
+            return self._child_render(request, model)  # answered from what it had; it sleeps on
+        if model.state is ModelState.LOADED or (not autoload and model.state is not ModelState.SLEEPING):
             return self._child_render(request, model)
         waiting = self.router.ensure_ready(model)
         gone = request.notifyFinish()
@@ -430,6 +432,8 @@ class RouterResource(Resource):
         if known is None or known[0] is not engine:
             known = (engine, SimulatorResource(engine, self.clock))
             self._children[model.name] = known
+        if _is_task(request):
+            self.router.task(model)
         return known[1].render(request)
 
     def _answer_later(self, request: Request, model: SimulatedModel, post: bool) -> None:
@@ -497,6 +501,15 @@ class RouterResource(Resource):
 
 
 __all__ = ["RouterResource", "SimulatorResource"]
+
+
+#: GET paths a child answers without it counting as a task (llama.cpp: they neither wake a
+#: sleeping model nor restart its idle timer; ``/health`` and ``/models`` the router answers).
+NOT_TASKS = frozenset({"/props", "/metrics"})
+
+
+def _is_task(request: Request) -> bool:
+    return request.method != b"GET" or request.path.decode("utf-8", "replace") not in NOT_TASKS
 
 
 def _answered(resource: Any, request: Request, path: str, handler: Any, what: str) -> bytes | int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,17 +49,18 @@ def router(request: pytest.FixtureRequest) -> StartRouter:
         "start_simulator" if kind == "simulator" else "start_llama_router"
     )
 
-    def start(models_max: int = 2, autoload: bool = True) -> Router:
+    def start(models_max: int = 2, autoload: bool = True, sleep_idle: int = 0) -> Router:
+        sleeping = ["--sleep-idle-seconds", str(sleep_idle)] if sleep_idle else []
         if kind == "simulator":
             args = ["--models", ",".join((*MODELS, "broken")), "--models-max", str(models_max),
-                    "--models-fail-load", "broken=1"]
+                    "--models-fail-load", "broken=1", *sleeping]
             if not autoload:
                 args.append("--no-models-autoload")
             url = processes(slots=2, n_ctx=1024, tokens_per_second=200.0, extra_args=args)
         else:
             url = processes(
                 models=MODELS, models_max=models_max, slots=2, ctx=2048, broken=("broken",),
-                extra_args=[] if autoload else ["--no-models-autoload"],
+                extra_args=([] if autoload else ["--no-models-autoload"]) + sleeping,
             )
         return Router(kind, url)
 
@@ -291,5 +293,71 @@ def test_models_sse_streams_the_status_of_a_load_and_an_unload(router: StartRout
         assert seen[-1] == ("alpha", "status_change", "unloaded")
         [unloaded] = [e for e in sse.events if e["data"]["status"] == "unloaded"]
         assert "exit_code" in unloaded["data"]
+    finally:
+        sse.close()
+
+
+#: --sleep-idle-seconds of the sleeping cases, and how long a model may take to fall asleep.
+SLEEP_IDLE = 2
+SLEEP_DEADLINE = 30.0
+
+
+def test_an_idle_model_sleeps_and_props_metrics_models_do_not_wake_it(router: StartRouter) -> None:
+    """--sleep-idle-seconds 2: loaded alpha with no task goes ``sleeping`` in /models; then
+    /props?model=alpha says is_sleeping true, and /props, /metrics and /models, asked for 3 s,
+    leave it sleeping (they are no task); beta, loaded next, fits beside it (models_max 2)."""
+    r = router(sleep_idle=SLEEP_IDLE)
+    load(r.url, "alpha")
+    wait_for(lambda: statuses(r.url)["alpha"] == "sleeping", SLEEP_DEADLINE, "alpha sleeping")
+    props = get_json(r.url, "/props?model=alpha")
+    assert props["is_sleeping"] is True
+    for _ in range(6):
+        assert get(r.url, "/props?model=alpha").status == 200
+        assert get(r.url, "/metrics?model=alpha").status == 200
+        assert statuses(r.url)["alpha"] == "sleeping"
+        time.sleep(0.5)
+    load(r.url, "beta")
+    assert statuses(r.url)["alpha"] == "sleeping"
+
+
+def test_a_chat_or_a_slots_read_wakes_a_sleeping_model(router: StartRouter) -> None:
+    """A chat for sleeping alpha is answered by alpha (200) and alpha is ``loaded`` after it;
+    asleep again, ``GET /slots?model=alpha&autoload=false`` wakes it too (it is a task): its
+    slots come back and alpha is ``loaded``. /models never says ``loading`` for a wake-up."""
+    r = router(sleep_idle=SLEEP_IDLE)
+    load(r.url, "alpha")
+    wait_for(lambda: statuses(r.url)["alpha"] == "sleeping", SLEEP_DEADLINE, "alpha sleeping")
+    reply = chat(r.url, "alpha")
+    assert reply.status == 200 and reply.json()["object"] == "chat.completion", reply
+    assert statuses(r.url)["alpha"] == "loaded"
+    wait_for(lambda: statuses(r.url)["alpha"] == "sleeping", SLEEP_DEADLINE, "alpha sleeping again")
+    slots = get(r.url, "/slots?model=alpha&autoload=false")
+    assert slots.status == 200 and len(slots.json()) == 2, slots
+    assert statuses(r.url)["alpha"] == "loaded"
+
+
+def test_every_models_sse_event_is_one_the_balancer_follows(router: StartRouter) -> None:
+    """The events of a load, an unload and a failed load all have the shape the balancer's
+    follower (L{paddler.fleet.router_events.parse_event}) takes: an object with string
+    ``model`` and ``event``, ``data`` an object whose ``status`` (when given) is a string;
+    and each status change is one of the events that make it read the router."""
+    from paddler.fleet.router_events import _CHANGES, parse_event
+
+    r = router()
+    sse = _SSE(r.url)
+    try:
+        wait_for(lambda: sse.status == 200, 10, "the /models/sse answer head")
+        load(r.url, "alpha")
+        post(r.url, "/models/unload", {"model": "alpha"})
+        wait_status(r.url, "alpha", "unloaded")
+        chat(r.url, "broken")
+        wait_for(lambda: any(e.get("model") == "broken" and e["data"].get("status") == "unloaded"
+                             for e in sse.events), LOAD_DEADLINE, "the failed load's event")
+        assert len(sse.events) >= 5, sse.events
+        for payload in list(sse.events):
+            parsed = parse_event(b"data: " + json.dumps(payload).encode())
+            assert parsed == payload
+            if "status" in payload["data"]:
+                assert payload["event"] in _CHANGES, payload
     finally:
         sse.close()

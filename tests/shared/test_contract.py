@@ -501,6 +501,49 @@ async def test_one_owner_at_a_time_places_a_model_and_a_placed_model_is_not_evic
 
 
 @pytest_twisted.ensureDeferred
+async def test_placement_records_lapse_and_go_with_their_server(world: World, trio: list) -> None:
+    """The store's placement records (when a model was placed on a server) do not grow without
+    bound: one lapses after the longer of its claim's residency and hold (dropped by the next
+    claim of any balancer, or by a reap), goes when a placement evicts its server's model, and
+    when its server is unregistered (known to the store or not); so do the claims, once
+    expired or finished."""
+    a, b, c = trio
+    assert await a.claim_placement("alpha", "r1-alpha", None, 0.5, 0.3) is True
+    assert await b.claim_placement("beta", "r2-beta", None, 0.5, 30.0) is True
+    assert await c.claim_placement("gamma", "r3-gamma", None, 0.5, 30.0) is True
+    assert await world.placement_records() == {"r1-alpha", "r2-beta", "r3-gamma"}
+    await world.wait(0.7)
+    # another balancer's claim drops a's lapsed record; the others are within their residency
+    assert await b.claim_placement("delta", "r4-delta", None, 0.5, 30.0) is True
+    assert await world.placement_records() == {"r2-beta", "r3-gamma", "r4-delta"}
+    # evicting beta (a residency of 0: allowed at once): its record goes, epsilon's comes
+    assert await c.claim_placement("epsilon", "r2-epsilon", "r2-beta", 0.5, 0.0) is True
+    assert await world.placement_records() == {"r2-epsilon", "r3-gamma", "r4-delta"}
+    # the server goes: registered (gamma) or never (delta), its record goes too
+    await a.register_server("r3-gamma", 2)
+    assert await b.unregister_server("r3-gamma") is True
+    assert await a.unregister_server("r4-delta") is False
+    assert await world.placement_records() == {"r2-epsilon"}
+    # the claims of alpha, beta and gamma (held 0.5 s) expired: delta's claim dropped them
+    assert await world.placement_claims() == {"delta", "epsilon"}
+    await world.wait(0.7)  # epsilon's record lapses (its hold, 0.5 s), as both claims: the reaper drops them
+    reaped = await a.reap(100)
+    assert reaped.placements_dropped == 1 + 2, reaped
+    assert await world.placement_records() == set()
+    assert await world.placement_claims() == set()
+    assert (await a.reap(100)).placements_dropped == 0
+    # a finished claim goes at once (hold 0), or when its hold after the load is over
+    assert await a.claim_placement("zeta", "r5-zeta", None, 5.0, 0.0) is True
+    assert await b.claim_placement("eta", "r6-eta", None, 5.0, 0.0) is True
+    await a.finish_placement("zeta", 0.0)
+    await b.finish_placement("eta", 0.3)
+    assert await world.placement_claims() == {"eta"}
+    await world.wait(0.5)
+    assert (await c.reap(100)).placements_dropped == 1
+    assert await world.placement_claims() == set()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_placement_claim_of_a_dead_balancer_expires(world: World, trio: list) -> None:
     """A balancer that claimed a model and died does not block its placement past the hold."""
     a, b, _ = trio

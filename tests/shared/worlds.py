@@ -16,6 +16,7 @@ from twisted.internet.task import Clock, deferLater
 
 from paddler.sharedstate.memory import MemorySlotState, MemorySlotStore
 from paddler.sharedstate.redisstore import RedisSlotStore
+from paddler.sharedstate.scripts import KEY_NAMES
 from paddler.sharedstate.store import SlotStoreBase
 
 OWNERS = ("replica-a", "replica-b", "replica-c")
@@ -38,6 +39,14 @@ class World:
         raise NotImplementedError
 
     async def settle(self, d: Deferred[Any], deadline: float = 3.0) -> Any:
+        raise NotImplementedError
+
+    async def placement_records(self) -> set[str]:
+        """The servers the shared state holds a placement record for (checks its two keys agree)."""
+        raise NotImplementedError
+
+    async def placement_claims(self) -> set[str]:
+        """The models the shared state holds a placement claim for (checks its two keys agree)."""
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -81,6 +90,16 @@ class MemoryWorld(World):
         assert d.called, f"not settled within {deadline} s of the fake clock"
         return await d
 
+    async def placement_records(self) -> set[str]:
+        placed = set(self.state.placed)
+        assert placed == set(self.state.placedx), (self.state.placed, self.state.placedx)
+        return placed
+
+    async def placement_claims(self) -> set[str]:
+        claims = set(self.state.place)
+        assert claims == set(self.state.placeq), (self.state.place, self.state.placeq)
+        return claims
+
 
 class RedisWorld(World):
     kind = "redis"
@@ -112,3 +131,21 @@ class RedisWorld(World):
 
     async def settle(self, d: Deferred[Any], deadline: float = 3.0) -> Any:
         return await d.addTimeout(deadline, reactor)
+
+    async def placement_records(self) -> set[str]:
+        store = self.stores[0]
+        keys = dict(zip(KEY_NAMES, store.keys))
+        placed = await store.client.execute("HKEYS", keys["placed"])
+        lapsing = await store.client.execute("ZRANGE", keys["placedx"], 0, -1)
+        names = {v.decode() for v in placed}
+        assert names == {v.decode() for v in lapsing}, (placed, lapsing)
+        return names
+
+    async def placement_claims(self) -> set[str]:
+        store = self.stores[0]
+        keys = dict(zip(KEY_NAMES, store.keys))
+        claims = await store.client.execute("HKEYS", keys["place"])
+        expiring = await store.client.execute("ZRANGE", keys["placeq"], 0, -1)
+        models = {v.decode() for v in claims}
+        assert models == {v.decode() for v in expiring}, (claims, expiring)
+        return models
