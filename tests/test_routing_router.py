@@ -115,3 +115,40 @@ def test_requests_without_a_prompt_rank_by_idle_slots() -> None:
     router = Router(Clock())
     request = router.prepare({"input": "x"}, "/v1/embeddings")
     assert request.blocks == () and router.rank(request, views(a=1, b=3, c=2)).order == ["b", "c", "a"]
+
+
+def _two_slot_views(a_idle: int, b_idle: int) -> list[UpstreamView]:
+    return [UpstreamView(id="a", slots_idle=a_idle, slots_total=2, in_flight=2 - a_idle),
+            UpstreamView(id="b", slots_idle=b_idle, slots_total=2, in_flight=2 - b_idle)]
+
+
+def test_a_conversation_stays_warm_after_another_takes_its_system_prompt() -> None:
+    """Two 2-slot upstreams, two conversations with one short system prompt: conversation 2's
+    first turn goes to conversation 1's upstream (it holds the system prompt) and takes the
+    prefix from conversation 1's slot there; conversation 1's next turn must still find its
+    whole history on that upstream and go back to it, not to the emptier cold one (the index
+    took the shared prefix for a load from RAM, dropped conversation 1's entry, and the
+    next turn moved: seen on two real llama-servers, docs/routing.md)."""
+    clock = Clock()
+    router = Router(clock, weigh_output=True)
+    system = {"role": "system", "content": "Guide. " * 90}  # ~10 blocks
+    first = ["Tell me about the upper river, its boats and its locks. " * 28]  # ~25 blocks
+    other = ["Tell me about the lower delta and its birds in winter. " * 70]  # ~60 blocks
+
+    def body(turns: list[str]) -> dict[str, Any]:
+        return {"messages": [system, *({"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                                       for i, t in enumerate(turns))]}
+
+    one = router.prepare(body(first), "/v1/chat/completions")
+    assert router.rank(one, _two_slot_views(2, 2)).order[0] == "a"
+    one = router.dispatched(one, "a")
+    clock.advance(0.2)
+    router.finished(one, "a", timings(0, one.info.tokens))
+    two = router.prepare(body(other), "/v1/chat/completions")
+    assert router.rank(two, _two_slot_views(2, 2)).order[0] == "a"  # the system prompt is there
+    two = router.dispatched(two, "a")  # running: one slot of a is busy
+    again = router.prepare(body([*first, "It is long.", "And the locks?"]), "/v1/chat/completions")
+    decision = router.rank(again, _two_slot_views(1, 2))
+    mine = next(e for e in decision.ranked if e.id == "a")
+    assert mine.candidate.cached_tokens >= 30 * BLOCK_CHARS // CHARS_PER_TOKEN
+    assert decision.order[0] == "a"

@@ -204,6 +204,17 @@ class _Upstream:
                 owner.pop(block, None)
         self.held -= len(blocks)
 
+    def in_slots(self, key: int, slots: int) -> bool:
+        """Whether entry C{key} is one of the newest C{slots} entries (what the slots hold)."""
+        if slots <= 0 or key not in self.entries:
+            return False
+        for position, newer in enumerate(reversed(self.entries)):
+            if position >= slots:
+                return False
+            if newer == key:
+                return True
+        return False
+
     def fit(self) -> int:
         """Drop the oldest entries until the held blocks fit the capacity (one stays)."""
         dropped = 0
@@ -288,17 +299,24 @@ class PrefixIndex:
         """L{match} for several upstreams."""
         return {upstream_id: self.match(upstream_id, blocks) for upstream_id in upstream_ids}
 
-    def record(self, upstream_id: Hashable, blocks: Sequence[int]) -> None:
+    def record(self, upstream_id: Hashable, blocks: Sequence[int], slots: int = 0) -> None:
         """The upstream is about to evaluate this prompt (call it when dispatching there):
         the entry it restores leaves the cache, entries the prompt contains are dropped,
-        the prompt goes last, and the oldest entries beyond the capacity go."""
+        the prompt goes last, and the oldest entries beyond the capacity go.
+
+        @param slots: the upstream's slots. Its newest C{slots} entries stand
+            for what its slots hold: a prompt whose match is in one of them
+            takes that slot and copies nothing out of RAM, so that entry stays
+            (llama-server copies idle slots to RAM, ``--cache-idle-slots``); only
+            a match in an older entry is a load from RAM, which moves it.
+        """
         entry = self._get(upstream_id)
         entry.stats.recorded += 1
         if not blocks:
             return
         prompt = tuple(blocks[: max(1, entry.capacity)])  # a long prompt keeps its head
         matched, key = self._lookup(entry, prompt)
-        if key is not None and MOVE_ON_LOAD:
+        if key is not None and MOVE_ON_LOAD and not entry.in_slots(key, slots):
             entry.remove(key)
         entries = entry.entries
         for block in prompt[:-1]:

@@ -108,6 +108,8 @@ class Router:
         self._last_chosen: dict[Hashable, float] = {}
         #: Per upstream, the requests sent there and not finished: ticket -> (start, expected end).
         self._running: dict[Hashable, dict[int, tuple[float, float]]] = {}
+        #: Slots of each upstream as last ranked (what its newest prefix entries stand for).
+        self._slots: dict[Hashable, int] = {}
         self._choices = 0
 
     def prepare(self, body: Any, path: str | bytes, headers: Any = None) -> RoutedRequest:
@@ -119,6 +121,7 @@ class Router:
         """The cost model's records for these upstreams."""
         out = []
         for view in views:
+            self._slots[view.id] = view.slots_total
             matched = self.index.match(view.id, request.blocks) if request.blocks else 0
             full = view.slots_idle <= 0 or view.in_flight >= view.slots_total
             out.append(Candidate(
@@ -207,7 +210,7 @@ class Router:
         to check in L{finished}."""
         predicted = self.index.match(upstream_id, request.blocks) if request.blocks else 0
         if request.blocks:
-            self.index.record(upstream_id, request.blocks)
+            self.index.record(upstream_id, request.blocks, self._slots.get(upstream_id, 0))
         key = request.info.conversation
         if key is not None:
             self._conversations[key] = upstream_id
@@ -253,6 +256,7 @@ class Router:
         for key in [k for k, v in self._conversations.items() if v == upstream_id]:
             del self._conversations[key]
         self._last_chosen.pop(upstream_id, None)
+        self._slots.pop(upstream_id, None)
 
     def stats(self, upstream_id: Hashable) -> dict[str, Any]:
         """Per-upstream figures for ``/api/v1/state``, Prometheus and StatsD."""
