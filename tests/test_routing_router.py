@@ -152,3 +152,30 @@ def test_a_conversation_stays_warm_after_another_takes_its_system_prompt() -> No
     mine = next(e for e in decision.ranked if e.id == "a")
     assert mine.candidate.cached_tokens >= 30 * BLOCK_CHARS // CHARS_PER_TOKEN
     assert decision.order[0] == "a"
+
+
+def test_a_new_conversation_goes_where_fewer_conversations_live_per_slot() -> None:
+    """Two idle 2-slot upstreams of one kind (generation measured at 210 and 190 tokens/s:
+    noise, one speed band); two conversations live on a, one on b. A new conversation nobody
+    holds goes to b: with a third on a, two of them would want its two slots at once and one
+    would move, re-evaluating its history (the noisier speed decided before). Conversations
+    older than RESIDENT_SECONDS no longer count."""
+    from paddler.routing.router import RESIDENT_SECONDS
+
+    clock = Clock()
+    router = Router(clock, weigh_output=True)
+
+    def serve(upstream: str, text: str, speed: float) -> None:
+        request = router.dispatched(router.prepare({"prompt": text}, "/completion"), upstream)
+        clock.advance(0.1)
+        router.finished(request, upstream, {"cache_n": 0, "prompt_n": 300, "prompt_ms": 100.0,
+                                            "predicted_n": 20, "predicted_ms": 20_000.0 / speed})
+
+    serve("a", "first conversation on a " * 50, 210.0)
+    serve("b", "only conversation on b " * 50, 190.0)
+    serve("a", "second conversation on a " * 50, 210.0)
+    new = router.prepare({"prompt": "a new conversation " * 50}, "/completion")
+    assert router.rank(new, _two_slot_views(2, 2)).order[0] == "b"
+    clock.advance(RESIDENT_SECONDS)
+    serve("b", "another on b " * 50, 190.0)  # b: one lately, a: none
+    assert router.rank(new, _two_slot_views(2, 2)).order[0] == "a"

@@ -95,6 +95,9 @@ class Candidate:
     @ivar prompt_speed: prompt tokens per second.
     @ivar generation_speed: generated tokens per second.
     @ivar last_chosen: when it was last chosen (a choice counter; ties go to the oldest).
+    @ivar resident: prompts it took lately and still holds, per slot
+        (L{paddler.routing.router.Router.resident}): among cold ties, the
+        upstream with fewer conversations per slot takes a new one.
     """
 
     id: Hashable
@@ -106,6 +109,7 @@ class Candidate:
     prompt_speed: float
     generation_speed: float
     last_chosen: float = -math.inf
+    resident: float = 0.0
 
     @property
     def free(self) -> bool:
@@ -251,7 +255,10 @@ def rank(
         c = e.candidate
         free = frees[position]
         load = c.in_flight / c.slots_total if c.slots_total > 0 else 1.0
-        keys.append((not free, _tie_key(e.cost, cheapest[free]), -c.slots_idle, -_speed(c.generation_speed), load, c.last_chosen, position))
+        # with an output term, generation speeds were banded above: the band, not noise, decides
+        speed = output_tokens / e.generation if output_tokens > 0 and e.generation > 0 else _speed(c.generation_speed)
+        keys.append((not free, _tie_key(e.cost, cheapest[free]), -c.slots_idle, -speed, c.resident, load,
+                     c.last_chosen, position))
     ranked = tuple(estimates[key[-1]] for key in sorted(keys))
     best = ranked[0] if ranked and ranked[0].free else None
     if best is None or max_wait <= 0:

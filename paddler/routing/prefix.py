@@ -295,6 +295,18 @@ class PrefixIndex:
             return 0
         return self._lookup(entry, blocks)[0]
 
+    def holds_entry(self, upstream_id: Hashable, key: int) -> bool:
+        """Whether the upstream's cache holds the entry named C{key} (its last block hash)."""
+        entry = self._upstreams.get(upstream_id)
+        return entry is not None and key in entry.entries
+
+    def newest_entry(self, upstream_id: Hashable) -> int | None:
+        """The key of the entry recorded last on the upstream, if any."""
+        entry = self._upstreams.get(upstream_id)
+        if entry is None or not entry.entries:
+            return None
+        return next(reversed(entry.entries))
+
     def match_all(self, upstream_ids: Sequence[Hashable], blocks: Sequence[int]) -> dict[Hashable, int]:
         """L{match} for several upstreams."""
         return {upstream_id: self.match(upstream_id, blocks) for upstream_id in upstream_ids}
