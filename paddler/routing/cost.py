@@ -12,7 +12,12 @@ L{rank} orders the candidates that have an idle slot by cost, costs within
 L{TIE_SECONDS} (5 ms) of the cheapest counting as equal to it; ties go to the most idle slots,
 then the faster generation speed (the whole request ends sooner there: on
 a trace without shared prefixes this kept slow servers for overflow, as the
-ideal FIFO does, where the lowest load had sent them work first), then the
+ideal FIFO does, where the lowest load had sent them work first; with an
+output term, speeds within L{GENERATION_SPEED_TOLERANCE} of the fastest are
+one speed here too), then the fewer resident conversations per slot
+(C{Candidate.resident}: a new conversation goes where it will not have to
+share slots with more conversations than the others; two 2-slot servers,
+replay: 1.031 -> 1.020x the sticky ideal's prompt tokens), then the
 lowest load (in flight / slots), then the least recently chosen, then the
 order they were given in. With no cache information and equal speeds every cost is the
 same and the order is the ``slots`` policy's: most idle slots first.

@@ -31,8 +31,16 @@ counted once per entry, as the server stores them):
   holds it).
 - *Loading is a move*: the entry a request is predicted to restore leaves
   the list when the request is sent (the server loads it into a slot,
-  and what comes back is the new prompt); so after S+a then S+b, S+a
-  matches only S.
+  and what comes back is the new prompt); so after S+a, X, Y then S+b on a
+  2-slot server, S+a matches only S. *Except from a slot*: the newest
+  ``slots`` entries stand for what the server's slots hold, and llama-server
+  takes a prefix from an idle slot (``--slot-prompt-similarity``) after
+  copying that slot to RAM (``--cache-idle-slots``): a match there moves
+  nothing, so S+a then S+b leaves both whole. (Moving those too dropped a
+  conversation's history whenever another conversation took their shared
+  system prompt from it, and its next turn looked cold: replay of the
+  two-real-servers trace, 20 seeds, 1.075 -> 1.031x the sticky ideal's
+  prompt tokens.)
 - *Quarter rule*: an entry is only restored when the request keeps at
   least L{MIN_ENTRY_F_KEEP} (a quarter) of it: a 10-block head shared
   with a 100-block entry is no hit.

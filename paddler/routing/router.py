@@ -233,10 +233,10 @@ class Router:
         if request.blocks:
             self.index.record(upstream_id, request.blocks, self._slots.get(upstream_id, 0))
             recorded = self._recorded.setdefault(upstream_id, OrderedDict())
-            key = self.index.newest_entry(upstream_id)
-            if key is not None:
-                recorded[key] = now
-                recorded.move_to_end(key)
+            newest = self.index.newest_entry(upstream_id)
+            if newest is not None:
+                recorded[newest] = now
+                recorded.move_to_end(newest)
         key = request.info.conversation
         if key is not None:
             self._conversations[key] = upstream_id
