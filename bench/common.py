@@ -274,21 +274,23 @@ def start_paddler(
     profile: Path | None = None,
     core: int | None = None,
     source: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, int]:
     """
     Start ``python -m paddler balancer`` (on C{core}); return it and its proxy port once healthy.
     C{policy} None: no ``--policy`` flag (the default policy, as a new user runs it).
     C{source}: a directory holding another paddler package to run instead of this checkout's.
+    C{env}: more environment variables (e.g. ``PADDLER_LOG_LEVEL=debug`` for the routing decisions).
     """
     workers = int(extra[list(extra).index("--workers") + 1]) if "--workers" in extra else 1
     port = free_port()
     mport = free_ports_below_ephemeral(workers) if workers > 1 else free_port()
     args = [PYTHON, "-m", "paddler"]
-    env = None
+    env = dict(env or {})
     if source is not None:
         # -P: the working directory (this checkout) must not come before SOURCE on sys.path
         args = [PYTHON, "-P", "-m", "paddler"]
-        env = {"PYTHONPATH": source}
+        env["PYTHONPATH"] = source
     if profile is not None:
         args = [PYTHON, "-m", "bench.profiled", str(profile)]
     args += [

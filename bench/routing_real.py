@@ -88,14 +88,15 @@ def start_servers(procs: Processes, binary: Path, model: Path, name: str) -> lis
     return ports
 
 
-def run_config(config: str, trace_path: Path, n: int, binary: Path, model: Path, tag: str) -> dict[str, Any]:
+def run_config(config: str, trace_path: Path, n: int, binary: Path, model: Path, tag: str,
+               debug: bool = False) -> dict[str, Any]:
     with Processes() as procs:
         ports = start_servers(procs, binary, model, f"{tag}-{config}")
         urls = [f"http://{LOOPBACK}:{p}" for p in ports]
         proc, port = None, None
         if config.startswith("paddler-"):
             proc, port = start_paddler(procs, urls, f"{tag}-{config}", policy=paddler_policy(config),
-                                       extra=PADDLER_EXTRA)
+                                       extra=PADDLER_EXTRA, env={"PADDLER_LOG_LEVEL": "debug"} if debug else None)
         elif config == "haproxy-leastconn-maxconn":
             proc, port = start_haproxy(procs, ports, f"{tag}-{config}", streaming=True, maxconn=[SLOTS] * SERVERS)
         elif config == "sglang-cache_aware":
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=23)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--debug-log", action="store_true",
+                        help="paddler logs every routing decision (PADDLER_LOG_LEVEL=debug; in bench/.tmp/rr-*.log)")
     args = parser.parse_args(argv)
     raise_fd_limit()
     binary, model = build()
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         order = configs[rep % len(configs):] + configs[:rep % len(configs)]
         results = {}
         for config in order:
-            row = run_config(config, trace_path, len(conversations), binary, model, "rr")
+            row = run_config(config, trace_path, len(conversations), binary, model, f"rr{rep + 1}", args.debug_log)
             results[config] = row
             log(f"real rep {rep + 1} {config}: evaluated {row['prompt_tokens_evaluated']:.0f} (metrics "
                 f"{row['metrics_prompt_tokens_total']:.0f}) cached {row['prompt_tokens_cached']:.0f} "

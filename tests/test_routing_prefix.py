@@ -106,6 +106,23 @@ def test_a_restored_entry_leaves_the_cache_so_a_shared_prefix_is_reused_once() -
     assert index.match("u", s_a) == 40 and index.match("u", s_b) == len(s_b)
 
 
+def test_a_shared_prefix_taken_from_an_entry_in_a_slot_moves_nothing() -> None:
+    """On a 2-slot upstream, S+a then S+b: S+a is one of the two newest entries (in a slot,
+    which llama-server also copies to RAM), so S+b reuses S from that slot and S+a stays whole;
+    with two prompts in between (S+a no longer among the newest two) S+b's load moves it."""
+    s_a = block_hashes(SYSTEM + text(2, 640))
+    s_b = block_hashes(SYSTEM + text(3, 640))
+    x, y = (block_hashes(text(seed, 640 * 3)) for seed in (4, 5))
+    kept = PrefixIndex(max_blocks=1000)
+    kept.record("u", s_a, slots=2)
+    kept.record("u", s_b, slots=2)
+    assert kept.match("u", s_a) == len(s_a) and kept.match("u", s_b) == len(s_b)
+    moved = PrefixIndex(max_blocks=1000)
+    for blocks in (s_a, x, y, s_b):
+        moved.record("u", blocks, slots=2)
+    assert moved.match("u", s_a) == 40 and moved.match("u", x) == len(x) == moved.match("u", y)
+
+
 def test_an_entry_the_request_keeps_under_a_quarter_of_is_no_hit() -> None:
     """T (10 blocks) + 100 blocks cached: T + q keeps 10 % of that entry: no hit (f_keep < 0.25);
     an entry of 30 blocks with the same head qualifies (33 %)."""

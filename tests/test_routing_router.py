@@ -115,3 +115,67 @@ def test_requests_without_a_prompt_rank_by_idle_slots() -> None:
     router = Router(Clock())
     request = router.prepare({"input": "x"}, "/v1/embeddings")
     assert request.blocks == () and router.rank(request, views(a=1, b=3, c=2)).order == ["b", "c", "a"]
+
+
+def _two_slot_views(a_idle: int, b_idle: int) -> list[UpstreamView]:
+    return [UpstreamView(id="a", slots_idle=a_idle, slots_total=2, in_flight=2 - a_idle),
+            UpstreamView(id="b", slots_idle=b_idle, slots_total=2, in_flight=2 - b_idle)]
+
+
+def test_a_conversation_stays_warm_after_another_takes_its_system_prompt() -> None:
+    """Two 2-slot upstreams, two conversations with one short system prompt: conversation 2's
+    first turn goes to conversation 1's upstream (it holds the system prompt) and takes the
+    prefix from conversation 1's slot there; conversation 1's next turn must still find its
+    whole history on that upstream and go back to it, not to the emptier cold one (the index
+    took the shared prefix for a load from RAM, dropped conversation 1's entry, and the
+    next turn moved: seen on two real llama-servers, docs/routing.md)."""
+    clock = Clock()
+    router = Router(clock, weigh_output=True)
+    system = {"role": "system", "content": "Guide. " * 90}  # ~10 blocks
+    first = ["Tell me about the upper river, its boats and its locks. " * 28]  # ~25 blocks
+    other = ["Tell me about the lower delta and its birds in winter. " * 70]  # ~60 blocks
+
+    def body(turns: list[str]) -> dict[str, Any]:
+        return {"messages": [system, *({"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                                       for i, t in enumerate(turns))]}
+
+    one = router.prepare(body(first), "/v1/chat/completions")
+    assert router.rank(one, _two_slot_views(2, 2)).order[0] == "a"
+    one = router.dispatched(one, "a")
+    clock.advance(0.2)
+    router.finished(one, "a", timings(0, one.info.tokens))
+    two = router.prepare(body(other), "/v1/chat/completions")
+    assert router.rank(two, _two_slot_views(2, 2)).order[0] == "a"  # the system prompt is there
+    two = router.dispatched(two, "a")  # running: one slot of a is busy
+    again = router.prepare(body([*first, "It is long.", "And the locks?"]), "/v1/chat/completions")
+    decision = router.rank(again, _two_slot_views(1, 2))
+    mine = next(e for e in decision.ranked if e.id == "a")
+    assert mine.candidate.cached_tokens >= 30 * BLOCK_CHARS // CHARS_PER_TOKEN
+    assert decision.order[0] == "a"
+
+
+def test_a_new_conversation_goes_where_fewer_conversations_live_per_slot() -> None:
+    """Two idle 2-slot upstreams of one kind (generation measured at 210 and 190 tokens/s:
+    noise, one speed band); two conversations live on a, one on b. A new conversation nobody
+    holds goes to b: with a third on a, two of them would want its two slots at once and one
+    would move, re-evaluating its history (the noisier speed decided before). Conversations
+    older than RESIDENT_SECONDS no longer count."""
+    from paddler.routing.router import RESIDENT_SECONDS
+
+    clock = Clock()
+    router = Router(clock, weigh_output=True)
+
+    def serve(upstream: str, text: str, speed: float) -> None:
+        request = router.dispatched(router.prepare({"prompt": text}, "/completion"), upstream)
+        clock.advance(0.1)
+        router.finished(request, upstream, {"cache_n": 0, "prompt_n": 300, "prompt_ms": 100.0,
+                                            "predicted_n": 20, "predicted_ms": 20_000.0 / speed})
+
+    serve("a", "first conversation on a " * 50, 210.0)
+    serve("b", "only conversation on b " * 50, 190.0)
+    serve("a", "second conversation on a " * 50, 210.0)
+    new = router.prepare({"prompt": "a new conversation " * 50}, "/completion")
+    assert router.rank(new, _two_slot_views(2, 2)).order[0] == "b"
+    clock.advance(RESIDENT_SECONDS)
+    serve("b", "another on b " * 50, 190.0)  # b: one lately, a: none
+    assert router.rank(new, _two_slot_views(2, 2)).order[0] == "a"

@@ -12,7 +12,12 @@ L{rank} orders the candidates that have an idle slot by cost, costs within
 L{TIE_SECONDS} (5 ms) of the cheapest counting as equal to it; ties go to the most idle slots,
 then the faster generation speed (the whole request ends sooner there: on
 a trace without shared prefixes this kept slow servers for overflow, as the
-ideal FIFO does, where the lowest load had sent them work first), then the
+ideal FIFO does, where the lowest load had sent them work first; with an
+output term, speeds within L{GENERATION_SPEED_TOLERANCE} of the fastest are
+one speed here too), then the fewer resident conversations per slot
+(C{Candidate.resident}: a new conversation goes where it will not have to
+share slots with more conversations than the others; two 2-slot servers,
+replay: 1.031 -> 1.020x the sticky ideal's prompt tokens), then the
 lowest load (in flight / slots), then the least recently chosen, then the
 order they were given in. With no cache information and equal speeds every cost is the
 same and the order is the ``slots`` policy's: most idle slots first.
@@ -95,6 +100,9 @@ class Candidate:
     @ivar prompt_speed: prompt tokens per second.
     @ivar generation_speed: generated tokens per second.
     @ivar last_chosen: when it was last chosen (a choice counter; ties go to the oldest).
+    @ivar resident: prompts it took lately and still holds, per slot
+        (L{paddler.routing.router.Router.resident}): among cold ties, the
+        upstream with fewer conversations per slot takes a new one.
     """
 
     id: Hashable
@@ -106,6 +114,7 @@ class Candidate:
     prompt_speed: float
     generation_speed: float
     last_chosen: float = -math.inf
+    resident: float = 0.0
 
     @property
     def free(self) -> bool:
@@ -251,7 +260,10 @@ def rank(
         c = e.candidate
         free = frees[position]
         load = c.in_flight / c.slots_total if c.slots_total > 0 else 1.0
-        keys.append((not free, _tie_key(e.cost, cheapest[free]), -c.slots_idle, -_speed(c.generation_speed), load, c.last_chosen, position))
+        # with an output term, generation speeds were banded above: the band, not noise, decides
+        speed = output_tokens / e.generation if output_tokens > 0 and e.generation > 0 else _speed(c.generation_speed)
+        keys.append((not free, _tie_key(e.cost, cheapest[free]), -c.slots_idle, -speed, c.resident, load,
+                     c.last_chosen, position))
     ranked = tuple(estimates[key[-1]] for key in sorted(keys))
     best = ranked[0] if ranked and ranked[0].free else None
     if best is None or max_wait <= 0:

@@ -23,10 +23,12 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from paddler.fleet.upstream import Upstream
 from paddler.interfaces import ISlotChooser
+from paddler.routing.cost import Decision
 from paddler.routing.router import RoutedRequest, Router, UpstreamView
 
 
@@ -119,7 +121,7 @@ class Demand:
     @ivar seq: arrival order (requests holding for the same upstream queue behind older ones).
     """
 
-    __slots__ = ("routed", "hold_until", "recheck_at", "holding_for", "seq", "__weakref__")
+    __slots__ = ("routed", "hold_until", "recheck_at", "holding_for", "seq", "first_asked", "decision", "__weakref__")
 
     def __init__(self, routed: RoutedRequest, seq: int = 0) -> None:
         self.routed = routed
@@ -127,6 +129,28 @@ class Demand:
         self.recheck_at: float | None = None
         self.holding_for: Hashable | None = None
         self.seq = seq
+        #: When the policy was first asked for it (None: not yet).
+        self.first_asked: float | None = None
+        #: The last decision made for it (for the debug log).
+        self.decision: Decision | None = None
+
+
+class _Estimates:
+    """A decision's figures as one log field, rendered only when a debug line is written."""
+
+    __slots__ = ("decision",)
+
+    def __init__(self, decision: Decision | None) -> None:
+        self.decision = decision
+
+    def __str__(self) -> str:
+        if self.decision is None:
+            return "-"
+        return " ".join(
+            f"[{e.id} idle {e.candidate.slots_idle}/{e.candidate.slots_total} ours {e.candidate.in_flight} cached {e.candidate.cached_tokens} "
+            f"wait {e.wait:.3f} prefill {e.prefill:.3f} cost {e.cost:.3f}]"
+            for e in self.decision.ranked
+        )
 
 
 @implementer(ISlotChooser)
@@ -140,6 +164,7 @@ class CostChooser(_Policy):
     """
 
     name = "cost"
+    log = Logger()
 
     def __init__(self, clock: IReactorTime, router: Router | None = None, name: str = "cost") -> None:
         self.name = name
@@ -187,10 +212,19 @@ class CostChooser(_Policy):
         waiting = len(self._waiting) - (demand in self._waiting)
         decision = self.router.rank(demand.routed, views, waiting)
         now = self.clock.seconds()
+        if demand.first_asked is None:
+            demand.first_asked = now
+        demand.decision = decision
         if decision.wait_for is not None:
             if demand.hold_until is None:
                 demand.hold_until = now + decision.wait_up_to
             if now < demand.hold_until:
+                if demand.holding_for != decision.wait_for:
+                    self.log.debug(
+                        "route {seq} ({tokens} tokens) holds for {upstream} until +{until:.3f}s: {estimates}",
+                        seq=demand.seq, tokens=demand.routed.info.tokens, upstream=decision.wait_for,
+                        until=demand.hold_until - demand.first_asked, estimates=_Estimates(decision),
+                    )
                 demand.recheck_at = demand.hold_until
                 self._hold(demand, decision.wait_for)
                 self._waiting.add(demand)
@@ -215,10 +249,30 @@ class CostChooser(_Policy):
             self._hold(demand, None)
             self._waiting.discard(demand)
             demand.routed = self.router.dispatched(demand.routed, upstream.id)
+            now = self.clock.seconds()
+            self.log.debug(
+                "route {seq} ({tokens} tokens) -> {upstream} after {waited:.3f}s, predicted cached {predicted} "
+                "blocks: {estimates}",
+                seq=demand.seq, tokens=demand.routed.info.tokens, upstream=upstream.id,
+                waited=now - (demand.first_asked if demand.first_asked is not None else now),
+                predicted=demand.routed.predicted_blocks(upstream.id), estimates=_Estimates(demand.decision),
+            )
+            demand.first_asked = now  # from here: time in the slot
 
     def finished(self, upstream: Upstream, demand: Any, timings: Any) -> None:
         if isinstance(demand, Demand):
             self.router.finished(demand.routed, upstream.id, timings)
+            if isinstance(timings, dict):
+                now = self.clock.seconds()
+                self.log.debug(
+                    "route {seq} done on {upstream} after {held:.3f}s: cache_n {cache_n} prompt_n {prompt_n} "
+                    "prompt_ms {prompt_ms} predicted_n {predicted_n} predicted_ms {predicted_ms}",
+                    seq=demand.seq, upstream=upstream.id,
+                    held=now - (demand.first_asked if demand.first_asked is not None else now),
+                    cache_n=timings.get("cache_n"), prompt_n=timings.get("prompt_n"),
+                    prompt_ms=timings.get("prompt_ms"), predicted_n=timings.get("predicted_n"),
+                    predicted_ms=timings.get("predicted_ms"),
+                )
 
     def forget(self, upstream: Upstream) -> None:
         self.router.forget(upstream.id)

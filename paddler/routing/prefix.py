@@ -31,8 +31,16 @@ counted once per entry, as the server stores them):
   holds it).
 - *Loading is a move*: the entry a request is predicted to restore leaves
   the list when the request is sent (the server loads it into a slot,
-  and what comes back is the new prompt); so after S+a then S+b, S+a
-  matches only S.
+  and what comes back is the new prompt); so after S+a, X, Y then S+b on a
+  2-slot server, S+a matches only S. *Except from a slot*: the newest
+  ``slots`` entries stand for what the server's slots hold, and llama-server
+  takes a prefix from an idle slot (``--slot-prompt-similarity``) after
+  copying that slot to RAM (``--cache-idle-slots``): a match there moves
+  nothing, so S+a then S+b leaves both whole. (Moving those too dropped a
+  conversation's history whenever another conversation took their shared
+  system prompt from it, and its next turn looked cold: replay of the
+  two-real-servers trace, 20 seeds, 1.075 -> 1.031x the sticky ideal's
+  prompt tokens.)
 - *Quarter rule*: an entry is only restored when the request keeps at
   least L{MIN_ENTRY_F_KEEP} (a quarter) of it: a 10-block head shared
   with a 100-block entry is no hit.
@@ -204,6 +212,17 @@ class _Upstream:
                 owner.pop(block, None)
         self.held -= len(blocks)
 
+    def in_slots(self, key: int, slots: int) -> bool:
+        """Whether entry C{key} is one of the newest C{slots} entries (what the slots hold)."""
+        if slots <= 0 or key not in self.entries:
+            return False
+        for position, newer in enumerate(reversed(self.entries)):
+            if position >= slots:
+                return False
+            if newer == key:
+                return True
+        return False
+
     def fit(self) -> int:
         """Drop the oldest entries until the held blocks fit the capacity (one stays)."""
         dropped = 0
@@ -284,21 +303,40 @@ class PrefixIndex:
             return 0
         return self._lookup(entry, blocks)[0]
 
+    def holds_entry(self, upstream_id: Hashable, key: int) -> bool:
+        """Whether the upstream's cache holds the entry named C{key} (its last block hash)."""
+        entry = self._upstreams.get(upstream_id)
+        return entry is not None and key in entry.entries
+
+    def newest_entry(self, upstream_id: Hashable) -> int | None:
+        """The key of the entry recorded last on the upstream, if any."""
+        entry = self._upstreams.get(upstream_id)
+        if entry is None or not entry.entries:
+            return None
+        return next(reversed(entry.entries))
+
     def match_all(self, upstream_ids: Sequence[Hashable], blocks: Sequence[int]) -> dict[Hashable, int]:
         """L{match} for several upstreams."""
         return {upstream_id: self.match(upstream_id, blocks) for upstream_id in upstream_ids}
 
-    def record(self, upstream_id: Hashable, blocks: Sequence[int]) -> None:
+    def record(self, upstream_id: Hashable, blocks: Sequence[int], slots: int = 0) -> None:
         """The upstream is about to evaluate this prompt (call it when dispatching there):
         the entry it restores leaves the cache, entries the prompt contains are dropped,
-        the prompt goes last, and the oldest entries beyond the capacity go."""
+        the prompt goes last, and the oldest entries beyond the capacity go.
+
+        @param slots: the upstream's slots. Its newest C{slots} entries stand
+            for what its slots hold: a prompt whose match is in one of them
+            takes that slot and copies nothing out of RAM, so that entry stays
+            (llama-server copies idle slots to RAM, ``--cache-idle-slots``); only
+            a match in an older entry is a load from RAM, which moves it.
+        """
         entry = self._get(upstream_id)
         entry.stats.recorded += 1
         if not blocks:
             return
         prompt = tuple(blocks[: max(1, entry.capacity)])  # a long prompt keeps its head
         matched, key = self._lookup(entry, prompt)
-        if key is not None and MOVE_ON_LOAD:
+        if key is not None and MOVE_ON_LOAD and not entry.in_slots(key, slots):
             entry.remove(key)
         entries = entry.entries
         for block in prompt[:-1]:

@@ -47,6 +47,8 @@ DEFAULT_MAX_CONVERSATIONS = 100_000
 #: A request is warm when an upstream holds at least this share of its prompt:
 #: then the cache decides and generation speed only breaks ties.
 WARM_SHARE = 0.25
+#: Prompts an upstream took within this many seconds and still holds count as resident there.
+RESIDENT_SECONDS = 60.0
 #: A running request past its expected end is taken to need this share of
 #: its expected duration again.
 OVERRUN_SHARE = 0.1
@@ -108,6 +110,10 @@ class Router:
         self._last_chosen: dict[Hashable, float] = {}
         #: Per upstream, the requests sent there and not finished: ticket -> (start, expected end).
         self._running: dict[Hashable, dict[int, tuple[float, float]]] = {}
+        #: Slots of each upstream as last ranked (what its newest prefix entries stand for).
+        self._slots: dict[Hashable, int] = {}
+        #: Per upstream, the prefix entries recorded there (last block hash) and when, oldest first.
+        self._recorded: dict[Hashable, OrderedDict[int, float]] = {}
         self._choices = 0
 
     def prepare(self, body: Any, path: str | bytes, headers: Any = None) -> RoutedRequest:
@@ -119,6 +125,7 @@ class Router:
         """The cost model's records for these upstreams."""
         out = []
         for view in views:
+            self._slots[view.id] = view.slots_total
             matched = self.index.match(view.id, request.blocks) if request.blocks else 0
             full = view.slots_idle <= 0 or view.in_flight >= view.slots_total
             out.append(Candidate(
@@ -131,8 +138,24 @@ class Router:
                 prompt_speed=self.speeds.prompt_speed(view.id),
                 generation_speed=self.speeds.generation_speed(view.id),
                 last_chosen=self._last_chosen.get(view.id, -math.inf),
+                resident=self.resident(view.id) / view.slots_total if view.slots_total > 0 else 0.0,
             ))
         return out
+
+    def resident(self, upstream_id: Hashable) -> int:
+        """Prompts recorded on the upstream in the last L{RESIDENT_SECONDS} that its index still
+        holds as entries: about the conversations living there (a conversation's next turn
+        replaces its entry, so it counts once)."""
+        recorded = self._recorded.get(upstream_id)
+        if not recorded:
+            return 0
+        horizon = self.clock.seconds() - RESIDENT_SECONDS
+        while recorded:
+            key, when = next(iter(recorded.items()))
+            if when >= horizon:
+                break
+            del recorded[key]
+        return sum(1 for key in recorded if self.index.holds_entry(upstream_id, key))
 
     def expected_wait(self, view: UpstreamView) -> float:
         """Seconds until a slot of a full upstream is free for a request with
@@ -206,15 +229,20 @@ class Router:
         conversation, note the choice. Returns the request with the prediction
         to check in L{finished}."""
         predicted = self.index.match(upstream_id, request.blocks) if request.blocks else 0
+        now = self.clock.seconds()
         if request.blocks:
-            self.index.record(upstream_id, request.blocks)
+            self.index.record(upstream_id, request.blocks, self._slots.get(upstream_id, 0))
+            recorded = self._recorded.setdefault(upstream_id, OrderedDict())
+            newest = self.index.newest_entry(upstream_id)
+            if newest is not None:
+                recorded[newest] = now
+                recorded.move_to_end(newest)
         key = request.info.conversation
         if key is not None:
             self._conversations[key] = upstream_id
             self._conversations.move_to_end(key)
             while len(self._conversations) > self.max_conversations:
                 self._conversations.popitem(last=False)
-        now = self.clock.seconds()
         self._choices += 1
         # a counter, not the clock: several choices in one reactor turn must still rotate
         self._last_chosen[upstream_id] = self._choices
@@ -253,6 +281,8 @@ class Router:
         for key in [k for k, v in self._conversations.items() if v == upstream_id]:
             del self._conversations[key]
         self._last_chosen.pop(upstream_id, None)
+        self._slots.pop(upstream_id, None)
+        self._recorded.pop(upstream_id, None)
 
     def stats(self, upstream_id: Hashable) -> dict[str, Any]:
         """Per-upstream figures for ``/api/v1/state``, Prometheus and StatsD."""
