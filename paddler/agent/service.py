@@ -5,6 +5,13 @@ the balancer's probes: ``/slots``, falling back to ``/props`` + ``/metrics``)
 and posts them to ``POST /api/v1/agents/{agent_id}/report`` on the
 balancer's management port. Both requests have a deadline.
 
+A router-mode llama-server (``/props`` says ``role: router``) is read like
+the balancer reads one: ``/props``, ``/models`` and ``/slots?model=M&autoload=false``
+for each loaded model (never loading one); the report then says ``role:
+router``, ``max_instances``, ``models_autoload`` and ``router_models`` (each
+model's id, aliases, state, exit code and slots), and the balancer makes one
+child upstream per model of it.
+
 The agent's link to the balancer is a state machine (L{AgentState},
 L{AGENT_TRANSITIONS}, drawn in docs/states.md), each change logged once::
 
@@ -44,7 +51,7 @@ from twisted.python.failure import Failure
 from paddler.upstream.body import read_body
 from paddler.config import AgentConfig
 from paddler.llamacpp.errors import Loading, error_message
-from paddler.llamacpp.slots import http_getter, read_slots
+from paddler.llamacpp.slots import NotRouterMode, RouterMode, RouterReading, http_getter, read_router, read_slots
 from paddler.upstream.failures import describe_failure
 from paddler.server.router import json_errors
 from paddler.fleet.upstream import UpstreamState, normalise_url, upstream_id
@@ -109,6 +116,8 @@ class AgentService(Service):
         self._balancer = config.balancer.rstrip("/")
         self._get_llama = http_getter(http_client, normalise_url(config.llamacpp), config.llamacpp_api_key)
         self._method = "slots"
+        #: ``single``, or ``router`` once /props (or /slots) said the server runs in router mode
+        self.role = "single"
         self.balancer_state = AgentState.STARTING
         self.balancer_error: str | None = None
         self.llamacpp_state = UpstreamState.UNKNOWN
@@ -238,8 +247,7 @@ class AgentService(Service):
             "interval": self.config.interval,
         }
         try:
-            d = ensureDeferred(read_slots(self._get_llama, method=self._method))
-            reading = await d.addTimeout(self.config.timeout, self._clock)
+            reading = await self._read_server()
         except Loading:
             self._set_llamacpp_state(UpstreamState.LOADING, "Loading model")
             report.update(state="loading", error="Loading model")
@@ -252,6 +260,24 @@ class AgentService(Service):
             error = describe_failure(Failure(e), self.config.timeout)
             self._set_llamacpp_state(UpstreamState.UNREACHABLE, error)
             report.update(state="unreachable", error=error)
+            if self.role == "router":
+                report["role"] = "router"
+            return report
+        if isinstance(reading, RouterReading):
+            self._set_llamacpp_state(UpstreamState.HEALTHY, None)
+            report.update(
+                state="healthy",
+                role="router",
+                max_instances=reading.max_instances,
+                models_autoload=reading.autoload,
+                router_models=[
+                    {
+                        "id": m.id, "aliases": list(m.aliases), "state": m.state, "exit_code": m.exit_code,
+                        "slots_total": m.total, "slots_processing": min(m.processing, m.total),
+                    }
+                    for m in reading.models
+                ],
+            )
             return report
         self._method = reading.method
         processing = reading.processing or 0
@@ -268,6 +294,39 @@ class AgentService(Service):
                 report["model"] = names[0]
                 report["models"] = names[1:]
         return report
+
+    async def _read_server(self) -> Any:
+        """The local server's slots (a L{SlotReading}), or its models (a L{RouterReading}) in router mode.
+
+        The role follows the server: /props saying ``role: router`` (or /slots
+        wanting a model) makes it a router; a router restarted with ``-m``
+        is read as one server again. One deadline covers every request.
+        """
+
+        async def read() -> Any:
+            if self.role != "router":
+                try:
+                    return await read_slots(self._get_llama, method=self._method)
+                except RouterMode:
+                    self._set_role("router")
+            try:
+                return await read_router(self._get_llama)
+            except NotRouterMode:
+                self._set_role("single")
+                self._method = "slots"
+                return await read_slots(self._get_llama, method=self._method)
+
+        d = ensureDeferred(read())
+        return await d.addTimeout(self.config.timeout, self._clock)
+
+    def _set_role(self, role: str) -> None:
+        self.role = role
+        self.log.info(
+            "agent {agent_id}: llama.cpp at {url} {what}",
+            agent_id=self.agent_id, url=self.config.llamacpp,
+            what="runs in router mode: reporting each of its models" if role == "router"
+            else "is a single-model server again",
+        )
 
     def _set_llamacpp_state(self, state: UpstreamState, error: str | None) -> None:
         if state is self.llamacpp_state:
@@ -405,6 +464,10 @@ class AgentService(Service):
                 "slots_processing": report.get("slots_processing"),
                 "slots_total": report.get("slots_total"),
                 "model": report.get("model"),
+                "role": self.role,
+                "models": [
+                    {"id": m.get("id"), "state": m.get("state")} for m in report.get("router_models", [])
+                ],
             },
             "balancer": {
                 "url": self._balancer,

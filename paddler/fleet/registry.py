@@ -21,6 +21,11 @@ registering it again needs its token or the management token, or waits
 until the agent's upstream expired (so a restarted agent gets in again
 within one expiry).
 
+Router-mode servers: an agent beside a router-mode llama-server reports each
+of its models (state, exit code, a loaded model's slots); the report makes the
+same child upstreams per (router, model) as a probe of the router does
+(L{paddler.fleet.routers.observe_router}), and they leave with the router.
+
 Slot checks: an agent upstream is probed by the balancer too (when it can
 reach it). A report whose slots disagree with a fresh probe reading (another
 slot count, or more idle slots than the server's own ``/slots`` showed)
@@ -30,6 +35,7 @@ in L{AgentRegistry.contradicted} and logged at warning.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -44,6 +50,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from paddler.fleet.pool import UpstreamPool
+from paddler.fleet.routers import child_id, forget_router, observe_router
+from paddler.llamacpp.slots import RouterReading
 from paddler.server.instance import ThisBalancer
 from paddler.fleet.upstream import (
     FailureSeen,
@@ -99,6 +107,9 @@ class AgentReport:
     error: str | None = None
     models: tuple[str, ...] = ()
     interval: float | None = None
+    #: C{router}: a router-mode llama-server (its models are in C{router} when it is healthy)
+    role: str = "single"
+    router: RouterReading | None = None
 
 
 def _digest(token: str | bytes) -> bytes:
@@ -364,12 +375,35 @@ class AgentRegistry(Service):
 
         if existing is None:
             self.pool.add(upstream)
+        if report.router is not None:
+            self._observe_router(upstream, report.router)
+            return upstream
+        if report.role == "single" and upstream.role == "router" and report.state is UpstreamState.HEALTHY:
+            self.log.info("agent {agent_id}: {name} is no longer a router-mode llama-server",
+                          agent_id=agent_id, name=upstream.name)
+            forget_router(self.pool, upstream)
         observation = self._observation(report, upstream)
         if isinstance(observation, SlotsSeen):
             observation = self._checked(record, report, upstream, observation)
         self.pool.observe(upstream, observation)
         self._check_soon(record, upstream)
         return upstream
+
+    def _observe_router(self, upstream: Upstream, reading: RouterReading) -> None:
+        """A router's report: the same child upstreams per model as a probe of it makes.
+
+        The marks are taken now, as for a single server's report (the agent's
+        figures are up to one report interval old). A router's report is not
+        checked against its own C{/slots} (that needs a model per request).
+        """
+        marked = RouterReading(reading.max_instances, reading.autoload, [
+            dataclasses.replace(model, mark=self._child_mark(upstream, model.id)) for model in reading.models
+        ], upstream.probe_mark())
+        observe_router(self.pool, upstream, marked, source="agent")
+
+    def _child_mark(self, parent: Upstream, model: str) -> int:
+        child = self.pool.upstreams.get(child_id(parent.url, model))
+        return child.probe_mark() if child is not None else 0
 
     def metrics(self) -> Any:
         """The Prometheus families of the registry (scraped with the rest)."""

@@ -56,11 +56,12 @@ def new_child(parent: Upstream, model: str) -> Upstream:
     return child
 
 
-def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
+def observe_router(pool: Any, parent: Upstream, reading: RouterReading, source: str = "probe") -> None:
     """Apply one reading of router C{parent}: itself, then one child per model it lists.
 
     Children are added for new models and removed for models it no longer
-    lists; each gets its state and slots. C{pool} is the L{UpstreamPool}.
+    lists; each gets its state and slots. C{pool} is the L{UpstreamPool};
+    C{source}: ``probe``, or ``agent`` for a reading its agent reported.
     """
     if pool.upstreams.get(parent.id) is not parent:
         return
@@ -75,7 +76,8 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
     parent.max_instances = reading.max_instances
     parent.autoload = reading.autoload
     names = tuple(n for m in reading.models for n in (m.id, *m.aliases))
-    pool.observe(parent, SlotsSeen(0, 0, reading.mark, models=names, raw_slots=[], method="router"))
+    pool.observe(parent, SlotsSeen(0, 0, reading.mark, source=source, models=names, raw_slots=[],
+                                   method="router"))
     known = {c.router_model: c for c in children_of(pool.upstreams.values(), parent)}
     largest = max((m.total for m in reading.models if m.state == "loaded"), default=0)
     largest = max([largest, *(c.slots_when_loaded for c in known.values())]) or 1
@@ -110,8 +112,8 @@ def observe_router(pool: Any, parent: Upstream, reading: RouterReading) -> None:
             # (the router loads it for a request)
             total = (child.slots_when_loaded or largest) if model.state != "failed" else 0
             processing, mark, raw = 0, child.probe_mark(), []
-        pool.observe(child, SlotsSeen(total, processing, mark, models=(model.id, *model.aliases),
-                                      raw_slots=raw or [], method="router"))
+        pool.observe(child, SlotsSeen(total, processing, mark, source=source,
+                                      models=(model.id, *model.aliases), raw_slots=raw or [], method="router"))
     for name, child in known.items():
         if name not in listed:
             pool.remove(child.id)

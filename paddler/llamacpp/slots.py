@@ -143,8 +143,8 @@ def _require_ok(path: str, code: int, body: bytes) -> None:
 class RouterMode(Exception):
     """The server runs in router mode (``/props`` says ``role: router``): read it with L{read_router}."""
 
-    def __init__(self, message: str = "the server runs in router mode (several models): the balancer "
-                 "reads it directly (--upstream); paddler agent does not report router-mode servers yet") -> None:
+    def __init__(self, message: str = "the server runs in router mode (several models): it is read "
+                 "with /models and /slots?model=") -> None:
         super().__init__(message)
 
 
