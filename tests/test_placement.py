@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import succeed
-from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.task import Clock, LoopingCall, deferLater
 
 from paddler.fleet.placement import ModelPlacement
 from paddler.fleet.routers import child_id, observe_router
@@ -459,3 +459,45 @@ def test_requests_naming_a_routers_alias_are_counted_for_its_model(fleets, clock
         clock.advance(0.25)
     assert fleet.states(0)["beta"] == "loaded"
     assert released(waiting).upstream.router_model == "beta"
+
+
+def test_loads_started_in_one_check_count_for_their_router_before_it_answers(fleets, clock: Clock) -> None:
+    """A router with --models-max 2 holds alpha and gamma, both idle long ago; requests for beta
+    and delta wait at once, and the router answers a POST only 0.3 s later. The first load
+    takes one of the two places (evicting one idle model): the second must not count the
+    place the victim leaves as free while the first load has not been answered yet (a real
+    router refuses the extra load: "model limit reached"), so it evicts the other idle model;
+    at no moment does the router hold more than two models."""
+    fleet = fleets(count=1, models_max=2, models=("alpha", "beta", "gamma", "delta"))
+    host = fleet.hosts[0]
+    host.load("alpha")
+    host.load("gamma")
+    fleet.probe_now(fleet.routers[0])
+    clock.advance(100)
+    answer_now = fleet.post
+    most = [0]
+
+    def slow_post(router: Upstream, path: str, body: dict[str, Any]) -> Any:
+        def answer() -> Any:
+            result = answer_now(router, path, body)
+            running = sum(m.state.value in ("loaded", "loading") for m in host.router.models.values())
+            most[0] = max(most[0], running)
+            return result
+
+        return deferLater(clock, 0.3, answer)
+
+    fleet.placement.post = slow_post
+    waiting = [fleet.pool.acquire("beta"), fleet.pool.acquire("delta")]
+    clock.advance(0.5)
+    loads = fleet.placement.loading
+    assert sorted(loads) == ["beta", "delta"]
+    assert sorted(load.victim or "" for load in loads.values()) == ["alpha", "gamma"]
+    for _ in range(20):
+        clock.advance(0.25)
+    assert fleet.states(0) == {"alpha": "unloaded", "beta": "loaded", "gamma": "unloaded", "delta": "loaded"}, (
+        fleet.placement.loads_total, [e["text"] for e in fleet.events.describe()])
+    assert all(d.called for d in waiting), (fleet.pool.buffered_by_model(), fleet.placement.loads_total,
+        {u.name: (u.model_state, u.slots_total, u.slots_idle, u.state) for u in fleet.pool.upstreams.values()})
+    assert most[0] <= 2
+    for d in waiting:
+        released(d)

@@ -335,9 +335,14 @@ class ModelPlacement(Service):
                 continue
             siblings = children_of(self.pool.upstreams.values(), router)
             running = [s for s in siblings if self._running(s)]
+            # a load of ours the router has not answered yet holds its place already (else the
+            # place its victim leaves looks free and the router refuses: "model limit reached")
+            ids = {s.id for s in running}
+            started = sum(1 for load in self.loading.values()
+                          if load.router.id == router.id and load.child.id not in ids)
             victim: Upstream | None = None
             why = ""
-            if router.max_instances > 0 and len(running) >= router.max_instances:
+            if router.max_instances > 0 and len(running) + started >= router.max_instances:
                 options: list[tuple[tuple[Any, ...], Upstream, str]] = []
                 for s in running:
                     name = s.router_model or ""
@@ -360,9 +365,9 @@ class ModelPlacement(Service):
                 if not options:
                     continue
                 rank_key, victim, why = min(options, key=lambda o: o[0])
-                key: tuple[Any, ...] = (1, *rank_key, len(running), router.last_chosen)
+                key: tuple[Any, ...] = (1, *rank_key, len(running) + started, router.last_chosen)
             else:
-                key = (0, 0, 0.0, 0.0, len(running), router.last_chosen)
+                key = (0, 0, 0.0, 0.0, len(running) + started, router.last_chosen)
             if best is None or key < best[0]:
                 best = (key, router, child, victim, why)
         return None if best is None else (best[1], best[2], best[3], best[4])
