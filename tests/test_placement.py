@@ -338,9 +338,9 @@ def test_a_surplus_copy_makes_room_for_a_model_short_of_slots(fleets, clock: Clo
 
 def test_the_last_copy_of_a_model_in_use_goes_only_for_a_model_with_twice_its_demand(fleets, clock: Clock) -> None:
     """models_max 1, two routers: alpha on gpu-1 (0.5 slots of steady demand), beta on gpu-2
-    (0.25). One request for gamma, loaded nowhere, waits 20 s: it evicts neither. Then gamma
-    gets 2 slots of demand: beta's copy (the smaller demand, idle) is evicted for it, and
-    the event says so; alpha stays."""
+    (0.25). One request for gamma, loaded nowhere, waits 20 s (less than its patience, four
+    load times): it evicts neither. Then gamma gets 2 slots of demand: beta's copy (the
+    smaller demand, idle) is evicted for it, and the event says so; alpha stays."""
     fleet = fleets(models_max=1)
     fleet.hosts[0].load("alpha")
     fleet.hosts[1].load("beta")
@@ -354,7 +354,7 @@ def test_the_last_copy_of_a_model_in_use_goes_only_for_a_model_with_twice_its_de
     assert not lonely.called
     assert [e for e in fleet.events.describe() if e["kind"] == "model_load"] == []
     work.append(Workload(fleet, "gamma", every=0.5, hold=1.0))
-    run_for(clock, 30.0)
+    run_for(clock, 10.0)
     assert fleet.states(0)["alpha"] == "loaded"
     assert fleet.states(1) == {"alpha": "unloaded", "beta": "unloaded", "gamma": "loaded"}
     [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
@@ -501,3 +501,27 @@ def test_loads_started_in_one_check_count_for_their_router_before_it_answers(fle
     assert most[0] <= 2
     for d in waiting:
         released(d)
+
+
+def test_a_request_for_a_model_loaded_nowhere_is_not_starved_by_busier_models(fleets, clock: Clock) -> None:
+    """models_max 1, one router: alpha holds it with steady demand (0.5 slots), more than a
+    lone request for beta ever has. The beta request waits while it is younger than its
+    patience (four load times, 10 s assumed before any load was seen: 40 s), then alpha's idle
+    copy goes for it and the event says why; the request is served."""
+    fleet = fleets(count=1, models_max=1)
+    fleet.hosts[0].load("alpha")
+    fleet.probe_now(fleet.routers[0])
+    clock.advance(60)
+    work = Workload(fleet, "alpha", every=2.0, hold=1.0)
+    run_for(clock, 30.0)
+    lonely = fleet.pool.acquire("beta")
+    run_for(clock, 35.0)
+    assert not lonely.called
+    assert fleet.states(0)["alpha"] == "loaded"
+    run_for(clock, 10.0)
+    assert lonely.called
+    assert fleet.states(0) == {"alpha": "unloaded", "beta": "loaded", "gamma": "unloaded"}
+    [entry] = [e for e in fleet.events.describe() if e["kind"] == "model_load"]
+    assert entry["evicted"] == "alpha" and "a request for beta waited 4" in entry["text"], entry["text"]
+    released(lonely)
+    work.stop()

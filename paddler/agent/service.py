@@ -273,7 +273,7 @@ class AgentService(Service):
                 router_models=[
                     {
                         "id": m.id, "aliases": list(m.aliases), "state": m.state, "exit_code": m.exit_code,
-                        "slots_total": m.total, "slots_processing": min(m.processing, m.total),
+                        "slots_total": m.total, "slots_processing": min(m.processing or 0, m.total),
                     }
                     for m in reading.models
                 ],

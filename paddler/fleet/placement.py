@@ -82,6 +82,13 @@ SURPLUS_FILL = 0.6
 #: A copy that is not surplus is evicted only for a model loaded nowhere, and only when that
 #: model's demand is at least this many times its model's (never for one more copy).
 LAST_COPY_MARGIN = 2.0
+#: A request for a model loaded nowhere that has waited this many of the model's load times
+#: (at least L{MIN_PATIENCE} seconds) may have the last copy of a model with less demand
+#: evicted for it, whatever the margin: no request waits for ever behind busier models.
+PATIENCE_LOADS = 4.0
+MIN_PATIENCE = 5.0
+#: The load time assumed for a model before any load was seen.
+UNKNOWN_LOAD_SECONDS = 10.0
 #: Buckets of paddler_model_load_seconds: a tiny model loads in well under a second, a big one in minutes.
 LOAD_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -250,6 +257,26 @@ class ModelPlacement(Service):
             result[model] = demand.slots(model, aliases, waiting.get(model, 0))
         return result
 
+    def _patience(self, model: str) -> float:
+        """Seconds a request for C{model}, loaded nowhere, waits before a last copy may go for it."""
+        learned = [u.load_seconds for u in self.pool.upstreams.values()
+                   if u.router_model == model and u.load_seconds is not None]
+        if not learned:
+            learned = [u.load_seconds for u in self.pool.upstreams.values()
+                       if u.router_model is not None and u.load_seconds is not None]
+        expected = max(learned) if learned else UNKNOWN_LOAD_SECONDS
+        return max(MIN_PATIENCE, PATIENCE_LOADS * expected)
+
+    def _waited(self) -> dict[str, float]:
+        """Per router model, how long its oldest request buffered here has waited."""
+        now = self.clock.seconds()
+        waited: dict[str, float] = {}
+        for name, since in self.pool.oldest_waiting_since().items():
+            served = self._model_of(name)
+            if served is not None:
+                waited[served] = max(waited.get(served, 0.0), now - since)
+        return waited
+
     def _waiting(self) -> dict[str, int]:
         waiting: dict[str, int] = {}
         for name, count in self.pool.waiting_here_by_model().items():
@@ -297,7 +324,8 @@ class ModelPlacement(Service):
                        f"for {now - self._short_since[model]:.0f} s")
             else:
                 why = f"{waiting[model]} waiting, demand {demand.get(model, 0.0):.1f} slots"
-            choice = self._choose(model, copies, waiting, demand, replica=bool(loaded))
+            choice = self._choose(model, copies, waiting, demand, replica=bool(loaded),
+                                  waited=0.0 if loaded else self._waited().get(model, 0.0))
             if choice is None:
                 if model not in self._unplaceable:
                     self._unplaceable.add(model)
@@ -318,14 +346,17 @@ class ModelPlacement(Service):
 
     def _choose(
         self, model: str, copies: list[Upstream], waiting: dict[str, int], demand: dict[str, float],
-        replica: bool,
+        replica: bool, waited: float = 0.0,
     ) -> tuple[Upstream, Upstream, Upstream | None, str] | None:
         """(router, child, victim or None, why the victim may go) for a new copy of C{model}, or
         None. A free place first; else a copy whose model's demand its other copies cover at
         L{SURPLUS_FILL} of their slots; for a model loaded nowhere (not a C{replica}), else the
-        copy of a model whose demand is at most 1/L{LAST_COPY_MARGIN} of C{model}'s."""
+        copy of a model whose demand is at most 1/L{LAST_COPY_MARGIN} of C{model}'s, or, once
+        its oldest request C{waited} past L{_patience}, of the model with the least demand."""
         now = self.clock.seconds()
         wanted = demand.get(model, 0.0)
+        patience = self._patience(model)
+        impatient = not replica and waited >= patience
         best: tuple[tuple[Any, ...], Upstream, Upstream, Upstream | None, str] | None = None
         for child in copies:
             router = self.pool.upstreams.get(child.parent_id or "")
@@ -359,6 +390,10 @@ class ModelPlacement(Service):
                     elif not replica and wanted >= LAST_COPY_MARGIN * has:
                         rank = (1, has)
                         reason = f"demand {has:.1f} slots, at most half of {model}'s {wanted:.1f}"
+                    elif impatient:
+                        rank = (2, has)
+                        reason = (f"demand {has:.1f} slots; a request for {model} waited {waited:.0f} s, "
+                                  f"past {patience:.0f} s")
                     else:
                         continue
                     options.append(((*rank, s.last_used_at), s, reason))

@@ -542,6 +542,15 @@ class UpstreamPool:
             counts[""] = counts.get("", 0) + elsewhere
         return counts
 
+    def oldest_waiting_since(self) -> dict[str, float]:
+        """When the oldest of this process's buffered requests for each named model began
+        waiting (a model named by no request is absent)."""
+        oldest: dict[str, float] = {}
+        for waiter in self._waiters:  # oldest first
+            if waiter.model and waiter.model not in oldest:
+                oldest[waiter.model] = waiter.enqueued_at
+        return oldest
+
     def waiting_here_by_model(self) -> dict[str, int]:
         """This process's requests waiting for a slot per model: in its buffer and, with
         shared state, through the store (its FIFO, or for an upstream that may take them)."""
