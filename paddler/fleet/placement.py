@@ -259,13 +259,15 @@ class ModelPlacement(Service):
 
     def _patience(self, model: str) -> float:
         """Seconds a request for C{model}, loaded nowhere, waits before a last copy may go for it."""
-        learned = [u.load_seconds for u in self.pool.upstreams.values()
-                   if u.router_model == model and u.load_seconds is not None]
-        if not learned:
-            learned = [u.load_seconds for u in self.pool.upstreams.values()
-                       if u.router_model is not None and u.load_seconds is not None]
+        learned = self._learned_loads(model) or self._learned_loads(None)
         expected = max(learned) if learned else UNKNOWN_LOAD_SECONDS
         return max(MIN_PATIENCE, PATIENCE_LOADS * expected)
+
+    def _learned_loads(self, model: str | None) -> list[float]:
+        """The load times learned for C{model}'s copies (C{None}: for any router model's)."""
+        return [u.load_seconds for u in self.pool.upstreams.values()
+                if u.router_model is not None and (model is None or u.router_model == model)
+                and u.load_seconds is not None]
 
     def _waited(self) -> dict[str, float]:
         """Per router model, how long its oldest request buffered here has waited."""
@@ -289,6 +291,7 @@ class ModelPlacement(Service):
     def _place(self) -> None:
         now = self.clock.seconds()
         waiting = self._waiting()
+        waited = self._waited()
         demand = self.demands()
         # a model is short while requests wait for it, every slot of its copies is busy and its
         # demand passes their slots; only a shortage that lasts replica_after seconds adds a copy
@@ -325,7 +328,7 @@ class ModelPlacement(Service):
             else:
                 why = f"{waiting[model]} waiting, demand {demand.get(model, 0.0):.1f} slots"
             choice = self._choose(model, copies, waiting, demand, replica=bool(loaded),
-                                  waited=0.0 if loaded else self._waited().get(model, 0.0))
+                                  waited=0.0 if loaded else waited.get(model, 0.0))
             if choice is None:
                 if model not in self._unplaceable:
                     self._unplaceable.add(model)
@@ -554,8 +557,7 @@ class ModelPlacement(Service):
         load = self.loading.get(model)
         if load is None:
             return None
-        learned = [u.load_seconds for u in self.pool.upstreams.values()
-                   if u.router_model == model and u.load_seconds is not None]
+        learned = self._learned_loads(model)
         if not learned:
             return None
         expected = load.child.load_seconds if load.child.load_seconds is not None else max(learned)
